@@ -1,0 +1,39 @@
+"""Turning command-line text into run parameters and durations, with errors that name the flag."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from domain.errors import InvalidInput
+
+
+def parse_params(pairs: list[str], params_json: str | None) -> dict[str, Any]:
+    """`--params-json '{...}'` first, then each `-p key=value` on top of it.
+
+    A value that parses as JSON keeps its type (`-p n=7` is the number 7, `-p ok=true` a bool);
+    anything else is a string (`-p name=world`).
+    """
+    params: dict[str, Any] = {}
+    if params_json is not None:
+        try:
+            loaded = json.loads(params_json)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"--params-json: not valid JSON: {exc}", field="params") from None
+        if not isinstance(loaded, dict):
+            raise InvalidInput(
+                f"--params-json: must be a JSON object like '{{\"key\": 1}}', "
+                f"got {type(loaded).__name__}",
+                field="params",
+            )
+        params.update(loaded)
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInput(f"-p {pair!r}: expected key=value", field="params")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        params[key.strip()] = value
+    return params

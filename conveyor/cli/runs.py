@@ -1,0 +1,218 @@
+"""Run commands: enqueue, runs list/show, logs, cancel, retry."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from conveyor.cli.output import (
+    console,
+    duration,
+    key_values,
+    print_json,
+    runs_table,
+    status_text,
+)
+from conveyor.cli.params import parse_params
+from domain.states import TERMINAL, Status
+from domain.views import LogLine, RunView
+
+if TYPE_CHECKING:
+    from conveyor.client import Client
+
+runs_app = typer.Typer(help="List and inspect runs.", no_args_is_help=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+RunId = Annotated[str, typer.Argument(help="The run's id (a UUID).")]
+
+
+def _client() -> Client:  # imported late: keeps `conveyor --help` free of engine work
+    from conveyor.cli.main import client
+
+    return client()
+
+
+def register_top_level(app: typer.Typer) -> None:
+    app.command()(enqueue)
+    app.command()(logs)
+    app.command()(cancel)
+    app.command()(retry)
+
+
+def enqueue(
+    name: Annotated[str, typer.Argument(help="Task or pipeline to run.")],
+    param: Annotated[
+        list[str] | None,
+        typer.Option("-p", "--param", help="key=value (JSON values keep their type). Repeatable."),
+    ] = None,
+    params_json: Annotated[str | None, typer.Option(help="All params as a JSON object.")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="At most one run per key and project.")
+    ] = None,
+    priority: Annotated[int | None, typer.Option(help="0 (lowest) to 9 (highest).")] = None,
+    delay: Annotated[
+        str | None, typer.Option(help="Start no sooner than this: 30s, 5m, 2h.")
+    ] = None,
+    queue: Annotated[str | None, typer.Option(help="Celery queue (default: the task's).")] = None,
+    project: Annotated[str | None, typer.Option(help="Project the run belongs to.")] = None,
+    max_attempts: Annotated[int | None, typer.Option(help="Attempts before failing.")] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Wait until the run ends; exit 1 unless it succeeded.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 60.0,
+    json_out: JsonFlag = False,
+) -> None:
+    """Create a run of a task or pipeline."""
+    params = parse_params(param or [], params_json)
+    with _client() as c:
+        run = c.enqueue(
+            name,
+            params,
+            idempotency_key=idempotency_key,
+            priority=priority,
+            delay=delay,
+            queue=queue,
+            project=project,
+            max_attempts=max_attempts,
+        )
+        if wait:
+            run = c.wait(run.id, timeout=timeout)
+            _show(run, c.logs(run.id), json_out)
+            raise typer.Exit(0 if run.status == Status.SUCCEEDED else 1)
+    if json_out:
+        print_json(run.to_dict())
+    else:
+        console.print(f"{run.id} {status_text(run.status)} {run.name}")
+
+
+@runs_app.command("list")
+def list_runs(
+    status: Annotated[
+        list[str] | None, typer.Option(help="Only these statuses. Repeatable.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Only runs of this task or pipeline.")] = None,
+    project: Annotated[str | None, typer.Option(help="Only runs of this project.")] = None,
+    limit: Annotated[int, typer.Option(help="How many runs (newest first).")] = 20,
+    cursor: Annotated[str | None, typer.Option(help="next_cursor of a previous page.")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """List runs, newest first."""
+    with _client() as c:
+        page = c.list(status=status or None, name=name, project=project, limit=limit, cursor=cursor)
+    if json_out:
+        print_json({"items": [r.to_dict() for r in page.items], "next_cursor": page.next_cursor})
+        return
+    console.print(runs_table(page.items))
+    if page.next_cursor:
+        console.print(f"[dim]more: --cursor {page.next_cursor}[/]")
+
+
+@runs_app.command("show")
+def show(run_id: RunId, json_out: JsonFlag = False) -> None:
+    """Show one run: its state, params, result or error, steps and latest log lines."""
+    with _client() as c:
+        run = c.get(run_id)
+        steps = c.steps(run.id)
+        lines = c.logs(run.id)
+    if json_out:
+        data = run.to_dict()
+        data["steps"] = [s.to_dict() for s in steps]
+        print_json(data)
+        return
+    _show(run, lines[-20:], False)
+    for step in steps:
+        console.print(f"  step {step.seq} {step.name}: {step.status}")
+
+
+def _show(run: RunView, lines: list[LogLine], json_out: bool) -> None:
+    if json_out:
+        data = run.to_dict()
+        data["logs"] = [line.to_dict() for line in lines]
+        print_json(data)
+        return
+    console.print(
+        key_values(
+            [
+                ("id", run.id),
+                ("name", f"{run.name} ({run.kind})"),
+                ("status", status_text(run.status)),
+                ("attempt", f"{run.attempt}/{run.max_attempts}"),
+                ("queue", f"{run.queue} (priority {run.priority})"),
+                ("project", run.project),
+                ("params", run.params),
+                ("created", run.created_at),
+                ("duration", duration(run)),
+                ("result", run.result),
+                ("error", f"{run.error_type}: {run.error}" if run.error else None),
+                ("parent", run.parent_run_id),
+                ("triggered by", run.triggered_by),
+            ]
+        )
+    )
+    for line in lines:
+        _print_line(line)
+
+
+def _print_line(line: LogLine) -> None:
+    fields = " ".join(f"{k}={v}" for k, v in (line.fields or {}).items())
+    console.print(
+        f"[dim]{line.ts:%H:%M:%S}[/] {line.stream:<6} {line.message} [dim]{fields}[/]",
+        markup=True,
+        soft_wrap=True,
+    )
+
+
+def logs(
+    run_id: RunId,
+    follow: Annotated[
+        bool, typer.Option("-f", "--follow", help="Keep printing until the run ends.")
+    ] = False,
+    after_seq: Annotated[int, typer.Option(help="Only lines after this sequence number.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Print a run's log lines."""
+    import json
+
+    with _client() as c:
+        seq = after_seq
+        while True:
+            batch = c.logs(run_id, after_seq=seq)
+            for line in batch:
+                if json_out:
+                    typer.echo(json.dumps(line.to_dict(), default=str))
+                else:
+                    _print_line(line)
+                seq = line.seq
+            if batch or not follow:
+                if not follow:
+                    return
+                continue
+            if c.get(run_id).status in TERMINAL:
+                if not c.logs(run_id, after_seq=seq):
+                    return
+                continue
+            time.sleep(0.25)
+
+
+def cancel(run_id: RunId, json_out: JsonFlag = False) -> None:
+    """Cancel a run: a pending one ends at once, a running one is asked to stop."""
+    with _client() as c:
+        run = c.cancel(run_id, actor="cli")
+    if json_out:
+        print_json(run.to_dict())
+    elif run.status == Status.CANCELLED:
+        console.print(f"{run.id} {status_text(run.status)}")
+    else:
+        console.print(f"{run.id} is {status_text(run.status)}; asked it to stop")
+
+
+def retry(run_id: RunId, json_out: JsonFlag = False) -> None:
+    """Start a finished run again as a new run (its parent_run_id points back)."""
+    with _client() as c:
+        run = c.retry(run_id, actor="cli")
+    if json_out:
+        print_json(run.to_dict())
+    else:
+        console.print(f"{run.id} {status_text(run.status)} {run.name} (retry of {run_id})")

@@ -1,0 +1,236 @@
+"""`Client`: the Python way to create, watch and steer runs (`from conveyor import Client`)."""
+
+from __future__ import annotations
+
+import builtins
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Engine
+
+from domain import services
+from domain.db import create_db_engine
+from domain.errors import InvalidInput, WaitTimeout
+from domain.ports import Catalog, Publisher
+from domain.repository import RunFilter
+from domain.requests import build_request, parse_duration
+from domain.settings import Settings, get_settings
+from domain.states import TERMINAL
+from domain.unit_of_work import UnitOfWork
+from domain.views import LogLine, Page, RunView, StepView
+
+
+def as_run_id(value: str | uuid.UUID) -> uuid.UUID:
+    """A run id from a UUID or its text; anything else is an InvalidInput naming the value."""
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value).strip())
+    except ValueError:
+        raise InvalidInput(f"run id: {value!r} is not a UUID", field="run_id") from None
+
+
+class Client:
+    """Talks to conveyor's database directly; settings come from CONVEYOR_* and `.env`.
+
+    Creating a Client opens nothing: the engine is made on first use, and `close()` (or `with`)
+    disposes it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        engine: Engine | None = None,
+        publisher: Publisher | None = None,
+        catalog: Catalog | None = None,
+        triggered_by: str = "client",
+    ) -> None:
+        self.settings = settings or get_settings()
+        self._engine = engine
+        self._owns_engine = engine is None
+        #: None: runs are delivered by the relay (`conveyor scheduler`/`dev`) instead of at once.
+        self.publisher = publisher
+        self.catalog = catalog
+        self.triggered_by = triggered_by
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = create_db_engine(self.settings.effective_database_url)
+        return self._engine
+
+    def uow(self) -> UnitOfWork:
+        return UnitOfWork(self.engine)
+
+    def close(self) -> None:
+        if self._engine is not None and self._owns_engine:
+            self._engine.dispose()
+            self._engine = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- creating work ----------------------------------------------------------------------
+    def enqueue(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: str | float | timedelta | None = None,
+        not_before: datetime | None = None,
+        project: str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        budget_usd: Decimal | str | float | None = None,
+        max_requests: int | None = None,
+        max_minutes: float | None = None,
+        **extra: Any,
+    ) -> RunView:
+        """Create a run of task or pipeline `name`; with `idempotency_key`, at most one run."""
+        request = self._request(
+            name,
+            params,
+            idempotency_key=idempotency_key,
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            not_before=not_before,
+            project=project,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            budget_usd=budget_usd,
+            max_requests=max_requests,
+            max_minutes=max_minutes,
+            **extra,
+        )
+        return services.enqueue(
+            self.uow(), request, publisher=self.publisher, catalog=self.catalog
+        ).run
+
+    def enqueue_many(self, items: Iterable[Mapping[str, Any]]) -> list[RunView]:
+        """Create many runs in one transaction; each item holds enqueue()'s arguments.
+
+        Example: `client.enqueue_many({"name": "resize", "params": {"id": i}} for i in ids)`.
+        All items are validated first: one bad item refuses the whole batch, naming its index.
+        """
+        requests = []
+        for index, item in enumerate(items):
+            fields = dict(item)
+            try:
+                name = fields.pop("name")
+            except KeyError:
+                raise InvalidInput(f"items[{index}].name: missing", field="name") from None
+            params = fields.pop("params", None)
+            try:
+                requests.append(self._request(name, params, **fields))
+            except InvalidInput as exc:
+                raise InvalidInput(f"items[{index}].{exc}", field=exc.field) from None
+        results = services.enqueue_many(
+            self.uow(), requests, publisher=self.publisher, catalog=self.catalog
+        )
+        return [r.run for r in results]
+
+    def _request(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None,
+        *,
+        delay: Any = None,
+        timeout: float | None = None,
+        project: str | None = None,
+        **fields: Any,
+    ) -> Any:
+        if delay is not None:
+            fields["delay_s"] = parse_duration(delay, field="delay").total_seconds()
+        if timeout is not None:
+            fields["timeout_s"] = timeout
+        fields.setdefault("triggered_by", self.triggered_by)
+        clean = {k: v for k, v in fields.items() if v is not None}
+        return build_request(
+            name=name,
+            params=dict(params) if isinstance(params, Mapping) else params,
+            project=project or self.settings.default_project,
+            **clean,
+        )
+
+    # -- reading ----------------------------------------------------------------------------
+    def get(self, run_id: str | uuid.UUID) -> RunView:
+        return services.get_run(self.uow(), as_run_id(run_id))
+
+    def list(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        name: str | None = None,
+        project: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page:
+        """Runs newest first; pass `page.next_cursor` back as `cursor` for the next page."""
+        statuses = [status] if isinstance(status, str) else list(status or ())
+        filters = RunFilter(
+            status=statuses,
+            name=name,
+            project=project,
+            created_after=created_after,
+            created_before=created_before,
+        )
+        return services.list_runs(self.uow(), filters, limit=limit, cursor=cursor)
+
+    def logs(
+        self, run_id: str | uuid.UUID, after_seq: int = 0, limit: int = 1000
+    ) -> builtins.list[LogLine]:
+        return services.run_logs(self.uow(), as_run_id(run_id), after_seq=after_seq, limit=limit)
+
+    def steps(self, run_id: str | uuid.UUID) -> builtins.list[StepView]:
+        with self.uow() as uow:
+            rid = as_run_id(run_id)
+            uow.runs.get(rid)
+            return uow.runs.steps(rid)
+
+    def wait(
+        self, run_id: str | uuid.UUID, timeout: float = 30.0, *, poll_max_s: float = 1.0
+    ) -> RunView:
+        """Block until the run is terminal; WaitTimeout (with its current status) after `timeout`.
+
+        Polls with backoff from 20 ms up to `poll_max_s`, so short runs return quickly and long
+        ones cost little.
+        """
+        rid = as_run_id(run_id)
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            run = self.get(rid)
+            if run.status in TERMINAL:
+                return run
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(
+                    f"run {rid} is still {run.status} after {timeout:g}s", status=run.status
+                )
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, poll_max_s)
+
+    # -- steering ---------------------------------------------------------------------------
+    def cancel(
+        self, run_id: str | uuid.UUID, *, actor: str = "client", reason: str = ""
+    ) -> RunView:
+        return services.cancel_run(self.uow(), as_run_id(run_id), actor=actor, reason=reason)
+
+    def retry(self, run_id: str | uuid.UUID, *, actor: str = "client") -> RunView:
+        return services.retry_run(
+            self.uow(), as_run_id(run_id), actor=actor, publisher=self.publisher
+        )

@@ -1,0 +1,1 @@
+"""conveyor's core: models, settings, persistence and services, free of any framework."""

@@ -1,0 +1,109 @@
+"""Engines and sessions: PostgreSQL through psycopg 3, SQLite with WAL; waiting for the database."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from domain.errors import DatabaseUnavailable
+from domain.settings import redact_url
+
+log = structlog.get_logger("conveyor.db")
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def create_db_engine(url: str, *, pool_size: int = 5, null_pool: bool = False) -> Engine:
+    """An engine for `url` (already normalised by Settings).
+
+    SQLite gets WAL (readers never block the writer), foreign keys and a busy timeout, and a
+    `BEGIN IMMEDIATE` for every transaction so two writers queue instead of failing on upgrade.
+    """
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {
+            "check_same_thread": False,
+            "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+        }
+        engine = create_engine(url, **kwargs)
+        _configure_sqlite(engine)
+        return engine
+    kwargs["connect_args"] = {"connect_timeout": 5, "application_name": "conveyor"}
+    if null_pool:
+        kwargs["poolclass"] = NullPool
+    else:
+        kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    return create_engine(url, **kwargs)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy emit BEGIN itself (pysqlite's own implicit transactions are off).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+
+
+def describe_db_error(url: str, exc: BaseException) -> str:
+    """One line saying which database failed and why, without credentials."""
+    orig = getattr(exc, "orig", None) or exc
+    reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    return f"cannot reach the database {redact_url(url)}: {reason}"
+
+
+def wait_for_database(
+    engine: Engine,
+    *,
+    timeout_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> None:
+    """Block until `engine` answers `SELECT 1`, retrying with backoff up to `timeout_s`.
+
+    Raises DatabaseUnavailable with the last reason (credentials masked) when it stays down.
+    """
+    deadline = monotonic() + timeout_s
+    delay = 0.2
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return
+        except (OperationalError, DBAPIError) as exc:
+            message = describe_db_error(engine.url.render_as_string(hide_password=False), exc)
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                raise DatabaseUnavailable(
+                    f"{message} (gave up after {attempt} attempts over {timeout_s:g}s)"
+                ) from None
+            log.info("db.waiting", attempt=attempt, reason=message, retry_in=round(delay, 2))
+            sleep(min(delay, remaining))
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,50 @@
+"""Ports the domain calls out through; adapters live in worker/ (Celery) and tests (fakes)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """What the broker needs to deliver one run: the id travels, never the row."""
+
+    run_id: uuid.UUID
+    name: str
+    queue: str
+    priority: int
+
+
+class Publisher(Protocol):
+    """Sends dispatches to the broker. Called only after the creating transaction commits."""
+
+    def publish(self, dispatches: Sequence[Dispatch]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TargetDefaults:
+    """What a registered task or pipeline contributes to a run it did not get told."""
+
+    kind: str = "task"
+    queue: str | None = None
+    priority: int | None = None
+    max_attempts: int | None = None
+    timeout_s: float | None = None
+
+
+class Catalog(Protocol):
+    """Knows which tasks and pipelines exist and what their params must look like."""
+
+    def resolve(self, name: str, params: dict[str, Any]) -> tuple[TargetDefaults, dict[str, Any]]:
+        """Defaults for `name` and its validated params; raises UnknownTask or InvalidInput."""
+        ...
+
+
+class OpenCatalog:
+    """Accepts any name with its params as given: for producers that know no registry."""
+
+    def resolve(self, name: str, params: dict[str, Any]) -> tuple[TargetDefaults, dict[str, Any]]:
+        return TargetDefaults(), params

@@ -1,0 +1,239 @@
+"""Run persistence in SQLAlchemy Core: short statements over the unit of work's connection."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, Table, and_, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from domain.errors import InvalidInput, RunNotFound
+from domain.models import audit_logs, projects, run_logs, run_steps, runs
+from domain.states import ALL_STATUSES, TERMINAL, Status
+from domain.views import LogLine, Page, RunView, StepView
+
+MAX_PAGE = 1000
+
+
+def dialect_insert(conn: Connection, table: Table) -> Any:
+    """INSERT with ON CONFLICT support for the connection's dialect."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """Filters for listing runs; every field is optional."""
+
+    status: Sequence[str] = ()
+    name: str | None = None
+    project: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.status if s not in ALL_STATUSES]
+        if unknown:
+            raise InvalidInput(
+                f"status: unknown status {unknown[0]!r}; expected one of {', '.join(ALL_STATUSES)}",
+                field="status",
+            )
+
+
+def encode_cursor(created_at: datetime, run_id: uuid.UUID) -> str:
+    raw = f"{created_at.isoformat()}|{run_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """Inverse of encode_cursor; anything else is an InvalidInput, never a 500."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ts, run_id = raw.split("|")
+        created = datetime.fromisoformat(ts)
+        if created.tzinfo is None:
+            raise ValueError("naive")
+        return created, uuid.UUID(run_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidInput(
+            "cursor: not a cursor this server issued (pass next_cursor back unchanged)",
+            field="cursor",
+        ) from None
+
+
+class RunRepository:
+    """Reads and writes `runs` and the rows that hang off it, within one transaction."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    # -- writes -----------------------------------------------------------------------------
+    def insert_one(self, row: dict[str, Any]) -> bool:
+        """Insert a run; False when its idempotency key already names another run."""
+        stmt = dialect_insert(self.conn, runs).values(row)
+        if row.get("idempotency_key") is not None:
+            stmt = stmt.on_conflict_do_nothing(index_elements=["project", "idempotency_key"])
+        return self.conn.execute(stmt.returning(runs.c.id)).first() is not None
+
+    def insert_many(self, rows: list[dict[str, Any]]) -> None:
+        """Insert a batch in one executemany; rows whose key already exists are skipped."""
+        if not rows:
+            return
+        stmt = dialect_insert(self.conn, runs).on_conflict_do_nothing(
+            index_elements=["project", "idempotency_key"]
+        )
+        self.conn.execute(stmt, rows)
+
+    def add_audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target_type: str,
+        target_id: str | None,
+        details: dict[str, Any] | None = None,
+        ip: str | None = None,
+        ts: datetime,
+    ) -> None:
+        self.conn.execute(
+            audit_logs.insert().values(
+                ts=ts,
+                actor=actor,
+                action=action,
+                target_type=target_type,
+                target_id=target_id,
+                details=details,
+                ip=ip,
+            )
+        )
+
+    def set_cancelled(self, run_id: uuid.UUID, now: datetime, reason: str) -> bool:
+        """Pending → cancelled at once. False when the run was no longer pending."""
+        result = self.conn.execute(
+            update(runs)
+            .where(runs.c.id == run_id, runs.c.status == Status.PENDING)
+            .values(
+                status=Status.CANCELLED,
+                cancel_requested_at=now,
+                finished_at=now,
+                error_type="Cancelled",
+                error=reason,
+            )
+        )
+        return result.rowcount == 1
+
+    def request_cancel(self, run_id: uuid.UUID, now: datetime) -> bool:
+        """Running: ask the executor to stop. False when the run was no longer running."""
+        result = self.conn.execute(
+            update(runs)
+            .where(runs.c.id == run_id, runs.c.status == Status.RUNNING)
+            .values(cancel_requested_at=func.coalesce(runs.c.cancel_requested_at, now))
+        )
+        return result.rowcount == 1
+
+    # -- reads ------------------------------------------------------------------------------
+    def get(self, run_id: uuid.UUID) -> RunView:
+        row = self.conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
+        if row is None:
+            raise RunNotFound(f"no run with id {run_id}", run_id=str(run_id))
+        return RunView.from_row(row)
+
+    def by_keys(self, project: str, keys: Iterable[str]) -> dict[str, RunView]:
+        wanted = list(set(keys))
+        found: dict[str, RunView] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            rows = self.conn.execute(
+                select(runs).where(runs.c.project == project, runs.c.idempotency_key.in_(chunk))
+            ).mappings()
+            for row in rows:
+                view = RunView.from_row(row)
+                found[view.idempotency_key or ""] = view
+        return found
+
+    def project_exists(self, name: str) -> bool:
+        found = self.conn.execute(select(projects.c.name).where(projects.c.name == name)).first()
+        return found is not None
+
+    def page(self, filters: RunFilter, *, limit: int = 50, cursor: str | None = None) -> Page:
+        """Newest first, keyset-paginated on (created_at, id)."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(
+                f"limit: must be between 1 and {MAX_PAGE} (got {limit})", field="limit"
+            )
+        conditions: list[ColumnElement[bool]] = []
+        if filters.status:
+            conditions.append(runs.c.status.in_(list(filters.status)))
+        if filters.name:
+            conditions.append(runs.c.name == filters.name)
+        if filters.project:
+            conditions.append(runs.c.project == filters.project)
+        if filters.created_after:
+            conditions.append(runs.c.created_at >= filters.created_after)
+        if filters.created_before:
+            conditions.append(runs.c.created_at < filters.created_before)
+        if cursor:
+            created, last_id = decode_cursor(cursor)
+            conditions.append(
+                or_(
+                    runs.c.created_at < created,
+                    and_(runs.c.created_at == created, runs.c.id < last_id),
+                )
+            )
+        stmt = (
+            select(runs)
+            .where(*conditions)
+            .order_by(runs.c.created_at.desc(), runs.c.id.desc())
+            .limit(limit + 1)
+        )
+        items = [RunView.from_row(r) for r in self.conn.execute(stmt).mappings()]
+        next_cursor = None
+        if len(items) > limit:
+            items = items[:limit]
+            next_cursor = encode_cursor(items[-1].created_at, items[-1].id)
+        return Page(items=items, next_cursor=next_cursor)
+
+    def logs(self, run_id: uuid.UUID, *, after_seq: int = 0, limit: int = 1000) -> list[LogLine]:
+        stmt = (
+            select(
+                run_logs.c.seq,
+                run_logs.c.attempt,
+                run_logs.c.ts,
+                run_logs.c.stream,
+                run_logs.c.level,
+                run_logs.c.message,
+                run_logs.c.fields,
+            )
+            .where(run_logs.c.run_id == run_id, run_logs.c.seq > after_seq)
+            .order_by(run_logs.c.seq)
+            .limit(limit)
+        )
+        return [LogLine(**row) for row in self.conn.execute(stmt).mappings()]
+
+    def steps(self, run_id: uuid.UUID) -> list[StepView]:
+        stmt = (
+            select(
+                run_steps.c.seq,
+                run_steps.c.attempt,
+                run_steps.c.name,
+                run_steps.c.step_type,
+                run_steps.c.status,
+                run_steps.c.detail,
+                run_steps.c.started_at,
+                run_steps.c.finished_at,
+            )
+            .where(run_steps.c.run_id == run_id)
+            .order_by(run_steps.c.seq)
+        )
+        return [StepView(**row) for row in self.conn.execute(stmt).mappings()]
+
+
+def is_finished(view: RunView) -> bool:
+    return view.status in TERMINAL

@@ -1,0 +1,126 @@
+"""Validated inputs to the services: what a caller may ask for, with precise errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from domain.errors import InvalidInput
+from domain.states import TRIGGERS
+
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]*$"
+MAX_PARAMS_BYTES = 1_000_000
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: str | float | int | timedelta, *, field: str = "delay") -> timedelta:
+    """`30`, `30s`, `15m`, `2h`, `1d`, `250ms` → timedelta; negative or malformed → InvalidInput."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(value)
+        if not match:
+            raise InvalidInput(
+                f"{field}: {value!r} is not a duration; expected e.g. 30s, 15m, 2h, 1d",
+                field=field,
+            )
+        seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if seconds < 0:
+        raise InvalidInput(f"{field}: must not be negative (got {value!r})", field=field)
+    return timedelta(seconds=seconds)
+
+
+class EnqueueRequest(BaseModel):
+    """One run to create. Unknown fields are refused, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN)
+    params: dict[str, Any] = Field(default_factory=dict)
+    project: str = Field("default", min_length=1, max_length=100, pattern=NAME_PATTERN)
+    queue: str | None = Field(None, min_length=1, max_length=100, pattern=NAME_PATTERN)
+    priority: int | None = Field(None, ge=0, le=9)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=255)
+    delay_s: float | None = Field(None, ge=0)
+    not_before: datetime | None = None
+    max_attempts: int | None = Field(None, ge=1, le=100)
+    timeout_s: float | None = Field(None, gt=0)
+    budget_usd: Decimal | None = Field(None, gt=0, max_digits=20, decimal_places=10)
+    max_requests: int | None = Field(None, gt=0)
+    max_minutes: float | None = Field(None, gt=0)
+    kind: Literal["task", "pipeline"] = "task"
+    triggered_by: str = "client"
+    trigger_ref: str | None = Field(None, max_length=255)
+    parent_run_id: uuid.UUID | None = None
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _params_object(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a JSON object, got {type(value).__name__}")
+        try:
+            encoded = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"must be JSON-serialisable: {exc}") from None
+        if len(encoded) > MAX_PARAMS_BYTES:
+            raise ValueError(f"is {len(encoded)} bytes encoded; the limit is {MAX_PARAMS_BYTES}")
+        return value
+
+    @field_validator("not_before")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("must carry a time zone (e.g. 2026-01-31T12:00:00Z)")
+        return value.astimezone(UTC) if value is not None else None
+
+    @field_validator("triggered_by")
+    @classmethod
+    def _trigger(cls, value: str) -> str:
+        if value not in TRIGGERS:
+            raise ValueError(f"must be one of {', '.join(TRIGGERS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_time(self) -> EnqueueRequest:
+        if self.delay_s is not None and self.not_before is not None:
+            raise ValueError("give either delay or not_before, not both")
+        return self
+
+    def due_at(self, now: datetime) -> datetime:
+        if self.not_before is not None:
+            return self.not_before
+        return now + timedelta(seconds=self.delay_s or 0)
+
+
+def build_request(**fields: Any) -> EnqueueRequest:
+    """EnqueueRequest from loose input; the first problem is an InvalidInput naming its field."""
+    try:
+        return EnqueueRequest(**fields)
+    except ValidationError as exc:
+        raise invalid_from(exc) from None
+
+
+def invalid_from(exc: ValidationError, *, prefix: str = "") -> InvalidInput:
+    """Translate pydantic's first error into an InvalidInput that names the field."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or None
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif "input" in err and err["type"] not in {"missing"}:
+        shown = repr(err["input"])
+        if len(shown) <= 80:
+            message = f"{message} (got {shown})"
+    where = f"{prefix}{field}" if field else prefix.rstrip(".") or "input"
+    return InvalidInput(f"{where}: {message}", field=field)

@@ -1,0 +1,226 @@
+"""The worker's primitives on a run: claim with a lease, then writes fenced by `attempt`.
+
+Each is one conditional statement, so two workers holding the same message can never both own a
+run (guarantee 2), and a worker that lost its lease cannot overwrite the attempt that replaced it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, or_, select, update
+
+from domain.errors import LeaseLost
+from domain.models import runs
+from domain.states import TERMINAL, Status
+
+_CLAIM_COLUMNS = (
+    runs.c.id,
+    runs.c.name,
+    runs.c.kind,
+    runs.c.project,
+    runs.c.params,
+    runs.c.attempt,
+    runs.c.max_attempts,
+    runs.c.timeout_s,
+    runs.c.budget_usd,
+    runs.c.max_requests,
+    runs.c.max_minutes,
+    runs.c.started_at,
+    runs.c.queue,
+    runs.c.priority,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What the executor needs about the run it now owns for `attempt`."""
+
+    run_id: uuid.UUID
+    name: str
+    kind: str
+    project: str
+    params: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    timeout_s: float | None
+    budget_usd: Any
+    max_requests: int | None
+    max_minutes: float | None
+    started_at: datetime
+    queue: str
+    priority: int
+
+
+def claim(
+    conn: Connection, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float
+) -> Claim | None:
+    """Take the run if it is due and unowned: pending, or running with an expired lease and
+    attempts left. Bumps `attempt` and sets the lease. None means: not ours, drop the message."""
+    claimable = or_(
+        and_(runs.c.status == Status.PENDING, runs.c.not_before <= now),
+        and_(
+            runs.c.status == Status.RUNNING,
+            runs.c.lease_expires_at < now,
+            runs.c.attempt < runs.c.max_attempts,
+        ),
+    )
+    stmt = (
+        update(runs)
+        .where(runs.c.id == run_id, claimable)
+        .values(
+            status=Status.RUNNING,
+            attempt=runs.c.attempt + 1,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            started_at=func.coalesce(runs.c.started_at, now),
+        )
+        .returning(*_CLAIM_COLUMNS)
+    )
+    row = conn.execute(stmt).mappings().first()
+    if row is None:
+        return None
+    return Claim(
+        run_id=row["id"],
+        name=row["name"],
+        kind=row["kind"],
+        project=row["project"],
+        params=row["params"],
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        timeout_s=row["timeout_s"],
+        budget_usd=row["budget_usd"],
+        max_requests=row["max_requests"],
+        max_minutes=row["max_minutes"],
+        started_at=row["started_at"],
+        queue=row["queue"],
+        priority=row["priority"],
+    )
+
+
+def _owned(run_id: uuid.UUID, attempt: int) -> Any:
+    return and_(runs.c.id == run_id, runs.c.attempt == attempt, runs.c.status == Status.RUNNING)
+
+
+def heartbeat(
+    conn: Connection, run_id: uuid.UUID, attempt: int, *, now: datetime, lease_s: float
+) -> bool:
+    """Extend the lease. Returns True when a cancel was requested; raises LeaseLost if not ours."""
+    row = conn.execute(
+        update(runs)
+        .where(_owned(run_id, attempt))
+        .values(lease_expires_at=now + timedelta(seconds=lease_s))
+        .returning(runs.c.cancel_requested_at)
+    ).first()
+    if row is None:
+        raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")
+    return row[0] is not None
+
+
+def finish(
+    conn: Connection,
+    run_id: uuid.UUID,
+    attempt: int,
+    *,
+    status: str,
+    now: datetime,
+    result: Any = None,
+    error_type: str | None = None,
+    error: str | None = None,
+    exit_code: int | None = None,
+) -> None:
+    """Write the terminal state of this attempt; LeaseLost when another attempt owns the run."""
+    if status not in TERMINAL:
+        raise ValueError(f"finish() needs a terminal status, got {status!r}")
+    updated = conn.execute(
+        update(runs)
+        .where(_owned(run_id, attempt))
+        .values(
+            status=status,
+            result=result,
+            error_type=error_type,
+            error=error,
+            exit_code=exit_code,
+            finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    ).rowcount
+    if updated != 1:
+        raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")
+
+
+def retry_later(
+    conn: Connection,
+    run_id: uuid.UUID,
+    attempt: int,
+    *,
+    now: datetime,
+    not_before: datetime,
+    error_type: str | None,
+    error: str | None,
+) -> None:
+    """Back to pending until `not_before` (backoff); the relay publishes it when due."""
+    updated = conn.execute(
+        update(runs)
+        .where(_owned(run_id, attempt))
+        .values(
+            status=Status.PENDING,
+            not_before=not_before,
+            dispatched_at=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            error_type=error_type,
+            error=error,
+        )
+    ).rowcount
+    if updated != 1:
+        raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")
+
+
+def release(conn: Connection, run_id: uuid.UUID, attempt: int, *, now: datetime) -> bool:
+    """Give the run back at once (graceful shutdown): pending, due now, this attempt not counted."""
+    updated = conn.execute(
+        update(runs)
+        .where(_owned(run_id, attempt))
+        .values(
+            status=Status.PENDING,
+            attempt=runs.c.attempt - 1,
+            not_before=now,
+            dispatched_at=None,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    ).rowcount
+    return updated == 1
+
+
+def due_for_dispatch(
+    conn: Connection, *, now: datetime, grace_s: float, limit: int = 1000
+) -> list[tuple[uuid.UUID, str, str, int]]:
+    """Pending runs that are due and were never published, or published but not claimed within
+    `grace_s` (the broker lost them, or it was flushed): the relay's work list."""
+    stale = now - timedelta(seconds=grace_s)
+    stmt = (
+        select(runs.c.id, runs.c.name, runs.c.queue, runs.c.priority)
+        .where(
+            runs.c.status == Status.PENDING,
+            runs.c.not_before <= now,
+            or_(runs.c.dispatched_at.is_(None), runs.c.dispatched_at < stale),
+        )
+        .order_by(runs.c.not_before)
+        .limit(limit)
+    )
+    return [(r.id, r.name, r.queue, r.priority) for r in conn.execute(stmt)]
+
+
+def mark_dispatched(conn: Connection, run_ids: list[uuid.UUID], *, now: datetime) -> None:
+    if run_ids:
+        conn.execute(
+            update(runs)
+            .where(runs.c.id.in_(run_ids), runs.c.status == Status.PENDING)
+            .values(dispatched_at=now, dispatch_attempts=runs.c.dispatch_attempts + 1)
+        )

@@ -1,0 +1,117 @@
+"""Settings: one pydantic-settings object read from CONVEYOR_* variables and `.env`."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from domain.errors import ConfigurationError
+
+DEFAULT_HOME = Path(".conveyor")
+
+
+def normalize_database_url(raw: str) -> str:
+    """Return `raw` as a SQLAlchemy URL with conveyor's drivers (psycopg 3 for PostgreSQL).
+
+    Raises ConfigurationError naming CONVEYOR_DATABASE_URL when the value does not parse or names
+    a database conveyor does not support.
+    """
+    value = raw.strip()
+    if value.startswith("postgres://"):  # Heroku-style scheme
+        value = "postgresql://" + value.removeprefix("postgres://")
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError):
+        raise ConfigurationError(
+            f"CONVEYOR_DATABASE_URL {redact_url(value)!r} is not a database URL; expected e.g. "
+            "postgresql://user@host:5432/dbname or sqlite:///path/to/file.db",
+            field="database_url",
+        ) from None
+    backend = url.get_backend_name()
+    if backend == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    elif backend != "sqlite":
+        raise ConfigurationError(
+            f"CONVEYOR_DATABASE_URL uses {backend!r}; conveyor supports postgresql and sqlite",
+            field="database_url",
+        )
+    return url.render_as_string(hide_password=False)
+
+
+def redact_url(value: str | URL) -> str:
+    """The URL with its password replaced by ***, safe for logs and error messages."""
+    try:
+        url = make_url(value) if isinstance(value, str) else value
+    except (ArgumentError, ValueError):
+        # Not a URL we can parse: hide whatever could be credentials (user:pass@).
+        return re.sub(r"//[^/@]*@", "//***@", str(value))
+    return url.render_as_string(hide_password=True)
+
+
+class Settings(BaseSettings):
+    """Everything conveyor reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CONVEYOR_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    home: Path = Field(DEFAULT_HOME, description="Directory for the SQLite file and local state.")
+    database_url: str = Field("", description="SQLAlchemy/PostgreSQL URL; empty = SQLite in home.")
+    broker_url: str = Field("memory://", description="Celery broker; redis://... in production.")
+    database_connect_timeout_s: float = Field(
+        30.0, ge=0, description="How long to wait for the DB."
+    )
+    default_queue: str = "default"
+    default_project: str = "default"
+    lease_s: float = Field(
+        30.0, gt=0, description="How long a claimed run is owned without heartbeat."
+    )
+    heartbeat_s: float = Field(10.0, gt=0, description="How often a running run extends its lease.")
+    dispatch_grace_s: float = Field(
+        30.0, gt=0, description="How long a published run may stay unclaimed before re-publishing."
+    )
+    log_format: str = Field("auto", pattern="^(auto|json|console)$")
+    log_level: str = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalize(cls, value: str) -> str:
+        return normalize_database_url(value) if value else ""
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured database, or the SQLite file under `home` by default."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'conveyor.db').as_posix()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings, turning validation failures into one clear ConfigurationError."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ConfigurationError:
+        raise
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, ConfigurationError):
+            raise cause from None
+        raise ConfigurationError(f"CONVEYOR_{field.upper()}: {err['msg']}", field=field) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide Settings, read once."""
+    return load_settings()

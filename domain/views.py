@@ -1,0 +1,114 @@
+"""Read-side values handed to callers (CLI, API, Client): plain, immutable, JSON-friendly."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import RowMapping
+
+
+@dataclass(frozen=True, slots=True)
+class RunView:
+    id: uuid.UUID
+    project: str
+    kind: str
+    name: str
+    queue: str
+    priority: int
+    params: dict[str, Any]
+    status: str
+    attempt: int
+    max_attempts: int
+    idempotency_key: str | None
+    triggered_by: str
+    trigger_ref: str | None
+    not_before: datetime
+    dispatched_at: datetime | None
+    dispatch_attempts: int
+    timeout_s: float | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    cancel_requested_at: datetime | None
+    budget_usd: Decimal | None
+    max_requests: int | None
+    max_minutes: float | None
+    cost_usd: Decimal
+    tokens_in: int
+    tokens_out: int
+    requests_made: int
+    result: Any
+    error_type: str | None
+    error: str | None
+    exit_code: int | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    parent_run_id: uuid.UUID | None
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> RunView:
+        return cls(**{name: row[name] for name in _RUN_FIELDS})
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: UUIDs and datetimes as strings, money as a decimal string."""
+        return {key: _jsonable(value) for key, value in asdict(self).items()}
+
+
+_RUN_FIELDS = tuple(f.name for f in fields(RunView))
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    seq: int
+    attempt: int
+    ts: datetime
+    stream: str
+    level: str
+    message: str
+    fields: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: _jsonable(value) for key, value in asdict(self).items()}
+
+
+@dataclass(frozen=True, slots=True)
+class StepView:
+    seq: int
+    attempt: int
+    name: str
+    step_type: str
+    status: str
+    detail: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: _jsonable(value) for key, value in asdict(self).items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a keyset-paginated listing; `next_cursor` is None on the last page."""
+
+    items: list[RunView]
+    next_cursor: str | None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value

@@ -1,0 +1,1 @@
+"""Alembic migrations for conveyor's schema (PostgreSQL and SQLite)."""

@@ -1,0 +1,159 @@
+"""The `conveyor` command as a user runs it: a real process, real output, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def conveyor(
+    *args: str, db: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    environ.update({"CONVEYOR_DATABASE_URL": db, "COLUMNS": "200", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "conveyor", *args],
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_enqueue_list_show_cancel_retry(db_url: str, tmp_path: Path) -> None:
+    run = json.loads(
+        ok(
+            conveyor(
+                "enqueue",
+                "send_report",
+                "-p",
+                "customer_id=7",
+                "--params-json",
+                '{"tags": ["a"]}',
+                "--priority",
+                "8",
+                "--queue",
+                "mail",
+                "--idempotency-key",
+                "r-7",
+                "--json",
+                db=db_url,
+                cwd=tmp_path,
+            )
+        )
+    )
+    assert run["params"] == {"customer_id": 7, "tags": ["a"]}
+    assert (run["priority"], run["queue"], run["triggered_by"]) == (8, "mail", "cli")
+    again = json.loads(
+        ok(
+            conveyor(
+                "enqueue",
+                "send_report",
+                "-p",
+                "customer_id=7",
+                "--params-json",
+                '{"tags": ["a"]}',
+                "--priority",
+                "8",
+                "--queue",
+                "mail",
+                "--idempotency-key",
+                "r-7",
+                "--json",
+                db=db_url,
+                cwd=tmp_path,
+            )
+        )
+    )
+    assert again["id"] == run["id"]
+
+    listing = json.loads(ok(conveyor("runs", "list", "--json", db=db_url, cwd=tmp_path)))
+    assert [r["id"] for r in listing["items"]] == [run["id"]]
+    table = ok(conveyor("runs", "list", db=db_url, cwd=tmp_path))
+    assert run["id"] in table and "send_report" in table and "pending" in table
+
+    shown = ok(conveyor("runs", "show", run["id"], db=db_url, cwd=tmp_path))
+    assert "customer_id" in shown and "mail (priority 8)" in shown
+
+    assert "cancelled" in ok(conveyor("cancel", run["id"], db=db_url, cwd=tmp_path))
+    child = json.loads(ok(conveyor("retry", run["id"], "--json", db=db_url, cwd=tmp_path)))
+    assert child["parent_run_id"] == run["id"] and child["status"] == "pending"
+    pending = json.loads(
+        ok(conveyor("runs", "list", "--status", "pending", "--json", db=db_url, cwd=tmp_path))
+    )
+    assert [r["id"] for r in pending["items"]] == [child["id"]]
+    assert ok(conveyor("logs", run["id"], db=db_url, cwd=tmp_path)) == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["enqueue", "t", "--params-json", "{bad"], 2, "--params-json: not valid JSON"),
+        (["enqueue", "t", "--params-json", "[1]"], 2, "must be a JSON object"),
+        (
+            ["enqueue", "t", "--priority", "12"],
+            2,
+            "priority: Input should be less than or equal to 9",
+        ),
+        (["enqueue", "t", "--delay", "-5s"], 2, "delay: must not be negative"),
+        (
+            ["enqueue", "t", "--idempotency-key", "k" * 256],
+            2,
+            "idempotency_key: String should have at most 255",
+        ),
+        (["enqueue", "t", "--project", "ghost"], 2, "project: no project named 'ghost'"),
+        (["enqueue", "bad name"], 2, "name: "),
+        (["runs", "show", "not-a-uuid"], 2, "run id: 'not-a-uuid' is not a UUID"),
+        (["runs", "show", "01a20c12-f145-7bba-b4a0-208529ff9a2f"], 1, "no run with id"),
+        (["cancel", "01a20c12-f145-7bba-b4a0-208529ff9a2f"], 1, "no run with id"),
+        (["runs", "list", "--status", "finished"], 2, "status: unknown status 'finished'"),
+        (["runs", "list", "--cursor", "garbage"], 2, "cursor: not a cursor"),
+    ],
+)
+def test_user_mistakes_are_one_line_without_traceback(
+    sqlite_url: str, tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    result = conveyor(*args, db=sqlite_url, cwd=tmp_path)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0  # one line
+
+
+def test_database_down_and_bad_url_are_clear(tmp_path: Path) -> None:
+    down = conveyor(
+        "migrate", "--wait", "1", db="postgresql://u:hunter2@127.0.0.1:1/x", cwd=tmp_path
+    )
+    assert down.returncode == 1
+    assert "cannot reach the database postgresql+psycopg://u:***@127.0.0.1:1/x" in down.stderr
+    assert "hunter2" not in down.stderr + down.stdout
+    assert "Traceback" not in down.stderr
+    bad = conveyor("runs", "list", db="mysql://x@h/d", cwd=tmp_path)
+    assert bad.returncode == 2 and "CONVEYOR_DATABASE_URL" in bad.stderr
+
+
+def test_migrate_and_dev_on_a_fresh_directory(tmp_path: Path) -> None:
+    env = {"CONVEYOR_HOME": str(tmp_path / "state")}
+    out = ok(conveyor("dev", db="", cwd=tmp_path, env=env))
+    assert "is ready" in out
+    assert (tmp_path / "state" / "conveyor.db").exists()
+    assert "is at revision head" in ok(conveyor("migrate", db="", cwd=tmp_path, env=env))
+
+
+def test_help_explains_every_command(tmp_path: Path) -> None:
+    out = ok(conveyor("--help", db="", cwd=tmp_path))
+    for command in ("enqueue", "runs", "logs", "cancel", "retry", "migrate", "dev"):
+        assert command in out
+    assert "idempotency-key" in ok(conveyor("enqueue", "--help", db="", cwd=tmp_path))

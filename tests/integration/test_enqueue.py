@@ -1,0 +1,189 @@
+"""Enqueue: durable (row first, publish after commit), idempotent, batched; bad input: no rows."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from domain import runstore, services
+from domain.errors import Conflict, InvalidInput
+from domain.models import runs
+from domain.ports import Dispatch
+from domain.requests import build_request
+from domain.unit_of_work import UnitOfWork
+from tests.fakes import FakeClock, FakePublisher
+
+
+def count_runs(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(runs)).scalar_one())
+
+
+def test_enqueue_writes_the_run_then_publishes_after_commit(
+    engine: Engine, uow: UnitOfWork
+) -> None:
+    seen_from_another_connection: list[str] = []
+
+    def look(dispatches: Sequence[Dispatch]) -> None:
+        # A separate connection only sees committed rows: the run must be there already.
+        with engine.connect() as conn:
+            status = conn.execute(
+                select(runs.c.status).where(runs.c.id == dispatches[0].run_id)
+            ).scalar_one()
+        seen_from_another_connection.append(status)
+
+    publisher = FakePublisher(on_publish=look)
+    run = services.enqueue(
+        uow,
+        build_request(name="send_report", params={"customer_id": 7}, priority=8, queue="mail"),
+        publisher=publisher,
+    ).run
+    assert seen_from_another_connection == ["pending"]
+    assert publisher.published == [Dispatch(run.id, "send_report", "mail", 8)]
+    stored = services.get_run(uow, run.id)
+    assert stored.params == {"customer_id": 7}
+    assert stored.status == "pending" and stored.attempt == 0
+    assert stored.dispatched_at == uow.clock() and stored.dispatch_attempts == 1
+
+
+def test_a_broker_outage_loses_nothing(engine: Engine, uow: UnitOfWork, clock: FakeClock) -> None:
+    publisher = FakePublisher()
+    publisher.down = True
+    run = services.enqueue(uow, build_request(name="t"), publisher=publisher).run
+    assert publisher.published == []
+    assert services.get_run(uow, run.id).status == "pending"
+    with engine.connect() as conn:
+        assert runstore.due_for_dispatch(conn, now=clock(), grace_s=30) == []
+        due = runstore.due_for_dispatch(conn, now=clock.advance(31), grace_s=30)
+    assert [d[0] for d in due] == [run.id]
+
+
+def test_deferred_run_waits_for_the_relay(
+    engine: Engine, uow: UnitOfWork, clock: FakeClock
+) -> None:
+    publisher = FakePublisher()
+    run = services.enqueue(uow, build_request(name="t", delay_s=60), publisher=publisher).run
+    assert publisher.published == []  # no broker-side eta: the database holds it
+    assert run.not_before == clock() + timedelta(seconds=60)
+    with engine.connect() as conn:
+        assert runstore.claim(conn, run.id, owner="w", now=clock(), lease_s=30) is None
+        assert runstore.due_for_dispatch(conn, now=clock.advance(59), grace_s=30) == []
+        assert len(runstore.due_for_dispatch(conn, now=clock.advance(2), grace_s=30)) == 1
+
+
+def test_without_a_publisher_the_relay_delivers(
+    engine: Engine, uow: UnitOfWork, clock: FakeClock
+) -> None:
+    run = services.enqueue(uow, build_request(name="t")).run
+    assert run.dispatched_at is None
+    with engine.begin() as conn:
+        due = runstore.due_for_dispatch(conn, now=clock(), grace_s=30)
+        assert [d[0] for d in due] == [run.id]
+        runstore.mark_dispatched(conn, [run.id], now=clock())
+        assert runstore.due_for_dispatch(conn, now=clock(), grace_s=30) == []
+
+
+def test_idempotency_key_returns_the_same_run(engine: Engine, uow: UnitOfWork) -> None:
+    publisher = FakePublisher()
+    first = services.enqueue(
+        uow, build_request(name="t", params={"a": 1}, idempotency_key="k"), publisher=publisher
+    )
+    again = services.enqueue(
+        uow, build_request(name="t", params={"a": 1}, idempotency_key="k"), publisher=publisher
+    )
+    assert first.created and not again.created
+    assert again.run.id == first.run.id
+    assert len(publisher.published) == 1
+    assert count_runs(engine) == 1
+
+
+def test_idempotency_key_is_per_project(engine: Engine, uow: UnitOfWork) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            runs.metadata.tables["projects"].insert().values(name="other", created_at=uow.clock())
+        )
+    a = services.enqueue(uow, build_request(name="t", idempotency_key="k")).run
+    b = services.enqueue(uow, build_request(name="t", idempotency_key="k", project="other")).run
+    assert a.id != b.id
+
+
+def test_reusing_a_key_for_different_work_is_a_conflict(engine: Engine, uow: UnitOfWork) -> None:
+    services.enqueue(uow, build_request(name="t", params={"a": 1}, idempotency_key="k"))
+    with pytest.raises(Conflict, match="already used for a different request"):
+        services.enqueue(uow, build_request(name="t", params={"a": 2}, idempotency_key="k"))
+    assert count_runs(engine) == 1
+
+
+def test_eight_threads_racing_on_one_key_make_one_run(engine: Engine, clock: FakeClock) -> None:
+    barrier = threading.Barrier(8)
+    ids: list[object] = []
+    errors: list[BaseException] = []
+
+    def producer() -> None:
+        try:
+            barrier.wait()
+            result = services.enqueue(
+                UnitOfWork(engine, clock=clock),
+                build_request(name="t", params={"x": 1}, idempotency_key="race"),
+            )
+            ids.append(result.run.id)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=producer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(ids) == 8 and len(set(ids)) == 1
+    assert count_runs(engine) == 1
+
+
+def test_unknown_project_is_refused_and_writes_nothing(engine: Engine, uow: UnitOfWork) -> None:
+    publisher = FakePublisher()
+    with pytest.raises(InvalidInput, match="project: no project named 'ghost'"):
+        services.enqueue(uow, build_request(name="t", project="ghost"), publisher=publisher)
+    assert count_runs(engine) == 0
+    assert publisher.published == []
+
+
+def test_enqueue_many_is_one_transaction_and_one_publish(engine: Engine, uow: UnitOfWork) -> None:
+    publisher = FakePublisher()
+    requests = [build_request(name="resize", params={"i": i}) for i in range(2500)]
+    results = services.enqueue_many(uow, requests, publisher=publisher)
+    assert len(results) == 2500 and all(r.created for r in results)
+    assert len(publisher.batches) == 1 and len(publisher.batches[0]) == 2500
+    assert count_runs(engine) == 2500
+    assert [r.run.params["i"] for r in results] == list(range(2500))
+
+
+def test_enqueue_many_collapses_duplicate_keys(engine: Engine, uow: UnitOfWork) -> None:
+    existing = services.enqueue(uow, build_request(name="t", idempotency_key="old")).run
+    publisher = FakePublisher()
+    results = services.enqueue_many(
+        uow,
+        [
+            build_request(name="t", idempotency_key="old"),
+            build_request(name="t", idempotency_key="new"),
+            build_request(name="t", idempotency_key="new"),
+            build_request(name="t"),
+        ],
+        publisher=publisher,
+    )
+    assert [r.created for r in results] == [False, True, False, True]
+    assert results[0].run.id == existing.id
+    assert results[1].run.id == results[2].run.id
+    assert len(publisher.published) == 2
+    assert count_runs(engine) == 3
+
+
+def test_enqueue_many_with_a_bad_project_writes_nothing(engine: Engine, uow: UnitOfWork) -> None:
+    requests = [build_request(name="t"), build_request(name="t", project="ghost")]
+    with pytest.raises(InvalidInput, match="ghost"):
+        services.enqueue_many(uow, requests, publisher=FakePublisher())
+    assert count_runs(engine) == 0
