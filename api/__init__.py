@@ -1,0 +1,1 @@
+"""FastAPI status API, webhooks, auth and metrics."""

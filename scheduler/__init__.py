@@ -1,0 +1,1 @@
+"""Scheduler process: leader lock, relay, reaper (and schedules, retention, rollups)."""
