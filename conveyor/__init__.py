@@ -10,6 +10,7 @@ from domain.errors import (
     UnknownTask,
     WaitTimeout,
 )
+from domain.registry import task
 from domain.views import RunView
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "RunView",
     "UnknownTask",
     "WaitTimeout",
+    "task",
 ]

@@ -34,6 +34,26 @@ def as_run_id(value: str | uuid.UUID) -> uuid.UUID:
         raise InvalidInput(f"run id: {value!r} is not a UUID", field="run_id") from None
 
 
+def default_publisher(settings: Settings) -> Publisher | None:
+    """Publish straight to a real broker; with the in-process broker of dev mode (which another
+    process cannot reach) leave delivery to the relay."""
+    if settings.broker_url.startswith("memory"):
+        return None
+    from worker.app import create_app
+    from worker.publisher import CeleryPublisher
+
+    return CeleryPublisher(create_app(settings))
+
+
+def default_catalog(settings: Settings) -> Catalog | None:
+    """Validate against registered tasks when this process knows any (CONVEYOR_TASK_MODULES);
+    a producer that imports none sends names and params as they are, and the worker checks."""
+    from domain.registry import REGISTRY, RegistryCatalog, import_task_modules
+
+    import_task_modules(settings.task_module_list)
+    return RegistryCatalog(REGISTRY) if len(REGISTRY) else None
+
+
 class Client:
     """Talks to conveyor's database directly; settings come from CONVEYOR_* and `.env`.
 
@@ -54,8 +74,8 @@ class Client:
         self._engine = engine
         self._owns_engine = engine is None
         #: None: runs are delivered by the relay (`conveyor scheduler`/`dev`) instead of at once.
-        self.publisher = publisher
-        self.catalog = catalog
+        self.publisher = publisher if publisher is not None else default_publisher(self.settings)
+        self.catalog = catalog if catalog is not None else default_catalog(self.settings)
         self.triggered_by = triggered_by
 
     @property

@@ -1,28 +1,79 @@
-"""`conveyor dev`: conveyor on its embedded default, with no external service."""
+"""`conveyor dev`: every part of conveyor in one process, with no external service."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+import threading
 
 from conveyor.cli.output import console
 from domain.db import create_db_engine
 from domain.migrate import ensure_schema
-from domain.models import runs
+from domain.registry import REGISTRY, import_task_modules
 from domain.settings import Settings, redact_url
+
+DEV_TASK_MODULES = "examples.hello"
+
+
+def dev_settings(settings: Settings) -> Settings:
+    """The in-process broker always; the example tasks unless the user named their own."""
+    return settings.model_copy(
+        update={
+            "broker_url": "memory://",
+            "task_modules": settings.task_modules or DEV_TASK_MODULES,
+            "relay_interval_s": min(settings.relay_interval_s, 0.2),
+        }
+    )
 
 
 def run_dev(settings: Settings) -> None:
-    """Prepare the local database and report what it holds."""
+    """Migrate, then run scheduler sweeps in a thread and a thread-pool worker in this thread.
+
+    Runs enqueued from another terminal (`conveyor enqueue hello --wait`) land in the database;
+    the relay hands them to the in-process broker. Ctrl-C drains running runs and stops;
+    pending runs resume on the next start.
+    """
+    from scheduler.service import SchedulerService
+    from worker.app import create_app
+    from worker.publisher import CeleryPublisher
+
+    settings = dev_settings(settings)
     url = settings.effective_database_url
     ensure_schema(url)
-    engine = create_db_engine(url)
+    import_task_modules(settings.task_module_list)
+    app = create_app(settings)
+    engine = create_db_engine(url, pool_size=2)
+    service = SchedulerService(settings, engine, CeleryPublisher(app))
+    sweeper = threading.Thread(target=service.run, name="conveyor-scheduler", daemon=True)
+    sweeper.start()
+    queues = sorted(
+        {
+            settings.default_queue,
+            settings.submit_queue,
+            *(REGISTRY.get(n).queue for n in REGISTRY.names()),
+        }
+        - {""}
+    )
+    console.print(f"conveyor dev: database {redact_url(url)} (schema at head), in-process broker")
+    console.print(f"tasks: {', '.join(REGISTRY.names())}; queues: {', '.join(queues)}")
+    console.print("try, in another terminal:  conveyor enqueue hello -p name=world --wait")
     try:
-        with engine.connect() as conn:
-            counts: dict[str, int] = dict(
-                conn.execute(select(runs.c.status, func.count()).group_by(runs.c.status)).all()
-            )
+        app.worker_main(
+            [
+                "worker",
+                "-P",
+                "threads",
+                "-c",
+                "4",
+                "-l",
+                "WARNING",
+                "-E",
+                "-Q",
+                ",".join(queues),
+                "--without-heartbeat",
+                "--without-mingle",
+                "--without-gossip",
+            ]
+        )
     finally:
+        service.stop()
+        sweeper.join(timeout=5)
         engine.dispose()
-    console.print(f"conveyor dev: database {redact_url(url)} is ready (schema at head)")
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs yet"
-    console.print(f"runs: {summary}")

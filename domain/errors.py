@@ -72,3 +72,19 @@ class UnknownTask(NotFound):
     """No task or pipeline is registered under this name."""
 
     exit_code = 2
+
+
+class RunStopped(ConveyorError):
+    """The run was told to stop."""
+
+
+class RunCancelled(RunStopped):
+    """The run was cancelled."""
+
+
+class RunTimedOut(RunStopped):
+    """The run took longer than its timeout."""
+
+
+class BudgetExceeded(RunStopped):
+    """The run went over its budget."""

@@ -244,8 +244,25 @@ class AuditLog(Base):
 
 
 # Core handles for the hot path (SQLAlchemy Core statements, no ORM session work).
+class DeadLetter(Base):
+    """A broker message conveyor refused (malformed, unknown task, bad params), with why."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    ts: Mapped[datetime] = mapped_column(default=utc_now, index=True)
+    task: Mapped[str] = mapped_column(String(200))
+    message_id: Mapped[str | None] = mapped_column(String(200))
+    body: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    reason: Mapped[str] = mapped_column(Text)
+
+
 runs = cast(Table, Run.__table__)
 run_logs = cast(Table, RunLog.__table__)
 run_steps = cast(Table, RunStep.__table__)
 projects = cast(Table, Project.__table__)
 audit_logs = cast(Table, AuditLog.__table__)
+cost_entries = cast(Table, CostEntry.__table__)
+dead_letters = cast(Table, DeadLetter.__table__)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, or_, select, update
+from sqlalchemy import Connection, and_, func, or_, select, tuple_, update
 
 from domain.errors import LeaseLost
 from domain.models import runs
@@ -224,3 +224,127 @@ def mark_dispatched(conn: Connection, run_ids: list[uuid.UUID], *, now: datetime
             .where(runs.c.id.in_(run_ids), runs.c.status == Status.PENDING)
             .values(dispatched_at=now, dispatch_attempts=runs.c.dispatch_attempts + 1)
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """A run's spend after a cost entry, with its limits, to decide whether it must stop."""
+
+    cost_usd: Any
+    tokens_in: int
+    tokens_out: int
+    requests_made: int
+    budget_usd: Any
+    max_requests: int | None
+
+
+def record_cost(
+    conn: Connection, run_id: uuid.UUID, attempt: int, *, entry: dict[str, Any]
+) -> Totals:
+    """Add a cost entry and the run's totals in one transaction, fenced by attempt."""
+    from decimal import Decimal
+
+    from domain.models import cost_entries
+
+    usd = Decimal(entry["cost_usd"])
+    columns = (
+        runs.c.cost_usd,
+        runs.c.tokens_in,
+        runs.c.tokens_out,
+        runs.c.requests_made,
+        runs.c.budget_usd,
+        runs.c.max_requests,
+    )
+    if conn.dialect.name == "sqlite":
+        # Money is text on SQLite (exact); add in Python. Writers are serialised there anyway.
+        current = conn.execute(select(runs.c.cost_usd).where(_owned(run_id, attempt))).first()
+        if current is None:
+            raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")
+        new_cost: Any = Decimal(current[0]) + usd
+    else:
+        new_cost = runs.c.cost_usd + usd
+    row = conn.execute(
+        update(runs)
+        .where(_owned(run_id, attempt))
+        .values(
+            cost_usd=new_cost,
+            tokens_in=runs.c.tokens_in + entry["tokens_in"],
+            tokens_out=runs.c.tokens_out + entry["tokens_out"],
+            requests_made=runs.c.requests_made + entry["requests"],
+        )
+        .returning(*columns)
+    ).first()
+    if row is None:
+        raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")
+    conn.execute(cost_entries.insert().values(run_id=run_id, **entry))
+    return Totals(*row)
+
+
+def next_seq(conn: Connection, table: Any, run_id: uuid.UUID) -> int:
+    """1 + the highest seq a run already has in `table` (run_logs or run_steps)."""
+    current = conn.execute(select(func.max(table.c.seq)).where(table.c.run_id == run_id)).scalar()
+    return int(current or 0) + 1
+
+
+def heartbeat_many(
+    conn: Connection, owned: list[tuple[uuid.UUID, int]], *, now: datetime, lease_s: float
+) -> dict[uuid.UUID, bool]:
+    """Extend the leases of many (run, attempt) pairs in one statement.
+
+    Returns {run_id: cancel_requested} for the runs still owned; a pair missing from the result
+    lost its lease (reaped, or finished by someone else).
+    """
+    if not owned:
+        return {}
+    pairs = [tuple_(runs.c.id, runs.c.attempt) == (rid, att) for rid, att in owned]
+    rows = conn.execute(
+        update(runs)
+        .where(or_(*pairs), runs.c.status == Status.RUNNING)
+        .values(lease_expires_at=now + timedelta(seconds=lease_s))
+        .returning(runs.c.id, runs.c.cancel_requested_at)
+    ).all()
+    return {row[0]: row[1] is not None for row in rows}
+
+
+def reap_expired(conn: Connection, *, now: datetime) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+    """Runs whose worker stopped heartbeating: re-queue those with attempts left, fail the rest.
+
+    Returns (requeued, failed) run ids.
+    """
+    expired = and_(runs.c.status == Status.RUNNING, runs.c.lease_expires_at < now)
+    requeued = (
+        conn.execute(
+            update(runs)
+            .where(expired, runs.c.attempt < runs.c.max_attempts)
+            .values(
+                status=Status.PENDING,
+                not_before=now,
+                dispatched_at=None,
+                lease_owner=None,
+                lease_expires_at=None,
+                error_type="WorkerLost",
+                error="the worker stopped heartbeating; the run was queued again",
+            )
+            .returning(runs.c.id)
+        )
+        .scalars()
+        .all()
+    )
+    failed = (
+        conn.execute(
+            update(runs)
+            .where(expired, runs.c.attempt >= runs.c.max_attempts)
+            .values(
+                status=Status.FAILED,
+                finished_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+                error_type="WorkerLost",
+                error="the worker stopped heartbeating and no attempts are left",
+            )
+            .returning(runs.c.id)
+        )
+        .scalars()
+        .all()
+    )
+    return list(requeued), list(failed)

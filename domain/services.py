@@ -32,6 +32,8 @@ class Enqueued:
 
 
 def _row(req: EnqueueRequest, catalog: Catalog, now: datetime, publish_now: bool) -> dict[str, Any]:
+    """The run's row. `publish_now`: it is delivered right after commit (by the publisher, or
+    inline by the caller), so the relay leaves it alone for the grace period."""
     defaults, params = catalog.resolve(req.name, req.params)
     due = req.due_at(now)
     return {
@@ -87,13 +89,14 @@ def enqueue(
     *,
     publisher: Publisher | None = None,
     catalog: Catalog | None = None,
+    inline: bool = False,
 ) -> Enqueued:
     """Record one run (and so its delivery intent) and publish it after commit.
 
     With an idempotency key that already names a run of the same task and params, that run is
     returned (created=False); the same key for a different request is a Conflict.
     """
-    return enqueue_many(uow, [req], publisher=publisher, catalog=catalog)[0]
+    return enqueue_many(uow, [req], publisher=publisher, catalog=catalog, inline=inline)[0]
 
 
 def enqueue_many(
@@ -102,13 +105,18 @@ def enqueue_many(
     *,
     publisher: Publisher | None = None,
     catalog: Catalog | None = None,
+    inline: bool = False,
 ) -> list[Enqueued]:
-    """Record a batch of runs in one transaction and publish them in one broker call."""
+    """Record a batch of runs in one transaction and publish them in one broker call.
+
+    Without a publisher the relay delivers them; `inline` means the caller executes them
+    itself right away (conveyor.submit), so nothing is published.
+    """
     if not reqs:
         return []
     catalog = catalog or OpenCatalog()
     now = uow.clock()
-    rows = [_row(req, catalog, now, publisher is not None) for req in reqs]
+    rows = [_row(req, catalog, now, publisher is not None or inline) for req in reqs]
     with uow:
         try:
             results = _insert(uow, rows)

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         30.0, ge=0, description="How long to wait for the DB."
     )
     default_queue: str = "default"
+    submit_queue: str = Field(
+        "celery",
+        description="Queue workers also consume for conveyor.submit from plain Celery clients "
+        "(Celery's own default queue); empty to disable.",
+    )
     default_project: str = "default"
     lease_s: float = Field(
         30.0, gt=0, description="How long a claimed run is owned without heartbeat."
@@ -76,6 +81,20 @@ class Settings(BaseSettings):
     dispatch_grace_s: float = Field(
         30.0, gt=0, description="How long a published run may stay unclaimed before re-publishing."
     )
+    task_modules: str = Field(
+        "", description="Comma-separated modules whose @task functions workers and clients load."
+    )
+    kill_grace_s: float = Field(
+        5.0, ge=0, description="After a timeout or cancel, how long a task may wind down."
+    )
+    broker_visibility_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Redis redelivery timeout for unacked messages (conveyor acks "
+        "on receipt, so long runs are never redelivered; the lease recovers lost work).",
+    )
+    relay_interval_s: float = Field(0.5, gt=0, description="How often the relay sweeps.")
+    reaper_interval_s: float = Field(5.0, gt=0, description="How often expired leases are swept.")
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
     log_level: str = "INFO"
 
@@ -90,6 +109,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.home / 'conveyor.db').as_posix()}"
+
+    @property
+    def task_module_list(self) -> list[str]:
+        return [m.strip() for m in self.task_modules.split(",") if m.strip()]
 
     @property
     def is_sqlite(self) -> bool:

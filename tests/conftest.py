@@ -33,7 +33,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pg_database() -> Iterator[str]:
     """A dedicated, migrated PostgreSQL database for this test session."""
     require_postgres()
-    name = f"conveyor_test_{WORKER}"
+    name = f"conveyor_test_{WORKER}_{os.getpid()}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

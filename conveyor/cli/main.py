@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from conveyor.cli import processes
 from conveyor.cli import runs as runs_cli
 from conveyor.cli.output import console, fail, print_json
 from conveyor.client import Client
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 app.add_typer(runs_cli.runs_app, name="runs")
 runs_cli.register_top_level(app)
+processes.register(app)
 
 
 def settings() -> Settings:
@@ -46,14 +48,6 @@ def migrate(
         print_json({"database": redact_url(url), "revision": revision})
     else:
         console.print(f"database {redact_url(url)} is at revision [bold]{revision}[/]")
-
-
-@app.command()
-def dev() -> None:
-    """Run conveyor on its embedded default: a SQLite file under ./.conveyor/, no services."""
-    from conveyor.dev import run_dev
-
-    run_dev(settings())
 
 
 def client() -> Client:

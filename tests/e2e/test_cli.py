@@ -144,12 +144,10 @@ def test_database_down_and_bad_url_are_clear(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "CONVEYOR_DATABASE_URL" in bad.stderr
 
 
-def test_migrate_and_dev_on_a_fresh_directory(tmp_path: Path) -> None:
+def test_migrate_on_a_fresh_directory(tmp_path: Path) -> None:
     env = {"CONVEYOR_HOME": str(tmp_path / "state")}
-    out = ok(conveyor("dev", db="", cwd=tmp_path, env=env))
-    assert "is ready" in out
-    assert (tmp_path / "state" / "conveyor.db").exists()
     assert "is at revision head" in ok(conveyor("migrate", db="", cwd=tmp_path, env=env))
+    assert (tmp_path / "state" / "conveyor.db").exists()
 
 
 def test_help_explains_every_command(tmp_path: Path) -> None:

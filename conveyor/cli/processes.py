@@ -1,0 +1,92 @@
+"""Long-running processes: `conveyor worker`, `conveyor scheduler`, `conveyor dev`."""
+
+from __future__ import annotations
+
+import signal
+from typing import Annotated, Any
+
+import typer
+
+from domain.settings import Settings, get_settings
+
+
+def register(app: typer.Typer) -> None:
+    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(worker)
+    app.command()(scheduler)
+    app.command()(dev)
+
+
+def worker(
+    ctx: typer.Context,
+    queues: Annotated[
+        str | None,
+        typer.Option("-Q", "--queues", help="Comma-separated queues (default: default)."),
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("-c", "--concurrency", help="Processes or threads.")
+    ] = None,
+    pool: Annotated[
+        str, typer.Option("-P", "--pool", help="prefork (default), threads or solo.")
+    ] = "prefork",
+    loglevel: Annotated[str, typer.Option("-l", "--loglevel", help="Celery's log level.")] = "INFO",
+) -> None:
+    """Start a Celery worker that executes runs. Extra options go to `celery worker` as they are."""
+    if pool not in {"prefork", "threads", "solo"}:
+        from domain.errors import InvalidInput
+
+        raise InvalidInput(
+            f"--pool: expected prefork, threads or solo (got {pool!r})", field="pool"
+        )
+    from worker.app import create_app
+
+    settings = get_settings()
+    argv = ["worker", "-P", pool, "-l", loglevel, "-E"]
+    argv += ["-Q", worker_queues(settings, queues)]
+    if concurrency:
+        argv += ["-c", str(concurrency)]
+    create_app(settings).worker_main([*argv, *ctx.args])
+
+
+def worker_queues(settings: Settings, requested: str | None) -> str:
+    """The queues to consume: those asked for (or the default) plus the submit queue."""
+    names = [q.strip() for q in (requested or settings.default_queue).split(",") if q.strip()]
+    if settings.submit_queue and settings.submit_queue not in names:
+        names.append(settings.submit_queue)
+    return ",".join(names)
+
+
+def scheduler() -> None:
+    """Run the scheduler: relay (re-publishes undelivered runs) and reaper (recovers runs whose
+    worker died). Start one per deployment or more as standbys: only the leader sweeps."""
+    from domain.db import create_db_engine
+    from scheduler.service import SchedulerService
+    from worker.app import create_app
+    from worker.publisher import CeleryPublisher
+
+    settings = get_settings()
+    engine = create_db_engine(settings.effective_database_url, pool_size=2)
+    service = SchedulerService(settings, engine, CeleryPublisher(create_app(settings)))
+    _stop_on_signals(service.stop)
+    try:
+        service.run()
+    finally:
+        engine.dispose()
+
+
+def dev() -> None:
+    """Run everything in one process on the embedded default: SQLite under ./.conveyor/, an
+    in-memory broker, a thread-pool worker, the scheduler, and the example tasks."""
+    from conveyor.dev import run_dev
+
+    run_dev(get_settings())
+
+
+def _stop_on_signals(stop: Any) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+__all__ = ["Settings", "register"]

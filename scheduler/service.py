@@ -1,0 +1,86 @@
+"""The scheduler process: as leader, runs the relay and reaper sweeps; otherwise stands by."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import structlog
+from sqlalchemy import Engine
+
+from domain.clock import Clock, utc_now
+from domain.ports import Publisher
+from domain.recovery import reap_once, relay_once
+from domain.settings import Settings
+from scheduler.leader import Leadership, leadership_for
+
+log = structlog.get_logger("conveyor.scheduler")
+
+STANDBY_RETRY_S = 1.0
+
+
+class SchedulerService:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        publisher: Publisher,
+        *,
+        leadership: Leadership | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.publisher = publisher
+        self.leadership = leadership or leadership_for(engine, settings.home)
+        self.clock = clock
+        self.stop_event = threading.Event()
+        self.is_leader = False
+
+    def run(self) -> None:
+        """Block until stop(): wait for leadership, then sweep; give it up if the lock is lost."""
+        log.info("scheduler.started", standby=True)
+        try:
+            while not self.stop_event.is_set():
+                if not self.leadership.try_acquire():
+                    self.stop_event.wait(STANDBY_RETRY_S)
+                    continue
+                self.is_leader = True
+                log.info("scheduler.leader")
+                self._lead()
+                self.is_leader = False
+        finally:
+            self.leadership.release()
+            log.info("scheduler.stopped")
+
+    def _lead(self) -> None:
+        next_relay = next_reap = 0.0
+        next_check = time.monotonic() + STANDBY_RETRY_S
+        while not self.stop_event.is_set():
+            now_m = time.monotonic()
+            if now_m >= next_check:
+                if not self.leadership.still_held():
+                    log.warning("scheduler.leadership_lost")
+                    return
+                next_check = now_m + STANDBY_RETRY_S
+            try:
+                if now_m >= next_reap:
+                    reap_once(self.engine, clock=self.clock)
+                    next_reap = now_m + self.settings.reaper_interval_s
+                if now_m >= next_relay:
+                    relay_once(
+                        self.engine,
+                        self.publisher,
+                        clock=self.clock,
+                        grace_s=self.settings.dispatch_grace_s,
+                    )
+                    next_relay = now_m + self.settings.relay_interval_s
+            except Exception as exc:  # a sweep failing must not end the process
+                log.error("scheduler.sweep_failed", error=f"{type(exc).__name__}: {exc}")
+                self.stop_event.wait(STANDBY_RETRY_S)
+            self.stop_event.wait(
+                max(0.0, min(next_relay, next_reap, next_check) - time.monotonic())
+            )
+
+    def stop(self) -> None:
+        self.stop_event.set()

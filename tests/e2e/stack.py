@@ -1,0 +1,111 @@
+"""Real conveyor processes for end-to-end tests: workers and a scheduler on PostgreSQL + Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from conveyor import Client
+from domain.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_DB = 13
+
+
+class Stack:
+    """Starts and stops conveyor processes sharing one database and one Redis database."""
+
+    def __init__(self, database_url: str, logs: Path, **overrides: str) -> None:
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+        self.env.update(
+            {
+                "CONVEYOR_DATABASE_URL": database_url,
+                "CONVEYOR_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+                "CONVEYOR_TASK_MODULES": "tests.e2e.worker_tasks",
+                "CONVEYOR_LEASE_S": "3",
+                "CONVEYOR_HEARTBEAT_S": "0.5",
+                "CONVEYOR_DISPATCH_GRACE_S": "2",
+                "CONVEYOR_RELAY_INTERVAL_S": "0.2",
+                "CONVEYOR_REAPER_INTERVAL_S": "0.5",
+                "CONVEYOR_KILL_GRACE_S": "0.5",
+                "CONVEYOR_LOG_FORMAT": "json",
+                "PYTHONPATH": str(ROOT),
+                **overrides,
+            }
+        )
+        self.logs = logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.redis = redis.Redis(db=REDIS_DB)
+
+    @property
+    def settings(self) -> Settings:
+        fields = {
+            k.removeprefix("CONVEYOR_").lower(): v
+            for k, v in self.env.items()
+            if k.startswith("CONVEYOR_")
+        }
+        return load_settings(**fields)
+
+    def client(self) -> Client:
+        return Client(self.settings)
+
+    def start(self, *args: str, name: str) -> subprocess.Popen[bytes]:
+        with (self.logs / f"{name}.log").open("ab") as log:  # the child keeps its own fd
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "conveyor", *args],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, queues: str, *, name: str, concurrency: int = 2) -> subprocess.Popen[bytes]:
+        return self.start(
+            "worker",
+            "-Q",
+            queues,
+            "-c",
+            str(concurrency),
+            "-l",
+            "WARNING",
+            "-n",
+            f"{name}@%h",
+            "--without-mingle",
+            "--without-gossip",
+            name=name,
+        )
+
+    def scheduler(self) -> subprocess.Popen[bytes]:
+        return self.start("scheduler", name="scheduler")
+
+    def kill(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (a worker's children die with it, as with a host)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                self.kill(proc, signal.SIGTERM)
+        self.procs.clear()
+
+
+def eventually(check: Callable[[], bool], timeout: float = 30.0, every: float = 0.1) -> None:
+    """Poll until `check()` holds; fail with the time waited otherwise."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(every)

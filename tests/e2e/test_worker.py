@@ -1,0 +1,191 @@
+"""Real workers and a real scheduler on PostgreSQL + Redis, trying to break guarantees 1-3."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from sqlalchemy import func, select
+
+from conveyor import Client
+from domain.models import dead_letters, run_logs, run_steps, runs
+from domain.ports import Dispatch
+from tests.e2e.stack import REDIS_DB, Stack, eventually
+from tests.services import require_redis
+from worker.app import create_app
+from worker.publisher import CeleryPublisher
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def stack(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Two worker processes on the common queues and one scheduler, for the whole module."""
+    require_redis()
+    s = Stack(
+        pg_database, tmp_path_factory.mktemp("logs"), CONVEYOR_BROKER_VISIBILITY_TIMEOUT_S="1"
+    )
+    s.redis.flushdb()
+    s.scheduler()
+    s.worker("default,slow", name="main")
+    yield s
+    s.stop_all()
+
+
+@pytest.fixture
+def client(stack: Stack, pg_url: str) -> Iterator[Client]:
+    """A clean database for each test (pg_url truncates), the stack already running."""
+    with stack.client() as c:
+        yield c
+
+
+def statuses(client: Client, ids: list[uuid.UUID]) -> dict[str, int]:
+    with client.engine.connect() as conn:
+        rows = conn.execute(
+            select(runs.c.status, func.count()).where(runs.c.id.in_(ids)).group_by(runs.c.status)
+        ).all()
+    return {r[0]: r[1] for r in rows}
+
+
+def marks(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_500_runs_all_succeed_with_logs_and_steps(client: Client) -> None:
+    ids = [
+        r.id for r in client.enqueue_many({"name": "noop", "params": {"i": i}} for i in range(500))
+    ]
+    eventually(lambda: statuses(client, ids) == {"succeeded": 500}, timeout=120)
+    with client.engine.connect() as conn:
+        lines = conn.execute(select(func.count()).select_from(run_logs)).scalar_one()
+        steps = conn.execute(
+            select(func.count()).select_from(run_steps).where(run_steps.c.status == "completed")
+        ).scalar_one()
+        results = conn.execute(select(runs.c.result).where(runs.c.id.in_(ids[:5]))).scalars().all()
+    assert (lines, steps) == (500, 500)
+    assert sorted(r["i"] for r in results) == [0, 1, 2, 3, 4]
+    assert client.logs(ids[0])[0].message == "noop ran"
+
+
+def test_kill_9_mid_run_finishes_on_another_worker(
+    stack: Stack, client: Client, tmp_path: Path
+) -> None:
+    marks_file = tmp_path / "marks"
+    victim = stack.worker("fragile", name="victim")
+    run = client.enqueue("side_effect", {"marks": str(marks_file), "seconds": 4}, queue="fragile")
+    eventually(lambda: marks(marks_file) == ["start 1"], timeout=60)
+    stack.kill(victim, signal.SIGKILL)  # the worker and its children, mid-run
+    rescuer = stack.worker("fragile", name="rescuer")
+    try:
+        final = client.wait(run.id, timeout=60)
+    finally:
+        stack.kill(rescuer, signal.SIGTERM)
+    assert (final.status, final.attempt) == ("succeeded", 2)
+    assert marks(marks_file) == ["start 1", "start 2", "done 2"]  # the effect completed once
+
+
+def test_flushing_redis_loses_no_run(stack: Stack, client: Client) -> None:
+    ids = [
+        r.id
+        for r in client.enqueue_many(
+            {"name": "noop", "params": {"i": i}, "queue": "later"} for i in range(50)
+        )
+    ]
+    assert stack.redis.llen("later") + sum(stack.redis.llen(f"later:{p}") for p in range(10)) == 50
+    stack.redis.flushall()  # every message is gone; the database still has every run
+    consumer = stack.worker("later", name="later")
+    try:
+        eventually(lambda: statuses(client, ids) == {"succeeded": 50}, timeout=90)
+    finally:
+        stack.kill(consumer, signal.SIGTERM)
+
+
+def test_the_same_message_twice_executes_once(stack: Stack, client: Client, tmp_path: Path) -> None:
+    marks_file = tmp_path / "marks"
+    with Client(stack.settings, publisher=_NoPublish()) as quiet:
+        run = quiet.enqueue("side_effect", {"marks": str(marks_file), "seconds": 0.5})
+    publisher = CeleryPublisher(create_app(stack.settings))
+    publisher.publish([Dispatch(run.id, run.name, run.queue, run.priority)] * 2)
+    assert client.wait(run.id, timeout=30).status == "succeeded"
+    eventually(lambda: marks(marks_file) == ["start 1", "done 1"], timeout=5)
+
+
+def test_a_run_longer_than_the_visibility_timeout_runs_once(client: Client, tmp_path: Path) -> None:
+    """The stack's Redis visibility timeout is 1 s; this run takes 4 s."""
+    marks_file = tmp_path / "marks"
+    run = client.enqueue("side_effect", {"marks": str(marks_file), "seconds": 4}, queue="slow")
+    assert client.wait(run.id, timeout=60).status == "succeeded"
+    assert marks(marks_file) == ["start 1", "done 1"]
+
+
+def test_cancel_running_and_pending(client: Client) -> None:
+    running = client.enqueue("waits", {"seconds": 60})
+    eventually(lambda: client.get(running.id).status == "running", timeout=30)
+    client.cancel(running.id)
+    assert client.wait(running.id, timeout=15).status == "cancelled"
+    pending = client.enqueue("waits", {"seconds": 60}, delay="1h")
+    assert client.cancel(pending.id).status == "cancelled"
+
+
+def test_timeout_kills_a_stuck_task_and_the_worker_goes_on(client: Client) -> None:
+    run = client.enqueue("stuck")
+    final = client.wait(run.id, timeout=30)
+    assert (final.status, final.error_type) == ("timed_out", "RunTimedOut")
+    assert client.wait(client.enqueue("noop").id, timeout=30).status == "succeeded"
+
+
+def test_retries_with_backoff_then_fail(client: Client) -> None:
+    run = client.enqueue("always_fails")
+    final = client.wait(run.id, timeout=60)
+    assert (final.status, final.attempt, final.error_type) == ("failed", 3, "ValueError")
+    assert "failure on attempt 3" in (final.error or "")
+
+
+def test_unpicklable_exception_and_non_json_result(client: Client) -> None:
+    a = client.wait(client.enqueue("raises_unpicklable").id, timeout=30)
+    assert (a.status, a.error_type) == ("failed", "Unpicklable")
+    assert "carries a lock" in (a.error or "")
+    b = client.wait(client.enqueue("returns_object").id, timeout=30)
+    assert (b.status, b.error_type) == ("failed", "ResultNotSerializable")
+    assert client.wait(client.enqueue("noop").id, timeout=30).status == "succeeded"
+
+
+def test_plain_celery_client_submits(stack: Stack, client: Client) -> None:
+    plain = Celery(broker=f"redis://127.0.0.1:6379/{REDIS_DB}")
+    for _ in range(2):  # the same idempotency key twice: one run
+        plain.send_task(
+            "conveyor.submit",
+            kwargs={
+                "name": "noop",
+                "params": {"i": 42},
+                "idempotency_key": "from-celery-1",
+            },
+        )
+    plain.send_task("conveyor.submit", kwargs={"name": "noop", "params": [1, 2]})
+    plain.send_task("conveyor.submit", kwargs={"name": "no_such_task"})
+    plain.send_task("conveyor.execute", args=["not-a-uuid"])
+
+    def submitted() -> list[object]:
+        return [r for r in client.list(name="noop").items if r.triggered_by == "celery"]
+
+    eventually(lambda: len(submitted()) == 1 and submitted()[0].status == "succeeded", timeout=30)  # type: ignore[attr-defined]
+    assert submitted()[0].result == {"i": 42}  # type: ignore[attr-defined]
+    with client.engine.connect() as conn:
+        eventually(
+            lambda: conn.execute(select(func.count()).select_from(dead_letters)).scalar_one() == 3
+        )
+        reasons = (
+            conn.execute(select(dead_letters.c.reason).order_by(dead_letters.c.id)).scalars().all()
+        )
+    assert any("params: must be a JSON object" in r for r in reasons)
+    assert any("no task or pipeline named 'no_such_task'" in r for r in reasons)
+    assert any("malformed conveyor.execute message" in r for r in reasons)
+
+
+class _NoPublish:
+    def publish(self, dispatches: object) -> None:
+        """Leave delivery to the test (the relay would also send it after the grace period)."""

@@ -1,0 +1,68 @@
+"""Tasks the end-to-end tests run in real worker processes (CONVEYOR_TASK_MODULES)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from conveyor import task
+
+
+@task
+def noop(ctx, i: int = 0) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    with ctx.step("work"):
+        ctx.log("noop ran", i=i)
+    return {"i": i}
+
+
+@task(max_attempts=3)
+def side_effect(ctx, marks: str, seconds: float = 0.0) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Appends `start N` when it begins and `done N` when it completes, to a file."""
+    path = Path(marks)
+    with path.open("a") as f:
+        f.write(f"start {ctx.attempt}\n")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ctx.wait(0.05)
+    with path.open("a") as f:
+        f.write(f"done {ctx.attempt}\n")
+    return {"attempt": ctx.attempt}
+
+
+@task
+def waits(ctx, seconds: float = 30.0) -> str:  # type: ignore[no-untyped-def]
+    """Cooperative: stops as soon as it is asked to."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ctx.check_cancel()
+        ctx.wait(0.05)
+    return "waited"
+
+
+@task(timeout=1.0)
+def stuck(ctx) -> str:  # type: ignore[no-untyped-def]
+    """Ignores every stop: only ending its process stops it."""
+    time.sleep(60)
+    return "never"
+
+
+@task(max_attempts=3, retry_backoff=0.2, retry_backoff_max=0.4)
+def always_fails(ctx) -> None:  # type: ignore[no-untyped-def]
+    raise ValueError(f"failure on attempt {ctx.attempt}")
+
+
+class Unpicklable(Exception):
+    def __init__(self) -> None:
+        super().__init__("carries a lock")
+        self.lock = threading.Lock()
+
+
+@task
+def raises_unpicklable(ctx) -> None:  # type: ignore[no-untyped-def]
+    raise Unpicklable()
+
+
+@task
+def returns_object(ctx) -> object:  # type: ignore[no-untyped-def]
+    return {"obj": object()}

@@ -1,0 +1,63 @@
+"""The Celery app, built by a factory from Settings; nothing connects at import time."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from domain.settings import Settings
+
+EXECUTE = "conveyor.execute"
+SUBMIT = "conveyor.submit"
+PRIORITY_LEVELS = 10
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app for `settings.broker_url`: JSON only, prefetch 1, events on, early acks.
+
+    Messages are acked on receipt (acks_late off): a run's ownership lives in the database lease,
+    so a long run is never redelivered because it outlived the broker's visibility timeout, and
+    a killed worker's run is recovered by the reaper, not by the broker.
+    """
+    app = Celery("conveyor", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=False,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        # The run row is the "sent" record; a task-sent event would double every publish.
+        task_send_sent_event=False,
+        task_default_queue=settings.default_queue,
+        task_queues=[Queue(settings.default_queue, routing_key=settings.default_queue)],
+        task_create_missing_queues=True,
+        task_default_priority=priority_for_broker(settings.broker_url, 5),
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        broker_transport_options={
+            # Ten real levels (kombu's default is four buckets), served highest first.
+            "priority_steps": list(range(PRIORITY_LEVELS)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+            "visibility_timeout": settings.broker_visibility_timeout_s,
+        },
+    )
+    from worker.tasks import register
+
+    register(app, settings)
+    return app
+
+
+def priority_for_broker(broker_url: str, priority: int) -> int:
+    """conveyor's priority (9 = most urgent) in the broker's terms.
+
+    kombu's Redis transport serves priority 0 first, RabbitMQ serves the highest number first.
+    """
+    if broker_url.startswith(("redis", "rediss", "memory", "sentinel")):
+        return PRIORITY_LEVELS - 1 - priority
+    return priority

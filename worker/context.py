@@ -1,0 +1,228 @@
+"""`ctx`: what a running task sees: its run, and steps, logs, metrics, costs and cancellation."""
+
+from __future__ import annotations
+
+import threading
+import traceback
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal, InvalidOperation
+from typing import Any, Protocol
+
+from sqlalchemy import Engine, update
+
+from domain import runstore
+from domain.clock import Clock, utc_now
+from domain.errors import BudgetExceeded, InvalidInput, RunCancelled, RunStopped, RunTimedOut
+from domain.models import run_steps
+from domain.runstore import Claim
+
+STOP_ERRORS: dict[str, type[RunStopped]] = {
+    "cancelled": RunCancelled,
+    "timed_out": RunTimedOut,
+    "budget_exceeded": BudgetExceeded,
+}
+
+
+class LineSink(Protocol):
+    def log(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        message: str,
+        *,
+        stream: str = "log",
+        level: str = "info",
+        fields: dict[str, Any] | None = None,
+        ts: Any = None,
+    ) -> int: ...
+
+    def metric(
+        self,
+        run_id: uuid.UUID,
+        name: str,
+        value: float,
+        labels: dict[str, Any] | None = None,
+        ts: Any = None,
+    ) -> None: ...
+
+
+class TaskContext:
+    """Handed to every task as its first argument.
+
+    Logs and metrics are buffered (cheap); steps and costs are written at once, since people
+    watch steps live and budgets must be checked before more money is spent.
+    """
+
+    def __init__(
+        self,
+        claim: Claim,
+        *,
+        engine: Engine,
+        sink: LineSink,
+        clock: Clock = utc_now,
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        self._claim = claim
+        self._engine = engine
+        self._sink = sink
+        self._clock = clock
+        self.params: dict[str, Any] = params if params is not None else dict(claim.params)
+        self._stop = threading.Event()
+        self.stop_reason: str | None = None
+        self.stop_detail: str = ""
+        self._step_seq: int | None = None
+        self._lock = threading.Lock()
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def run_id(self) -> uuid.UUID:
+        return self._claim.run_id
+
+    @property
+    def attempt(self) -> int:
+        return self._claim.attempt
+
+    @property
+    def name(self) -> str:
+        return self._claim.name
+
+    @property
+    def project(self) -> str:
+        return self._claim.project
+
+    # -- records ----------------------------------------------------------------------------
+    def log(self, message: str, *, level: str = "info", **fields: Any) -> None:
+        """A log line with optional key-value fields (`ctx.log("fetched", rows=120)`)."""
+        self._sink.log(self.run_id, self.attempt, str(message), level=level, fields=fields or None)
+
+    def metric(self, name: str, value: float, **labels: Any) -> None:
+        self._sink.metric(self.run_id, name, float(value), labels or None)
+
+    @contextmanager
+    def step(self, name: str, step_type: str = "step") -> Iterator[None]:
+        """A visible step: running while the block runs, then completed or failed (with why)."""
+        with self._lock:
+            if self._step_seq is None:
+                with self._engine.connect() as conn:
+                    self._step_seq = runstore.next_seq(conn, run_steps, self.run_id)
+            seq = self._step_seq
+            self._step_seq += 1
+        with self._engine.begin() as conn:
+            conn.execute(
+                run_steps.insert().values(
+                    run_id=self.run_id,
+                    seq=seq,
+                    attempt=self.attempt,
+                    name=name,
+                    step_type=step_type,
+                    status="running",
+                    started_at=self._clock(),
+                )
+            )
+        status, detail = "completed", None
+        try:
+            yield
+        except BaseException as exc:
+            status, detail = "failed", f"{type(exc).__name__}: {_safe_str(exc)}"
+            raise
+        finally:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    update(run_steps)
+                    .where(run_steps.c.run_id == self.run_id, run_steps.c.seq == seq)
+                    .values(status=status, detail=detail, finished_at=self._clock())
+                )
+
+    def cost(
+        self,
+        provider: str,
+        model: str,
+        tokens_in: int = 0,
+        tokens_out: int = 0,
+        usd: Decimal | str | int | None = None,
+        requests: int = 1,
+    ) -> None:
+        """Record spend; stops the run (BudgetExceeded) once it is over budget_usd/max_requests.
+
+        Pass `usd` as a string or Decimal: floats cannot hold money exactly.
+        """
+        amount = _money(usd)
+        if tokens_in < 0 or tokens_out < 0 or requests < 0:
+            raise InvalidInput("cost: tokens and requests must not be negative", field="cost")
+        step = self._step_seq - 1 if self._step_seq else None
+        with self._engine.begin() as conn:
+            totals = runstore.record_cost(
+                conn,
+                self.run_id,
+                self.attempt,
+                entry={
+                    "project": self.project,
+                    "ts": self._clock(),
+                    "provider": provider,
+                    "model": model,
+                    "tokens_in": tokens_in,
+                    "tokens_out": tokens_out,
+                    "requests": requests,
+                    "cost_usd": amount,
+                    "step_seq": step,
+                },
+            )
+        if totals.budget_usd is not None and Decimal(totals.cost_usd) > Decimal(totals.budget_usd):
+            over = Decimal(totals.cost_usd) - Decimal(totals.budget_usd)
+            self.stop("budget_exceeded", f"budget_usd {totals.budget_usd} exceeded by {over}")
+        elif totals.max_requests is not None and totals.requests_made > totals.max_requests:
+            self.stop(
+                "budget_exceeded",
+                f"max_requests {totals.max_requests} exceeded ({totals.requests_made} made)",
+            )
+        self.check_cancel()
+
+    # -- cancellation -----------------------------------------------------------------------
+    @property
+    def cancelled(self) -> bool:
+        """True once the run was asked to stop (cancel, timeout, budget): wind down soon."""
+        return self._stop.is_set()
+
+    def check_cancel(self) -> None:
+        """Raise RunCancelled / RunTimedOut / BudgetExceeded if the run was asked to stop."""
+        if self._stop.is_set() and self.stop_reason is not None:
+            raise STOP_ERRORS[self.stop_reason](self.stop_detail or None)
+
+    def heartbeat(self) -> None:
+        """Tasks need not call this (the executor heartbeats); it only checks for a stop."""
+        self.check_cancel()
+
+    def stop(self, reason: str, detail: str = "") -> None:
+        """Ask the task to stop (executor side): the first reason wins."""
+        with self._lock:
+            if self.stop_reason is None:
+                self.stop_reason, self.stop_detail = reason, detail
+        self._stop.set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, waking early when the run is asked to stop; True if it was."""
+        return self._stop.wait(seconds)
+
+
+def _money(usd: Decimal | str | int | None) -> Decimal:
+    if usd is None:
+        return Decimal(0)
+    if isinstance(usd, float):
+        usd = repr(usd)  # the shortest exact text of the float the caller wrote
+    try:
+        amount = Decimal(usd)
+    except (InvalidOperation, ValueError):
+        raise InvalidInput(f"cost: usd {usd!r} is not a number", field="usd") from None
+    if not amount.is_finite() or amount < 0:
+        raise InvalidInput(f"cost: usd must be a non-negative amount (got {usd!r})", field="usd")
+    return amount
+
+
+def _safe_str(exc: BaseException) -> str:
+    """str(exc), even for exceptions whose __str__ itself raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return "".join(traceback.format_exception_only(type(exc), None)).strip()

@@ -1,0 +1,268 @@
+"""The run executor: claim, run the task, record the outcome. One call per delivered message."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import OperationalError
+
+from domain import runstore
+from domain.clock import Clock, utc_now
+from domain.errors import InvalidInput, LeaseLost, RunStopped, UnknownTask
+from domain.models import run_logs
+from domain.registry import Registry, RetryPolicy
+from domain.runstore import Claim
+from worker import capture
+from worker.context import STOP_ERRORS, TaskContext, _safe_str
+from worker.logwriter import LogWriter
+from worker.monitor import RunMonitor
+
+log = structlog.get_logger("conveyor.executor")
+
+MAX_ERROR_CHARS = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one delivery did: `dropped` (not ours), `lease_lost`, `retrying`, or a final status."""
+
+    run_id: uuid.UUID
+    status: str
+    attempt: int = 0
+
+
+@dataclass
+class Failure:
+    error_type: str
+    error: str
+
+
+class Executor:
+    """Executes runs in one worker process. Hot path: one claim transaction, the task, one
+    finish transaction that also writes the run's remaining buffered log lines."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        writer: LogWriter,
+        registry: Registry,
+        monitor: RunMonitor,
+        *,
+        owner: str,
+        lease_s: float,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.engine = engine
+        self.writer = writer
+        self.registry = registry
+        self.monitor = monitor
+        self.owner = owner
+        self.lease_s = lease_s
+        self.clock = clock
+        self.duplicates_dropped = 0
+
+    def execute(self, run_id: uuid.UUID) -> Outcome:
+        with self.engine.begin() as conn:
+            claim = runstore.claim(
+                conn, run_id, owner=self.owner, now=self.clock(), lease_s=self.lease_s
+            )
+            first_seq = (
+                runstore.next_seq(conn, run_logs, run_id) if claim and claim.attempt > 1 else 1
+            )
+        if claim is None:
+            self.duplicates_dropped += 1
+            log.info("run.duplicate_dropped", run_id=str(run_id), owner=self.owner)
+            return Outcome(run_id, "dropped")
+        self.writer.begin_run(run_id, claim.attempt, first_seq)
+        log.debug("run.claimed", run_id=str(run_id), name=claim.name, attempt=claim.attempt)
+        try:
+            return self._run(claim)
+        finally:
+            self.writer.end_run(run_id)
+
+    def _run(self, claim: Claim) -> Outcome:
+        try:
+            spec = self.registry.get(claim.name)
+            kwargs = spec.call_kwargs(claim.params)
+        except (UnknownTask, InvalidInput) as exc:
+            # Not retryable: the next attempt would meet the same code and the same params.
+            return self._finish(claim, "failed", failure=Failure(type(exc).__name__, str(exc)))
+
+        ctx = TaskContext(claim, engine=self.engine, sink=self.writer, clock=self.clock)
+        self.monitor.watch(ctx, timeout_s=claim.timeout_s, max_minutes=claim.max_minutes)
+        capture.bind(self.writer, claim.run_id, claim.attempt)
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = spec.fn(ctx, **kwargs)
+        except Exception as exc:
+            error = exc
+        finally:
+            capture.unbind()
+            self.monitor.unwatch(claim.run_id)
+
+        if ctx.stop_reason == "lease_lost":
+            log.warning("run.lease_lost", run_id=str(claim.run_id), attempt=claim.attempt)
+            self._write_lines(claim.run_id)
+            return Outcome(claim.run_id, "lease_lost", claim.attempt)
+        if ctx.stop_reason is not None:
+            return self._finish_stopped(claim, ctx.stop_reason, ctx.stop_detail)
+        if isinstance(error, RunStopped):
+            reason = next(r for r, cls in STOP_ERRORS.items() if isinstance(error, cls))
+            return self._finish_stopped(claim, reason, _safe_str(error))
+        if error is not None:
+            failure = _describe(error)
+            if claim.attempt < claim.max_attempts:
+                return self._retry(claim, spec.retry, failure)
+            return self._finish(claim, "failed", failure=failure)
+        try:
+            stored = _json_result(result)
+        except TypeError as exc:
+            return self._finish(claim, "failed", failure=Failure("ResultNotSerializable", str(exc)))
+        return self._finish(claim, "succeeded", result=stored)
+
+    def abandon(self, ctx: TaskContext) -> None:
+        """The monitor gave up waiting for a task to stop: record the stop reason now."""
+        reason = ctx.stop_reason if ctx.stop_reason in STOP_ERRORS else "cancelled"
+        detail = f"{ctx.stop_detail} (the task did not stop within the grace period)"
+        self._finish_stopped(ctx._claim, reason, detail)
+
+    # -- recording ---------------------------------------------------------------------------
+    def _finish_stopped(self, claim: Claim, reason: str, detail: str) -> Outcome:
+        failure = Failure(STOP_ERRORS[reason].__name__, detail or STOP_ERRORS[reason]().message)
+        return self._finish(claim, reason, failure=failure)
+
+    def _commit_final(self, claim: Claim, write: Callable[[Connection], None]) -> str | None:
+        """Write the attempt's last lines and its final state in one transaction.
+
+        A database hiccup is retried with backoff for up to the lease; if it stays down the
+        transaction never committed (no half-written run), the lease expires, and the reaper
+        gives the run to another attempt. Returns None on success, else why it did not commit.
+        """
+        logs, metrics = self.writer.take_run(claim.run_id)
+        delay, deadline = 0.1, time.monotonic() + self.lease_s
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    LogWriter.write_rows(conn, logs, metrics)
+                    write(conn)
+                return None
+            except LeaseLost:
+                self._write_rows(logs, metrics)
+                log.warning("run.lease_lost", run_id=str(claim.run_id), attempt=claim.attempt)
+                return "lease_lost"
+            except OperationalError as exc:
+                if time.monotonic() + delay > deadline:
+                    log.error(
+                        "run.finish_failed",
+                        run_id=str(claim.run_id),
+                        attempt=claim.attempt,
+                        reason=str(exc.orig),
+                        lines_lost=len(logs),
+                        next="the lease expires and the reaper re-queues the run",
+                    )
+                    return "finish_failed"
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _finish(
+        self, claim: Claim, status: str, *, result: Any = None, failure: Failure | None = None
+    ) -> Outcome:
+        def write(conn: Connection) -> None:
+            runstore.finish(
+                conn,
+                claim.run_id,
+                claim.attempt,
+                status=status,
+                now=self.clock(),
+                result=result,
+                error_type=failure.error_type if failure else None,
+                error=failure.error if failure else None,
+            )
+
+        problem = self._commit_final(claim, write)
+        if problem is not None:
+            return Outcome(claim.run_id, problem, claim.attempt)
+        log.info(
+            "run.finished",
+            run_id=str(claim.run_id),
+            name=claim.name,
+            status=status,
+            attempt=claim.attempt,
+            error_type=failure.error_type if failure else None,
+        )
+        return Outcome(claim.run_id, status, claim.attempt)
+
+    def _retry(self, claim: Claim, policy: RetryPolicy, failure: Failure) -> Outcome:
+        delay = backoff_s(policy, claim.attempt)
+
+        def write(conn: Connection) -> None:
+            now = self.clock()
+            runstore.retry_later(
+                conn,
+                claim.run_id,
+                claim.attempt,
+                now=now,
+                not_before=now + timedelta(seconds=delay),
+                error_type=failure.error_type,
+                error=failure.error,
+            )
+
+        problem = self._commit_final(claim, write)
+        if problem is not None:
+            return Outcome(claim.run_id, problem, claim.attempt)
+        log.info(
+            "run.retry_scheduled",
+            run_id=str(claim.run_id),
+            attempt=claim.attempt,
+            delay_s=round(delay, 3),
+            error_type=failure.error_type,
+        )
+        return Outcome(claim.run_id, "retrying", claim.attempt)
+
+    def _write_lines(self, run_id: uuid.UUID) -> None:
+        self._write_rows(*self.writer.take_run(run_id))
+
+    def _write_rows(self, logs: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> None:
+        if logs or metrics:
+            with self.engine.begin() as conn:
+                LogWriter.write_rows(conn, logs, metrics)
+
+
+def backoff_s(policy: RetryPolicy, attempt: int) -> float:
+    """base · 2^(attempt-1) capped at max, then "equal jitter": half fixed, half random, so
+    retries of many runs that failed together spread out but never come back at once."""
+    ceiling = min(policy.max_s, policy.base_s * 2.0 ** (attempt - 1))
+    return float(ceiling / 2 + random.uniform(0, ceiling / 2))
+
+
+def _describe(error: BaseException) -> Failure:
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    message = _safe_str(error)
+    detail = f"{message}\n\n{text}" if message else text
+    if len(detail) > MAX_ERROR_CHARS:
+        detail = detail[:MAX_ERROR_CHARS] + f"\n…[truncated {len(detail) - MAX_ERROR_CHARS} chars]"
+    return Failure(type(error).__qualname__, detail)
+
+
+def _json_result(result: Any) -> Any:
+    """The task's return value as stored JSON; anything JSON cannot hold is a clear error."""
+    if result is None:
+        return None
+    try:
+        return json.loads(json.dumps(result, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"the task returned {type(result).__name__}, which is not JSON ({exc}); "
+            "return dicts, lists, strings, numbers, booleans or None"
+        ) from None

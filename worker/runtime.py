@@ -1,0 +1,100 @@
+"""One WorkerRuntime per worker process: engine, log writer, monitor and executor, made on
+first use in that process (never at import, never shared across a fork)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+
+import structlog
+from sqlalchemy import Engine
+
+from domain.db import create_db_engine
+from domain.registry import REGISTRY, Registry, RegistryCatalog, import_task_modules
+from domain.settings import Settings
+from worker import capture
+from worker.context import TaskContext
+from worker.executor import Executor
+from worker.logwriter import LogWriter
+from worker.monitor import RunMonitor
+
+log = structlog.get_logger("conveyor.worker")
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings, registry: Registry = REGISTRY) -> None:
+        import_task_modules(settings.task_module_list)
+        self.settings = settings
+        self.registry = registry
+        self.catalog = RegistryCatalog(registry)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        # One connection for the task thread, one for the monitor, one for the writer.
+        self.engine: Engine = create_db_engine(settings.effective_database_url, pool_size=3)
+        self.writer = LogWriter(self.engine)
+        self.writer.start()
+        capture.install()
+        #: True in a prefork child: a task that ignores a stop can be ended with its process.
+        self.killable = False
+        self.monitor = RunMonitor(
+            self.engine,
+            lease_s=settings.lease_s,
+            tick_s=min(settings.heartbeat_s, 1.0),
+            kill_grace_s=settings.kill_grace_s,
+            on_abandon=self._abandon,
+        )
+        self.executor = Executor(
+            self.engine,
+            self.writer,
+            registry,
+            self.monitor,
+            owner=self.owner,
+            lease_s=settings.lease_s,
+        )
+
+    def _abandon(self, ctx: TaskContext) -> None:
+        self.executor.abandon(ctx)
+        if self.killable:
+            # The task's code is stuck and its state is recorded: end this child so the code
+            # stops too; Celery's pool starts a fresh child in its place.
+            log.warning("run.killed", run_id=str(ctx.run_id), reason=ctx.stop_reason)
+            self.writer.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        else:
+            log.warning(
+                "run.abandoned",
+                run_id=str(ctx.run_id),
+                reason=ctx.stop_reason,
+                note="thread pool: the task's thread keeps running until it returns",
+            )
+
+    def close(self) -> None:
+        self.monitor.close()
+        try:
+            self.writer.close()  # raises if the last lines cannot be written; still dispose
+        finally:
+            self.engine.dispose()
+
+
+_lock = threading.Lock()
+_runtime: WorkerRuntime | None = None
+_runtime_pid = 0
+
+
+def get_runtime(settings: Settings) -> WorkerRuntime:
+    """This process's runtime (a forked child makes its own)."""
+    global _runtime, _runtime_pid
+    with _lock:
+        if _runtime is None or _runtime_pid != os.getpid():
+            _runtime = WorkerRuntime(settings)
+            _runtime_pid = os.getpid()
+        return _runtime
+
+
+def close_runtime() -> None:
+    global _runtime
+    with _lock:
+        if _runtime is not None and _runtime_pid == os.getpid():
+            _runtime.close()
+        _runtime = None
