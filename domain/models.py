@@ -131,6 +131,8 @@ class Run(Base):
     parent_run_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("runs.id", ondelete="SET NULL"), index=True
     )
+    #: POSTed a signed summary when the run ends (issue: callbacks out)
+    callback_url: Mapped[str | None] = mapped_column(Text)
 
 
 def _run_fk() -> Mapped[uuid.UUID]:

@@ -61,6 +61,7 @@ class EnqueueRequest(BaseModel):
     triggered_by: str = "client"
     trigger_ref: str | None = Field(None, max_length=255)
     parent_run_id: uuid.UUID | None = None
+    callback_url: str | None = Field(None, max_length=2000, pattern=r"^https?://\S+$")
 
     @field_validator("params", mode="before")
     @classmethod

@@ -64,6 +64,7 @@ def _row(req: EnqueueRequest, catalog: Catalog, now: datetime, publish_now: bool
         "requests_made": 0,
         "created_at": now,
         "parent_run_id": req.parent_run_id,
+        "callback_url": req.callback_url,
     }
 
 

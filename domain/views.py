@@ -48,6 +48,7 @@ class RunView:
     started_at: datetime | None
     finished_at: datetime | None
     parent_run_id: uuid.UUID | None
+    callback_url: str | None
 
     @classmethod
     def from_row(cls, row: RowMapping) -> RunView:

@@ -6,11 +6,11 @@ from alembic import context
 from sqlalchemy import Connection
 
 from domain.db import create_db_engine
-from domain.models import Base
+from domain.schema import metadata
 from domain.settings import get_settings
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def _configure(connection: Connection) -> None:

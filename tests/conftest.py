@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 
 from domain.db import create_db_engine
 from domain.migrate import upgrade
-from domain.models import Base
+from domain.schema import metadata
 from domain.unit_of_work import UnitOfWork
 from tests.fakes import FakeClock, FakePublisher
 from tests.services import PG_ADMIN_URL, require_postgres
@@ -48,7 +48,7 @@ def pg_database() -> Iterator[str]:
 
 def _truncate_pg(url: str) -> None:
     engine = create_engine(url)
-    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    tables = ", ".join(f'"{t.name}"' for t in metadata.sorted_tables)
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
         conn.execute(text("INSERT INTO projects (name, created_at) VALUES ('default', now())"))

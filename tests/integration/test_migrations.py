@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 
 from domain.db import create_db_engine
 from domain.migrate import downgrade, head_revision, upgrade
-from domain.models import Base
+from domain.schema import metadata
 from tests.services import PG_ADMIN_URL, require_postgres
 
 
@@ -42,11 +42,11 @@ def tables(url: str) -> set[str]:
 
 def test_upgrade_downgrade_upgrade(empty_db: str) -> None:
     upgrade(empty_db)
-    assert tables(empty_db) == set(Base.metadata.tables)
+    assert tables(empty_db) == set(metadata.tables)
     downgrade(empty_db, revision="base")
     assert tables(empty_db) == set()
     upgrade(empty_db)
-    assert tables(empty_db) == set(Base.metadata.tables)
+    assert tables(empty_db) == set(metadata.tables)
     engine = create_db_engine(empty_db, null_pool=True)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT name FROM projects")).scalars().all() == ["default"]
@@ -62,6 +62,6 @@ def test_models_match_the_migrations(empty_db: str) -> None:
     engine = create_db_engine(empty_db, null_pool=True)
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
-        diff = compare_metadata(context, Base.metadata)
+        diff = compare_metadata(context, metadata)
     engine.dispose()
     assert diff == []
