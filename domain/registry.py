@@ -211,4 +211,27 @@ class RegistryCatalog(Catalog):
         return spec.defaults, spec.validate(params)
 
 
-__all__ = ["REGISTRY", "InvalidInput", "Registry", "RegistryCatalog", "TaskSpec", "task"]
+class CompositeCatalog(Catalog):
+    """Tries each catalog in turn (tasks, then pipelines); unknown only if all say so."""
+
+    def __init__(self, *catalogs: Catalog) -> None:
+        self.catalogs = catalogs
+
+    def resolve(self, name: str, params: dict[str, Any]) -> tuple[TargetDefaults, dict[str, Any]]:
+        for catalog in self.catalogs:
+            try:
+                return catalog.resolve(name, params)
+            except UnknownTask:
+                continue
+        raise UnknownTask(f"no task or pipeline named {name!r}", name=name)
+
+
+__all__ = [
+    "REGISTRY",
+    "CompositeCatalog",
+    "InvalidInput",
+    "Registry",
+    "RegistryCatalog",
+    "TaskSpec",
+    "task",
+]

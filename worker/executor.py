@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from sqlalchemy import Connection, Engine
@@ -30,6 +30,18 @@ from worker.monitor import RunMonitor
 log = structlog.get_logger("conveyor.executor")
 
 MAX_ERROR_CHARS = 20_000
+
+
+class PipelineRunner(Protocol):
+    """Runs directory pipelines (worker/pipelines): the executor hands it kind=pipeline runs."""
+
+    def run(self, ctx: TaskContext) -> Any:
+        """Run the pipeline of `ctx.name` with `ctx.params`; return its JSON result or raise."""
+        ...
+
+    def retry_policy(self, name: str) -> RetryPolicy:
+        """Backoff between attempts for this pipeline (pipeline.json retry_strategy)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +73,7 @@ class Executor:
         owner: str,
         lease_s: float,
         clock: Clock = utc_now,
+        pipelines: PipelineRunner | None = None,
     ) -> None:
         self.engine = engine
         self.writer = writer
@@ -69,6 +82,7 @@ class Executor:
         self.owner = owner
         self.lease_s = lease_s
         self.clock = clock
+        self.pipelines = pipelines
         self.duplicates_dropped = 0
 
     def execute(self, run_id: uuid.UUID) -> Outcome:
@@ -90,10 +104,19 @@ class Executor:
         finally:
             self.writer.end_run(run_id)
 
+    def _target(self, claim: Claim) -> tuple[Callable[[TaskContext], Any], RetryPolicy]:
+        """What to call for this run: a registered task, or the pipeline runner."""
+        if claim.kind == "pipeline":
+            if self.pipelines is None:
+                raise UnknownTask(f"pipeline {claim.name!r}: this worker runs no pipelines")
+            return self.pipelines.run, self.pipelines.retry_policy(claim.name)
+        spec = self.registry.get(claim.name)
+        kwargs = spec.call_kwargs(claim.params)
+        return (lambda ctx: spec.fn(ctx, **kwargs)), spec.retry
+
     def _run(self, claim: Claim) -> Outcome:
         try:
-            spec = self.registry.get(claim.name)
-            kwargs = spec.call_kwargs(claim.params)
+            call, retry_policy = self._target(claim)
         except (UnknownTask, InvalidInput) as exc:
             # Not retryable: the next attempt would meet the same code and the same params.
             return self._finish(claim, "failed", failure=Failure(type(exc).__name__, str(exc)))
@@ -104,7 +127,7 @@ class Executor:
         result: Any = None
         error: BaseException | None = None
         try:
-            result = spec.fn(ctx, **kwargs)
+            result = call(ctx)
         except Exception as exc:
             error = exc
         finally:
@@ -123,7 +146,7 @@ class Executor:
         if error is not None:
             failure = _describe(error)
             if claim.attempt < claim.max_attempts:
-                return self._retry(claim, spec.retry, failure)
+                return self._retry(claim, retry_policy, failure)
             return self._finish(claim, "failed", failure=failure)
         try:
             stored = _json_result(result)
