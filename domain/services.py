@@ -69,7 +69,10 @@ def _row(req: EnqueueRequest, catalog: Catalog, now: datetime, publish_now: bool
 
 
 def _first(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
+    for value in values:  # a plain loop: this runs five times per enqueued run
+        if value is not None:
+            return value
+    return None
 
 
 def _same_request(existing: RunView, row: dict[str, Any]) -> bool:

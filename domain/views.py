@@ -11,8 +11,14 @@ from typing import Any
 from sqlalchemy import RowMapping
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RunView:
+    """A run as callers see it. Treat it as read-only; it is a snapshot, not a live row.
+
+    (Not a frozen dataclass: freezing costs a setattr call per field, and enqueue_many builds
+    thousands of these per second.)
+    """
+
     id: uuid.UUID
     project: str
     kind: str

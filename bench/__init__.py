@@ -1,0 +1,1 @@
+"""Benchmarks: each prints conveyor beside a plain-Celery baseline measured in the same run."""
