@@ -93,6 +93,9 @@ class Settings(BaseSettings):
         description="Redis redelivery timeout for unacked messages (conveyor acks "
         "on receipt, so long runs are never redelivered; the lease recovers lost work).",
     )
+    schedule_misfire_grace_s: float = Field(
+        60.0, ge=0, description="A slot fired this late still runs; older ones are misfires."
+    )
     relay_interval_s: float = Field(0.5, gt=0, description="How often the relay sweeps.")
     reaper_interval_s: float = Field(5.0, gt=0, description="How often expired leases are swept.")
     log_format: str = Field("auto", pattern="^(auto|json|console)$")

@@ -16,6 +16,7 @@ log = structlog.get_logger("conveyor.scheduler")
 
 #: pg_advisory_lock key: "conveyor" in ASCII, so it does not collide with other apps by chance.
 ADVISORY_KEY = 0x636F6E7665796F72
+IDLE_TIMEOUT_S = 10
 
 
 class Leadership(Protocol):
@@ -40,6 +41,10 @@ class AdvisoryLock:
         try:
             if self._conn is None:
                 self._conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                # A frozen leader (SIGSTOP, a stuck VM) still answers TCP keepalives, so its
+                # session and lock would live on; we touch the session every second, and
+                # PostgreSQL ends it after this much silence, freeing the lock for a standby.
+                self._conn.execute(text(f"SET idle_session_timeout = '{IDLE_TIMEOUT_S}s'"))
             got = self._conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key})
             return bool(got.scalar())
         except DBAPIError as exc:

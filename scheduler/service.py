@@ -9,10 +9,12 @@ import structlog
 from sqlalchemy import Engine
 
 from domain.clock import Clock, utc_now
-from domain.ports import Publisher
+from domain.ports import Catalog, Publisher
 from domain.recovery import reap_once, relay_once
+from domain.schedules import release_held
 from domain.settings import Settings
 from scheduler.leader import Leadership, leadership_for
+from scheduler.schedule_runner import ScheduleRunner
 
 log = structlog.get_logger("conveyor.scheduler")
 
@@ -28,6 +30,7 @@ class SchedulerService:
         *,
         leadership: Leadership | None = None,
         clock: Clock = utc_now,
+        catalog: Catalog | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -36,6 +39,13 @@ class SchedulerService:
         self.clock = clock
         self.stop_event = threading.Event()
         self.is_leader = False
+        self.schedules = ScheduleRunner(
+            engine,
+            publisher,
+            catalog=catalog,
+            clock=clock,
+            misfire_grace_s=settings.schedule_misfire_grace_s,
+        )
 
     def run(self) -> None:
         """Block until stop(): wait for leadership, then sweep; give it up if the lock is lost."""
@@ -47,8 +57,12 @@ class SchedulerService:
                     continue
                 self.is_leader = True
                 log.info("scheduler.leader")
-                self._lead()
-                self.is_leader = False
+                try:
+                    self.schedules.start()
+                    self._lead()
+                finally:
+                    self.schedules.stop()
+                    self.is_leader = False
         finally:
             self.leadership.release()
             log.info("scheduler.stopped")
@@ -63,11 +77,16 @@ class SchedulerService:
                     log.warning("scheduler.leadership_lost")
                     return
                 next_check = now_m + STANDBY_RETRY_S
+                try:
+                    self.schedules.sync()  # edits take effect within about a second
+                except Exception as exc:
+                    log.error("scheduler.sync_failed", error=f"{type(exc).__name__}: {exc}")
             try:
                 if now_m >= next_reap:
                     reap_once(self.engine, clock=self.clock)
                     next_reap = now_m + self.settings.reaper_interval_s
                 if now_m >= next_relay:
+                    release_held(self.engine, now=self.clock())
                     relay_once(
                         self.engine,
                         self.publisher,

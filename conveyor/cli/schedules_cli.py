@@ -1,0 +1,282 @@
+"""`conveyor schedules ...`: cron, interval and one-off schedules."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from sqlalchemy import Engine
+
+from conveyor.cli.output import console, key_values, print_json
+from conveyor.cli.params import parse_params
+from domain import schedules as sched
+from domain.clock import utc_now
+from domain.errors import InvalidInput
+from domain.settings import get_settings
+
+if TYPE_CHECKING:
+    from scheduler.triggers import Slots
+
+schedules_app = typer.Typer(help="Cron, interval and one-off schedules.", no_args_is_help=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+Name = Annotated[str, typer.Argument(help="The schedule's name.")]
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(schedules_app, name="schedules")
+
+
+def _engine() -> Engine:
+    from domain.db import create_db_engine
+
+    return create_db_engine(get_settings().effective_database_url, pool_size=1)
+
+
+def _trigger(cron: str | None, every: str | None, at: str | None) -> tuple[str, str]:
+    given = [(k, v) for k, v in (("cron", cron), ("interval", every), ("once", at)) if v]
+    if len(given) != 1:
+        raise InvalidInput("give exactly one of --cron, --every or --at", field="trigger")
+    return given[0]
+
+
+def _slots(
+    kind: str, expression: str, tz: str, start: datetime | None = None, end: datetime | None = None
+) -> Slots:
+    from scheduler.triggers import Slots, TriggerSpec
+
+    return Slots(TriggerSpec(kind, expression, tz, start, end))
+
+
+@schedules_app.command("add")
+def add(
+    name: Name,
+    target: Annotated[str, typer.Option(help="Task or pipeline to run.")],
+    cron: Annotated[
+        str | None, typer.Option(help="Crontab: 5 fields, or 6 with seconds first.")
+    ] = None,
+    every: Annotated[str | None, typer.Option(help="Interval: 30s, 15m, 2h, 1d.")] = None,
+    at: Annotated[str | None, typer.Option(help="Once, at this date and time (ISO 8601).")] = None,
+    tz: Annotated[str, typer.Option("--tz", help="IANA time zone for cron and --at.")] = "UTC",
+    param: Annotated[
+        list[str] | None, typer.Option("-p", "--param", help="key=value, repeatable.")
+    ] = None,
+    params_json: Annotated[str | None, typer.Option(help="Params as a JSON object.")] = None,
+    misfire: Annotated[str, typer.Option(help="skip | run_once | catch_up:N")] = "skip",
+    overlap: Annotated[str, typer.Option(help="allow | skip | queue")] = "allow",
+    jitter: Annotated[float, typer.Option(help="Random delay up to this many seconds.")] = 0.0,
+    start: Annotated[datetime | None, typer.Option(help="Not before (ISO 8601).")] = None,
+    end: Annotated[datetime | None, typer.Option(help="Not after (ISO 8601).")] = None,
+    project: Annotated[str, typer.Option(help="Project of the runs.")] = "default",
+    queue: Annotated[str | None, typer.Option(help="Queue (default: the target's).")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Add a schedule. It takes effect within about a second, without a restart."""
+    from conveyor.client import default_catalog
+
+    kind, expression = _trigger(cron, every, at)
+    policy, limit = sched.parse_misfire(misfire)
+    spec = sched.ScheduleInput.parse(
+        name=name,
+        target=target,
+        params=parse_params(param or [], params_json),
+        trigger=kind,
+        expression=expression,
+        timezone=tz,
+        start_at=_aware(start, tz),
+        end_at=_aware(end, tz),
+        misfire_policy=policy,
+        catch_up_limit=limit,
+        overlap_policy=overlap,
+        jitter_s=jitter,
+        project=project,
+        queue=queue,
+    )
+    slots = _slots(kind, expression, tz, spec.start_at, spec.end_at)
+    engine = _engine()
+    try:
+        view = sched.add_schedule(
+            engine, spec, slots, now=utc_now(), catalog=default_catalog(get_settings())
+        )
+    finally:
+        engine.dispose()
+    _print(view, json_out)
+
+
+def _aware(value: datetime | None, tz: str) -> datetime | None:
+    from scheduler.triggers import zone
+
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=zone(tz))
+
+
+def _when(value: datetime | None, tz: str) -> str:
+    if value is None:
+        return "-"
+    from scheduler.triggers import zone
+
+    local = value.astimezone(zone(tz))
+    return f"{local:%Y-%m-%d %H:%M:%S %Z}" + ("" if tz == "UTC" else f" ({value:%H:%M:%S} UTC)")
+
+
+def _print(view: sched.ScheduleView, json_out: bool) -> None:
+    if json_out:
+        print_json(view.to_dict())
+        return
+    console.print(
+        key_values(
+            [
+                ("name", view.name),
+                ("target", f"{view.target_name} ({view.target_kind})"),
+                ("trigger", f"{view.trigger} {view.expression} [{view.timezone}]"),
+                ("enabled", view.enabled),
+                ("next fire", _when(view.next_fire_at, view.timezone)),
+                ("last fire", _when(view.last_fire_at, view.timezone)),
+                (
+                    "misfire",
+                    view.misfire_policy
+                    + (f":{view.catch_up_limit}" if view.catch_up_limit else ""),
+                ),
+                ("overlap", view.overlap_policy),
+                ("params", view.params),
+            ]
+        )
+    )
+
+
+@schedules_app.command("list")
+def list_(json_out: JsonFlag = False) -> None:
+    """All schedules with their next fire time."""
+    from rich.table import Table
+
+    engine = _engine()
+    try:
+        views = sched.list_schedules(engine)
+    finally:
+        engine.dispose()
+    if json_out:
+        print_json([v.to_dict() for v in views])
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("NAME", "TARGET", "TRIGGER", "TZ", "ENABLED", "NEXT FIRE"):
+        table.add_column(column)
+    for v in views:
+        table.add_row(
+            v.name,
+            v.target_name,
+            f"{v.trigger} {v.expression}",
+            v.timezone,
+            "yes" if v.enabled else "paused",
+            _when(v.next_fire_at, v.timezone),
+        )
+    console.print(table)
+
+
+@schedules_app.command("show")
+def show(name: Name, json_out: JsonFlag = False) -> None:
+    """One schedule and its recent fires with their outcomes."""
+    engine = _engine()
+    try:
+        view = sched.get_schedule(engine, name)
+        fired = sched.recent_fires(engine, name)
+    finally:
+        engine.dispose()
+    if json_out:
+        print_json(view.to_dict() | {"fires": fired})
+        return
+    _print(view, False)
+    for f in fired:
+        console.print(
+            f"  {_when(f['fire_at'], view.timezone)}  {f['outcome']}  {f['run_id'] or ''}"
+        )
+
+
+@schedules_app.command("preview")
+def preview(
+    name: Annotated[str | None, typer.Argument(help="A schedule, or use --cron/--every.")] = None,
+    cron: Annotated[str | None, typer.Option(help="Preview a crontab expression.")] = None,
+    every: Annotated[str | None, typer.Option(help="Preview an interval.")] = None,
+    tz: Annotated[str, typer.Option("--tz", help="Time zone for --cron.")] = "UTC",
+    next_: Annotated[int, typer.Option("--next", help="How many fire times.")] = 10,
+    json_out: JsonFlag = False,
+) -> None:
+    """The next fire times of a schedule or an expression."""
+    if name:
+        engine = _engine()
+        try:
+            view = sched.get_schedule(engine, name)
+        finally:
+            engine.dispose()
+        kind, expression, tz = view.trigger, view.expression, view.timezone
+        slots = _slots(kind, expression, tz, view.start_at, view.end_at)
+    else:
+        kind, expression = _trigger(cron, every, None)
+        slots = _slots(kind, expression, tz)
+    if not 1 <= next_ <= 1000:
+        raise InvalidInput("--next: between 1 and 1000", field="next")
+    times = slots.preview(datetime.now(UTC), next_)
+    if json_out:
+        print_json([t.isoformat() for t in times])
+        return
+    for t in times:
+        console.print(_when(t, tz))
+
+
+@schedules_app.command("pause")
+def pause(name: Name) -> None:
+    """Stop firing (missed slots follow the misfire policy on resume)."""
+    _set(name, False)
+
+
+@schedules_app.command("resume")
+def resume(name: Name) -> None:
+    """Fire again."""
+    _set(name, True)
+
+
+def _set(name: str, enabled: bool) -> None:
+    engine = _engine()
+    try:
+        view = sched.set_enabled(engine, name, enabled, now=utc_now())
+    finally:
+        engine.dispose()
+    console.print(f"{view.name}: {'enabled' if view.enabled else 'paused'}")
+
+
+@schedules_app.command("rm")
+def rm(name: Name) -> None:
+    """Delete a schedule and its fire history."""
+    engine = _engine()
+    try:
+        sched.remove_schedule(engine, name)
+    finally:
+        engine.dispose()
+    console.print(f"{name}: removed")
+
+
+@schedules_app.command("fire")
+def fire_now(name: Name, json_out: JsonFlag = False) -> None:
+    """Run the schedule's target now (triggered_by=manual); its slots are unaffected."""
+    from conveyor.cli.main import client
+
+    engine = _engine()
+    try:
+        view = sched.get_schedule(engine, name)
+    finally:
+        engine.dispose()
+    with client() as c:
+        run = c.enqueue(
+            view.target_name,
+            view.params,
+            project=view.project,
+            queue=view.queue,
+            priority=view.priority,
+            triggered_by="manual",
+            trigger_ref=f"schedule:{view.id}",
+        )
+    if json_out:
+        print_json(run.to_dict())
+    else:
+        console.print(f"{run.id} {run.status} {run.name} (fired {name} by hand)")

@@ -1,0 +1,421 @@
+"""Schedules: validated definitions, and firing a slot exactly once (guarantee 5).
+
+Fire times come from a `SlotSource` (scheduler/triggers.py wraps APScheduler); this module only
+decides what a slot becomes and records it: one `schedule_fires` row per slot, in the same
+transaction as the run it enqueued, so a second scheduler or a restart cannot fire it twice.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol, cast
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import Connection, Engine, Table, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from domain.errors import Conflict, InvalidInput, NotFound
+from domain.models import runs
+from domain.models_platform import Schedule, ScheduleFire
+from domain.ports import Catalog, OpenCatalog
+from domain.repository import RunRepository, dialect_insert
+from domain.requests import NAME_PATTERN, build_request, invalid_from
+from domain.states import ACTIVE
+
+schedules = cast(Table, Schedule.__table__)
+fires = cast(Table, ScheduleFire.__table__)
+
+#: Far future: a run held back by overlap policy `queue` until the previous one ends.
+HELD = datetime(9999, 1, 1, tzinfo=UTC)
+MAX_RECORDED_MISSES = 10_000
+
+
+class SlotSource(Protocol):
+    def next_after(self, after: datetime) -> datetime | None: ...
+    def between(self, after: datetime, until: datetime) -> Iterable[datetime]: ...
+
+
+class ScheduleInput(BaseModel):
+    """A schedule as a user defines it (CLI, API, code, pipeline.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN)
+    target: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN)
+    target_kind: Literal["task", "pipeline"] = "task"
+    params: dict[str, Any] = Field(default_factory=dict)
+    project: str = "default"
+    queue: str | None = None
+    priority: int | None = Field(None, ge=0, le=9)
+    trigger: Literal["cron", "interval", "once"]
+    expression: str = Field(min_length=1, max_length=200)
+    timezone: str = "UTC"
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    misfire_policy: Literal["skip", "run_once", "catch_up"] = "skip"
+    catch_up_limit: int | None = Field(None, ge=1, le=MAX_RECORDED_MISSES)
+    overlap_policy: Literal["allow", "skip", "queue"] = "allow"
+    jitter_s: float = Field(0.0, ge=0, le=3600)
+    enabled: bool = True
+    source: Literal["cli", "api", "code", "pipeline"] = "cli"
+
+    @field_validator("start_at", "end_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("must carry a time zone")
+        return value
+
+    @classmethod
+    def parse(cls, **fields: Any) -> ScheduleInput:
+        try:
+            spec = cls(**fields)
+        except ValidationError as exc:
+            raise invalid_from(exc) from None
+        if spec.misfire_policy == "catch_up" and spec.catch_up_limit is None:
+            raise InvalidInput(
+                "misfire: catch_up needs a limit (catch_up:N), so a long outage cannot "
+                "flood the queue",
+                field="catch_up_limit",
+            )
+        if spec.start_at and spec.end_at and spec.end_at <= spec.start_at:
+            raise InvalidInput("end: must be after start", field="end_at")
+        return spec
+
+
+def parse_misfire(text: str) -> tuple[str, int | None]:
+    """`skip`, `run_once`, `catch_up` or `catch_up:N`."""
+    match = re.fullmatch(r"(skip|run_once|catch_up)(?::(\d+))?", text.strip())
+    if not match or (match.group(2) and match.group(1) != "catch_up"):
+        raise InvalidInput(
+            f"misfire: {text!r}; expected skip, run_once or catch_up:N", field="misfire_policy"
+        )
+    return match.group(1), int(match.group(2)) if match.group(2) else None
+
+
+@dataclass(frozen=True)
+class ScheduleView:
+    row: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.row[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in self.row.items()}
+
+
+def add_schedule(
+    engine: Engine,
+    spec: ScheduleInput,
+    slots: SlotSource,
+    *,
+    now: datetime,
+    catalog: Catalog | None = None,
+    replace: bool = False,
+) -> ScheduleView:
+    """Validate the target and params, then store the schedule with its first fire time.
+
+    A duplicate name is a Conflict unless `replace` (declared schedules are re-synced)."""
+    _, params = (catalog or OpenCatalog()).resolve(spec.target, spec.params)
+    next_fire = slots.next_after(now)
+    if next_fire is None and spec.trigger == "once":
+        raise InvalidInput(f"at: {spec.expression} is in the past", field="at")
+    values = spec.model_dump(exclude={"target"}) | {
+        "target_name": spec.target,
+        "params": params,
+        "next_fire_at": next_fire,
+        "updated_at": now,
+    }
+    with engine.begin() as conn:
+        existing = conn.execute(select(schedules.c.id).where(schedules.c.name == spec.name)).first()
+        if existing is not None and not replace:
+            raise Conflict(f"name: a schedule named {spec.name!r} already exists", field="name")
+        try:
+            if existing is None:
+                conn.execute(schedules.insert().values(created_at=now, **values))
+            else:
+                _replace(conn, existing[0], values, now)
+        except IntegrityError:
+            raise Conflict(f"name: a schedule named {spec.name!r} already exists") from None
+        return _get(conn, spec.name)
+
+
+TIMING = ("trigger", "expression", "timezone", "start_at", "end_at")
+
+
+def _replace(conn: Connection, schedule_id: int, values: dict[str, Any], now: datetime) -> None:
+    """Re-declare a schedule. Unchanged: nothing is written (syncs on every start are free).
+    New timing: slots of the old definition are not "missed", so the cursor moves to now."""
+    current = conn.execute(select(schedules).where(schedules.c.id == schedule_id)).mappings().one()
+    changed = {
+        k: v
+        for k, v in values.items()
+        if k not in {"updated_at", "next_fire_at"} and current[k] != v
+    }
+    if not changed:
+        return
+    if any(k in changed for k in TIMING):
+        values = values | {"last_fire_at": now}
+    else:
+        values = {k: v for k, v in values.items() if k != "next_fire_at"}
+    conn.execute(update(schedules).where(schedules.c.id == schedule_id).values(values))
+
+
+def _get(conn: Connection, name: str) -> ScheduleView:
+    row = conn.execute(select(schedules).where(schedules.c.name == name)).mappings().first()
+    if row is None:
+        raise NotFound(f"no schedule named {name!r}", name=name)
+    return ScheduleView(dict(row))
+
+
+def get_schedule(engine: Engine, name: str) -> ScheduleView:
+    with engine.connect() as conn:
+        return _get(conn, name)
+
+
+def list_schedules(engine: Engine) -> list[ScheduleView]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(schedules).order_by(schedules.c.name)).mappings()
+        return [ScheduleView(dict(r)) for r in rows]
+
+
+def recent_fires(engine: Engine, name: str, limit: int = 20) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        schedule = _get(conn, name)
+        rows = conn.execute(
+            select(fires.c.fire_at, fires.c.outcome, fires.c.run_id, fires.c.recorded_at)
+            .where(fires.c.schedule_id == schedule.id)
+            .order_by(fires.c.fire_at.desc())
+            .limit(limit)
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+def set_enabled(engine: Engine, name: str, enabled: bool, *, now: datetime) -> ScheduleView:
+    with engine.begin() as conn:
+        found = conn.execute(
+            update(schedules)
+            .where(schedules.c.name == name)
+            .values(enabled=enabled, updated_at=now)
+        ).rowcount
+        if not found:
+            raise NotFound(f"no schedule named {name!r}", name=name)
+        return _get(conn, name)
+
+
+def remove_schedule(engine: Engine, name: str) -> None:
+    with engine.begin() as conn:
+        if not conn.execute(delete(schedules).where(schedules.c.name == name)).rowcount:
+            raise NotFound(f"no schedule named {name!r}", name=name)
+
+
+def disable_missing(engine: Engine, source: str, keep: set[str], *, now: datetime) -> list[str]:
+    """Declared schedules (code, pipeline) no longer declared are disabled, not kept firing."""
+    with engine.begin() as conn:
+        names = (
+            conn.execute(
+                select(schedules.c.name).where(schedules.c.source == source, schedules.c.enabled)
+            )
+            .scalars()
+            .all()
+        )
+        gone = [n for n in names if n not in keep]
+        if gone:
+            conn.execute(
+                update(schedules)
+                .where(schedules.c.name.in_(gone))
+                .values(enabled=False, updated_at=now)
+            )
+        return gone
+
+
+def changes_marker(engine: Engine) -> tuple[Any, int]:
+    """Cheap fingerprint of the schedules table: changes when any schedule is edited."""
+    with engine.connect() as conn:
+        row = conn.execute(select(func.max(schedules.c.updated_at), func.count())).one()
+        return row[0], int(row[1])
+
+
+# -- firing ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fired:
+    slot: datetime
+    outcome: str  # enqueued | skipped_misfire | skipped_overlap | duplicate
+    run_id: Any = None
+    dispatch: Any = None
+
+
+def plan_missed(
+    slots: list[datetime], policy: str, limit: int | None
+) -> list[tuple[datetime, str]]:
+    """What each missed slot becomes under the misfire policy (oldest first)."""
+    if policy == "run_once":
+        return [(s, "skipped_misfire") for s in slots[:-1]] + [(s, "enqueue") for s in slots[-1:]]
+    if policy == "catch_up":
+        keep = limit or 0
+        return [(s, "enqueue") for s in slots[:keep]] + [
+            (s, "skipped_misfire") for s in slots[keep:]
+        ]
+    return [(s, "skipped_misfire") for s in slots]
+
+
+def fire(
+    engine: Engine,
+    schedule_id: int,
+    planned: list[tuple[datetime, str]],
+    *,
+    now: datetime,
+    next_fire_at: datetime | None,
+    catalog: Catalog | None = None,
+    rng: Callable[[], float] = random.random,
+) -> list[Fired]:
+    """Record slots of one schedule in one transaction: a `schedule_fires` row each, a run for
+    those to enqueue (subject to the overlap policy), and the schedule's new cursor.
+
+    A slot that already has a row (another scheduler, a restart) is reported `duplicate` and
+    nothing else happens for it: the UNIQUE(schedule_id, fire_at) row is the arbiter.
+    """
+    results: list[Fired] = []
+    with engine.begin() as conn:
+        query = select(schedules).where(schedules.c.id == schedule_id)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        schedule = conn.execute(query).mappings().first()
+        if schedule is None or not schedule["enabled"]:
+            return []
+        for slot, action in planned:
+            outcome = action
+            run_id = None
+            dispatch = None
+            if action == "enqueue":
+                outcome, run_id, dispatch = _enqueue_slot(conn, schedule, slot, now, catalog, rng)
+            inserted = conn.execute(
+                dialect_insert(conn, fires)
+                .values(
+                    schedule_id=schedule_id,
+                    fire_at=slot,
+                    outcome=outcome,
+                    run_id=run_id,
+                    recorded_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["schedule_id", "fire_at"])
+                .returning(fires.c.id)
+            ).first()
+            if inserted is None:
+                # Someone recorded this slot first: undo our run for it by rolling back below.
+                raise _DuplicateSlot(slot)
+            results.append(Fired(slot, outcome, run_id, dispatch))
+        last = max((s for s, _ in planned), default=schedule["last_fire_at"])
+        conn.execute(
+            update(schedules)
+            .where(schedules.c.id == schedule_id)
+            .values(last_fire_at=last, next_fire_at=next_fire_at)
+        )
+    return results
+
+
+class _DuplicateSlot(Exception):
+    def __init__(self, slot: datetime) -> None:
+        super().__init__(f"slot {slot.isoformat()} was already recorded")
+        self.slot = slot
+
+
+def fire_once_each(
+    engine: Engine, schedule_id: int, planned: list[tuple[datetime, str]], **kwargs: Any
+) -> list[Fired]:
+    """`fire`, but a slot already recorded elsewhere is dropped and the rest retried."""
+    remaining = list(planned)
+    dropped: list[Fired] = []
+    while True:
+        try:
+            return dropped + fire(engine, schedule_id, remaining, **kwargs)
+        except _DuplicateSlot as dup:
+            remaining = [(s, a) for s, a in remaining if s != dup.slot]
+            dropped.append(Fired(dup.slot, "duplicate"))
+            if not remaining:
+                return dropped
+
+
+def _enqueue_slot(
+    conn: Connection,
+    schedule: Any,
+    slot: datetime,
+    now: datetime,
+    catalog: Catalog | None,
+    rng: Callable[[], float],
+) -> tuple[str, Any, Any]:
+    from domain.ports import Dispatch
+    from domain.services import _row
+
+    ref = f"schedule:{schedule['id']}"
+    held = False
+    if schedule["overlap_policy"] != "allow":
+        active = conn.execute(
+            select(runs.c.id)
+            .where(runs.c.trigger_ref == ref, runs.c.status.in_(list(ACTIVE)))
+            .limit(1)
+        ).first()
+        if active is not None:
+            if schedule["overlap_policy"] == "skip":
+                return "skipped_overlap", None, None
+            held = True  # queue: created now, released when the active run ends
+    jitter = (
+        timedelta(seconds=rng() * schedule["jitter_s"]) if schedule["jitter_s"] else timedelta()
+    )
+    request = build_request(
+        name=schedule["target_name"],
+        params=schedule["params"],
+        project=schedule["project"],
+        queue=schedule["queue"],
+        priority=schedule["priority"],
+        kind=schedule["target_kind"],
+        triggered_by="schedule",
+        trigger_ref=ref,
+        idempotency_key=f"schedule:{schedule['id']}:{slot.isoformat()}",
+    )
+    row = _row(request, catalog or OpenCatalog(), now, publish_now=not held and not jitter)
+    if held:
+        row["not_before"] = HELD
+    elif jitter:
+        row["not_before"] = now + jitter
+    RunRepository(conn).insert_one(row)
+    dispatch = None
+    if row["dispatched_at"] is not None:
+        dispatch = Dispatch(row["id"], row["name"], row["queue"], row["priority"])
+    return "enqueued", row["id"], dispatch
+
+
+def release_held(engine: Engine, *, now: datetime) -> int:
+    """Overlap `queue`: a held run becomes due once no other run of its schedule is active."""
+    with engine.begin() as conn:
+        held = conn.execute(
+            select(runs.c.id, runs.c.trigger_ref)
+            .where(runs.c.status == "pending", runs.c.not_before == HELD)
+            .order_by(runs.c.created_at)
+        ).all()
+        released = 0
+        seen: set[str] = set()
+        for run_id, ref in held:
+            if ref in seen:
+                continue
+            seen.add(ref)
+            busy = conn.execute(
+                select(runs.c.id)
+                .where(runs.c.trigger_ref == ref, runs.c.status == "running")
+                .limit(1)
+            ).first()
+            if busy is None:
+                conn.execute(
+                    update(runs)
+                    .where(runs.c.id == run_id)
+                    .values(not_before=now, dispatched_at=None)
+                )
+                released += 1
+        return released
