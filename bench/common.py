@@ -71,5 +71,13 @@ def report(results: list[Result], baseline: Result) -> None:
         print(f"{r.label:<{width}}  {r.rate:>10,.0f}  {r.rate / baseline.rate:>10.2f}x")
 
 
-__all__ = ["BROKER", "Result", "fresh_database", "flush_redis", "percentile", "report",
-           "statistics", "timed"]
+__all__ = [
+    "BROKER",
+    "Result",
+    "flush_redis",
+    "fresh_database",
+    "percentile",
+    "report",
+    "statistics",
+    "timed",
+]

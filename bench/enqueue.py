@@ -10,7 +10,7 @@ import argparse
 
 from celery import Celery
 
-from bench.common import BROKER, Result, fresh_database, flush_redis, report, timed
+from bench.common import BROKER, Result, flush_redis, fresh_database, report, timed
 from conveyor import Client
 from domain.registry import REGISTRY, task
 from domain.settings import load_settings

@@ -10,7 +10,7 @@ from domain.errors import (
     UnknownTask,
     WaitTimeout,
 )
-from domain.registry import task
+from domain.registry import cron, every, task
 from domain.views import RunView
 
 __all__ = [
@@ -23,5 +23,7 @@ __all__ = [
     "RunView",
     "UnknownTask",
     "WaitTimeout",
+    "cron",
+    "every",
     "task",
 ]

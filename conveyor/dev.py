@@ -7,7 +7,7 @@ import threading
 from conveyor.cli.output import console
 from domain.db import create_db_engine
 from domain.migrate import ensure_schema
-from domain.registry import REGISTRY, import_task_modules
+from domain.registry import REGISTRY, RegistryCatalog, import_task_modules
 from domain.settings import Settings, redact_url
 
 DEV_TASK_MODULES = "examples.hello"
@@ -41,7 +41,13 @@ def run_dev(settings: Settings) -> None:
     import_task_modules(settings.task_module_list)
     app = create_app(settings)
     engine = create_db_engine(url, pool_size=2)
-    service = SchedulerService(settings, engine, CeleryPublisher(app))
+    service = SchedulerService(
+        settings,
+        engine,
+        CeleryPublisher(app),
+        catalog=RegistryCatalog(REGISTRY),
+        registry=REGISTRY,
+    )
     sweeper = threading.Thread(target=service.run, name="conveyor-scheduler", daemon=True)
     sweeper.start()
     queues = sorted(

@@ -27,6 +27,44 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class Declared:
+    """A schedule declared next to its task: `@task(schedule=cron("*/5 * * * *"))`."""
+
+    trigger: str
+    expression: str
+    timezone: str = "UTC"
+    params: dict[str, Any] = field(default_factory=dict)
+    misfire_policy: str = "skip"
+    catch_up_limit: int | None = None
+    overlap_policy: str = "allow"
+
+
+def cron(
+    expression: str,
+    tz: str = "UTC",
+    *,
+    params: dict[str, Any] | None = None,
+    misfire: str = "skip",
+    catch_up_limit: int | None = None,
+    overlap: str = "allow",
+) -> Declared:
+    """A crontab schedule (5 fields, or 6 with seconds first) in time zone `tz`."""
+    return Declared("cron", expression, tz, params or {}, misfire, catch_up_limit, overlap)
+
+
+def every(
+    interval: str,
+    *,
+    params: dict[str, Any] | None = None,
+    misfire: str = "skip",
+    catch_up_limit: int | None = None,
+    overlap: str = "allow",
+) -> Declared:
+    """An interval schedule: `every("30s")`, `every("15m")`."""
+    return Declared("interval", interval, "UTC", params or {}, misfire, catch_up_limit, overlap)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     name: str
     fn: Callable[..., Any]
@@ -36,6 +74,7 @@ class TaskSpec:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeout_s: float | None = None
     priority: int | None = None
+    schedule: Declared | None = None
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         """Params checked against the signature, returned JSON-ready (what is stored)."""
@@ -127,6 +166,7 @@ class Registry:
         retry_backoff_max: float = 300.0,
         timeout: float | None = None,
         priority: int | None = None,
+        schedule: Declared | None = None,
     ) -> Callable[[F], F]:
         def register(fn: F) -> F:
             task_name = name or fn.__name__
@@ -141,6 +181,7 @@ class Registry:
                     retry=RetryPolicy(retry_backoff, retry_backoff_max),
                     timeout_s=timeout,
                     priority=priority,
+                    schedule=schedule,
                 )
             )
             fn.conveyor_task = task_name  # type: ignore[attr-defined]
@@ -181,6 +222,7 @@ def task(
     retry_backoff_max: float = 300.0,
     timeout: float | None = None,
     priority: int | None = None,
+    schedule: Declared | None = None,
 ) -> Callable[[F], F]: ...
 def task(*args: Any, **kwargs: Any) -> Any:
     """Register a task: `@task` or `@task(name=..., queue=..., max_attempts=..., timeout=...)`."""

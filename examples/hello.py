@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from conveyor import task
+from conveyor import every, task
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +18,13 @@ def hello(ctx, name: str = "world") -> dict[str, str]:  # type: ignore[no-untype
         print(f"Hello, {name}!")
     ctx.metric("greetings", 1)
     return {"greeting": f"Hello, {name}!"}
+
+
+@task(schedule=every("1m"))
+def heartbeat(ctx) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Runs every minute under `conveyor dev`: the example schedule (`conveyor schedules list`)."""
+    ctx.log("still here")
+    return {"at": ctx.params.get("at", "now")}
 
 
 @task(timeout=300)

@@ -11,8 +11,10 @@ from sqlalchemy import Engine
 from domain.clock import Clock, utc_now
 from domain.ports import Catalog, Publisher
 from domain.recovery import reap_once, relay_once
+from domain.registry import Registry
 from domain.schedules import release_held
 from domain.settings import Settings
+from scheduler.declared import sync_code_schedules
 from scheduler.leader import Leadership, leadership_for
 from scheduler.schedule_runner import ScheduleRunner
 
@@ -31,6 +33,7 @@ class SchedulerService:
         leadership: Leadership | None = None,
         clock: Clock = utc_now,
         catalog: Catalog | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -39,6 +42,7 @@ class SchedulerService:
         self.clock = clock
         self.stop_event = threading.Event()
         self.is_leader = False
+        self.registry = registry
         self.schedules = ScheduleRunner(
             engine,
             publisher,
@@ -58,6 +62,8 @@ class SchedulerService:
                 self.is_leader = True
                 log.info("scheduler.leader")
                 try:
+                    if self.registry is not None:
+                        sync_code_schedules(self.engine, self.registry, clock=self.clock)
                     self.schedules.start()
                     self._lead()
                 finally:

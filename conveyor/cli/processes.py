@@ -58,14 +58,23 @@ def worker_queues(settings: Settings, requested: str | None) -> str:
 def scheduler() -> None:
     """Run the scheduler: relay (re-publishes undelivered runs) and reaper (recovers runs whose
     worker died). Start one per deployment or more as standbys: only the leader sweeps."""
+    from conveyor.client import default_catalog
     from domain.db import create_db_engine
+    from domain.registry import REGISTRY
     from scheduler.service import SchedulerService
     from worker.app import create_app
     from worker.publisher import CeleryPublisher
 
     settings = get_settings()
-    engine = create_db_engine(settings.effective_database_url, pool_size=2)
-    service = SchedulerService(settings, engine, CeleryPublisher(create_app(settings)))
+    catalog = default_catalog(settings)  # imports CONVEYOR_TASK_MODULES
+    engine = create_db_engine(settings.effective_database_url, pool_size=4)
+    service = SchedulerService(
+        settings,
+        engine,
+        CeleryPublisher(create_app(settings)),
+        catalog=catalog,
+        registry=REGISTRY,
+    )
     _stop_on_signals(service.stop)
     try:
         service.run()

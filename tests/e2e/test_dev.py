@@ -31,7 +31,7 @@ def test_dev_runs_work_enqueued_from_another_process(tmp_path: Path) -> None:
         )
     try:
         eventually(lambda: "try, in another terminal" in out.read_text(), timeout=30)
-        assert "tasks: flaky, hello, sleepy, summarize" in out.read_text()
+        assert "tasks: flaky, heartbeat, hello, sleepy, summarize" in out.read_text()
         result = subprocess.run(
             [
                 sys.executable,

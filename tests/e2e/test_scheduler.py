@@ -3,6 +3,7 @@ one-second slot recorded exactly once, no gap, one run per enqueued slot."""
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 from datetime import timedelta
@@ -28,11 +29,10 @@ def test_leader_killed_and_restarted_no_duplicate_no_gap(pg_url: str, tmp_path: 
     stack.redis.flushdb()
     engine = create_db_engine(pg_url)
     try:
-        spec = sched.ScheduleInput.parse(name="tick", target="noop", trigger="interval",
-                                         expression="1s")
-        view = sched.add_schedule(
-            engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now()
+        spec = sched.ScheduleInput.parse(
+            name="tick", target="noop", trigger="interval", expression="1s"
         )
+        view = sched.add_schedule(engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now())
         leader = stack.scheduler()
         eventually(lambda: _count(engine, view.id) >= 2, timeout=30)
         standby = stack.scheduler()
@@ -52,14 +52,16 @@ def test_leader_killed_and_restarted_no_duplicate_no_gap(pg_url: str, tmp_path: 
         with engine.connect() as conn:
             slots = conn.execute(
                 select(sched.fires.c.fire_at, sched.fires.c.outcome, sched.fires.c.run_id)
-                .where(sched.fires.c.schedule_id == view.id).order_by(sched.fires.c.fire_at)
+                .where(sched.fires.c.schedule_id == view.id)
+                .order_by(sched.fires.c.fire_at)
             ).all()
             scheduled_runs = conn.execute(
-                select(func.count()).select_from(runs)
+                select(func.count())
+                .select_from(runs)
                 .where(runs.c.trigger_ref == f"schedule:{view.id}")
             ).scalar_one()
         times = [s[0] for s in slots]
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False) if b - a != timedelta(seconds=1)]
+        gaps = [b - a for a, b in itertools.pairwise(times) if b - a != timedelta(seconds=1)]
         assert gaps == [], f"slots not contiguous: {gaps}"
         assert len(set(times)) == len(times)
         assert {s[1] for s in slots} == {"enqueued"}  # late slots were within the grace
@@ -72,7 +74,10 @@ def test_leader_killed_and_restarted_no_duplicate_no_gap(pg_url: str, tmp_path: 
 
 def _count(engine: object, schedule_id: int) -> int:
     with engine.connect() as conn:  # type: ignore[attr-defined]
-        return int(conn.execute(
-            select(func.count()).select_from(sched.fires)
-            .where(sched.fires.c.schedule_id == schedule_id)
-        ).scalar_one())
+        return int(
+            conn.execute(
+                select(func.count())
+                .select_from(sched.fires)
+                .where(sched.fires.c.schedule_id == schedule_id)
+            ).scalar_one()
+        )

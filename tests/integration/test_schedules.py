@@ -217,3 +217,32 @@ def _row(spec: sched.ScheduleInput) -> object:
         start_at, end_at = spec.start_at, spec.end_at
 
     return Row()
+
+
+def test_schedules_declared_in_code_sync_and_disappear(engine: Engine, clock: FakeClock) -> None:
+    from domain.registry import cron, every
+    from scheduler.declared import sync_code_schedules
+
+    clock.now = T0
+    registry = Registry()
+
+    @registry.task(schedule=cron("*/5 * * * *", tz="Europe/Berlin"))
+    def report(ctx) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    @registry.task(schedule=every("30s", params={"n": 1}))
+    def ping(ctx, n: int) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    assert sync_code_schedules(engine, registry, clock=clock) == []
+    views = {s.name: s for s in sched.list_schedules(engine)}
+    assert set(views) == {"task:report", "task:ping"}
+    assert (views["task:report"].timezone, views["task:ping"].params) == ("Europe/Berlin", {"n": 1})
+    stamp = views["task:report"].updated_at
+    assert sync_code_schedules(engine, registry, clock=FakeClock(T0 + timedelta(hours=1))) == []
+    assert sched.get_schedule(engine, "task:report").updated_at == stamp  # unchanged: no write
+
+    smaller = Registry()
+    smaller.add(registry.get("ping"))
+    assert sync_code_schedules(engine, smaller, clock=clock) == ["task:report"]
+    assert sched.get_schedule(engine, "task:report").enabled is False
