@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 from conveyor.cli.output import console
@@ -61,6 +62,7 @@ def run_dev(settings: Settings) -> None:
     console.print(f"conveyor dev: database {redact_url(url)} (schema at head), in-process broker")
     console.print(f"tasks: {', '.join(REGISTRY.names())}; queues: {', '.join(queues)}")
     console.print("try, in another terminal:  conveyor enqueue hello -p name=world --wait")
+    os.environ["CONVEYOR_WORKER_QUEUES"] = ",".join(queues)
     try:
         app.worker_main(
             [

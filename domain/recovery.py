@@ -7,12 +7,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine, Row, or_, select
+from sqlalchemy import Engine, Row, delete, or_, select
 
 from domain import runstore
 from domain.clock import Clock
 from domain.errors import BrokerUnavailable
-from domain.models import runs
+from domain.models import runs, workers
 from domain.ports import Dispatch, Publisher
 from domain.states import Status
 
@@ -91,3 +91,10 @@ def reap_once(engine: Engine, *, clock: Clock) -> tuple[int, int]:
     for run_id in failed:
         log.warning("run.lease_expired", run_id=str(run_id), action="failed")
     return len(requeued), len(failed)
+
+
+def forget_dead_workers(engine: Engine, *, clock: Clock, older_than_s: float = 86400) -> int:
+    """Registry rows of workers silent for a day go (listings show them as lost before)."""
+    cutoff = clock() - timedelta(seconds=older_than_s)
+    with engine.begin() as conn:
+        return int(conn.execute(delete(workers).where(workers.c.heartbeat_at < cutoff)).rowcount)

@@ -348,3 +348,25 @@ def reap_expired(conn: Connection, *, now: datetime) -> tuple[list[uuid.UUID], l
         .all()
     )
     return list(requeued), list(failed)
+
+
+def release_owned(conn: Connection, owners: list[str], *, now: datetime) -> list[uuid.UUID]:
+    """Give back every run these owners hold (their code was ended): pending and due now, the
+    interrupted attempt not counted, so another worker starts it at once."""
+    if not owners:
+        return []
+    return list(
+        conn.execute(
+            update(runs)
+            .where(runs.c.status == Status.RUNNING, runs.c.lease_owner.in_(owners))
+            .values(
+                status=Status.PENDING,
+                attempt=runs.c.attempt - 1,
+                not_before=now,
+                dispatched_at=None,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+            .returning(runs.c.id)
+        ).scalars()
+    )

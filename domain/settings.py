@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     schedule_misfire_grace_s: float = Field(
         60.0, ge=0, description="A slot fired this late still runs; older ones are misfires."
     )
+    shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, how long running runs may finish before they are "
+        "ended and handed back.",
+    )
     relay_interval_s: float = Field(0.5, gt=0, description="How often the relay sweeps.")
     reaper_interval_s: float = Field(5.0, gt=0, description="How often expired leases are swept.")
     log_format: str = Field("auto", pattern="^(auto|json|console)$")

@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 
 from domain.clock import Clock, utc_now
 from domain.ports import Catalog, Publisher
-from domain.recovery import reap_once, relay_once
+from domain.recovery import forget_dead_workers, reap_once, relay_once
 from domain.registry import Registry
 from domain.schedules import release_held
 from domain.settings import Settings
@@ -90,6 +90,7 @@ class SchedulerService:
             try:
                 if now_m >= next_reap:
                     reap_once(self.engine, clock=self.clock)
+                    forget_dead_workers(self.engine, clock=self.clock)
                     next_reap = now_m + self.settings.reaper_interval_s
                 if now_m >= next_relay:
                     release_held(self.engine, now=self.clock())

@@ -17,6 +17,7 @@ from domain.settings import Settings
 from worker import capture
 from worker.context import TaskContext
 from worker.executor import Executor
+from worker.lifecycle import Registration
 from worker.logwriter import LogWriter
 from worker.monitor import RunMonitor
 
@@ -44,6 +45,11 @@ class WorkerRuntime:
             kill_grace_s=settings.kill_grace_s,
             on_abandon=self._abandon,
         )
+        queues = [q for q in os.environ.get("CONVEYOR_WORKER_QUEUES", "").split(",") if q]
+        self.registration = Registration(
+            self.engine, self.owner, queues, running=lambda: self.monitor.running
+        )
+        self.registration.start()
         self.executor = Executor(
             self.engine,
             self.writer,
@@ -70,6 +76,7 @@ class WorkerRuntime:
             )
 
     def close(self) -> None:
+        self.registration.stop()
         self.monitor.close()
         try:
             self.writer.close()  # raises if the last lines cannot be written; still dispose

@@ -7,7 +7,7 @@ from typing import Any
 
 import structlog
 from celery import Celery, Task
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_shutting_down
 
 from domain import services
 from domain.errors import ConveyorError, InvalidInput
@@ -80,6 +80,17 @@ def register(app: Celery, settings: Settings) -> None:
     @worker_process_init.connect(weak=False)
     def _init(**_: Any) -> None:
         get_runtime(settings).killable = True
+
+    @worker_shutting_down.connect(weak=False)
+    def _graceful(how: str = "", **_: Any) -> None:
+        if how != "Warm":
+            return
+        from domain.db import create_db_engine
+        from worker.lifecycle import graceful_stop
+
+        log.info("worker.shutting_down", grace_s=settings.shutdown_grace_s)
+        engine = create_db_engine(settings.effective_database_url, null_pool=True)
+        graceful_stop(engine, settings.shutdown_grace_s)
 
     @worker_process_shutdown.connect(weak=False)
     def _shutdown(**_: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ def register(app: typer.Typer) -> None:
     app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(worker)
     app.command()(scheduler)
     app.command()(dev)
+    app.command()(workers)
 
 
 def worker(
@@ -41,7 +43,10 @@ def worker(
 
     settings = get_settings()
     argv = ["worker", "-P", pool, "-l", loglevel, "-E"]
-    argv += ["-Q", worker_queues(settings, queues)]
+    consumed = worker_queues(settings, queues)
+    argv += ["-Q", consumed]
+    # Read by each worker process: the registry lists its queues.
+    os.environ["CONVEYOR_WORKER_QUEUES"] = consumed
     if concurrency:
         argv += ["-c", str(concurrency)]
     create_app(settings).worker_main([*argv, *ctx.args])
@@ -88,6 +93,53 @@ def dev() -> None:
     from conveyor.dev import run_dev
 
     run_dev(get_settings())
+
+
+def workers(
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Worker processes seen recently: alive (heartbeating), stopped, or lost (silent)."""
+    from rich.table import Table
+    from sqlalchemy import select
+
+    from conveyor.cli.output import ago, console, print_json
+    from domain.clock import utc_now
+    from domain.db import create_db_engine
+    from worker.lifecycle import REGISTRY_INTERVAL_S
+    from worker.lifecycle import workers as table
+
+    engine = create_db_engine(get_settings().effective_database_url, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            rows = (
+                conn.execute(select(table).order_by(table.c.hostname, table.c.pid)).mappings().all()
+            )
+    finally:
+        engine.dispose()
+    now = utc_now()
+
+    def state(row: Any) -> str:
+        if row["stopped"]:
+            return "stopped"
+        silent = (now - row["heartbeat_at"]).total_seconds()
+        return "alive" if silent < 3 * REGISTRY_INTERVAL_S else "lost"
+
+    if json_out:
+        print_json([{**{k: v for k, v in r.items()}, "state": state(r)} for r in rows])
+        return
+    view = Table(box=None, pad_edge=False)
+    for column in ("WORKER", "STATE", "QUEUES", "RUNNING", "HEARTBEAT", "STARTED"):
+        view.add_column(column)
+    for r in rows:
+        view.add_row(
+            r["id"],
+            state(r),
+            ",".join(r["queues"].get("names", [])),
+            str(r["running"]),
+            ago(r["heartbeat_at"]),
+            ago(r["started_at"]),
+        )
+    console.print(view)
 
 
 def _stop_on_signals(stop: Any) -> None:

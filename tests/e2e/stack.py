@@ -95,6 +95,11 @@ class Stack:
             os.killpg(proc.pid, sig)
         proc.wait(timeout=30)
 
+    def terminate(self, proc: subprocess.Popen[bytes], timeout: float = 60) -> int:
+        """SIGTERM to the main process only, as docker stop or systemd (KillMode=mixed) do."""
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=timeout)
+
     def stop_all(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:

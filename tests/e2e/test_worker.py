@@ -189,3 +189,45 @@ def test_plain_celery_client_submits(stack: Stack, client: Client) -> None:
 class _NoPublish:
     def publish(self, dispatches: object) -> None:
         """Leave delivery to the test (the relay would also send it after the grace period)."""
+
+
+def test_sigterm_lets_short_runs_finish_and_hands_long_ones_back(
+    stack: Stack, client: Client, tmp_path: Path
+) -> None:
+    stack.env["CONVEYOR_SHUTDOWN_GRACE_S"] = "2"
+    try:
+        leaving = stack.worker("draining", name="leaving")
+    finally:
+        del stack.env["CONVEYOR_SHUTDOWN_GRACE_S"]
+    short_marks, long_marks = tmp_path / "short", tmp_path / "long"
+    short = client.enqueue(
+        "side_effect", {"marks": str(short_marks), "seconds": 1}, queue="draining"
+    )
+    long = client.enqueue("side_effect", {"marks": str(long_marks), "seconds": 6}, queue="draining")
+    eventually(
+        lambda: marks(short_marks) == ["start 1"] and marks(long_marks) == ["start 1"], timeout=60
+    )
+    assert stack.terminate(leaving) == 0  # returns when it is gone: grace, then hand-back
+    assert client.get(short.id).status == "succeeded"  # finished within the grace period
+    handed_back = client.get(long.id)
+    assert (handed_back.status, handed_back.attempt) == ("pending", 0)  # not counted as tried
+    assert marks(long_marks) == ["start 1"]
+    taker = stack.worker("draining", name="taker")
+    try:
+        assert client.wait(long.id, timeout=60).status == "succeeded"
+    finally:
+        stack.kill(taker, signal.SIGTERM)
+    assert marks(long_marks) == ["start 1", "start 1", "done 1"]
+
+
+def test_workers_register_and_say_when_they_stop(stack: Stack, client: Client) -> None:
+    from domain.models import workers
+
+    def rows() -> list[dict[str, object]]:
+        with client.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(workers)).mappings()]
+
+    eventually(lambda: any(not r["stopped"] for r in rows()), timeout=30)
+    alive = [r for r in rows() if not r["stopped"] and "default" in r["queues"]["names"]]
+    assert alive and all(r["pid"] and r["hostname"] for r in alive)
+    assert "celery" in alive[0]["queues"]["names"]  # the submit queue is consumed too
