@@ -248,7 +248,9 @@ def run_logs(
         return uow.runs.logs(run_id, after_seq=after_seq, limit=limit)
 
 
-def cancel_run(uow: UnitOfWork, run_id: uuid.UUID, *, actor: str, reason: str = "") -> RunView:
+def cancel_run(
+    uow: UnitOfWork, run_id: uuid.UUID, *, actor: str, reason: str = "", ip: str | None = None
+) -> RunView:
     """A pending run ends `cancelled` at once; a running one is asked to stop.
 
     Cancelling a run that already finished is a Conflict naming its state.
@@ -270,6 +272,7 @@ def cancel_run(uow: UnitOfWork, run_id: uuid.UUID, *, actor: str, reason: str = 
             target_type="run",
             target_id=str(run_id),
             details={"reason": why},
+            ip=ip,
             ts=now,
         )
         run = uow.runs.get(run_id)

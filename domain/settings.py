@@ -6,7 +6,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -104,6 +104,15 @@ class Settings(BaseSettings):
     )
     relay_interval_s: float = Field(0.5, gt=0, description="How often the relay sweeps.")
     reaper_interval_s: float = Field(5.0, gt=0, description="How often expired leases are swept.")
+    secret_key: SecretStr = Field(
+        SecretStr(""),
+        description="Fernet key(s), comma-separated, newest first: encrypts secrets and "
+        "webhook signing keys; older keys still decrypt (rotation).",
+    )
+    webhook_max_bytes: int = Field(1 << 20, gt=0, description="Largest webhook body accepted.")
+    webhook_tolerance_s: float = Field(
+        300.0, gt=0, description="How far a webhook's signed timestamp may be from now."
+    )
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
     log_level: str = "INFO"
 

@@ -1,0 +1,80 @@
+"""The FastAPI app factory: routes, one error shape, auth, limits and metrics wired together.
+Nothing connects at import or in create_api; the lifespan starts and stops the resources."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
+
+from api import errors, health, metrics, routes_admin, routes_runs, sse, webhooks
+from api.auth import FailedAuthLimiter
+from api.limits import BodyLimit
+from api.state import ApiOptions, ApiState
+from domain.ports import Catalog, Publisher
+from domain.settings import Settings
+
+
+def create_api(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    publisher: Publisher | None = None,
+    catalog: Catalog | None = None,
+    secret_key: str | None = None,
+    auth_disabled: bool = False,
+    options: ApiOptions | None = None,
+) -> FastAPI:
+    """The status API.
+
+    `engine`, `publisher` and `catalog` default to what `settings` names (made at startup);
+    `secret_key` (Fernet, for webhook secrets) to CONVEYOR_SECRET_KEY; `options` to
+    ApiOptions.from_settings. `auth_disabled` is for
+    `conveyor dev` only: every local caller is an admin and other addresses are refused.
+    """
+    opts = options or ApiOptions.from_settings(settings)
+    state = ApiState(
+        settings,
+        engine=engine,
+        publisher=publisher,
+        catalog=catalog,
+        secret_key=secret_key,
+        auth_disabled=auth_disabled,
+        options=opts,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(state.start)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(state.stop)
+
+    app = FastAPI(
+        title="conveyor",
+        summary="Durable background work: runs, logs, webhooks, metrics.",
+        version="1",
+        lifespan=lifespan,
+    )
+    state.metrics = metrics.ApiMetrics(state)
+    app.state.api = state
+    app.state.limiter = FailedAuthLimiter(opts)
+    errors.install(app)
+    for module in (health, metrics, routes_runs, sse, routes_admin, webhooks):
+        app.include_router(module.router)
+
+    def limit_for(path: str) -> int:
+        return opts.webhook_max_bytes if path.startswith("/hooks/") else opts.body_max_bytes
+
+    def refused(path: str) -> None:
+        if path.startswith("/hooks/"):  # the route never sees these deliveries
+            state.metrics.webhooks.labels("too_large").inc()
+
+    # Added last = outermost: metrics also see the 413s the limit sends before routing.
+    app.add_middleware(BodyLimit, limit_for=limit_for, on_refused=refused)
+    app.add_middleware(metrics.RequestMetrics, metrics=state.metrics)
+    return app

@@ -1,0 +1,201 @@
+"""/api/v1/runs: list, detail, logs, metrics, costs, artifacts; create, cancel, retry."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from api.auth import Reader, Writer, client_ip
+from api.state import State
+from domain import audit, queries, services
+from domain.errors import InvalidInput
+from domain.repository import RunFilter
+from domain.requests import build_request
+from domain.states import Status
+
+router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
+
+RunId = uuid.UUID
+
+
+class RunQuery(BaseModel):
+    """Filters for the runs list; unknown parameters are refused, so a typo never widens it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: list[Status] = Field(default_factory=list, max_length=len(Status))
+    name: str | None = Field(None, min_length=1, max_length=200)
+    project: str | None = Field(None, min_length=1, max_length=100)
+    created_after: AwareDatetime | None = None
+    created_before: AwareDatetime | None = None
+    limit: int = Field(50, ge=1, le=1000)
+    cursor: str | None = Field(None, min_length=1, max_length=200)
+
+
+class CreateRun(BaseModel):
+    """A run to create. Checked again, with the task's own params model, by the service."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    params: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=255)
+    project: str | None = Field(None, min_length=1, max_length=100)
+    queue: str | None = Field(None, min_length=1, max_length=100)
+    priority: int | None = Field(None, ge=0, le=9)
+    delay_s: float | None = Field(None, ge=0)
+    not_before: AwareDatetime | None = None
+    max_attempts: int | None = Field(None, ge=1, le=100)
+    timeout_s: float | None = Field(None, gt=0)
+    budget_usd: Decimal | None = Field(None, gt=0)
+    max_requests: int | None = Field(None, gt=0)
+    max_minutes: float | None = Field(None, gt=0)
+    kind: Literal["task", "pipeline"] = "task"
+    callback_url: str | None = Field(None, max_length=2000)
+
+
+class CancelRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("", max_length=500)
+
+
+@router.get("")
+def list_runs(state: State, _: Reader, query: Annotated[RunQuery, Query()]) -> dict[str, Any]:
+    """Runs newest first; pass `next_cursor` back as `cursor` for the next page."""
+    filters = RunFilter(
+        status=[s.value for s in query.status],
+        name=query.name,
+        project=query.project,
+        created_after=query.created_after,
+        created_before=query.created_before,
+    )
+    page = services.list_runs(state.uow(), filters, limit=query.limit, cursor=query.cursor)
+    return {"items": [run.to_dict() for run in page.items], "next_cursor": page.next_cursor}
+
+
+@router.post("", status_code=201, responses={200: {"description": "Existing run (same key)"}})
+def create_run(
+    state: State,
+    who: Writer,
+    request: Request,
+    body: CreateRun,
+    idempotency_header: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
+    ] = None,
+) -> JSONResponse:
+    """Create a run: 201 when new; 200 with the same run when its idempotency key was used."""
+    fields = body.model_dump(exclude_none=True)
+    header = idempotency_header
+    if header is not None and fields.setdefault("idempotency_key", header) != header:
+        raise InvalidInput(
+            "idempotency_key: the body and the Idempotency-Key header differ",
+            field="idempotency_key",
+        )
+    fields.setdefault("project", state.settings.default_project)
+    req = build_request(**fields, triggered_by="api", trigger_ref=who.name)
+    result = services.enqueue(state.uow(), req, publisher=state.publisher, catalog=state.catalog)
+    run = result.run
+    if result.created:
+        audit.write(
+            state.uow(),
+            actor=who.name,
+            action="run.create",
+            target_type="run",
+            target_id=str(run.id),
+            details={
+                "name": run.name,
+                "params": run.params,
+                "idempotency_key": req.idempotency_key,
+            },
+            ip=client_ip(request),
+        )
+    return JSONResponse(
+        run.to_dict(),
+        status_code=201 if result.created else 200,
+        headers={"Location": f"/api/v1/runs/{run.id}"},
+    )
+
+
+@router.get("/{run_id}")
+def get_run(state: State, _: Reader, run_id: RunId) -> dict[str, Any]:
+    """The run with its steps, totals (tokens, requests, log lines) and cost per model."""
+    return queries.run_detail(state.uow(), run_id).to_dict()
+
+
+@router.get("/{run_id}/logs")
+def get_logs(
+    state: State,
+    _: Reader,
+    run_id: RunId,
+    after_seq: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+) -> dict[str, Any]:
+    """Log lines after `after_seq`; pass `next_after_seq` back to read on."""
+    lines = services.run_logs(state.uow(), run_id, after_seq=after_seq, limit=limit)
+    return {
+        "items": [line.to_dict() for line in lines],
+        "next_after_seq": lines[-1].seq if lines else after_seq,
+    }
+
+
+@router.get("/{run_id}/metrics")
+def get_metrics(
+    state: State,
+    _: Reader,
+    run_id: RunId,
+    name: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> dict[str, Any]:
+    """The run's metric samples (custom metrics, cpu_percent, rss_bytes) in time order."""
+    points = queries.run_metric_points(state.uow(), run_id, name=name, limit=limit)
+    return {"items": [point.to_dict() for point in points]}
+
+
+@router.get("/{run_id}/costs")
+def get_costs(state: State, _: Reader, run_id: RunId) -> dict[str, Any]:
+    """Every cost entry of the run and their exact total."""
+    entries, total = queries.run_costs(state.uow(), run_id)
+    return {"items": [entry.to_dict() for entry in entries], "total": total}
+
+
+@router.get("/{run_id}/artifacts")
+def get_artifacts(state: State, _: Reader, run_id: RunId) -> dict[str, Any]:
+    return {"items": [a.to_dict() for a in queries.run_artifact_list(state.uow(), run_id)]}
+
+
+@router.post("/{run_id}/cancel")
+def cancel_run(
+    request: Request,
+    state: State,
+    who: Writer,
+    run_id: RunId,
+    body: Annotated[CancelRun | None, Body()] = None,
+) -> dict[str, Any]:
+    """A pending run ends at once; a running one is asked to stop (409 when already ended)."""
+    reason = body.reason if body else ""
+    # cancel_run writes its own audit row (actor = this token) in the cancel's transaction.
+    return services.cancel_run(
+        state.uow(), run_id, actor=who.name, reason=reason, ip=client_ip(request)
+    ).to_dict()
+
+
+@router.post("/{run_id}/retry", status_code=201)
+def retry_run(state: State, who: Writer, request: Request, run_id: RunId) -> dict[str, Any]:
+    """A finished run again, as a new run whose parent_run_id is this one."""
+    run = services.retry_run(state.uow(), run_id, actor=who.name, publisher=state.publisher)
+    audit.write(
+        state.uow(),
+        actor=who.name,
+        action="run.retry",
+        target_type="run",
+        target_id=str(run_id),
+        details={"new_run_id": str(run.id)},
+        ip=client_ip(request),
+    )
+    return run.to_dict()

@@ -1,0 +1,131 @@
+"""What the API process holds between requests: engine, publisher, catalog, broker client,
+limits. Built without I/O in create_api; started and stopped by the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
+
+import structlog
+from fastapi import Depends, Request
+from sqlalchemy import Engine
+
+from domain.crypto import secret_key_from
+from domain.ports import Catalog, Publisher
+from domain.settings import Settings
+from domain.unit_of_work import UnitOfWork
+
+if TYPE_CHECKING:
+    from api.metrics import ApiMetrics
+
+log = structlog.get_logger("conveyor.api")
+
+
+@dataclass(frozen=True)
+class ApiOptions:
+    """Limits and intervals; the defaults are what production runs with."""
+
+    webhook_max_bytes: int = 1 << 20
+    #: every other body (a run's params are at most 1 MB encoded, plus its options)
+    body_max_bytes: int = 2 << 20
+    webhook_tolerance_s: float = 300.0
+    sse_poll_s: float = 0.25
+    #: a comment line this often keeps proxies from closing an idle stream
+    sse_keepalive_s: float = 15.0
+    token_touch_s: float = 60.0
+    auth_slow_after: int = 5
+    auth_block_after: int = 20
+    auth_window_s: float = 60.0
+    auth_block_s: float = 300.0
+    auth_max_delay_s: float = 2.0
+    metrics_window_s: float = 3600.0
+    metrics_cache_s: float = 5.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiOptions:
+        """Defaults, overridden by Settings fields of the same name where Settings has them
+        (e.g. `webhook_max_bytes` from CONVEYOR_WEBHOOK_MAX_BYTES)."""
+        names = cls.__dataclass_fields__
+        return cls(**{n: getattr(settings, n) for n in names if hasattr(settings, n)})
+
+
+class ApiState:
+    """One per app. `start()` creates what the caller did not pass in; `stop()` releases
+    only what `start()` created."""
+
+    metrics: ApiMetrics  # set by create_api (it needs the state for its collector)
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: Engine | None,
+        publisher: Publisher | None,
+        catalog: Catalog | None,
+        secret_key: str | None,
+        auth_disabled: bool,
+        options: ApiOptions,
+    ) -> None:
+        self.settings = settings
+        self._engine = engine
+        self._owns_engine = engine is None
+        self.publisher = publisher
+        self._publisher_given = publisher is not None
+        self.catalog = catalog
+        self._catalog_given = catalog is not None
+        self.secret_key = secret_key if secret_key is not None else secret_key_from(settings)
+        self.auth_disabled = auth_disabled
+        self.options = options
+        self.redis: Any = None  # redis.Redis when the broker is Redis
+        self.head_revision: str | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("the API has not started (its lifespan creates the engine)")
+        return self._engine
+
+    def uow(self) -> UnitOfWork:
+        return UnitOfWork(self.engine)
+
+    def start(self) -> None:
+        from conveyor.client import default_catalog, default_publisher
+        from domain.db import create_db_engine
+        from domain.migrate import head_revision
+
+        url = self.settings.effective_database_url
+        if self._engine is None:
+            self._engine = create_db_engine(url, pool_size=10)
+        if not self._publisher_given:
+            self.publisher = default_publisher(self.settings)
+        if not self._catalog_given:
+            self.catalog = default_catalog(self.settings)
+        self.head_revision = head_revision(url)
+        if is_redis(self.settings.broker_url):
+            import redis
+
+            self.redis = redis.Redis.from_url(
+                self.settings.broker_url, socket_timeout=2, socket_connect_timeout=2
+            )
+        if self.auth_disabled:
+            log.warning("api.auth_disabled", reason="dev mode: only local clients are served")
+
+    def stop(self) -> None:
+        if self.redis is not None:
+            self.redis.close()
+            self.redis = None
+        if self._owns_engine and self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+
+def is_redis(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://", "unix://"))
+
+
+def get_state(request: Request) -> ApiState:
+    state: ApiState = request.app.state.api
+    return state
+
+
+State = Annotated[ApiState, Depends(get_state)]

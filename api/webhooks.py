@@ -1,0 +1,89 @@
+"""POST /hooks/{name}: signed deliveries in, one run per producer delivery id."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from api.errors import status_for
+from api.state import ApiState, State
+from domain import webhooks
+from domain.clock import utc_now
+from domain.errors import Conflict, ConveyorError, NotFound
+from domain.webhooks import BadDelivery
+
+router = APIRouter(tags=["webhooks"])
+
+HookName = Annotated[str, Path(min_length=1, max_length=200)]
+
+
+@contextmanager
+def _outcome(state: ApiState) -> Iterator[list[str]]:
+    """Count every delivery once, by how it ended (the route sets the success outcome)."""
+    outcome = ["error"]
+    try:
+        yield outcome
+    except HTTPException as exc:
+        outcome[0] = "too_large" if exc.status_code == 413 else "bad_request"
+        raise
+    except ConveyorError as exc:
+        status = status_for(exc)
+        if isinstance(exc, NotFound) and status == 404:
+            outcome[0] = "not_found"
+        elif status == 401:
+            outcome[0] = "unauthorized"
+        elif isinstance(exc, BadDelivery):
+            outcome[0] = "bad_request"
+        elif isinstance(exc, Conflict):
+            outcome[0] = "conflict"
+        elif status == 422:
+            outcome[0] = "invalid"
+        raise
+    finally:
+        state.metrics.webhooks.labels(outcome[0]).inc()
+
+
+@router.post(
+    "/hooks/{name}",
+    status_code=202,
+    responses={200: {"description": "Duplicate delivery: the run it created before"}},
+)
+async def deliver(state: State, request: Request, name: HookName) -> JSONResponse:
+    """Headers: `X-Conveyor-Signature: sha256=<hex HMAC-SHA256 of "{timestamp}.{body}">`,
+    `X-Conveyor-Timestamp` (unix seconds, within 5 minutes), `X-Conveyor-Delivery` (unique
+    per delivery). The JSON object body becomes the run's params.
+    202 {"run_id"} for a new delivery; 200 with the same run_id for a repeated one."""
+    headers = request.headers
+    with _outcome(state) as outcome:
+        endpoint = await run_in_threadpool(
+            webhooks.endpoint, state.uow(), name, secret_key=state.secret_key
+        )
+        timestamp = webhooks.check_timestamp(
+            headers.get("x-conveyor-timestamp"),
+            now=utc_now(),
+            tolerance_s=state.options.webhook_tolerance_s,
+        )
+        delivery_id = webhooks.check_delivery_id(headers.get("x-conveyor-delivery"))
+        # The body-limit middleware refuses an oversized body before or while it streams in.
+        body = await request.body()
+        webhooks.check_signature(
+            endpoint.secret, timestamp, body, headers.get("x-conveyor-signature")
+        )
+        params = webhooks.parse_payload(body)
+        result = await run_in_threadpool(
+            webhooks.accept,
+            state.uow(),
+            endpoint.hook,
+            delivery_id,
+            params,
+            publisher=state.publisher,
+            catalog=state.catalog,
+        )
+        outcome[0] = "accepted" if result.created else "duplicate"
+    return JSONResponse({"run_id": str(result.run.id)}, status_code=202 if result.created else 200)

@@ -1,0 +1,127 @@
+"""Bearer tokens with roles: 401 for missing/invalid/revoked, 403 for a role too low, failed
+attempts slowed then blocked per address, last_used_at written sparingly."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from structlog.testing import capture_logs
+
+from api.auth import FailedAuthLimiter
+from api.state import ApiOptions
+from domain import auth
+from domain.auth import api_tokens
+from tests.api.conftest import ApiClient, create_run, error_of, running_api
+
+RUNS = "/api/v1/runs"
+
+
+def test_missing_invalid_and_revoked_tokens_are_401(api: ApiClient) -> None:
+    for headers in [
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "Bearer cvy_not-a-real-token"},
+        {"Authorization": "Bearer " + "x" * 10_000},
+    ]:
+        response = api.get(RUNS, headers=headers)
+        assert response.status_code == 401, headers
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert error_of(response)["type"] == "unauthorized"
+
+    token = api.tokens["readonly"]
+    assert api.get(RUNS, token=token).status_code == 200
+    auth.revoke_token(api.uow(), "readonly-token", actor="test")
+    revoked = api.get(RUNS, token=token)
+    assert revoked.status_code == 401 and "revoked" in error_of(revoked)["message"]
+
+
+def test_roles_readonly_reads_write_changes_admin_manages(api: ApiClient) -> None:
+    run_id = create_run(api)["id"]
+    cancel = f"{RUNS}/{run_id}/cancel"
+    denied = api.as_role("readonly", "POST", cancel)
+    assert denied.status_code == 403
+    assert error_of(denied)["type"] == "forbidden" and "needs write" in error_of(denied)["message"]
+    assert api.as_role("readonly", "POST", RUNS, json={"name": "t"}).status_code == 403
+    assert api.as_role("readonly", "GET", f"{RUNS}/{run_id}").status_code == 200
+    assert api.as_role("write", "GET", "/api/v1/audit").status_code == 403
+    assert api.as_role("write", "GET", "/api/v1/tokens").status_code == 403
+    assert api.as_role("write", "POST", cancel).status_code == 200
+    assert api.as_role("admin", "GET", "/api/v1/audit").status_code == 200
+    # The run is untouched by the refused calls: one cancel, by the write token.
+    entries = api.as_role("admin", "GET", "/api/v1/audit?action=run.cancel").json()["items"]
+    assert [e["actor"] for e in entries] == ["write-token"]
+
+
+def test_probes_and_docs_need_no_token(api: ApiClient) -> None:
+    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"]:
+        assert api.get(path).status_code == 200, path
+
+
+def test_repeated_failures_are_slowed_then_blocked_per_address(db_url: str) -> None:
+    options = ApiOptions(
+        auth_slow_after=1, auth_block_after=3, auth_max_delay_s=0.01, auth_block_s=600
+    )
+    with running_api(db_url, options=options) as api, api.from_address("10.0.0.9") as attacker:
+        with capture_logs() as events:
+            for _ in range(3):
+                assert attacker.get(RUNS, token="cvy_guess").status_code == 401
+            blocked = attacker.get(RUNS, token=api.tokens["admin"])
+        assert blocked.status_code == 429
+        assert error_of(blocked)["type"] == "rate_limited"
+        assert 0 < int(blocked.headers["retry-after"]) <= 600
+        names = [e["event"] for e in events if e["log_level"] == "warning"]
+        assert names == ["auth.slowed", "auth.blocked"]
+        assert events[-1]["ip"] == "10.0.0.9"
+        # Another address is not affected.
+        assert api.get(RUNS, token=api.tokens["readonly"]).status_code == 200
+
+
+def test_the_block_expires_and_success_resets_the_count() -> None:
+    now = [0.0]
+    options = ApiOptions(auth_slow_after=2, auth_block_after=4, auth_window_s=60, auth_block_s=30)
+    limiter = FailedAuthLimiter(options, clock=lambda: now[0])
+    assert [limiter.failed("a") for _ in range(3)][:2] == [0.0, 0.0]
+    limiter.succeeded("a")
+    for _ in range(3):
+        limiter.failed("a")
+    limiter.check("a")  # three since the reset: not blocked yet
+    limiter.failed("a")
+    try:
+        limiter.check("a")
+        raise AssertionError("expected a block")
+    except Exception as exc:
+        assert type(exc).__name__ == "RateLimited"
+    now[0] += 31
+    limiter.check("a")
+    # Failures spread wider than the window never add up to a block.
+    for _ in range(10):
+        now[0] += 61
+        assert limiter.failed("b") == 0.0
+    limiter.check("b")
+
+
+def test_last_used_at_is_written_at_most_once_per_interval(db_url: str) -> None:
+    with running_api(db_url, options=ApiOptions(token_touch_s=3600)) as api:
+
+        def last_used() -> object:
+            with api.state.engine.connect() as conn:
+                return conn.execute(
+                    select(api_tokens.c.last_used_at).where(api_tokens.c.name == "readonly-token")
+                ).scalar_one()
+
+        assert last_used() is None
+        api.as_role("readonly", "GET", RUNS)
+        first = last_used()
+        assert first is not None
+        api.as_role("readonly", "GET", RUNS)
+        assert last_used() == first
+
+
+def test_auth_disabled_serves_local_callers_only(db_url: str) -> None:
+    with running_api(db_url, auth_disabled=True) as api:
+        created = api.post(RUNS, json={"name": "t"})
+        assert created.status_code == 201 and created.json()["trigger_ref"] == "dev"
+        assert api.get("/api/v1/audit").status_code == 200
+        with api.from_address("192.0.2.7") as remote:
+            refused = remote.get(RUNS)
+            assert refused.status_code == 403 and error_of(refused)["type"] == "forbidden"
