@@ -225,3 +225,58 @@ class ProjectUsage(Base):
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     reserved_usd: Mapped[Decimal] = mapped_column(default=ZERO)
     reserved_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class OutboundDelivery(Base):
+    """A signed POST owed for a finished run: its callback_url, or a notification rule's URL.
+    Retried with backoff by the scheduler; each attempt is also logged as a run event."""
+
+    __tablename__ = "outbound_deliveries"
+    __table_args__ = (
+        UniqueConstraint("run_id", "kind", "rule_id", name="uq_outbound_deliveries_target"),
+        Index(
+            "ix_outbound_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("delivered_at IS NULL AND gave_up_at IS NULL"),
+            sqlite_where=text("delivered_at IS NULL AND gave_up_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = _id()
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))  # callback | notify
+    rule_id: Mapped[int] = mapped_column(Integer, default=0)  # 0 for the run's own callback
+    url: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utc_now)
+    delivered_at: Mapped[datetime | None]
+    gave_up_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class SweepCursor(Base):
+    """Where an incremental sweep (notifications, rollups, retention) stopped last time."""
+
+    __tablename__ = "sweep_cursors"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    position: Mapped[datetime | None]
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    updated_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class CostReservation(Base):
+    """Headroom reserved by `ctx.reserve()` against a run's and its project's budget, until
+    settled by the actual cost or released."""
+
+    __tablename__ = "cost_reservations"
+
+    id: Mapped[int] = _id()
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    project: Mapped[str] = mapped_column(String(100))
+    month: Mapped[date] = mapped_column(Date)
+    usd: Mapped[Decimal] = mapped_column(default=ZERO)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+    settled_at: Mapped[datetime | None]
