@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from sqlalchemy.exc import IntegrityError
 
+from domain import costs
 from domain.clock import uuid7
 from domain.errors import BrokerUnavailable, Conflict, InvalidInput, InvalidTransition
 from domain.ports import Catalog, Dispatch, OpenCatalog, Publisher
@@ -122,6 +123,7 @@ def enqueue_many(
     now = uow.clock()
     rows = [_row(req, catalog, now, publisher is not None or inline) for req in reqs]
     with uow:
+        costs.check_can_enqueue(uow.conn, {row["project"] for row in rows}, now)
         try:
             results = _insert(uow, rows)
         except IntegrityError:

@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     webhook_tolerance_s: float = Field(
         300.0, gt=0, description="How far a webhook's signed timestamp may be from now."
     )
+    prices_file: Path = Field(
+        Path("prices.toml"),
+        description="USD per million input/output tokens per provider and model (optional).",
+    )
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
     log_level: str = "INFO"
 

@@ -7,14 +7,14 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Protocol
 
 from sqlalchemy import Engine, update
 
-from domain import runstore
+from domain import costs, runstore
 from domain.clock import Clock, utc_now
-from domain.errors import BudgetExceeded, InvalidInput, RunCancelled, RunStopped, RunTimedOut
+from domain.errors import BudgetExceeded, RunCancelled, RunStopped, RunTimedOut
 from domain.models import run_steps
 from domain.runstore import Claim
 
@@ -63,8 +63,10 @@ class TaskContext:
         sink: LineSink,
         clock: Clock = utc_now,
         params: dict[str, Any] | None = None,
+        prices: costs.Prices | None = None,
     ) -> None:
         self._claim = claim
+        self._prices = prices or costs.Prices({})
         self._engine = engine
         self._sink = sink
         self._clock = clock
@@ -144,30 +146,43 @@ class TaskContext:
         usd: Decimal | str | int | None = None,
         requests: int = 1,
     ) -> None:
-        """Record spend; stops the run (BudgetExceeded) once it is over budget_usd/max_requests.
+        """Record spend (to the run, its step and its project's month); stops the run with
+        BudgetExceeded once it is over budget_usd, max_requests or a monthly project limit.
 
-        Pass `usd` as a string or Decimal: floats cannot hold money exactly.
+        Pass `usd` as a string or Decimal (floats cannot hold money exactly), or leave it out to
+        have it computed from the price table (prices.toml); an unknown model is recorded at 0
+        with a warning, never a crash.
         """
-        amount = _money(usd)
-        if tokens_in < 0 or tokens_out < 0 or requests < 0:
-            raise InvalidInput("cost: tokens and requests must not be negative", field="cost")
+        tokens_in = costs.as_tokens(tokens_in, field="tokens_in")
+        tokens_out = costs.as_tokens(tokens_out, field="tokens_out")
+        requests = costs.as_tokens(requests, field="requests")
+        if usd is None:
+            priced = self._prices.cost(provider, model, tokens_in, tokens_out)
+            if priced is None:
+                self.log(
+                    f"no price for {provider}/{model}: recorded with cost 0",
+                    level="warning",
+                    provider=provider,
+                    model=model,
+                )
+            amount = priced if priced is not None else Decimal(0)
+        else:
+            amount = costs.as_money(usd, field="usd")
         step = self._step_seq - 1 if self._step_seq else None
+        entry = {
+            "project": self.project,
+            "ts": self._clock(),
+            "provider": provider,
+            "model": model,
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+            "requests": requests,
+            "cost_usd": amount,
+            "step_seq": step,
+        }
         with self._engine.begin() as conn:
-            totals = runstore.record_cost(
-                conn,
-                self.run_id,
-                self.attempt,
-                entry={
-                    "project": self.project,
-                    "ts": self._clock(),
-                    "provider": provider,
-                    "model": model,
-                    "tokens_in": tokens_in,
-                    "tokens_out": tokens_out,
-                    "requests": requests,
-                    "cost_usd": amount,
-                    "step_seq": step,
-                },
+            totals, project_over = costs.record(
+                conn, self.run_id, self.attempt, self.project, entry
             )
         if totals.budget_usd is not None and Decimal(totals.cost_usd) > Decimal(totals.budget_usd):
             over = Decimal(totals.cost_usd) - Decimal(totals.budget_usd)
@@ -177,7 +192,27 @@ class TaskContext:
                 "budget_exceeded",
                 f"max_requests {totals.max_requests} exceeded ({totals.requests_made} made)",
             )
+        elif project_over is not None:
+            self.stop("budget_exceeded", project_over)
         self.check_cancel()
+
+    @contextmanager
+    def reserve(self, usd: Decimal | str | int = 0, tokens: int = 0) -> Iterator[None]:
+        """Reserve headroom before an expensive call; released when the block ends (the actual
+        spend is what `cost()` records inside it). Raises BudgetExceeded, stopping the run, when
+        the run's budget or the project's monthly limit cannot cover it."""
+        reservation = costs.reserve(
+            self._engine,
+            self.run_id,
+            self.project,
+            usd=costs.as_money(usd, field="usd"),
+            tokens=costs.as_tokens(tokens, field="tokens"),
+            now=self._clock(),
+        )
+        try:
+            yield
+        finally:
+            costs.release(self._engine, reservation, now=self._clock())
 
     # -- cancellation -----------------------------------------------------------------------
     @property
@@ -204,20 +239,6 @@ class TaskContext:
     def wait(self, seconds: float) -> bool:
         """Sleep up to `seconds`, waking early when the run is asked to stop; True if it was."""
         return self._stop.wait(seconds)
-
-
-def _money(usd: Decimal | str | int | None) -> Decimal:
-    if usd is None:
-        return Decimal(0)
-    if isinstance(usd, float):
-        usd = repr(usd)  # the shortest exact text of the float the caller wrote
-    try:
-        amount = Decimal(usd)
-    except (InvalidOperation, ValueError):
-        raise InvalidInput(f"cost: usd {usd!r} is not a number", field="usd") from None
-    if not amount.is_finite() or amount < 0:
-        raise InvalidInput(f"cost: usd must be a non-negative amount (got {usd!r})", field="usd")
-    return amount
 
 
 def _safe_str(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 
 from domain import runstore
 from domain.clock import Clock, utc_now
+from domain.costs import Prices
 from domain.errors import InvalidInput, LeaseLost, RunStopped, UnknownTask
 from domain.models import run_logs
 from domain.registry import Registry, RetryPolicy
@@ -74,6 +75,7 @@ class Executor:
         lease_s: float,
         clock: Clock = utc_now,
         pipelines: PipelineRunner | None = None,
+        prices: Prices | None = None,
     ) -> None:
         self.engine = engine
         self.writer = writer
@@ -83,6 +85,7 @@ class Executor:
         self.lease_s = lease_s
         self.clock = clock
         self.pipelines = pipelines
+        self.prices = prices
         self.duplicates_dropped = 0
 
     def execute(self, run_id: uuid.UUID) -> Outcome:
@@ -121,7 +124,9 @@ class Executor:
             # Not retryable: the next attempt would meet the same code and the same params.
             return self._finish(claim, "failed", failure=Failure(type(exc).__name__, str(exc)))
 
-        ctx = TaskContext(claim, engine=self.engine, sink=self.writer, clock=self.clock)
+        ctx = TaskContext(
+            claim, engine=self.engine, sink=self.writer, clock=self.clock, prices=self.prices
+        )
         self.monitor.watch(ctx, timeout_s=claim.timeout_s, max_minutes=claim.max_minutes)
         capture.bind(self.writer, claim.run_id, claim.attempt)
         result: Any = None

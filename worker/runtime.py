@@ -11,6 +11,7 @@ import threading
 import structlog
 from sqlalchemy import Engine
 
+from domain.costs import Prices
 from domain.db import create_db_engine
 from domain.registry import REGISTRY, Registry, RegistryCatalog, import_task_modules
 from domain.settings import Settings
@@ -57,6 +58,7 @@ class WorkerRuntime:
             self.monitor,
             owner=self.owner,
             lease_s=settings.lease_s,
+            prices=Prices.load(settings.prices_file),
         )
 
     def _abandon(self, ctx: TaskContext) -> None:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from conveyor.cli import api_cli, processes, schedules_cli
+from conveyor.cli import api_cli, processes, projects_cli, schedules_cli
 from conveyor.cli import runs as runs_cli
 from conveyor.cli.output import console, fail, print_json
 from conveyor.client import Client
@@ -25,6 +25,7 @@ app.add_typer(runs_cli.runs_app, name="runs")
 runs_cli.register_top_level(app)
 processes.register(app)
 schedules_cli.register(app)
+projects_cli.register(app)
 api_cli.register(app)
 
 

@@ -155,3 +155,54 @@ def test_help_explains_every_command(tmp_path: Path) -> None:
     for command in ("enqueue", "runs", "logs", "cancel", "retry", "migrate", "dev"):
         assert command in out
     assert "idempotency-key" in ok(conveyor("enqueue", "--help", db="", cwd=tmp_path))
+
+
+def test_projects_and_costs_commands(sqlite_url: str, tmp_path: Path) -> None:
+    created = json.loads(
+        ok(
+            conveyor(
+                "projects",
+                "add",
+                "acme",
+                "--monthly-cost-usd",
+                "12.50",
+                "--json",
+                db=sqlite_url,
+                cwd=tmp_path,
+            )
+        )
+    )
+    assert (created["name"], created["monthly_cost_limit_usd"], created["spent_usd"]) == (
+        "acme",
+        "12.5",
+        "0",
+    )
+    changed = json.loads(
+        ok(
+            conveyor(
+                "projects",
+                "set-limits",
+                "acme",
+                "--monthly-tokens",
+                "1000",
+                "--monthly-cost-usd",
+                "none",
+                "--json",
+                db=sqlite_url,
+                cwd=tmp_path,
+            )
+        )
+    )
+    assert (changed["monthly_cost_limit_usd"], changed["monthly_token_limit"]) == (None, 1000)
+    listing = json.loads(ok(conveyor("projects", "list", "--json", db=sqlite_url, cwd=tmp_path)))
+    assert [p["name"] for p in listing] == ["acme", "default"]
+    report = json.loads(
+        ok(conveyor("costs", "--by", "provider", "--json", db=sqlite_url, cwd=tmp_path))
+    )
+    assert report == {"groups": [], "total_usd": "0"}
+    bad = conveyor(
+        "projects", "add", "zero", "--monthly-cost-usd", "0", db=sqlite_url, cwd=tmp_path
+    )
+    assert bad.returncode == 2 and "a limit of zero would refuse all work" in bad.stderr
+    bad = conveyor("costs", "--by", "colour", db=sqlite_url, cwd=tmp_path)
+    assert bad.returncode == 2 and "by: expected one of" in bad.stderr

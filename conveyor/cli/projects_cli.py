@@ -1,0 +1,182 @@
+"""`conveyor projects ...` and `conveyor costs`: projects, their limits, and what was spent."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from sqlalchemy import Engine
+
+from conveyor.cli.output import console, key_values, print_json
+from domain import costs, projects
+from domain.clock import utc_now
+from domain.settings import get_settings
+
+projects_app = typer.Typer(help="Projects and their monthly limits.", no_args_is_help=True)
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+Name = Annotated[str, typer.Argument(help="The project's name.")]
+CostLimit = Annotated[str | None, typer.Option(help="USD per calendar month (UTC); 'none' clears.")]
+TokenLimit = Annotated[str | None, typer.Option(help="Tokens per calendar month; 'none' clears.")]
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(projects_app, name="projects")
+    app.command(name="costs")(costs_report)
+
+
+def _engine() -> Engine:
+    from domain.db import create_db_engine
+
+    return create_db_engine(get_settings().effective_database_url, pool_size=1)
+
+
+def _limit(value: str | None, *, tokens: bool) -> Any:
+    if value is None:
+        return projects.UNSET
+    if value.strip().lower() == "none":
+        return None
+    if tokens:
+        from domain.errors import InvalidInput
+
+        try:
+            return int(value)
+        except ValueError:
+            raise InvalidInput(
+                f"--monthly-tokens: {value!r} is not a whole number", field="monthly_tokens"
+            ) from None
+    return value
+
+
+def _show(project: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        print_json(project)
+    else:
+        console.print(key_values(list(project.items())))
+
+
+@projects_app.command("add")
+def add(
+    name: Name,
+    monthly_cost_usd: CostLimit = None,
+    monthly_tokens: TokenLimit = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Create a project (optionally with monthly limits)."""
+    cost, tokens = _limit(monthly_cost_usd, tokens=False), _limit(monthly_tokens, tokens=True)
+    engine = _engine()
+    try:
+        project = projects.add_project(
+            engine,
+            name,
+            now=utc_now(),
+            monthly_cost_usd=None if cost is projects.UNSET else cost,
+            monthly_tokens=None if tokens is projects.UNSET else tokens,
+        )
+    finally:
+        engine.dispose()
+    _show(project, json_out)
+
+
+@projects_app.command("set-limits")
+def set_limits(
+    name: Name,
+    monthly_cost_usd: CostLimit = None,
+    monthly_tokens: TokenLimit = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Change a project's monthly limits; new runs are refused once one is reached."""
+    engine = _engine()
+    try:
+        project = projects.set_limits(
+            engine,
+            name,
+            now=utc_now(),
+            monthly_cost_usd=_limit(monthly_cost_usd, tokens=False),
+            monthly_tokens=_limit(monthly_tokens, tokens=True),
+        )
+    finally:
+        engine.dispose()
+    _show(project, json_out)
+
+
+@projects_app.command("list")
+def list_(json_out: JsonFlag = False) -> None:
+    """Projects with this month's spend against their limits."""
+    engine = _engine()
+    try:
+        rows = projects.list_projects(engine, now=utc_now())
+    finally:
+        engine.dispose()
+    if json_out:
+        print_json(rows)
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("PROJECT", "MONTH", "SPENT USD", "COST LIMIT", "TOKENS", "TOKEN LIMIT"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["month"],
+            r["spent_usd"],
+            r["monthly_cost_limit_usd"] or "-",
+            str(r["tokens"]),
+            str(r["monthly_token_limit"] or "-"),
+        )
+    console.print(table)
+
+
+@projects_app.command("show")
+def show(name: Name, json_out: JsonFlag = False) -> None:
+    """One project: limits, spend and reservations this month."""
+    engine = _engine()
+    try:
+        project = projects.show_project(engine, name, now=utc_now())
+    finally:
+        engine.dispose()
+    _show(project, json_out)
+
+
+def costs_report(
+    project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
+    since: Annotated[
+        datetime | None, typer.Option(help="Only entries from this time (ISO).")
+    ] = None,
+    by: Annotated[
+        str, typer.Option(help="Group by provider, model, name, day or project.")
+    ] = "model",
+    json_out: JsonFlag = False,
+) -> None:
+    """What was spent, grouped, summed exactly from the cost ledger."""
+    from datetime import UTC
+
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    engine = _engine()
+    try:
+        rows = costs.report(engine, project=project, since=since, by=by)
+    finally:
+        engine.dispose()
+    total = sum((r["cost_usd"] for r in rows), costs.ZERO)
+    if json_out:
+        print_json(
+            {
+                "groups": [{**r, "cost_usd": str(r["cost_usd"])} for r in rows],
+                "total_usd": str(total),
+            }
+        )
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in (by.upper(), "USD", "TOKENS IN", "TOKENS OUT", "REQUESTS"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            str(r[by]),
+            str(r["cost_usd"]),
+            str(r["tokens_in"]),
+            str(r["tokens_out"]),
+            str(r["requests"]),
+        )
+    table.add_row("[bold]total[/]", f"[bold]{total}[/]", "", "", "")
+    console.print(table)

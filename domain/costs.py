@@ -1,0 +1,401 @@
+"""The cost ledger beyond one run: prices, a project's monthly usage, reservations, reports.
+
+Monthly limits are checked where the money is committed: `reserve()` takes headroom with one
+conditional UPDATE of the project's `project_usage` row (PostgreSQL re-checks the condition
+under the row lock, so concurrent runs cannot all pass the same check), and `record()` adds
+actual spend in the same transaction as the run's cost entry.
+
+The bound, stated exactly: a project's recorded spend in a month never exceeds its limit by
+more than what runs spend beyond their own reservations. A task that reserves before each
+call and spends within its reservation can never push the project over the limit.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, cast
+
+import structlog
+from sqlalchemy import Connection, Engine, Table, and_, select, update
+
+from domain import runstore
+from domain.errors import BudgetExceeded, ConfigurationError, Conflict, InvalidInput, NotFound
+from domain.models import cost_entries, projects, runs
+from domain.models_platform import CostReservation, ProjectUsage
+from domain.repository import dialect_insert
+
+log = structlog.get_logger("conveyor.costs")
+
+usage = cast(Table, ProjectUsage.__table__)
+reservations = cast(Table, CostReservation.__table__)
+MAX_INT64 = 2**63 - 1
+MILLION = Decimal(1_000_000)
+ZERO = Decimal(0)
+
+
+class MonthlyLimitReached(Conflict):
+    """The project is over its monthly limit."""
+
+
+def month_of(when: datetime) -> date:
+    """The calendar month (UTC) a moment belongs to, as its first day."""
+    when = when.astimezone(UTC)
+    return date(when.year, when.month, 1)
+
+
+def as_money(value: Any, *, field: str) -> Decimal:
+    """A non-negative exact amount; floats go through their shortest text form."""
+    try:
+        amount = Decimal(repr(value) if isinstance(value, float) else str(value))
+    except (InvalidOperation, ValueError):
+        raise InvalidInput(f"{field}: {value!r} is not a number", field=field) from None
+    if not amount.is_finite() or amount < 0:
+        raise InvalidInput(f"{field}: must be a non-negative amount (got {value!r})", field=field)
+    return amount
+
+
+def as_tokens(value: Any, *, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT64:
+        raise InvalidInput(
+            f"{field}: must be a whole number from 0 to 2^63-1 (got {value!r})", field=field
+        )
+    return value
+
+
+# -- prices -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prices:
+    """USD per million input/output tokens per (provider, model), from prices.toml:
+
+    [openai."gpt-4o-mini"]
+    input_per_million = "0.15"
+    output_per_million = "0.60"
+    """
+
+    table: dict[tuple[str, str], tuple[Decimal, Decimal]]
+
+    @classmethod
+    def load(cls, path: Path | None) -> Prices:
+        if path is None or not path.exists():
+            return cls({})
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"{path}: not valid TOML: {exc}") from None
+        table: dict[tuple[str, str], tuple[Decimal, Decimal]] = {}
+        for provider, models in raw.items():
+            for model, entry in models.items():
+                where = f"{path}: [{provider}.{model}]"
+                currency = str(entry.get("currency", "USD"))
+                if currency.upper() != "USD":
+                    raise ConfigurationError(f"{where}: currency {currency!r}; prices are in USD")
+                try:
+                    table[(provider, model)] = (
+                        as_money(entry["input_per_million"], field="input_per_million"),
+                        as_money(entry["output_per_million"], field="output_per_million"),
+                    )
+                except KeyError as missing:
+                    raise ConfigurationError(f"{where}: missing {missing}") from None
+                except InvalidInput as exc:
+                    raise ConfigurationError(f"{where}: {exc}") from None
+        return cls(table)
+
+    def cost(self, provider: str, model: str, tokens_in: int, tokens_out: int) -> Decimal | None:
+        price = self.table.get((provider, model))
+        if price is None:
+            return None
+        return (price[0] * tokens_in + price[1] * tokens_out) / MILLION
+
+
+# -- monthly usage ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Limits:
+    cost_usd: Decimal | None
+    tokens: int | None
+
+
+def limits_of(conn: Connection, project: str) -> Limits:
+    row = conn.execute(
+        select(projects.c.monthly_cost_limit_usd, projects.c.monthly_token_limit).where(
+            projects.c.name == project
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"no project named {project!r}", project=project)
+    return Limits(row[0], row[1])
+
+
+def _ensure_usage(conn: Connection, project: str, month: date) -> None:
+    conn.execute(
+        dialect_insert(conn, usage)
+        .values(
+            project=project,
+            month=month,
+            cost_usd=ZERO,
+            tokens=0,
+            reserved_usd=ZERO,
+            reserved_tokens=0,
+        )
+        .on_conflict_do_nothing(index_elements=["project", "month"])
+    )
+
+
+def _usage(conn: Connection, project: str, month: date) -> Any:
+    return (
+        conn.execute(select(usage).where(usage.c.project == project, usage.c.month == month))
+        .mappings()
+        .one()
+    )
+
+
+def add_usage(
+    conn: Connection,
+    project: str,
+    month: date,
+    *,
+    usd: Decimal = ZERO,
+    tokens: int = 0,
+    reserve_usd: Decimal = ZERO,
+    reserve_tokens: int = 0,
+    limits: Limits | None = None,
+) -> Any:
+    """Add spend and/or reservation to the project's month. With `limits`, only if the result
+    stays within them (one conditional UPDATE); returns the new row, or None when refused."""
+    _ensure_usage(conn, project, month)
+    key = and_(usage.c.project == project, usage.c.month == month)
+    if conn.dialect.name == "sqlite":
+        # Money is text on SQLite; add in Python (writers are serialised there).
+        row = _usage(conn, project, month)
+        new = {
+            "cost_usd": Decimal(row["cost_usd"]) + usd,
+            "tokens": row["tokens"] + tokens,
+            "reserved_usd": Decimal(row["reserved_usd"]) + reserve_usd,
+            "reserved_tokens": row["reserved_tokens"] + reserve_tokens,
+        }
+        if limits is not None and not _within(new, limits):
+            return None
+        conn.execute(update(usage).where(key).values(new))
+        return _usage(conn, project, month)
+    condition = [key]
+    if limits is not None and limits.cost_usd is not None:
+        condition.append(
+            usage.c.cost_usd + usage.c.reserved_usd + usd + reserve_usd <= limits.cost_usd
+        )
+    if limits is not None and limits.tokens is not None:
+        condition.append(
+            usage.c.tokens + usage.c.reserved_tokens + tokens + reserve_tokens <= limits.tokens
+        )
+    return (
+        conn.execute(
+            update(usage)
+            .where(*condition)
+            .values(
+                cost_usd=usage.c.cost_usd + usd,
+                tokens=usage.c.tokens + tokens,
+                reserved_usd=usage.c.reserved_usd + reserve_usd,
+                reserved_tokens=usage.c.reserved_tokens + reserve_tokens,
+            )
+            .returning(*usage.c)
+        )
+        .mappings()
+        .first()
+    )
+
+
+def _within(row: dict[str, Any], limits: Limits) -> bool:
+    if limits.cost_usd is not None and row["cost_usd"] + row["reserved_usd"] > limits.cost_usd:
+        return False
+    return not (
+        limits.tokens is not None and row["tokens"] + row["reserved_tokens"] > limits.tokens
+    )
+
+
+def check_can_enqueue(conn: Connection, project_names: set[str], now: datetime) -> None:
+    """Refuse new work for a project already at its monthly limit (one query per batch)."""
+    month = month_of(now)
+    rows = conn.execute(
+        select(
+            projects.c.name,
+            projects.c.monthly_cost_limit_usd,
+            projects.c.monthly_token_limit,
+            usage.c.cost_usd,
+            usage.c.tokens,
+        )
+        .select_from(
+            projects.outerjoin(
+                usage, and_(usage.c.project == projects.c.name, usage.c.month == month)
+            )
+        )
+        .where(
+            projects.c.name.in_(sorted(project_names)),
+            (projects.c.monthly_cost_limit_usd.is_not(None))
+            | (projects.c.monthly_token_limit.is_not(None)),
+        )
+    ).all()
+    for name, cost_limit, token_limit, spent_raw, tokens_raw in rows:
+        spent, tokens = Decimal(spent_raw or 0), int(tokens_raw or 0)
+        if cost_limit is not None and spent >= Decimal(cost_limit):
+            raise MonthlyLimitReached(
+                f"project {name!r} has spent {spent} USD of its {cost_limit} USD monthly limit "
+                f"in {month:%Y-%m}; new runs are refused until the limit is raised or the "
+                "month ends",
+                project=name,
+            )
+        if token_limit is not None and tokens >= int(token_limit):
+            raise MonthlyLimitReached(
+                f"project {name!r} has used {tokens} of its {token_limit} monthly tokens in "
+                f"{month:%Y-%m}; new runs are refused",
+                project=name,
+            )
+
+
+# -- recording and reserving from a running task ----------------------------------------------
+def record(
+    conn: Connection, run_id: uuid.UUID, attempt: int, project: str, entry: dict[str, Any]
+) -> tuple[runstore.Totals, str | None]:
+    """The cost entry, the run's totals and the project's month, in the caller's transaction.
+    Returns the run's totals and, when the project is now over a limit, why."""
+    totals = runstore.record_cost(conn, run_id, attempt, entry=entry)
+    month = month_of(entry["ts"])
+    row = add_usage(
+        conn,
+        project,
+        month,
+        usd=Decimal(entry["cost_usd"]),
+        tokens=entry["tokens_in"] + entry["tokens_out"],
+    )
+    limits = limits_of(conn, project)
+    over = None
+    if limits.cost_usd is not None and Decimal(row["cost_usd"]) > limits.cost_usd:
+        over = (
+            f"project {project!r} monthly cost limit {limits.cost_usd} USD exceeded by "
+            f"{Decimal(row['cost_usd']) - limits.cost_usd} USD"
+        )
+    elif limits.tokens is not None and row["tokens"] > limits.tokens:
+        over = (
+            f"project {project!r} monthly token limit {limits.tokens} exceeded by "
+            f"{row['tokens'] - limits.tokens} tokens"
+        )
+    return totals, over
+
+
+def reserve(
+    engine: Engine, run_id: uuid.UUID, project: str, *, usd: Decimal, tokens: int, now: datetime
+) -> int:
+    """Reserve headroom before an expensive call; BudgetExceeded (which stops the run) when the
+    run's budget or the project's monthly limit does not have it."""
+    month = month_of(now)
+    with engine.begin() as conn:
+        run = conn.execute(
+            select(runs.c.cost_usd, runs.c.budget_usd).where(runs.c.id == run_id)
+        ).one()
+        if run.budget_usd is not None:
+            held = sum(
+                (
+                    Decimal(v)
+                    for v in conn.execute(
+                        select(reservations.c.usd).where(
+                            reservations.c.run_id == run_id, reservations.c.settled_at.is_(None)
+                        )
+                    ).scalars()
+                ),
+                ZERO,
+            )
+            remaining = Decimal(run.budget_usd) - Decimal(run.cost_usd) - held
+            if usd > remaining:
+                raise BudgetExceeded(
+                    f"reserving {usd} USD exceeds the run's remaining budget of {remaining} USD "
+                    f"(budget_usd {run.budget_usd})"
+                )
+        limits = limits_of(conn, project)
+        row = add_usage(conn, project, month, reserve_usd=usd, reserve_tokens=tokens, limits=limits)
+        if row is None:
+            current = _usage(conn, project, month)
+            raise BudgetExceeded(
+                f"reserving {usd} USD / {tokens} tokens would exceed project {project!r}'s "
+                f"monthly limit (cost {limits.cost_usd}, tokens {limits.tokens}; spent "
+                f"{current['cost_usd']} USD and {current['tokens']} tokens, reserved "
+                f"{current['reserved_usd']} USD and {current['reserved_tokens']} tokens)"
+            )
+        inserted = conn.execute(
+            reservations.insert()
+            .values(
+                run_id=run_id, project=project, month=month, usd=usd, tokens=tokens, created_at=now
+            )
+            .returning(reservations.c.id)
+        ).scalar_one()
+    return int(inserted)
+
+
+def release(engine: Engine, reservation_id: int, *, now: datetime) -> None:
+    """Give the headroom back (the actual spend was recorded by `record`)."""
+    with engine.begin() as conn:
+        row = conn.execute(
+            update(reservations)
+            .where(reservations.c.id == reservation_id, reservations.c.settled_at.is_(None))
+            .values(settled_at=now)
+            .returning(
+                reservations.c.project,
+                reservations.c.month,
+                reservations.c.usd,
+                reservations.c.tokens,
+            )
+        ).first()
+        if row is not None:
+            add_usage(
+                conn,
+                row.project,
+                row.month,
+                reserve_usd=-Decimal(row.usd),
+                reserve_tokens=-int(row.tokens),
+            )
+
+
+# -- reports ----------------------------------------------------------------------------------
+GROUPS = ("provider", "model", "name", "day", "project")
+
+
+def report(
+    engine: Engine,
+    *,
+    project: str | None = None,
+    since: datetime | None = None,
+    by: str = "model",
+) -> list[dict[str, Any]]:
+    """Spend grouped by provider, model, task name, day or project, summed exactly."""
+    if by not in GROUPS:
+        raise InvalidInput(f"by: expected one of {', '.join(GROUPS)} (got {by!r})", field="by")
+    query = select(
+        cost_entries.c.provider,
+        cost_entries.c.model,
+        cost_entries.c.project,
+        cost_entries.c.ts,
+        cost_entries.c.tokens_in,
+        cost_entries.c.tokens_out,
+        cost_entries.c.requests,
+        cost_entries.c.cost_usd,
+        runs.c.name,
+    ).join(runs, runs.c.id == cost_entries.c.run_id)
+    if project:
+        query = query.where(cost_entries.c.project == project)
+    if since:
+        query = query.where(cost_entries.c.ts >= since)
+    groups: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"cost_usd": ZERO, "tokens_in": 0, "tokens_out": 0, "requests": 0, "entries": 0}
+    )
+    with engine.connect() as conn:
+        for row in conn.execute(query).mappings():
+            key = f"{row['ts']:%Y-%m-%d}" if by == "day" else str(row[by])
+            group = groups[key]
+            group["cost_usd"] += Decimal(row["cost_usd"])
+            group["tokens_in"] += row["tokens_in"]
+            group["tokens_out"] += row["tokens_out"]
+            group["requests"] += row["requests"]
+            group["entries"] += 1
+    return [{by: key, **values} for key, values in sorted(groups.items())]

@@ -1,0 +1,81 @@
+"""Shared fixtures for integration tests: a real executor on a real database."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+
+from domain import services
+from domain.costs import Prices
+from domain.models import run_logs
+from domain.registry import Registry, RegistryCatalog
+from domain.requests import build_request
+from domain.unit_of_work import UnitOfWork
+from domain.views import RunView
+from worker import capture
+from worker.executor import Executor
+from worker.logwriter import LogWriter
+from worker.monitor import RunMonitor
+
+
+@dataclass
+class Harness:
+    engine: Engine
+    registry: Registry
+    executor: Executor
+    writer: LogWriter
+
+    def enqueue(self, name: str, validate: bool = True, **fields: Any) -> uuid.UUID:
+        catalog = RegistryCatalog(self.registry) if validate else None
+        request = build_request(name=name, **fields)
+        return services.enqueue(UnitOfWork(self.engine), request, catalog=catalog).run.id
+
+    def run(self, run_id: uuid.UUID) -> str:
+        return self.executor.execute(run_id).status
+
+    def get(self, run_id: uuid.UUID) -> RunView:
+        return services.get_run(UnitOfWork(self.engine), run_id)
+
+    def messages(self, run_id: uuid.UUID) -> list[tuple[str, str]]:
+        self.writer.flush()
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(run_logs.c.stream, run_logs.c.message)
+                .where(run_logs.c.run_id == run_id)
+                .order_by(run_logs.c.seq)
+            ).all()
+        return [(r[0], r[1]) for r in rows]
+
+
+@pytest.fixture
+def h(engine: Engine, request: pytest.FixtureRequest) -> Iterator[Harness]:
+    registry = Registry()
+    writer = LogWriter(engine, flush_interval_s=0.05)
+    writer.start()
+    capture.install()
+    holder: list[Executor] = []
+    monitor = RunMonitor(
+        engine,
+        lease_s=30,
+        tick_s=0.1,
+        kill_grace_s=0.3,
+        on_abandon=lambda ctx: holder[0].abandon(ctx),  # noqa: PLW0108 - bound later
+    )
+    executor = Executor(
+        engine,
+        writer,
+        registry,
+        monitor,
+        owner="test-worker",
+        lease_s=30,
+        prices=request.param if hasattr(request, "param") else Prices({}),
+    )
+    holder.append(executor)
+    yield Harness(engine, registry, executor, writer)
+    monitor.close()
+    writer.close()
