@@ -51,7 +51,12 @@ def default_catalog(settings: Settings) -> Catalog | None:
     from domain.registry import REGISTRY, RegistryCatalog, import_task_modules
 
     import_task_modules(settings.task_module_list)
-    return RegistryCatalog(REGISTRY) if len(REGISTRY) else None
+    if not len(REGISTRY):
+        return None
+    from domain.chains import check_chains
+
+    check_chains(REGISTRY)
+    return RegistryCatalog(REGISTRY)
 
 
 class Client:
@@ -115,9 +120,14 @@ class Client:
         budget_usd: Decimal | str | float | None = None,
         max_requests: int | None = None,
         max_minutes: float | None = None,
+        after: str | uuid.UUID | None = None,
         **extra: Any,
     ) -> RunView:
-        """Create a run of task or pipeline `name`; with `idempotency_key`, at most one run."""
+        """Create a run of task or pipeline `name`; with `idempotency_key`, at most one run.
+
+        With `after`, the run waits until that run ends: it starts if the parent succeeded and
+        is cancelled (saying why) if not.
+        """
         request = self._request(
             name,
             params,
@@ -135,7 +145,11 @@ class Client:
             **extra,
         )
         return services.enqueue(
-            self.uow(), request, publisher=self.publisher, catalog=self.catalog
+            self.uow(),
+            request,
+            publisher=self.publisher,
+            catalog=self.catalog,
+            after=as_run_id(after) if after is not None else None,
         ).run
 
     def enqueue_many(self, items: Iterable[Mapping[str, Any]]) -> list[RunView]:

@@ -75,6 +75,8 @@ class TaskSpec:
     timeout_s: float | None = None
     priority: int | None = None
     schedule: Declared | None = None
+    on_success: str | None = None
+    on_failure: str | None = None
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         """Params checked against the signature, returned JSON-ready (what is stored)."""
@@ -167,6 +169,8 @@ class Registry:
         timeout: float | None = None,
         priority: int | None = None,
         schedule: Declared | None = None,
+        on_success: str | None = None,
+        on_failure: str | None = None,
     ) -> Callable[[F], F]:
         def register(fn: F) -> F:
             task_name = name or fn.__name__
@@ -182,6 +186,8 @@ class Registry:
                     timeout_s=timeout,
                     priority=priority,
                     schedule=schedule,
+                    on_success=on_success,
+                    on_failure=on_failure,
                 )
             )
             fn.conveyor_task = task_name  # type: ignore[attr-defined]
@@ -223,6 +229,8 @@ def task(
     timeout: float | None = None,
     priority: int | None = None,
     schedule: Declared | None = None,
+    on_success: str | None = None,
+    on_failure: str | None = None,
 ) -> Callable[[F], F]: ...
 def task(*args: Any, **kwargs: Any) -> Any:
     """Register a task: `@task` or `@task(name=..., queue=..., max_attempts=..., timeout=...)`."""

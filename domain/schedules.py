@@ -397,7 +397,11 @@ def release_held(engine: Engine, *, now: datetime) -> int:
     with engine.begin() as conn:
         held = conn.execute(
             select(runs.c.id, runs.c.trigger_ref)
-            .where(runs.c.status == "pending", runs.c.not_before == HELD)
+            .where(
+                runs.c.status == "pending",
+                runs.c.not_before == HELD,
+                runs.c.trigger_ref.like("schedule:%"),
+            )
             .order_by(runs.c.created_at)
         ).all()
         released = 0

@@ -95,13 +95,16 @@ def enqueue(
     publisher: Publisher | None = None,
     catalog: Catalog | None = None,
     inline: bool = False,
+    after: uuid.UUID | None = None,
 ) -> Enqueued:
     """Record one run (and so its delivery intent) and publish it after commit.
 
     With an idempotency key that already names a run of the same task and params, that run is
     returned (created=False); the same key for a different request is a Conflict.
     """
-    return enqueue_many(uow, [req], publisher=publisher, catalog=catalog, inline=inline)[0]
+    return enqueue_many(
+        uow, [req], publisher=publisher, catalog=catalog, inline=inline, after=after
+    )[0]
 
 
 def enqueue_many(
@@ -111,6 +114,7 @@ def enqueue_many(
     publisher: Publisher | None = None,
     catalog: Catalog | None = None,
     inline: bool = False,
+    after: uuid.UUID | None = None,
 ) -> list[Enqueued]:
     """Record a batch of runs in one transaction and publish them in one broker call.
 
@@ -122,8 +126,14 @@ def enqueue_many(
     catalog = catalog or OpenCatalog()
     now = uow.clock()
     rows = [_row(req, catalog, now, publisher is not None or inline) for req in reqs]
+    if after is not None:
+        from domain.chains import hold_after
+
+        rows = [hold_after(row, after) for row in rows]
     with uow:
         costs.check_can_enqueue(uow.conn, {row["project"] for row in rows}, now)
+        if after is not None:
+            uow.runs.get(after)  # RunNotFound: a run cannot wait for one that does not exist
         try:
             results = _insert(uow, rows)
         except IntegrityError:

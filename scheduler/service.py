@@ -8,6 +8,7 @@ import time
 import structlog
 from sqlalchemy import Engine
 
+from domain.chains import release_after
 from domain.clock import Clock, utc_now
 from domain.ports import Catalog, Publisher
 from domain.recovery import forget_dead_workers, reap_once, relay_once
@@ -94,6 +95,7 @@ class SchedulerService:
                     next_reap = now_m + self.settings.reaper_interval_s
                 if now_m >= next_relay:
                     release_held(self.engine, now=self.clock())
+                    release_after(self.engine, now=self.clock())
                     relay_once(
                         self.engine,
                         self.publisher,

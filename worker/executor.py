@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
 from domain import runstore
+from domain.chains import chain_follow_up
 from domain.clock import Clock, utc_now
 from domain.costs import Prices
 from domain.errors import InvalidInput, LeaseLost, RunStopped, UnknownTask
@@ -207,15 +208,29 @@ class Executor:
         self, claim: Claim, status: str, *, result: Any = None, failure: Failure | None = None
     ) -> Outcome:
         def write(conn: Connection) -> None:
+            now = self.clock()
+            error_type = failure.error_type if failure else None
+            error = failure.error if failure else None
             runstore.finish(
                 conn,
                 claim.run_id,
                 claim.attempt,
                 status=status,
-                now=self.clock(),
+                now=now,
                 result=result,
-                error_type=failure.error_type if failure else None,
-                error=failure.error if failure else None,
+                error_type=error_type,
+                error=error,
+            )
+            # The follow-up (on_success/on_failure) commits with the outcome, or not at all.
+            chain_follow_up(
+                conn,
+                self.registry,
+                parent=claim,
+                status=status,
+                result=result,
+                error_type=error_type,
+                error=error,
+                now=now,
             )
 
         problem = self._commit_final(claim, write)

@@ -11,6 +11,7 @@ import threading
 import structlog
 from sqlalchemy import Engine
 
+from domain.chains import check_chains
 from domain.costs import Prices
 from domain.db import create_db_engine
 from domain.registry import REGISTRY, Registry, RegistryCatalog, import_task_modules
@@ -28,6 +29,7 @@ log = structlog.get_logger("conveyor.worker")
 class WorkerRuntime:
     def __init__(self, settings: Settings, registry: Registry = REGISTRY) -> None:
         import_task_modules(settings.task_module_list)
+        check_chains(registry)
         self.settings = settings
         self.registry = registry
         self.catalog = RegistryCatalog(registry)
