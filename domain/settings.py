@@ -117,6 +117,35 @@ class Settings(BaseSettings):
         Path("prices.toml"),
         description="USD per million input/output tokens per provider and model (optional).",
     )
+    # Callbacks and notifications out (domain/outbound.py, scheduler/deliveries.py). They are
+    # signed with the webhook's secret for a run a webhook created, else with a key derived from
+    # CONVEYOR_SECRET_KEY (`conveyor notify key` prints it for receivers).
+    outbound_deadline_s: float = Field(
+        3600.0,
+        gt=0,
+        description="How long a callback or notification is retried before conveyor gives up.",
+    )
+    outbound_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="Timeout of one callback or notification POST."
+    )
+    outbound_backoff_s: float = Field(
+        2.0, gt=0, description="Delay before the first retry; it doubles with each attempt."
+    )
+    outbound_backoff_max_s: float = Field(
+        300.0, gt=0, description="The longest delay between two attempts."
+    )
+    retention_days: float = Field(
+        30.0, gt=0, description="Finished runs older than this are deleted with their records."
+    )
+    retention_rules: dict[str, float] = Field(
+        default_factory=dict,
+        description='Per project/status ages in days, JSON: {"acme": 90, "*:failed": 180}.',
+    )
+    archive_dir: Path | None = Field(
+        None, description="If set, runs are written here (gzip JSON lines) before deletion."
+    )
+    rollup_interval_s: float = Field(60.0, gt=0, description="How often run_stats is updated.")
+    retention_interval_s: float = Field(600.0, gt=0, description="How often retention runs.")
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
     log_level: str = "INFO"
 

@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 
 from domain.chains import release_after
 from domain.clock import Clock, utc_now
+from domain.maintenance import apply_retention, roll_up
 from domain.ports import Catalog, Publisher
 from domain.recovery import forget_dead_workers, reap_once, relay_once
 from domain.registry import Registry
@@ -75,7 +76,7 @@ class SchedulerService:
             log.info("scheduler.stopped")
 
     def _lead(self) -> None:
-        next_relay = next_reap = 0.0
+        next_relay = next_reap = next_housekeeping = next_retention = 0.0
         next_check = time.monotonic() + STANDBY_RETRY_S
         while not self.stop_event.is_set():
             now_m = time.monotonic()
@@ -93,6 +94,18 @@ class SchedulerService:
                     reap_once(self.engine, clock=self.clock)
                     forget_dead_workers(self.engine, clock=self.clock)
                     next_reap = now_m + self.settings.reaper_interval_s
+                if now_m >= next_housekeeping:
+                    roll_up(self.engine, now=self.clock())
+                    next_housekeeping = now_m + self.settings.rollup_interval_s
+                if now_m >= next_retention:
+                    apply_retention(
+                        self.engine,
+                        now=self.clock(),
+                        default_days=self.settings.retention_days,
+                        rules=self.settings.retention_rules,
+                        archive_dir=self.settings.archive_dir,
+                    )
+                    next_retention = now_m + self.settings.retention_interval_s
                 if now_m >= next_relay:
                     release_held(self.engine, now=self.clock())
                     release_after(self.engine, now=self.clock())
