@@ -75,6 +75,7 @@ class TaskContext:
         self.stop_reason: str | None = None
         self.stop_detail: str = ""
         self._step_seq: int | None = None
+        self._planned: dict[str, int] = {}
         self._lock = threading.Lock()
 
     # -- identity ---------------------------------------------------------------------------
@@ -102,27 +103,61 @@ class TaskContext:
     def metric(self, name: str, value: float, **labels: Any) -> None:
         self._sink.metric(self.run_id, name, float(value), labels or None)
 
-    @contextmanager
-    def step(self, name: str, step_type: str = "step") -> Iterator[None]:
-        """A visible step: running while the block runs, then completed or failed (with why)."""
+    def _take_seq(self) -> int:
         with self._lock:
             if self._step_seq is None:
                 with self._engine.connect() as conn:
                     self._step_seq = runstore.next_seq(conn, run_steps, self.run_id)
             seq = self._step_seq
             self._step_seq += 1
-        with self._engine.begin() as conn:
-            conn.execute(
-                run_steps.insert().values(
-                    run_id=self.run_id,
-                    seq=seq,
-                    attempt=self.attempt,
-                    name=name,
-                    step_type=step_type,
-                    status="running",
-                    started_at=self._clock(),
-                )
+            return seq
+
+    def plan(self, *names: str, step_type: str = "step") -> None:
+        """Record steps ahead as `planned`, so watchers see the road; `step(name)` later moves
+        the planned row through running to completed or failed."""
+        rows = []
+        for name in names:
+            seq = self._take_seq()
+            self._planned[name] = seq
+            rows.append(
+                {
+                    "run_id": self.run_id,
+                    "seq": seq,
+                    "attempt": self.attempt,
+                    "name": name,
+                    "step_type": step_type,
+                    "status": "planned",
+                }
             )
+        if rows:
+            with self._engine.begin() as conn:
+                conn.execute(run_steps.insert(), rows)
+
+    @contextmanager
+    def step(self, name: str, step_type: str = "step") -> Iterator[None]:
+        """A visible step: running while the block runs, then completed or failed (with why)."""
+        planned = self._planned.pop(name, None)
+        with self._engine.begin() as conn:
+            if planned is not None:
+                seq = planned
+                conn.execute(
+                    update(run_steps)
+                    .where(run_steps.c.run_id == self.run_id, run_steps.c.seq == seq)
+                    .values(status="running", started_at=self._clock())
+                )
+            else:
+                seq = self._take_seq()
+                conn.execute(
+                    run_steps.insert().values(
+                        run_id=self.run_id,
+                        seq=seq,
+                        attempt=self.attempt,
+                        name=name,
+                        step_type=step_type,
+                        status="running",
+                        started_at=self._clock(),
+                    )
+                )
         status, detail = "completed", None
         try:
             yield

@@ -1,0 +1,1 @@
+"""Seed 000 (an agent orchestrator): prioritised agent tasks on conveyor."""

@@ -1,0 +1,1 @@
+"""Seed 004 (a kanban SDLC orchestrator): a card moving through stages as chained runs."""

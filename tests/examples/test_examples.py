@@ -1,0 +1,122 @@
+"""Each seed's example scenario, end to end through real worker processes (issue 8)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from conveyor import Client
+from domain.clock import utc_now
+from domain.maintenance import apply_retention, roll_up, stats_for
+from tests.e2e.stack import Stack, eventually
+from tests.services import require_redis
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
+
+MODULES = ",".join(
+    f"examples.{m}.tasks" for m in ("agent_tasks", "dev_platform", "llm_jobs", "kanban")
+)
+
+
+@pytest.fixture(scope="module")
+def stack(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    require_redis()
+    s = Stack(pg_database, tmp_path_factory.mktemp("examples"), CONVEYOR_TASK_MODULES=MODULES)
+    s.redis.flushdb()
+    s.scheduler()
+    s.worker("default", name="examples", concurrency=2)
+    yield s
+    s.stop_all()
+
+
+@pytest.fixture
+def client(stack: Stack, pg_url: str) -> Iterator[Client]:
+    with stack.client() as c:
+        yield c
+
+
+def test_agent_tasks(client: Client, tmp_path: Path) -> None:
+    from examples.agent_tasks import scenario
+
+    result = scenario.run(client)
+    assert sorted(result["after"]["done"]) == [
+        "fix login",
+        "refactor api",
+        "triage bugs",
+        "write docs",
+    ]
+    assert all(r.status == "succeeded" and r.cost_usd > 0 for r in result["runs"])
+    assert set(result["before"]) <= {"todo", "in_progress", "done"}
+    now = utc_now()
+    roll_up(client.engine, now=now)
+    [day] = stats_for(client.engine, period="day", name="agent_tasks.work")
+    assert day["counts"]["succeeded"] == 4
+    archived = apply_retention(
+        client.engine, now=now + timedelta(days=31), default_days=30, archive_dir=tmp_path
+    )
+    assert archived >= 4 and list(tmp_path.glob("runs-*.jsonl.gz"))
+    standup = [
+        s
+        for s in __import__("domain.schedules", fromlist=["x"]).list_schedules(client.engine)
+        if s.name == "task:agent_tasks.standup"
+    ]
+    assert standup and standup[0].trigger == "interval"
+
+
+def test_dev_platform(client: Client) -> None:
+    from examples.dev_platform import scenario
+
+    result = scenario.run(client)
+    statuses = [r.status for r in result["runs"]]
+    assert statuses == ["succeeded"] * 5
+    assert result["refused_at"][0] == 5 and "new runs are refused" in result["refused_at"][1]
+    assert result["usage"]["tokens"] == 5 * 750 and result["usage"]["reserved_usd"] == "0"
+    assert all(r.duration_s is not None for r in result["runs"])
+    # agents are workers: the registry lists them with their load (it is re-written every 5 s)
+    eventually(lambda: any(not a["stopped"] for a in _workers(client)), timeout=15)
+
+
+def _workers(client: Client) -> list[dict[str, object]]:
+    from sqlalchemy import select
+
+    from domain.models import workers
+
+    with client.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(select(workers)).mappings()]
+
+
+def test_llm_jobs(client: Client) -> None:
+    from examples.llm_jobs import scenario
+
+    result = scenario.run(client)
+    ok = result["ok"]
+    assert (ok.status, ok.requests_made, ok.tokens_in, ok.tokens_out) == ("succeeded", 3, 1500, 750)
+    assert ok.cost_usd == Decimal("0.000675")
+    assert [(s.name, s.status) for s in result["ok_steps"]] == [
+        ("analyze", "completed"),
+        ("code", "completed"),
+        ("review", "completed"),
+    ]
+    tight = result["tight"]
+    assert tight.status == "budget_exceeded" and "remaining budget" in (tight.error or "")
+    assert result["cancelled"].status == "cancelled"
+
+
+def test_kanban(client: Client, stack: Stack) -> None:
+    from examples.kanban import scenario
+
+    result = scenario.run(client)
+    names = [s.name for s in result["stages"]]
+    assert names == ["kanban.plan", "kanban.code", "kanban.review", "kanban.done"]
+    assert all(s.status == "succeeded" for s in result["stages"])
+    assert result["stages"][-1].result["history"] == "backlog > plan > code > review"
+    assert all(s.triggered_by == "chain" for s in result["stages"][1:])
+    types = [line.fields["type"] for line in result["logs"]["kanban.code"]]
+    assert types == ["command", "output", "result"]
+    assert [line.seq for line in result["logs"]["kanban.code"]] == [1, 2, 3]
+    _ = signal  # (the stack fixture owns the processes)
