@@ -20,15 +20,32 @@ from tests.fakes import FakeClock
 T0 = datetime(2026, 5, 4, 10, 0, tzinfo=UTC)
 
 
-def finished(engine: Engine, clock: FakeClock, name: str, status: str, seconds: float,
-             project: str = "default", usd: str = "0") -> uuid.UUID:
-    run_id = services.enqueue(UnitOfWork(engine, clock=clock),
-                              build_request(name=name, project=project)).run.id
+def finished(
+    engine: Engine,
+    clock: FakeClock,
+    name: str,
+    status: str,
+    seconds: float,
+    project: str = "default",
+    usd: str = "0",
+) -> uuid.UUID:
+    run_id = services.enqueue(
+        UnitOfWork(engine, clock=clock), build_request(name=name, project=project)
+    ).run.id
     with engine.begin() as conn:
         runstore.claim(conn, run_id, owner="w", now=clock(), lease_s=30)
         conn.execute(runs.update().where(runs.c.id == run_id).values(cost_usd=usd, tokens_in=10))
-        conn.execute(insert(run_logs).values(run_id=run_id, seq=1, attempt=1, ts=clock(),
-                                             stream="log", level="info", message=f"{name} log"))
+        conn.execute(
+            insert(run_logs).values(
+                run_id=run_id,
+                seq=1,
+                attempt=1,
+                ts=clock(),
+                stream="log",
+                level="info",
+                message=f"{name} log",
+            )
+        )
         runstore.finish(conn, run_id, 1, status=status, now=clock() + timedelta(seconds=seconds))
     return run_id
 
@@ -66,8 +83,12 @@ def test_retention_deletes_in_batches_with_rules_and_archives(
     recent = finished(engine, clock, "job", "succeeded", 1)
     pending = services.enqueue(UnitOfWork(engine, clock=clock), build_request(name="job")).run.id
     deleted = apply_retention(
-        engine, now=clock.now, default_days=30, rules={"*:failed": 90},
-        archive_dir=tmp_path, batch=3,
+        engine,
+        now=clock.now,
+        default_days=30,
+        rules={"*:failed": 90},
+        archive_dir=tmp_path,
+        batch=3,
     )
     assert deleted == 7  # the failed one is kept for 90 days
     with engine.connect() as conn:
