@@ -137,16 +137,17 @@ class TaskContext:
     def step(self, name: str, step_type: str = "step") -> Iterator[None]:
         """A visible step: running while the block runs, then completed or failed (with why)."""
         planned = self._planned.pop(name, None)
+        # Taken before the transaction opens: on SQLite a second connection inside an open
+        # write transaction would wait on itself.
+        seq = planned if planned is not None else self._take_seq()
         with self._engine.begin() as conn:
             if planned is not None:
-                seq = planned
                 conn.execute(
                     update(run_steps)
                     .where(run_steps.c.run_id == self.run_id, run_steps.c.seq == seq)
                     .values(status="running", started_at=self._clock())
                 )
             else:
-                seq = self._take_seq()
                 conn.execute(
                     run_steps.insert().values(
                         run_id=self.run_id,

@@ -228,3 +228,29 @@ def test_a_stale_attempt_cannot_finish(h: Harness) -> None:
     assert outcome == ["lease_lost"]
     run = h.get(run_id)
     assert (run.status, run.attempt, run.lease_owner) == ("running", 2, "other")
+
+
+def test_planned_steps_move_through_running_to_completed(h: Harness) -> None:
+    """plan() then step(): on SQLite too (a nested connection there would wait on itself)."""
+
+    @h.registry.task()
+    def job(ctx) -> None:  # type: ignore[no-untyped-def]
+        ctx.plan("fetch", "write")
+        with ctx.step("fetch"):
+            pass
+        with ctx.step("extra"):
+            pass
+
+    run_id = h.enqueue("job")
+    assert h.run(run_id) == "succeeded"
+    with h.engine.connect() as conn:
+        rows = conn.execute(
+            select(run_steps.c.seq, run_steps.c.name, run_steps.c.status)
+            .where(run_steps.c.run_id == run_id)
+            .order_by(run_steps.c.seq)
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        (1, "fetch", "completed"),
+        (2, "write", "planned"),
+        (3, "extra", "completed"),
+    ]
