@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 from conveyor.cli.output import console
 from domain.db import create_db_engine
@@ -25,7 +26,29 @@ def dev_settings(settings: Settings) -> Settings:
     )
 
 
-def run_dev(settings: Settings) -> None:
+def _start_api(settings: Settings, app: Any, port: int) -> threading.Thread | None:
+    """The status API in a thread, on loopback only: dev mode serves it without tokens."""
+    if port <= 0:
+        return None
+    import uvicorn
+
+    from api.app import create_api
+    from worker.publisher import CeleryPublisher
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_api(settings, publisher=CeleryPublisher(app), auth_disabled=True),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, name="conveyor-api", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_dev(settings: Settings, *, port: int = 8000) -> None:
     """Migrate, then run scheduler sweeps in a thread and a thread-pool worker in this thread.
 
     Runs enqueued from another terminal (`conveyor enqueue hello --wait`) land in the database;
@@ -59,7 +82,13 @@ def run_dev(settings: Settings) -> None:
         }
         - {""}
     )
+    api = _start_api(settings, app, port)
     console.print(f"conveyor dev: database {redact_url(url)} (schema at head), in-process broker")
+    if api is not None:
+        console.print(
+            f"API on http://127.0.0.1:{port}/docs without tokens (bound to localhost only; "
+            "run `conveyor api` with tokens to expose it)"
+        )
     console.print(f"tasks: {', '.join(REGISTRY.names())}; queues: {', '.join(queues)}")
     console.print("try, in another terminal:  conveyor enqueue hello -p name=world --wait")
     os.environ["CONVEYOR_WORKER_QUEUES"] = ",".join(queues)

@@ -87,12 +87,17 @@ def scheduler() -> None:
         engine.dispose()
 
 
-def dev() -> None:
+def dev(
+    port: Annotated[
+        int, typer.Option(help="Port of the status API on 127.0.0.1; 0: no API.")
+    ] = 8000,
+) -> None:
     """Run everything in one process on the embedded default: SQLite under ./.conveyor/, an
-    in-memory broker, a thread-pool worker, the scheduler, and the example tasks."""
+    in-memory broker, a thread-pool worker, the scheduler, the API on localhost, and the
+    example tasks."""
     from conveyor.dev import run_dev
 
-    run_dev(get_settings())
+    run_dev(get_settings(), port=port)
 
 
 def workers(

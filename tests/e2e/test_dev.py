@@ -20,9 +20,10 @@ def test_dev_runs_work_enqueued_from_another_process(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env.update({"CONVEYOR_HOME": str(tmp_path / ".conveyor"), "PYTHONPATH": str(ROOT)})
     out = tmp_path / "dev.out"
+    port = _free_port()
     with out.open("wb") as sink:
         dev = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", "dev"],
+            [sys.executable, "-m", "conveyor", "dev", "--port", str(port)],
             cwd=tmp_path,
             env=env,
             stdout=sink,
@@ -31,6 +32,7 @@ def test_dev_runs_work_enqueued_from_another_process(tmp_path: Path) -> None:
         )
     try:
         eventually(lambda: "try, in another terminal" in out.read_text(), timeout=30)
+        assert "without tokens (bound to localhost only" in out.read_text()
         assert "tasks: flaky, heartbeat, hello, sleepy, summarize" in out.read_text()
         result = subprocess.run(
             [
@@ -58,8 +60,22 @@ def test_dev_runs_work_enqueued_from_another_process(tmp_path: Path) -> None:
         assert run["status"] == "succeeded"
         assert run["result"] == {"greeting": "Hello, world!"}
         assert [line["message"] for line in run["logs"]] == ["greeting", "Hello, world!"]
+        # the status API is served on localhost without a token in dev mode
+        import httpx
+
+        url = f"http://127.0.0.1:{port}/api/v1/runs?name=hello"
+        listed = httpx.get(url, timeout=10).json()
+        assert [r["id"] for r in listed["items"]] == [run["id"]]
     finally:
         os.killpg(dev.pid, signal.SIGINT)  # Ctrl-C: drain and stop
         code = dev.wait(timeout=30)
     assert code == 0, out.read_text()[-2000:]
     assert "Traceback" not in out.read_text()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
