@@ -36,6 +36,8 @@ def create_app(settings: Settings) -> Celery:
         task_queues=[Queue(settings.default_queue, routing_key=settings.default_queue)],
         task_create_missing_queues=True,
         task_default_priority=priority_for_broker(settings.broker_url, 5),
+        # RabbitMQ honours priorities only on queues declared with x-max-priority.
+        task_queue_max_priority=PRIORITY_LEVELS - 1,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
