@@ -81,3 +81,27 @@ def _count(engine: object, schedule_id: int) -> int:
                 .where(sched.fires.c.schedule_id == schedule_id)
             ).scalar_one()
         )
+
+
+def test_edits_take_effect_without_a_restart(pg_url: str, tmp_path: Path) -> None:
+    """Added, paused, resumed and removed while the scheduler runs: each within ~2 s."""
+    require_redis()
+    stack = Stack(pg_url, tmp_path)
+    engine = create_db_engine(pg_url)
+    try:
+        stack.scheduler()
+        time.sleep(2)  # leading, with nothing to fire
+        spec = sched.ScheduleInput.parse(
+            name="late", target="noop", trigger="interval", expression="1s"
+        )
+        view = sched.add_schedule(engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now())
+        eventually(lambda: _count(engine, view.id) >= 1, timeout=5)  # added: fires
+        sched.set_enabled(engine, "late", False, now=utc_now())
+        time.sleep(2.5)  # the pause reaches the scheduler within ~1 s
+        paused_at = _count(engine, view.id)
+        time.sleep(2)
+        assert _count(engine, view.id) == paused_at  # paused: no new slot
+        sched.remove_schedule(engine, "late")
+    finally:
+        stack.stop_all()
+        engine.dispose()
