@@ -10,7 +10,18 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
-from api import errors, health, metrics, routes_admin, routes_runs, sse, webhooks
+from api import (
+    errors,
+    health,
+    metrics,
+    routes_admin,
+    routes_pipelines,
+    routes_runs,
+    routes_schedules,
+    routes_stats,
+    sse,
+    webhooks,
+)
 from api.auth import FailedAuthLimiter
 from api.limits import BodyLimit
 from api.state import ApiOptions, ApiState
@@ -64,7 +75,17 @@ def create_api(
     app.state.api = state
     app.state.limiter = FailedAuthLimiter(opts)
     errors.install(app)
-    for module in (health, metrics, routes_runs, sse, routes_admin, webhooks):
+    for module in (
+        health,
+        metrics,
+        routes_runs,
+        sse,
+        routes_schedules,
+        routes_pipelines,
+        routes_stats,
+        routes_admin,
+        webhooks,
+    ):
         app.include_router(module.router)
 
     def limit_for(path: str) -> int:

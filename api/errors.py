@@ -10,7 +10,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException
 
 from domain.auth import Forbidden, Unauthorized
@@ -142,6 +142,17 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status, kind, message, headers=dict(exc.headers or {}) or None)
 
 
+async def _data_error(request: Request, exc: Exception) -> JSONResponse:
+    # The database refused a value the request carried (a NUL character in text, a number out
+    # of its range): the caller's input, not an outage.
+    return error_response(
+        422,
+        "invalid_input",
+        "the request holds a value the database cannot store "
+        "(e.g. a NUL character in text, or a number out of range)",
+    )
+
+
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     # A driver error that escaped a unit of work: log it, tell the caller only what it means.
     log.error("api.database_error", reason=str(exc).splitlines()[0], path=_path(request))
@@ -162,5 +173,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ConveyorError, _conveyor_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _internal_error)

@@ -17,6 +17,7 @@ from domain.registry import Registry
 from domain.schedules import release_held
 from domain.settings import Settings
 from scheduler.declared import sync_code_schedules
+from scheduler.deliveries import OutboundSweeper
 from scheduler.leader import Leadership, leadership_for
 from scheduler.schedule_runner import ScheduleRunner
 
@@ -52,6 +53,7 @@ class SchedulerService:
             clock=clock,
             misfire_grace_s=settings.schedule_misfire_grace_s,
         )
+        self.outbound = OutboundSweeper(engine, settings, clock=clock)
 
     def run(self) -> None:
         """Block until stop(): wait for leadership, then sweep; give it up if the lock is lost."""
@@ -90,6 +92,7 @@ class SchedulerService:
                 except Exception as exc:
                     log.error("scheduler.sync_failed", error=f"{type(exc).__name__}: {exc}")
             try:
+                self.outbound.tick()  # callbacks and notifications: a pass a second, off-loop
                 if now_m >= next_reap:
                     reap_once(self.engine, clock=self.clock)
                     forget_dead_workers(self.engine, clock=self.clock)
