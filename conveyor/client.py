@@ -46,17 +46,25 @@ def default_publisher(settings: Settings) -> Publisher | None:
 
 
 def default_catalog(settings: Settings) -> Catalog | None:
-    """Validate against registered tasks when this process knows any (CONVEYOR_TASK_MODULES);
-    a producer that imports none sends names and params as they are, and the worker checks."""
-    from domain.registry import REGISTRY, RegistryCatalog, import_task_modules
+    """Validate against the registered tasks (CONVEYOR_TASK_MODULES) and the pipelines found
+    in CONVEYOR_PIPELINES_DIR. A producer that knows neither sends names and params as they
+    are, and the worker checks them."""
+    from domain.chains import check_chains
+    from domain.pipelines import pipeline_catalog_for
+    from domain.ports import OpenCatalog
+    from domain.registry import REGISTRY, CompositeCatalog, RegistryCatalog, import_task_modules
 
     import_task_modules(settings.task_module_list)
-    if not len(REGISTRY):
-        return None
-    from domain.chains import check_chains
-
-    check_chains(REGISTRY)
-    return RegistryCatalog(REGISTRY)
+    catalogs: list[Catalog] = []
+    if len(REGISTRY):
+        check_chains(REGISTRY)
+        catalogs.append(RegistryCatalog(REGISTRY))
+    pipelines = pipeline_catalog_for(settings)
+    if pipelines.directory.all():
+        catalogs.append(pipelines)
+        if not len(REGISTRY):
+            catalogs.append(OpenCatalog())  # tasks this process does not import still pass
+    return CompositeCatalog(*catalogs) if catalogs else None
 
 
 class Client:

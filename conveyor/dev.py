@@ -9,6 +9,7 @@ from typing import Any
 from conveyor.cli.output import console
 from domain.db import create_db_engine
 from domain.migrate import ensure_schema
+from domain.pipelines import PipelineDirectory, pipeline_settings
 from domain.registry import REGISTRY, RegistryCatalog, import_task_modules
 from domain.settings import Settings, redact_url
 
@@ -74,13 +75,19 @@ def run_dev(settings: Settings, *, port: int = 8000) -> None:
     )
     sweeper = threading.Thread(target=service.run, name="conveyor-scheduler", daemon=True)
     sweeper.start()
+    pipelines = [
+        p
+        for p in PipelineDirectory(pipeline_settings(settings).pipelines_dir).all()
+        if p.runnable and p.config is not None
+    ]
     queues = sorted(
         {
             settings.default_queue,
             settings.submit_queue,
             *(REGISTRY.get(n).queue for n in REGISTRY.names()),
+            *(p.config.queue for p in pipelines if p.config and p.config.queue),
         }
-        - {""}
+        - {"", None}
     )
     api = _start_api(settings, app, port)
     console.print(f"conveyor dev: database {redact_url(url)} (schema at head), in-process broker")
@@ -90,6 +97,8 @@ def run_dev(settings: Settings, *, port: int = 8000) -> None:
             "run `conveyor api` with tokens to expose it)"
         )
     console.print(f"tasks: {', '.join(REGISTRY.names())}; queues: {', '.join(queues)}")
+    if pipelines:
+        console.print(f"pipelines: {', '.join(p.name for p in pipelines)}")
     console.print("try, in another terminal:  conveyor enqueue hello -p name=world --wait")
     os.environ["CONVEYOR_WORKER_QUEUES"] = ",".join(queues)
     try:

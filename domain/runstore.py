@@ -32,6 +32,7 @@ _CLAIM_COLUMNS = (
     runs.c.started_at,
     runs.c.queue,
     runs.c.priority,
+    runs.c.triggered_by,
 )
 
 
@@ -53,6 +54,7 @@ class Claim:
     started_at: datetime
     queue: str
     priority: int
+    triggered_by: str = "api"
 
 
 def claim(
@@ -98,6 +100,7 @@ def claim(
         started_at=row["started_at"],
         queue=row["queue"],
         priority=row["priority"],
+        triggered_by=row["triggered_by"],
     )
 
 

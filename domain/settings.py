@@ -146,6 +146,21 @@ class Settings(BaseSettings):
     )
     rollup_interval_s: float = Field(60.0, gt=0, description="How often run_stats is updated.")
     retention_interval_s: float = Field(600.0, gt=0, description="How often retention runs.")
+    pipelines_dir: Path = Field(
+        Path("pipelines"), description="Each folder with a main.py here is a pipeline."
+    )
+    pipeline_cache_dir: Path | None = Field(
+        None, description="uv environments (default: <home>/envs)."
+    )
+    artifacts_root: Path | None = Field(
+        None, description="Per-run artifact folders (default: <home>/artifacts)."
+    )
+    pipeline_setup_timeout_s: float = Field(
+        600.0, gt=0, description="Longest a uv environment build may take."
+    )
+    pipeline_legacy_webhooks: bool = Field(
+        False, description="Honour pipeline.json webhook_key (the key travels in the URL)."
+    )
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
     log_level: str = "INFO"
 

@@ -16,7 +16,7 @@ import structlog
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
-from domain import runstore
+from domain import pipeline_store, runstore
 from domain.chains import chain_follow_up
 from domain.clock import Clock, utc_now
 from domain.costs import Prices
@@ -140,36 +140,45 @@ class Executor:
             capture.unbind()
             self.monitor.unwatch(claim.run_id)
 
+        # A pipeline's process exit code (the runner sets it on the context; tasks have none).
+        exit_code: int | None = getattr(ctx, "exit_code", None)
         if ctx.stop_reason == "lease_lost":
             log.warning("run.lease_lost", run_id=str(claim.run_id), attempt=claim.attempt)
             self._write_lines(claim.run_id)
             return Outcome(claim.run_id, "lease_lost", claim.attempt)
         if ctx.stop_reason is not None:
-            return self._finish_stopped(claim, ctx.stop_reason, ctx.stop_detail)
+            return self._finish_stopped(claim, ctx.stop_reason, ctx.stop_detail, exit_code)
         if isinstance(error, RunStopped):
             reason = next(r for r, cls in STOP_ERRORS.items() if isinstance(error, cls))
-            return self._finish_stopped(claim, reason, _safe_str(error))
+            return self._finish_stopped(claim, reason, _safe_str(error), exit_code)
         if error is not None:
             failure = _describe(error)
             if claim.attempt < claim.max_attempts:
                 return self._retry(claim, retry_policy, failure)
-            return self._finish(claim, "failed", failure=failure)
+            return self._finish(claim, "failed", failure=failure, exit_code=exit_code)
         try:
             stored = _json_result(result)
         except TypeError as exc:
-            return self._finish(claim, "failed", failure=Failure("ResultNotSerializable", str(exc)))
-        return self._finish(claim, "succeeded", result=stored)
+            return self._finish(
+                claim,
+                "failed",
+                failure=Failure("ResultNotSerializable", str(exc)),
+                exit_code=exit_code,
+            )
+        return self._finish(claim, "succeeded", result=stored, exit_code=exit_code)
 
     def abandon(self, ctx: TaskContext) -> None:
         """The monitor gave up waiting for a task to stop: record the stop reason now."""
         reason = ctx.stop_reason if ctx.stop_reason in STOP_ERRORS else "cancelled"
         detail = f"{ctx.stop_detail} (the task did not stop within the grace period)"
-        self._finish_stopped(ctx._claim, reason, detail)
+        self._finish_stopped(ctx._claim, reason, detail, getattr(ctx, "exit_code", None))
 
     # -- recording ---------------------------------------------------------------------------
-    def _finish_stopped(self, claim: Claim, reason: str, detail: str) -> Outcome:
+    def _finish_stopped(
+        self, claim: Claim, reason: str, detail: str, exit_code: int | None = None
+    ) -> Outcome:
         failure = Failure(STOP_ERRORS[reason].__name__, detail or STOP_ERRORS[reason]().message)
-        return self._finish(claim, reason, failure=failure)
+        return self._finish(claim, reason, failure=failure, exit_code=exit_code)
 
     def _commit_final(self, claim: Claim, write: Callable[[Connection], None]) -> str | None:
         """Write the attempt's last lines and its final state in one transaction.
@@ -205,7 +214,13 @@ class Executor:
                 delay = min(delay * 2, 2.0)
 
     def _finish(
-        self, claim: Claim, status: str, *, result: Any = None, failure: Failure | None = None
+        self,
+        claim: Claim,
+        status: str,
+        *,
+        result: Any = None,
+        failure: Failure | None = None,
+        exit_code: int | None = None,
     ) -> Outcome:
         def write(conn: Connection) -> None:
             now = self.clock()
@@ -220,7 +235,10 @@ class Executor:
                 result=result,
                 error_type=error_type,
                 error=error,
+                exit_code=exit_code,
             )
+            if claim.kind == "pipeline":  # counters move with the outcome, exactly
+                pipeline_store.record_outcome(conn, claim.name, status, claim.triggered_by)
             # The follow-up (on_success/on_failure) commits with the outcome, or not at all.
             chain_follow_up(
                 conn,
@@ -285,6 +303,9 @@ class Executor:
 def backoff_s(policy: RetryPolicy, attempt: int) -> float:
     """base · 2^(attempt-1) capped at max, then "equal jitter": half fixed, half random, so
     retries of many runs that failed together spread out but never come back at once."""
+    exact = getattr(policy, "delay_s", None)  # a pipeline's fixed or custom delays
+    if exact is not None:
+        return float(exact(attempt))
     ceiling = min(policy.max_s, policy.base_s * 2.0 ** (attempt - 1))
     return float(ceiling / 2 + random.uniform(0, ceiling / 2))
 

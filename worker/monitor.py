@@ -141,8 +141,10 @@ class RunMonitor:
             for w in self._watched.values():
                 if w.timeout_at is not None and now_m >= w.timeout_at:
                     w.ctx.stop("timed_out", "the run took longer than its timeout")
+                    w.timeout_at = None  # spent: a past deadline would make the loop spin
                 if w.minutes_at is not None and now_m >= w.minutes_at:
                     w.ctx.stop("budget_exceeded", "max_minutes exceeded")
+                    w.minutes_at = None
                 if w.ctx.cancelled and w.give_up_at is None:
                     w.give_up_at = now_m + self.kill_grace_s
                 if w.give_up_at is not None and now_m >= w.give_up_at:

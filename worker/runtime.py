@@ -14,7 +14,14 @@ from sqlalchemy import Engine
 from domain.chains import check_chains
 from domain.costs import Prices
 from domain.db import create_db_engine
-from domain.registry import REGISTRY, Registry, RegistryCatalog, import_task_modules
+from domain.pipelines import PipelineCatalog
+from domain.registry import (
+    REGISTRY,
+    CompositeCatalog,
+    Registry,
+    RegistryCatalog,
+    import_task_modules,
+)
 from domain.settings import Settings
 from worker import capture
 from worker.context import TaskContext
@@ -22,6 +29,7 @@ from worker.executor import Executor
 from worker.lifecycle import Registration
 from worker.logwriter import LogWriter
 from worker.monitor import RunMonitor
+from worker.pipelines import build_pipeline_runner
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -32,13 +40,17 @@ class WorkerRuntime:
         check_chains(registry)
         self.settings = settings
         self.registry = registry
-        self.catalog = RegistryCatalog(registry)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         # One connection for the task thread, one for the monitor, one for the writer.
         self.engine: Engine = create_db_engine(settings.effective_database_url, pool_size=3)
         self.writer = LogWriter(self.engine)
         self.writer.start()
         capture.install()
+        # Syncs the pipelines table and refuses a missing or wrong secret key at start.
+        self.pipelines = build_pipeline_runner(settings, self.engine, self.writer)
+        self.catalog = CompositeCatalog(
+            RegistryCatalog(registry), PipelineCatalog(self.pipelines.directory, self.engine)
+        )
         #: True in a prefork child: a task that ignores a stop can be ended with its process.
         self.killable = False
         self.monitor = RunMonitor(
@@ -61,6 +73,7 @@ class WorkerRuntime:
             owner=self.owner,
             lease_s=settings.lease_s,
             prices=Prices.load(settings.prices_file),
+            pipelines=self.pipelines,
         )
 
     def _abandon(self, ctx: TaskContext) -> None:

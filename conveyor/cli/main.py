@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from conveyor.cli import api_cli, notify_cli, processes, projects_cli, schedules_cli
+from conveyor.cli import api_cli, notify_cli, pipelines_cli, processes, projects_cli, schedules_cli
 from conveyor.cli import runs as runs_cli
 from conveyor.cli.output import console, fail, print_json
 from conveyor.client import Client
@@ -27,6 +27,7 @@ processes.register(app)
 schedules_cli.register(app)
 projects_cli.register(app)
 api_cli.register(app)
+pipelines_cli.register(app)
 notify_cli.register(app)
 
 

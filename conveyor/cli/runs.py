@@ -112,18 +112,28 @@ def list_runs(
 @runs_app.command("show")
 def show(run_id: RunId, json_out: JsonFlag = False) -> None:
     """Show one run: its state, params, result or error, steps and latest log lines."""
+    from domain.pipeline_store import artifacts_of
+
     with _client() as c:
         run = c.get(run_id)
         steps = c.steps(run.id)
         lines = c.logs(run.id)
+        with c.engine.connect() as conn:
+            artifacts = artifacts_of(conn, run.id)
     if json_out:
         data = run.to_dict()
         data["steps"] = [s.to_dict() for s in steps]
+        data["artifacts"] = artifacts
         print_json(data)
         return
     _show(run, lines[-20:], False)
     for step in steps:
         console.print(f"  step {step.seq} {step.name}: {step.status}")
+    for artifact in artifacts:
+        console.print(
+            f"  artifact {artifact['name']} ({artifact['size_bytes']} bytes, "
+            f"sha256 {str(artifact['sha256'])[:12]}…)"
+        )
 
 
 def _show(run: RunView, lines: list[LogLine], json_out: bool) -> None:

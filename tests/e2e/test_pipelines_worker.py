@@ -1,0 +1,193 @@
+"""Directory pipelines through real worker processes on PostgreSQL + Redis."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+from cryptography.fernet import Fernet
+from sqlalchemy import select
+
+from conveyor import Client
+from domain.models import run_logs, runs
+from domain.pipelines import PipelineCatalog, PipelineDirectory
+from domain.secrets import SecretStore
+from tests.e2e.stack import Stack, eventually
+from tests.pipeline_support import FIXTURES, ROOT, make_pipeline
+from tests.services import require_redis
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
+
+KEY = Fernet.generate_key().decode()
+#: Not the Redis database of tests/e2e/stack.py: another e2e module's workers must never see
+#: (and drop) these runs' messages.
+REDIS_DB = 11
+TOKEN = "e2e-token-5f0c9a77"
+
+
+@pytest.fixture(scope="module")
+def pipelines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pipelines")
+    for name in ("test_simple", "test_failing", "test_logging"):
+        shutil.copytree(FIXTURES / name, root / name)
+    # A requirements pipeline whose environment no other test has built: the first two runs
+    # race for it.
+    shared = make_pipeline(
+        root,
+        "fresh_env",
+        "import six\nprint('six', six.__version__)\n",
+        requirements="six==1.17.0\n# e2e-only environment\n",
+    )
+    assert shared.exists()
+    shutil.copytree(ROOT / "pipelines" / "with_secret", root / "with_secret")
+    make_pipeline(
+        root,
+        "stubborn",
+        textwrap.dedent(
+            """
+            import os, signal, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if os.fork() == 0:
+                with open(os.environ["PIDS_FILE"], "a") as f:
+                    f.write(f"{os.getpid()}\\n")
+                time.sleep(600)
+            with open(os.environ["PIDS_FILE"], "a") as f:
+                f.write(f"{os.getpid()}\\n")
+            time.sleep(600)
+            """
+        ),
+        {"timeout": 3},
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def stack(
+    pg_database: str, pipelines_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    require_redis()
+    home = tmp_path_factory.mktemp("home")
+    s = Stack(
+        pg_database,
+        tmp_path_factory.mktemp("logs"),
+        CONVEYOR_TASK_MODULES="tests.e2e.worker_tasks",
+        CONVEYOR_PIPELINES_DIR=str(pipelines_dir),
+        CONVEYOR_PIPELINE_CACHE_DIR=str(home / "envs"),
+        CONVEYOR_ARTIFACTS_ROOT=str(home / "artifacts"),
+        CONVEYOR_SECRET_KEY=KEY,
+        CONVEYOR_KILL_GRACE_S="2",
+        CONVEYOR_BROKER_URL=f"redis://127.0.0.1:6379/{REDIS_DB}",
+    )
+    s.redis = redis.Redis(db=REDIS_DB)
+    s.redis.flushdb()
+    yield s
+    s.stop_all()
+
+
+@pytest.fixture(scope="module")
+def started(stack: Stack, pg_database: str) -> Stack:
+    """The secret is stored before the workers start (they check the key opens it)."""
+    from domain.db import create_db_engine
+
+    engine = create_db_engine(pg_database)
+    SecretStore(engine, KEY).set("API_TOKEN", TOKEN)
+    engine.dispose()
+    stack.scheduler()
+    stack.worker("default", name="pipelines", concurrency=2)
+    return stack
+
+
+@pytest.fixture
+def client(started: Stack, pipelines_dir: Path) -> Iterator[Client]:
+    catalog = PipelineCatalog(PipelineDirectory(pipelines_dir))
+    with Client(started.settings, catalog=catalog) as c:
+        yield c
+
+
+def messages(client: Client, run_id: uuid.UUID) -> list[str]:
+    with client.engine.connect() as conn:
+        return list(
+            conn.execute(
+                select(run_logs.c.message)
+                .where(run_logs.c.run_id == run_id)
+                .order_by(run_logs.c.seq)
+            ).scalars()
+        )
+
+
+def test_fast_flow_pipelines_run_with_their_outcomes_and_retries(client: Client) -> None:
+    ok = client.enqueue("test_simple")
+    failing = client.enqueue("test_failing")
+    logging = client.enqueue("test_logging")
+    assert client.wait(ok.id, timeout=60).status == "succeeded"
+    assert "TEST_ENV_VAR=from_pipeline_json" in messages(client, ok.id)
+    final = client.wait(failing.id, timeout=90)
+    assert (final.status, final.attempt, final.error_type) == ("failed", 2, "PipelineFailed")
+    assert client.wait(logging.id, timeout=60).status == "succeeded"
+
+
+def test_concurrent_first_runs_share_one_environment_build(client: Client) -> None:
+    first, second = client.enqueue("fresh_env"), client.enqueue("fresh_env")
+    for run in (first, second):
+        assert client.wait(run.id, timeout=120).status == "succeeded"
+    builds = [
+        m
+        for run in (first, second)
+        for m in messages(client, run.id)
+        if m.startswith("building environment")
+    ]
+    assert len(builds) == 1
+    assert all("six 1.17.0" in messages(client, r.id) for r in (first, second))
+
+
+def test_timeout_kills_the_process_tree_in_a_worker(client: Client, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    run = client.enqueue("stubborn", {"PIDS_FILE": str(pids)})
+    final = client.wait(run.id, timeout=60)
+    assert (final.status, final.error_type) == ("timed_out", "RunTimedOut")
+    noted = [int(p) for p in pids.read_text().split()]
+    assert len(noted) == 2
+
+    def all_dead() -> bool:
+        for pid in noted:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    return False
+            except psutil.NoSuchProcess:
+                continue
+        return True
+
+    eventually(all_dead, timeout=10)
+    assert client.wait(client.enqueue("test_simple").id, timeout=60).status == "succeeded"
+
+
+def test_cancel_kills_a_running_pipeline(client: Client, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    run = client.enqueue("stubborn", {"PIDS_FILE": str(pids)}, timeout=120)
+    eventually(lambda: pids.exists() and len(pids.read_text().split()) == 2, timeout=60)
+    client.cancel(run.id)
+    assert client.wait(run.id, timeout=30).status == "cancelled"
+    for pid in (int(p) for p in pids.read_text().split()):
+        eventually(
+            lambda pid=pid: (
+                not psutil.pid_exists(pid)  # type: ignore[misc]
+                or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            ),
+            timeout=10,
+        )
+
+
+def test_a_secret_never_reaches_the_stored_logs(client: Client) -> None:
+    run = client.enqueue("with_secret")
+    assert client.wait(run.id, timeout=60).status == "succeeded"
+    assert "the token is ***" in messages(client, run.id)
+    with client.engine.connect() as conn:
+        everything = conn.execute(select(run_logs.c.message, run_logs.c.fields)).all()
+        results = conn.execute(select(runs.c.result, runs.c.error)).all()
+    assert TOKEN not in repr(everything) + repr(results)

@@ -1,0 +1,148 @@
+"""uv environments: one build per hash, shared by concurrent first runs, reused, bounded."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline_support import FIXTURES, ROOT
+from worker.pipelines.envs import READY, EnvInfo, EnvManager, InterpreterNotFound, PipelineEnvError
+
+pytestmark = pytest.mark.slow
+
+REQUIREMENTS = FIXTURES / "test_with_requirements" / "requirements.txt"
+
+
+def quiet(message: str, level: str = "info") -> None:
+    """Build messages go nowhere in these tests."""
+
+
+def test_no_requirements_means_the_bare_interpreter(tmp_path: Path) -> None:
+    info = EnvManager(tmp_path).ensure(None, None, log=quiet)
+    assert (info.env_hash, info.built, info.location) == (None, False, None)
+    out = subprocess.run(
+        [str(info.python), "-c", "import sys; print(sys.prefix)"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert out != sys.prefix  # not the worker's venv: conveyor's packages stay out of sight
+
+
+def test_concurrent_first_runs_share_one_build(tmp_path: Path) -> None:
+    manager = EnvManager(tmp_path / "envs")
+    results: list[EnvInfo] = []
+    barrier = threading.Barrier(3)
+
+    def first_run() -> None:
+        barrier.wait()
+        results.append(EnvManager(manager.cache_dir).ensure(REQUIREMENTS, None, log=quiet))
+
+    threads = [threading.Thread(target=first_run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(r.built for r in results) == [False, False, True]
+    assert len({r.location for r in results}) == 1
+    assert [
+        p.name for p in (tmp_path / "envs").iterdir() if p.is_dir() and p.name != "uv-cache"
+    ] == [
+        results[0].location.name  # type: ignore[union-attr]
+    ]
+    # After a restart (a new manager, as a new worker process has) it is reused, not rebuilt.
+    again = EnvManager(tmp_path / "envs").ensure(REQUIREMENTS, None, log=quiet)
+    assert (again.built, again.location) == (False, results[0].location)
+    ready = json.loads((again.location / READY).read_text())  # type: ignore[operator]
+    assert ready["requirements"] == "requirements.txt" and ready["uv"] != "unknown"
+
+
+def test_concurrent_first_runs_in_separate_processes(tmp_path: Path) -> None:
+    script = (
+        "import sys; from pathlib import Path; from worker.pipelines.envs import EnvManager;"
+        "info = EnvManager(Path(sys.argv[1])).ensure(Path(sys.argv[2]), None,"
+        " log=lambda m, l='info': None); print(info.built, info.location)"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "envs"), str(REQUIREMENTS)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert sorted(o[0] for o in outs) == ["False", "True"]
+    assert outs[0][1] == outs[1][1]
+
+
+def test_an_unfinished_build_is_redone(tmp_path: Path) -> None:
+    manager = EnvManager(tmp_path)
+    info = manager.ensure(REQUIREMENTS, None, log=quiet)
+    assert info.location is not None
+    (info.location / READY).unlink()  # as if the worker died mid-build
+    redone = EnvManager(tmp_path).ensure(REQUIREMENTS, None, log=quiet)
+    assert redone.built and (redone.location / READY).is_file()  # type: ignore[operator]
+
+
+def test_a_hanging_uv_is_stopped_by_the_timeout(tmp_path: Path) -> None:
+    fake = tmp_path / "uv"
+    fake.write_text(
+        f"#!{sys.executable}\nimport time\nprint('resolving...', flush=True)\ntime.sleep(600)\n"
+    )
+    fake.chmod(0o755)
+    manager = EnvManager(tmp_path / "envs", timeout_s=1, uv=str(fake))
+    lines: list[str] = []
+    with pytest.raises(PipelineEnvError, match=r"uv did not finish within 1s") as caught:
+        manager.ensure(REQUIREMENTS, None, log=lambda m, level="info": lines.append(m))
+    assert "resolving..." in str(caught.value)
+    assert not any(p.is_dir() and (p / READY).exists() for p in (tmp_path / "envs").iterdir())
+
+
+def test_waiting_for_another_build_stops_with_the_run(tmp_path: Path) -> None:
+    manager = EnvManager(tmp_path)
+    interpreter = manager.interpreter(None)
+    env_hash = manager.env_hash(REQUIREMENTS.read_bytes(), interpreter)
+    lock = tmp_path / f"{env_hash[:32]}.lock"
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    with lock.open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process is building
+        started = time.monotonic()
+        with pytest.raises(PipelineEnvError, match="stopped while waiting"):
+            manager.ensure(REQUIREMENTS, None, log=quiet, should_stop=stop.is_set)
+    assert time.monotonic() - started < 30  # it returned, rather than waiting for the build
+
+
+def test_python_versions(tmp_path: Path) -> None:
+    manager = EnvManager(tmp_path)
+    own = ".".join(map(str, sys.version_info[:2]))
+    assert manager.interpreter(own).version.startswith(own)
+    with pytest.raises(InterpreterNotFound, match=r"python_version '3\.2': no such interpreter"):
+        manager.interpreter("3.2")
+
+
+def test_uv_sees_the_pip_configuration(tmp_path: Path) -> None:
+    conf = tmp_path / "pip.conf"
+    conf.write_text(f"[global]\nfind-links = {tmp_path / 'wheels'}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_"))}
+    env["PIP_CONFIG_FILE"] = str(conf)  # read last, so it wins over the machine's files
+    script = "from worker.pipelines.uvconfig import uv_environment; print(uv_environment())"
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert str(tmp_path / "wheels") in out

@@ -1,0 +1,142 @@
+"""Secrets: encrypted at rest, rotated, injected only where named, never in stored logs."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy import Engine, select, text
+
+from domain.errors import ConfigurationError
+from domain.models import run_logs, runs
+from domain.secrets import SecretKeyError, SecretNotFound, SecretStore, secrets_table
+from tests.pipeline_support import (
+    ROOT,
+    PipelineHarness,
+    make_pipeline,
+    pipeline_harness,
+    shared_env_cache,
+)
+
+KEY = Fernet.generate_key().decode()
+TOKEN = "tok-8c1f4e2a-secret"
+
+
+@pytest.fixture
+def store(engine: Engine) -> SecretStore:
+    return SecretStore(engine, KEY)
+
+
+def test_set_list_rm_and_values(store: SecretStore, engine: Engine) -> None:
+    assert store.set("API_TOKEN", TOKEN) is True
+    assert store.set("API_TOKEN", TOKEN + "-2") is False  # replaced
+    store.set("REGION", "eu", is_parameter=True)
+    assert [(s.name, s.is_parameter) for s in store.list_all()] == [
+        ("API_TOKEN", False),
+        ("REGION", True),
+    ]
+    with engine.connect() as conn:
+        stored = conn.execute(select(secrets_table.c.ciphertext)).scalars().all()
+    assert all(TOKEN not in c and c != "eu" for c in stored)  # encrypted at rest
+    values = store.values(["API_TOKEN", "REGION"])
+    assert values["API_TOKEN"].value == TOKEN + "-2" and values["REGION"].is_parameter
+    assert TOKEN not in repr(values)
+    with pytest.raises(SecretNotFound, match="'NOPE'"):
+        store.values(["API_TOKEN", "NOPE"])
+    store.remove("REGION")
+    with pytest.raises(SecretNotFound):
+        store.remove("REGION")
+
+
+def test_rotation_and_wrong_or_missing_keys(engine: Engine) -> None:
+    old = SecretStore(engine, KEY)
+    old.set("API_TOKEN", TOKEN)
+    new_key = Fernet.generate_key().decode()
+    with pytest.raises(SecretKeyError, match="cannot be decrypted with CONVEYOR_SECRET_KEY"):
+        SecretStore(engine, new_key).verify()
+    both = SecretStore(engine, f"{new_key},{KEY}")
+    assert both.rotate() == 1
+    assert SecretStore(engine, new_key).values(["API_TOKEN"])["API_TOKEN"].value == TOKEN
+    with pytest.raises(ConfigurationError, match="CONVEYOR_SECRET_KEY is not set"):
+        SecretStore(engine, "").verify()
+    with pytest.raises(ConfigurationError, match="is not a Fernet key"):
+        SecretStore(engine, "not-a-key").set("X_Y", "value")
+
+
+@pytest.fixture
+def h(
+    engine: Engine, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PipelineHarness]:
+    cache = shared_env_cache(tmp_path_factory)
+    with pipeline_harness(
+        engine, tmp_path / "pipelines", cache, tmp_path / "artifacts", secret_key=KEY
+    ) as harness:
+        yield harness
+
+
+def stored_text(engine: Engine) -> str:
+    """Everything a run left in the database that a person could read."""
+    with engine.connect() as conn:
+        logs = conn.execute(select(run_logs.c.message, run_logs.c.fields)).all()
+        rows = conn.execute(select(runs.c.error, runs.c.result, runs.c.params)).all()
+    return repr(logs) + repr(rows)
+
+
+def test_a_secret_reaches_the_pipeline_but_never_the_stored_logs(h: PipelineHarness) -> None:
+    SecretStore(h.engine, KEY).set("API_TOKEN", TOKEN)
+    SecretStore(h.engine, KEY).set("UNNAMED_SECRET", "other-secret-value")
+    shutil.copytree(ROOT / "pipelines" / "with_secret", h.root / "with_secret")
+    make_pipeline(
+        h.root,
+        "leaky",
+        textwrap.dedent(
+            """
+            import os, sys
+            token = os.environ["API_TOKEN"]
+            print("token:", token)
+            print(f"::conveyor::{{\\"event\\": \\"log\\", \\"message\\": \\"{token}\\"}}")
+            print("unnamed:", os.environ.get("UNNAMED_SECRET"))
+            sys.exit(f"failing with {token} in the message")
+            """
+        ),
+        {"secrets": ["API_TOKEN"], "retry_attempts": 0},
+    )
+    ok = h.enqueue("with_secret")
+    assert h.run(ok) == "succeeded"
+    digest = hashlib.sha256(TOKEN.encode()).hexdigest()[:12]
+    assert h.lines(ok, "stdout") == [
+        f"got a token of {len(TOKEN)} characters (sha256 {digest}...)",
+        "the token is ***",
+    ]
+    env_event = next(f for s, m, f in h.logs(ok) if m == "pipeline environment")
+    assert env_event["env"]["API_TOKEN"] == "***"
+
+    bad = h.enqueue("leaky")
+    assert h.run(bad) == "failed"
+    assert h.lines(bad, "stdout")[:2] == ["token: ***", "unnamed: None"]  # only named ones
+    assert "***" in h.lines(bad, "log")
+    assert "failing with *** in the message" in (h.get(bad).error or "")
+    assert TOKEN not in stored_text(h.engine)
+
+
+def test_a_missing_secret_fails_the_run_clearly(h: PipelineHarness) -> None:
+    make_pipeline(h.root, "needs", "print(1)\n", {"secrets": ["NOT_STORED"]})
+    run_id = h.enqueue("needs")
+    assert h.run(run_id) == "failed"
+    run = h.get(run_id)
+    assert run.error_type == "SecretNotFound"
+    assert "no stored secret named 'NOT_STORED'" in (run.error or "")
+
+
+def test_startup_refuses_a_wrong_key(h: PipelineHarness, engine: Engine) -> None:
+    SecretStore(engine, Fernet.generate_key().decode()).set("API_TOKEN", TOKEN)
+    with pytest.raises(SecretKeyError):
+        h.runner.startup()
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM secrets"))
+    h.runner.startup()  # no secrets stored: any key (or none) will do

@@ -1,0 +1,188 @@
+"""Helpers for pipeline tests: folders written on the fly, and the real executor around them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+
+from domain import services
+from domain.models import RunMetric, run_logs, run_steps
+from domain.pipeline_store import artifacts_of
+from domain.pipelines import PipelineCatalog, PipelineDirectory
+from domain.registry import CompositeCatalog, Registry, RegistryCatalog
+from domain.requests import build_request
+from domain.unit_of_work import UnitOfWork
+from domain.views import RunView
+from worker import capture
+from worker.executor import Executor
+from worker.logwriter import LogWriter
+from worker.monitor import RunMonitor
+from worker.pipelines.envs import EnvManager
+from worker.pipelines.runner import SubprocessPipelineRunner
+
+FIXTURES = Path(__file__).resolve().parent / "pipelines_fixtures"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_env_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uv cache per test session (and per xdist worker): an environment is built once."""
+    path = tmp_path_factory.getbasetemp() / "pipeline-envs"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def make_pipeline(
+    root: Path,
+    name: str,
+    main: str,
+    config: dict[str, Any] | str | None = None,
+    requirements: str | None = None,
+) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "main.py").write_text(main)
+    if config is not None:
+        text = config if isinstance(config, str) else json.dumps(config)
+        (folder / "pipeline.json").write_text(text)
+    if requirements is not None:
+        (folder / "requirements.txt").write_text(requirements)
+    return folder
+
+
+def copy_fixtures(root: Path, *names: str) -> None:
+    for name in names:
+        shutil.copytree(FIXTURES / name, root / name)
+
+
+@dataclass
+class PipelineHarness:
+    engine: Engine
+    writer: LogWriter
+    executor: Executor
+    runner: SubprocessPipelineRunner
+    root: Path
+
+    @property
+    def catalog(self) -> CompositeCatalog:
+        return CompositeCatalog(
+            RegistryCatalog(self.executor.registry),
+            PipelineCatalog(self.runner.directory, self.engine),
+        )
+
+    def enqueue(self, name: str, params: dict[str, Any] | None = None, **fields: Any) -> uuid.UUID:
+        request = build_request(name=name, params=params or {}, **fields)
+        return services.enqueue(UnitOfWork(self.engine), request, catalog=self.catalog).run.id
+
+    def run(self, run_id: uuid.UUID, *, until_final: bool = True, timeout: float = 60) -> str:
+        """Execute deliveries (as a worker would) until the run ends or, with `until_final`
+        off, after the first attempt; backoff waits are served by retrying the delivery."""
+        deadline = time.monotonic() + timeout
+        statuses: list[str] = []
+        while time.monotonic() < deadline:
+            status = self.executor.execute(run_id).status
+            if status == "dropped":
+                time.sleep(0.05)
+                continue
+            statuses.append(status)
+            if status != "retrying" or not until_final:
+                return status
+        raise AssertionError(f"run {run_id} did not finish within {timeout}s: {statuses}")
+
+    def get(self, run_id: uuid.UUID) -> RunView:
+        return services.get_run(UnitOfWork(self.engine), run_id)
+
+    def lines(self, run_id: uuid.UUID, stream: str | None = None) -> list[str]:
+        return [m for s, m, _ in self.logs(run_id) if stream is None or s == stream]
+
+    def logs(self, run_id: uuid.UUID) -> list[tuple[str, str, Any]]:
+        self.writer.flush()
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(run_logs.c.stream, run_logs.c.message, run_logs.c.fields)
+                .where(run_logs.c.run_id == run_id)
+                .order_by(run_logs.c.seq)
+            ).all()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def metrics(self, run_id: uuid.UUID) -> dict[str, list[float]]:
+        self.writer.flush()
+        table = RunMetric.__table__
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(table.c.name, table.c.value).where(table.c.run_id == run_id)  # type: ignore[attr-defined]
+            ).all()
+        out: dict[str, list[float]] = {}
+        for name, value in rows:
+            out.setdefault(name, []).append(value)
+        return out
+
+    def steps(self, run_id: uuid.UUID) -> list[tuple[str, str, str | None]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(run_steps.c.name, run_steps.c.status, run_steps.c.detail)
+                .where(run_steps.c.run_id == run_id)
+                .order_by(run_steps.c.seq)
+            ).all()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def artifacts(self, run_id: uuid.UUID) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return artifacts_of(conn, run_id)
+
+
+@contextmanager
+def pipeline_harness(
+    engine: Engine,
+    root: Path,
+    cache: Path,
+    artifacts: Path,
+    *,
+    kill_grace_s: float = 1.0,
+    secret_key: str = "",
+) -> Iterator[PipelineHarness]:
+    """The real executor, log writer and monitor, with the subprocess runner for `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    writer = LogWriter(engine, flush_interval_s=0.05)
+    writer.start()
+    capture.install()
+    holder: list[Executor] = []
+    monitor = RunMonitor(
+        engine,
+        lease_s=30,
+        tick_s=0.1,
+        kill_grace_s=kill_grace_s,
+        on_abandon=lambda ctx: holder[0].abandon(ctx),  # noqa: PLW0108 - bound later
+    )
+    runner = SubprocessPipelineRunner(
+        engine,
+        writer,
+        PipelineDirectory(root),
+        EnvManager(cache, timeout_s=120),
+        artifacts_root=artifacts,
+        secret_key=secret_key,
+        kill_grace_s=kill_grace_s,
+    )
+    executor = Executor(
+        engine, writer, Registry(), monitor, owner="test-worker", lease_s=30, pipelines=runner
+    )
+    holder.append(executor)
+    try:
+        yield PipelineHarness(engine, writer, executor, runner, root)
+    finally:
+        monitor.close()
+        # Wait for the monitor's last heartbeat: a connection it still holds when the engine
+        # is disposed would be left open (a ResourceWarning, so an error, later).
+        thread = getattr(monitor, "_thread", None)
+        if thread is not None:
+            thread.join(timeout=10)
+        writer.close()
