@@ -90,6 +90,8 @@ class Run(Base):
         Index("ix_runs_created", "created_at", "id"),
         Index("ix_runs_name_created", "name", "created_at"),
         Index("ix_runs_status_created", "status", "created_at"),
+        # Rollups and the callbacks/notifications sweep read runs by when they finished.
+        Index("ix_runs_finished_at", "finished_at"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
