@@ -8,6 +8,8 @@ from sqlalchemy import Engine
 
 from domain import schedules as sched
 from domain.clock import Clock, utc_now
+from domain.errors import ConveyorError
+from domain.pipelines import PipelineDirectory
 from domain.registry import Registry, RegistryCatalog
 from scheduler.triggers import Slots, TriggerSpec
 
@@ -45,4 +47,46 @@ def sync_code_schedules(engine: Engine, registry: Registry, *, clock: Clock = ut
     gone = sched.disable_missing(engine, "code", keep, now=clock())
     for name in gone:
         log.warning("schedule.disabled", schedule=name, reason="no longer declared in code")
+    return gone
+
+
+def pipeline_schedule_name(pipeline: str) -> str:
+    return f"pipeline:{pipeline}"
+
+
+def sync_pipeline_schedules(
+    engine: Engine, directory: PipelineDirectory, *, clock: Clock = utc_now
+) -> list[str]:
+    """pipeline.json's schedule_cron / schedule_interval_seconds / run_once_at (with
+    schedule_start, schedule_end, timezone) as schedules of the pipeline; a schedule whose
+    pipeline dropped it, was disabled or vanished is disabled. Returns the disabled names."""
+    keep: set[str] = set()
+    for found in directory.all():
+        if not found.runnable or found.config is None:
+            continue
+        spec = found.config.schedule_spec()
+        if spec is None:
+            continue
+        name = pipeline_schedule_name(found.name)
+        try:
+            schedule = sched.ScheduleInput.parse(
+                name=name, target=found.name, target_kind="pipeline", source="pipeline", **spec
+            )
+            slots = Slots(
+                TriggerSpec(
+                    schedule.trigger,
+                    schedule.expression,
+                    schedule.timezone,
+                    schedule.start_at,
+                    schedule.end_at,
+                )
+            )
+            sched.add_schedule(engine, schedule, slots, now=clock(), replace=True)
+        except ConveyorError as exc:  # e.g. a run_once_at in the past: say so, keep going
+            log.warning("schedule.not_declared", schedule=name, reason=str(exc))
+            continue
+        keep.add(name)
+    gone = sched.disable_missing(engine, "pipeline", keep, now=clock())
+    for name in gone:
+        log.warning("schedule.disabled", schedule=name, reason="no longer in its pipeline.json")
     return gone

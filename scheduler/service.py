@@ -11,12 +11,13 @@ from sqlalchemy import Engine
 from domain.chains import release_after
 from domain.clock import Clock, utc_now
 from domain.maintenance import apply_retention, roll_up
+from domain.pipelines import PipelineDirectory, pipeline_settings
 from domain.ports import Catalog, Publisher
 from domain.recovery import forget_dead_workers, reap_once, relay_once
 from domain.registry import Registry
 from domain.schedules import release_held
 from domain.settings import Settings
-from scheduler.declared import sync_code_schedules
+from scheduler.declared import sync_code_schedules, sync_pipeline_schedules
 from scheduler.deliveries import OutboundSweeper
 from scheduler.leader import Leadership, leadership_for
 from scheduler.schedule_runner import ScheduleRunner
@@ -68,6 +69,10 @@ class SchedulerService:
                 try:
                     if self.registry is not None:
                         sync_code_schedules(self.engine, self.registry, clock=self.clock)
+                    pipelines_dir = pipeline_settings(self.settings).pipelines_dir
+                    sync_pipeline_schedules(
+                        self.engine, PipelineDirectory(pipelines_dir), clock=self.clock
+                    )
                     self.schedules.start()
                     self._lead()
                 finally:

@@ -159,6 +159,9 @@ def sync_pipelines(json_out: JsonFlag = False) -> None:
     with _env() as env:
         directory = env.directory()
         report = pipeline_store.sync(env.engine, directory)
+        from scheduler.declared import sync_pipeline_schedules
+
+        disabled = sync_pipeline_schedules(env.engine, directory)
     if json_out:
         print_json(report.to_dict())
         return
@@ -168,6 +171,8 @@ def sync_pipelines(json_out: JsonFlag = False) -> None:
     )
     for name in report.invalid:
         console.print(f"  [red]invalid[/] {name}: see `conveyor pipelines show {name}`")
+    for name in disabled:
+        console.print(f"  schedule {name} disabled: no longer in its pipeline.json")
 
 
 @pipelines_app.command()

@@ -246,3 +246,36 @@ def test_schedules_declared_in_code_sync_and_disappear(engine: Engine, clock: Fa
     smaller.add(registry.get("ping"))
     assert sync_code_schedules(engine, smaller, clock=clock) == ["task:report"]
     assert sched.get_schedule(engine, "task:report").enabled is False
+
+
+def test_schedules_declared_in_pipeline_json(engine: Engine, clock: FakeClock, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from domain.pipelines import PipelineDirectory
+    from scheduler.declared import sync_pipeline_schedules
+
+    clock.now = T0
+    for name, config in {
+        "nightly": {"schedule_cron": "30 2 * * *", "timezone": "Europe/Berlin"},
+        "often": {"schedule_interval_seconds": 90},
+        "plain": {},
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "main.py").write_text("print('hi')\n")
+        (tmp_path / name / "pipeline.json").write_text(json.dumps(config))
+    assert sync_pipeline_schedules(engine, PipelineDirectory(tmp_path), clock=clock) == []
+    views = {s.name: s for s in sched.list_schedules(engine)}
+    assert set(views) == {"pipeline:nightly", "pipeline:often"}
+    nightly = views["pipeline:nightly"]
+    assert (nightly.target_kind, nightly.target_name, nightly.trigger, nightly.timezone) == (
+        "pipeline",
+        "nightly",
+        "cron",
+        "Europe/Berlin",
+    )
+    assert views["pipeline:often"].expression == "90"
+    (tmp_path / "often" / "pipeline.json").write_text("{}")  # the key was removed
+    assert sync_pipeline_schedules(engine, PipelineDirectory(tmp_path), clock=clock) == [
+        "pipeline:often"
+    ]
+    assert sched.get_schedule(engine, "pipeline:often").enabled is False
