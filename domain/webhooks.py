@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, select
 from sqlalchemy.exc import IntegrityError
 
 from domain import audit, crypto, services
@@ -218,8 +218,8 @@ def parse_payload(body: bytes) -> dict[str, Any]:
 
 # -- accepting a delivery ---------------------------------------------------------------------
 class _DeliveryUnitOfWork(UnitOfWork):
-    """services.enqueue's unit of work, with the delivery row (and the pipeline's webhook_runs
-    counter) written just before its commit: one transaction with the run."""
+    """services.enqueue's unit of work, with the delivery row written just before its commit:
+    one transaction with the run."""
 
     def __init__(self, uow: UnitOfWork, hook: WebhookView, delivery_id: str, key: str) -> None:
         super().__init__(uow.engine, clock=uow.clock)
@@ -228,7 +228,9 @@ class _DeliveryUnitOfWork(UnitOfWork):
     def commit(self) -> None:
         found = self.runs.by_keys(self.hook.project, [self.key]).get(self.key)
         if found is not None:
-            inserted = self.conn.execute(
+            # The pipeline's webhook_runs moves with the run's outcome, in its final
+            # transaction (pipeline_store.record_outcome), so it is not counted here.
+            self.conn.execute(
                 dialect_insert(self.conn, deliveries)
                 .values(
                     webhook_id=self.hook.id,
@@ -237,14 +239,7 @@ class _DeliveryUnitOfWork(UnitOfWork):
                     received_at=self.clock(),
                 )
                 .on_conflict_do_nothing(index_elements=["webhook_id", "delivery_id"])
-                .returning(deliveries.c.id)
-            ).first()
-            if inserted is not None and self.hook.target_kind == "pipeline":
-                self.conn.execute(
-                    update(pipelines)
-                    .where(pipelines.c.name == self.hook.target_name)
-                    .values(webhook_runs=pipelines.c.webhook_runs + 1)
-                )
+            )
         super().commit()
 
 

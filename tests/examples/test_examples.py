@@ -13,7 +13,7 @@ import pytest
 from conveyor import Client
 from domain.clock import utc_now
 from domain.maintenance import apply_retention, roll_up, stats_for
-from tests.e2e.stack import Stack, eventually
+from tests.e2e.stack import ROOT, Stack, eventually
 from tests.services import require_redis
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
@@ -26,7 +26,16 @@ MODULES = ",".join(
 @pytest.fixture(scope="module")
 def stack(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     require_redis()
-    s = Stack(pg_database, tmp_path_factory.mktemp("examples"), CONVEYOR_TASK_MODULES=MODULES)
+    from cryptography.fernet import Fernet
+
+    s = Stack(
+        pg_database,
+        tmp_path_factory.mktemp("examples"),
+        CONVEYOR_TASK_MODULES=MODULES,
+        CONVEYOR_PIPELINES_DIR=str(ROOT / "pipelines"),
+        CONVEYOR_SECRET_KEY=Fernet.generate_key().decode(),
+        CONVEYOR_HOME=str(tmp_path_factory.mktemp("home")),
+    )
     s.redis.flushdb()
     s.scheduler()
     s.worker("default", name="examples", concurrency=2)
@@ -120,3 +129,42 @@ def test_kanban(client: Client, stack: Stack) -> None:
     assert types == ["command", "output", "result"]
     assert [line.seq for line in result["logs"]["kanban.code"]] == [1, 2, 3]
     _ = signal  # (the stack fixture owns the processes)
+
+
+def test_pipelines_runner(client: Client, stack: Stack) -> None:
+    from sqlalchemy import select
+
+    from domain import pipeline_store
+    from domain.models_platform import Pipeline
+    from domain.pipelines import PipelineDirectory
+    from examples.pipelines_runner import scenario
+
+    # what `conveyor pipelines sync` does (the per-test truncation emptied the table)
+    pipeline_store.sync(client.engine, PipelineDirectory(ROOT / "pipelines"))
+    answers = scenario.deliver(client, stack.env["CONVEYOR_SECRET_KEY"])
+    assert [a["status"] for a in answers] == [202, 200]  # the second delivery is the same run
+    assert answers[0]["run_id"] == answers[1]["run_id"]
+    hooked = client.wait(answers[0]["run_id"], timeout=120)
+    assert (hooked.status, hooked.kind, hooked.triggered_by) == ("succeeded", "pipeline", "webhook")
+    assert "Hello, from a webhook!" in [line.message for line in client.logs(hooked.id)]
+    scenario.every_second(client)
+    eventually(
+        lambda: (
+            len(
+                [
+                    r
+                    for r in client.list(name="hello").items
+                    if r.triggered_by == "schedule" and r.status == "succeeded"
+                ]
+            )
+            >= 2
+        ),
+        timeout=60,
+    )
+    with client.engine.connect() as conn:
+        row = (
+            conn.execute(select(Pipeline.__table__).where(Pipeline.name == "hello"))
+            .mappings()
+            .one()
+        )
+    assert row["webhook_runs"] == 1 and row["successful_runs"] >= 3

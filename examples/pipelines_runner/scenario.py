@@ -1,0 +1,75 @@
+"""The `hello` pipeline of ./pipelines started twice: by a signed webhook delivery (sent twice,
+run once) and by an interval schedule."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+
+from api.app import create_api
+from conveyor import Client
+from domain import schedules
+from domain.clock import utc_now
+from domain.unit_of_work import UnitOfWork
+from domain.webhooks import add_webhook, signature
+from scheduler.triggers import Slots, TriggerSpec
+
+
+def deliver(client: Client, secret_key: str, *, name: str = "greet") -> list[dict[str, Any]]:
+    """Create a webhook for the pipeline and POST one signed delivery twice."""
+    _, secret = add_webhook(
+        UnitOfWork(client.engine),
+        name,
+        target="hello",
+        kind="pipeline",
+        secret_key=secret_key,
+        actor="example",
+    )
+    app = create_api(
+        client.settings,
+        engine=client.engine,
+        publisher=client.publisher,
+        secret_key=secret_key,
+        auth_disabled=True,
+    )
+    body = json.dumps({"name": "from a webhook"}).encode()
+    stamp = str(int(time.time()))
+    headers = {
+        "X-Conveyor-Signature": signature(secret, stamp, body),
+        "X-Conveyor-Timestamp": stamp,
+        "X-Conveyor-Delivery": "delivery-1",
+        "Content-Type": "application/json",
+    }
+
+    async def post_twice() -> list[dict[str, Any]]:
+        app.state.api.start()
+        try:
+            transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as http:
+                answers = []
+                for _ in range(2):
+                    reply = await http.post(f"/hooks/{name}", content=body, headers=headers)
+                    answers.append({"status": reply.status_code, **reply.json()})
+                return answers
+        finally:
+            app.state.api.stop()
+
+    return asyncio.run(post_twice())
+
+
+def every_second(client: Client, *, name: str = "hello-every-second") -> Any:
+    spec = schedules.ScheduleInput.parse(
+        name=name,
+        target="hello",
+        target_kind="pipeline",
+        params={"name": "from a schedule"},
+        trigger="interval",
+        expression="1s",
+    )
+    return schedules.add_schedule(
+        client.engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now()
+    )
