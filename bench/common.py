@@ -1,38 +1,77 @@
-"""Shared setup for benchmarks: a fresh PostgreSQL database, a Redis database, timing."""
+"""Shared setup for benchmarks: a fresh PostgreSQL database, a Redis database, timing, and the
+real worker and scheduler processes the end-to-end benchmarks measure."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import psutil
 import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from domain.migrate import upgrade
 
 PG_ADMIN = os.environ.get("CONVEYOR_BENCH_PG", "postgresql+psycopg://127.0.0.1:5432/test")
 REDIS_DB = int(os.environ.get("CONVEYOR_BENCH_REDIS_DB", "12"))
 BROKER = f"redis://127.0.0.1:6379/{REDIS_DB}"
+ROOT = Path(__file__).resolve().parents[1]
+#: Where the processes a benchmark starts write their output (read it when one fails).
+LOG_DIR = Path(tempfile.gettempdir()) / "conveyor-bench"
 
 
-def fresh_database(name: str = "conveyor_bench") -> str:
-    """Drop and recreate a database, migrate it, return its URL."""
+def fresh_database(name: str = "conveyor_bench", *, migrate: bool = True) -> str:
+    """Drop and recreate a database, migrate it (unless told not to), return its URL."""
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     url = make_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
+    if migrate:
+        upgrade(url)
     return url
+
+
+def libpq_dsn(url: str) -> str:
+    """A SQLAlchemy URL (postgresql+psycopg://...) as psycopg itself takes it."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def flush_redis() -> None:
     redis.Redis(db=REDIS_DB).flushdb()
+
+
+class Disturbed(Exception):
+    """Someone emptied the benchmark's Redis database mid-measurement; the round is void."""
+
+
+class RedisGuard:
+    """Notices a FLUSHALL from a test suite running beside the benchmark (tests/e2e does one):
+    the messages in flight are gone, so the round cannot finish and must be measured again."""
+
+    KEY = "bench:sentinel"
+
+    def __init__(self) -> None:
+        self.redis = redis.Redis(db=REDIS_DB)
+
+    def arm(self) -> None:
+        self.redis.set(self.KEY, 1)
+
+    def check(self) -> None:
+        if not self.redis.exists(self.KEY):
+            raise Disturbed("the benchmark's Redis database was emptied by another process")
 
 
 @dataclass
@@ -71,13 +110,192 @@ def report(results: list[Result], baseline: Result) -> None:
         print(f"{r.label:<{width}}  {r.rate:>10,.0f}  {r.rate / baseline.rate:>10.2f}x")
 
 
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print rows under headers: the first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        first, *rest = row
+        print(
+            "  ".join(
+                [
+                    first.ljust(widths[0]),
+                    *(c.rjust(w) for c, w in zip(rest, widths[1:], strict=True)),
+                ]
+            )
+        )
+
+
+def wait_for(check: Callable[[], bool], *, timeout: float, every: float = 0.02, what: str) -> float:
+    """Poll `check` until it holds; return perf_counter() at that moment. Fails after timeout."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        if check():
+            return time.perf_counter()
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{what}: not done within {timeout:g}s (process logs: {LOG_DIR})")
+        time.sleep(every)
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants (a worker's pool children)."""
+    proc = psutil.Process(pid)
+    return [pid, *(c.pid for c in proc.children(recursive=True))]
+
+
+def pg_backends(database: str) -> list[int]:
+    """PIDs of the PostgreSQL server processes serving connections to `database`."""
+    admin = create_engine(PG_ADMIN, poolclass=NullPool)
+    with admin.connect() as conn:
+        query = text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid()"
+        )
+        pids = [int(p) for p in conn.execute(query, {"db": database}).scalars()]
+    admin.dispose()
+    return pids
+
+
+class CpuMeter:
+    """CPU seconds a set of processes used between start() and stop(); the set is read at both
+    ends, so a process that appears in between counts from zero."""
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        self.pids = pids
+        self._before: dict[int, float] = {}
+
+    def _read(self) -> dict[int, float]:
+        out = {}
+        for pid in self.pids():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                t = psutil.Process(pid).cpu_times()
+                out[pid] = t.user + t.system
+        return out
+
+    def start(self) -> None:
+        self._before = self._read()
+
+    def stop(self) -> float:
+        return sum(after - self._before.get(pid, 0.0) for pid, after in self._read().items())
+
+
+# -- processes ----------------------------------------------------------------------------------
+def conveyor_env(database_url: str, **overrides: str) -> dict[str, str]:
+    """Environment for `python -m conveyor ...` on the benchmark database and Redis.
+
+    Logging at WARNING, as the Celery baselines run with `-l WARNING`: neither side pays for a
+    log line per task.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env.update(
+        {
+            "CONVEYOR_DATABASE_URL": database_url,
+            "CONVEYOR_BROKER_URL": BROKER,
+            "CONVEYOR_TASK_MODULES": "bench.tasks",
+            "CONVEYOR_LOG_LEVEL": "WARNING",
+            "CONVEYOR_LOG_FORMAT": "json",
+            "CONVEYOR_SHUTDOWN_GRACE_S": "2",
+            "PYTHONPATH": str(ROOT),
+            **overrides,
+        }
+    )
+    return env
+
+
+def celery_env(**values: str) -> dict[str, str]:
+    """Environment for the baseline Celery app (bench/celery_baseline.py)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVEYOR_", "BENCH_"))}
+    env.update({"BENCH_BROKER": BROKER, "PYTHONPATH": str(ROOT), **values})
+    return env
+
+
+WORKER_FLAGS = ("-l", "WARNING", "--without-mingle", "--without-gossip")
+
+
+def conveyor_worker_argv(name: str, concurrency: int) -> list[str]:
+    """`conveyor worker` with prefork children (the default pool), as deployed."""
+    return ["-m", "conveyor", "worker", "-c", str(concurrency), "-n", f"{name}@%h", *WORKER_FLAGS]
+
+
+def celery_worker_argv(name: str, concurrency: int, queue: str) -> list[str]:
+    """A plain `celery worker` on the baseline app, the same pool and flags as conveyor's."""
+    return [
+        "-m", "celery", "-A", "bench.celery_baseline", "worker", "-P", "prefork",
+        "-c", str(concurrency), "-Q", queue, "-n", f"{name}@%h", *WORKER_FLAGS,
+    ]  # fmt: skip
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+class Processes:
+    """Processes a benchmark starts (each in its own session), stopped when the block ends."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+
+    def start(self, argv: list[str], env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
+        with (LOG_DIR / f"{name}.log").open("wb") as log:  # the child keeps its own fd
+            proc = subprocess.Popen(
+                [sys.executable, *argv],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+        """SIGTERM the process's group (its pool children too), SIGKILL it if it lingers."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if proc.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=timeout)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def check_alive(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}; see {LOG_DIR}")
+
+    def __enter__(self) -> Processes:
+        # A benchmark stopped with SIGTERM (`timeout`, a CI limit) still stops what it started.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in list(self.procs):
+            self.stop(proc)
+
+
 __all__ = [
     "BROKER",
+    "LOG_DIR",
+    "CpuMeter",
+    "Disturbed",
+    "Processes",
+    "RedisGuard",
     "Result",
+    "celery_env",
+    "celery_worker_argv",
+    "conveyor_env",
+    "conveyor_worker_argv",
     "flush_redis",
     "fresh_database",
+    "libpq_dsn",
     "percentile",
+    "pg_backends",
+    "process_tree",
     "report",
     "statistics",
+    "table",
     "timed",
+    "wait_for",
 ]

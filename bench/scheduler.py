@@ -1,0 +1,289 @@
+"""Scheduler fire precision: K one-second interval schedules for D seconds, conveyor beside beat.
+
+One after the other in the same run (each alone on the machine's two cores), the same K and D:
+- conveyor: K schedules (`interval 1s`, target bench_noop) added through domain.schedules, then
+  a real `python -m conveyor scheduler`. Slots are a fixed grid (whole seconds). Precision per
+  fire: the run row's `created_at` (taken when the scheduler starts recording the slot, before
+  its transaction and the publish) minus the slot `fire_at` from `schedule_fires`. Missed =
+  K*D slots of the window without an `enqueued` row 2 s after it ends (late, or recorded
+  `skipped_misfire`: counted apart); duplicates = a slot recorded twice or an
+  enqueued slot with other than exactly one run. Relay and reaper run as they ship, with a
+  dispatch grace of an hour: no worker consumes here, and re-publishing the unclaimed runs
+  after 30 s would be work beat never does.
+- Celery beat: `celery beat` with K entries `schedule=1.0` (task bench.noop) and its default
+  PersistentScheduler, subclassed only to note, per entry it applies (bench/celery_baseline.py),
+  when it was due by beat's own rule (previous run + 1 s), when beat decided to send it (the
+  point that corresponds to conveyor's created_at) and when the send returned. Beat re-anchors
+  every interval on the moment it actually fired, so a late fire delays all later ones: its
+  fires in the window fall short of K*D, and that shortfall is counted as missed.
+CPU per fire: user+system seconds of the scheduler process (psutil) over the window, divided by
+the fires it recorded in that time; for conveyor also the PostgreSQL backends serving it.
+Nobody polls the database during the window.
+
+Run: `python -m bench.scheduler [--schedules 1000] [--seconds 60]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import redis
+from sqlalchemy import Engine, text
+
+from bench.common import (
+    BROKER,
+    CpuMeter,
+    Processes,
+    celery_env,
+    conveyor_env,
+    flush_redis,
+    fresh_database,
+    percentile,
+    pg_backends,
+    table,
+    wait_for,
+)
+from domain import schedules as sched
+from domain.clock import utc_now
+from domain.db import create_db_engine
+from domain.logging import configure_logging
+from domain.registry import REGISTRY, RegistryCatalog, import_task_modules
+from scheduler.triggers import Slots, TriggerSpec
+
+TARGET_P99_S = 0.050
+SETTLE_S = 2.0  # the window starts this long after the scheduler is seen firing
+BEAT_QUEUE = "bench_beat"
+
+
+@dataclass
+class Outcome:
+    label: str
+    fires: int  # recorded in the window (slots in [W0, W0 + D))
+    expected: int  # K * D
+    missed: int  # slots of the window not enqueued by 2 s after it (late, skipped or lost)
+    skipped: int  # of those, recorded as skipped (misfire policy)
+    duplicates: int
+    precision: list[float]  # seconds late, per fire
+    sent: list[float]  # beat only: slot -> send returned
+    cpu_per_fire: float
+    pg_cpu_per_fire: float | None
+
+
+def sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.time()))
+
+
+def window_after(now: float) -> float:
+    """The first whole second at least SETTLE_S away."""
+    return math.ceil(now + SETTLE_S)
+
+
+def add_schedules(engine: Engine, count: int) -> None:
+    import_task_modules(["bench.tasks"])
+    catalog = RegistryCatalog(REGISTRY)
+    slots = Slots(TriggerSpec("interval", "1s"))
+    for k in range(count):
+        spec = sched.ScheduleInput.parse(
+            name=f"bench-{k}", target="bench_noop", params={"i": k}, trigger="interval",
+            expression="1s",
+        )  # fmt: skip
+        sched.add_schedule(engine, spec, slots, now=utc_now(), catalog=catalog)
+
+
+def run_conveyor(procs: Processes, url: str, k: int, d: int) -> Outcome:
+    engine = create_db_engine(url, pool_size=1)
+    add_schedules(engine, k)
+    proc = procs.start(
+        ["-m", "conveyor", "scheduler"],
+        conveyor_env(url, CONVEYOR_DISPATCH_GRACE_S="3600"),
+        "scheduler-conveyor",
+    )
+
+    def fired() -> bool:
+        with engine.connect() as conn:
+            return bool(conn.execute(text("SELECT count(*) FROM schedule_fires")).scalar())
+
+    wait_for(fired, timeout=120, every=0.1, what="conveyor scheduler's first fires")
+    w0 = window_after(time.time())
+    cpu = CpuMeter(lambda: [proc.pid])
+    database = engine.url.database or ""
+    pg_cpu = CpuMeter(lambda: pg_backends(database))
+    sleep_until(w0 - 0.5)
+    cpu.start()
+    pg_cpu.start()
+    cpu_from = datetime.now(UTC)
+    sleep_until(w0 + d - 0.5)
+    used, pg_used = cpu.stop(), pg_cpu.stop()
+    cpu_to = datetime.now(UTC)
+    sleep_until(w0 + d + SETTLE_S)  # the window's last slots are recorded
+    procs.stop(proc)
+
+    start, end = datetime.fromtimestamp(w0, UTC), datetime.fromtimestamp(w0 + d, UTC)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT f.outcome, extract(epoch FROM r.created_at - f.fire_at) "
+                "FROM schedule_fires f LEFT JOIN runs r ON r.id = f.run_id "
+                "WHERE f.fire_at >= :start AND f.fire_at < :end"
+            ),
+            {"start": start, "end": end},
+        ).all()
+        in_cpu_window = conn.execute(
+            text("SELECT count(*) FROM schedule_fires WHERE recorded_at BETWEEN :a AND :b"),
+            {"a": cpu_from, "b": cpu_to},
+        ).scalar_one()
+        slot_dups = conn.execute(
+            text(
+                "SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM schedule_fires "
+                "GROUP BY schedule_id, fire_at) s"
+            )
+        ).scalar_one()
+        run_dups = conn.execute(
+            text(
+                "SELECT (SELECT count(*) FROM runs WHERE triggered_by = 'schedule') - "
+                "(SELECT count(DISTINCT run_id) FROM schedule_fires WHERE outcome = 'enqueued')"
+            )
+        ).scalar_one()
+    engine.dispose()
+    enqueued = [float(late) for outcome, late in rows if outcome == "enqueued"]
+    return Outcome(
+        "conveyor scheduler",
+        len(enqueued),
+        k * d,
+        k * d - len(enqueued),
+        sum(1 for outcome, _ in rows if outcome.startswith("skipped")),
+        int(slot_dups) + abs(int(run_dups)),
+        enqueued,
+        [],
+        used / max(1, in_cpu_window),
+        pg_used / max(1, in_cpu_window),
+    )
+
+
+def run_beat(procs: Processes, k: int, d: int) -> Outcome:
+    r = redis.Redis.from_url(BROKER)
+    with tempfile.TemporaryDirectory(prefix="conveyor-bench-beat-") as tmp:
+        notes = Path(tmp) / "fires.txt"
+        proc = procs.start(
+            [
+                "-m", "celery", "-A", "bench.celery_baseline", "beat", "-l", "WARNING",
+                "-S", "bench.celery_baseline:MeasuringScheduler", "-s", f"{tmp}/beat-schedule",
+            ],
+            celery_env(
+                BENCH_BEAT_ENTRIES=str(k), BENCH_BEAT_LOG=str(notes), BENCH_CELERY_QUEUE=BEAT_QUEUE
+            ),
+            "scheduler-beat",
+        )  # fmt: skip
+        wait_for(lambda: r.llen(BEAT_QUEUE) > 0, timeout=120, every=0.1, what="beat's first fires")
+        w0 = window_after(time.time())
+        cpu = CpuMeter(lambda: [proc.pid])
+        sleep_until(w0 - 0.5)
+        cpu.start()
+        cpu_from = time.time()
+        sleep_until(w0 + d - 0.5)
+        used = cpu.stop()
+        cpu_to = time.time()
+        sleep_until(w0 + d + SETTLE_S)
+        procs.stop(proc)  # beat writes its last notes on the way out
+        lines = [line.split() for line in notes.read_text().splitlines()]
+    fires = [(name, float(due), float(dec), float(sent)) for name, due, dec, sent in lines]
+    in_window = [f for f in fires if w0 <= f[1] < w0 + d]
+    by_entry: dict[str, list[float]] = {}
+    for name, _, _, sent in sorted(fires, key=lambda f: f[3]):
+        by_entry.setdefault(name, []).append(sent)
+    # Two sends of one entry less than half an interval apart would be a double fire.
+    dups = sum(
+        1 for sends in by_entry.values() for a, b in itertools.pairwise(sends) if b - a < 0.5
+    )
+    in_cpu_window = sum(1 for f in fires if cpu_from <= f[3] <= cpu_to)
+    return Outcome(
+        "Celery beat",
+        len(in_window),
+        k * d,
+        max(0, k * d - len(in_window)),
+        0,
+        dups,
+        [dec - due for _, due, dec, _ in in_window],
+        [sent - due for _, due, _, sent in in_window],
+        used / max(1, in_cpu_window),
+        None,
+    )
+
+
+def print_report(results: list[Outcome], k: int, d: int) -> None:
+    print(
+        f"\nscheduler: {k} interval schedules firing every 1 s, {d} s window each, one after "
+        "the other, this machine\n"
+    )
+
+    def ms(values: list[float], p: float) -> str:
+        return f"{percentile(values, p) * 1000:,.1f}" if values else "-"
+
+    table(
+        [
+            "scheduler", "fires", "of K*D", "missed", "skipped", "dup", "p50 ms", "p99 ms",
+            "max ms",
+            "CPU ms/fire", "PG CPU ms/fire",
+        ],
+        [
+            [
+                o.label, o.fires, o.expected, o.missed, o.skipped, o.duplicates,
+                ms(o.precision, 50),
+                ms(o.precision, 99), ms(o.precision, 100), f"{o.cpu_per_fire * 1000:.2f}",
+                "-" if o.pg_cpu_per_fire is None else f"{o.pg_cpu_per_fire * 1000:.2f}",
+            ]
+            for o in results
+        ],
+    )  # fmt: skip
+    conveyor, beat = results
+    print(
+        f"\nbeat, slot -> send returned: p50 {ms(beat.sent, 50)} ms, p99 {ms(beat.sent, 99)} ms "
+        "(the table shows slot -> decided, as conveyor's created_at)"
+    )
+    p99 = percentile(conveyor.precision, 99) if conveyor.precision else math.inf
+    checks = [
+        (f"p99 <= {TARGET_P99_S * 1000:.0f} ms", p99 <= TARGET_P99_S),
+        ("0 missed", conveyor.missed == 0),
+        ("0 duplicates", conveyor.duplicates == 0),
+        ("CPU/fire <= beat's", conveyor.cpu_per_fire <= beat.cpu_per_fire),
+    ]
+    print(
+        "conveyor targets: "
+        + "; ".join(f"{what}: {'met' if ok else 'MISSED'}" for what, ok in checks)
+    )
+    print(
+        f"conveyor vs beat: p99 {p99 / percentile(beat.precision, 99):.2f}x, "
+        f"CPU per fire {conveyor.cpu_per_fire / beat.cpu_per_fire:.2f}x"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--schedules", type=int, default=200, help="K (issue: 1000)")
+    parser.add_argument("--seconds", type=int, default=20, help="D, window (issue: 60)")
+    args = parser.parse_args()
+    configure_logging(level="WARNING")
+
+    url = fresh_database()
+    flush_redis()
+    try:
+        with Processes() as procs:
+            conveyor = run_conveyor(procs, url, args.schedules, args.seconds)
+            print(f"conveyor: {conveyor.fires} fires in the window", flush=True)
+            flush_redis()
+            beat = run_beat(procs, args.schedules, args.seconds)
+            print(f"beat: {beat.fires} fires in the window", flush=True)
+    finally:
+        flush_redis()
+    print_report([conveyor, beat], args.schedules, args.seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Tasks the benchmarks run through real conveyor workers (`CONVEYOR_TASK_MODULES=bench.tasks`)."""
+
+from __future__ import annotations
+
+import time
+
+from conveyor import task
+
+
+@task
+def bench_noop(ctx, i: int) -> None:  # type: ignore[no-untyped-def]
+    """The throughput and latency unit: one log line, then the final state."""
+    ctx.log("noop")
+
+
+@task
+def bench_log_lines(ctx, n: int) -> int:  # type: ignore[no-untyped-def]
+    """Writes `n` lines, each starting with the wall-clock time it was logged (for latency)."""
+    log, now = ctx.log, time.time
+    for i in range(n):
+        log(f"{now():.6f} line {i}")
+    return n
