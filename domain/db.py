@@ -22,7 +22,9 @@ log = structlog.get_logger("conveyor.db")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def create_db_engine(url: str, *, pool_size: int = 5, null_pool: bool = False) -> Engine:
+def create_db_engine(
+    url: str, *, pool_size: int = 5, null_pool: bool = False, pre_ping: bool = True
+) -> Engine:
     """An engine for `url` (already normalised by Settings).
 
     SQLite gets WAL (readers never block the writer), foreign keys and a busy timeout, and a
@@ -45,7 +47,9 @@ def create_db_engine(url: str, *, pool_size: int = 5, null_pool: bool = False) -
     if null_pool:
         kwargs["poolclass"] = NullPool
     else:
-        kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        # pre_ping costs a round trip per checkout; hot paths (workers, the scheduler) turn it
+        # off and recover from a stale connection by retrying instead.
+        kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=pre_ping)
     return create_engine(url, **kwargs)
 
 

@@ -56,6 +56,7 @@ class ScheduleRunner:
         self.grace = timedelta(seconds=misfire_grace_s)
         self.aps: BackgroundScheduler | None = None
         self._known: dict[int, Any] = {}  # schedule id -> updated_at we planned with
+        self._slots: dict[int, Slots] = {}  # schedule id -> its fire times, as planned
         self._marker: Any = None
         self._lock = threading.Lock()
 
@@ -93,6 +94,7 @@ class ScheduleRunner:
 
     def _unplan(self, schedule_id: int) -> None:
         self._known.pop(schedule_id, None)
+        self._slots.pop(schedule_id, None)
         if self.aps is not None:
             with contextlib.suppress(JobLookupError):
                 self.aps.remove_job(str(schedule_id))
@@ -104,6 +106,7 @@ class ScheduleRunner:
             log.error("schedule.invalid", schedule=row.name, reason=str(exc))
             return
         self._known[row.id] = row.updated_at
+        self._slots[row.id] = slots
         now = self.clock()
         cursor = row.last_fire_at or row.created_at
         missed = list(_take(slots.between(cursor, now - self.grace), sched.MAX_RECORDED_MISSES))
@@ -141,13 +144,15 @@ class ScheduleRunner:
 
     def _fire_job(self, schedule_id: int, slot: datetime) -> None:
         try:
-            row = next((s for s in sched.list_schedules(self.engine) if s.id == schedule_id), None)
-            if row is None or not row.enabled:
+            # The plan made for this schedule is in memory: no per-fire read of the table
+            # (fire() locks the row and skips a schedule paused or removed meanwhile).
+            with self._lock:
+                stamp, slots = self._known.get(schedule_id), self._slots.get(schedule_id)
+            if slots is None:
                 return
-            slots = slots_for(row)
             self._record(schedule_id, [(slot, "enqueue")], next_fire_at=slots.next_after(slot))
             with self._lock:
-                if self._known.get(schedule_id) == row.updated_at:
+                if self._known.get(schedule_id) == stamp:
                     self._schedule_next(schedule_id, slots, slot)
         except Exception as exc:  # a failing fire must not kill the scheduler thread
             log.error(

@@ -42,7 +42,9 @@ class WorkerRuntime:
         self.registry = registry
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         # One connection for the task thread, one for the monitor, one for the writer.
-        self.engine: Engine = create_db_engine(settings.effective_database_url, pool_size=3)
+        self.engine: Engine = create_db_engine(
+            settings.effective_database_url, pool_size=3, pre_ping=False
+        )
         self.writer = LogWriter(self.engine)
         self.writer.start()
         capture.install()

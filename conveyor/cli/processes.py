@@ -72,7 +72,7 @@ def scheduler() -> None:
 
     settings = get_settings()
     catalog = default_catalog(settings)  # imports CONVEYOR_TASK_MODULES
-    engine = create_db_engine(settings.effective_database_url, pool_size=4)
+    engine = create_db_engine(settings.effective_database_url, pool_size=4, pre_ping=False)
     service = SchedulerService(
         settings,
         engine,
