@@ -87,3 +87,38 @@ async def deliver(state: State, request: Request, name: HookName) -> JSONRespons
         )
         outcome[0] = "accepted" if result.created else "duplicate"
     return JSONResponse({"run_id": str(result.run.id)}, status_code=202 if result.created else 200)
+
+
+@router.post(
+    "/hooks/pipelines/{name}/{key}",
+    status_code=202,
+    responses={200: {"description": "Repeated X-Conveyor-Delivery: the run it created"}},
+)
+async def legacy_pipeline_hook(
+    state: State, request: Request, name: HookName, key: Annotated[str, Path(max_length=500)]
+) -> JSONResponse:
+    """Fast-Flow's `webhook_key` trigger, only when CONVEYOR_PIPELINE_LEGACY_WEBHOOKS is on
+    (the key travels in the URL; prefer signed webhooks). The JSON object body, if any,
+    becomes the run's params; an optional `X-Conveyor-Delivery` makes repeats one run."""
+    from domain import legacy_hooks
+    from domain.pipelines import PipelineDirectory, pipeline_settings
+
+    with _outcome(state) as outcome:
+        if not state.settings.pipeline_legacy_webhooks:
+            raise legacy_hooks.LegacyHookNotFound()
+        body = await request.body()
+        params = webhooks.parse_payload(body) if body.strip() else {}
+        directory = PipelineDirectory(pipeline_settings(state.settings).pipelines_dir)
+        result = await run_in_threadpool(
+            legacy_hooks.accept,
+            state.uow(),
+            directory,
+            name,
+            key,
+            params,
+            delivery_id=request.headers.get("x-conveyor-delivery"),
+            publisher=state.publisher,
+            catalog=state.catalog,
+        )
+        outcome[0] = "accepted" if result.created else "duplicate"
+    return JSONResponse({"run_id": str(result.run.id)}, status_code=202 if result.created else 200)
