@@ -222,7 +222,9 @@ class PipelineDirectory:
     """
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        # Absolute once: a pipeline runs with its own folder as working directory, where a
+        # relative root (the default ./pipelines) would point somewhere else.
+        self.root = Path(root).resolve()
         self._lock = threading.Lock()
         self._fingerprint: tuple[Any, ...] | None = None
         self._items: dict[str, DiscoveredPipeline] = {}

@@ -1,4 +1,4 @@
-"""The `hello` pipeline of ./pipelines started twice: by a signed webhook delivery (sent twice,
+"""The `greeting` pipeline of ./pipelines started twice: by a signed webhook delivery (sent twice,
 run once) and by an interval schedule."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def deliver(client: Client, secret_key: str, *, name: str = "greet") -> list[dic
     _, secret = add_webhook(
         UnitOfWork(client.engine),
         name,
-        target="hello",
+        target="greeting",
         kind="pipeline",
         secret_key=secret_key,
         actor="example",
@@ -61,10 +61,10 @@ def deliver(client: Client, secret_key: str, *, name: str = "greet") -> list[dic
     return asyncio.run(post_twice())
 
 
-def every_second(client: Client, *, name: str = "hello-every-second") -> Any:
+def every_second(client: Client, *, name: str = "greeting-every-second") -> Any:
     spec = schedules.ScheduleInput.parse(
         name=name,
-        target="hello",
+        target="greeting",
         target_kind="pipeline",
         params={"name": "from a schedule"},
         trigger="interval",

@@ -130,6 +130,19 @@ def test_fast_flow_pipelines_run_with_their_outcomes_and_retries(client: Client)
     final = client.wait(failing.id, timeout=90)
     assert (final.status, final.attempt, final.error_type) == ("failed", 2, "PipelineFailed")
     assert client.wait(logging.id, timeout=60).status == "succeeded"
+    assert final.exit_code not in (None, 0)  # the process's exit code is on the run
+    assert client.get(ok.id).exit_code == 0
+    # counters move in each run's final transaction: the failed first attempt of test_failing
+    # was retried, so only its final outcome counts
+    from domain.models_platform import Pipeline
+
+    with client.engine.connect() as conn:
+        counts = {
+            r.name: (r.total_runs, r.successful_runs, r.failed_runs)
+            for r in conn.execute(select(Pipeline.__table__))
+        }
+    assert counts["test_failing"] == (1, 0, 1)
+    assert counts["test_simple"][1] >= 1 and counts["test_simple"][2] == 0
 
 
 def test_concurrent_first_runs_share_one_environment_build(client: Client) -> None:

@@ -153,7 +153,7 @@ def test_pipelines_runner(client: Client, stack: Stack) -> None:
             len(
                 [
                     r
-                    for r in client.list(name="hello").items
+                    for r in client.list(name="greeting").items
                     if r.triggered_by == "schedule" and r.status == "succeeded"
                 ]
             )
@@ -163,7 +163,7 @@ def test_pipelines_runner(client: Client, stack: Stack) -> None:
     )
     with client.engine.connect() as conn:
         row = (
-            conn.execute(select(Pipeline.__table__).where(Pipeline.name == "hello"))
+            conn.execute(select(Pipeline.__table__).where(Pipeline.name == "greeting"))
             .mappings()
             .one()
         )

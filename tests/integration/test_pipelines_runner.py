@@ -409,11 +409,23 @@ def test_a_requirement_that_does_not_resolve_fails_with_uvs_message(h1: Pipeline
 
 
 def test_the_example_pipelines_without_secrets_run(h1: PipelineHarness) -> None:
-    for name in ("hello", "humanize_sizes"):
+    for name in ("greeting", "humanize_sizes"):
         shutil.copytree(ROOT / "pipelines" / name, h1.root / name)
-    hello = h1.enqueue("hello", {"name": "conveyor"})
+    hello = h1.enqueue("greeting", {"name": "conveyor"})
     assert h1.run(hello) == "succeeded"
     assert h1.lines(hello, "stdout")[0] == "Hello, conveyor!"
     sizes = h1.enqueue("humanize_sizes", {"sizes": [2048]})
     assert h1.run(sizes) == "succeeded"
     assert h1.lines(sizes, "stdout")[0] == "        2048 bytes = 2.0 KiB"
+
+
+def test_a_relative_pipelines_dir_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default CONVEYOR_PIPELINES_DIR is ./pipelines: relative to where conveyor starts."""
+    from domain.pipelines import PipelineDirectory
+
+    (tmp_path / "pipelines" / "rel").mkdir(parents=True)
+    (tmp_path / "pipelines" / "rel" / "main.py").write_text("print('ok')\n")
+    monkeypatch.chdir(tmp_path)
+    directory = PipelineDirectory(Path("pipelines"))
+    assert directory.root == tmp_path / "pipelines"
+    assert directory.get("rel").path.is_absolute()
