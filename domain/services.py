@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 from sqlalchemy.exc import IntegrityError
 
-from domain import costs
+from domain import audit, costs
 from domain.clock import uuid7
 from domain.errors import BrokerUnavailable, Conflict, InvalidInput, InvalidTransition
 from domain.ports import Catalog, Dispatch, OpenCatalog, Publisher
@@ -278,14 +278,15 @@ def cancel_run(
                 f"run {run_id} already ended as {run.status}; there is nothing to cancel",
                 status=run.status,
             )
-        uow.runs.add_audit(
+        # Through audit.record, like every other audited change: details are masked and bounded.
+        audit.record(
+            uow,
             actor=actor,
             action="run.cancel",
             target_type="run",
             target_id=str(run_id),
             details={"reason": why},
             ip=ip,
-            ts=now,
         )
         run = uow.runs.get(run_id)
         uow.commit()
