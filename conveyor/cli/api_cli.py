@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from conveyor.cli.db import cli_uow
 from conveyor.cli.output import ago, console, print_json
 from domain.settings import get_settings
-from domain.unit_of_work import UnitOfWork
 
 ACTOR = "cli"
 
@@ -28,17 +26,6 @@ def register(app: typer.Typer) -> None:
     app.command("api")(api)
     app.add_typer(tokens_app, name="tokens")
     app.add_typer(webhooks_app, name="webhooks")
-
-
-@contextmanager
-def _uow() -> Iterator[UnitOfWork]:
-    from domain.db import create_db_engine
-
-    engine = create_db_engine(get_settings().effective_database_url, null_pool=True)
-    try:
-        yield UnitOfWork(engine)
-    finally:
-        engine.dispose()
 
 
 def api(
@@ -89,7 +76,7 @@ def tokens_create(
     """Create a token and print it once: conveyor stores only its hash."""
     from domain import auth
 
-    with _uow() as uow:
+    with cli_uow() as uow:
         view, token = auth.create_token(uow, name, role, actor=ACTOR)
     if json_out:
         print_json({**view.to_dict(), "token": token})
@@ -103,7 +90,7 @@ def tokens_list(json_out: JsonFlag = False) -> None:
     """List tokens (never their values)."""
     from domain import auth
 
-    with _uow() as uow:
+    with cli_uow() as uow:
         items = auth.list_tokens(uow)
     if json_out:
         print_json([t.to_dict() for t in items])
@@ -121,7 +108,7 @@ def tokens_revoke(name: Annotated[str, typer.Argument(help="The token's name.")]
     """Revoke a token at once."""
     from domain import auth
 
-    with _uow() as uow:
+    with cli_uow() as uow:
         auth.revoke_token(uow, name, actor=ACTOR)
     console.print(f"token {name} revoked")
 
@@ -143,7 +130,7 @@ def webhooks_add(
     settings = get_settings()
     if kind == "task" and default_catalog(settings) is not None:
         REGISTRY.get(target)  # a typo fails now, not at the first delivery
-    with _uow() as uow:
+    with cli_uow() as uow:
         view, secret = webhooks.add_webhook(
             uow,
             name,
@@ -166,7 +153,7 @@ def webhooks_list(json_out: JsonFlag = False) -> None:
     """List webhook endpoints (never their secrets)."""
     from domain import webhooks
 
-    with _uow() as uow:
+    with cli_uow() as uow:
         items = webhooks.list_webhooks(uow)
     if json_out:
         print_json([w.to_dict() for w in items])
@@ -190,6 +177,6 @@ def webhooks_rm(name: Annotated[str, typer.Argument(help="The endpoint's name.")
     """Remove an endpoint (the runs it created stay)."""
     from domain import webhooks
 
-    with _uow() as uow:
+    with cli_uow() as uow:
         webhooks.remove_webhook(uow, name, actor=ACTOR)
     console.print(f"webhook {name} removed")

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from conveyor.cli.db import cli_uow
 from conveyor.cli.output import ago, console, print_json
 from domain.settings import get_settings
-from domain.unit_of_work import UnitOfWork
 
 ACTOR = "cli"
 
@@ -25,17 +23,6 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(notify_app, name="notify")
-
-
-@contextmanager
-def _uow() -> Iterator[UnitOfWork]:
-    from domain.db import create_db_engine
-
-    engine = create_db_engine(get_settings().effective_database_url, null_pool=True)
-    try:
-        yield UnitOfWork(engine)
-    finally:
-        engine.dispose()
 
 
 @notify_app.command("add")
@@ -53,7 +40,7 @@ def add(
     """Add a rule; it applies to runs that end from now on."""
     from domain import notify_rules
 
-    with _uow() as uow:
+    with cli_uow() as uow:
         rule = notify_rules.add_rule(
             uow, on=on, url=url, name_pattern=name, format=format_, actor=ACTOR
         )
@@ -71,7 +58,7 @@ def list_(json_out: JsonFlag = False) -> None:
     """Every rule, with its whole URL (which may hold a chat hook's credential)."""
     from domain import notify_rules
 
-    with _uow() as uow:
+    with cli_uow() as uow:
         items = notify_rules.list_rules(uow)
     if json_out:
         print_json([rule.to_dict() for rule in items])
@@ -96,7 +83,7 @@ def rm(rule_id: Annotated[int, typer.Argument(help="The rule's id (see notify li
     """Remove a rule (deliveries it already queued are still attempted)."""
     from domain import notify_rules
 
-    with _uow() as uow:
+    with cli_uow() as uow:
         notify_rules.remove_rule(uow, rule_id, actor=ACTOR)
     console.print(f"rule {rule_id} removed")
 

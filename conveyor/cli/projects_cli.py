@@ -7,12 +7,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlalchemy import Engine
 
+from conveyor.cli.db import cli_engine
 from conveyor.cli.output import console, key_values, print_json
 from domain import costs, projects
 from domain.clock import utc_now
-from domain.settings import get_settings
 
 projects_app = typer.Typer(help="Projects and their monthly limits.", no_args_is_help=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -24,12 +23,6 @@ TokenLimit = Annotated[str | None, typer.Option(help="Tokens per calendar month;
 def register(app: typer.Typer) -> None:
     app.add_typer(projects_app, name="projects")
     app.command(name="costs")(costs_report)
-
-
-def _engine() -> Engine:
-    from domain.db import create_db_engine
-
-    return create_db_engine(get_settings().effective_database_url, pool_size=1)
 
 
 def _limit(value: str | None, *, tokens: bool) -> Any:
@@ -65,8 +58,7 @@ def add(
 ) -> None:
     """Create a project (optionally with monthly limits)."""
     cost, tokens = _limit(monthly_cost_usd, tokens=False), _limit(monthly_tokens, tokens=True)
-    engine = _engine()
-    try:
+    with cli_engine() as engine:
         project = projects.add_project(
             engine,
             name,
@@ -74,8 +66,6 @@ def add(
             monthly_cost_usd=None if cost is projects.UNSET else cost,
             monthly_tokens=None if tokens is projects.UNSET else tokens,
         )
-    finally:
-        engine.dispose()
     _show(project, json_out)
 
 
@@ -87,8 +77,7 @@ def set_limits(
     json_out: JsonFlag = False,
 ) -> None:
     """Change a project's monthly limits; new runs are refused once one is reached."""
-    engine = _engine()
-    try:
+    with cli_engine() as engine:
         project = projects.set_limits(
             engine,
             name,
@@ -96,19 +85,14 @@ def set_limits(
             monthly_cost_usd=_limit(monthly_cost_usd, tokens=False),
             monthly_tokens=_limit(monthly_tokens, tokens=True),
         )
-    finally:
-        engine.dispose()
     _show(project, json_out)
 
 
 @projects_app.command("list")
 def list_(json_out: JsonFlag = False) -> None:
     """Projects with this month's spend against their limits."""
-    engine = _engine()
-    try:
+    with cli_engine() as engine:
         rows = projects.list_projects(engine, now=utc_now())
-    finally:
-        engine.dispose()
     if json_out:
         print_json(rows)
         return
@@ -130,11 +114,8 @@ def list_(json_out: JsonFlag = False) -> None:
 @projects_app.command("show")
 def show(name: Name, json_out: JsonFlag = False) -> None:
     """One project: limits, spend and reservations this month."""
-    engine = _engine()
-    try:
+    with cli_engine() as engine:
         project = projects.show_project(engine, name, now=utc_now())
-    finally:
-        engine.dispose()
     _show(project, json_out)
 
 
@@ -153,11 +134,8 @@ def costs_report(
 
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
-    engine = _engine()
-    try:
+    with cli_engine() as engine:
         rows = costs.report(engine, project=project, since=since, by=by)
-    finally:
-        engine.dispose()
     total = sum((r["cost_usd"] for r in rows), costs.ZERO)
     if json_out:
         print_json(

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from sqlalchemy import Engine
 
+from conveyor.cli.db import cli_engine
 from conveyor.cli.output import console, key_values, print_json
 from conveyor.cli.params import parse_params
 from domain import schedules as sched
@@ -26,12 +26,6 @@ Name = Annotated[str, typer.Argument(help="The schedule's name.")]
 
 def register(app: typer.Typer) -> None:
     app.add_typer(schedules_app, name="schedules")
-
-
-def _engine() -> Engine:
-    from domain.db import create_db_engine
-
-    return create_db_engine(get_settings().effective_database_url, pool_size=1)
 
 
 def _trigger(cron: str | None, every: str | None, at: str | None) -> tuple[str, str]:
@@ -94,13 +88,10 @@ def add(
         queue=queue,
     )
     slots = _slots(kind, expression, tz, spec.start_at, spec.end_at)
-    engine = _engine()
-    try:
+    with cli_engine() as engine:
         view = sched.add_schedule(
             engine, spec, slots, now=utc_now(), catalog=default_catalog(get_settings())
         )
-    finally:
-        engine.dispose()
     _print(view, json_out)
 
 
@@ -151,11 +142,8 @@ def list_(json_out: JsonFlag = False) -> None:
     """All schedules with their next fire time."""
     from rich.table import Table
 
-    engine = _engine()
-    try:
+    with cli_engine() as engine:
         views = sched.list_schedules(engine)
-    finally:
-        engine.dispose()
     if json_out:
         print_json([v.to_dict() for v in views])
         return
@@ -177,12 +165,9 @@ def list_(json_out: JsonFlag = False) -> None:
 @schedules_app.command("show")
 def show(name: Name, json_out: JsonFlag = False) -> None:
     """One schedule and its recent fires with their outcomes."""
-    engine = _engine()
-    try:
+    with cli_engine() as engine:
         view = sched.get_schedule(engine, name)
         fired = sched.recent_fires(engine, name)
-    finally:
-        engine.dispose()
     if json_out:
         print_json(view.to_dict() | {"fires": fired})
         return
@@ -204,11 +189,8 @@ def preview(
 ) -> None:
     """The next fire times of a schedule or an expression."""
     if name:
-        engine = _engine()
-        try:
+        with cli_engine() as engine:
             view = sched.get_schedule(engine, name)
-        finally:
-            engine.dispose()
         kind, expression, tz = view.trigger, view.expression, view.timezone
         slots = _slots(kind, expression, tz, view.start_at, view.end_at)
     else:
@@ -237,22 +219,16 @@ def resume(name: Name) -> None:
 
 
 def _set(name: str, enabled: bool) -> None:
-    engine = _engine()
-    try:
+    with cli_engine() as engine:
         view = sched.set_enabled(engine, name, enabled, now=utc_now())
-    finally:
-        engine.dispose()
     console.print(f"{view.name}: {'enabled' if view.enabled else 'paused'}")
 
 
 @schedules_app.command("rm")
 def rm(name: Name) -> None:
     """Delete a schedule and its fire history."""
-    engine = _engine()
-    try:
+    with cli_engine() as engine:
         sched.remove_schedule(engine, name)
-    finally:
-        engine.dispose()
     console.print(f"{name}: removed")
 
 
@@ -261,11 +237,8 @@ def fire_now(name: Name, json_out: JsonFlag = False) -> None:
     """Run the schedule's target now (triggered_by=manual); its slots are unaffected."""
     from conveyor.cli.main import client
 
-    engine = _engine()
-    try:
+    with cli_engine() as engine:
         view = sched.get_schedule(engine, name)
-    finally:
-        engine.dispose()
     with client() as c:
         run = c.enqueue(
             view.target_name,

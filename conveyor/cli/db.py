@@ -1,0 +1,28 @@
+"""The database for one CLI command: opened from Settings, disposed when the command ends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine
+
+from domain.settings import get_settings
+from domain.unit_of_work import UnitOfWork
+
+
+@contextmanager
+def cli_engine() -> Iterator[Engine]:
+    from domain.db import create_db_engine
+
+    engine = create_db_engine(get_settings().effective_database_url, null_pool=True)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def cli_uow() -> Iterator[UnitOfWork]:
+    with cli_engine() as engine:
+        yield UnitOfWork(engine)
