@@ -17,7 +17,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,8 +35,13 @@ log = structlog.get_logger("conveyor.costs")
 usage = cast(Table, ProjectUsage.__table__)
 reservations = cast(Table, CostReservation.__table__)
 MAX_INT64 = 2**63 - 1
+MAX_INT32 = 2**31 - 1
 MILLION = Decimal(1_000_000)
 ZERO = Decimal(0)
+#: The scale money is stored at (Numeric(20, 10)): an entry is rounded to it *before* it is
+#: stored or added, so a run's total is always exactly the sum of its stored entries.
+MONEY_STEP = Decimal("1e-10")
+MAX_ENTRY_USD = Decimal("1e9")
 
 
 class MonthlyLimitReached(Conflict):
@@ -60,10 +65,33 @@ def as_money(value: Any, *, field: str) -> Decimal:
     return amount
 
 
-def as_tokens(value: Any, *, field: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT64:
+def as_tokens(value: Any, *, field: str, most: int = MAX_INT64) -> int:
+    """A count (tokens, requests) from 0 to `most`; bools and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+        limit = "2^63-1" if most == MAX_INT64 else f"{most:,}"
         raise InvalidInput(
-            f"{field}: must be a whole number from 0 to 2^63-1 (got {value!r})", field=field
+            f"{field}: must be a whole number from 0 to {limit} (got {value!r})", field=field
+        )
+    return value
+
+
+def as_entry_usd(value: Any, *, field: str = "usd") -> Decimal:
+    """One cost entry's amount as it will be stored: exact, rounded half-up to 10 decimal
+    places (the column's scale), below a billion USD."""
+    amount = value if type(value) is Decimal else as_money(value, field=field)
+    if not amount.is_finite() or amount < 0:
+        raise InvalidInput(f"{field}: must be a non-negative amount (got {value!r})", field=field)
+    if amount >= MAX_ENTRY_USD:
+        raise InvalidInput(f"{field}: one entry must be under 1e9 USD (got {value!r})", field=field)
+    return amount.quantize(MONEY_STEP, rounding=ROUND_HALF_UP)
+
+
+def as_label(value: Any, *, field: str, most: int) -> str:
+    """A provider or model name: non-empty text of at most `most` characters, no NUL."""
+    if type(value) is not str or not value or len(value) > most or "\x00" in value:
+        raise InvalidInput(
+            f"{field}: must be non-empty text of at most {most} characters (got {value!r})",
+            field=field,
         )
     return value
 
@@ -256,6 +284,46 @@ def check_can_enqueue(conn: Connection, project_names: set[str], now: datetime) 
 
 
 # -- recording and reserving from a running task ----------------------------------------------
+def add_to_run(
+    conn: Connection,
+    run_id: uuid.UUID,
+    attempt: int,
+    *,
+    usd: Decimal,
+    tokens_in: int,
+    tokens_out: int,
+    requests: int,
+) -> bool:
+    """Add buffered entries' sums to the run's totals, in the caller's transaction (the one that
+    writes the entries). Fenced by attempt only: False when another attempt has claimed the run.
+
+    Unlike the per-call path it does not also require `running`: the writer may land an
+    attempt's last entries after that attempt wrote its final state (a database outage at the
+    end), and spend that really happened belongs on the run.
+    """
+    owned = and_(runs.c.id == run_id, runs.c.attempt == attempt)
+    new_cost: Any
+    if conn.dialect.name == "sqlite":
+        # Money is text on SQLite (exact); add in Python. Writers are serialised there anyway.
+        current = conn.execute(select(runs.c.cost_usd).where(owned)).first()
+        if current is None:
+            return False
+        new_cost = Decimal(current[0]) + usd
+    else:
+        new_cost = runs.c.cost_usd + usd
+    updated = conn.execute(
+        update(runs)
+        .where(owned)
+        .values(
+            cost_usd=new_cost,
+            tokens_in=runs.c.tokens_in + tokens_in,
+            tokens_out=runs.c.tokens_out + tokens_out,
+            requests_made=runs.c.requests_made + requests,
+        )
+    ).rowcount
+    return bool(updated == 1)
+
+
 def record(
     conn: Connection, run_id: uuid.UUID, attempt: int, project: str, entry: dict[str, Any]
 ) -> tuple[runstore.Totals, str | None]:

@@ -47,12 +47,30 @@ class LineSink(Protocol):
         ts: Any = None,
     ) -> None: ...
 
+    def cost(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        *,
+        step_seq: int | None,
+        project: str,
+        ts: Any,
+        provider: str,
+        model: str,
+        tokens_in: int,
+        tokens_out: int,
+        requests: int,
+        cost_usd: Decimal,
+    ) -> None: ...
+
 
 class TaskContext:
     """Handed to every task as its first argument.
 
-    Logs and metrics are buffered (cheap); steps and costs are written at once, since people
-    watch steps live and budgets must be checked before more money is spent.
+    Logs and metrics are buffered (cheap); steps are written at once, since people watch them
+    live. Costs are written at once only where a limit must be checked before more money is
+    spent (a run budget, a project limit, an open reservation); otherwise they are buffered
+    with the logs and land, with the run's totals, before its final state.
     """
 
     def __init__(
@@ -77,6 +95,10 @@ class TaskContext:
         self._step_seq: int | None = None
         self._planned: dict[str, int] = {}
         self._lock = threading.Lock()
+        # Whether cost entries can be buffered: decided at the first cost, from the claim and
+        # the project's limits as they were then (a limit set mid-run applies from the next run).
+        self._buffer_costs: bool | None = None
+        self._reserving = 0
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -187,11 +209,17 @@ class TaskContext:
 
         Pass `usd` as a string or Decimal (floats cannot hold money exactly), or leave it out to
         have it computed from the price table (prices.toml); an unknown model is recorded at 0
-        with a warning, never a crash.
+        with a warning, never a crash. Amounts are kept to 10 decimal places (rounded half up).
+
+        A run with no budget, in a project with no monthly limit, outside `reserve()`, has
+        nothing to check per call: its entries are buffered like log lines and written in
+        batches with its totals, all before its final state.
         """
+        provider = costs.as_label(provider, field="provider", most=100)
+        model = costs.as_label(model, field="model", most=200)
         tokens_in = costs.as_tokens(tokens_in, field="tokens_in")
         tokens_out = costs.as_tokens(tokens_out, field="tokens_out")
-        requests = costs.as_tokens(requests, field="requests")
+        requests = costs.as_tokens(requests, field="requests", most=costs.MAX_INT32)
         if usd is None:
             priced = self._prices.cost(provider, model, tokens_in, tokens_out)
             if priced is None:
@@ -201,10 +229,28 @@ class TaskContext:
                     provider=provider,
                     model=model,
                 )
-            amount = priced if priced is not None else Decimal(0)
+            amount = costs.as_entry_usd(priced if priced is not None else Decimal(0))
         else:
-            amount = costs.as_money(usd, field="usd")
+            amount = costs.as_entry_usd(usd)
         step = self._step_seq - 1 if self._step_seq else None
+        if self._buffer_costs is None:
+            self._buffer_costs = self._nothing_to_enforce()
+        if self._buffer_costs and not self._reserving:
+            self._sink.cost(
+                self.run_id,
+                self.attempt,
+                step_seq=step,
+                project=self.project,
+                ts=self._clock(),
+                provider=provider,
+                model=model,
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
+                requests=requests,
+                cost_usd=amount,
+            )
+            self.check_cancel()
+            return
         entry = {
             "project": self.project,
             "ts": self._clock(),
@@ -232,23 +278,37 @@ class TaskContext:
             self.stop("budget_exceeded", project_over)
         self.check_cancel()
 
+    def _nothing_to_enforce(self) -> bool:
+        """True when no run budget and no project limit applies (one query per run)."""
+        if self._claim.budget_usd is not None or self._claim.max_requests is not None:
+            return False
+        with self._engine.connect() as conn:
+            limits = costs.limits_of(conn, self.project)
+        return limits.cost_usd is None and limits.tokens is None
+
     @contextmanager
     def reserve(self, usd: Decimal | str | int = 0, tokens: int = 0) -> Iterator[None]:
         """Reserve headroom before an expensive call; released when the block ends (the actual
         spend is what `cost()` records inside it). Raises BudgetExceeded, stopping the run, when
         the run's budget or the project's monthly limit cannot cover it."""
-        reservation = costs.reserve(
-            self._engine,
-            self.run_id,
-            self.project,
-            usd=costs.as_money(usd, field="usd"),
-            tokens=costs.as_tokens(tokens, field="tokens"),
-            now=self._clock(),
-        )
+        with self._lock:
+            self._reserving += 1  # costs inside the block are recorded at once
         try:
-            yield
+            reservation = costs.reserve(
+                self._engine,
+                self.run_id,
+                self.project,
+                usd=costs.as_money(usd, field="usd"),
+                tokens=costs.as_tokens(tokens, field="tokens"),
+                now=self._clock(),
+            )
+            try:
+                yield
+            finally:
+                costs.release(self._engine, reservation, now=self._clock())
         finally:
-            costs.release(self._engine, reservation, now=self._clock())
+            with self._lock:
+                self._reserving -= 1
 
     # -- cancellation -----------------------------------------------------------------------
     @property

@@ -1,10 +1,17 @@
-"""Buffered, batched writes of run log lines and metrics (DESIGN guarantee 6)."""
+"""Buffered, batched writes of run log lines, metrics and cost entries (DESIGN guarantee 6).
+
+Cost entries come here only for runs with nothing to enforce per call (no run budget, no
+project limit, no open reservation; `TaskContext.cost` decides). Each batch adds a run's
+entries and the sums of them to its totals in one transaction, fenced by `attempt`.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any, cast
 from uuid import UUID
 
@@ -13,21 +20,40 @@ import structlog
 from sqlalchemy import Connection, Engine, Table
 from sqlalchemy import exc as sa_exc
 
+from domain import costs as ledger
 from domain.clock import utc_now
 from domain.db import describe_db_error
 from domain.errors import DatabaseUnavailable
-from domain.models import RunMetric, run_logs
+from domain.models import RunMetric, cost_entries, run_logs
 
 run_metrics = cast(Table, RunMetric.__table__)
 
 LOG_COLUMNS = ("run_id", "seq", "attempt", "ts", "stream", "level", "message", "fields")
 METRIC_COLUMNS = ("run_id", "ts", "name", "value", "labels")
+# A buffered cost row is these columns plus the attempt it was recorded by, last (the fence).
+COST_COLUMNS = (
+    "run_id", "step_seq", "project", "ts", "provider", "model",
+    "tokens_in", "tokens_out", "requests", "cost_usd",
+)  # fmt: skip
 _COPY_LOGS = f"COPY run_logs ({', '.join(LOG_COLUMNS)}) FROM STDIN"
 _COPY_METRICS = f"COPY run_metrics ({', '.join(METRIC_COLUMNS)}) FROM STDIN"
+_COPY_COSTS = f"COPY cost_entries ({', '.join(COST_COLUMNS)}) FROM STDIN"
 # Declared column types let psycopg pick each dumper once per COPY, not once per value (and
 # dump dicts as jsonb without a wrapper per row).
 _LOG_TYPES = ["uuid", "int8", "int4", "timestamptz", "text", "text", "text", "jsonb"]
 _METRIC_TYPES = ["uuid", "timestamptz", "text", "float8", "jsonb"]
+_COST_TYPES = [
+    "uuid",
+    "int4",
+    "text",
+    "timestamptz",
+    "text",
+    "text",
+    "int8",
+    "int8",
+    "int4",
+    "numeric",
+]
 
 #: One runaway line (a dumped blob, a progress bar with no newline) must not turn a COPY batch
 #: into many megabytes, nor become a row the API and `conveyor logs` choke on.
@@ -35,6 +61,7 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_BACKOFF_S = 2.0
 FIRST_BACKOFF_S = 0.1
 
+ZERO = Decimal(0)
 Row = tuple[Any, ...]
 Buffer = dict[UUID, list[Row]]
 
@@ -57,7 +84,8 @@ def clean_message(message: str) -> str:
 
 
 class LogWriter:
-    """One per worker process: `log()`/`metric()` only append to memory; a daemon thread writes.
+    """One per worker process: `log()`/`metric()`/`cost()` only append to memory; a daemon
+    thread writes.
 
     Rows are kept until a write commits: a database outage is retried with backoff, and a full
     buffer makes callers wait rather than drop lines. A row the database can never accept (its
@@ -89,10 +117,20 @@ class LogWriter:
         self._seqs: dict[UUID, int] = {}
         self._logs: Buffer = {}
         self._metrics: Buffer = {}
+        self._costs: Buffer = {}
         self._pending = 0  # buffered + in flight: what max_buffered bounds
         self._inflight: frozenset[UUID] = frozenset()
         self._counts = dict.fromkeys(
-            ("lines_written", "metrics_written", "flushes", "write_errors", "rows_rejected"), 0
+            (
+                "lines_written",
+                "metrics_written",
+                "costs_written",
+                "costs_dropped",
+                "flushes",
+                "write_errors",
+                "rows_rejected",
+            ),
+            0,
         )
 
     def start(self) -> None:
@@ -152,20 +190,52 @@ class LogWriter:
                 self._wait_for_space()
             self._append(self._metrics, run_id, row)
 
+    def cost(
+        self,
+        run_id: UUID,
+        attempt: int,
+        *,
+        step_seq: int | None,
+        project: str,
+        ts: datetime,
+        provider: str,
+        model: str,
+        tokens_in: int,
+        tokens_out: int,
+        requests: int,
+        cost_usd: Decimal,
+    ) -> None:
+        """Buffer one cost entry (already validated and priced, `cost_usd` exact to the column's
+        scale). Blocks only while the buffer is full."""
+        row = (
+            run_id, step_seq, project, ts, provider, model,
+            tokens_in, tokens_out, requests, cost_usd, attempt,
+        )  # fmt: skip
+        with self._lock:
+            if self._pending >= self._max:
+                self._wait_for_space()
+            self._append(self._costs, run_id, row)
+
     def take_run(self, run_id: UUID) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Remove and return the run's unwritten (log rows, metric rows) for the caller to write.
 
         A batch of this run being written right now is waited for first, so every row is either
-        written by the flusher or returned here, exactly once.
+        written by the flusher or returned here, exactly once. The run's buffered cost entries
+        are written (with its totals) before this returns, so the caller's final state is
+        written after them; if the database refuses that now, they stay buffered for the
+        flusher (fenced by attempt only, so they still land after the final state).
         """
         with self._lock:
             while run_id in self._inflight:
                 self._changed.wait()
             logs = self._logs.pop(run_id, [])
             metrics = self._metrics.pop(run_id, [])
+            costs = self._costs.pop(run_id, [])  # still counted in _pending until written
             if logs or metrics:
                 self._pending -= len(logs) + len(metrics)
                 self._changed.notify_all()
+        if costs:
+            self._write_costs_before_final(run_id, costs)
         return (
             [dict(zip(LOG_COLUMNS, row, strict=True)) for row in logs],
             [dict(zip(METRIC_COLUMNS, row, strict=True)) for row in metrics],
@@ -176,11 +246,12 @@ class LogWriter:
         conn: Connection, logs: list[dict[str, Any]], metrics: list[dict[str, Any]]
     ) -> None:
         """Write row dicts (as `take_run` returns them) inside the caller's transaction."""
-        _write_tuples(
-            conn,
+        batch = Batch(
             [tuple(row.get(c) for c in LOG_COLUMNS) for row in logs],
             [tuple(row.get(c) for c in METRIC_COLUMNS) for row in metrics],
+            [],
         )
+        _write_tuples(conn, batch)
 
     def flush(self) -> None:
         """Write everything buffered now; DatabaseUnavailable (rows kept) when that fails."""
@@ -201,7 +272,8 @@ class LogWriter:
 
     @property
     def stats(self) -> dict[str, int]:
-        """lines_written, metrics_written, flushes, write_errors, rows_rejected, buffered."""
+        """lines_written, metrics_written, costs_written, costs_dropped (stale attempt), flushes,
+        write_errors, rows_rejected, buffered."""
         with self._lock:
             return {**self._counts, "buffered": self._pending}
 
@@ -253,45 +325,77 @@ class LogWriter:
     def _flush_once(self) -> None:
         with self._write_lock:
             with self._lock:
-                logs, metrics = self._logs, self._metrics
-                if not logs and not metrics:
+                logs, metrics, costs = self._logs, self._metrics, self._costs
+                if not logs and not metrics and not costs:
                     return
-                self._logs, self._metrics = {}, {}
-                self._inflight = frozenset(logs.keys() | metrics.keys())
-            log_rows = [row for rows in logs.values() for row in rows]
-            metric_rows = [row for rows in metrics.values() for row in rows]
+                self._logs, self._metrics, self._costs = {}, {}, {}
+                self._inflight = frozenset(logs.keys() | metrics.keys() | costs.keys())
+            batch = Batch(
+                [row for rows in logs.values() for row in rows],
+                [row for rows in metrics.values() for row in rows],
+                [row for rows in costs.values() for row in rows],
+            )
             try:
-                lines, points = self._write_batch(log_rows, metric_rows)
+                written = self._write_batch(batch)
             except BaseException:
                 with self._lock:
                     _put_back(self._logs, logs)
                     _put_back(self._metrics, metrics)
+                    _put_back(self._costs, costs)
                     self._counts["write_errors"] += 1
                     self._settle()
                 raise
             with self._lock:
-                self._pending -= len(log_rows) + len(metric_rows)
-                self._counts["lines_written"] += lines
-                self._counts["metrics_written"] += points
-                self._counts["rows_rejected"] += len(log_rows) + len(metric_rows) - lines - points
+                self._account(batch, written)
                 self._counts["flushes"] += 1
                 self._settle()
+        _report_dropped(written.stale)
+
+    def _write_costs_before_final(self, run_id: UUID, costs: list[Row]) -> None:
+        batch = Batch([], [], costs)
+        try:
+            written = self._write_batch(batch)
+        except Exception as exc:
+            with self._lock:  # still counted in _pending: nothing else to undo
+                _put_back(self._costs, {run_id: costs})
+                self._counts["write_errors"] += 1
+            self._wake.set()
+            structlog.get_logger("conveyor.logwriter").warning(
+                "logwriter.costs_deferred",
+                run_id=str(run_id),
+                entries=len(costs),
+                error=_reason(exc),
+                next="the flusher writes them when the database answers",
+            )
+            return
+        with self._lock:
+            self._account(batch, written)
+            self._changed.notify_all()
+        _report_dropped(written.stale)
+
+    def _account(self, batch: Batch, written: Written) -> None:
+        """Count a settled batch (under the lock): it leaves the buffer."""
+        self._pending -= len(batch)
+        self._counts["lines_written"] += written.lines
+        self._counts["metrics_written"] += written.points
+        self._counts["costs_written"] += written.costs
+        self._counts["costs_dropped"] += len(written.stale)
+        self._counts["rows_rejected"] += len(batch) - written.settled
 
     def _settle(self) -> None:
         self._inflight = frozenset()
         self._changed.notify_all()
 
-    def _write_batch(self, logs: list[Row], metrics: list[Row]) -> tuple[int, int]:
+    def _write_batch(self, batch: Batch) -> Written:
         try:
             with self._engine.begin() as conn:
-                _write_tuples(conn, logs, metrics)
-            return len(logs), len(metrics)
+                return _write_tuples(conn, batch)
         except Exception as exc:
             if not _row_fault(exc):
                 raise
         rejected: list[tuple[Row, BaseException]] = []
         with self._engine.begin() as conn:
-            written = _bisect(conn, logs, metrics, rejected)
+            written = _bisect(conn, batch, rejected)
         if rejected:
             structlog.get_logger("conveyor.logwriter").error(
                 "logwriter.rows_rejected",
@@ -302,6 +406,56 @@ class LogWriter:
         return written
 
 
+@dataclass
+class Batch:
+    """Rows written in one transaction: log lines, metric samples, cost entries."""
+
+    logs: list[Row]
+    metrics: list[Row]
+    costs: list[Row]
+
+    def __len__(self) -> int:
+        return len(self.logs) + len(self.metrics) + len(self.costs)
+
+    def only(self) -> Row:
+        return (self.logs or self.metrics or self.costs)[0]
+
+    def halves(self) -> list[Batch]:
+        """Split to find refused rows: by kind first, then in half."""
+        kinds = [
+            Batch(self.logs, [], []), Batch([], self.metrics, []), Batch([], [], self.costs)
+        ]  # fmt: skip
+        kinds = [kind for kind in kinds if len(kind)]
+        if len(kinds) > 1:
+            return kinds
+        h = len(self) // 2
+        return [
+            Batch(self.logs[:h], self.metrics[:h], self.costs[:h]),
+            Batch(self.logs[h:], self.metrics[h:], self.costs[h:]),
+        ]
+
+
+@dataclass
+class Written:
+    """What a batch wrote: lines, metric points, cost entries, and cost entries dropped because
+    their attempt no longer owns the run (`stale`)."""
+
+    lines: int = 0
+    points: int = 0
+    costs: int = 0
+    stale: list[Row] = field(default_factory=list)
+
+    @property
+    def settled(self) -> int:
+        return self.lines + self.points + self.costs + len(self.stale)
+
+    def add(self, other: Written) -> None:
+        self.lines += other.lines
+        self.points += other.points
+        self.costs += other.costs
+        self.stale += other.stale
+
+
 def _put_back(buffer: Buffer, taken: Buffer) -> None:
     """Return a failed batch to the buffer, ahead of the rows logged while it was in flight."""
     for run_id, rows in taken.items():
@@ -309,38 +463,35 @@ def _put_back(buffer: Buffer, taken: Buffer) -> None:
         buffer[run_id] = rows + newer if newer else rows
 
 
-def _bisect(
-    conn: Connection, logs: list[Row], metrics: list[Row], rejected: list[tuple[Row, BaseException]]
-) -> tuple[int, int]:
-    """Write what can be written, halving on row errors so k bad rows cost O(k log n) tries."""
-    if not logs and not metrics:
-        return 0, 0
+def _bisect(conn: Connection, batch: Batch, rejected: list[tuple[Row, BaseException]]) -> Written:
+    """Write what can be written, halving on row errors so k bad rows cost O(k log n) tries.
+
+    Each part commits in its own savepoint with its own share of the run totals, so the totals
+    always equal the sum of the cost entries that were written.
+    """
+    if not len(batch):
+        return Written()
     try:
         with conn.begin_nested():
-            _write_tuples(conn, logs, metrics)
-        return len(logs), len(metrics)
+            return _write_tuples(conn, batch)
     except Exception as exc:
         if not _row_fault(exc):
             raise
-        if len(logs) + len(metrics) == 1:
-            rejected.append(((logs or metrics)[0], exc))
-            return 0, 0
-    if logs and metrics:
-        parts = [(logs, []), ([], metrics)]
-    elif logs:
-        parts = [(logs[: len(logs) // 2], []), (logs[len(logs) // 2 :], [])]
-    else:
-        parts = [([], metrics[: len(metrics) // 2]), ([], metrics[len(metrics) // 2 :])]
-    lines = points = 0
-    for part_logs, part_metrics in parts:
-        written = _bisect(conn, part_logs, part_metrics, rejected)
-        lines, points = lines + written[0], points + written[1]
-    return lines, points
+        if len(batch) == 1:
+            rejected.append((batch.only(), exc))
+            return Written()
+    written = Written()
+    for part in batch.halves():
+        written.add(_bisect(conn, part, rejected))
+    return written
 
 
-def _write_tuples(conn: Connection, logs: list[Row], metrics: list[Row]) -> None:
+def _write_tuples(conn: Connection, batch: Batch) -> Written:
     if not conn.in_transaction():
         conn.begin()  # what autobegin would do; the raw COPY below bypasses it
+    # The fence first: entries of an attempt that no longer owns its run are not written.
+    costs, stale = _add_to_totals(conn, batch.costs) if batch.costs else ([], [])
+    logs, metrics = batch.logs, batch.metrics
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
         raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
         with raw.cursor() as cur:
@@ -354,13 +505,84 @@ def _write_tuples(conn: Connection, logs: list[Row], metrics: list[Row]) -> None
                     copy.set_types(_METRIC_TYPES)
                     for row in metrics:
                         copy.write_row(row)
-        return
-    # SQLite (dev mode): Core executemany, so the column types store UUIDs and times as usual.
-    if logs:
-        conn.execute(run_logs.insert(), [dict(zip(LOG_COLUMNS, r, strict=True)) for r in logs])
-    if metrics:
-        conn.execute(
-            run_metrics.insert(), [dict(zip(METRIC_COLUMNS, r, strict=True)) for r in metrics]
+            if costs:
+                with cur.copy(_COPY_COSTS) as copy:
+                    copy.set_types(_COST_TYPES)
+                    for row in costs:
+                        copy.write_row(row[:-1])  # without the attempt
+    else:
+        # SQLite (dev mode): Core executemany, so the column types store UUIDs, times and
+        # money (as exact text) as usual.
+        if logs:
+            conn.execute(run_logs.insert(), [dict(zip(LOG_COLUMNS, r, strict=True)) for r in logs])
+        if metrics:
+            conn.execute(
+                run_metrics.insert(), [dict(zip(METRIC_COLUMNS, r, strict=True)) for r in metrics]
+            )
+        if costs:
+            conn.execute(
+                cost_entries.insert(),
+                [dict(zip(COST_COLUMNS, r[:-1], strict=True)) for r in costs],
+            )
+    if costs:
+        _add_to_months(conn, costs)  # last: the project's row is the one other workers share
+    return Written(len(logs), len(metrics), len(costs), stale)
+
+
+def _add_to_totals(conn: Connection, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    """Add each (run, attempt)'s sums to the run's totals, fenced by attempt.
+
+    Returns (rows to write, rows whose attempt no longer owns the run). Runs are locked in
+    one order (by id) in every writer, so two batches can never wait on each other in a cycle.
+    """
+    groups: dict[tuple[UUID, int], list[Row]] = {}
+    for row in rows:
+        key = (row[0], row[-1])
+        group = groups.get(key)
+        if group is None:
+            groups[key] = group = []
+        group.append(row)
+    kept: list[Row] = []
+    stale: list[Row] = []
+    for run_id, attempt in sorted(groups):
+        group = groups[(run_id, attempt)]
+        owned = ledger.add_to_run(
+            conn,
+            run_id,
+            attempt,
+            usd=sum((r[9] for r in group), ZERO),
+            tokens_in=sum(r[6] for r in group),
+            tokens_out=sum(r[7] for r in group),
+            requests=sum(r[8] for r in group),
+        )
+        (kept if owned else stale).extend(group)
+    return kept, stale
+
+
+def _add_to_months(conn: Connection, rows: list[Row]) -> None:
+    """The entries' spend on their projects' monthly usage (one UPDATE per project+month)."""
+    months: dict[tuple[str, date], list[Any]] = {}
+    for row in rows:
+        ts = row[3]
+        month = date(ts.year, ts.month, 1) if ts.tzinfo is UTC else ledger.month_of(ts)
+        sums = months.get((row[2], month))
+        if sums is None:
+            months[(row[2], month)] = sums = [ZERO, 0]
+        sums[0] += row[9]
+        sums[1] += row[6] + row[7]
+    for project, month in sorted(months):  # one lock order for every writer
+        usd, tokens = months[(project, month)]
+        ledger.add_usage(conn, project, month, usd=usd, tokens=tokens)
+
+
+def _report_dropped(stale: list[Row]) -> None:
+    if stale:
+        structlog.get_logger("conveyor.logwriter").warning(
+            "logwriter.costs_dropped",
+            entries=len(stale),
+            usd=str(sum((row[9] for row in stale), ZERO)),
+            runs=sorted({f"{row[0]} attempt {row[-1]}" for row in stale})[:10],
+            reason="the attempt that recorded them no longer owns the run",
         )
 
 

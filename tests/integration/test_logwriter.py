@@ -83,6 +83,8 @@ def test_lines_are_written_in_order_with_their_seq(
     assert writer.stats == {
         "lines_written": 3,
         "metrics_written": 0,
+        "costs_written": 0,
+        "costs_dropped": 0,
         "flushes": 1,
         "write_errors": 0,
         "rows_rejected": 0,
