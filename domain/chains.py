@@ -54,6 +54,15 @@ def follow_up_params(target: TaskSpec, offered: dict[str, Any]) -> dict[str, Any
     return {k: v for k, v in offered.items() if k in fields}
 
 
+def chain_possible(registry: Registry, parent: Any) -> bool:
+    """Whether the parent's task declares a follow-up for some outcome (chain_follow_up may
+    insert a run), so its final state must be written in a transaction that can hold one."""
+    if parent.kind != "task" or parent.name not in registry:
+        return False
+    spec = registry.get(parent.name)
+    return spec.on_success is not None or spec.on_failure is not None
+
+
 def chain_follow_up(
     conn: Connection,
     registry: Registry,

@@ -16,14 +16,15 @@ import structlog
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
-from domain import pipeline_store, runstore
-from domain.chains import chain_follow_up
+from domain import pipeline_store, runstore, runstore_pg
+from domain.chains import chain_follow_up, chain_possible
 from domain.clock import Clock, utc_now
 from domain.costs import Prices
 from domain.errors import InvalidInput, LeaseLost, RunStopped, UnknownTask
 from domain.models import run_logs
 from domain.registry import Registry, RetryPolicy
 from domain.runstore import Claim
+from domain.runstore_pg import PgRunStore
 from worker import capture
 from worker.context import STOP_ERRORS, TaskContext, _safe_str
 from worker.logwriter import LogWriter
@@ -88,15 +89,26 @@ class Executor:
         self.pipelines = pipelines
         self.prices = prices
         self.duplicates_dropped = 0
+        #: Claim and finish as one prepared statement each (PostgreSQL); None elsewhere.
+        self.fast = PgRunStore(engine) if runstore_pg.supported(engine) else None
 
     def execute(self, run_id: uuid.UUID) -> Outcome:
-        with self.engine.begin() as conn:
-            claim = runstore.claim(
-                conn, run_id, owner=self.owner, now=self.clock(), lease_s=self.lease_s
+        if self.fast is not None:
+            claim = self.fast.claim(
+                run_id, owner=self.owner, now=self.clock(), lease_s=self.lease_s
             )
-            first_seq = (
-                runstore.next_seq(conn, run_logs, run_id) if claim and claim.attempt > 1 else 1
-            )
+            first_seq = 1
+            if claim is not None and claim.attempt > 1:
+                with self.engine.connect() as conn:
+                    first_seq = runstore.next_seq(conn, run_logs, run_id)
+        else:
+            with self.engine.begin() as conn:
+                claim = runstore.claim(
+                    conn, run_id, owner=self.owner, now=self.clock(), lease_s=self.lease_s
+                )
+                first_seq = (
+                    runstore.next_seq(conn, run_logs, run_id) if claim and claim.attempt > 1 else 1
+                )
         if claim is None:
             self.duplicates_dropped += 1
             log.info("run.duplicate_dropped", run_id=str(run_id), owner=self.owner)
@@ -180,23 +192,37 @@ class Executor:
         failure = Failure(STOP_ERRORS[reason].__name__, detail or STOP_ERRORS[reason]().message)
         return self._finish(claim, reason, failure=failure, exit_code=exit_code)
 
-    def _commit_final(self, claim: Claim, write: Callable[[Connection], None]) -> str | None:
+    def _commit_final(
+        self,
+        claim: Claim,
+        write: Callable[[Connection], None],
+        fast: Callable[[list[dict[str, Any]]], bool] | None = None,
+    ) -> str | None:
         """Write the attempt's last lines and its final state in one transaction.
 
+        `fast`, when given, does the same in one statement (runstore_pg) and says whether the
+        fence held; it is used when there is nothing but log lines to write with the state.
         A database hiccup is retried with backoff for up to the lease; if it stays down the
         transaction never committed (no half-written run), the lease expires, and the reaper
         gives the run to another attempt. Returns None on success, else why it did not commit.
         """
         logs, metrics = self.writer.take_run(claim.run_id)
+        if metrics or len(logs) > runstore_pg.MAX_INLINE_LINES:
+            fast = None
         delay, deadline = 0.1, time.monotonic() + self.lease_s
         while True:
             try:
+                if fast is not None:
+                    if not fast(logs):  # the lines are written all the same
+                        raise LeaseLost(f"run {claim.run_id} attempt {claim.attempt}")
+                    return None
                 with self.engine.begin() as conn:
                     LogWriter.write_rows(conn, logs, metrics)
                     write(conn)
                 return None
             except LeaseLost:
-                self._write_rows(logs, metrics)
+                if fast is None:
+                    self._write_rows(logs, metrics)
                 log.warning("run.lease_lost", run_id=str(claim.run_id), attempt=claim.attempt)
                 return "lease_lost"
             except OperationalError as exc:
@@ -251,7 +277,28 @@ class Executor:
                 now=now,
             )
 
-        problem = self._commit_final(claim, write)
+        def fast(lines: list[dict[str, Any]]) -> bool:
+            assert self.fast is not None
+            return self.fast.finish(
+                claim.run_id,
+                claim.attempt,
+                status=status,
+                now=self.clock(),
+                result=result,
+                error_type=failure.error_type if failure else None,
+                error=failure.error if failure else None,
+                exit_code=exit_code,
+                lines=lines,
+            )
+
+        # Pipelines move their counters with the outcome, chains insert a follow-up: both need
+        # the general transaction; a plain task's state and last lines are one statement.
+        plain = (
+            self.fast is not None
+            and claim.kind == "task"
+            and not chain_possible(self.registry, claim)
+        )
+        problem = self._commit_final(claim, write, fast if plain else None)
         if problem is not None:
             return Outcome(claim.run_id, problem, claim.attempt)
         log.info(

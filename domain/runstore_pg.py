@@ -1,0 +1,164 @@
+"""The worker's hot path on PostgreSQL: claim and finish as one prepared statement each.
+
+`runstore.claim` and `runstore.finish` say what these do; this module does the same with fewer
+round trips and no statement building per call, because a worker runs them for every run:
+- each statement runs in autocommit mode: a single statement is its own transaction, so the
+  explicit BEGIN and COMMIT round trips go away and the guarantees stay (a claim is still one
+  conditional UPDATE; a finish is still fenced by `attempt`);
+- `finish` inserts the run's last buffered log lines in the same statement (a data-modifying
+  CTE with `unnest`), so a short run costs two round trips in all: claim, finish;
+- the SQL text is constant and prepared on first use per connection (psycopg `prepare=True`).
+
+Only the plain case takes this path (a task run with no follow-up to chain and no metric or
+cost rows left to write); everything else goes through `runstore` and SQLAlchemy as before.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import psycopg
+from psycopg.types.json import Jsonb
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from domain.runstore import Claim
+from domain.states import Status
+
+#: Above this many lines the finish writes them with COPY (runstore path) instead of unnest.
+MAX_INLINE_LINES = 500
+
+_CLAIM_FIELDS = (
+    "id, name, kind, project, params, attempt, max_attempts, timeout_s, budget_usd, "
+    "max_requests, max_minutes, started_at, queue, priority, triggered_by"
+)
+
+_CLAIM_SQL = f"""
+UPDATE runs SET status = '{Status.RUNNING}', attempt = attempt + 1,
+  lease_owner = %(owner)s, lease_expires_at = %(lease)s,
+  started_at = coalesce(started_at, %(now)s)
+WHERE id = %(id)s AND (
+  (status = '{Status.PENDING}' AND not_before <= %(now)s)
+  OR (status = '{Status.RUNNING}' AND lease_expires_at < %(now)s AND attempt < max_attempts)
+)
+RETURNING {_CLAIM_FIELDS}
+"""
+
+# The lines are inserted whether or not the fence holds: an attempt's lines are kept even when
+# it lost its lease (they are labelled with their attempt), exactly as the runstore path does.
+_FINISH_SQL = f"""
+WITH done AS (
+  UPDATE runs SET status = %(status)s, result = %(result)s, error_type = %(error_type)s,
+    error = %(error)s, exit_code = %(exit_code)s, finished_at = %(now)s,
+    lease_owner = NULL, lease_expires_at = NULL
+  WHERE id = %(id)s AND attempt = %(attempt)s AND status = '{Status.RUNNING}'
+  RETURNING 1
+), lines AS (
+  INSERT INTO run_logs (run_id, seq, attempt, ts, stream, level, message, fields)
+  SELECT %(id)s, * FROM unnest(
+    %(seq)s::int8[], %(attempts)s::int4[], %(ts)s::timestamptz[], %(stream)s::text[],
+    %(level)s::text[], %(message)s::text[], %(fields)s::jsonb[])
+)
+SELECT count(*) FROM done
+"""
+
+
+def supported(engine: Engine) -> bool:
+    return engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+
+
+class PgRunStore:
+    """Claim and finish for one worker process, on connections of its engine's pool."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @contextmanager
+    def _autocommit(self) -> Iterator[psycopg.Connection[Any]]:
+        with self.engine.connect() as conn:
+            raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
+            raw.autocommit = True
+            try:
+                yield raw
+            except psycopg.Error as exc:
+                # Callers handle SQLAlchemy's errors (OperationalError means: retry later);
+                # a broken connection is dropped from the pool rather than handed out again.
+                if raw.closed or raw.broken:
+                    conn.invalidate()
+                raise DBAPIError.instance(
+                    "", None, exc, psycopg.Error, dialect=self.engine.dialect
+                ) from exc
+            finally:
+                if not raw.closed and not raw.broken:
+                    raw.autocommit = False
+
+    def claim(
+        self, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float
+    ) -> Claim | None:
+        params = {
+            "id": run_id,
+            "owner": owner,
+            "now": now,
+            "lease": now + timedelta(seconds=lease_s),
+        }
+        with self._autocommit() as raw:
+            row = raw.execute(_CLAIM_SQL, params, prepare=True).fetchone()
+        if row is None:
+            return None
+        return Claim(
+            run_id=row[0],
+            name=row[1],
+            kind=row[2],
+            project=row[3],
+            params=row[4],
+            attempt=row[5],
+            max_attempts=row[6],
+            timeout_s=row[7],
+            budget_usd=row[8],
+            max_requests=row[9],
+            max_minutes=row[10],
+            started_at=row[11].astimezone(UTC),
+            queue=row[12],
+            priority=row[13],
+            triggered_by=row[14],
+        )
+
+    def finish(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        *,
+        status: str,
+        now: datetime,
+        result: Any,
+        error_type: str | None,
+        error: str | None,
+        exit_code: int | None,
+        lines: Sequence[dict[str, Any]],
+    ) -> bool:
+        """Write the final state and the last lines; False when another attempt owns the run
+        (the lines are written all the same)."""
+        params: dict[str, Any] = {
+            "id": run_id,
+            "attempt": attempt,
+            "status": status,
+            "now": now,
+            "result": Jsonb(result),
+            "error_type": error_type,
+            "error": error,
+            "exit_code": exit_code,
+            "seq": [line["seq"] for line in lines],
+            "attempts": [line["attempt"] for line in lines],
+            "ts": [line["ts"] for line in lines],
+            "stream": [line["stream"] for line in lines],
+            "level": [line["level"] for line in lines],
+            "message": [line["message"] for line in lines],
+            "fields": [None if line["fields"] is None else Jsonb(line["fields"]) for line in lines],
+        }
+        with self._autocommit() as raw:
+            row = raw.execute(_FINISH_SQL, params, prepare=True).fetchone()
+        return bool(row and row[0] == 1)

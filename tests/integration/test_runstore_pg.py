@@ -1,0 +1,177 @@
+"""The PostgreSQL hot path (claim and finish as one prepared statement each) against the
+general runstore path it stands in for: same claim, same fence, same stored rows."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+
+from domain import runstore, services
+from domain.clock import utc_now
+from domain.db import create_db_engine
+from domain.models import run_logs, runs
+from domain.requests import build_request
+from domain.runstore_pg import PgRunStore
+from domain.unit_of_work import UnitOfWork
+
+
+@pytest.fixture
+def pg(pg_url: str) -> Iterator[Engine]:
+    engine = create_db_engine(pg_url, pool_size=2, pre_ping=False)
+    yield engine
+    engine.dispose()
+
+
+def _enqueue(engine: Engine, **fields: Any) -> uuid.UUID:
+    request = build_request(name="job", **fields)
+    return services.enqueue(UnitOfWork(engine), request).run.id
+
+
+def _line(run_id: uuid.UUID, seq: int, attempt: int, message: str, fields: Any) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "seq": seq,
+        "attempt": attempt,
+        "ts": utc_now(),
+        "stream": "log",
+        "level": "info",
+        "message": message,
+        "fields": fields,
+    }
+
+
+def test_claim_matches_the_general_path_and_is_taken_once(pg: Engine) -> None:
+    store = PgRunStore(pg)
+    fields = {"params": {"a": 1}, "budget_usd": "1.25", "max_requests": 3, "priority": 7}
+    fast_id, general_id = _enqueue(pg, **fields), _enqueue(pg, **fields)
+    now = utc_now()
+    fast = store.claim(fast_id, owner="w1", now=now, lease_s=30)
+    with pg.begin() as conn:
+        general = runstore.claim(conn, general_id, owner="w1", now=now, lease_s=30)
+    assert fast is not None and general is not None
+    assert fast.run_id == fast_id
+    assert fast.budget_usd == Decimal("1.25")
+    assert fast.started_at.utcoffset() == timedelta(0)
+    same = ("name", "kind", "project", "params", "attempt", "max_attempts", "budget_usd")
+    assert [getattr(fast, f) for f in same] == [getattr(general, f) for f in same]
+    assert (fast.max_requests, fast.priority, fast.started_at) == (3, 7, now)
+    # Owned now: a second delivery of the same message gets nothing.
+    assert store.claim(fast_id, owner="w2", now=now, lease_s=30) is None
+    with pg.connect() as conn:
+        row = conn.execute(select(runs).where(runs.c.id == fast_id)).mappings().one()
+    assert (row["status"], row["attempt"], row["lease_owner"]) == ("running", 1, "w1")
+    assert row["lease_expires_at"] == now + timedelta(seconds=30)
+
+
+def test_claim_leaves_a_deferred_run_alone(pg: Engine) -> None:
+    run_id = _enqueue(pg, delay_s=60)
+    assert PgRunStore(pg).claim(run_id, owner="w1", now=utc_now(), lease_s=30) is None
+
+
+def test_finish_writes_state_and_lines_in_one_statement(pg: Engine) -> None:
+    store = PgRunStore(pg)
+    run_id = _enqueue(pg)
+    claim = store.claim(run_id, owner="w1", now=utc_now(), lease_s=30)
+    assert claim is not None
+    lines = [
+        _line(run_id, 1, 1, "first", {"k": [1, "x"]}),
+        _line(run_id, 2, 1, "naïve ünïcode ✓", None),
+    ]
+    owned = store.finish(
+        run_id,
+        1,
+        status="failed",
+        now=utc_now(),
+        result=None,
+        error_type="ValueError",
+        error="bad",
+        exit_code=3,
+        lines=lines,
+    )
+    assert owned
+    with pg.connect() as conn:
+        run = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().one()
+        stored = conn.execute(
+            select(run_logs.c.seq, run_logs.c.message, run_logs.c.fields)
+            .where(run_logs.c.run_id == run_id)
+            .order_by(run_logs.c.seq)
+        ).all()
+    assert (run["status"], run["error_type"], run["error"], run["exit_code"]) == (
+        "failed",
+        "ValueError",
+        "bad",
+        3,
+    )
+    assert (run["lease_owner"], run["lease_expires_at"]) == (None, None)
+    assert run["finished_at"] is not None
+    assert [tuple(r) for r in stored] == [
+        (1, "first", {"k": [1, "x"]}),
+        (2, "naïve ünïcode ✓", None),
+    ]
+
+
+def test_finish_with_no_lines_and_a_result(pg: Engine) -> None:
+    store = PgRunStore(pg)
+    run_id = _enqueue(pg)
+    assert store.claim(run_id, owner="w1", now=utc_now(), lease_s=30) is not None
+    assert store.finish(
+        run_id,
+        1,
+        status="succeeded",
+        now=utc_now(),
+        result={"rows": [1, 2]},
+        error_type=None,
+        error=None,
+        exit_code=None,
+        lines=[],
+    )
+    assert services.get_run(UnitOfWork(pg), run_id).result == {"rows": [1, 2]}
+
+
+def test_a_stale_attempt_cannot_finish_but_its_lines_are_kept(pg: Engine) -> None:
+    """Fenced by attempt like runstore.finish; the lost attempt's lines stay, labelled."""
+    store = PgRunStore(pg)
+    run_id = _enqueue(pg, max_attempts=2)
+    first = store.claim(run_id, owner="w1", now=utc_now(), lease_s=30)
+    assert first is not None
+    with pg.begin() as conn:  # the lease expired, another worker took the run
+        conn.execute(runs.update().where(runs.c.id == run_id).values(lease_expires_at=utc_now()))
+    second = store.claim(run_id, owner="w2", now=utc_now() + timedelta(seconds=1), lease_s=30)
+    assert second is not None and second.attempt == 2
+    owned = store.finish(
+        run_id,
+        1,
+        status="succeeded",
+        now=utc_now(),
+        result={"late": True},
+        error_type=None,
+        error=None,
+        exit_code=None,
+        lines=[_line(run_id, 1, 1, "from attempt 1", None)],
+    )
+    assert not owned
+    run = services.get_run(UnitOfWork(pg), run_id)
+    assert (run.status, run.attempt, run.lease_owner, run.result) == ("running", 2, "w2", None)
+    with pg.connect() as conn:
+        kept = conn.execute(
+            select(run_logs.c.attempt, run_logs.c.message).where(run_logs.c.run_id == run_id)
+        ).all()
+    assert [tuple(r) for r in kept] == [(1, "from attempt 1")]
+
+
+def test_connections_go_back_to_the_pool_in_transaction_mode(pg: Engine) -> None:
+    """The hot path borrows pooled connections in autocommit; the next borrower must get a
+    normal transactional connection (a rollback there really rolls back)."""
+    store = PgRunStore(pg)
+    run_id = _enqueue(pg)
+    assert store.claim(run_id, owner="w1", now=utc_now(), lease_s=30) is not None
+    with pg.connect() as conn:
+        conn.execute(runs.update().where(runs.c.id == run_id).values(error="not kept"))
+        conn.rollback()
+    assert services.get_run(UnitOfWork(pg), run_id).error is None
