@@ -1,17 +1,15 @@
-"""Schedules: validated definitions, and firing a slot exactly once (guarantee 5).
+"""Schedules: validated definitions, their fire times' cursor, and held runs.
 
-Fire times come from a `SlotSource` (scheduler/triggers.py wraps APScheduler); this module only
-decides what a slot becomes and records it: one `schedule_fires` row per slot, in the same
-transaction as the run it enqueued, so a second scheduler or a restart cannot fire it twice.
+Fire times come from a `SlotSource` (scheduler/triggers.py wraps APScheduler); recording a
+slot exactly once (guarantee 5) is domain/schedule_fires.py.
 """
 
 from __future__ import annotations
 
-import random
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -22,9 +20,7 @@ from domain.errors import Conflict, InvalidInput, NotFound
 from domain.models import runs
 from domain.models_platform import Schedule, ScheduleFire
 from domain.ports import Catalog, OpenCatalog
-from domain.repository import RunRepository, dialect_insert
-from domain.requests import NAME_PATTERN, build_request, invalid_from
-from domain.states import ACTIVE
+from domain.requests import NAME_PATTERN, invalid_from
 
 schedules = cast(Table, Schedule.__table__)
 fires = cast(Table, ScheduleFire.__table__)
@@ -243,155 +239,7 @@ def changes_marker(engine: Engine) -> tuple[Any, int]:
         return row[0], int(row[1])
 
 
-# -- firing ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Fired:
-    slot: datetime
-    outcome: str  # enqueued | skipped_misfire | skipped_overlap | duplicate
-    run_id: Any = None
-    dispatch: Any = None
-
-
-def plan_missed(
-    slots: list[datetime], policy: str, limit: int | None
-) -> list[tuple[datetime, str]]:
-    """What each missed slot becomes under the misfire policy (oldest first)."""
-    if policy == "run_once":
-        return [(s, "skipped_misfire") for s in slots[:-1]] + [(s, "enqueue") for s in slots[-1:]]
-    if policy == "catch_up":
-        keep = limit or 0
-        return [(s, "enqueue") for s in slots[:keep]] + [
-            (s, "skipped_misfire") for s in slots[keep:]
-        ]
-    return [(s, "skipped_misfire") for s in slots]
-
-
-def fire(
-    engine: Engine,
-    schedule_id: int,
-    planned: list[tuple[datetime, str]],
-    *,
-    now: datetime,
-    next_fire_at: datetime | None,
-    catalog: Catalog | None = None,
-    rng: Callable[[], float] = random.random,
-) -> list[Fired]:
-    """Record slots of one schedule in one transaction: a `schedule_fires` row each, a run for
-    those to enqueue (subject to the overlap policy), and the schedule's new cursor.
-
-    A slot that already has a row (another scheduler, a restart) is reported `duplicate` and
-    nothing else happens for it: the UNIQUE(schedule_id, fire_at) row is the arbiter.
-    """
-    results: list[Fired] = []
-    with engine.begin() as conn:
-        query = select(schedules).where(schedules.c.id == schedule_id)
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update()
-        schedule = conn.execute(query).mappings().first()
-        if schedule is None or not schedule["enabled"]:
-            return []
-        for slot, action in planned:
-            outcome = action
-            run_id = None
-            dispatch = None
-            if action == "enqueue":
-                outcome, run_id, dispatch = _enqueue_slot(conn, schedule, slot, now, catalog, rng)
-            inserted = conn.execute(
-                dialect_insert(conn, fires)
-                .values(
-                    schedule_id=schedule_id,
-                    fire_at=slot,
-                    outcome=outcome,
-                    run_id=run_id,
-                    recorded_at=now,
-                )
-                .on_conflict_do_nothing(index_elements=["schedule_id", "fire_at"])
-                .returning(fires.c.id)
-            ).first()
-            if inserted is None:
-                # Someone recorded this slot first: undo our run for it by rolling back below.
-                raise _DuplicateSlot(slot)
-            results.append(Fired(slot, outcome, run_id, dispatch))
-        last = max((s for s, _ in planned), default=schedule["last_fire_at"])
-        conn.execute(
-            update(schedules)
-            .where(schedules.c.id == schedule_id)
-            .values(last_fire_at=last, next_fire_at=next_fire_at)
-        )
-    return results
-
-
-class _DuplicateSlot(Exception):
-    def __init__(self, slot: datetime) -> None:
-        super().__init__(f"slot {slot.isoformat()} was already recorded")
-        self.slot = slot
-
-
-def fire_once_each(
-    engine: Engine, schedule_id: int, planned: list[tuple[datetime, str]], **kwargs: Any
-) -> list[Fired]:
-    """`fire`, but a slot already recorded elsewhere is dropped and the rest retried."""
-    remaining = list(planned)
-    dropped: list[Fired] = []
-    while True:
-        try:
-            return dropped + fire(engine, schedule_id, remaining, **kwargs)
-        except _DuplicateSlot as dup:
-            remaining = [(s, a) for s, a in remaining if s != dup.slot]
-            dropped.append(Fired(dup.slot, "duplicate"))
-            if not remaining:
-                return dropped
-
-
-def _enqueue_slot(
-    conn: Connection,
-    schedule: Any,
-    slot: datetime,
-    now: datetime,
-    catalog: Catalog | None,
-    rng: Callable[[], float],
-) -> tuple[str, Any, Any]:
-    from domain.ports import Dispatch
-    from domain.services import _row
-
-    ref = f"schedule:{schedule['id']}"
-    held = False
-    if schedule["overlap_policy"] != "allow":
-        active = conn.execute(
-            select(runs.c.id)
-            .where(runs.c.trigger_ref == ref, runs.c.status.in_(list(ACTIVE)))
-            .limit(1)
-        ).first()
-        if active is not None:
-            if schedule["overlap_policy"] == "skip":
-                return "skipped_overlap", None, None
-            held = True  # queue: created now, released when the active run ends
-    jitter = (
-        timedelta(seconds=rng() * schedule["jitter_s"]) if schedule["jitter_s"] else timedelta()
-    )
-    request = build_request(
-        name=schedule["target_name"],
-        params=schedule["params"],
-        project=schedule["project"],
-        queue=schedule["queue"],
-        priority=schedule["priority"],
-        kind=schedule["target_kind"],
-        triggered_by="schedule",
-        trigger_ref=ref,
-        idempotency_key=f"schedule:{schedule['id']}:{slot.isoformat()}",
-    )
-    row = _row(request, catalog or OpenCatalog(), now, publish_now=not held and not jitter)
-    if held:
-        row["not_before"] = HELD
-    elif jitter:
-        row["not_before"] = now + jitter
-    RunRepository(conn).insert_one(row)
-    dispatch = None
-    if row["dispatched_at"] is not None:
-        dispatch = Dispatch(row["id"], row["name"], row["queue"], row["priority"])
-    return "enqueued", row["id"], dispatch
-
-
+# -- held runs ----------------------------------------------------------------------------
 def release_held(engine: Engine, *, now: datetime) -> int:
     """Overlap `queue`: a held run becomes due once no other run of its schedule is active."""
     with engine.begin() as conn:

@@ -1,17 +1,16 @@
-"""Fires schedules while this process leads: one APScheduler job per schedule, for its next
-slot; missed slots follow the misfire policy; every slot is recorded (domain/schedules.py)."""
+"""Fires schedules while this process leads: one APScheduler job per distinct fire instant,
+which records every schedule due at that instant together (domain/schedule_fires.py); missed
+slots follow the misfire policy."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections import deque
+from collections import Counter, deque
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
@@ -19,6 +18,7 @@ from domain import schedules as sched
 from domain.clock import Clock, utc_now
 from domain.errors import BrokerUnavailable, ConveyorError
 from domain.ports import Catalog, Publisher
+from domain.schedule_fires import Due, Fired, fire_many, plan_missed
 from scheduler.triggers import Slots, TriggerSpec
 
 log = structlog.get_logger("conveyor.scheduler")
@@ -38,7 +38,13 @@ def slots_for(row: Any) -> Slots:
 
 class ScheduleRunner:
     """Owned by the leader. `start()` catches up and plans every schedule, `sync()` picks up
-    edits (called about once a second), `stop()` ends all jobs (leadership lost)."""
+    edits (called about once a second), `stop()` ends all jobs (leadership lost).
+
+    The plan lives in memory: for each schedule its fire times and the instant it waits for,
+    and for each instant the schedules waiting for it. A thousand schedules on one-second
+    intervals are one APScheduler job a second, one transaction and one broker publish, not a
+    thousand of each.
+    """
 
     def __init__(
         self,
@@ -57,17 +63,24 @@ class ScheduleRunner:
         self.aps: BackgroundScheduler | None = None
         self._known: dict[int, Any] = {}  # schedule id -> updated_at we planned with
         self._slots: dict[int, Slots] = {}  # schedule id -> its fire times, as planned
+        self._waiting: dict[int, datetime] = {}  # schedule id -> the instant it fires next
+        self._due: dict[datetime, set[int]] = {}  # instant -> schedules firing then
+        self._stale: set[int] = set()  # a fire failed: re-plan from the database's cursor
         self._marker: Any = None
         self._lock = threading.Lock()
 
     def start(self) -> None:
         self.aps = BackgroundScheduler(
             timezone="UTC",
-            executors={"default": ThreadPoolExecutor(8)},
+            executors={"default": ThreadPoolExecutor(4)},
             job_defaults={"misfire_grace_time": None, "coalesce": False, "max_instances": 1},
         )
         self.aps.start()
-        self._known.clear()
+        with self._lock:
+            self._known.clear()
+            self._waiting.clear()
+            self._due.clear()
+            self._stale.clear()
         self._marker = None
         self.sync()
 
@@ -77,42 +90,54 @@ class ScheduleRunner:
             self.aps = None
 
     def sync(self) -> None:
-        """Re-plan schedules that were added, edited, paused, resumed or removed."""
+        """Re-plan schedules that were added, edited, paused, resumed or removed, and those
+        whose last fire failed; slots they missed are recorded in one batch."""
         marker = sched.changes_marker(self.engine)
-        if marker == self._marker:
-            return
-        self._marker = marker
-        rows = {s.id: s for s in sched.list_schedules(self.engine)}
         with self._lock:
+            stale = set(self._stale)
+        if marker == self._marker and not stale:
+            return
+        rows = {s.id: s for s in sched.list_schedules(self.engine)}
+        dues: list[Due] = []
+        with self._lock:
+            self._stale -= stale
             for schedule_id in list(self._known):
                 row = rows.get(schedule_id)
                 if row is None or not row.enabled:
                     self._unplan(schedule_id)
             for row in rows.values():
-                if row.enabled and self._known.get(row.id) != row.updated_at:
-                    self._plan(row)
+                if row.enabled and (self._known.get(row.id) != row.updated_at or row.id in stale):
+                    dues.extend(self._plan(row))
+        self._marker = marker
+        try:
+            self._record(dues)
+        except Exception:
+            self._retry_later(dues)
+            raise
 
     def _unplan(self, schedule_id: int) -> None:
         self._known.pop(schedule_id, None)
         self._slots.pop(schedule_id, None)
-        if self.aps is not None:
-            with contextlib.suppress(JobLookupError):
-                self.aps.remove_job(str(schedule_id))
+        instant = self._waiting.pop(schedule_id, None)
+        if instant is not None:
+            self._due.get(instant, set()).discard(schedule_id)
 
-    def _plan(self, row: Any) -> None:
+    def _plan(self, row: Any) -> list[Due]:
+        """Plan the schedule's next slot; return what it missed (and must record) till now."""
+        self._unplan(row.id)
         try:
             slots = slots_for(row)
         except ConveyorError as exc:  # stored before a rule changed: report, do not crash
             log.error("schedule.invalid", schedule=row.name, reason=str(exc))
-            return
+            return []
         self._known[row.id] = row.updated_at
         self._slots[row.id] = slots
         now = self.clock()
         cursor = row.last_fire_at or row.created_at
+        dues = []
         missed = list(_take(slots.between(cursor, now - self.grace), sched.MAX_RECORDED_MISSES))
         if missed:
-            planned = sched.plan_missed(missed, row.misfire_policy, row.catch_up_limit)
-            self._record(row.id, planned, next_fire_at=slots.next_after(now - self.grace))
+            planned = plan_missed(missed, row.misfire_policy, row.catch_up_limit)
             log.info(
                 "schedule.misfired",
                 schedule=row.name,
@@ -120,73 +145,104 @@ class ScheduleRunner:
                 policy=row.misfire_policy,
             )
             cursor = missed[-1]
-        late = list(slots.between(max(cursor, now - self.grace), now))
-        if late:  # slots due within the grace period still fire, late
-            self._record(row.id, [(s, "enqueue") for s in late], next_fire_at=slots.next_after(now))
-            cursor = late[-1]
-        self._schedule_next(row.id, slots, max(cursor, now))
+        else:
+            planned = []
+        # slots due within the grace period still fire, late
+        planned += [(s, "enqueue") for s in slots.between(max(cursor, now - self.grace), now)]
+        if planned:
+            dues.append(Due(row.id, planned, slots.next_after(max(planned[-1][0], now))))
+            cursor = planned[-1][0]
+        self._wait(row.id, slots.next_after(max(cursor, now)))
+        return dues
 
-    def _schedule_next(self, schedule_id: int, slots: Slots, after: datetime) -> None:
-        nxt = slots.next_after(after)
-        if self.aps is None:
+    def _wait(self, schedule_id: int, instant: datetime | None) -> None:
+        """Put the schedule in the set for `instant`, with a job for it if it is the first."""
+        if instant is None:  # no more slots (a `once` that fired, an end date passed)
             return
-        if nxt is None:
-            self._unplan(schedule_id)
-            return
-        self.aps.add_job(
-            self._fire_job,
-            "date",
-            run_date=nxt,
-            args=[schedule_id, nxt],
-            id=str(schedule_id),
-            replace_existing=True,
-        )
+        self._waiting[schedule_id] = instant
+        waiting = self._due.setdefault(instant, set())
+        waiting.add(schedule_id)
+        if len(waiting) == 1 and self.aps is not None:
+            self.aps.add_job(
+                self._fire_instant,
+                "date",
+                run_date=instant,
+                args=[instant],
+                id=instant.isoformat(),
+                replace_existing=True,
+            )
 
-    def _fire_job(self, schedule_id: int, slot: datetime) -> None:
+    def _fire_instant(self, instant: datetime) -> None:
+        """The APScheduler job: fire every schedule waiting for `instant`, and plan the next
+        slot of each before the database work, so the next instant's job exists in time."""
+        dues: list[Due] = []
+        with self._lock:
+            for schedule_id in sorted(self._due.pop(instant, ())):
+                if self._waiting.get(schedule_id) != instant:
+                    continue  # re-planned meanwhile
+                nxt = self._slots[schedule_id].next_after(instant)
+                del self._waiting[schedule_id]
+                self._wait(schedule_id, nxt)
+                dues.append(Due(schedule_id, [(instant, "enqueue")], nxt))
         try:
-            # The plan made for this schedule is in memory: no per-fire read of the table
-            # (fire() locks the row and skips a schedule paused or removed meanwhile).
-            with self._lock:
-                stamp, slots = self._known.get(schedule_id), self._slots.get(schedule_id)
-            if slots is None:
-                return
-            self._record(schedule_id, [(slot, "enqueue")], next_fire_at=slots.next_after(slot))
-            with self._lock:
-                if self._known.get(schedule_id) == stamp:
-                    self._schedule_next(schedule_id, slots, slot)
+            self._record(dues)
         except Exception as exc:  # a failing fire must not kill the scheduler thread
             log.error(
                 "schedule.fire_failed",
-                schedule_id=schedule_id,
-                slot=slot.isoformat(),
+                slot=instant.isoformat(),
+                schedules=len(dues),
                 error=f"{type(exc).__name__}: {exc}",
             )
+            self._retry_later(dues)
 
-    def _record(
-        self, schedule_id: int, planned: list[tuple[datetime, str]], *, next_fire_at: Any
-    ) -> None:
-        fired = sched.fire_once_each(
-            self.engine,
-            schedule_id,
-            planned,
-            now=self.clock(),
-            next_fire_at=next_fire_at,
-            catalog=self.catalog,
-        )
+    def _retry_later(self, dues: list[Due]) -> None:
+        """Slots that could not be recorded: those schedules wait for the next sync, which
+        re-plans them from the database's cursor (late slots fire, older ones are misfires),
+        rather than fire their next slot and leave a silent gap behind."""
+        with self._lock:
+            for due in dues:
+                if self._waiting.get(due.schedule_id) != due.next_fire_at:
+                    continue  # re-planned meanwhile
+                instant = self._waiting.pop(due.schedule_id, None)
+                if instant is not None:
+                    self._due.get(instant, set()).discard(due.schedule_id)
+                self._stale.add(due.schedule_id)
+
+    def _record(self, dues: list[Due]) -> None:
+        if not dues:
+            return
+        fired = fire_many(self.engine, dues, now=self.clock(), catalog=self.catalog)
         dispatches = [f.dispatch for f in fired if f.dispatch is not None]
-        for f in fired:
-            log.info(
-                "schedule.fired",
-                schedule_id=schedule_id,
-                slot=f.slot.isoformat(),
-                outcome=f.outcome,
-                run_id=str(f.run_id) if f.run_id else None,
-            )
         if dispatches:
             try:
                 self.publisher.publish(dispatches)
-            except BrokerUnavailable as exc:
+            except BrokerUnavailable as exc:  # committed: the relay publishes them later
                 log.warning("schedule.publish_deferred", count=len(dispatches), reason=str(exc))
+        _log_fired(fired)
+
+
+def _log_fired(fired: list[Fired]) -> None:
+    """One event per batch (a line per fire would cost more than the fire at 1,000/s), and
+    one per slot that failed, with its reason."""
+    for f in fired:
+        if f.outcome == "failed":
+            log.error(
+                "schedule.fire_failed",
+                schedule_id=f.schedule_id,
+                slot=f.slot.isoformat(),
+                error=f.error,
+            )
+    if not fired:
+        return
+    outcomes = Counter(f.outcome for f in fired)
+    slots = sorted({f.slot for f in fired})
+    log.info(
+        "schedule.fired",
+        slot=slots[-1].isoformat(),
+        slots=len(slots),
+        schedules=len({f.schedule_id for f in fired}),
+        **outcomes,
+    )
 
 
 def _take(items: Any, limit: int) -> list[Any]:

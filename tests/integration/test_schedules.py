@@ -10,6 +10,7 @@ from sqlalchemy import Engine, func, select
 
 from domain import runstore
 from domain import schedules as sched
+from domain.schedule_fires import fire_once_each
 from domain.errors import Conflict, InvalidInput, UnknownTask
 from domain.models import runs
 from domain.registry import Registry, RegistryCatalog
@@ -55,8 +56,8 @@ def test_a_slot_fires_once_even_when_fired_twice(engine: Engine, clock: FakeCloc
     view = add(engine, clock)
     assert view.next_fire_at == T0 + timedelta(minutes=1)
     slot = T0 + timedelta(minutes=1)
-    first = sched.fire_once_each(engine, view.id, [(slot, "enqueue")], now=slot, next_fire_at=None)
-    again = sched.fire_once_each(engine, view.id, [(slot, "enqueue")], now=slot, next_fire_at=None)
+    first = fire_once_each(engine, view.id, [(slot, "enqueue")], now=slot, next_fire_at=None)
+    again = fire_once_each(engine, view.id, [(slot, "enqueue")], now=slot, next_fire_at=None)
     assert [f.outcome for f in first] == ["enqueued"]
     assert [f.outcome for f in again] == ["duplicate"]
     assert run_count(engine) == 1
@@ -77,9 +78,7 @@ def test_concurrent_schedulers_firing_one_slot_make_one_run(
 
     def scheduler() -> None:
         barrier.wait()
-        for f in sched.fire_once_each(
-            engine, view.id, [(slot, "enqueue")], now=slot, next_fire_at=None
-        ):
+        for f in fire_once_each(engine, view.id, [(slot, "enqueue")], now=slot, next_fire_at=None):
             outcomes.append(f.outcome)
 
     threads = [threading.Thread(target=scheduler) for _ in range(4)]
@@ -141,10 +140,10 @@ def test_overlap_skip_and_queue(engine: Engine, clock: FakeClock) -> None:
     queue = add(engine, clock, name="queuer", overlap_policy="queue")
     s1, s2 = T0 + timedelta(minutes=1), T0 + timedelta(minutes=2)
     for view in (skip, queue):
-        sched.fire_once_each(engine, view.id, [(s1, "enqueue")], now=s1, next_fire_at=None)
+        fire_once_each(engine, view.id, [(s1, "enqueue")], now=s1, next_fire_at=None)
     # both first runs are still active when the next slot comes
-    skipped = sched.fire_once_each(engine, skip.id, [(s2, "enqueue")], now=s2, next_fire_at=None)
-    held = sched.fire_once_each(engine, queue.id, [(s2, "enqueue")], now=s2, next_fire_at=None)
+    skipped = fire_once_each(engine, skip.id, [(s2, "enqueue")], now=s2, next_fire_at=None)
+    held = fire_once_each(engine, queue.id, [(s2, "enqueue")], now=s2, next_fire_at=None)
     assert [f.outcome for f in skipped] == ["skipped_overlap"]
     assert [f.outcome for f in held] == ["enqueued"] and held[0].dispatch is None
     with engine.connect() as conn:

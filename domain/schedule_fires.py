@@ -1,0 +1,332 @@
+"""Recording schedule slots exactly once (guarantee 5), many schedules in one transaction.
+
+Every slot due at one instant is recorded together: the schedules are locked, each slot gets
+its `schedule_fires` row and, when it is enqueued, its run, all in one transaction, so one
+commit and one broker publish serve a thousand schedules firing on the same second.
+
+The UNIQUE(schedule_id, fire_at) row is the arbiter: the fires are inserted with ON CONFLICT
+DO NOTHING RETURNING, and a slot another scheduler (a frozen leader waking up, a restart)
+recorded first comes back `duplicate` and keeps nothing of ours, while the other slots of the
+batch are recorded as usual.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Connection,
+    Engine,
+    any_,
+    bindparam,
+    delete,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from domain.errors import ConveyorError
+from domain.models import runs
+from domain.ports import Catalog, Dispatch, OpenCatalog
+from domain.repository import copy_rows, dialect_insert
+from domain.requests import build_request
+from domain.schedules import HELD, fires, schedules
+from domain.services import _row
+from domain.states import ACTIVE
+
+
+@dataclass(frozen=True)
+class Due:
+    """Slots of one schedule to record, oldest first, each `enqueue` or `skipped_misfire`,
+    and the schedule's next fire time after them."""
+
+    schedule_id: int
+    planned: list[tuple[datetime, str]]
+    next_fire_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Fired:
+    slot: datetime
+    outcome: str  # enqueued | skipped_misfire | skipped_overlap | duplicate | failed
+    run_id: Any = None
+    dispatch: Any = None
+    schedule_id: int | None = None
+    error: str | None = None  # failed: why no run could be made (the slot is left unrecorded)
+
+
+def plan_missed(
+    slots: list[datetime], policy: str, limit: int | None
+) -> list[tuple[datetime, str]]:
+    """What each missed slot becomes under the misfire policy (oldest first)."""
+    if policy == "run_once":
+        return [(s, "skipped_misfire") for s in slots[:-1]] + [(s, "enqueue") for s in slots[-1:]]
+    if policy == "catch_up":
+        keep = limit or 0
+        return [(s, "enqueue") for s in slots[:keep]] + [
+            (s, "skipped_misfire") for s in slots[keep:]
+        ]
+    return [(s, "skipped_misfire") for s in slots]
+
+
+def fire_once_each(
+    engine: Engine,
+    schedule_id: int,
+    planned: list[tuple[datetime, str]],
+    *,
+    now: datetime,
+    next_fire_at: datetime | None,
+    catalog: Catalog | None = None,
+    rng: Callable[[], float] = random.random,
+) -> list[Fired]:
+    """Record slots of one schedule; see `fire_many`."""
+    return fire_many(
+        engine, [Due(schedule_id, planned, next_fire_at)], now=now, catalog=catalog, rng=rng
+    )
+
+
+def fire_many(
+    engine: Engine,
+    dues: Sequence[Due],
+    *,
+    now: datetime,
+    catalog: Catalog | None = None,
+    rng: Callable[[], float] = random.random,
+) -> list[Fired]:
+    """Record the slots of many schedules in one transaction; return what became of each.
+
+    A schedule paused or removed meanwhile records nothing. A slot already recorded by someone
+    else is `duplicate`; a slot whose target can no longer be resolved is `failed` and left
+    unrecorded (a restart then treats it as missed); neither disturbs the rest of the batch.
+    """
+    if not dues:
+        return []
+    with engine.begin() as conn:
+        batch = _Batch(conn, now, catalog or OpenCatalog(), rng)
+        found = batch.lock({d.schedule_id for d in dues})
+        for due in dues:
+            if due.schedule_id in found:
+                batch.add(found[due.schedule_id], due.planned)
+        results = batch.write()
+        _move_cursors(conn, [d for d in dues if d.schedule_id in found], results)
+    return results
+
+
+@dataclass
+class _Slot:
+    schedule_id: int
+    slot: datetime
+    outcome: str
+    run: dict[str, Any] | None = None
+
+
+@dataclass
+class _Batch:
+    conn: Connection
+    now: datetime
+    catalog: Catalog
+    rng: Callable[[], float]
+    slots: list[_Slot] = field(default_factory=list)
+    failed: list[Fired] = field(default_factory=list)
+    busy: set[str] = field(default_factory=set)  # trigger refs with a run still active
+
+    def lock(self, ids: set[int]) -> dict[int, Any]:
+        """The enabled schedules among `ids`, locked (in id order: two batches never deadlock)
+        so that an edit, a pause or a manual fire waits for this batch."""
+        query = (
+            select(schedules)
+            .where(_id_in(self.conn, schedules.c.id, sorted(ids)))
+            .order_by(schedules.c.id)
+        )
+        if self.conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        found = {r["id"]: r for r in self.conn.execute(query).mappings() if r["enabled"]}
+        guarded = [f"schedule:{i}" for i, r in found.items() if r["overlap_policy"] != "allow"]
+        if guarded:
+            self.busy = set(
+                self.conn.execute(
+                    select(runs.c.trigger_ref)
+                    .where(runs.c.trigger_ref.in_(guarded), runs.c.status.in_(list(ACTIVE)))
+                    .distinct()
+                ).scalars()
+            )
+        return found
+
+    def add(self, schedule: Any, planned: list[tuple[datetime, str]]) -> None:
+        ref = f"schedule:{schedule['id']}"
+        policy = schedule["overlap_policy"]
+        for slot, action in planned:
+            if action != "enqueue":
+                self.slots.append(_Slot(schedule["id"], slot, action))
+                continue
+            active = policy != "allow" and ref in self.busy
+            if active and policy == "skip":
+                self.slots.append(_Slot(schedule["id"], slot, "skipped_overlap"))
+                continue
+            try:
+                run = self._run_row(schedule, slot, held=active)
+            except ConveyorError as exc:
+                self.failed.append(
+                    Fired(slot, "failed", schedule_id=schedule["id"], error=str(exc))
+                )
+                continue
+            self.slots.append(_Slot(schedule["id"], slot, "enqueued", run))
+            if policy != "allow":
+                self.busy.add(ref)  # a later slot of this batch sees this run as active
+
+    def _run_row(self, schedule: Any, slot: datetime, *, held: bool) -> dict[str, Any]:
+        jitter_s = schedule["jitter_s"] * self.rng() if schedule["jitter_s"] else 0.0
+        request = build_request(
+            name=schedule["target_name"],
+            params=schedule["params"],
+            project=schedule["project"],
+            queue=schedule["queue"],
+            priority=schedule["priority"],
+            kind=schedule["target_kind"],
+            triggered_by="schedule",
+            trigger_ref=f"schedule:{schedule['id']}",
+            idempotency_key=f"schedule:{schedule['id']}:{slot.isoformat()}",
+        )
+        row = _row(request, self.catalog, self.now, publish_now=not held and not jitter_s)
+        if held:
+            row["not_before"] = HELD  # overlap `queue`: released when the active run ends
+        elif jitter_s:
+            row["not_before"] = self.now + timedelta(seconds=jitter_s)
+        return row
+
+    def write(self) -> list[Fired]:
+        """Runs first (the fires point at them), then the fires; a fire that loses to a row
+        already there takes its run back out."""
+        made = self._insert_runs([s.run for s in self.slots if s.run is not None])
+        # A run not inserted: its idempotency key names a run already made for this very
+        # slot, so the slot was fired before.
+        candidates = [s for s in self.slots if s.run is None or s.run["id"] in made]
+        claimed = self._insert_fires(candidates)
+        lost = [s.run["id"] for s in candidates if s.run is not None and _key(s) not in claimed]
+        if lost:
+            self.conn.execute(delete(runs).where(runs.c.id.in_(lost)))
+        out: list[Fired] = []
+        for s in self.slots:
+            if _key(s) not in claimed or (s.run is not None and s.run["id"] not in made):
+                out.append(Fired(s.slot, "duplicate", schedule_id=s.schedule_id))
+            elif s.run is None:
+                out.append(Fired(s.slot, s.outcome, schedule_id=s.schedule_id))
+            else:
+                run = s.run
+                dispatch = None
+                if run["dispatched_at"] is not None:
+                    dispatch = Dispatch(run["id"], run["name"], run["queue"], run["priority"])
+                out.append(Fired(s.slot, "enqueued", run["id"], dispatch, s.schedule_id))
+        return out + self.failed
+
+    def _insert_runs(self, rows: list[dict[str, Any]]) -> set[Any]:
+        """The ids of the runs inserted; a run whose idempotency key exists is left out.
+
+        On PostgreSQL the batch is COPYed (an INSERT of a thousand 28-column rows spends most
+        of its time in the driver's parameter handling); COPY cannot skip a conflict, so in
+        the rare batch that has one (a slot already fired elsewhere) it is undone to its
+        savepoint and inserted row by row with ON CONFLICT DO NOTHING."""
+        if not rows:
+            return set()
+        if self.conn.dialect.name == "postgresql":
+            savepoint = self.conn.begin_nested()
+            try:
+                copy_rows(self.conn, runs, rows)
+            except IntegrityError:
+                savepoint.rollback()
+            else:
+                savepoint.commit()
+                return {row["id"] for row in rows}
+        stmt = (
+            dialect_insert(self.conn, runs)
+            .on_conflict_do_nothing(index_elements=["project", "idempotency_key"])
+            .returning(runs.c.id)
+        )
+        return set(self.conn.execute(stmt, rows).scalars())
+
+    def _insert_fires(self, slots: list[_Slot]) -> set[tuple[int, datetime]]:
+        """Insert the fires; return the (schedule, slot) pairs that were not there before."""
+        if not slots:
+            return set()
+        ids = [s.schedule_id for s in slots]
+        at = [s.slot for s in slots]
+        outcomes = [s.outcome for s in slots]
+        run_ids = [s.run["id"] if s.run is not None else None for s in slots]
+        if self.conn.dialect.name == "postgresql":
+            # One statement with five array parameters: ON CONFLICT and RETURNING, without
+            # the per-row parameters an executemany would carry.
+            claimed = self.conn.execute(
+                text(
+                    "INSERT INTO schedule_fires (schedule_id, fire_at, outcome, run_id, "
+                    "recorded_at) SELECT s, f, o, r, :now FROM unnest(CAST(:ids AS bigint[]), "
+                    "CAST(:at AS timestamptz[]), CAST(:outcomes AS text[]), "
+                    "CAST(:run_ids AS uuid[])) AS v(s, f, o, r) "
+                    "ON CONFLICT (schedule_id, fire_at) DO NOTHING RETURNING schedule_id, fire_at"
+                ),
+                {"ids": ids, "at": at, "outcomes": outcomes, "run_ids": run_ids, "now": self.now},
+            )
+        else:
+            stmt = (
+                dialect_insert(self.conn, fires)
+                .on_conflict_do_nothing(index_elements=["schedule_id", "fire_at"])
+                .returning(fires.c.schedule_id, fires.c.fire_at)
+            )
+            claimed = self.conn.execute(
+                stmt,
+                [
+                    {
+                        "schedule_id": i,
+                        "fire_at": f,
+                        "outcome": o,
+                        "run_id": r,
+                        "recorded_at": self.now,
+                    }
+                    for i, f, o, r in zip(ids, at, outcomes, run_ids, strict=True)
+                ],
+            )
+        return {(r[0], _utc(r[1])) for r in claimed}
+
+
+def _id_in(conn: Connection, column: Any, ids: list[int]) -> Any:
+    """`column IN ids`; on PostgreSQL as `= ANY(array)`, one parameter however many ids."""
+    if conn.dialect.name == "postgresql":
+        return column == any_(bindparam("ids", ids, type_=ARRAY(BigInteger)))
+    return column.in_(ids)
+
+
+def _key(s: _Slot) -> tuple[int, datetime]:
+    return s.schedule_id, _utc(s.slot)
+
+
+def _utc(moment: datetime) -> datetime:
+    """SQLite hands back naive UTC datetimes; PostgreSQL aware ones."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _move_cursors(conn: Connection, dues: list[Due], results: list[Fired]) -> None:
+    """Each schedule's cursor moves past its slots (all but the failed ones). Schedules firing
+    on the same instant share their new values, so this is one UPDATE per distinct pair."""
+    failed = {(f.schedule_id, f.slot) for f in results if f.outcome == "failed"}
+    groups: dict[tuple[datetime, datetime | None], list[int]] = {}
+    for due in dues:
+        slots = [s for s, _ in due.planned if (due.schedule_id, s) not in failed]
+        if slots:
+            groups.setdefault((max(slots), due.next_fire_at), []).append(due.schedule_id)
+    for (last, next_fire_at), ids in groups.items():
+        conn.execute(
+            update(schedules)
+            .where(
+                _id_in(conn, schedules.c.id, ids),
+                # never backwards: a late duplicate must not reopen slots already past
+                or_(schedules.c.last_fire_at.is_(None), schedules.c.last_fire_at < last),
+            )
+            .values(last_fire_at=last, next_fire_at=next_fire_at)
+        )

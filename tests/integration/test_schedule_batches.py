@@ -1,0 +1,211 @@
+"""Many schedules due at one instant are recorded in one transaction; the guarantees of one
+slot at a time still hold: exactly once against another scheduler, overlap inside a batch,
+and a slot that cannot be made does not take the batch down with it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, delete, func, select
+
+from domain import schedules as sched
+from domain.models import runs
+from domain.registry import Registry, RegistryCatalog
+from domain.schedule_fires import Due, fire_many
+from scheduler.schedule_runner import ScheduleRunner
+from scheduler.triggers import Slots, TriggerSpec
+from tests.fakes import FakePublisher
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+EVERY_SECOND = Slots(TriggerSpec("interval", "1s"))
+
+
+def add_many(engine: Engine, count: int, *, now: datetime = T0, **fields: object) -> list[int]:
+    ids = []
+    for k in range(count):
+        values: dict[str, object] = {
+            "name": f"s{k}",
+            "target": "t",
+            "params": {"k": k},
+            "trigger": "interval",
+            "expression": "1s",
+        }
+        values.update(fields)
+        view = sched.add_schedule(
+            engine, sched.ScheduleInput.parse(**values), EVERY_SECOND, now=now
+        )
+        ids.append(view.id)
+    return ids
+
+
+def recorded(engine: Engine) -> list[tuple[int, datetime, str, object]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                sched.fires.c.schedule_id,
+                sched.fires.c.fire_at,
+                sched.fires.c.outcome,
+                sched.fires.c.run_id,
+            ).order_by(sched.fires.c.schedule_id, sched.fires.c.fire_at)
+        )
+        return [(r[0], r[1].replace(tzinfo=UTC), r[2], r[3]) for r in rows]
+
+
+def scheduled_runs(engine: Engine) -> dict[object, str]:
+    """run id -> trigger_ref, for every run a schedule made."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(runs.c.id, runs.c.trigger_ref).where(runs.c.triggered_by == "schedule")
+        )
+        return {r[0]: r[1] for r in rows}
+
+
+def every_slot(ids: list[int], slot: datetime) -> list[Due]:
+    return [Due(i, [(slot, "enqueue")], slot + timedelta(seconds=1)) for i in ids]
+
+
+def test_one_batch_records_every_schedule_with_its_run(engine: Engine) -> None:
+    ids = add_many(engine, 30)
+    slot = T0 + timedelta(seconds=1)
+    fired = fire_many(engine, every_slot(ids, slot), now=slot)
+    assert sorted(f.schedule_id for f in fired if f.outcome == "enqueued") == ids
+    assert all(f.dispatch is not None and f.dispatch.run_id == f.run_id for f in fired)
+    rows = recorded(engine)
+    assert [(r[0], r[1], r[2]) for r in rows] == [(i, slot, "enqueued") for i in ids]
+    made = scheduled_runs(engine)
+    assert {made[r[3]] for r in rows} == {f"schedule:{i}" for i in ids}  # its own run each
+    assert len(made) == 30
+    views = {v.id: v for v in sched.list_schedules(engine)}
+    assert {(views[i].last_fire_at, views[i].next_fire_at) for i in ids} == {
+        (slot, slot + timedelta(seconds=1))
+    }
+
+
+def test_slots_recorded_elsewhere_are_duplicates_and_the_rest_still_fire(engine: Engine) -> None:
+    """A frozen leader wakes up and fires an instant the new leader already fired for some
+    schedules: those come back duplicate with nothing of ours kept, the others are recorded."""
+    ids = add_many(engine, 10)
+    slot = T0 + timedelta(seconds=1)
+    first = fire_many(engine, every_slot(ids[:4], slot), now=slot)
+    # and one slot whose run was deleted since (retention), only its fire row is left
+    with engine.begin() as conn:
+        conn.execute(delete(runs).where(runs.c.id == first[0].run_id))
+    again = fire_many(engine, every_slot(ids, slot), now=slot)
+    outcomes = {f.schedule_id: f.outcome for f in again}
+    assert outcomes == {i: "duplicate" if i in ids[:4] else "enqueued" for i in ids}
+    assert all(f.dispatch is None for f in again if f.outcome == "duplicate")
+    rows = recorded(engine)
+    assert [(r[0], r[1]) for r in rows] == [(i, slot) for i in ids]  # once each
+    made = scheduled_runs(engine)
+    assert len(made) == 9  # 3 from the first batch, 6 from the second: no stray run
+    assert {r[3] for r in rows if r[0] in ids[4:]} <= set(made)
+
+
+def test_two_schedulers_firing_overlapping_batches_record_each_slot_once(
+    engine: Engine,
+) -> None:
+    ids = add_many(engine, 12)
+    slots = [T0 + timedelta(seconds=s) for s in (1, 2, 3)]
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def scheduler(part: list[int]) -> None:
+        try:
+            barrier.wait()
+            for slot in slots:
+                fire_many(engine, every_slot(part, slot), now=slot)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    parts = [ids, ids[:8], ids[4:], ids[::2]]
+    threads = [threading.Thread(target=scheduler, args=(p,)) for p in parts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    rows = recorded(engine)
+    assert [(r[0], r[1]) for r in rows] == [(i, s) for i in ids for s in slots]
+    assert {r[2] for r in rows} == {"enqueued"}
+    made = scheduled_runs(engine)
+    assert len(made) == len(rows) == len({r[3] for r in rows})
+
+
+def test_overlap_inside_one_batch(engine: Engine) -> None:
+    """catch_up slots of one schedule in one batch: the first run is still active when the
+    next slot is recorded, so skip skips it and queue holds it."""
+    (skip,) = add_many(engine, 1, overlap_policy="skip")
+    (queue,) = add_many(engine, 1, name="q", overlap_policy="queue")
+    (allow,) = add_many(engine, 1, name="a")
+    missed = [(T0 + timedelta(seconds=s), "enqueue") for s in (1, 2, 3)]
+    nxt = T0 + timedelta(seconds=4)
+    fired = fire_many(engine, [Due(i, missed, nxt) for i in (skip, queue, allow)], now=nxt)
+    by = {i: [f.outcome for f in fired if f.schedule_id == i] for i in (skip, queue, allow)}
+    assert by == {
+        skip: ["enqueued", "skipped_overlap", "skipped_overlap"],
+        queue: ["enqueued"] * 3,
+        allow: ["enqueued"] * 3,
+    }
+    with engine.connect() as conn:
+        held = conn.execute(
+            select(func.count())
+            .select_from(runs)
+            .where(runs.c.trigger_ref == f"schedule:{queue}", runs.c.not_before == sched.HELD)
+        ).scalar_one()
+    assert held == 2
+
+
+def test_a_slot_that_cannot_be_made_leaves_the_batch_alone(engine: Engine) -> None:
+    registry = Registry()
+
+    @registry.task()
+    def t(ctx, k: int) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    ids = add_many(engine, 3)
+    (ghost,) = add_many(engine, 1, name="ghost", target="ghost")  # its task is gone now
+    slot = T0 + timedelta(seconds=1)
+    fired = fire_many(
+        engine, every_slot([*ids, ghost], slot), now=slot, catalog=RegistryCatalog(registry)
+    )
+    outcomes = {f.schedule_id: f.outcome for f in fired}
+    assert outcomes == {ids[0]: "enqueued", ids[1]: "enqueued", ids[2]: "enqueued", ghost: "failed"}
+    assert "ghost" in next(f.error or "" for f in fired if f.outcome == "failed")
+    assert sorted(r[0] for r in recorded(engine)) == ids  # the failed slot is not recorded
+    # and its cursor stays put, so a restart sees that slot as missed
+    assert sched.get_schedule(engine, "ghost").last_fire_at is None
+
+
+def test_paused_schedules_in_a_batch_record_nothing(engine: Engine) -> None:
+    ids = add_many(engine, 3)
+    sched.set_enabled(engine, "s1", False, now=T0)
+    slot = T0 + timedelta(seconds=1)
+    fired = fire_many(engine, every_slot(ids, slot), now=slot)
+    assert sorted(f.schedule_id for f in fired) == [ids[0], ids[2]]
+    assert [r[0] for r in recorded(engine)] == [ids[0], ids[2]]
+
+
+def test_the_runner_fires_schedules_due_together_in_one_batch(engine: Engine) -> None:
+    """Real time and a real APScheduler: five one-second schedules share every instant, so
+    each instant is one publish carrying all five runs."""
+    now = datetime.now(UTC)
+    ids = add_many(engine, 5, now=now)
+    publisher = FakePublisher()
+    runner = ScheduleRunner(engine, publisher, misfire_grace_s=60)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(publisher.batches) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        runner.stop()
+    assert len(publisher.batches) >= 3
+    assert {len(b) for b in publisher.batches} == {5}
+    rows = recorded(engine)
+    by_slot: dict[datetime, set[int]] = {}
+    for schedule_id, slot, _, _ in rows:
+        by_slot.setdefault(slot, set()).add(schedule_id)
+    assert all(members == set(ids) for members in by_slot.values())
+    assert len(rows) == len(scheduled_runs(engine))
