@@ -2,9 +2,14 @@
 
 One after the other in the same run (each alone on the machine's two cores), the same K and D:
 - conveyor: K schedules (`interval 1s`, target bench_noop) added through domain.schedules, then
-  a real `python -m conveyor scheduler`. Slots are a fixed grid (whole seconds). Precision per
-  fire: the run row's `created_at` (taken when the scheduler starts recording the slot, before
-  its transaction and the publish) minus the slot `fire_at` from `schedule_fires`. Missed =
+  a real `python -m conveyor scheduler`. Slots are a fixed grid (whole seconds). Two figures
+  per fire: "decided", the run row's `created_at` (taken when the scheduler starts recording
+  the slot, before its transaction and the publish) minus the slot `fire_at`; and "in broker",
+  when the run's message reached Redis (after the commit and the publish) minus `fire_at`. The
+  latter is taken by a thread of this process that drains the queue as messages arrive (no
+  worker consumes), so it is the moment the benchmark saw the message: at most that late, not
+  earlier. It is the issue's "scheduled time -> run enqueued", and the target is checked on
+  it. Missed =
   K*D slots of the window without an `enqueued` row 2 s after it ends (late, or recorded
   `skipped_misfire`: counted apart); duplicates = a slot recorded twice or an
   enqueued slot with other than exactly one run. Relay and reaper run as they ship, with a
@@ -13,23 +18,29 @@ One after the other in the same run (each alone on the machine's two cores), the
 - Celery beat: `celery beat` with K entries `schedule=1.0` (task bench.noop) and its default
   PersistentScheduler, subclassed only to note, per entry it applies (bench/celery_baseline.py),
   when it was due by beat's own rule (previous run + 1 s), when beat decided to send it (the
-  point that corresponds to conveyor's created_at) and when the send returned. Beat re-anchors
+  point that corresponds to conveyor's created_at) and when the send returned (its "in
+  broker": the LPUSH has been answered). Beat re-anchors
   every interval on the moment it actually fired, so a late fire delays all later ones: its
   fires in the window fall short of K*D, and that shortfall is counted as missed.
 CPU per fire: user+system seconds of the scheduler process (psutil) over the window, divided by
-the fires it recorded in that time; for conveyor also the PostgreSQL backends serving it.
-Nobody polls the database during the window.
+the fires it recorded in that time; for conveyor also the PostgreSQL backends serving it
+(beat needs no database: the target compares the scheduler processes, and the line below the
+table says how conveyor stands with its PostgreSQL time added). Nobody polls the database
+during the window.
 
-Run: `python -m bench.scheduler [--schedules 1000] [--seconds 60]`.
+Run: `python -m bench.scheduler [--schedules 1000] [--seconds 60]` (the issue's K and D).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import tempfile
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,8 +81,8 @@ class Outcome:
     missed: int  # slots of the window not enqueued by 2 s after it (late, skipped or lost)
     skipped: int  # of those, recorded as skipped (misfire policy)
     duplicates: int
-    precision: list[float]  # seconds late, per fire
-    sent: list[float]  # beat only: slot -> send returned
+    precision: list[float]  # slot -> decided, seconds, per fire
+    sent: list[float]  # slot -> in broker, seconds, per fire
     cpu_per_fire: float
     pg_cpu_per_fire: float | None
 
@@ -83,6 +94,42 @@ def sleep_until(moment: float) -> None:
 def window_after(now: float) -> float:
     """The first whole second at least SETTLE_S away."""
     return math.ceil(now + SETTLE_S)
+
+
+class BrokerWatch(threading.Thread):
+    """Drains the scheduler's queue as messages arrive and notes when each one did."""
+
+    def __init__(self, queue: str) -> None:
+        super().__init__(daemon=True)
+        # kombu's Redis transport keeps one list per priority step: `queue` and `queue:N`
+        self.keys = [queue, *(f"{queue}:{p}" for p in range(1, 10))]
+        self.arrivals: list[tuple[float, bytes]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        r = redis.Redis.from_url(BROKER)
+        while not self.stop.is_set():
+            first = r.brpop(self.keys, timeout=0.2)
+            if first is None:
+                continue
+            self.arrivals.append((time.time(), first[1]))
+            while True:  # the rest of the batch, without waiting
+                with r.pipeline(transaction=False) as pipe:
+                    for key in self.keys:
+                        pipe.rpop(key, 1000)
+                    batches = pipe.execute()
+                now = time.time()
+                got = [m for batch in batches if batch for m in batch]
+                if not got:
+                    break
+                self.arrivals.extend((now, m) for m in got)
+
+    def run_ids(self) -> dict[uuid.UUID, float]:
+        """When the message of each run arrived (the first time, if it was sent again)."""
+        seen: dict[uuid.UUID, float] = {}
+        for at, raw in self.arrivals:
+            seen.setdefault(uuid.UUID(json.loads(raw)["headers"]["id"]), at)
+        return seen
 
 
 def add_schedules(engine: Engine, count: int) -> None:
@@ -110,6 +157,8 @@ def run_conveyor(procs: Processes, url: str, k: int, d: int) -> Outcome:
         with engine.connect() as conn:
             return bool(conn.execute(text("SELECT count(*) FROM schedule_fires")).scalar())
 
+    watch = BrokerWatch("default")
+    watch.start()
     wait_for(fired, timeout=120, every=0.1, what="conveyor scheduler's first fires")
     w0 = window_after(time.time())
     cpu = CpuMeter(lambda: [proc.pid])
@@ -124,12 +173,15 @@ def run_conveyor(procs: Processes, url: str, k: int, d: int) -> Outcome:
     cpu_to = datetime.now(UTC)
     sleep_until(w0 + d + SETTLE_S)  # the window's last slots are recorded
     procs.stop(proc)
+    watch.stop.set()
+    watch.join()
 
     start, end = datetime.fromtimestamp(w0, UTC), datetime.fromtimestamp(w0 + d, UTC)
     with engine.connect() as conn:
         rows = conn.execute(
             text(
-                "SELECT f.outcome, extract(epoch FROM r.created_at - f.fire_at) "
+                "SELECT f.outcome, extract(epoch FROM r.created_at - f.fire_at), r.id, "
+                "extract(epoch FROM f.fire_at) "
                 "FROM schedule_fires f LEFT JOIN runs r ON r.id = f.run_id "
                 "WHERE f.fire_at >= :start AND f.fire_at < :end"
             ),
@@ -152,16 +204,25 @@ def run_conveyor(procs: Processes, url: str, k: int, d: int) -> Outcome:
             )
         ).scalar_one()
     engine.dispose()
-    enqueued = [float(late) for outcome, late in rows if outcome == "enqueued"]
+    enqueued = [float(late) for outcome, late, _, _ in rows if outcome == "enqueued"]
+    arrived = watch.run_ids()
+    in_broker = [
+        arrived[run_id] - float(slot) for outcome, _, run_id, slot in rows if run_id in arrived
+    ]
+    unseen = sum(
+        1 for outcome, _, run_id, _ in rows if outcome == "enqueued" and run_id not in arrived
+    )
+    if unseen:
+        print(f"conveyor: {unseen} enqueued runs of the window never reached the broker")
     return Outcome(
         "conveyor scheduler",
         len(enqueued),
         k * d,
         k * d - len(enqueued),
-        sum(1 for outcome, _ in rows if outcome.startswith("skipped")),
+        sum(1 for outcome, _, _, _ in rows if outcome.startswith("skipped")),
         int(slot_dups) + abs(int(run_dups)),
         enqueued,
-        [],
+        in_broker,
         used / max(1, in_cpu_window),
         pg_used / max(1, in_cpu_window),
     )
@@ -228,28 +289,30 @@ def print_report(results: list[Outcome], k: int, d: int) -> None:
 
     table(
         [
-            "scheduler", "fires", "of K*D", "missed", "skipped", "dup", "p50 ms", "p99 ms",
-            "max ms",
+            "scheduler", "fires", "of K*D", "missed", "skipped", "dup",
+            "decided p50", "p99", "in broker p50", "p99", "max",
             "CPU ms/fire", "PG CPU ms/fire",
         ],
         [
             [
                 o.label, o.fires, o.expected, o.missed, o.skipped, o.duplicates,
-                ms(o.precision, 50),
-                ms(o.precision, 99), ms(o.precision, 100), f"{o.cpu_per_fire * 1000:.2f}",
-                "-" if o.pg_cpu_per_fire is None else f"{o.pg_cpu_per_fire * 1000:.2f}",
+                ms(o.precision, 50), ms(o.precision, 99),
+                ms(o.sent, 50), ms(o.sent, 99), ms(o.sent, 100),
+                f"{o.cpu_per_fire * 1000:.3f}",
+                "-" if o.pg_cpu_per_fire is None else f"{o.pg_cpu_per_fire * 1000:.3f}",
             ]
             for o in results
         ],
     )  # fmt: skip
     conveyor, beat = results
     print(
-        f"\nbeat, slot -> send returned: p50 {ms(beat.sent, 50)} ms, p99 {ms(beat.sent, 99)} ms "
-        "(the table shows slot -> decided, as conveyor's created_at)"
+        "\nms after the slot. decided: conveyor's run created_at, beat about to send; in broker: "
+        "conveyor's message seen in Redis, beat's send returned."
     )
-    p99 = percentile(conveyor.precision, 99) if conveyor.precision else math.inf
+    p99 = percentile(conveyor.sent, 99) if conveyor.sent else math.inf
+    with_pg = conveyor.cpu_per_fire + (conveyor.pg_cpu_per_fire or 0.0)
     checks = [
-        (f"p99 <= {TARGET_P99_S * 1000:.0f} ms", p99 <= TARGET_P99_S),
+        (f"p99 (in broker) <= {TARGET_P99_S * 1000:.0f} ms", p99 <= TARGET_P99_S),
         ("0 missed", conveyor.missed == 0),
         ("0 duplicates", conveyor.duplicates == 0),
         ("CPU/fire <= beat's", conveyor.cpu_per_fire <= beat.cpu_per_fire),
@@ -259,15 +322,16 @@ def print_report(results: list[Outcome], k: int, d: int) -> None:
         + "; ".join(f"{what}: {'met' if ok else 'MISSED'}" for what, ok in checks)
     )
     print(
-        f"conveyor vs beat: p99 {p99 / percentile(beat.precision, 99):.2f}x, "
-        f"CPU per fire {conveyor.cpu_per_fire / beat.cpu_per_fire:.2f}x"
+        f"conveyor vs beat: p99 in broker {p99 / percentile(beat.sent, 99):.2f}x, "
+        f"CPU per fire {conveyor.cpu_per_fire / beat.cpu_per_fire:.2f}x "
+        f"({with_pg / beat.cpu_per_fire:.2f}x with conveyor's PostgreSQL backends)"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--schedules", type=int, default=200, help="K (issue: 1000)")
-    parser.add_argument("--seconds", type=int, default=20, help="D, window (issue: 60)")
+    parser.add_argument("--schedules", type=int, default=1000, help="K, the issue's 1000")
+    parser.add_argument("--seconds", type=int, default=60, help="D, window; the issue's 60")
     args = parser.parse_args()
     configure_logging(level="WARNING")
 
