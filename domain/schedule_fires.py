@@ -37,7 +37,7 @@ from domain.errors import ConveyorError
 from domain.models import runs
 from domain.ports import Catalog, Dispatch, OpenCatalog
 from domain.repository import copy_rows, dialect_insert
-from domain.requests import build_request
+from domain.requests import EnqueueRequest, build_request
 from domain.schedules import HELD, fires, schedules
 from domain.services import _row
 from domain.states import ACTIVE
@@ -87,10 +87,11 @@ def fire_once_each(
     catalog: Catalog | None = None,
     rng: Callable[[], float] = random.random,
 ) -> list[Fired]:
-    """Record slots of one schedule; see `fire_many`."""
-    return fire_many(
-        engine, [Due(schedule_id, planned, next_fire_at)], now=now, catalog=catalog, rng=rng
-    )
+    """Record slots of one schedule and move its cursor; see `fire_many`."""
+    dues = [Due(schedule_id, planned, next_fire_at)]
+    fired = fire_many(engine, dues, now=now, catalog=catalog, rng=rng)
+    advance_cursors(engine, dues, fired)
+    return fired
 
 
 def fire_many(
@@ -100,24 +101,57 @@ def fire_many(
     now: datetime,
     catalog: Catalog | None = None,
     rng: Callable[[], float] = random.random,
+    requests: RequestCache | None = None,
 ) -> list[Fired]:
     """Record the slots of many schedules in one transaction; return what became of each.
 
     A schedule paused or removed meanwhile records nothing. A slot already recorded by someone
     else is `duplicate`; a slot whose target can no longer be resolved is `failed` and left
     unrecorded (a restart then treats it as missed); neither disturbs the rest of the batch.
+    The schedules' cursors are moved afterwards, by `advance_cursors`.
     """
     if not dues:
         return []
     with engine.begin() as conn:
-        batch = _Batch(conn, now, catalog or OpenCatalog(), rng)
+        batch = _Batch(conn, now, catalog or OpenCatalog(), rng, requests or RequestCache())
         found = batch.lock({d.schedule_id for d in dues})
         for due in dues:
             if due.schedule_id in found:
                 batch.add(found[due.schedule_id], due.planned)
-        results = batch.write()
-        _move_cursors(conn, [d for d in dues if d.schedule_id in found], results)
-    return results
+        return batch.write()
+
+
+class RequestCache:
+    """A schedule's run request, built and validated once per version of the schedule rather
+    than on every fire; only the slot's idempotency key differs between its runs. The target
+    is still resolved through the catalog on every fire (a pipeline may have been disabled)."""
+
+    def __init__(self) -> None:
+        self._by_schedule: dict[int, tuple[Any, EnqueueRequest]] = {}
+
+    def get(self, schedule: Any) -> EnqueueRequest:
+        hit = self._by_schedule.get(schedule["id"])
+        if hit is not None and hit[0] == schedule["updated_at"]:
+            return hit[1]
+        request = build_request(
+            name=schedule["target_name"],
+            params=schedule["params"],
+            project=schedule["project"],
+            queue=schedule["queue"],
+            priority=schedule["priority"],
+            kind=schedule["target_kind"],
+            triggered_by="schedule",
+            trigger_ref=f"schedule:{schedule['id']}",
+        )
+        self._by_schedule[schedule["id"]] = (schedule["updated_at"], request)
+        return request
+
+
+#: What firing reads of a schedule (its timing lives in the runner's plan).
+_FIRING_COLUMNS = (
+    "id", "enabled", "updated_at", "overlap_policy", "jitter_s", "target_kind", "target_name",
+    "params", "project", "queue", "priority",
+)  # fmt: skip
 
 
 @dataclass
@@ -134,6 +168,7 @@ class _Batch:
     now: datetime
     catalog: Catalog
     rng: Callable[[], float]
+    requests: RequestCache
     slots: list[_Slot] = field(default_factory=list)
     failed: list[Fired] = field(default_factory=list)
     busy: set[str] = field(default_factory=set)  # trigger refs with a run still active
@@ -142,7 +177,7 @@ class _Batch:
         """The enabled schedules among `ids`, locked (in id order: two batches never deadlock)
         so that an edit, a pause or a manual fire waits for this batch."""
         query = (
-            select(schedules)
+            select(*(schedules.c[name] for name in _FIRING_COLUMNS))
             .where(_id_in(self.conn, schedules.c.id, sorted(ids)))
             .order_by(schedules.c.id)
         )
@@ -184,18 +219,9 @@ class _Batch:
 
     def _run_row(self, schedule: Any, slot: datetime, *, held: bool) -> dict[str, Any]:
         jitter_s = schedule["jitter_s"] * self.rng() if schedule["jitter_s"] else 0.0
-        request = build_request(
-            name=schedule["target_name"],
-            params=schedule["params"],
-            project=schedule["project"],
-            queue=schedule["queue"],
-            priority=schedule["priority"],
-            kind=schedule["target_kind"],
-            triggered_by="schedule",
-            trigger_ref=f"schedule:{schedule['id']}",
-            idempotency_key=f"schedule:{schedule['id']}:{slot.isoformat()}",
-        )
+        request = self.requests.get(schedule)
         row = _row(request, self.catalog, self.now, publish_now=not held and not jitter_s)
+        row["idempotency_key"] = f"schedule:{schedule['id']}:{slot.isoformat()}"
         if held:
             row["not_before"] = HELD  # overlap `queue`: released when the active run ends
         elif jitter_s:
@@ -311,22 +337,31 @@ def _utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _move_cursors(conn: Connection, dues: list[Due], results: list[Fired]) -> None:
-    """Each schedule's cursor moves past its slots (all but the failed ones). Schedules firing
-    on the same instant share their new values, so this is one UPDATE per distinct pair."""
-    failed = {(f.schedule_id, f.slot) for f in results if f.outcome == "failed"}
+def advance_cursors(engine: Engine, dues: Sequence[Due], fired: Sequence[Fired]) -> None:
+    """Move each schedule's cursor (`last_fire_at`, `next_fire_at`) past its recorded slots.
+
+    Its own short transaction, after the fires are committed and published, so a thousand
+    schedules' updates do not delay their runs. Should the process die in between, a restart
+    starts from the older cursor: the slots it then re-plans are in `schedule_fires` already
+    and come back duplicate, so nothing fires twice. Schedules firing on the same instant share
+    their new values: one UPDATE per distinct pair.
+    """
+    recorded = {(f.schedule_id, f.slot) for f in fired if f.outcome != "failed"}
     groups: dict[tuple[datetime, datetime | None], list[int]] = {}
     for due in dues:
-        slots = [s for s, _ in due.planned if (due.schedule_id, s) not in failed]
+        slots = [s for s, _ in due.planned if (due.schedule_id, s) in recorded]
         if slots:
             groups.setdefault((max(slots), due.next_fire_at), []).append(due.schedule_id)
-    for (last, next_fire_at), ids in groups.items():
-        conn.execute(
-            update(schedules)
-            .where(
-                _id_in(conn, schedules.c.id, ids),
-                # never backwards: a late duplicate must not reopen slots already past
-                or_(schedules.c.last_fire_at.is_(None), schedules.c.last_fire_at < last),
+    if not groups:
+        return
+    with engine.begin() as conn:
+        for (last, next_fire_at), ids in groups.items():
+            conn.execute(
+                update(schedules)
+                .where(
+                    _id_in(conn, schedules.c.id, ids),
+                    # never backwards: a late duplicate must not reopen slots already past
+                    or_(schedules.c.last_fire_at.is_(None), schedules.c.last_fire_at < last),
+                )
+                .values(last_fire_at=last, next_fire_at=next_fire_at)
             )
-            .values(last_fire_at=last, next_fire_at=next_fire_at)
-        )

