@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     n = args.runs
 
-    url = fresh_database()
+    url = fresh_database("conveyor_bench_enqueue")
     flush_redis()
     celery = Celery("baseline", broker=BROKER, set_as_current=False)
     celery.conf.update(task_serializer="json", task_ignore_result=True)

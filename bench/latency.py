@@ -152,7 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging(level="WARNING")
 
-    url = fresh_database()
+    url = fresh_database("conveyor_bench_latency")
     flush_redis()
     settings = load_settings(database_url=url, broker_url=BROKER, task_modules="bench.tasks")
     client = Client(settings)

@@ -224,7 +224,7 @@ def main() -> None:
     configure_logging(level="WARNING")
     n = args.lines
 
-    url = fresh_database()
+    url = fresh_database("conveyor_bench_logs")
     flush_redis()
     settings = load_settings(database_url=url, broker_url=BROKER, task_modules="bench.tasks")
     client = Client(settings)

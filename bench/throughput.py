@@ -272,7 +272,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging(level="WARNING")
 
-    url = fresh_database()
+    url = fresh_database("conveyor_bench_throughput")
     celery_url = fresh_database("conveyor_bench_celery", migrate=False)
     flush_redis()
     systems, client = build_systems(url, celery_url, args.batch)

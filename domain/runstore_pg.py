@@ -6,7 +6,8 @@ round trips and no statement building per call, because a worker runs them for e
   explicit BEGIN and COMMIT round trips go away and the guarantees stay (a claim is still one
   conditional UPDATE; a finish is still fenced by `attempt`);
 - `finish` inserts the run's last buffered log lines in the same statement (a data-modifying
-  CTE with `unnest`), so a short run costs two round trips in all: claim, finish;
+  CTE reading them from one JSON parameter), so a short run costs two round trips in all:
+  claim, finish;
 - the SQL text is constant and prepared on first use per connection (psycopg `prepare=True`).
 
 Only the plain case takes this path (a task run with no follow-up to chain and no metric or
@@ -29,7 +30,7 @@ from sqlalchemy.exc import DBAPIError
 from domain.runstore import Claim
 from domain.states import Status
 
-#: Above this many lines the finish writes them with COPY (runstore path) instead of unnest.
+#: Above this many lines the finish writes them with COPY (the runstore path) instead.
 MAX_INLINE_LINES = 500
 
 _CLAIM_FIELDS = (
@@ -59,12 +60,23 @@ WITH done AS (
   RETURNING 1
 ), lines AS (
   INSERT INTO run_logs (run_id, seq, attempt, ts, stream, level, message, fields)
-  SELECT %(id)s, * FROM unnest(
-    %(seq)s::int8[], %(attempts)s::int4[], %(ts)s::timestamptz[], %(stream)s::text[],
-    %(level)s::text[], %(message)s::text[], %(fields)s::jsonb[])
+  SELECT %(id)s, * FROM jsonb_to_recordset(%(lines)s) AS l(
+    seq int8, attempt int4, ts timestamptz, stream text, level text, message text, fields jsonb)
 )
 SELECT count(*) FROM done
 """
+
+
+def _json_line(line: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "seq": line["seq"],
+        "attempt": line["attempt"],
+        "ts": line["ts"].isoformat(),
+        "stream": line["stream"],
+        "level": line["level"],
+        "message": line["message"],
+        "fields": line["fields"],
+    }
 
 
 def supported(engine: Engine) -> bool:
@@ -151,13 +163,8 @@ class PgRunStore:
             "error_type": error_type,
             "error": error,
             "exit_code": exit_code,
-            "seq": [line["seq"] for line in lines],
-            "attempts": [line["attempt"] for line in lines],
-            "ts": [line["ts"] for line in lines],
-            "stream": [line["stream"] for line in lines],
-            "level": [line["level"] for line in lines],
-            "message": [line["message"] for line in lines],
-            "fields": [None if line["fields"] is None else Jsonb(line["fields"]) for line in lines],
+            # One JSON document for all lines: dumped by json.dumps in C, not per value.
+            "lines": Jsonb([_json_line(line) for line in lines]),
         }
         with self._autocommit() as raw:
             row = raw.execute(_FINISH_SQL, params, prepare=True).fetchone()
