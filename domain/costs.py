@@ -78,12 +78,25 @@ def as_tokens(value: Any, *, field: str, most: int = MAX_INT64) -> int:
 def as_entry_usd(value: Any, *, field: str = "usd") -> Decimal:
     """One cost entry's amount as it will be stored: exact, rounded half-up to 10 decimal
     places (the column's scale), below a billion USD."""
-    amount = value if type(value) is Decimal else as_money(value, field=field)
-    if not amount.is_finite() or amount < 0:
+    # Strings and Decimals (what tasks pass) skip as_money's generality: this runs per call.
+    if type(value) is str:
+        try:
+            amount = Decimal(value)
+        except InvalidOperation:
+            raise InvalidInput(f"{field}: {value!r} is not a number", field=field) from None
+    else:
+        amount = value if type(value) is Decimal else as_money(value, field=field)
+    try:
+        in_range = ZERO <= amount < MAX_ENTRY_USD  # a NaN cannot be compared: it raises
+    except InvalidOperation:
+        in_range = False
+    if not in_range:
+        if amount.is_finite() and amount >= MAX_ENTRY_USD:
+            raise InvalidInput(
+                f"{field}: one entry must be under 1e9 USD (got {value!r})", field=field
+            )
         raise InvalidInput(f"{field}: must be a non-negative amount (got {value!r})", field=field)
-    if amount >= MAX_ENTRY_USD:
-        raise InvalidInput(f"{field}: one entry must be under 1e9 USD (got {value!r})", field=field)
-    return amount.quantize(MONEY_STEP, rounding=ROUND_HALF_UP)
+    return amount.quantize(MONEY_STEP, ROUND_HALF_UP)
 
 
 def as_label(value: Any, *, field: str, most: int) -> str:

@@ -51,7 +51,6 @@ class LineSink(Protocol):
         self,
         run_id: uuid.UUID,
         attempt: int,
-        *,
         step_seq: int | None,
         project: str,
         ts: Any,
@@ -61,6 +60,7 @@ class LineSink(Protocol):
         tokens_out: int,
         requests: int,
         cost_usd: Decimal,
+        /,
     ) -> None: ...
 
 
@@ -215,11 +215,18 @@ class TaskContext:
         nothing to check per call: its entries are buffered like log lines and written in
         batches with its totals, all before its final state.
         """
-        provider = costs.as_label(provider, field="provider", most=100)
-        model = costs.as_label(model, field="model", most=200)
-        tokens_in = costs.as_tokens(tokens_in, field="tokens_in")
-        tokens_out = costs.as_tokens(tokens_out, field="tokens_out")
-        requests = costs.as_tokens(requests, field="requests", most=costs.MAX_INT32)
+        # The usual values are checked inline (this runs per LLM call, sometimes in tight
+        # loops); anything else goes through the validators, which raise with the reason.
+        if type(provider) is not str or not 0 < len(provider) <= 100 or "\x00" in provider:
+            provider = costs.as_label(provider, field="provider", most=100)
+        if type(model) is not str or not 0 < len(model) <= 200 or "\x00" in model:
+            model = costs.as_label(model, field="model", most=200)
+        if type(tokens_in) is not int or not 0 <= tokens_in <= costs.MAX_INT64:
+            tokens_in = costs.as_tokens(tokens_in, field="tokens_in")
+        if type(tokens_out) is not int or not 0 <= tokens_out <= costs.MAX_INT64:
+            tokens_out = costs.as_tokens(tokens_out, field="tokens_out")
+        if type(requests) is not int or not 0 <= requests <= costs.MAX_INT32:
+            requests = costs.as_tokens(requests, field="requests", most=costs.MAX_INT32)
         if usd is None:
             priced = self._prices.cost(provider, model, tokens_in, tokens_out)
             if priced is None:
@@ -236,20 +243,13 @@ class TaskContext:
         if self._buffer_costs is None:
             self._buffer_costs = self._nothing_to_enforce()
         if self._buffer_costs and not self._reserving:
+            claim = self._claim
             self._sink.cost(
-                self.run_id,
-                self.attempt,
-                step_seq=step,
-                project=self.project,
-                ts=self._clock(),
-                provider=provider,
-                model=model,
-                tokens_in=tokens_in,
-                tokens_out=tokens_out,
-                requests=requests,
-                cost_usd=amount,
-            )
-            self.check_cancel()
+                claim.run_id, claim.attempt, step, claim.project, self._clock(),
+                provider, model, tokens_in, tokens_out, requests, amount,
+            )  # fmt: skip
+            if self._stop.is_set():
+                self.check_cancel()
             return
         entry = {
             "project": self.project,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from operator import itemgetter
 from typing import Any, cast
 from uuid import UUID
 
@@ -37,7 +38,9 @@ COST_COLUMNS = (
 )  # fmt: skip
 _COPY_LOGS = f"COPY run_logs ({', '.join(LOG_COLUMNS)}) FROM STDIN"
 _COPY_METRICS = f"COPY run_metrics ({', '.join(METRIC_COLUMNS)}) FROM STDIN"
-_COPY_COSTS = f"COPY cost_entries ({', '.join(COST_COLUMNS)}) FROM STDIN"
+# Binary: a cost row is mostly numbers, a uuid and a time, which PostgreSQL then need not parse
+# from text (measured: a third less CPU in the worker and less in the server than text).
+_COPY_COSTS = f"COPY cost_entries ({', '.join(COST_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 # Declared column types let psycopg pick each dumper once per COPY, not once per value (and
 # dump dicts as jsonb without a wrapper per row).
 _LOG_TYPES = ["uuid", "int8", "int4", "timestamptz", "text", "text", "text", "jsonb"]
@@ -194,7 +197,6 @@ class LogWriter:
         self,
         run_id: UUID,
         attempt: int,
-        *,
         step_seq: int | None,
         project: str,
         ts: datetime,
@@ -204,9 +206,11 @@ class LogWriter:
         tokens_out: int,
         requests: int,
         cost_usd: Decimal,
+        /,
     ) -> None:
         """Buffer one cost entry (already validated and priced, `cost_usd` exact to the column's
-        scale). Blocks only while the buffer is full."""
+        scale). Positional only: it is called once per entry, in the task's loop. Blocks only
+        while the buffer is full."""
         row = (
             run_id, step_seq, project, ts, provider, model,
             tokens_in, tokens_out, requests, cost_usd, attempt,
@@ -490,7 +494,7 @@ def _write_tuples(conn: Connection, batch: Batch) -> Written:
     if not conn.in_transaction():
         conn.begin()  # what autobegin would do; the raw COPY below bypasses it
     # The fence first: entries of an attempt that no longer owns its run are not written.
-    costs, stale = _add_to_totals(conn, batch.costs) if batch.costs else ([], [])
+    costs, stale, months = _add_to_totals(conn, batch.costs) if batch.costs else ([], [], {})
     logs, metrics = batch.logs, batch.metrics
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
         raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
@@ -524,52 +528,73 @@ def _write_tuples(conn: Connection, batch: Batch) -> Written:
                 cost_entries.insert(),
                 [dict(zip(COST_COLUMNS, r[:-1], strict=True)) for r in costs],
             )
-    if costs:
-        _add_to_months(conn, costs)  # last: the project's row is the one other workers share
+    if months:
+        _add_to_months(conn, months)  # last: the project's row is the one other workers share
     return Written(len(logs), len(metrics), len(costs), stale)
 
 
-def _add_to_totals(conn: Connection, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+Months = dict[tuple[str, date], list[Any]]  # (project, month) -> [usd, tokens]
+
+
+def _add_to_totals(conn: Connection, rows: list[Row]) -> tuple[list[Row], list[Row], Months]:
     """Add each (run, attempt)'s sums to the run's totals, fenced by attempt.
 
-    Returns (rows to write, rows whose attempt no longer owns the run). Runs are locked in
-    one order (by id) in every writer, so two batches can never wait on each other in a cycle.
+    Returns the rows to write, the rows whose attempt no longer owns the run, and what the
+    written rows add to each project's month. Runs are locked in one order (by id) in every
+    writer, so two batches can never wait on each other in a cycle.
     """
     groups: dict[tuple[UUID, int], list[Row]] = {}
-    for row in rows:
-        key = (row[0], row[-1])
-        group = groups.get(key)
-        if group is None:
-            groups[key] = group = []
+    key: tuple[UUID, int] | None = None
+    group: list[Row] = []
+    for row in rows:  # a run's rows arrive together: mostly identity checks, no hashing
+        if key is None or row[0] is not key[0] or row[10] != key[1]:
+            key = (row[0], row[10])
+            group = groups.setdefault(key, [])
         group.append(row)
     kept: list[Row] = []
     stale: list[Row] = []
+    months: Months = {}
     for run_id, attempt in sorted(groups):
         group = groups[(run_id, attempt)]
+        usd = sum(map(_USD, group), ZERO)
+        tokens_in, tokens_out = sum(map(_TOKENS_IN, group)), sum(map(_TOKENS_OUT, group))
         owned = ledger.add_to_run(
             conn,
             run_id,
             attempt,
-            usd=sum((r[9] for r in group), ZERO),
-            tokens_in=sum(r[6] for r in group),
-            tokens_out=sum(r[7] for r in group),
-            requests=sum(r[8] for r in group),
+            usd=usd,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            requests=sum(map(_REQUESTS, group)),
         )
-        (kept if owned else stale).extend(group)
-    return kept, stale
+        if not owned:
+            stale += group
+            continue
+        kept += group
+        first, last = _month(min(map(_TS, group))), _month(max(map(_TS, group)))
+        if first == last:  # the usual case: one month, the sums above
+            _add_month(months, (group[0][2], first), usd, tokens_in + tokens_out)
+        else:
+            for row in group:
+                _add_month(months, (row[2], _month(row[3])), row[9], row[6] + row[7])
+    return kept, stale, months
 
 
-def _add_to_months(conn: Connection, rows: list[Row]) -> None:
-    """The entries' spend on their projects' monthly usage (one UPDATE per project+month)."""
-    months: dict[tuple[str, date], list[Any]] = {}
-    for row in rows:
-        ts = row[3]
-        month = date(ts.year, ts.month, 1) if ts.tzinfo is UTC else ledger.month_of(ts)
-        sums = months.get((row[2], month))
-        if sums is None:
-            months[(row[2], month)] = sums = [ZERO, 0]
-        sums[0] += row[9]
-        sums[1] += row[6] + row[7]
+_TS, _TOKENS_IN, _TOKENS_OUT, _REQUESTS, _USD = (itemgetter(i) for i in (3, 6, 7, 8, 9))
+
+
+def _month(ts: datetime) -> date:
+    return date(ts.year, ts.month, 1) if ts.tzinfo is UTC else ledger.month_of(ts)
+
+
+def _add_month(months: Months, key: tuple[str, date], usd: Decimal, tokens: int) -> None:
+    sums = months.setdefault(key, [ZERO, 0])
+    sums[0] += usd
+    sums[1] += tokens
+
+
+def _add_to_months(conn: Connection, months: Months) -> None:
+    """The written entries' spend on their projects' monthly usage (one UPDATE per month)."""
     for project, month in sorted(months):  # one lock order for every writer
         usd, tokens = months[(project, month)]
         ledger.add_usage(conn, project, month, usd=usd, tokens=tokens)

@@ -28,6 +28,21 @@ from worker.monitor import RunMonitor
 DOWN_URL = "postgresql+psycopg://u@127.0.0.1:1/x"
 
 
+def spend(
+    writer: LogWriter,
+    run_id: uuid.UUID,
+    attempt: int,
+    usd: str,
+    *,
+    tokens_in: int = 1,
+    provider: str = "p",
+) -> None:
+    """One entry straight into the writer, as TaskContext.cost passes it."""
+    writer.cost(
+        run_id, attempt, None, "default", utc_now(), provider, "m", tokens_in, 0, 1, Decimal(usd)
+    )
+
+
 def ledger(engine: Engine, run_id: uuid.UUID) -> dict[str, Any]:
     """The run's totals beside the sums of its stored entries."""
     with engine.connect() as conn:
@@ -145,20 +160,16 @@ def test_entries_of_an_attempt_that_lost_the_run_are_dropped_with_a_warning(
         claim = runstore.claim(conn, run_id, owner="w1", now=clock(), lease_s=30)
     assert claim is not None and claim.attempt == 1
     writer = LogWriter(engine, clock=clock)
-    entry = {
-        "step_seq": None, "project": "default", "ts": clock(), "provider": "p", "model": "m",
-        "tokens_in": 10, "tokens_out": 1, "requests": 1,
-    }  # fmt: skip
-    writer.cost(run_id, 1, cost_usd=Decimal("0.30"), **entry)
+    spend(writer, run_id, 1, "0.30", tokens_in=10)
     writer.log(run_id, 1, "written anyway")
     # Another worker reclaims the run (lease expired): attempt 2 owns it now.
     with engine.begin() as conn:
         conn.execute(update(runs).where(runs.c.id == run_id).values(attempt=2))
-    writer.cost(run_id, 2, cost_usd=Decimal("0.05"), **entry)
+    spend(writer, run_id, 2, "0.05", tokens_in=10)
     with capture_logs() as events:
         writer.flush()
     got = ledger(engine, run_id)
-    assert got["totals"] == got["sums"] == (Decimal("0.05"), 10, 1, 1)
+    assert got["totals"] == got["sums"] == (Decimal("0.05"), 10, 0, 1)
     assert got["entries"] == 1
     [dropped] = [e for e in events if e["event"] == "logwriter.costs_dropped"]
     assert dropped["log_level"] == "warning"
@@ -263,10 +274,7 @@ def test_a_full_buffer_of_costs_makes_callers_wait_instead_of_dropping(
     writer.start()
     peak = 0
     for _ in range(200):
-        writer.cost(
-            run_id, 0, step_seq=None, project="default", ts=clock(), provider="p", model="m",
-            tokens_in=1, tokens_out=0, requests=1, cost_usd=Decimal("0.001"),
-        )  # fmt: skip
+        spend(writer, run_id, 0, "0.001")
         peak = max(peak, writer.stats["buffered"])
     writer.close()
     assert peak <= 10
@@ -280,10 +288,7 @@ def test_a_database_outage_at_the_end_keeps_the_costs_buffered() -> None:
     down = create_db_engine(DOWN_URL)
     writer = LogWriter(down)
     run_id = uuid.uuid4()
-    writer.cost(
-        run_id, 1, step_seq=None, project="default", ts=utc_now(), provider="p", model="m",
-        tokens_in=1, tokens_out=0, requests=1, cost_usd=Decimal("0.5"),
-    )  # fmt: skip
+    spend(writer, run_id, 1, "0.5")
     with capture_logs() as events:
         assert writer.take_run(run_id) == ([], [])
     [deferred] = [e for e in events if e["event"] == "logwriter.costs_deferred"]
@@ -300,10 +305,7 @@ def test_a_refused_entry_costs_only_itself_and_totals_still_match(
     run_id = services.enqueue(UnitOfWork(engine, clock=clock), build_request(name="t")).run.id
     writer = LogWriter(engine, clock=clock)
     for i, provider in enumerate(["p", "p", "x" * 101, "p"]):  # varchar(100) refuses one
-        writer.cost(
-            run_id, 0, step_seq=None, project="default", ts=clock(), provider=provider,
-            model="m", tokens_in=i, tokens_out=0, requests=1, cost_usd=Decimal("0.1"),
-        )  # fmt: skip
+        spend(writer, run_id, 0, "0.1", tokens_in=i, provider=provider)
     with capture_logs() as events:
         writer.flush()
     got = ledger(engine, run_id)
