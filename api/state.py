@@ -89,6 +89,7 @@ class ApiState:
         return UnitOfWork(self.engine)
 
     def start(self) -> None:
+        from api.publishing import FirstCallSerialized
         from conveyor.client import default_catalog, default_publisher
         from domain.db import create_db_engine
         from domain.migrate import head_revision
@@ -97,7 +98,8 @@ class ApiState:
         if self._engine is None:
             self._engine = create_db_engine(url, pool_size=10)
         if not self._publisher_given:
-            self.publisher = default_publisher(self.settings)
+            publisher = default_publisher(self.settings)
+            self.publisher = FirstCallSerialized(publisher) if publisher is not None else None
         if not self._catalog_given:
             self.catalog = default_catalog(self.settings)
         self.head_revision = head_revision(url)
