@@ -22,7 +22,7 @@ from api import (
     sse,
     webhooks,
 )
-from api.auth import FailedAuthLimiter
+from api.auth import FailedAuthLimiter, TokenCache
 from api.limits import BodyLimit
 from api.state import ApiOptions, ApiState
 from domain.ports import Catalog, Publisher
@@ -74,6 +74,7 @@ def create_api(
     state.metrics = metrics.ApiMetrics(state)
     app.state.api = state
     app.state.limiter = FailedAuthLimiter(opts)
+    app.state.tokens = TokenCache(opts.token_cache_s)
     errors.install(app)
     for module in (
         health,

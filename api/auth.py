@@ -87,6 +87,42 @@ class FailedAuthLimiter:
             del self._blocked_until[ip]
 
 
+class TokenCache:
+    """Tokens that authenticated in the last `ttl_s`, keyed by their hash (the token itself is
+    never kept), so a busy client costs one database lookup per `ttl_s` instead of one per
+    request. Only successes are cached: an unknown token always goes to the database (and to
+    the failure limiter). The price is that a token revoked by another process is still
+    accepted here for up to `ttl_s`; a revocation through this process clears the cache."""
+
+    def __init__(
+        self, ttl_s: float, clock: Callable[[], float] = time.monotonic, max_entries: int = 1000
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, Principal]] = {}
+
+    def get(self, token_hash: str) -> Principal | None:
+        entry = self._entries.get(token_hash)
+        if entry is None:
+            return None
+        expires, who = entry
+        if self.clock() >= expires:
+            self._entries.pop(token_hash, None)
+            return None
+        return who
+
+    def put(self, token_hash: str, who: Principal) -> None:
+        if self.ttl_s <= 0:
+            return
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()  # many distinct tokens is rare; start over rather than sort
+        self._entries[token_hash] = (self.clock() + self.ttl_s, who)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 def client_ip(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
@@ -116,6 +152,12 @@ async def principal(request: Request) -> Principal:
     limiter: FailedAuthLimiter = request.app.state.limiter
     limiter.check(ip)
     token = bearer_token(request)
+    cache: TokenCache = request.app.state.tokens
+    digest = auth.hash_token(token) if token is not None else ""
+    cached = cache.get(digest)
+    if cached is not None:
+        limiter.succeeded(ip)
+        return cached
     try:
         if token is None:
             raise Unauthorized()
@@ -128,6 +170,7 @@ async def principal(request: Request) -> Principal:
             await anyio.sleep(delay)
         raise
     limiter.succeeded(ip)
+    cache.put(digest, found)
     return found
 
 

@@ -70,7 +70,9 @@ def create_token(state: State, who: Admin, request: Request, body: NewToken) -> 
 
 @router.delete("/tokens/{name}")
 def revoke_token(state: State, who: Admin, request: Request, name: str) -> dict[str, Any]:
-    return auth.revoke_token(state.uow(), name, actor=who.name, ip=client_ip(request)).to_dict()
+    revoked = auth.revoke_token(state.uow(), name, actor=who.name, ip=client_ip(request))
+    request.app.state.tokens.clear()  # at once in this process, not after token_cache_s
+    return revoked.to_dict()
 
 
 @router.get("/webhooks")

@@ -33,6 +33,9 @@ class ApiOptions:
     #: a comment line this often keeps proxies from closing an idle stream
     sse_keepalive_s: float = 15.0
     token_touch_s: float = 60.0
+    #: how long a token that authenticated is trusted without asking the database again
+    #: (so how long a token revoked by another process may still be accepted here)
+    token_cache_s: float = 2.0
     auth_slow_after: int = 5
     auth_block_after: int = 20
     auth_window_s: float = 60.0

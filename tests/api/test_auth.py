@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
-from api.auth import FailedAuthLimiter
+from api.auth import FailedAuthLimiter, TokenCache
 from api.state import ApiOptions
 from domain import auth
 from domain.auth import api_tokens
@@ -28,11 +28,49 @@ def test_missing_invalid_and_revoked_tokens_are_401(api: ApiClient) -> None:
         assert response.headers["www-authenticate"] == "Bearer"
         assert error_of(response)["type"] == "unauthorized"
 
+
+
+def test_a_token_revoked_elsewhere_is_refused_once_the_cache_entry_expires(
+    api: ApiClient,
+) -> None:
+    now = [0.0]
+    api.app.state.tokens.clock = lambda: now[0]
     token = api.tokens["readonly"]
     assert api.get(RUNS, token=token).status_code == 200
-    auth.revoke_token(api.uow(), "readonly-token", actor="test")
+    auth.revoke_token(api.uow(), "readonly-token", actor="test")  # as the CLI would
+    # Trusted for token_cache_s after it last reached the database, and not a moment more.
+    now[0] += api.state.options.token_cache_s - 0.001
+    assert api.get(RUNS, token=token).status_code == 200
+    now[0] += 0.001
     revoked = api.get(RUNS, token=token)
     assert revoked.status_code == 401 and "revoked" in error_of(revoked)["message"]
+
+
+def test_a_token_revoked_through_the_api_is_refused_at_once(api: ApiClient) -> None:
+    token = api.tokens["readonly"]
+    assert api.get(RUNS, token=token).status_code == 200
+    assert api.as_role("admin", "DELETE", "/api/v1/tokens/readonly-token").status_code == 200
+    revoked = api.get(RUNS, token=token)
+    assert revoked.status_code == 401 and "revoked" in error_of(revoked)["message"]
+
+
+def test_token_cache_keeps_successes_by_hash_for_ttl_only() -> None:
+    now = [0.0]
+    cache = TokenCache(2.0, clock=lambda: now[0], max_entries=2)
+    who = auth.Principal(name="ci", role="write")
+    cache.put("h1", who)
+    assert cache.get("h1") == who and cache.get("h2") is None
+    now[0] = 1.999
+    assert cache.get("h1") == who
+    now[0] = 2.0
+    assert cache.get("h1") is None
+    cache.put("h1", who)
+    cache.put("h2", who)
+    cache.put("h3", who)  # over max_entries: starts over rather than growing
+    assert cache.get("h1") is None and cache.get("h3") == who
+    off = TokenCache(0.0)
+    off.put("h1", who)
+    assert off.get("h1") is None
 
 
 def test_roles_readonly_reads_write_changes_admin_manages(api: ApiClient) -> None:
@@ -101,7 +139,9 @@ def test_the_block_expires_and_success_resets_the_count() -> None:
 
 
 def test_last_used_at_is_written_at_most_once_per_interval(db_url: str) -> None:
-    with running_api(db_url, options=ApiOptions(token_touch_s=3600)) as api:
+    # No token cache here: every request reaches authenticate(), which must still write once.
+    options = ApiOptions(token_touch_s=3600, token_cache_s=0)
+    with running_api(db_url, options=options) as api:
 
         def last_used() -> object:
             with api.state.engine.connect() as conn:
