@@ -9,54 +9,33 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import datetime
 from decimal import Decimal
-from operator import itemgetter
-from typing import Any, cast
+from typing import Any
 from uuid import UUID
 
 import psycopg
 import structlog
-from sqlalchemy import Connection, Engine, Table
+from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 
-from domain import costs as ledger
 from domain.clock import utc_now
 from domain.db import describe_db_error
 from domain.errors import DatabaseUnavailable
-from domain.models import RunMetric, cost_entries, run_logs
+from worker.batches import (
+    LOG_COLUMNS,
+    METRIC_COLUMNS,
+    Batch,
+    Row,
+    Written,
+    is_row_fault,
+    reason,
+    report_dropped,
+    write,
+    write_bisecting,
+)
 
-run_metrics = cast(Table, RunMetric.__table__)
-
-LOG_COLUMNS = ("run_id", "seq", "attempt", "ts", "stream", "level", "message", "fields")
-METRIC_COLUMNS = ("run_id", "ts", "name", "value", "labels")
-# A buffered cost row is these columns plus the attempt it was recorded by, last (the fence).
-COST_COLUMNS = (
-    "run_id", "step_seq", "project", "ts", "provider", "model",
-    "tokens_in", "tokens_out", "requests", "cost_usd",
-)  # fmt: skip
-_COPY_LOGS = f"COPY run_logs ({', '.join(LOG_COLUMNS)}) FROM STDIN"
-_COPY_METRICS = f"COPY run_metrics ({', '.join(METRIC_COLUMNS)}) FROM STDIN"
-# Binary: a cost row is mostly numbers, a uuid and a time, which PostgreSQL then need not parse
-# from text (measured: a third less CPU in the worker and less in the server than text).
-_COPY_COSTS = f"COPY cost_entries ({', '.join(COST_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
-# Declared column types let psycopg pick each dumper once per COPY, not once per value (and
-# dump dicts as jsonb without a wrapper per row).
-_LOG_TYPES = ["uuid", "int8", "int4", "timestamptz", "text", "text", "text", "jsonb"]
-_METRIC_TYPES = ["uuid", "timestamptz", "text", "float8", "jsonb"]
-_COST_TYPES = [
-    "uuid",
-    "int4",
-    "text",
-    "timestamptz",
-    "text",
-    "text",
-    "int8",
-    "int8",
-    "int4",
-    "numeric",
-]
+__all__ = ["LOG_COLUMNS", "MAX_MESSAGE_BYTES", "METRIC_COLUMNS", "LogWriter", "clean_message"]
 
 #: One runaway line (a dumped blob, a progress bar with no newline) must not turn a COPY batch
 #: into many megabytes, nor become a row the API and `conveyor logs` choke on.
@@ -64,8 +43,6 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_BACKOFF_S = 2.0
 FIRST_BACKOFF_S = 0.1
 
-ZERO = Decimal(0)
-Row = tuple[Any, ...]
 Buffer = dict[UUID, list[Row]]
 
 
@@ -255,7 +232,7 @@ class LogWriter:
             [tuple(row.get(c) for c in METRIC_COLUMNS) for row in metrics],
             [],
         )
-        _write_tuples(conn, batch)
+        write(conn, batch)
 
     def flush(self) -> None:
         """Write everything buffered now; DatabaseUnavailable (rows kept) when that fails."""
@@ -314,7 +291,7 @@ class LogWriter:
                 if failures == 1:  # once per outage, not once per retry
                     structlog.get_logger("conveyor.logwriter").warning(
                         "logwriter.write_failed",
-                        error=_reason(exc),
+                        error=reason(exc),
                         buffered=self.stats["buffered"],
                     )
                 delay = min(MAX_BACKOFF_S, max(FIRST_BACKOFF_S, delay * 2))
@@ -353,7 +330,7 @@ class LogWriter:
                 self._account(batch, written)
                 self._counts["flushes"] += 1
                 self._settle()
-        _report_dropped(written.stale)
+        report_dropped(written.stale)
 
     def _write_costs_before_final(self, run_id: UUID, costs: list[Row]) -> None:
         batch = Batch([], [], costs)
@@ -368,14 +345,14 @@ class LogWriter:
                 "logwriter.costs_deferred",
                 run_id=str(run_id),
                 entries=len(costs),
-                error=_reason(exc),
+                error=reason(exc),
                 next="the flusher writes them when the database answers",
             )
             return
         with self._lock:
             self._account(batch, written)
             self._changed.notify_all()
-        _report_dropped(written.stale)
+        report_dropped(written.stale)
 
     def _account(self, batch: Batch, written: Written) -> None:
         """Count a settled batch (under the lock): it leaves the buffer."""
@@ -393,71 +370,21 @@ class LogWriter:
     def _write_batch(self, batch: Batch) -> Written:
         try:
             with self._engine.begin() as conn:
-                return _write_tuples(conn, batch)
+                return write(conn, batch)
         except Exception as exc:
-            if not _row_fault(exc):
+            if not is_row_fault(exc):
                 raise
         rejected: list[tuple[Row, BaseException]] = []
         with self._engine.begin() as conn:
-            written = _bisect(conn, batch, rejected)
+            written = write_bisecting(conn, batch, rejected)
         if rejected:
             structlog.get_logger("conveyor.logwriter").error(
                 "logwriter.rows_rejected",
                 rows=len(rejected),
                 run_ids=sorted({str(row[0]) for row, _ in rejected})[:10],
-                error=_reason(rejected[0][1]),
+                error=reason(rejected[0][1]),
             )
         return written
-
-
-@dataclass
-class Batch:
-    """Rows written in one transaction: log lines, metric samples, cost entries."""
-
-    logs: list[Row]
-    metrics: list[Row]
-    costs: list[Row]
-
-    def __len__(self) -> int:
-        return len(self.logs) + len(self.metrics) + len(self.costs)
-
-    def only(self) -> Row:
-        return (self.logs or self.metrics or self.costs)[0]
-
-    def halves(self) -> list[Batch]:
-        """Split to find refused rows: by kind first, then in half."""
-        kinds = [
-            Batch(self.logs, [], []), Batch([], self.metrics, []), Batch([], [], self.costs)
-        ]  # fmt: skip
-        kinds = [kind for kind in kinds if len(kind)]
-        if len(kinds) > 1:
-            return kinds
-        h = len(self) // 2
-        return [
-            Batch(self.logs[:h], self.metrics[:h], self.costs[:h]),
-            Batch(self.logs[h:], self.metrics[h:], self.costs[h:]),
-        ]
-
-
-@dataclass
-class Written:
-    """What a batch wrote: lines, metric points, cost entries, and cost entries dropped because
-    their attempt no longer owns the run (`stale`)."""
-
-    lines: int = 0
-    points: int = 0
-    costs: int = 0
-    stale: list[Row] = field(default_factory=list)
-
-    @property
-    def settled(self) -> int:
-        return self.lines + self.points + self.costs + len(self.stale)
-
-    def add(self, other: Written) -> None:
-        self.lines += other.lines
-        self.points += other.points
-        self.costs += other.costs
-        self.stale += other.stale
 
 
 def _put_back(buffer: Buffer, taken: Buffer) -> None:
@@ -465,165 +392,3 @@ def _put_back(buffer: Buffer, taken: Buffer) -> None:
     for run_id, rows in taken.items():
         newer = buffer.get(run_id)
         buffer[run_id] = rows + newer if newer else rows
-
-
-def _bisect(conn: Connection, batch: Batch, rejected: list[tuple[Row, BaseException]]) -> Written:
-    """Write what can be written, halving on row errors so k bad rows cost O(k log n) tries.
-
-    Each part commits in its own savepoint with its own share of the run totals, so the totals
-    always equal the sum of the cost entries that were written.
-    """
-    if not len(batch):
-        return Written()
-    try:
-        with conn.begin_nested():
-            return _write_tuples(conn, batch)
-    except Exception as exc:
-        if not _row_fault(exc):
-            raise
-        if len(batch) == 1:
-            rejected.append((batch.only(), exc))
-            return Written()
-    written = Written()
-    for part in batch.halves():
-        written.add(_bisect(conn, part, rejected))
-    return written
-
-
-def _write_tuples(conn: Connection, batch: Batch) -> Written:
-    if not conn.in_transaction():
-        conn.begin()  # what autobegin would do; the raw COPY below bypasses it
-    # The fence first: entries of an attempt that no longer owns its run are not written.
-    costs, stale, months = _add_to_totals(conn, batch.costs) if batch.costs else ([], [], {})
-    logs, metrics = batch.logs, batch.metrics
-    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
-        raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
-        with raw.cursor() as cur:
-            if logs:
-                with cur.copy(_COPY_LOGS) as copy:
-                    copy.set_types(_LOG_TYPES)
-                    for row in logs:
-                        copy.write_row(row)
-            if metrics:
-                with cur.copy(_COPY_METRICS) as copy:
-                    copy.set_types(_METRIC_TYPES)
-                    for row in metrics:
-                        copy.write_row(row)
-            if costs:
-                with cur.copy(_COPY_COSTS) as copy:
-                    copy.set_types(_COST_TYPES)
-                    for row in costs:
-                        copy.write_row(row[:-1])  # without the attempt
-    else:
-        # SQLite (dev mode): Core executemany, so the column types store UUIDs, times and
-        # money (as exact text) as usual.
-        if logs:
-            conn.execute(run_logs.insert(), [dict(zip(LOG_COLUMNS, r, strict=True)) for r in logs])
-        if metrics:
-            conn.execute(
-                run_metrics.insert(), [dict(zip(METRIC_COLUMNS, r, strict=True)) for r in metrics]
-            )
-        if costs:
-            conn.execute(
-                cost_entries.insert(),
-                [dict(zip(COST_COLUMNS, r[:-1], strict=True)) for r in costs],
-            )
-    if months:
-        _add_to_months(conn, months)  # last: the project's row is the one other workers share
-    return Written(len(logs), len(metrics), len(costs), stale)
-
-
-Months = dict[tuple[str, date], list[Any]]  # (project, month) -> [usd, tokens]
-
-
-def _add_to_totals(conn: Connection, rows: list[Row]) -> tuple[list[Row], list[Row], Months]:
-    """Add each (run, attempt)'s sums to the run's totals, fenced by attempt.
-
-    Returns the rows to write, the rows whose attempt no longer owns the run, and what the
-    written rows add to each project's month. Runs are locked in one order (by id) in every
-    writer, so two batches can never wait on each other in a cycle.
-    """
-    groups: dict[tuple[UUID, int], list[Row]] = {}
-    key: tuple[UUID, int] | None = None
-    group: list[Row] = []
-    for row in rows:  # a run's rows arrive together: mostly identity checks, no hashing
-        if key is None or row[0] is not key[0] or row[10] != key[1]:
-            key = (row[0], row[10])
-            group = groups.setdefault(key, [])
-        group.append(row)
-    kept: list[Row] = []
-    stale: list[Row] = []
-    months: Months = {}
-    for run_id, attempt in sorted(groups):
-        group = groups[(run_id, attempt)]
-        usd = sum(map(_USD, group), ZERO)
-        tokens_in, tokens_out = sum(map(_TOKENS_IN, group)), sum(map(_TOKENS_OUT, group))
-        owned = ledger.add_to_run(
-            conn,
-            run_id,
-            attempt,
-            usd=usd,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
-            requests=sum(map(_REQUESTS, group)),
-        )
-        if not owned:
-            stale += group
-            continue
-        kept += group
-        first, last = _month(min(map(_TS, group))), _month(max(map(_TS, group)))
-        if first == last:  # the usual case: one month, the sums above
-            _add_month(months, (group[0][2], first), usd, tokens_in + tokens_out)
-        else:
-            for row in group:
-                _add_month(months, (row[2], _month(row[3])), row[9], row[6] + row[7])
-    return kept, stale, months
-
-
-_TS, _TOKENS_IN, _TOKENS_OUT, _REQUESTS, _USD = (itemgetter(i) for i in (3, 6, 7, 8, 9))
-
-
-def _month(ts: datetime) -> date:
-    return date(ts.year, ts.month, 1) if ts.tzinfo is UTC else ledger.month_of(ts)
-
-
-def _add_month(months: Months, key: tuple[str, date], usd: Decimal, tokens: int) -> None:
-    sums = months.setdefault(key, [ZERO, 0])
-    sums[0] += usd
-    sums[1] += tokens
-
-
-def _add_to_months(conn: Connection, months: Months) -> None:
-    """The written entries' spend on their projects' monthly usage (one UPDATE per month)."""
-    for project, month in sorted(months):  # one lock order for every writer
-        usd, tokens = months[(project, month)]
-        ledger.add_usage(conn, project, month, usd=usd, tokens=tokens)
-
-
-def _report_dropped(stale: list[Row]) -> None:
-    if stale:
-        structlog.get_logger("conveyor.logwriter").warning(
-            "logwriter.costs_dropped",
-            entries=len(stale),
-            usd=str(sum((row[9] for row in stale), ZERO)),
-            runs=sorted({f"{row[0]} attempt {row[-1]}" for row in stale})[:10],
-            reason="the attempt that recorded them no longer owns the run",
-        )
-
-
-def _row_fault(exc: BaseException) -> bool:
-    """True when the rows themselves are refused, so retrying the same batch can never succeed.
-
-    Anything else (database down, table missing, permissions) keeps the rows and is retried.
-    """
-    if isinstance(exc, sa_exc.IntegrityError | sa_exc.DataError):
-        return True
-    orig = getattr(exc, "orig", None) or exc  # StatementError wraps bind-time errors
-    return isinstance(
-        orig, psycopg.IntegrityError | psycopg.DataError | UnicodeError | TypeError | ValueError
-    )
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
