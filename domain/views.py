@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -68,7 +68,7 @@ class RunView:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: UUIDs and datetimes as strings, money as a decimal string."""
-        return {key: _jsonable(value) for key, value in asdict(self).items()}
+        return _plain(self, _RUN_FIELDS)
 
 
 _RUN_FIELDS = tuple(f.name for f in fields(RunView))
@@ -85,7 +85,10 @@ class LogLine:
     fields: dict[str, Any] | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: _jsonable(value) for key, value in asdict(self).items()}
+        return _plain(self, _LOG_FIELDS)
+
+
+_LOG_FIELDS = tuple(f.name for f in fields(LogLine))
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +103,10 @@ class StepView:
     finished_at: datetime | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: _jsonable(value) for key, value in asdict(self).items()}
+        return _plain(self, _STEP_FIELDS)
+
+
+_STEP_FIELDS = tuple(f.name for f in fields(StepView))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +115,13 @@ class Page:
 
     items: list[RunView]
     next_cursor: str | None
+
+
+def _plain(view: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """A view's fields, JSON-ready. Field by field rather than dataclasses.asdict, which
+    deep-copies every params, result and fields dict on the way (most of a list page's cost);
+    the values are the caller's to read, not to change."""
+    return {name: _jsonable(getattr(view, name)) for name in names}
 
 
 def _jsonable(value: Any) -> Any:
