@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
@@ -61,7 +62,12 @@ def create_api(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(state.start)
         try:
-            yield
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(state.intake.run)
+                try:
+                    yield
+                finally:
+                    tasks.cancel_scope.cancel()
         finally:
             await run_in_threadpool(state.stop)
 

@@ -3,6 +3,7 @@ limits. Built without I/O in create_api; started and stopped by the app's lifesp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -10,10 +11,13 @@ import structlog
 from fastapi import Depends, Request
 from sqlalchemy import Engine
 
+from api.intake import WebhookIntake
+from domain.clock import utc_now
 from domain.crypto import secret_key_from
 from domain.ports import Catalog, Publisher
 from domain.settings import Settings
 from domain.unit_of_work import UnitOfWork
+from domain.webhook_batch import Delivery, Outcome, accept_batch
 
 if TYPE_CHECKING:
     from api.metrics import ApiMetrics
@@ -80,6 +84,7 @@ class ApiState:
         self.auth_disabled = auth_disabled
         self.options = options
         self.redis: Any = None  # redis.Redis when the broker is Redis
+        self.intake = WebhookIntake(self._accept_webhooks)
         self.head_revision: str | None = None
 
     @property
@@ -90,6 +95,17 @@ class ApiState:
 
     def uow(self) -> UnitOfWork:
         return UnitOfWork(self.engine)
+
+    def _accept_webhooks(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        return accept_batch(
+            self.uow,
+            batch,
+            secret_key=self.secret_key,
+            now=utc_now(),
+            tolerance_s=self.options.webhook_tolerance_s,
+            publisher=self.publisher,
+            catalog=self.catalog,
+        )
 
     def start(self) -> None:
         from api.publishing import FirstCallSerialized

@@ -14,8 +14,8 @@ from starlette.exceptions import HTTPException
 from api.errors import status_for
 from api.state import ApiState, State
 from domain import webhooks
-from domain.clock import utc_now
 from domain.errors import Conflict, ConveyorError, NotFound
+from domain.webhook_batch import Delivery
 from domain.webhooks import BadDelivery
 
 router = APIRouter(tags=["webhooks"])
@@ -61,29 +61,18 @@ async def deliver(state: State, request: Request, name: HookName) -> JSONRespons
     202 {"run_id"} for a new delivery; 200 with the same run_id for a repeated one."""
     headers = request.headers
     with _outcome(state) as outcome:
-        endpoint = await run_in_threadpool(
-            webhooks.endpoint, state.uow(), name, secret_key=state.secret_key
-        )
-        timestamp = webhooks.check_timestamp(
-            headers.get("x-conveyor-timestamp"),
-            now=utc_now(),
-            tolerance_s=state.options.webhook_tolerance_s,
-        )
-        delivery_id = webhooks.check_delivery_id(headers.get("x-conveyor-delivery"))
         # The body-limit middleware refuses an oversized body before or while it streams in.
         body = await request.body()
-        webhooks.check_signature(
-            endpoint.secret, timestamp, body, headers.get("x-conveyor-signature")
-        )
-        params = webhooks.parse_payload(body)
-        result = await run_in_threadpool(
-            webhooks.accept,
-            state.uow(),
-            endpoint.hook,
-            delivery_id,
-            params,
-            publisher=state.publisher,
-            catalog=state.catalog,
+        # Checked (endpoint, timestamp, delivery id, signature, JSON) and written in a batch
+        # with the deliveries that arrive meanwhile; answered after its transaction commits.
+        result = await state.intake.submit(
+            Delivery(
+                name=name,
+                timestamp=headers.get("x-conveyor-timestamp"),
+                delivery_id=headers.get("x-conveyor-delivery"),
+                signature=headers.get("x-conveyor-signature"),
+                body=body,
+            )
         )
         outcome[0] = "accepted" if result.created else "duplicate"
     return JSONResponse({"run_id": str(result.run.id)}, status_code=202 if result.created else 200)

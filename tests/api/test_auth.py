@@ -29,7 +29,6 @@ def test_missing_invalid_and_revoked_tokens_are_401(api: ApiClient) -> None:
         assert error_of(response)["type"] == "unauthorized"
 
 
-
 def test_a_token_revoked_elsewhere_is_refused_once_the_cache_entry_expires(
     api: ApiClient,
 ) -> None:
