@@ -30,6 +30,8 @@ def create_app(settings: Settings) -> Celery:
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
         worker_send_task_events=True,
+        # Task events published in batches rather than one Redis round trip per loop turn.
+        worker_consumer="worker.consumer:ConveyorConsumer",
         # The run row is the "sent" record; a task-sent event would double every publish.
         task_send_sent_event=False,
         task_default_queue=settings.default_queue,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import base64
+import json
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,3 +235,39 @@ def test_workers_register_and_say_when_they_stop(stack: Stack, client: Client) -
     alive = [r for r in rows() if not r["stopped"] and "default" in r["queues"]["names"]]
     assert alive and all(r["pid"] and r["hostname"] for r in alive)
     assert "celery" in alive[0]["queues"]["names"]  # the submit queue is consumed too
+
+
+def test_task_events_reach_monitors_complete_and_batched(stack: Stack, client: Client) -> None:
+    """Every run's received/started/succeeded events are published (Flower's feed), several
+    to a Redis message instead of one publish per event loop turn (worker/consumer.py)."""
+    pubsub = stack.redis.pubsub()
+    pubsub.psubscribe(f"/{REDIS_DB}.celeryev/task.*")
+    try:
+        pubsub.get_message(timeout=1)  # the subscribe confirmation
+        ids = [r.id for r in client.enqueue_many({"name": "noop"} for _ in range(60))]
+        eventually(lambda: statuses(client, ids) == {"succeeded": 60})
+        events: dict[str, set[str]] = {}  # celery task id -> event types
+        run_of: dict[str, str] = {}  # celery task id -> run id
+        messages = 0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.2)
+            if message is None or message["type"] != "pmessage":
+                continue
+            envelope = json.loads(message["data"])
+            body = json.loads(base64.b64decode(envelope["body"]))
+            batch = body if isinstance(body, list) else [body]
+            ours = False
+            for event in batch:
+                if event.get("type") == "task-received":
+                    run_of[event["uuid"]] = ast.literal_eval(event["args"])[0]
+                events.setdefault(event["uuid"], set()).add(event["type"])
+                ours = ours or event["uuid"] in run_of
+            messages += ours
+    finally:
+        pubsub.close()
+    by_run = {run_of[t]: types for t, types in events.items() if t in run_of}
+    assert set(by_run) >= {str(i) for i in ids}
+    for run_id in ids:
+        assert by_run[str(run_id)] >= {"task-received", "task-started", "task-succeeded"}
+    assert messages <= 60 * 3 / 4, f"{messages} messages for 180 events: not batched"
