@@ -8,6 +8,14 @@ actual spend in the same transaction as the run's cost entry.
 The bound, stated exactly: a project's recorded spend in a month never exceeds its limit by
 more than what runs spend beyond their own reservations. A task that reserves before each
 call and spends within its reservation can never push the project over the limit.
+
+Runs with nothing to check per call (no budget_usd or max_requests, a project without monthly
+limits when the run recorded its first cost, outside a reservation) do not come through
+`record()`: the worker's log writer batches their entries and `add_to_run` adds each batch to
+the run's totals and `add_usage` to the month, in the batch's transaction. Whether a run can
+be batched is decided once per attempt, at its first cost: a limit set after that is checked
+from the run's next attempt and in every run that records its first cost later; until then
+that attempt's spend is counted but not checked (so it adds to the bound above).
 """
 
 from __future__ import annotations

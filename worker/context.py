@@ -96,7 +96,8 @@ class TaskContext:
         self._planned: dict[str, int] = {}
         self._lock = threading.Lock()
         # Whether cost entries can be buffered: decided at the first cost, from the claim and
-        # the project's limits as they were then (a limit set mid-run applies from the next run).
+        # the project's limits as they were then (one query per attempt, not per call). A limit
+        # set later is checked from the next attempt, and in runs whose first cost comes later.
         self._buffer_costs: bool | None = None
         self._reserving = 0
 

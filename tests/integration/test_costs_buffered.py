@@ -342,3 +342,22 @@ def test_bad_names_and_request_counts_are_refused_before_anything_is_written(
     assert "usd: one entry must be under 1e9 USD" in errors["huge"]
     with h.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(cost_entries)).scalar_one() == 0
+
+
+def test_a_limit_set_mid_run_is_checked_from_the_next_run(h: Harness) -> None:
+    projects.add_project(h.engine, "late", now=utc_now())
+
+    @h.registry.task()
+    def spend(ctx, set_limit: bool) -> None:  # type: ignore[no-untyped-def]
+        ctx.cost(provider="p", model="m", tokens_in=600, usd="0.01")
+        if set_limit:
+            projects.set_limits(h.engine, "late", monthly_tokens=1_000, now=utc_now())
+        ctx.cost(provider="p", model="m", tokens_in=600, usd="0.01")
+
+    first = h.enqueue("spend", params={"set_limit": True}, project="late")
+    assert h.run(first) == "succeeded"  # decided at its first cost: no limit then
+    assert h.writer.stats["costs_written"] == 2
+    usage = projects.show_project(h.engine, "late", now=utc_now())
+    assert usage["tokens"] == 1_200  # counted all the same
+    with pytest.raises(costs.MonthlyLimitReached):
+        h.enqueue("spend", params={"set_limit": False}, project="late")
