@@ -123,6 +123,7 @@ def main() -> None:
         f"stored (target >= 50,000): {'met' if rate >= 50_000 else 'MISSED'}"
     )
     monitor.close()
+    executor.close()
     writer.close()
     engine.dispose()
 

@@ -16,11 +16,12 @@ cost rows left to write); everything else goes through `runstore` and SQLAlchemy
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -84,29 +85,54 @@ def supported(engine: Engine) -> bool:
 
 
 class PgRunStore:
-    """Claim and finish for one worker process, on connections of its engine's pool."""
+    """Claim and finish for one worker process.
+
+    Each thread that calls it (one in a prefork child, one per pool thread with `-P threads`)
+    gets a connection of its own, kept open in autocommit mode and outside the engine's pool:
+    the pool's checkout, reset and check-in cost more than the statements. A connection that
+    breaks is dropped and the next call opens a new one; the error reaches the caller as
+    SQLAlchemy's (OperationalError: retry later), as from any other database call.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        url = engine.url.set(drivername="postgresql")
+        self._conninfo = url.render_as_string(hide_password=False)
+        self._local = threading.local()
+        self._opened: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._opened:
+                conn.close()
+            self._opened.clear()
 
     @contextmanager
     def _autocommit(self) -> Iterator[psycopg.Connection[Any]]:
-        with self.engine.connect() as conn:
-            raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
-            raw.autocommit = True
-            try:
-                yield raw
-            except psycopg.Error as exc:
-                # Callers handle SQLAlchemy's errors (OperationalError means: retry later);
-                # a broken connection is dropped from the pool rather than handed out again.
-                if raw.closed or raw.broken:
-                    conn.invalidate()
-                raise DBAPIError.instance(
-                    "", None, exc, psycopg.Error, dialect=self.engine.dialect
-                ) from exc
-            finally:
-                if not raw.closed and not raw.broken:
-                    raw.autocommit = False
+        raw: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        try:
+            if raw is None or raw.closed:
+                raw = psycopg.connect(
+                    self._conninfo, autocommit=True, connect_timeout=5, application_name="conveyor"
+                )
+                self._local.conn = raw
+                with self._lock:
+                    self._opened.append(raw)
+            yield raw
+        except psycopg.Error as exc:
+            if raw is not None and (raw.closed or raw.broken):
+                self._drop(raw)
+            raise DBAPIError.instance(
+                "", None, exc, psycopg.Error, dialect=self.engine.dialect
+            ) from exc
+
+    def _drop(self, raw: psycopg.Connection[Any]) -> None:
+        raw.close()
+        self._local.conn = None
+        with self._lock:
+            if raw in self._opened:
+                self._opened.remove(raw)
 
     def claim(
         self, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float

@@ -180,6 +180,7 @@ def pipeline_harness(
         yield PipelineHarness(engine, writer, executor, runner, root)
     finally:
         monitor.close()
+        executor.close()
         # Wait for the monitor's last heartbeat: a connection it still holds when the engine
         # is disposed would be left open (a ResourceWarning, so an error, later).
         thread = getattr(monitor, "_thread", None)

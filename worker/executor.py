@@ -120,6 +120,10 @@ class Executor:
         finally:
             self.writer.end_run(run_id)
 
+    def close(self) -> None:
+        if self.fast is not None:
+            self.fast.close()
+
     def _target(self, claim: Claim) -> tuple[Callable[[TaskContext], Any], RetryPolicy]:
         """What to call for this run: a registered task, or the pipeline runner."""
         if claim.kind == "pipeline":

@@ -97,6 +97,7 @@ class WorkerRuntime:
     def close(self) -> None:
         self.registration.stop()
         self.monitor.close()
+        self.executor.close()
         try:
             self.writer.close()  # raises if the last lines cannot be written; still dispose
         finally:

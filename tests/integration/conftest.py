@@ -78,4 +78,5 @@ def h(engine: Engine, request: pytest.FixtureRequest) -> Iterator[Harness]:
     holder.append(executor)
     yield Harness(engine, registry, executor, writer)
     monitor.close()
+    executor.close()
     writer.close()

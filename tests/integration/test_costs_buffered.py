@@ -91,6 +91,7 @@ def slow_flush(engine: Engine) -> Iterator[Harness]:
     holder.append(executor)
     yield Harness(engine, registry, executor, writer)
     monitor.close()
+    executor.close()
     writer.close()
 
 

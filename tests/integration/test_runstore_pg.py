@@ -10,7 +10,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import OperationalError
 
 from domain import runstore, services
 from domain.clock import utc_now
@@ -26,6 +27,13 @@ def pg(pg_url: str) -> Iterator[Engine]:
     engine = create_db_engine(pg_url, pool_size=2, pre_ping=False)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def store(pg: Engine) -> Iterator[PgRunStore]:
+    hot = PgRunStore(pg)
+    yield hot
+    hot.close()
 
 
 def _enqueue(engine: Engine, **fields: Any) -> uuid.UUID:
@@ -46,8 +54,7 @@ def _line(run_id: uuid.UUID, seq: int, attempt: int, message: str, fields: Any) 
     }
 
 
-def test_claim_matches_the_general_path_and_is_taken_once(pg: Engine) -> None:
-    store = PgRunStore(pg)
+def test_claim_matches_the_general_path_and_is_taken_once(pg: Engine, store: PgRunStore) -> None:
     fields = {"params": {"a": 1}, "budget_usd": "1.25", "max_requests": 3, "priority": 7}
     fast_id, general_id = _enqueue(pg, **fields), _enqueue(pg, **fields)
     now = utc_now()
@@ -69,13 +76,12 @@ def test_claim_matches_the_general_path_and_is_taken_once(pg: Engine) -> None:
     assert row["lease_expires_at"] == now + timedelta(seconds=30)
 
 
-def test_claim_leaves_a_deferred_run_alone(pg: Engine) -> None:
+def test_claim_leaves_a_deferred_run_alone(pg: Engine, store: PgRunStore) -> None:
     run_id = _enqueue(pg, delay_s=60)
-    assert PgRunStore(pg).claim(run_id, owner="w1", now=utc_now(), lease_s=30) is None
+    assert store.claim(run_id, owner="w1", now=utc_now(), lease_s=30) is None
 
 
-def test_finish_writes_state_and_lines_in_one_statement(pg: Engine) -> None:
-    store = PgRunStore(pg)
+def test_finish_writes_state_and_lines_in_one_statement(pg: Engine, store: PgRunStore) -> None:
     run_id = _enqueue(pg)
     claim = store.claim(run_id, owner="w1", now=utc_now(), lease_s=30)
     assert claim is not None
@@ -116,8 +122,7 @@ def test_finish_writes_state_and_lines_in_one_statement(pg: Engine) -> None:
     ]
 
 
-def test_finish_with_no_lines_and_a_result(pg: Engine) -> None:
-    store = PgRunStore(pg)
+def test_finish_with_no_lines_and_a_result(pg: Engine, store: PgRunStore) -> None:
     run_id = _enqueue(pg)
     assert store.claim(run_id, owner="w1", now=utc_now(), lease_s=30) is not None
     assert store.finish(
@@ -134,9 +139,10 @@ def test_finish_with_no_lines_and_a_result(pg: Engine) -> None:
     assert services.get_run(UnitOfWork(pg), run_id).result == {"rows": [1, 2]}
 
 
-def test_a_stale_attempt_cannot_finish_but_its_lines_are_kept(pg: Engine) -> None:
+def test_a_stale_attempt_cannot_finish_but_its_lines_are_kept(
+    pg: Engine, store: PgRunStore
+) -> None:
     """Fenced by attempt like runstore.finish; the lost attempt's lines stay, labelled."""
-    store = PgRunStore(pg)
     run_id = _enqueue(pg, max_attempts=2)
     first = store.claim(run_id, owner="w1", now=utc_now(), lease_s=30)
     assert first is not None
@@ -165,13 +171,22 @@ def test_a_stale_attempt_cannot_finish_but_its_lines_are_kept(pg: Engine) -> Non
     assert [tuple(r) for r in kept] == [(1, "from attempt 1")]
 
 
-def test_connections_go_back_to_the_pool_in_transaction_mode(pg: Engine) -> None:
-    """The hot path borrows pooled connections in autocommit; the next borrower must get a
-    normal transactional connection (a rollback there really rolls back)."""
-    store = PgRunStore(pg)
-    run_id = _enqueue(pg)
-    assert store.claim(run_id, owner="w1", now=utc_now(), lease_s=30) is not None
-    with pg.connect() as conn:
-        conn.execute(runs.update().where(runs.c.id == run_id).values(error="not kept"))
-        conn.rollback()
-    assert services.get_run(UnitOfWork(pg), run_id).error is None
+def test_a_broken_connection_is_an_operational_error_then_replaced(
+    pg: Engine, store: PgRunStore
+) -> None:
+    """The hot path keeps its own connection; when the server drops it, the caller sees the
+    OperationalError it retries on, and the next call works on a new connection."""
+    first, second = _enqueue(pg), _enqueue(pg)
+    assert store.claim(first, owner="w1", now=utc_now(), lease_s=30) is not None
+    with pg.begin() as conn:
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND application_name = 'conveyor' AND query LIKE '%UPDATE runs%'"
+            )
+        )
+    with pytest.raises(OperationalError):
+        store.claim(second, owner="w1", now=utc_now(), lease_s=30)
+    claim = store.claim(second, owner="w1", now=utc_now(), lease_s=30)
+    assert claim is not None and claim.run_id == second
