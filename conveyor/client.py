@@ -17,7 +17,7 @@ from domain.db import create_db_engine
 from domain.errors import InvalidInput, WaitTimeout
 from domain.ports import Catalog, Publisher
 from domain.repository import RunFilter
-from domain.requests import build_request, parse_duration
+from domain.requests import build_request, build_requests, parse_duration
 from domain.settings import Settings, get_settings
 from domain.states import TERMINAL
 from domain.unit_of_work import UnitOfWork
@@ -166,45 +166,43 @@ class Client:
         Example: `client.enqueue_many({"name": "resize", "params": {"id": i}} for i in ids)`.
         All items are validated first: one bad item refuses the whole batch, naming its index.
         """
-        requests = []
+        loose = []
         for index, item in enumerate(items):
             fields = dict(item)
+            if "name" not in fields:
+                raise InvalidInput(f"items[{index}].name: missing", field="name")
             try:
-                name = fields.pop("name")
-            except KeyError:
-                raise InvalidInput(f"items[{index}].name: missing", field="name") from None
-            params = fields.pop("params", None)
-            try:
-                requests.append(self._request(name, params, **fields))
+                loose.append(self._fields(**fields))
             except InvalidInput as exc:
                 raise InvalidInput(f"items[{index}].{exc}", field=exc.field) from None
+        requests = build_requests(loose)  # one validation pass for the whole batch
         results = services.enqueue_many(
             self.uow(), requests, publisher=self.publisher, catalog=self.catalog
         )
         return [r.run for r in results]
 
-    def _request(
+    def _request(self, name: str, params: Mapping[str, Any] | None, **fields: Any) -> Any:
+        return build_request(**self._fields(name=name, params=params, **fields))
+
+    def _fields(
         self,
-        name: str,
-        params: Mapping[str, Any] | None,
         *,
+        params: Mapping[str, Any] | None = None,
         delay: Any = None,
         timeout: float | None = None,
         project: str | None = None,
         **fields: Any,
-    ) -> Any:
+    ) -> dict[str, Any]:
+        """enqueue()'s arguments as EnqueueRequest fields (not validated yet)."""
         if delay is not None:
             fields["delay_s"] = parse_duration(delay, field="delay").total_seconds()
         if timeout is not None:
             fields["timeout_s"] = timeout
         fields.setdefault("triggered_by", self.triggered_by)
         clean = {k: v for k, v in fields.items() if v is not None}
-        return build_request(
-            name=name,
-            params=dict(params) if isinstance(params, Mapping) else params,
-            project=project or self.settings.default_project,
-            **clean,
-        )
+        clean["params"] = dict(params) if isinstance(params, Mapping) else params
+        clean["project"] = project or self.settings.default_project
+        return clean
 
     # -- reading ----------------------------------------------------------------------------
     def get(self, run_id: str | uuid.UUID) -> RunView:

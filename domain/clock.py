@@ -41,19 +41,26 @@ def uuid7() -> uuid.UUID:
     millisecond increments the previous id), so a listing's tie-break follows creation order.
     Randomness is drawn from the OS in blocks (one syscall per 4096 ids, not one per id).
     """
+    return uuid7_many(1)[0]
+
+
+def uuid7_many(n: int) -> list[uuid.UUID]:
+    """`n` ids as uuid7() makes them, in increasing order, for one clock read and one lock."""
     global _last, _pool, _pool_at
     ms = time.time_ns() // 1_000_000
+    head = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | 0b10 << 62  # time, version, variant
+    ids = []
     with _lock:
-        if _pool_at + 10 > len(_pool):
-            _pool, _pool_at = os.urandom(_POOL_BYTES), 0
-        rand = int.from_bytes(_pool[_pool_at : _pool_at + 10], "big")
-        _pool_at += 10
-        value = (ms & ((1 << 48) - 1)) << 80
-        value |= 0x7 << 76  # version
-        value |= ((rand >> 68) & 0xFFF) << 64  # 12 random bits (rand_a)
-        value |= 0b10 << 62  # variant
-        value |= rand & ((1 << 62) - 1)  # 62 random bits (rand_b)
-        if value <= _last:
-            value = _last + 1
-        _last = value
-    return uuid.UUID(int=value)
+        last = _last
+        for _ in range(n):
+            if _pool_at + 10 > len(_pool):
+                _pool, _pool_at = os.urandom(_POOL_BYTES), 0
+            rand = int.from_bytes(_pool[_pool_at : _pool_at + 10], "big")
+            _pool_at += 10
+            value = head | ((rand >> 68) & 0xFFF) << 64 | rand & ((1 << 62) - 1)
+            if value <= last:
+                value = last + 1
+            last = value
+            ids.append(uuid.UUID(int=value))
+        _last = last
+    return ids

@@ -9,7 +9,15 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from domain.errors import InvalidInput
 from domain.states import TRIGGERS
@@ -112,10 +120,23 @@ def build_request(**fields: Any) -> EnqueueRequest:
         raise invalid_from(exc) from None
 
 
-def invalid_from(exc: ValidationError, *, prefix: str = "") -> InvalidInput:
+_BATCH = TypeAdapter(list[EnqueueRequest])
+
+
+def build_requests(items: list[dict[str, Any]]) -> list[EnqueueRequest]:
+    """Many EnqueueRequests validated in one pass (pydantic's loop, not ours); the first
+    problem is an InvalidInput naming the item and its field: `items[3].priority: ...`."""
+    try:
+        return _BATCH.validate_python(items)
+    except ValidationError as exc:
+        index = exc.errors()[0]["loc"][0]
+        raise invalid_from(exc, prefix=f"items[{index}].", skip=1) from None
+
+
+def invalid_from(exc: ValidationError, *, prefix: str = "", skip: int = 0) -> InvalidInput:
     """Translate pydantic's first error into an InvalidInput that names the field."""
     err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or None
+    field = ".".join(str(p) for p in err["loc"][skip:]) or None
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown field"

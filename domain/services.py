@@ -12,7 +12,7 @@ import structlog
 from sqlalchemy.exc import IntegrityError
 
 from domain import audit, costs
-from domain.clock import uuid7
+from domain.clock import uuid7, uuid7_many
 from domain.errors import BrokerUnavailable, Conflict, InvalidInput, InvalidTransition
 from domain.ports import Catalog, Dispatch, OpenCatalog, Publisher
 from domain.repository import RunFilter
@@ -32,13 +32,19 @@ class Enqueued:
     created: bool  # False: the idempotency key named an existing run
 
 
-def _row(req: EnqueueRequest, catalog: Catalog, now: datetime, publish_now: bool) -> dict[str, Any]:
+def _row(
+    req: EnqueueRequest,
+    catalog: Catalog,
+    now: datetime,
+    publish_now: bool,
+    run_id: uuid.UUID | None = None,
+) -> dict[str, Any]:
     """The run's row. `publish_now`: it is delivered right after commit (by the publisher, or
     inline by the caller), so the relay leaves it alone for the grace period."""
     defaults, params = catalog.resolve(req.name, req.params)
     due = req.due_at(now)
     return {
-        "id": uuid7(),
+        "id": run_id or uuid7(),
         "project": req.project,
         "kind": defaults.kind if req.kind == "task" else req.kind,
         "name": req.name,
@@ -125,7 +131,11 @@ def enqueue_many(
         return []
     catalog = catalog or OpenCatalog()
     now = uow.clock()
-    rows = [_row(req, catalog, now, publisher is not None or inline) for req in reqs]
+    publish_now = publisher is not None or inline
+    ids = uuid7_many(len(reqs))
+    rows = [
+        _row(req, catalog, now, publish_now, run_id) for req, run_id in zip(reqs, ids, strict=True)
+    ]
     if after is not None:
         from domain.chains import hold_after
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.clock import uuid7
+from domain.clock import uuid7, uuid7_many
 from domain.errors import InvalidInput
 from domain.repository import RunFilter, decode_cursor, encode_cursor
 
@@ -25,6 +25,18 @@ def test_uuid7_is_version_7_and_time_ordered() -> None:
     assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
     assert ids == sorted(ids)
     assert len({uuid7() for _ in range(10_000)}) == 10_000
+
+
+def test_uuid7_many_continues_the_same_strictly_increasing_sequence() -> None:
+    before = uuid7()
+    batch = uuid7_many(5000)  # far more than one millisecond's worth of ties
+    after = uuid7()
+    assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in batch)
+    assert [before, *batch, after] == sorted({before, *batch, after})
+    assert len(set(batch)) == 5000
+    # The first 48 bits are the Unix time in ms (a tie increments the random part, not time).
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    assert 0 <= now_ms - (batch[0].int >> 80) < 5000
 
 
 @given(

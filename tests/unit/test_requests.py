@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conveyor.cli.params import parse_params
 from domain.errors import InvalidInput
-from domain.requests import build_request, parse_duration
+from domain.requests import build_request, build_requests, parse_duration
 
 
 @pytest.mark.parametrize(
@@ -107,3 +107,17 @@ def test_cli_params_errors(pairs: list[str], raw: str | None, fragment: str) -> 
 @given(st.dictionaries(st.text(min_size=1, max_size=10), st.integers() | st.text(max_size=20)))
 def test_any_json_object_is_accepted_unchanged(params: dict[str, Any]) -> None:
     assert build_request(name="x", params=params).params == params
+
+
+def test_a_batch_is_validated_in_one_pass_and_an_error_names_the_item() -> None:
+    items = [{"name": "a", "params": {"i": i}} for i in range(5)]
+    requests = build_requests(items)
+    assert [r.params["i"] for r in requests] == [0, 1, 2, 3, 4]
+    assert all(r.project == "default" for r in requests)
+    items[3]["priority"] = 12
+    with pytest.raises(InvalidInput) as bad:
+        build_requests(items)
+    assert str(bad.value).startswith("items[3].priority: Input should be less than or equal to 9")
+    assert bad.value.field == "priority"
+    with pytest.raises(InvalidInput, match=r"^items\[1\]\.params: must be a JSON object"):
+        build_requests([{"name": "a"}, {"name": "b", "params": [1]}])

@@ -1,0 +1,57 @@
+"""Client.enqueue_many: a batch is validated as a whole before anything is written."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from conveyor import Client
+from domain.errors import InvalidInput
+from domain.models import runs
+from domain.settings import load_settings
+from tests.fakes import FakePublisher
+
+
+def _count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(runs)).scalar_one())
+
+
+def test_enqueue_many_writes_every_item_with_its_options(engine: Engine, db_url: str) -> None:
+    publisher = FakePublisher()
+    client = Client(load_settings(database_url=db_url), engine=engine, publisher=publisher)
+    views = client.enqueue_many(
+        [
+            {"name": "a", "params": {"i": 1}},
+            {"name": "b", "delay": "1h", "priority": 9, "idempotency_key": "k1"},
+            {"name": "c", "params": None, "timeout": 2.5, "project": "default"},
+        ]
+    )
+    assert [(v.name, v.params, v.priority) for v in views] == [
+        ("a", {"i": 1}, 5),
+        ("b", {}, 9),
+        ("c", {}, 5),
+    ]
+    assert views[1].not_before > views[0].not_before
+    assert views[2].timeout_s == 2.5
+    assert all(v.triggered_by == "client" for v in views)
+    assert sorted(d.name for batch in publisher.batches for d in batch) == ["a", "c"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"params": {"i": 1}}, r"^items\[2\]\.name: missing"),
+        ({"name": "x", "priority": 10}, r"^items\[2\]\.priority: Input should be less than"),
+        ({"name": "x", "delay": "soon"}, r"^items\[2\]\.delay: 'soon' is not a duration"),
+        ({"name": "x", "colour": "red"}, r"^items\[2\]\.colour: unknown field"),
+    ],
+)
+def test_one_bad_item_refuses_the_batch_naming_it(
+    engine: Engine, db_url: str, bad: dict[str, object], message: str
+) -> None:
+    client = Client(load_settings(database_url=db_url), engine=engine, publisher=FakePublisher())
+    items = [{"name": "ok", "params": {"i": 0}}, {"name": "ok"}, bad, {"name": "ok"}]
+    with pytest.raises(InvalidInput, match=message):
+        client.enqueue_many(items)
+    assert _count(engine) == 0
