@@ -149,4 +149,10 @@ def get_state(request: Request) -> ApiState:
     return state
 
 
-State = Annotated[ApiState, Depends(get_state)]
+async def _state(request: Request) -> ApiState:
+    # async on purpose: FastAPI runs a plain-def dependency in the threadpool, which cost
+    # every request a thread round trip just to read an attribute.
+    return get_state(request)
+
+
+State = Annotated[ApiState, Depends(_state)]
