@@ -346,18 +346,35 @@ def add_to_run(
 
 
 def record(
-    conn: Connection, run_id: uuid.UUID, attempt: int, project: str, entry: dict[str, Any]
+    conn: Connection,
+    run_id: uuid.UUID,
+    attempt: int,
+    project: str,
+    entry: dict[str, Any],
+    *,
+    reservation_id: int | None = None,
 ) -> tuple[runstore.Totals, str | None]:
     """The cost entry, the run's totals and the project's month, in the caller's transaction.
-    Returns the run's totals and, when the project is now over a limit, why."""
+    Returns the run's totals and, when the project is now over a limit, why.
+
+    Spent inside `reserve()` (`reservation_id`), the entry settles that much of the reservation
+    in the same statement that adds the spend: the month never counts the same money as both
+    spent and reserved, so a concurrent reservation is judged on what is really committed.
+    """
     totals = runstore.record_cost(conn, run_id, attempt, entry=entry)
     month = month_of(entry["ts"])
+    usd, tokens = Decimal(entry["cost_usd"]), entry["tokens_in"] + entry["tokens_out"]
+    settled_usd, settled_tokens = (
+        _settle(conn, reservation_id, usd, tokens) if reservation_id is not None else (ZERO, 0)
+    )
     row = add_usage(
         conn,
         project,
         month,
-        usd=Decimal(entry["cost_usd"]),
-        tokens=entry["tokens_in"] + entry["tokens_out"],
+        usd=usd,
+        tokens=tokens,
+        reserve_usd=-settled_usd,
+        reserve_tokens=-settled_tokens,
     )
     limits = limits_of(conn, project)
     over = None
@@ -422,8 +439,28 @@ def reserve(
     return int(inserted)
 
 
+def _settle(
+    conn: Connection, reservation_id: int, usd: Decimal, tokens: int
+) -> tuple[Decimal, int]:
+    """Take up to (usd, tokens) off an open reservation; returns how much was taken."""
+    held = conn.execute(
+        select(reservations.c.usd, reservations.c.tokens)
+        .where(reservations.c.id == reservation_id, reservations.c.settled_at.is_(None))
+        .with_for_update()
+    ).first()
+    if held is None:
+        return ZERO, 0
+    take_usd, take_tokens = min(Decimal(held.usd), usd), min(int(held.tokens), tokens)
+    conn.execute(
+        update(reservations)
+        .where(reservations.c.id == reservation_id)
+        .values(usd=Decimal(held.usd) - take_usd, tokens=int(held.tokens) - take_tokens)
+    )
+    return take_usd, take_tokens
+
+
 def release(engine: Engine, reservation_id: int, *, now: datetime) -> None:
-    """Give the headroom back (the actual spend was recorded by `record`)."""
+    """Give back what is left of the headroom (`record` settled what was spent inside it)."""
     with engine.begin() as conn:
         row = conn.execute(
             update(reservations)

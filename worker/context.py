@@ -100,6 +100,7 @@ class TaskContext:
         # set later is checked from the next attempt, and in runs whose first cost comes later.
         self._buffer_costs: bool | None = None
         self._reserving = 0
+        self._reservations: list[int] = []  # open ctx.reserve() blocks, innermost last
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -265,7 +266,12 @@ class TaskContext:
         }
         with self._engine.begin() as conn:
             totals, project_over = costs.record(
-                conn, self.run_id, self.attempt, self.project, entry
+                conn,
+                self.run_id,
+                self.attempt,
+                self.project,
+                entry,
+                reservation_id=self._reservations[-1] if self._reservations else None,
             )
         if totals.budget_usd is not None and Decimal(totals.cost_usd) > Decimal(totals.budget_usd):
             over = Decimal(totals.cost_usd) - Decimal(totals.budget_usd)
@@ -303,9 +309,11 @@ class TaskContext:
                 tokens=costs.as_tokens(tokens, field="tokens"),
                 now=self._clock(),
             )
+            self._reservations.append(reservation)  # costs inside the block settle it
             try:
                 yield
             finally:
+                self._reservations.remove(reservation)
                 costs.release(self._engine, reservation, now=self._clock())
         finally:
             with self._lock:

@@ -136,6 +136,39 @@ def test_twenty_runs_racing_never_exceed_the_monthly_limit(h: Harness) -> None:
     assert (usage["spent_usd"], usage["reserved_usd"], usage["tokens"]) == ("1", "0", 10_000)
 
 
+def test_spend_inside_a_reservation_settles_it_at_once(h: Harness) -> None:
+    """Money spent inside reserve() stops counting as reserved in the same transaction, so a
+    run reserving meanwhile is judged on what is really committed (was: counted twice)."""
+    projects.add_project(h.engine, "settle", monthly_cost_usd="1.00", now=utc_now())
+    spent, go_on = threading.Event(), threading.Event()
+
+    @h.registry.task()
+    def first(ctx) -> None:  # type: ignore[no-untyped-def]
+        with ctx.reserve(usd="0.30", tokens=100):
+            ctx.cost(provider="p", model="m", tokens_in=40, tokens_out=20, usd="0.10")
+            spent.set()
+            go_on.wait(10)
+
+    @h.registry.task()
+    def second(ctx) -> None:  # type: ignore[no-untyped-def]
+        with ctx.reserve(usd="0.70"):  # 0.10 spent + 0.20 still held + 0.70 = the limit
+            ctx.cost(provider="p", model="m", tokens_in=1, tokens_out=1, usd="0.70")
+
+    a = h.enqueue("first", project="settle")
+    outcome: list[str] = []
+    runner = threading.Thread(target=lambda: outcome.append(h.run(a)))
+    runner.start()
+    assert spent.wait(10)
+    usage = projects.show_project(h.engine, "settle", now=utc_now())
+    assert (usage["spent_usd"], usage["reserved_usd"]) == ("0.1", "0.2")
+    assert h.run(h.enqueue("second", project="settle")) == "succeeded"
+    go_on.set()
+    runner.join(10)
+    assert outcome == ["succeeded"]
+    usage = projects.show_project(h.engine, "settle", now=utc_now())
+    assert (usage["spent_usd"], usage["reserved_usd"], usage["tokens"]) == ("0.8", "0", 62)
+
+
 def test_reports_sum_exactly_to_the_ledger(h: Harness) -> None:
     @h.registry.task()
     def many(ctx, n: int) -> None:  # type: ignore[no-untyped-def]
