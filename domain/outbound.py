@@ -271,6 +271,8 @@ class Result:
 
     status_code: int | None = None
     error: str | None = None
+    #: Trying again cannot help (the address is refused): give up at once.
+    permanent: bool = False
 
     @property
     def ok(self) -> bool:
@@ -306,7 +308,8 @@ def record(
         delay = policy.delay(attempts)
         next_at = now + timedelta(seconds=delay)
         values["last_error"] = error
-        if next_at > due.created_at + timedelta(seconds=policy.deadline_s) or item.run is None:
+        late = next_at > due.created_at + timedelta(seconds=policy.deadline_s)
+        if late or item.run is None or result.permanent:
             outcome, level = "gave_up", "error"
             values["gave_up_at"] = now
             message = f"{where} failed: {error} (attempt {attempts}); giving up"

@@ -128,6 +128,14 @@ class Settings(BaseSettings):
     outbound_timeout_s: float = Field(
         5.0, gt=0, le=60, description="Timeout of one callback or notification POST."
     )
+    outbound_allow_private: bool = Field(
+        False,
+        description=(
+            "Let callbacks and notifications go to loopback, private, link-local and other "
+            "non-public addresses. Off by default: whoever may enqueue chooses a run's "
+            "callback_url, and it must not reach a metadata service or an internal admin port."
+        ),
+    )
     outbound_backoff_s: float = Field(
         2.0, gt=0, description="Delay before the first retry; it doubles with each attempt."
     )

@@ -7,6 +7,8 @@ at-least-once: a receiver dedupes on X-Conveyor-Delivery ("{run_id}:{attempt}").
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -41,6 +43,30 @@ class PassReport:
     gave_up: int = 0
 
 
+def non_public_address(url: str) -> str | None:
+    """Why `url` must not be posted to (its host resolves to a non-public address), or None.
+
+    Checked before each attempt. A name that does not resolve now is left to the POST, which
+    fails and is retried like any other network error. (A DNS answer that changes between this
+    check and the connection is not caught; receivers on internal networks should not rely on
+    this alone.)
+    """
+    host = httpx.URL(url).host
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        return None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        mapped = getattr(address, "ipv4_mapped", None)
+        if not (mapped or address).is_global:
+            return (
+                f"refused: {host} resolves to {address}, which is not a public address "
+                "(set CONVEYOR_OUTBOUND_ALLOW_PRIVATE=true to allow internal receivers)"
+            )
+    return None
+
+
 class OutboundSweeper:
     """`tick()` from the leader's loop starts a pass in the background at most every
     `interval_s`, and never two at once; `run_once()` is the pass itself (tests call it)."""
@@ -60,6 +86,7 @@ class OutboundSweeper:
         self.clock = clock
         self.policy = outbound.OutboundPolicy.from_settings(settings)
         self.timeout_s = settings.outbound_timeout_s
+        self.allow_private = settings.outbound_allow_private
         self.secret_key = secret_key if secret_key is not None else secret_key_from(settings)
         self.interval_s = interval_s
         self.concurrency = concurrency
@@ -127,6 +154,10 @@ class OutboundSweeper:
     def _send(self, client: httpx.Client, item: outbound.Outgoing) -> outbound.Result:
         if item.problem is not None:
             return outbound.Result(error=item.problem)
+        if not self.allow_private:
+            refused = non_public_address(item.due.url)
+            if refused is not None:
+                return outbound.Result(error=refused, permanent=True)
         timestamp = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",

@@ -181,6 +181,7 @@ def test_each_service_command_runs_natively_and_they_work_together(
         "CONVEYOR_SECRET_KEY": Fernet.generate_key().decode(),
         "CONVEYOR_TASK_MODULES": "tests.e2e.worker_tasks",
         "CONVEYOR_RELAY_INTERVAL_S": "0.2",
+        "CONVEYOR_OUTBOUND_ALLOW_PRIVATE": "true",  # the callback receiver is on 127.0.0.1
         "PYTHONPATH": str(ROOT),
     }
     redis.Redis.from_url(broker).flushdb()

@@ -25,7 +25,7 @@ from domain.ports import OpenCatalog
 from domain.requests import build_request
 from domain.settings import Settings, load_settings
 from domain.unit_of_work import UnitOfWork
-from scheduler.deliveries import OutboundSweeper, PassReport
+from scheduler.deliveries import OutboundSweeper, PassReport, non_public_address
 from scheduler.service import SchedulerService
 from tests.fakes import FakeClock, FakePublisher
 from tests.http_receiver import Receiver, free_port
@@ -42,6 +42,7 @@ def settings(db_url: str) -> Settings:
         outbound_backoff_max_s=60,
         outbound_deadline_s=300,
         outbound_timeout_s=2,
+        outbound_allow_private=True,  # the receivers here listen on 127.0.0.1
     )
 
 
@@ -371,3 +372,36 @@ def _eventually(check: Any, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(0.05)
+
+
+def test_internal_addresses_are_refused_unless_allowed(
+    engine: Engine, clock: FakeClock, settings: Settings, receiver: Receiver
+) -> None:
+    """A callback_url pointing inside the network (loopback here; the same for 10/8,
+    169.254.169.254, ::1 ...) is refused without a request and given up at once."""
+    strict = OutboundSweeper(
+        engine, settings.model_copy(update={"outbound_allow_private": False}), clock=clock
+    )
+    run_id = finished_run(engine, clock, callback_url=receiver.url)
+    assert strict.run_once().gave_up == 1
+    assert receiver.posts() == []
+    [event] = events(engine, run_id)
+    assert "127.0.0.1, which is not a public address" in event["message"]
+    assert "CONVEYOR_OUTBOUND_ALLOW_PRIVATE" in event["message"]
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("http://127.0.0.1:8080/x", True),
+        ("http://localhost/x", True),
+        ("http://10.1.2.3/x", True),
+        ("http://169.254.169.254/latest/meta-data", True),
+        ("http://[::1]/x", True),
+        ("http://[::ffff:192.168.0.1]/x", True),
+        ("https://93.184.215.14/hook", False),
+        ("https://no-such-host.invalid/hook", False),  # left to the POST (retried)
+    ],
+)
+def test_non_public_address(url: str, refused: bool) -> None:
+    assert (non_public_address(url) is not None) is refused
