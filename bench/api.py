@@ -12,7 +12,10 @@ Method (what makes the figures honest):
   measurement; the runs the worker finished in each phase are counted from the database and
   printed, so "while workers run 200 tasks/s" is a measured fact rather than an assumption;
 - webhooks: --concurrency senders, each a new signed delivery after the previous answer;
-  accepted = 202s per second.
+  accepted = 202s per second;
+- the load generator shares the 2 cores with what it measures, so by default it uses a
+  minimal HTTP/1.1 client (bench/http1.py) instead of httpx, which cost as much CPU per
+  request as the API itself; `--client httpx` measures with httpx.
 
 Targets (issue 7): p99 <= 50 ms for reads at 200 requests/s, >= 500 accepted webhooks/s.
 Run: `python -m bench.api [--seconds 10] [--rate 200] [--task-rate 200] [--concurrency 16]`.
@@ -53,79 +56,106 @@ from bench.common import (
     process_tree,
     wait_for,
 )
+from bench.http1 import Pool, TransportError
 
 LIST = "/api/v1/runs"
 PHASE = "phase:"
 DETAIL_RUNS = 50
 
 
+class _Httpx:
+    """httpx behind the Pool's interface (--client httpx), to compare with the light one."""
+
+    def __init__(self, port: int, size: int) -> None:
+        limits = httpx.Limits(max_connections=size)
+        self.http = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=30
+        )
+
+    async def request(
+        self, method: str, path: str, headers: dict[str, str], body: bytes = b""
+    ) -> int:
+        try:
+            reply = await self.http.request(method, path, headers=headers, content=body)
+        except httpx.HTTPError as exc:
+            raise OSError(str(exc)) from exc
+        return reply.status_code
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+def _client(kind: str, port: int, size: int) -> Pool | _Httpx:
+    return Pool("127.0.0.1", port, size) if kind == "raw" else _Httpx(port, size)
+
+
 async def _steady(
-    base: str, token: str, paths: list[str], rate: float, seconds: float
+    args: argparse.Namespace, paths: list[str], rate: float, seconds: float
 ) -> dict[str, list[float]]:
     """Open loop: one request every 1/rate s whatever the answers; latencies in ms by path
     kind ("detail" for a run's detail), failures counted under "errors" (a failed request has
     no latency to report, and must not vanish either)."""
     latencies: dict[str, list[float]] = {"errors": []}
-    headers = {"Authorization": f"Bearer {token}"}
-    limits = httpx.Limits(max_connections=64)
-    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=30) as http:
+    headers = {"Authorization": f"Bearer {args.token}"}
+    http = _client(args.client, int(args.port), 64)
 
-        async def one(path: str) -> None:
-            started = time.perf_counter()  # the request's due time: client queueing counts
-            try:
-                reply = await http.get(path)
-                reply.raise_for_status()
-            except httpx.HTTPError:
-                latencies["errors"].append(time.perf_counter() - started)
-                return
-            kind = "detail" if path.startswith(LIST + "/") else path
-            latencies.setdefault(kind, []).append((time.perf_counter() - started) * 1000)
+    async def one(path: str) -> None:
+        started = time.perf_counter()  # the request's due time: client queueing counts
+        try:
+            status = await http.request("GET", path, headers)
+        except TransportError:
+            status = 0
+        if not 200 <= status < 300:
+            latencies["errors"].append(time.perf_counter() - started)
+            return
+        kind = "detail" if path.startswith(LIST + "/") else path
+        latencies.setdefault(kind, []).append((time.perf_counter() - started) * 1000)
 
-        tasks = []
-        start = time.perf_counter()
-        for n in range(int(rate * seconds)):
-            await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(paths[n % len(paths)])))
-        await asyncio.gather(*tasks)
+    tasks = []
+    start = time.perf_counter()
+    for n in range(int(rate * seconds)):
+        await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(paths[n % len(paths)])))
+    await asyncio.gather(*tasks)
+    await http.aclose()
     return latencies
 
 
-async def _webhooks(base: str, secret: str, seconds: float, concurrency: int) -> tuple[int, float]:
+async def _webhooks(args: argparse.Namespace) -> tuple[int, float]:
+    """--concurrency senders, each sending a new signed delivery once it has its answer."""
     from domain.webhooks import signature
 
     accepted = 0
     counter = iter(range(10**9))
-    deadline = time.perf_counter() + seconds
-    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+    deadline = time.perf_counter() + args.seconds
+    http = _client(args.client, int(args.port), args.concurrency)
 
-        async def sender() -> None:
-            nonlocal accepted
-            while time.perf_counter() < deadline:
-                n = next(counter)
-                body = json.dumps({"i": n}).encode()
-                stamp = str(int(time.time()))
-                reply = await http.post(
-                    "/hooks/bench",
-                    content=body,
-                    headers={
-                        "X-Conveyor-Signature": signature(secret, stamp, body),
-                        "X-Conveyor-Timestamp": stamp,
-                        "X-Conveyor-Delivery": f"d-{n}",
-                        "Content-Type": "application/json",
-                    },
-                )
-                if reply.status_code == 202:
+    async def sender() -> None:
+        nonlocal accepted
+        while time.perf_counter() < deadline:
+            n = next(counter)
+            body = json.dumps({"i": n}).encode()
+            stamp = str(int(time.time()))
+            headers = {
+                "X-Conveyor-Signature": signature(args.secret, stamp, body),
+                "X-Conveyor-Timestamp": stamp,
+                "X-Conveyor-Delivery": f"d-{n}",
+                "Content-Type": "application/json",
+            }
+            with contextlib.suppress(*TransportError):
+                if await http.request("POST", "/hooks/bench", headers, body) == 202:
                     accepted += 1
 
-        started = time.perf_counter()
-        await asyncio.gather(*(sender() for _ in range(concurrency)))
-    return accepted, time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(sender() for _ in range(args.concurrency)))
+    spent = time.perf_counter() - started
+    await http.aclose()
+    return accepted, spent
 
 
 def load(args: argparse.Namespace) -> None:
     """The second process: prints its measurements (and each phase's wall-clock window, for
     counting the worker's runs in it) as one JSON line."""
-    base = f"http://127.0.0.1:{args.port}"
     paths: list[str] = []
     for run_id in args.run_ids.split(","):
         paths += [LIST, f"{LIST}/{run_id}"]
@@ -136,13 +166,11 @@ def load(args: argparse.Namespace) -> None:
         return time.time()
 
     window = phase("floor")
-    out["floor"] = asyncio.run(_steady(base, args.token, ["/healthz"], args.rate, args.seconds))
+    out["floor"] = asyncio.run(_steady(args, ["/healthz"], args.rate, args.seconds))
     out["floor_window"], window = (window, time.time()), phase("reads")
-    out["reads"] = asyncio.run(_steady(base, args.token, paths, args.rate, args.seconds))
+    out["reads"] = asyncio.run(_steady(args, paths, args.rate, args.seconds))
     out["reads_window"], window = (window, time.time()), phase("webhooks")
-    out["accepted"], out["spent"] = asyncio.run(
-        _webhooks(base, args.secret, args.seconds, args.concurrency)
-    )
+    out["accepted"], out["spent"] = asyncio.run(_webhooks(args))
     out["webhooks_window"] = (window, phase("end"))
     print(json.dumps(out))
 
@@ -316,6 +344,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=200, help="read requests per second")
     parser.add_argument("--task-rate", type=float, default=200, help="runs/s fed to the worker")
     parser.add_argument("--concurrency", type=int, default=16, help="webhook senders")
+    parser.add_argument(
+        "--client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="the load generator's HTTP client (raw: bench/http1.py, a fraction of httpx's CPU)",
+    )
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--port", "--token", "--secret", "--run-ids"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -365,7 +399,7 @@ def main() -> None:
         argv = [sys.executable, "-m", "bench.api", "--load", "--port", str(port)]
         argv += ["--token", token, "--secret", secret, "--concurrency", str(args.concurrency)]
         argv += ["--run-ids", ",".join(str(r) for r in detail_ids)]
-        argv += ["--seconds", str(args.seconds), "--rate", str(args.rate)]
+        argv += ["--seconds", str(args.seconds), "--rate", str(args.rate), "--client", args.client]
         cpu = CpuByPhase(
             {
                 "api (uvicorn)": lambda: [api.pid],
@@ -401,7 +435,8 @@ def report(
     rate = result["accepted"] / result["spent"]
     print(
         f"\napi: {args.rate:g} requests/s for {args.seconds:g} s each, from a second process, "
-        f"while a worker (prefork -c 2) is fed {args.task_rate:g} runs/s; this machine\n"
+        f"while a worker (prefork -c 2) is fed {args.task_rate:g} runs/s; load client: "
+        f"{args.client}; this machine\n"
     )
     print(f"{'what':<36} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'worker runs/s':>14}")
     for label, values, phase in (
