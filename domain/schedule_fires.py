@@ -42,6 +42,10 @@ from domain.schedules import HELD, fires, schedules
 from domain.services import _row
 from domain.states import ACTIVE
 
+#: Longest silence inside a firing transaction: a staged batch waits up to a second for its
+#: slot, and a standby takes over after about ten (scheduler/leader.py).
+IDLE_S = 5
+
 
 @dataclass(frozen=True)
 class Due:
@@ -56,7 +60,7 @@ class Due:
 @dataclass(frozen=True)
 class Fired:
     slot: datetime
-    outcome: str  # enqueued | skipped_misfire | skipped_overlap | duplicate | failed
+    outcome: str  # enqueued | skipped_misfire | skipped_overlap | duplicate | failed | deferred
     run_id: Any = None
     dispatch: Any = None
     schedule_id: int | None = None
@@ -102,6 +106,7 @@ def fire_many(
     catalog: Catalog | None = None,
     rng: Callable[[], float] = random.random,
     requests: RequestCache | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> list[Fired]:
     """Record the slots of many schedules in one transaction; return what became of each.
 
@@ -109,16 +114,38 @@ def fire_many(
     else is `duplicate`; a slot whose target can no longer be resolved is `failed` and left
     unrecorded (a restart then treats it as missed); neither disturbs the rest of the batch.
     The schedules' cursors are moved afterwards, by `advance_cursors`.
+
+    `before_commit` stages the batch: the rows are written, then it is called (the scheduler
+    waits there for the slot) and only then is the transaction committed, so nothing is
+    visible before the slot and the work left at the slot is the commit. Schedules whose
+    overlap policy is not `allow` depend on what is active at the slot itself: they are left
+    out and reported `deferred`, for the caller to fire once the slot has come.
     """
     if not dues:
         return []
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # A leader frozen (SIGSTOP) inside this transaction would hold the schedules'
+            # locks, and the standby taking over would wait on them for as long as it stays
+            # frozen: PostgreSQL ends the transaction after this much silence instead.
+            conn.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = '{IDLE_S}s'"))
         batch = _Batch(conn, now, catalog or OpenCatalog(), rng, requests or RequestCache())
         found = batch.lock({d.schedule_id for d in dues})
+        deferred: list[Fired] = []
         for due in dues:
-            if due.schedule_id in found:
-                batch.add(found[due.schedule_id], due.planned)
-        return batch.write()
+            schedule = found.get(due.schedule_id)
+            if schedule is None:
+                continue
+            if before_commit is not None and schedule["overlap_policy"] != "allow":
+                deferred += [
+                    Fired(s, "deferred", schedule_id=due.schedule_id) for s, _ in due.planned
+                ]
+                continue
+            batch.add(schedule, due.planned)
+        fired = batch.write()
+        if before_commit is not None:
+            before_commit()
+    return fired + deferred
 
 
 class RequestCache:
@@ -346,7 +373,7 @@ def advance_cursors(engine: Engine, dues: Sequence[Due], fired: Sequence[Fired])
     and come back duplicate, so nothing fires twice. Schedules firing on the same instant share
     their new values: one UPDATE per distinct pair.
     """
-    recorded = {(f.schedule_id, f.slot) for f in fired if f.outcome != "failed"}
+    recorded = {(f.schedule_id, f.slot) for f in fired if f.outcome not in ("failed", "deferred")}
     groups: dict[tuple[datetime, datetime | None], list[int]] = {}
     for due in dues:
         slots = [s for s, _ in due.planned if (due.schedule_id, s) in recorded]

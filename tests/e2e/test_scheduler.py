@@ -4,6 +4,7 @@ one-second slot recorded exactly once, no gap, one run per enqueued slot."""
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import time
 from datetime import timedelta
@@ -67,6 +68,65 @@ def test_leader_killed_and_restarted_no_duplicate_no_gap(pg_url: str, tmp_path: 
         assert {s[1] for s in slots} == {"enqueued"}  # late slots were within the grace
         assert scheduled_runs == len(slots)  # one run per slot, never two
         assert len({s[2] for s in slots}) == len(slots)
+    finally:
+        stack.stop_all()
+        engine.dispose()
+
+
+def test_a_frozen_leader_cannot_double_fire_when_it_wakes(pg_url: str, tmp_path: Path) -> None:
+    """SIGSTOP the leader (on PostgreSQL it spends half of every second inside a staged
+    transaction holding its schedules' locks): the standby takes over once PostgreSQL has
+    ended the frozen sessions, and after SIGCONT the old leader's writes change nothing."""
+    require_redis()
+    stack = Stack(pg_url, tmp_path)
+    stack.redis.flushdb()
+    engine = create_db_engine(pg_url)
+    try:
+        views = []
+        for name in ("tick-a", "tick-b", "tick-c"):
+            spec = sched.ScheduleInput.parse(
+                name=name, target="noop", trigger="interval", expression="1s"
+            )
+            views.append(
+                sched.add_schedule(
+                    engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now()
+                )
+            )
+        first = views[0].id
+        leader = stack.scheduler()
+        eventually(lambda: _count(engine, first) >= 2, timeout=30)
+        standby = stack.scheduler()
+        time.sleep(1.3)
+        os.killpg(leader.pid, signal.SIGSTOP)
+        frozen_at = _count(engine, first)
+        eventually(lambda: _count(engine, first) >= frozen_at + 3, timeout=40)  # standby leads
+        os.killpg(leader.pid, signal.SIGCONT)
+        time.sleep(3)  # the old leader wakes up, finds its sessions gone, and stands by
+        resumed_at = _count(engine, first)
+        eventually(lambda: _count(engine, first) >= resumed_at + 2, timeout=30)
+        for view in views:
+            sched.set_enabled(engine, view.name, False, now=utc_now())
+        time.sleep(1.5)
+        stack.kill(standby, signal.SIGTERM)
+        stack.kill(leader, signal.SIGTERM)
+
+        with engine.connect() as conn:
+            for view in views:
+                slots = conn.execute(
+                    select(sched.fires.c.fire_at, sched.fires.c.outcome, sched.fires.c.run_id)
+                    .where(sched.fires.c.schedule_id == view.id)
+                    .order_by(sched.fires.c.fire_at)
+                ).all()
+                made = conn.execute(
+                    select(func.count())
+                    .select_from(runs)
+                    .where(runs.c.trigger_ref == f"schedule:{view.id}")
+                ).scalar_one()
+                times = [s[0] for s in slots]
+                steps = {b - a for a, b in itertools.pairwise(times)}
+                assert steps == {timedelta(seconds=1)}, f"{view.name}: a gap or a repeat"
+                enqueued = [s for s in slots if s[1] == "enqueued"]
+                assert made == len(enqueued) == len({s[2] for s in enqueued})  # one run each
     finally:
         stack.stop_all()
         engine.dispose()

@@ -229,3 +229,61 @@ def test_an_edited_schedule_fires_with_its_new_params(engine: Engine) -> None:
     with engine.connect() as conn:
         params = dict(conn.execute(select(runs.c.id, runs.c.params)).all())
     assert (params[first[0].run_id], params[second[0].run_id]) == ({"k": 0}, {"k": 99})
+
+
+def test_a_staged_batch_is_invisible_until_its_commit(engine: Engine) -> None:
+    """With before_commit the rows are written first and committed after it returns; a
+    schedule whose overlap policy depends on the slot's moment is deferred, not recorded."""
+    ids = add_many(engine, 3)
+    (guarded,) = add_many(engine, 1, name="guarded", overlap_policy="skip")
+    slot = T0 + timedelta(seconds=1)
+    seen_before: list[int] = []
+
+    def at_the_slot() -> None:
+        if engine.dialect.name == "sqlite":  # one writer: another connection would wait
+            return
+        with engine.connect() as other:
+            seen_before.append(
+                other.execute(select(func.count()).select_from(sched.fires)).scalar_one()
+            )
+
+    fired = fire_many(
+        engine, every_slot([*ids, guarded], slot), now=slot, before_commit=at_the_slot
+    )
+    if engine.dialect.name == "postgresql":
+        assert seen_before == [0]
+    assert {f.schedule_id: f.outcome for f in fired} == {
+        ids[0]: "enqueued",
+        ids[1]: "enqueued",
+        ids[2]: "enqueued",
+        guarded: "deferred",
+    }
+    assert sorted(r[0] for r in recorded(engine)) == ids
+    with engine.connect() as conn:
+        created = set(conn.execute(select(runs.c.created_at)).scalars())
+    assert {c.replace(tzinfo=UTC) for c in created} == {slot}
+
+
+def test_the_runner_fires_guarded_schedules_at_their_slot(engine: Engine) -> None:
+    """On PostgreSQL instants are staged, and an overlap-`skip` schedule is fired once its
+    slot has come: its first run is still pending (nothing consumes here), so every later
+    slot is skipped, while the `allow` schedules beside it enqueue every time."""
+    now = datetime.now(UTC)
+    allow = add_many(engine, 2, now=now)
+    (skip,) = add_many(engine, 1, name="skipper", now=now, overlap_policy="skip")
+    runner = ScheduleRunner(engine, FakePublisher(), misfire_grace_s=60)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if sum(1 for r in recorded(engine) if r[0] == skip) >= 3:
+                break
+            time.sleep(0.05)
+    finally:
+        runner.stop()
+    outcomes: dict[int, list[str]] = {}
+    for schedule_id, _, outcome, _ in recorded(engine):
+        outcomes.setdefault(schedule_id, []).append(outcome)
+    assert len(outcomes[skip]) >= 3
+    assert outcomes[skip] == ["enqueued"] + ["skipped_overlap"] * (len(outcomes[skip]) - 1)
+    assert {o for i in allow for o in outcomes[i]} == {"enqueued"}
