@@ -9,7 +9,8 @@ One after the other in the same run (each alone on the machine's two cores), the
   latter is taken by a thread of this process that drains the queue as messages arrive (no
   worker consumes), so it is the moment the benchmark saw the message: at most that late, not
   earlier. It is the issue's "scheduled time -> run enqueued", and the target is checked on
-  it. Missed =
+  it. (On PostgreSQL conveyor writes an instant's fires before the instant and commits at it,
+  so its "decided" is the slot itself by construction; "in broker" is the figure.) Missed =
   K*D slots of the window without an `enqueued` row 2 s after it ends (late, or recorded
   `skipped_misfire`: counted apart); duplicates = a slot recorded twice or an
   enqueued slot with other than exactly one run. Relay and reaper run as they ship, with a
@@ -34,6 +35,7 @@ Run: `python -m bench.scheduler [--schedules 1000] [--seconds 60]` (the issue's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -45,11 +47,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import redis
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.pool import NullPool
 
 from bench.common import (
     BROKER,
+    PG_ADMIN,
     CpuMeter,
     Processes,
     celery_env,
@@ -57,7 +62,6 @@ from bench.common import (
     flush_redis,
     fresh_database,
     percentile,
-    pg_backends,
     table,
     wait_for,
 )
@@ -96,6 +100,45 @@ def window_after(now: float) -> float:
     return math.ceil(now + SETTLE_S)
 
 
+class BackendCpu(threading.Thread):
+    """CPU seconds of the PostgreSQL backends serving `database`, sampled every half second
+    over one admin connection, so a backend that exits mid-window (a pool's overflow
+    connection) still counts up to its last sample rather than vanishing from the total."""
+
+    def __init__(self, database: str) -> None:
+        super().__init__(daemon=True)
+        self.database = database
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.started = False
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        admin = create_engine(PG_ADMIN, poolclass=NullPool)
+        query = text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid()"
+        )
+        with admin.connect() as conn:
+            while True:
+                pids = [int(p) for p in conn.execute(query, {"db": self.database}).scalars()]
+                for pid in pids:
+                    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                        t = psutil.Process(pid).cpu_times()
+                        used = t.user + t.system
+                        # a backend born after the first sample counts from zero
+                        self.first.setdefault(pid, used if not self.started else 0.0)
+                        self.last[pid] = used
+                self.started = True
+                if self.stop.wait(0.5):
+                    break
+        admin.dispose()
+
+    def used(self) -> float:
+        self.stop.set()
+        self.join()
+        return sum(self.last[pid] - self.first[pid] for pid in self.last)
+
+
 class BrokerWatch(threading.Thread):
     """Drains the scheduler's queue as messages arrive and notes when each one did."""
 
@@ -103,7 +146,7 @@ class BrokerWatch(threading.Thread):
         super().__init__(daemon=True)
         # kombu's Redis transport keeps one list per priority step: `queue` and `queue:N`
         self.keys = [queue, *(f"{queue}:{p}" for p in range(1, 10))]
-        self.arrivals: list[tuple[float, bytes]] = []
+        self.arrivals: list[tuple[float, bytes | str]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -162,14 +205,13 @@ def run_conveyor(procs: Processes, url: str, k: int, d: int) -> Outcome:
     wait_for(fired, timeout=120, every=0.1, what="conveyor scheduler's first fires")
     w0 = window_after(time.time())
     cpu = CpuMeter(lambda: [proc.pid])
-    database = engine.url.database or ""
-    pg_cpu = CpuMeter(lambda: pg_backends(database))
+    pg_cpu = BackendCpu(engine.url.database or "")
     sleep_until(w0 - 0.5)
     cpu.start()
     pg_cpu.start()
     cpu_from = datetime.now(UTC)
     sleep_until(w0 + d - 0.5)
-    used, pg_used = cpu.stop(), pg_cpu.stop()
+    used, pg_used = cpu.stop(), pg_cpu.used()
     cpu_to = datetime.now(UTC)
     sleep_until(w0 + d + SETTLE_S)  # the window's last slots are recorded
     procs.stop(proc)
