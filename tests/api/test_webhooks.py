@@ -98,8 +98,10 @@ def test_bad_signatures_and_stale_timestamps_are_401_and_create_nothing(
     wrong_secret = signed_headers("whsec_other", body)
     unsigned = signed_headers(secret, body)
     del unsigned["X-Conveyor-Signature"]
-    replayed = signed_headers(secret, body, ts=now - 301)  # a captured delivery, re-sent late
-    future = signed_headers(secret, body, ts=now + 301)
+    # 10 s past the ±300 s window: `now` is truncated to the second and the requests before
+    # these take time, so ±301 could land back inside the window by the time it is checked.
+    replayed = signed_headers(secret, body, ts=now - 310)  # a captured delivery, re-sent late
+    future = signed_headers(secret, body, ts=now + 310)
     garbage_ts = signed_headers(secret, body)
     garbage_ts["X-Conveyor-Timestamp"] = "yesterday"
     for headers in [tampered, wrong_secret, unsigned, replayed, future, garbage_ts]:
