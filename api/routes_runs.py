@@ -65,8 +65,8 @@ class CancelRun(BaseModel):
     reason: str = Field("", max_length=500)
 
 
-@router.get("")
-def list_runs(state: State, _: Reader, query: Annotated[RunQuery, Query()]) -> dict[str, Any]:
+@router.get("", response_class=JSONResponse)
+def list_runs(state: State, _: Reader, query: Annotated[RunQuery, Query()]) -> JSONResponse:
     """Runs newest first; pass `next_cursor` back as `cursor` for the next page."""
     filters = RunFilter(
         status=[s.value for s in query.status],
@@ -76,7 +76,11 @@ def list_runs(state: State, _: Reader, query: Annotated[RunQuery, Query()]) -> d
         created_before=query.created_before,
     )
     page = services.list_runs(state.uow(), filters, limit=query.limit, cursor=query.cursor)
-    return {"items": [run.to_dict() for run in page.items], "next_cursor": page.next_cursor}
+    # A JSONResponse, not a dict: FastAPI would validate the whole page against dict[str, Any]
+    # before encoding it (6% of the API's CPU under the read benchmark, py-spy --gil).
+    return JSONResponse(
+        {"items": [run.to_dict() for run in page.items], "next_cursor": page.next_cursor}
+    )
 
 
 @router.post("", status_code=201, responses={200: {"description": "Existing run (same key)"}})
@@ -122,10 +126,10 @@ def create_run(
     )
 
 
-@router.get("/{run_id}")
-def get_run(state: State, _: Reader, run_id: RunId) -> dict[str, Any]:
+@router.get("/{run_id}", response_class=JSONResponse)
+def get_run(state: State, _: Reader, run_id: RunId) -> JSONResponse:
     """The run with its steps, totals (tokens, requests, log lines) and cost per model."""
-    return queries.run_detail(state.uow(), run_id).to_dict()
+    return JSONResponse(queries.run_detail(state.uow(), run_id).to_dict())
 
 
 @router.get("/{run_id}/logs")
