@@ -345,6 +345,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--task-rate", type=float, default=200, help="runs/s fed to the worker")
     parser.add_argument("--concurrency", type=int, default=16, help="webhook senders")
     parser.add_argument(
+        "--api-workers",
+        type=int,
+        default=1,
+        help="API processes: 1 is `conveyor api`; more run uvicorn --workers on api.asgi",
+    )
+    parser.add_argument(
         "--client",
         choices=["raw", "httpx"],
         default="raw",
@@ -392,7 +398,7 @@ def main() -> None:
     port = _free_port()
     with Processes() as procs:
         worker = procs.start(conveyor_worker_argv("api-bench", 2), env, "api-bench-worker")
-        api = procs.start(["-m", "conveyor", "api", "--port", str(port)], env, "api-bench-api")
+        api = procs.start(api_argv(args.api_workers, port), env, "api-bench-api")
         wait_for(lambda: _ready(port), timeout=30, what="the API to answer /readyz")
         guard = RedisGuard()
         guard.arm()
@@ -402,7 +408,7 @@ def main() -> None:
         argv += ["--seconds", str(args.seconds), "--rate", str(args.rate), "--client", args.client]
         cpu = CpuByPhase(
             {
-                "api (uvicorn)": lambda: [api.pid],
+                "api (uvicorn)": lambda: process_tree(api.pid),
                 "worker (+ pool)": lambda: process_tree(worker.pid),
                 "postgres backends": lambda: pg_backends("conveyor_bench_api"),
                 "load generator": lambda: [cpu.loader_pid],
@@ -436,7 +442,7 @@ def report(
     print(
         f"\napi: {args.rate:g} requests/s for {args.seconds:g} s each, from a second process, "
         f"while a worker (prefork -c 2) is fed {args.task_rate:g} runs/s; load client: "
-        f"{args.client}; this machine\n"
+        f"{args.client}; API processes: {args.api_workers}; this machine\n"
     )
     print(f"{'what':<36} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'worker runs/s':>14}")
     for label, values, phase in (
@@ -479,6 +485,15 @@ def report(
 
 def _seconds(window: list[float]) -> float:
     return window[1] - window[0]
+
+
+def api_argv(workers: int, port: int) -> list[str]:
+    if workers == 1:
+        return ["-m", "conveyor", "api", "--port", str(port)]
+    return [
+        "-m", "uvicorn", "--factory", "api.asgi:create_app", "--port", str(port),
+        "--workers", str(workers), "--no-access-log", "--log-level", "warning",
+    ]  # fmt: skip
 
 
 def _free_port() -> int:
