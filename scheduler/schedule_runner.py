@@ -1,6 +1,7 @@
 """Fires schedules while this process leads: one APScheduler job per distinct fire instant,
-which records every schedule due at that instant together (domain/schedule_fires.py); missed
-slots follow the misfire policy."""
+which records every schedule due at that instant together (domain/schedule_fires.py), on
+PostgreSQL written ahead of the instant and committed at it; missed slots follow the misfire
+policy."""
 
 from __future__ import annotations
 
@@ -201,10 +202,10 @@ class ScheduleRunner:
             )
 
     def _fire_instant(self, instant: datetime) -> None:
-        """The APScheduler job: fire every schedule waiting for `instant`, each moving on to
-        its next slot. That slot was computed after the previous fire (a thousand trigger
-        look-ups take milliseconds, which would otherwise delay every fire of this instant);
-        the one after it is computed once this instant's runs are published."""
+        """The APScheduler job, run `stage` before `instant`: fire every schedule waiting for
+        `instant` (committed at it), each moving on to its next slot. That slot was computed
+        after the previous fire (a thousand trigger look-ups take milliseconds, which would
+        otherwise delay this instant); the one after it once this instant is published."""
         dues: list[Due] = []
         with self._lock:
             for schedule_id in sorted(self._due.pop(instant, ())):
