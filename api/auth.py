@@ -175,7 +175,10 @@ async def principal(request: Request) -> Principal:
 
 
 def requires(role: str) -> Callable[..., Awaitable[Principal]]:
-    async def dependency(who: Annotated[Principal, Depends(principal)]) -> Principal:
+    # One dependency, not one on top of another: FastAPI resolves each level on every
+    # request (cache keys, signature walk), and nothing else depends on principal alone.
+    async def dependency(request: Request) -> Principal:
+        who = await principal(request)
         auth.require(who, role)
         return who
 
