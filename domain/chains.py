@@ -98,7 +98,7 @@ def chain_follow_up(
         return None
     if target_name is None:
         return None
-    from domain.services import _row
+    from domain.services import run_row
 
     try:
         target = registry.get(target_name)
@@ -111,7 +111,7 @@ def chain_follow_up(
             parent_run_id=parent.run_id,
             idempotency_key=f"chain:{parent.run_id}:{status}",
         )
-        row = _row(request, RegistryCatalog(registry), now, publish_now=False)
+        row = run_row(request, RegistryCatalog(registry), now, publish_now=False)
     except ConveyorError as exc:
         log.error(
             "chain.refused", parent_run_id=str(parent.run_id), target=target_name, reason=str(exc)

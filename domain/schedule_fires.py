@@ -39,7 +39,7 @@ from domain.ports import Catalog, Dispatch, OpenCatalog
 from domain.repository import copy_rows, dialect_insert
 from domain.requests import EnqueueRequest, build_request
 from domain.schedules import HELD, fires, schedules
-from domain.services import _row
+from domain.services import run_row
 from domain.states import ACTIVE
 
 #: Longest silence inside a firing transaction: a staged batch waits up to a second for its
@@ -247,7 +247,7 @@ class _Batch:
     def _run_row(self, schedule: Any, slot: datetime, *, held: bool) -> dict[str, Any]:
         jitter_s = schedule["jitter_s"] * self.rng() if schedule["jitter_s"] else 0.0
         request = self.requests.get(schedule)
-        row = _row(request, self.catalog, self.now, publish_now=not held and not jitter_s)
+        row = run_row(request, self.catalog, self.now, publish_now=not held and not jitter_s)
         row["idempotency_key"] = f"schedule:{schedule['id']}:{slot.isoformat()}"
         if held:
             row["not_before"] = HELD  # overlap `queue`: released when the active run ends

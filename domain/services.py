@@ -32,14 +32,15 @@ class Enqueued:
     created: bool  # False: the idempotency key named an existing run
 
 
-def _row(
+def run_row(
     req: EnqueueRequest,
     catalog: Catalog,
     now: datetime,
     publish_now: bool,
     run_id: uuid.UUID | None = None,
 ) -> dict[str, Any]:
-    """The run's row. `publish_now`: it is delivered right after commit (by the publisher, or
+    """The run's row, as every way of creating runs writes it (enqueue, schedules, chains).
+    `publish_now`: it is delivered right after commit (by the publisher, or
     inline by the caller), so the relay leaves it alone for the grace period."""
     defaults, params = catalog.resolve(req.name, req.params)
     due = req.due_at(now)
@@ -134,7 +135,8 @@ def enqueue_many(
     publish_now = publisher is not None or inline
     ids = uuid7_many(len(reqs))
     rows = [
-        _row(req, catalog, now, publish_now, run_id) for req, run_id in zip(reqs, ids, strict=True)
+        run_row(req, catalog, now, publish_now, run_id)
+        for req, run_id in zip(reqs, ids, strict=True)
     ]
     if after is not None:
         from domain.chains import hold_after
