@@ -63,7 +63,7 @@ def create_api(
         await run_in_threadpool(state.start)
         try:
             async with anyio.create_task_group() as tasks:
-                tasks.start_soon(state.intake.run)
+                await tasks.start(state.intake.run)  # accepting before the first request
                 try:
                     yield
                 finally:

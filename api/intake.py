@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import anyio
+from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from domain.services import Enqueued
@@ -43,13 +44,16 @@ class WebhookIntake:
         self.writers = writers
         self._send: MemoryObjectSendStream[_Waiting] | None = None
 
-    async def run(self) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; `task_status.started()` once deliveries are accepted, so a
+        lifespan that starts it with `TaskGroup.start` serves no request before that."""
         send, receive = anyio.create_memory_object_stream[_Waiting](math.inf)
         self._send = send
         try:
             async with send, receive, anyio.create_task_group() as tasks:
                 for _ in range(self.writers):
                     tasks.start_soon(self._write, receive.clone())
+                task_status.started()
         finally:
             self._send = None
 

@@ -108,7 +108,6 @@ class ApiState:
         )
 
     def start(self) -> None:
-        from api.publishing import FirstCallSerialized
         from conveyor.client import default_catalog, default_publisher
         from domain.db import create_db_engine
         from domain.migrate import head_revision
@@ -117,8 +116,7 @@ class ApiState:
         if self._engine is None:
             self._engine = create_db_engine(url, pool_size=10)
         if not self._publisher_given:
-            publisher = default_publisher(self.settings)
-            self.publisher = FirstCallSerialized(publisher) if publisher is not None else None
+            self.publisher = default_publisher(self.settings)
         if not self._catalog_given:
             self.catalog = default_catalog(self.settings)
         self.head_revision = head_revision(url)

@@ -244,7 +244,7 @@ class RunRepository:
             .order_by(runs.c.created_at.desc(), runs.c.id.desc())
             .limit(limit + 1)
         )
-        items = [RunView.from_row(r) for r in self.conn.execute(stmt).mappings()]
+        items = [RunView.from_row(r) for r in self.conn.execute(stmt).mappings().all()]
         next_cursor = None
         if len(items) > limit:
             items = items[:limit]

@@ -6,6 +6,7 @@ import base64
 import itertools
 import json
 import os
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -43,6 +44,7 @@ class CeleryPublisher:
         self.batch_size = batch_size
         self._broker = str(app.conf.broker_url or "")
         self._redis: redis.Redis | None = None
+        self._setup_lock = threading.Lock()
         self._template: str | None = None
         self._body_template = ""
         # Delivery tags only need to be unique per message; a random start keeps two
@@ -64,21 +66,29 @@ class CeleryPublisher:
 
     # -- Redis: templated messages, one pipeline --------------------------------------------
     def _publish_redis(self, dispatches: Sequence[Dispatch]) -> None:
-        if self._redis is None:
-            self._redis = redis.Redis.from_url(
-                self._broker, socket_connect_timeout=2, socket_timeout=5
-            )
-            self._build_templates()
+        client = self._redis or self._connect()
         by_key: dict[str, list[str]] = defaultdict(list)
         for d in dispatches:
             priority = priority_for_broker(self._broker, d.priority)
             key = d.queue if priority == 0 else f"{d.queue}:{priority}"
             by_key[key].append(self._message(str(d.run_id), d.queue, priority))
-        with self._redis.pipeline(transaction=False) as pipe:
+        with client.pipeline(transaction=False) as pipe:
             for key, messages in by_key.items():
                 for start in range(0, len(messages), self.batch_size):
                     pipe.lpush(key, *messages[start : start + self.batch_size])
             pipe.execute()
+
+    def _connect(self) -> redis.Redis:
+        """The client, made on first use. Threads may publish at once (the API serves requests
+        from a threadpool): the client is published only after the templates exist."""
+        with self._setup_lock:
+            if self._redis is None:
+                client = redis.Redis.from_url(
+                    self._broker, socket_connect_timeout=2, socket_timeout=5
+                )
+                self._build_templates()
+                self._redis = client
+            return self._redis
 
     def _build_templates(self) -> None:
         task = self.app.amqp.as_task_v2(_ID, EXECUTE, args=[_ID])

@@ -46,8 +46,8 @@ def deliver(client: Client, secret_key: str, *, name: str = "greet") -> list[dic
     }
 
     async def post_twice() -> list[dict[str, Any]]:
-        app.state.api.start()
-        try:
+        # The app's lifespan, as uvicorn would run it: it starts the API and its webhook intake.
+        async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
             async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as http:
                 answers = []
@@ -55,8 +55,6 @@ def deliver(client: Client, secret_key: str, *, name: str = "greet") -> list[dic
                     reply = await http.post(f"/hooks/{name}", content=body, headers=headers)
                     answers.append({"status": reply.status_code, **reply.json()})
                 return answers
-        finally:
-            app.state.api.stop()
 
     return asyncio.run(post_twice())
 
