@@ -10,10 +10,10 @@ from sqlalchemy import Engine, func, select
 
 from domain import runstore
 from domain import schedules as sched
-from domain.schedule_fires import fire_once_each
 from domain.errors import Conflict, InvalidInput, UnknownTask
 from domain.models import runs
 from domain.registry import Registry, RegistryCatalog
+from domain.schedule_fires import fire_once_each
 from scheduler.schedule_runner import ScheduleRunner, slots_for
 from scheduler.triggers import Slots, TriggerSpec
 from tests.fakes import FakeClock, FakePublisher
