@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,10 +53,17 @@ class Harness:
         return [(r[0], r[1]) for r in rows]
 
 
-@pytest.fixture
-def h(engine: Engine, request: pytest.FixtureRequest) -> Iterator[Harness]:
+@contextmanager
+def harness(
+    engine: Engine,
+    *,
+    flush_interval_s: float = 0.05,
+    owner: str = "test-worker",
+    prices: Prices | None = None,
+) -> Iterator[Harness]:
+    """An in-process worker (writer, monitor, executor) on `engine`, closed afterwards."""
     registry = Registry()
-    writer = LogWriter(engine, flush_interval_s=0.05)
+    writer = LogWriter(engine, flush_interval_s=flush_interval_s)
     writer.start()
     capture.install()
     holder: list[Executor] = []
@@ -67,16 +75,18 @@ def h(engine: Engine, request: pytest.FixtureRequest) -> Iterator[Harness]:
         on_abandon=lambda ctx: holder[0].abandon(ctx),  # noqa: PLW0108 - bound later
     )
     executor = Executor(
-        engine,
-        writer,
-        registry,
-        monitor,
-        owner="test-worker",
-        lease_s=30,
-        prices=request.param if hasattr(request, "param") else Prices({}),
+        engine, writer, registry, monitor, owner=owner, lease_s=30, prices=prices or Prices({})
     )
     holder.append(executor)
-    yield Harness(engine, registry, executor, writer)
-    monitor.close()
-    executor.close()
-    writer.close()
+    try:
+        yield Harness(engine, registry, executor, writer)
+    finally:
+        monitor.close()
+        executor.close()
+        writer.close()
+
+
+@pytest.fixture
+def h(engine: Engine, request: pytest.FixtureRequest) -> Iterator[Harness]:
+    with harness(engine, prices=getattr(request, "param", None)) as made:
+        yield made

@@ -16,14 +16,11 @@ from structlog.testing import capture_logs
 from domain import costs, projects, runstore, services
 from domain.clock import utc_now
 from domain.models import cost_entries, run_steps, runs
-from domain.registry import Registry
 from domain.requests import build_request
 from domain.unit_of_work import UnitOfWork
 from tests.fakes import FakeClock
-from tests.integration.conftest import Harness
-from worker.executor import Executor
+from tests.integration.conftest import Harness, harness
 from worker.logwriter import LogWriter
-from worker.monitor import RunMonitor
 
 DOWN_URL = "postgresql+psycopg://u@127.0.0.1:1/x"
 
@@ -76,23 +73,8 @@ def ledger(engine: Engine, run_id: uuid.UUID) -> dict[str, Any]:
 def slow_flush(engine: Engine) -> Iterator[Harness]:
     """A worker whose writer flushes only when asked (or full): whatever reaches the database
     before the run's final state was written by the executor's own flush."""
-    writer = LogWriter(engine, flush_interval_s=3600)
-    writer.start()
-    registry = Registry()
-    holder: list[Executor] = []
-    monitor = RunMonitor(
-        engine,
-        lease_s=30,
-        tick_s=0.1,
-        kill_grace_s=0.3,
-        on_abandon=lambda ctx: holder[0].abandon(ctx),  # noqa: PLW0108 - bound later
-    )
-    executor = Executor(engine, writer, registry, monitor, owner="slow-worker", lease_s=30)
-    holder.append(executor)
-    yield Harness(engine, registry, executor, writer)
-    monitor.close()
-    executor.close()
-    writer.close()
+    with harness(engine, flush_interval_s=3600, owner="slow-worker") as made:
+        yield made
 
 
 def test_buffered_entries_land_with_totals_equal_to_their_exact_sum(h: Harness) -> None:
