@@ -8,6 +8,7 @@ from sqlalchemy import Engine, func, select
 from conveyor import Client
 from domain.errors import InvalidInput
 from domain.models import runs
+from domain.ports import OpenCatalog
 from domain.settings import load_settings
 from tests.fakes import FakePublisher
 
@@ -19,7 +20,13 @@ def _count(engine: Engine) -> int:
 
 def test_enqueue_many_writes_every_item_with_its_options(engine: Engine, db_url: str) -> None:
     publisher = FakePublisher()
-    client = Client(load_settings(database_url=db_url), engine=engine, publisher=publisher)
+    # OpenCatalog: any task name (the registry holds whatever other tests registered).
+    client = Client(
+        load_settings(database_url=db_url),
+        engine=engine,
+        publisher=publisher,
+        catalog=OpenCatalog(),
+    )
     views = client.enqueue_many(
         [
             {"name": "a", "params": {"i": 1}},
@@ -50,7 +57,12 @@ def test_enqueue_many_writes_every_item_with_its_options(engine: Engine, db_url:
 def test_one_bad_item_refuses_the_batch_naming_it(
     engine: Engine, db_url: str, bad: dict[str, object], message: str
 ) -> None:
-    client = Client(load_settings(database_url=db_url), engine=engine, publisher=FakePublisher())
+    client = Client(
+        load_settings(database_url=db_url),
+        engine=engine,
+        publisher=FakePublisher(),
+        catalog=OpenCatalog(),
+    )
     items = [{"name": "ok", "params": {"i": 0}}, {"name": "ok"}, bad, {"name": "ok"}]
     with pytest.raises(InvalidInput, match=message):
         client.enqueue_many(items)
