@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import Connection, Engine, Table, and_, select, update
+from sqlalchemy import Connection, Engine, Table, and_, bindparam, select, update
 
 from domain import runstore
 from domain.errors import BudgetExceeded, ConfigurationError, Conflict, InvalidInput, NotFound
@@ -265,28 +265,33 @@ def _within(row: dict[str, Any], limits: Limits) -> bool:
     )
 
 
+# Built once: every enqueue runs it, and building it cost more CPU than running it.
+_LIMITED = (
+    select(
+        projects.c.name,
+        projects.c.monthly_cost_limit_usd,
+        projects.c.monthly_token_limit,
+        usage.c.cost_usd,
+        usage.c.tokens,
+    )
+    .select_from(
+        projects.outerjoin(
+            usage,
+            and_(usage.c.project == projects.c.name, usage.c.month == bindparam("month")),
+        )
+    )
+    .where(
+        projects.c.name.in_(bindparam("names", expanding=True)),
+        (projects.c.monthly_cost_limit_usd.is_not(None))
+        | (projects.c.monthly_token_limit.is_not(None)),
+    )
+)
+
+
 def check_can_enqueue(conn: Connection, project_names: set[str], now: datetime) -> None:
     """Refuse new work for a project already at its monthly limit (one query per batch)."""
     month = month_of(now)
-    rows = conn.execute(
-        select(
-            projects.c.name,
-            projects.c.monthly_cost_limit_usd,
-            projects.c.monthly_token_limit,
-            usage.c.cost_usd,
-            usage.c.tokens,
-        )
-        .select_from(
-            projects.outerjoin(
-                usage, and_(usage.c.project == projects.c.name, usage.c.month == month)
-            )
-        )
-        .where(
-            projects.c.name.in_(sorted(project_names)),
-            (projects.c.monthly_cost_limit_usd.is_not(None))
-            | (projects.c.monthly_token_limit.is_not(None)),
-        )
-    ).all()
+    rows = conn.execute(_LIMITED, {"names": sorted(project_names), "month": month}).all()
     for name, cost_limit, token_limit, spent_raw, tokens_raw in rows:
         spent, tokens = Decimal(spent_raw or 0), int(tokens_raw or 0)
         if cost_limit is not None and spent >= Decimal(cost_limit):
