@@ -99,8 +99,9 @@ class TaskContext:
         # the project's limits as they were then (one query per attempt, not per call). A limit
         # set later is checked from the next attempt, and in runs whose first cost comes later.
         self._buffer_costs: bool | None = None
-        self._reserving = 0
-        self._reservations: list[int] = []  # open ctx.reserve() blocks, innermost last
+        #: Open ctx.reserve() blocks, innermost last: costs inside one are recorded at once
+        #: (never buffered) and settle it.
+        self._reservations: list[int] = []
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -244,7 +245,7 @@ class TaskContext:
         step = self._step_seq - 1 if self._step_seq else None
         if self._buffer_costs is None:
             self._buffer_costs = self._nothing_to_enforce()
-        if self._buffer_costs and not self._reserving:
+        if self._buffer_costs and not self._reservations:
             claim = self._claim
             self._sink.cost(
                 claim.run_id, claim.attempt, step, claim.project, self._clock(),
@@ -298,26 +299,22 @@ class TaskContext:
         """Reserve headroom before an expensive call; released when the block ends (the actual
         spend is what `cost()` records inside it). Raises BudgetExceeded, stopping the run, when
         the run's budget or the project's monthly limit cannot cover it."""
+        reservation = costs.reserve(
+            self._engine,
+            self.run_id,
+            self.project,
+            usd=costs.as_money(usd, field="usd"),
+            tokens=costs.as_tokens(tokens, field="tokens"),
+            now=self._clock(),
+        )
         with self._lock:
-            self._reserving += 1  # costs inside the block are recorded at once
+            self._reservations.append(reservation)
         try:
-            reservation = costs.reserve(
-                self._engine,
-                self.run_id,
-                self.project,
-                usd=costs.as_money(usd, field="usd"),
-                tokens=costs.as_tokens(tokens, field="tokens"),
-                now=self._clock(),
-            )
-            self._reservations.append(reservation)  # costs inside the block settle it
-            try:
-                yield
-            finally:
-                self._reservations.remove(reservation)
-                costs.release(self._engine, reservation, now=self._clock())
+            yield
         finally:
             with self._lock:
-                self._reserving -= 1
+                self._reservations.remove(reservation)
+            costs.release(self._engine, reservation, now=self._clock())
 
     # -- cancellation -----------------------------------------------------------------------
     @property
