@@ -97,18 +97,15 @@ class Executor:
             claim = self.fast.claim(
                 run_id, owner=self.owner, now=self.clock(), lease_s=self.lease_s
             )
-            first_seq = 1
-            if claim is not None and claim.attempt > 1:
-                with self.engine.connect() as conn:
-                    first_seq = runstore.next_seq(conn, run_logs, run_id)
         else:
             with self.engine.begin() as conn:
                 claim = runstore.claim(
                     conn, run_id, owner=self.owner, now=self.clock(), lease_s=self.lease_s
                 )
-                first_seq = (
-                    runstore.next_seq(conn, run_logs, run_id) if claim and claim.attempt > 1 else 1
-                )
+        first_seq = 1  # a later attempt's lines follow the earlier attempts' lines
+        if claim is not None and claim.attempt > 1:
+            with self.engine.connect() as conn:
+                first_seq = runstore.next_seq(conn, run_logs, run_id)
         if claim is None:
             self.duplicates_dropped += 1
             log.info("run.duplicate_dropped", run_id=str(run_id), owner=self.owner)
@@ -252,10 +249,10 @@ class Executor:
         failure: Failure | None = None,
         exit_code: int | None = None,
     ) -> Outcome:
+        error_type, error = (failure.error_type, failure.error) if failure else (None, None)
+
         def write(conn: Connection) -> None:
             now = self.clock()
-            error_type = failure.error_type if failure else None
-            error = failure.error if failure else None
             runstore.finish(
                 conn,
                 claim.run_id,
@@ -289,8 +286,8 @@ class Executor:
                 status=status,
                 now=self.clock(),
                 result=result,
-                error_type=failure.error_type if failure else None,
-                error=failure.error if failure else None,
+                error_type=error_type,
+                error=error,
                 exit_code=exit_code,
                 lines=lines,
             )
@@ -311,7 +308,7 @@ class Executor:
             name=claim.name,
             status=status,
             attempt=claim.attempt,
-            error_type=failure.error_type if failure else None,
+            error_type=error_type,
         )
         return Outcome(claim.run_id, status, claim.attempt)
 
