@@ -22,6 +22,10 @@ log = structlog.get_logger("conveyor.db")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
+#: How conveyor connects to PostgreSQL (the engine's pool, and the worker's own connections).
+PG_CONNECT_ARGS: dict[str, str | int] = {"connect_timeout": 5, "application_name": "conveyor"}
+
+
 def create_db_engine(
     url: str, *, pool_size: int = 5, null_pool: bool = False, pre_ping: bool = True
 ) -> Engine:
@@ -43,7 +47,7 @@ def create_db_engine(
         engine = create_engine(url, **kwargs)
         _configure_sqlite(engine)
         return engine
-    kwargs["connect_args"] = {"connect_timeout": 5, "application_name": "conveyor"}
+    kwargs["connect_args"] = dict(PG_CONNECT_ARGS)
     if null_pool:
         kwargs["poolclass"] = NullPool
     else:

@@ -24,10 +24,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
+from domain.db import PG_CONNECT_ARGS
 from domain.runstore import Claim
 from domain.states import Status
 
@@ -97,7 +99,7 @@ class PgRunStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         url = engine.url.set(drivername="postgresql")
-        self._conninfo = url.render_as_string(hide_password=False)
+        self._conninfo = make_conninfo(url.render_as_string(hide_password=False), **PG_CONNECT_ARGS)
         self._local = threading.local()
         self._opened: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
@@ -109,13 +111,11 @@ class PgRunStore:
             self._opened.clear()
 
     @contextmanager
-    def _autocommit(self) -> Iterator[psycopg.Connection[Any]]:
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
         raw: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         try:
             if raw is None or raw.closed:
-                raw = psycopg.connect(
-                    self._conninfo, autocommit=True, connect_timeout=5, application_name="conveyor"
-                )
+                raw = psycopg.connect(self._conninfo, autocommit=True)
                 self._local.conn = raw
                 with self._lock:
                     self._opened.append(raw)
@@ -143,7 +143,7 @@ class PgRunStore:
             "now": now,
             "lease": now + timedelta(seconds=lease_s),
         }
-        with self._autocommit() as raw:
+        with self._connection() as raw:
             row = raw.execute(_CLAIM_SQL, params, prepare=True).fetchone()
         if row is None:
             return None
@@ -192,6 +192,6 @@ class PgRunStore:
             # One JSON document for all lines: dumped by json.dumps in C, not per value.
             "lines": Jsonb([_json_line(line) for line in lines]),
         }
-        with self._autocommit() as raw:
+        with self._connection() as raw:
             row = raw.execute(_FINISH_SQL, params, prepare=True).fetchone()
         return bool(row and row[0] == 1)
