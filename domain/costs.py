@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import tomllib
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
@@ -30,11 +29,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import Connection, Engine, Table, and_, bindparam, select, update
+from sqlalchemy import Connection, Engine, Join, Table, and_, bindparam, select, update
 
 from domain import runstore
 from domain.errors import BudgetExceeded, ConfigurationError, Conflict, InvalidInput, NotFound
-from domain.models import cost_entries, projects, runs
+from domain.models import projects, runs
 from domain.models_platform import CostReservation, ProjectUsage
 from domain.repository import dialect_insert
 
@@ -265,6 +264,13 @@ def _within(row: dict[str, Any], limits: Limits) -> bool:
     )
 
 
+def with_month_usage(month: Any) -> Join:
+    """Projects joined to their usage row of `month` (NULLs where nothing was spent yet)."""
+    return projects.outerjoin(
+        usage, and_(usage.c.project == projects.c.name, usage.c.month == month)
+    )
+
+
 # Built once: every enqueue runs it, and building it cost more CPU than running it.
 _LIMITED = (
     select(
@@ -274,12 +280,7 @@ _LIMITED = (
         usage.c.cost_usd,
         usage.c.tokens,
     )
-    .select_from(
-        projects.outerjoin(
-            usage,
-            and_(usage.c.project == projects.c.name, usage.c.month == bindparam("month")),
-        )
-    )
+    .select_from(with_month_usage(bindparam("month")))
     .where(
         projects.c.name.in_(bindparam("names", expanding=True)),
         (projects.c.monthly_cost_limit_usd.is_not(None))
@@ -486,47 +487,3 @@ def release(engine: Engine, reservation_id: int, *, now: datetime) -> None:
                 reserve_usd=-Decimal(row.usd),
                 reserve_tokens=-int(row.tokens),
             )
-
-
-# -- reports ----------------------------------------------------------------------------------
-GROUPS = ("provider", "model", "name", "day", "project")
-
-
-def report(
-    engine: Engine,
-    *,
-    project: str | None = None,
-    since: datetime | None = None,
-    by: str = "model",
-) -> list[dict[str, Any]]:
-    """Spend grouped by provider, model, task name, day or project, summed exactly."""
-    if by not in GROUPS:
-        raise InvalidInput(f"by: expected one of {', '.join(GROUPS)} (got {by!r})", field="by")
-    query = select(
-        cost_entries.c.provider,
-        cost_entries.c.model,
-        cost_entries.c.project,
-        cost_entries.c.ts,
-        cost_entries.c.tokens_in,
-        cost_entries.c.tokens_out,
-        cost_entries.c.requests,
-        cost_entries.c.cost_usd,
-        runs.c.name,
-    ).join(runs, runs.c.id == cost_entries.c.run_id)
-    if project:
-        query = query.where(cost_entries.c.project == project)
-    if since:
-        query = query.where(cost_entries.c.ts >= since)
-    groups: dict[str, dict[str, Any]] = defaultdict(
-        lambda: {"cost_usd": ZERO, "tokens_in": 0, "tokens_out": 0, "requests": 0, "entries": 0}
-    )
-    with engine.connect() as conn:
-        for row in conn.execute(query).mappings():
-            key = f"{row['ts']:%Y-%m-%d}" if by == "day" else str(row[by])
-            group = groups[key]
-            group["cost_usd"] += Decimal(row["cost_usd"])
-            group["tokens_in"] += row["tokens_in"]
-            group["tokens_out"] += row["tokens_out"]
-            group["requests"] += row["requests"]
-            group["entries"] += 1
-    return [{by: key, **values} for key, values in sorted(groups.items())]

@@ -7,10 +7,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, and_, select, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError
 
-from domain.costs import as_money, month_of, usage
+from domain.costs import as_money, month_of, usage, with_month_usage
 from domain.errors import Conflict, InvalidInput, NotFound
 from domain.models import projects
 from domain.requests import NAME_PATTERN
@@ -103,11 +103,7 @@ def list_projects(engine: Engine, *, now: datetime) -> list[dict[str, Any]]:
             usage.c.tokens,
             usage.c.reserved_usd,
         )
-        .select_from(
-            projects.outerjoin(
-                usage, and_(usage.c.project == projects.c.name, usage.c.month == month)
-            )
-        )
+        .select_from(with_month_usage(month))
         .order_by(projects.c.name)
     )
     with engine.connect() as conn:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from conveyor.cli.db import cli_engine
 from conveyor.cli.output import console, key_values, print_json
-from domain import costs, projects
+from domain import cost_reports, costs, projects
 from domain.clock import utc_now
 
 projects_app = typer.Typer(help="Projects and their monthly limits.", no_args_is_help=True)
@@ -135,7 +135,7 @@ def costs_report(
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     with cli_engine() as engine:
-        rows = costs.report(engine, project=project, since=since, by=by)
+        rows = cost_reports.report(engine, project=project, since=since, by=by)
     total = sum((r["cost_usd"] for r in rows), costs.ZERO)
     if json_out:
         print_json(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select
 
-from domain import costs, projects
+from domain import cost_reports, costs, projects
 from domain.clock import utc_now
 from domain.errors import ConfigurationError, InvalidInput
 from domain.models import cost_entries
@@ -184,13 +184,15 @@ def test_reports_sum_exactly_to_the_ledger(h: Harness) -> None:
     for n in (7, 13):
         assert h.run(h.enqueue("many", params={"n": n})) == "succeeded"
     for by in ("provider", "model", "name", "day", "project"):
-        rows = costs.report(h.engine, by=by)
+        rows = cost_reports.report(h.engine, by=by)
         assert sum((r["cost_usd"] for r in rows), Decimal(0)) == Decimal("0.0000020")
         assert sum(r["entries"] for r in rows) == 20
-    by_provider = {r["provider"]: r["cost_usd"] for r in costs.report(h.engine, by="provider")}
+    by_provider = {
+        r["provider"]: r["cost_usd"] for r in cost_reports.report(h.engine, by="provider")
+    }
     assert by_provider == {"anthropic": Decimal("0.0000011"), "openai": Decimal("0.0000009")}
     with pytest.raises(InvalidInput, match="by: expected one of"):
-        costs.report(h.engine, by="colour")
+        cost_reports.report(h.engine, by="colour")
 
 
 def test_project_input_errors(engine: Engine) -> None:
