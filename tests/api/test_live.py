@@ -28,7 +28,8 @@ from domain.db import create_db_engine
 from domain.models import runs
 from tests.api.conftest import SECRET_KEY, add_logs, set_status
 from tests.api.test_webhooks import signed_headers
-from tests.e2e.stack import ROOT, eventually
+from tests.e2e.stack import ROOT
+from tests.polling import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

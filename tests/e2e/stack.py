@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -105,12 +103,3 @@ class Stack:
             if proc.poll() is None:
                 self.kill(proc, signal.SIGTERM)
         self.procs.clear()
-
-
-def eventually(check: Callable[[], bool], timeout: float = 30.0, every: float = 0.1) -> None:
-    """Poll until `check()` holds; fail with the time waited otherwise."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(every)

@@ -25,8 +25,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from domain.migrate import head_revision
-from tests.e2e.stack import ROOT, eventually
+from tests.e2e.stack import ROOT
 from tests.http_receiver import Receiver, free_port
+from tests.polling import eventually
 from tests.services import IN_CI, PG_ADMIN_URL, require_postgres, require_redis
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.stack import ROOT, eventually
+from tests.e2e.stack import ROOT
+from tests.polling import eventually
 
 pytestmark = pytest.mark.slow
 

@@ -25,8 +25,9 @@ import httpx
 import pytest
 import redis
 
-from tests.e2e.stack import ROOT, Stack, eventually
+from tests.e2e.stack import ROOT, Stack
 from tests.http_receiver import free_port
+from tests.polling import eventually
 from tests.services import require_redis
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]

@@ -18,8 +18,9 @@ from conveyor import Client
 from domain.models import run_logs, runs
 from domain.pipelines import PipelineCatalog, PipelineDirectory
 from domain.secrets import SecretStore
-from tests.e2e.stack import Stack, eventually
+from tests.e2e.stack import Stack
 from tests.pipeline_support import FIXTURES, ROOT, make_pipeline
+from tests.polling import eventually
 from tests.services import require_redis
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]

@@ -18,7 +18,8 @@ from domain.clock import utc_now
 from domain.db import create_db_engine
 from domain.models import runs
 from scheduler.triggers import Slots, TriggerSpec
-from tests.e2e.stack import Stack, eventually
+from tests.e2e.stack import Stack
+from tests.polling import eventually
 from tests.services import require_redis
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]

@@ -18,7 +18,8 @@ from sqlalchemy import func, select
 from conveyor import Client
 from domain.models import dead_letters, run_logs, run_steps, runs
 from domain.ports import Dispatch
-from tests.e2e.stack import REDIS_DB, Stack, eventually
+from tests.e2e.stack import REDIS_DB, Stack
+from tests.polling import eventually
 from tests.services import require_redis
 from worker.app import create_app
 from worker.publisher import CeleryPublisher

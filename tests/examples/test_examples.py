@@ -13,7 +13,8 @@ import pytest
 from conveyor import Client
 from domain.clock import utc_now
 from domain.maintenance import apply_retention, roll_up, stats_for
-from tests.e2e.stack import ROOT, Stack, eventually
+from tests.e2e.stack import ROOT, Stack
+from tests.polling import eventually
 from tests.services import require_redis
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +19,7 @@ from domain.models import RunLog, RunMetric
 from domain.requests import build_request
 from domain.unit_of_work import UnitOfWork
 from tests.fakes import FakeClock
+from tests.polling import eventually
 from worker.logwriter import MAX_MESSAGE_BYTES, LogWriter
 
 DOWN_URL = "postgresql+psycopg://u@127.0.0.1:1/x"
@@ -52,14 +53,6 @@ def stored_lines(engine: Engine, run_id: uuid.UUID) -> list[Any]:
 def count_lines(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(RunLog)).scalar_one())
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(0.02)
 
 
 def test_lines_are_written_in_order_with_their_seq(
@@ -99,7 +92,7 @@ def test_the_flusher_writes_without_being_asked(
     writer.start()  # idempotent
     for i in range(5):
         writer.log(run_id, 1, f"line {i}")
-    wait_until(lambda: len(stored_lines(engine, run_id)) == 5)
+    eventually(lambda: len(stored_lines(engine, run_id)) == 5, timeout=5.0, every=0.02)
     assert writer.stats["buffered"] == 0
 
 
@@ -253,7 +246,7 @@ def test_a_database_outage_keeps_every_row_and_is_logged_once(down_engine: Engin
     writer.metric(run_id, "rows", 1, {"k": "v"})
     with capture_logs() as events:
         writer.start()
-        wait_until(lambda: writer.stats["write_errors"] >= 3)
+        eventually(lambda: writer.stats["write_errors"] >= 3, timeout=5.0, every=0.02)
         logs, metrics = writer.take_run(run_id)
     failures = [e for e in events if e["event"] == "logwriter.write_failed"]
     assert len(failures) == 1

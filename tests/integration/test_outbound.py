@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -29,6 +28,7 @@ from scheduler.deliveries import OutboundSweeper, PassReport, non_public_address
 from scheduler.service import SchedulerService
 from tests.fakes import FakeClock, FakePublisher
 from tests.http_receiver import Receiver, free_port
+from tests.polling import eventually
 
 SECRET_KEY = Fernet.generate_key().decode()
 
@@ -338,17 +338,17 @@ def test_the_scheduler_leader_sends_callbacks_without_blocking_its_loop(
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     try:
-        _eventually(lambda: len(outbound.deliveries_of(engine, [stuck])) == 1, timeout=20)
+        eventually(lambda: len(outbound.deliveries_of(engine, [stuck])) == 1, timeout=20)
         # The leader's outbound pass now waits on the silent receiver; its loop goes on: the
         # relay publishes a new run while that POST is still open.
         pending = services.enqueue(
             UnitOfWork(engine), build_request(name="later"), catalog=OpenCatalog()
         ).run
-        _eventually(lambda: pending.id in {d.run_id for d in publisher.published}, timeout=20)
+        eventually(lambda: pending.id in {d.run_id for d in publisher.published}, timeout=20)
         assert service.outbound._thread is not None and service.outbound._thread.is_alive()
         ok = finished_run(engine, FakeClock(utc_now()), callback_url=receiver.url)
         silent.close()  # the open POST fails; the next pass delivers the new callback
-        _eventually(lambda: len(receiver.posts()) == 1, timeout=20)
+        eventually(lambda: len(receiver.posts()) == 1, timeout=20)
     finally:
         silent.close()
         service.stop()
@@ -364,14 +364,6 @@ def _silent_server() -> socket.socket:
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
     return sock
-
-
-def _eventually(check: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.05)
 
 
 def test_internal_addresses_are_refused_unless_allowed(

@@ -8,7 +8,6 @@ import os
 import shutil
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tests.pipeline_support import (
     pipeline_harness,
     shared_env_cache,
 )
+from tests.polling import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -249,13 +249,6 @@ def assert_all_dead(pids: list[int]) -> None:
         assert status == psutil.STATUS_ZOMBIE, f"process {pid} survived the run ({status})"
 
 
-def wait_for(check: object, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.05)
-
-
 def test_timeout_kills_the_whole_process_tree(h1: PipelineHarness, tmp_path: Path) -> None:
     stubborn_tree(h1.root, timeout=1.5)
     pids = tmp_path / "pids"
@@ -277,7 +270,7 @@ def test_cancel_kills_the_whole_process_tree(h1: PipelineHarness, tmp_path: Path
     result: list[str] = []
     worker = threading.Thread(target=lambda: result.append(h1.run(run_id)))
     worker.start()
-    wait_for(lambda: len(pids_in(pids)) == 3)
+    eventually(lambda: len(pids_in(pids)) == 3, timeout=20, every=0.05)
     services.cancel_run(UnitOfWork(h1.engine), run_id, actor="test")
     worker.join(timeout=30)
     assert result == ["cancelled"]
