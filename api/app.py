@@ -16,6 +16,7 @@ from api import (
     health,
     metrics,
     routes_admin,
+    routes_costs,
     routes_pipelines,
     routes_runs,
     routes_schedules,
@@ -97,6 +98,7 @@ def create_api(
         routes_schedules,
         routes_pipelines,
         routes_stats,
+        routes_costs,
         routes_admin,
     ):
         app.include_router(module.router)
