@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from domain import runstore, services
 from domain.clock import utc_now
-from domain.models import CostEntry, run_logs, run_steps
+from domain.models import CostEntry, Run, run_logs, run_steps
 from domain.unit_of_work import UnitOfWork
 from tests.integration.conftest import Harness
 
@@ -61,24 +62,30 @@ def test_second_delivery_is_dropped(h: Harness) -> None:
 
 
 def test_failures_retry_with_backoff_then_fail(h: Harness) -> None:
-    @h.registry.task(max_attempts=3, retry_backoff=0.05, retry_backoff_max=0.1)
+    @h.registry.task(max_attempts=3, retry_backoff=40.0, retry_backoff_max=60.0)
     def broken(ctx) -> None:  # type: ignore[no-untyped-def]
         raise ValueError(f"boom on attempt {ctx.attempt}")
 
+    def delay_s(run_id: uuid.UUID) -> float:
+        pending = h.get(run_id)
+        assert pending.status == "pending" and pending.error_type == "ValueError"
+        assert pending.not_before is not None
+        return (pending.not_before - utc_now()).total_seconds()
+
+    def time_passes(run_id: uuid.UUID) -> None:  # the backoff is over without waiting for it
+        with h.engine.begin() as conn:
+            conn.execute(update(Run).where(Run.id == run_id).values(not_before=utc_now()))
+
     run_id = h.enqueue("broken")
     assert h.run(run_id) == "retrying"
-    pending = h.get(run_id)
-    assert pending.status == "pending" and pending.error_type == "ValueError"
-    assert pending.not_before > pending.created_at
+    assert 15 < delay_s(run_id) <= 40  # base 40 s with equal jitter: between 20 and 40 s
     assert h.run(run_id) == "dropped"  # not due yet: the backoff holds
-    statuses = ["retrying"]
-    deadline = time.monotonic() + 5
-    while statuses[-1] != "failed" and time.monotonic() < deadline:
-        time.sleep(0.03)
-        status = h.run(run_id)
-        if status != "dropped":
-            statuses.append(status)
-    assert statuses == ["retrying", "retrying", "failed"]
+    time_passes(run_id)
+    assert h.run(run_id) == "retrying"
+    assert 25 < delay_s(run_id) <= 60  # doubled to 80 s, capped at 60: between 30 and 60 s
+    assert h.run(run_id) == "dropped"
+    time_passes(run_id)
+    assert h.run(run_id) == "failed"
     run = h.get(run_id)
     assert (run.status, run.attempt, run.error_type) == ("failed", 3, "ValueError")
     assert run.error is not None and "boom on attempt 3" in run.error and "Traceback" in run.error
