@@ -155,6 +155,31 @@ def pg_backends(database: str) -> list[int]:
     return pids
 
 
+def settle_database(url: str, *, timeout: float = 60.0) -> None:
+    """Let PostgreSQL finish what the last measurement left it: VACUUM and ANALYZE the tables
+    (so autovacuum does not start on the 100,000 rows just written in the middle of the next
+    measurement, stealing a core) and CHECKPOINT (so the next run does not pay for this one's
+    dirty pages). Then wait until no autovacuum worker is busy in the database."""
+    engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    database = make_url(url).database
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("VACUUM (ANALYZE)"))
+            conn.execute(text("CHECKPOINT"))
+            busy = text(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = :db AND backend_type = 'autovacuum worker'"
+            )
+            wait_for(
+                lambda: conn.execute(busy, {"db": database}).scalar_one() == 0,
+                timeout=timeout,
+                every=0.1,
+                what="autovacuum to finish",
+            )
+    finally:
+        engine.dispose()
+
+
 class CpuMeter:
     """CPU seconds a set of processes used between start() and stop(); the set is read at both
     ends, so a process that appears in between counts from zero."""

@@ -10,7 +10,9 @@ One real `conveyor worker -c 1` (prefork, as deployed) runs, each round and in t
 
 Time per run is started_at -> finished_at from the runs row: from the claim until the final
 state has committed, after the run's last lines and entries (guarantee: entries are written
-before the final state). The best of `--rounds` rounds counts. Issue 8's target: the cost run
+before the final state). Every run starts on a settled database (vacuumed, checkpointed, no
+autovacuum busy), and the two kinds take turns going first. The best of `--rounds` rounds
+counts. Issue 8's target: the cost run
 takes at most 10% longer than the log run.
 
 After every cost run the ledger is checked: N entries in cost_entries, and the run's cost_usd,
@@ -24,6 +26,7 @@ Run: `python -m bench.costs [--entries 100000] [--rounds 3] [--mixed] [--priced]
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -42,6 +45,7 @@ from bench.common import (
     conveyor_worker_argv,
     flush_redis,
     fresh_database,
+    settle_database,
     table,
     wait_for,
 )
@@ -177,19 +181,29 @@ class Measured:
 def measure(args: argparse.Namespace, client: Client, engine: Any, procs: Processes) -> Measured:
     """Warm up, then `--rounds` rounds of logs, costs (and mixed), checking the ledger."""
     n, guard, out = args.entries, RedisGuard(), Measured()
+    url = engine.url.render_as_string(hide_password=False)
     expected = expected_ledger(n, args.priced)
     run_once(client, engine, "bench_cost_logs", {"n": 1000}, 120)  # warm up
     run_once(client, engine, "bench_cost_entries", {"n": 1000, "priced": args.priced}, 120)
     while len(out.logs) < args.rounds:
         guard.arm()
         procs.check_alive()
-        logs = run_once(client, engine, "bench_cost_logs", {"n": n}, args.timeout)[1]
-        run_id, costs = run_once(
-            client, engine, "bench_cost_entries", {"n": n, "priced": args.priced}, args.timeout
-        )
-        check_ledger(engine, run_id, n, expected)
+        logs = costs = 0.0
+        # Both kinds run on a settled database, and in turn first: neither always pays for the
+        # autovacuum and dirty pages the other left behind.
+        for kind in ("logs", "costs") if len(out.logs) % 2 == 0 else ("costs", "logs"):
+            settle_database(url)
+            if kind == "logs":
+                logs = run_once(client, engine, "bench_cost_logs", {"n": n}, args.timeout)[1]
+                continue
+            run_id, costs = run_once(
+                client, engine, "bench_cost_entries", {"n": n, "priced": args.priced},
+                args.timeout,
+            )  # fmt: skip
+            check_ledger(engine, run_id, n, expected)
         mixed = 0.0
         if args.mixed:
+            settle_database(url)
             run_id, mixed = run_once(client, engine, "bench_cost_mixed", {"n": n}, args.timeout)
             check_ledger(engine, run_id, n // 2, expected_ledger(n // 2, False))
         try:
@@ -245,6 +259,11 @@ def report_results(args: argparse.Namespace, m: Measured) -> None:
         )  # fmt: skip
     table(["what", "rows", "seconds", "rows/s", "vs logs"], rows)
     extra = costs / logs - 1
+    ratios = sorted(c / lg for c, lg in zip(m.costs, m.logs, strict=True))
+    print(
+        f"\nper round, cost run / log run: median {statistics.median(ratios):.2f}x, "
+        f"from {ratios[0]:.2f}x to {ratios[-1]:.2f}x (this machine's run-to-run noise)"
+    )
     print(
         f"\nledger checked after every cost run: all {n:,} entries stored, and the run's totals "
         f"equal the exact sum of its entries ({expected_ledger(n, args.priced)[0]} USD)"
@@ -262,7 +281,7 @@ def main() -> None:
     parser.add_argument(
         "--entries", type=int, default=100_000, help="N: log lines and cost entries per run"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="the best round counts")
+    parser.add_argument("--rounds", type=int, default=5, help="the best round counts")
     parser.add_argument(
         "--mixed", action="store_true", help="also N rows of interleaved lines and entries"
     )
