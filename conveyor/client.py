@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from domain import services
 from domain.db import create_db_engine
 from domain.errors import InvalidInput, WaitTimeout
+from domain.gc_pause import gc_paused
 from domain.ports import Catalog, Publisher
 from domain.repository import RunFilter
 from domain.requests import build_request, build_requests, parse_duration
@@ -166,20 +167,21 @@ class Client:
         Example: `client.enqueue_many({"name": "resize", "params": {"id": i}} for i in ids)`.
         All items are validated first: one bad item refuses the whole batch, naming its index.
         """
-        loose = []
-        for index, item in enumerate(items):
-            fields = dict(item)
-            if "name" not in fields:
-                raise InvalidInput(f"items[{index}].name: missing", field="name")
-            try:
-                loose.append(self._fields(**fields))
-            except InvalidInput as exc:
-                raise InvalidInput(f"items[{index}].{exc}", field=exc.field) from None
-        requests = build_requests(loose)  # one validation pass for the whole batch
-        results = services.enqueue_many(
-            self.uow(), requests, publisher=self.publisher, catalog=self.catalog
-        )
-        return [r.run for r in results]
+        with gc_paused():  # a batch allocates much and frees it all at the end: see gc_pause
+            loose = []
+            for index, item in enumerate(items):
+                fields = dict(item)
+                if "name" not in fields:
+                    raise InvalidInput(f"items[{index}].name: missing", field="name")
+                try:
+                    loose.append(self._fields(**fields))
+                except InvalidInput as exc:
+                    raise InvalidInput(f"items[{index}].{exc}", field=exc.field) from None
+            requests = build_requests(loose)  # one validation pass for the whole batch
+            results = services.enqueue_many(
+                self.uow(), requests, publisher=self.publisher, catalog=self.catalog
+            )
+            return [r.run for r in results]
 
     def _request(self, name: str, params: Mapping[str, Any] | None, **fields: Any) -> Any:
         return build_request(**self._fields(name=name, params=params, **fields))

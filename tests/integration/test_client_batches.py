@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 from sqlalchemy import Engine, func, select
 
@@ -67,3 +69,62 @@ def test_one_bad_item_refuses_the_batch_naming_it(
     with pytest.raises(InvalidInput, match=message):
         client.enqueue_many(items)
     assert _count(engine) == 0
+
+
+def test_every_field_survives_the_copy_path(engine: Engine, db_url: str) -> None:
+    """Batches without idempotency keys are COPY'd (binary on PostgreSQL): each value must
+    arrive in its column's exact type, and read back as the view the batch returned."""
+    client = Client(
+        load_settings(database_url=db_url),
+        engine=engine,
+        publisher=FakePublisher(),
+        catalog=OpenCatalog(),
+    )
+    items = [
+        {
+            "name": "full",
+            "params": {"nested": {"list": [1, 2.5, None, "ü"]}, "flag": True},
+            "priority": 0,
+            "delay": "90s",
+            "timeout": 30,  # an int into a float column
+            "max_attempts": 7,
+            "budget_usd": "12.3456789012",
+            "max_requests": 40,
+            "max_minutes": 3,
+            "callback_url": "https://example.com/done",
+        },
+        {"name": "bare"},
+    ]
+    views = client.enqueue_many(items)
+    stored = [client.get(v.id) for v in views]
+    assert stored == views
+    full = stored[0]
+    assert full.params == {"nested": {"list": [1, 2.5, None, "ü"]}, "flag": True}
+    assert (full.priority, full.timeout_s, full.max_attempts) == (0, 30.0, 7)
+    assert str(full.budget_usd) == "12.3456789012"
+    assert (full.max_requests, full.max_minutes) == (40, 3.0)
+    assert (full.not_before - full.created_at).total_seconds() == 90
+
+
+def test_the_garbage_collector_is_back_after_a_batch(engine: Engine, db_url: str) -> None:
+    """enqueue_many pauses the cyclic collector while it builds a batch (domain.gc_pause);
+    it resumes after success and after a refused batch, and stays off if the caller had
+    turned it off."""
+    client = Client(
+        load_settings(database_url=db_url),
+        engine=engine,
+        publisher=FakePublisher(),
+        catalog=OpenCatalog(),
+    )
+    assert gc.isenabled()
+    client.enqueue_many([{"name": "ok"}] * 3)
+    assert gc.isenabled()
+    with pytest.raises(InvalidInput):
+        client.enqueue_many([{"name": "ok"}, {"name": "bad", "priority": 99}])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        client.enqueue_many([{"name": "ok"}])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
