@@ -32,6 +32,14 @@ def dialect_insert(conn: Connection, table: Table) -> Any:
     return sqlite.insert(table)
 
 
+#: ON CONFLICT target of a run's idempotency key: the partial unique index on (project, key)
+#: is only inferred when the statement names its predicate too.
+ON_KEY_CONFLICT: dict[str, Any] = {
+    "index_elements": ["project", "idempotency_key"],
+    "index_where": runs.c.idempotency_key.is_not(None),
+}
+
+
 def copy_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     """COPY `rows` (dicts with the same keys) into `table` inside the current transaction.
 
@@ -147,7 +155,7 @@ class RunRepository:
             # cache key, cost more CPU than the round trip. A NULL key never conflicts.
             stmt = _INSERT_ONE[self.conn.dialect.name] = (
                 dialect_insert(self.conn, runs)
-                .on_conflict_do_nothing(index_elements=["project", "idempotency_key"])
+                .on_conflict_do_nothing(**ON_KEY_CONFLICT)
                 .returning(runs.c.id)
             )
         return self.conn.execute(stmt, row).first() is not None
@@ -165,9 +173,7 @@ class RunRepository:
         ):
             copy_rows(self.conn, runs, rows)
             return
-        stmt = dialect_insert(self.conn, runs).on_conflict_do_nothing(
-            index_elements=["project", "idempotency_key"]
-        )
+        stmt = dialect_insert(self.conn, runs).on_conflict_do_nothing(**ON_KEY_CONFLICT)
         self.conn.execute(stmt, rows)
 
     def add_audit(

@@ -36,7 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from domain.errors import ConveyorError
 from domain.models import runs
 from domain.ports import Catalog, Dispatch, OpenCatalog
-from domain.repository import copy_rows, dialect_insert
+from domain.repository import ON_KEY_CONFLICT, copy_rows, dialect_insert
 from domain.requests import EnqueueRequest, build_request
 from domain.schedules import HELD, fires, schedules
 from domain.services import run_row
@@ -300,7 +300,7 @@ class _Batch:
                 return {row["id"] for row in rows}
         stmt = (
             dialect_insert(self.conn, runs)
-            .on_conflict_do_nothing(index_elements=["project", "idempotency_key"])
+            .on_conflict_do_nothing(**ON_KEY_CONFLICT)
             .returning(runs.c.id)
         )
         return set(self.conn.execute(stmt, rows).scalars())
