@@ -72,7 +72,7 @@ def test_one_bad_item_refuses_the_batch_naming_it(
 
 
 def test_every_field_survives_the_copy_path(engine: Engine, db_url: str) -> None:
-    """Batches without idempotency keys are COPY'd (binary on PostgreSQL): each value must
+    """Batches without idempotency keys are COPY'd on PostgreSQL: each value must
     arrive in its column's exact type, and read back as the view the batch returned."""
     client = Client(
         load_settings(database_url=db_url),
