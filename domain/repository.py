@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
+from psycopg.copy import LibpqWriter
 from sqlalchemy import ColumnElement, Connection, Table, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
@@ -23,6 +25,7 @@ from domain.states import ALL_STATUSES, TERMINAL, Status
 from domain.views import LogLine, Page, RunView, StepView
 
 MAX_PAGE = 1000
+T = TypeVar("T")
 
 
 def dialect_insert(conn: Connection, table: Table) -> Any:
@@ -40,10 +43,22 @@ ON_KEY_CONFLICT: dict[str, Any] = {
 }
 
 
-def copy_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+def copy_rows(
+    conn: Connection,
+    table: Table,
+    rows: list[dict[str, Any]],
+    *,
+    meanwhile: Callable[[], T] | None = None,
+) -> T | None:
     """COPY `rows` (dicts with the same keys) into `table` inside the current transaction.
 
     psycopg dumps UUIDs, aware datetimes and JSON itself; money becomes an exact Decimal.
+
+    `meanwhile` (optional) runs in this thread while PostgreSQL finishes the COPY, and its
+    result is returned. The end of a COPY is slow: the server inserts its last buffered rows
+    and runs every row's foreign-key checks then (about 10 us a run, measured), time the
+    caller would otherwise spend idle. A helper thread waits for the server instead (psycopg
+    releases the GIL while it waits); a refusal still raises here, after `meanwhile`.
     """
     columns = [table.c[name] for name in rows[0]]
     kinds = [_COPY_TYPES[c.type._type_affinity] for c in columns]  # type: ignore[index]
@@ -51,8 +66,9 @@ def copy_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> Non
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     names = ", ".join(f'"{c.name}"' for c in columns)
     statement = f"COPY {table.name} ({names}) FROM STDIN"
+    writer = _FinishMeanwhile(cursor, meanwhile)
     try:
-        with cursor.copy(statement) as copy:
+        with cursor.copy(statement, writer=writer) as copy:
             copy.set_types(kinds)
             for row in rows:
                 values = list(row.values())
@@ -63,6 +79,39 @@ def copy_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> Non
     except psycopg.IntegrityError as exc:
         # Same exception as the INSERT path, so callers handle one kind of constraint failure.
         raise IntegrityError(statement, None, exc) from exc
+    return writer.result
+
+
+class _FinishMeanwhile(LibpqWriter, Generic[T]):
+    """psycopg's COPY writer, except that ending a COPY that went well waits for the server
+    in a helper thread while `meanwhile` runs in the caller's (psycopg releases the GIL while
+    it waits). What finishing raised is raised after `meanwhile`, in the caller's thread."""
+
+    def __init__(self, cursor: Any, meanwhile: Callable[[], T] | None) -> None:
+        super().__init__(cursor)
+        self.meanwhile = meanwhile
+        self.result: T | None = None
+
+    def finish(self, exc: BaseException | None = None) -> None:
+        if exc is not None or self.meanwhile is None:
+            super().finish(exc)
+            return
+        failure: list[BaseException] = []
+
+        def end() -> None:
+            try:
+                LibpqWriter.finish(self, None)
+            except BaseException as error:  # handed to the caller's thread below
+                failure.append(error)
+
+        finisher = threading.Thread(target=end, name="conveyor-copy-end", daemon=True)
+        finisher.start()
+        try:
+            self.result = self.meanwhile()
+        finally:
+            finisher.join()
+        if failure:
+            raise failure[0]
 
 
 #: psycopg dumper per SQLAlchemy type family (text COPY: the column's own type parses it).
@@ -141,21 +190,23 @@ class RunRepository:
             )
         return self.conn.execute(stmt, row).first() is not None
 
-    def insert_many(self, rows: list[dict[str, Any]]) -> None:
+    def insert_many(
+        self, rows: list[dict[str, Any]], *, meanwhile: Callable[[], T] | None = None
+    ) -> T | None:
         """Insert a batch; rows whose idempotency key already exists are skipped.
 
         On PostgreSQL a batch without keys goes through COPY (about 3x faster than pipelined
-        INSERTs here); keys need ON CONFLICT, which COPY cannot do.
+        INSERTs here), and `meanwhile` runs while the server finishes it (see copy_rows); keys
+        need ON CONFLICT, which COPY cannot do. Returns what `meanwhile` returned.
         """
-        if not rows:
-            return
-        if self.conn.dialect.name == "postgresql" and all(
+        if rows and self.conn.dialect.name == "postgresql" and all(
             row["idempotency_key"] is None for row in rows
         ):
-            copy_rows(self.conn, runs, rows)
-            return
-        stmt = dialect_insert(self.conn, runs).on_conflict_do_nothing(**ON_KEY_CONFLICT)
-        self.conn.execute(stmt, rows)
+            return copy_rows(self.conn, runs, rows, meanwhile=meanwhile)
+        if rows:
+            stmt = dialect_insert(self.conn, runs).on_conflict_do_nothing(**ON_KEY_CONFLICT)
+            self.conn.execute(stmt, rows)
+        return meanwhile() if meanwhile is not None else None
 
     def add_audit(
         self,

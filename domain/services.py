@@ -188,6 +188,14 @@ def _insert(uow: UnitOfWork, rows: list[dict[str, Any]]) -> list[Enqueued]:
                 continue
             first_by_key[ident] = row
         to_insert.append(row)
+    if not first_by_key:
+        # No keys, so nothing to look up afterwards: the views are built while the database
+        # finishes the insert (RunRepository.insert_many's `meanwhile`).
+        made = uow.runs.insert_many(
+            to_insert, meanwhile=lambda: [Enqueued(_view(row), True) for row in rows]
+        )
+        assert made is not None
+        return made
     uow.runs.insert_many(to_insert)
     keyed: dict[str, list[str]] = {}
     for project, key in first_by_key:
