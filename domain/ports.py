@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,9 +19,23 @@ class Dispatch:
 
 
 class Publisher(Protocol):
-    """Sends dispatches to the broker. Called only after the creating transaction commits."""
+    """Sends dispatches to the broker. Called only after the creating transaction commits.
+
+    A publisher may also offer `prepare(dispatches) -> send`: it builds the messages (sending
+    nothing), and calling `send()` after commit sends them, raising as `publish` would. Batch
+    enqueues prepare while the database is still busy with their transaction (`send_later`).
+    """
 
     def publish(self, dispatches: Sequence[Dispatch]) -> None: ...
+
+
+def send_later(publisher: Publisher, dispatches: Sequence[Dispatch]) -> Callable[[], None]:
+    """The publisher's prepared send for `dispatches`, or a plain publish when it has none."""
+    prepare = getattr(publisher, "prepare", None)
+    if prepare is None:
+        return lambda: publisher.publish(dispatches)
+    send: Callable[[], None] = prepare(dispatches)
+    return send
 
 
 @dataclass(frozen=True, slots=True)

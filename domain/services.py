@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy.exc import IntegrityError
@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from domain import audit, costs
 from domain.clock import uuid7, uuid7_many
 from domain.errors import BrokerUnavailable, Conflict, InvalidInput, InvalidTransition
-from domain.ports import Catalog, Dispatch, OpenCatalog, Publisher
+from domain.ports import Catalog, Dispatch, OpenCatalog, Publisher, send_later
 from domain.repository import RunFilter
 from domain.requests import EnqueueRequest
 from domain.states import TERMINAL, Status
@@ -24,6 +24,7 @@ from domain.views import LogLine, Page, RunView
 log = structlog.get_logger("conveyor.runs")
 
 DEFAULT_PRIORITY = 5
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,21 +148,15 @@ def enqueue_many(
         if after is not None:
             uow.runs.get(after)  # RunNotFound: a run cannot wait for one that does not exist
         try:
-            results = _insert(uow, rows)
+            results, send = _insert(uow, rows, lambda made: _prepare_publish(publisher, made))
         except IntegrityError:
             uow.rollback()
             _explain_integrity_error(uow, rows)
             raise
-        created = [r.run for r in results if r.created]
-        if publisher is not None:
-            dispatches = [
-                Dispatch(r.id, r.name, r.queue, r.priority)
-                for r in created
-                if r.dispatched_at is not None
-            ]
-            if dispatches:
-                uow.after_commit(lambda: _publish(publisher, dispatches))
+        if send is not None:
+            uow.after_commit(send)
         uow.commit()
+    created = [r.run for r in results if r.created]
     if len(created) == 1:
         log.debug("run.enqueued", run_id=str(created[0].id), name=created[0].name)
     elif created:
@@ -169,13 +164,38 @@ def enqueue_many(
     return results
 
 
-def _insert(uow: UnitOfWork, rows: list[dict[str, Any]]) -> list[Enqueued]:
+def _prepare_publish(
+    publisher: Publisher | None, results: list[Enqueued]
+) -> Callable[[], None] | None:
+    """What to run after commit to publish the runs created due now (messages built now)."""
+    if publisher is None:
+        return None
+    dispatches = [
+        Dispatch(r.run.id, r.run.name, r.run.queue, r.run.priority)
+        for r in results
+        if r.created and r.run.dispatched_at is not None
+    ]
+    if not dispatches:
+        return None
+    send = send_later(publisher, dispatches)
+    return lambda: _publish(send, len(dispatches))
+
+
+def _insert(
+    uow: UnitOfWork, rows: list[dict[str, Any]], then: Callable[[list[Enqueued]], T]
+) -> tuple[list[Enqueued], T]:
+    """Insert the rows; return what was enqueued and what `then` made of it. (On the COPY path
+    `then` runs while the database ends the insert.)"""
+
+    def done(results: list[Enqueued]) -> tuple[list[Enqueued], T]:
+        return results, then(results)
+
     if len(rows) == 1:
         row = rows[0]
         if uow.runs.insert_one(row):
-            return [Enqueued(_view(row), True)]
+            return done([Enqueued(_view(row), True)])
         existing = uow.runs.by_keys(row["project"], [row["idempotency_key"]])
-        return [_resolve_duplicate(row, existing)]
+        return done([_resolve_duplicate(row, existing)])
 
     # A batch: duplicates inside it collapse onto their first occurrence, then one executemany.
     first_by_key: dict[tuple[str, str], dict[str, Any]] = {}
@@ -189,10 +209,10 @@ def _insert(uow: UnitOfWork, rows: list[dict[str, Any]]) -> list[Enqueued]:
             first_by_key[ident] = row
         to_insert.append(row)
     if not first_by_key:
-        # No keys, so nothing to look up afterwards: the views are built while the database
-        # finishes the insert (RunRepository.insert_many's `meanwhile`).
+        # No keys, so nothing to look up afterwards: the views (and `then`: the messages) are
+        # built while the database ends the insert (RunRepository.insert_many's `meanwhile`).
         made = uow.runs.insert_many(
-            to_insert, meanwhile=lambda: [Enqueued(_view(row), True) for row in rows]
+            to_insert, meanwhile=lambda: done([Enqueued(_view(row), True) for row in rows])
         )
         assert made is not None
         return made
@@ -215,7 +235,7 @@ def _insert(uow: UnitOfWork, rows: list[dict[str, Any]]) -> list[Enqueued]:
             results.append(Enqueued(stored, True))
         else:
             results.append(_resolve_duplicate(row, {key: stored}))
-    return results
+    return done(results)
 
 
 def _resolve_duplicate(row: dict[str, Any], existing: dict[str, RunView]) -> Enqueued:
@@ -250,12 +270,12 @@ def _explain_integrity_error(uow: UnitOfWork, rows: list[dict[str, Any]]) -> Non
             )
 
 
-def _publish(publisher: Publisher, dispatches: list[Dispatch]) -> None:
+def _publish(send: Callable[[], None], count: int) -> None:
     try:
-        publisher.publish(dispatches)
+        send()
     except BrokerUnavailable as exc:
         # The runs are committed; the relay re-publishes them after the grace period.
-        log.warning("run.publish_deferred", count=len(dispatches), reason=str(exc))
+        log.warning("run.publish_deferred", count=count, reason=str(exc))
 
 
 def get_run(uow: UnitOfWork, run_id: uuid.UUID) -> RunView:

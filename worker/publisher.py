@@ -7,7 +7,8 @@ import json
 import os
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import redis
 import structlog
@@ -21,6 +22,7 @@ from domain.settings import redact_url
 from worker.app import EXECUTE, priority_for_broker
 
 log = structlog.get_logger("conveyor.publisher")
+T = TypeVar("T")
 
 _ID, _TAG, _QUEUE, _PRIORITY = "@@ID@@", "@@TAG@@", "@@QUEUE@@", 987654321
 
@@ -50,26 +52,39 @@ class CeleryPublisher:
         self._tags = itertools.count(int.from_bytes(os.urandom(6), "big"))
 
     def publish(self, dispatches: Sequence[Dispatch]) -> None:
-        if not dispatches:
-            return
+        if dispatches:
+            self.prepare(dispatches)()
+
+    def prepare(self, dispatches: Sequence[Dispatch]) -> Callable[[], None]:
+        """Build the messages now; the returned function sends them (BrokerUnavailable when the
+        broker cannot be reached). Batch enqueues build them while PostgreSQL is still busy."""
+        if not self._broker.startswith(("redis://", "rediss://", "unix://")):
+            return lambda: self._guarded(lambda: self._publish_kombu(dispatches))
+        by_key = self._guarded(lambda: self._messages(dispatches))
+        return lambda: self._guarded(lambda: self._push(by_key))
+
+    def _guarded(self, action: Callable[[], T]) -> T:
         try:
-            if self._broker.startswith(("redis://", "rediss://", "unix://")):
-                self._publish_redis(dispatches)
-            else:
-                self._publish_kombu(dispatches)
+            return action()
         except (KombuOperationalError, RedisError, ConnectionError, OSError) as exc:
             raise BrokerUnavailable(
                 f"cannot reach the broker {redact_url(self._broker)}: {exc}"
             ) from None
 
     # -- Redis: templated messages, one pipeline --------------------------------------------
-    def _publish_redis(self, dispatches: Sequence[Dispatch]) -> None:
-        client = self._redis or self._connect()
+    def _messages(self, dispatches: Sequence[Dispatch]) -> dict[str, list[str]]:
+        """The messages by Redis list key (queue, with kombu's priority suffix)."""
+        if self._template is None:
+            self._connect()
         by_key: dict[str, list[str]] = defaultdict(list)
         for d in dispatches:
             priority = priority_for_broker(self._broker, d.priority)
             key = d.queue if priority == 0 else f"{d.queue}:{priority}"
             by_key[key].append(self._message(str(d.run_id), d.queue, priority))
+        return by_key
+
+    def _push(self, by_key: dict[str, list[str]]) -> None:
+        client = self._redis or self._connect()
         with client.pipeline(transaction=False) as pipe:
             for key, messages in by_key.items():
                 for start in range(0, len(messages), self.batch_size):

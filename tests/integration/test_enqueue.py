@@ -187,3 +187,28 @@ def test_enqueue_many_with_a_bad_project_writes_nothing(engine: Engine, uow: Uni
     with pytest.raises(InvalidInput, match="ghost"):
         services.enqueue_many(uow, requests, publisher=FakePublisher())
     assert count_runs(engine) == 0
+
+
+class _PreparingPublisher:
+    """Records, at prepare and at send, how many runs another connection can see."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.seen: list[tuple[str, int, int]] = []
+
+    def publish(self, dispatches: Sequence[Dispatch]) -> None:
+        raise AssertionError("a publisher that prepares is sent through prepare()")
+
+    def prepare(self, dispatches: Sequence[Dispatch]):  # type: ignore[no-untyped-def]
+        self.seen.append(("prepare", len(dispatches), count_runs(self.engine)))
+        return lambda: self.seen.append(("send", len(dispatches), count_runs(self.engine)))
+
+
+@pytest.mark.parametrize("size", [1, 300])
+def test_messages_are_prepared_before_commit_and_sent_after(engine: Engine, size: int) -> None:
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite transactions here begin IMMEDIATE: a second reader would wait")
+    publisher = _PreparingPublisher(engine)
+    requests = [build_request(name="t", params={"i": i}) for i in range(size)]
+    services.enqueue_many(UnitOfWork(engine), requests, publisher=publisher)
+    assert publisher.seen == [("prepare", size, 0), ("send", size, size)]

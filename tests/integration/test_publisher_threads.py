@@ -9,6 +9,7 @@ import uuid
 import pytest
 import redis
 
+from domain.errors import BrokerUnavailable
 from domain.ports import Dispatch
 from domain.settings import load_settings
 from tests.services import REDIS_URL, require_redis
@@ -54,3 +55,12 @@ def test_threads_publishing_first_together_all_get_through() -> None:
     client.close()
     assert publisher._redis is not None
     publisher._redis.close()
+
+
+def test_prepare_builds_without_the_broker_and_sending_says_it_is_down() -> None:
+    """Messages are built before commit with no network; only sending needs the broker."""
+    down = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    publisher = CeleryPublisher(create_app(load_settings(broker_url=down)))
+    send = publisher.prepare([Dispatch(uuid.uuid4(), "t", "default", 5)])
+    with pytest.raises(BrokerUnavailable, match=r"cannot reach the broker redis://127\.0\.0\.1:1"):
+        send()
