@@ -199,8 +199,10 @@ class RunRepository:
         INSERTs here), and `meanwhile` runs while the server finishes it (see copy_rows); keys
         need ON CONFLICT, which COPY cannot do. Returns what `meanwhile` returned.
         """
-        if rows and self.conn.dialect.name == "postgresql" and all(
-            row["idempotency_key"] is None for row in rows
+        if (
+            rows
+            and self.conn.dialect.name == "postgresql"
+            and all(row["idempotency_key"] is None for row in rows)
         ):
             return copy_rows(self.conn, runs, rows, meanwhile=meanwhile)
         if rows:
