@@ -67,7 +67,7 @@ def queues(state: State, _: Reader) -> dict[str, Any] | JSONResponse:
     """Messages waiting in the broker per queue (Redis only; other brokers list nothing)."""
     if state.redis is None:
         return {"items": [], "broker": "not redis"}
-    pending = observability.pending_queues(state.uow())
+    pending = observability.pending_queues(state.reader())
     names = {state.settings.default_queue, state.settings.submit_queue, *pending}
     try:
         depths = queue_depths(state.redis, sorted(names - {""}))

@@ -83,7 +83,7 @@ class DatabaseCollector:
         window = state.options.metrics_window_s
         up = GaugeMetricFamily("conveyor_database_up", "1 when the database answered.")
         try:
-            snap = observability.snapshot(state.uow(), now=utc_now(), window_s=window)
+            snap = observability.snapshot(state.reader(), now=utc_now(), window_s=window)
         except (ConveyorError, OSError) as exc:
             log.warning("metrics.database_unavailable", reason=str(exc))
             up.add_metric([], 0)

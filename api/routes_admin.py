@@ -44,19 +44,19 @@ class NewWebhook(BaseModel):
 @router.get("/audit")
 def list_audit(state: State, _: Admin, query: Annotated[AuditQuery, Query()]) -> dict[str, Any]:
     """Who changed what, newest first; `next_cursor` pages on."""
-    page = audit.list_entries(state.uow(), **query.model_dump())
+    page = audit.list_entries(state.reader(), **query.model_dump())
     return {"items": [entry.to_dict() for entry in page.items], "next_cursor": page.next_cursor}
 
 
 @router.get("/workers", tags=["workers"])
 def list_workers(state: State, _: Reader) -> dict[str, Any]:
     """Worker processes with their queues, load and last heartbeat."""
-    return {"items": [w.to_dict() for w in queries.list_workers(state.uow())]}
+    return {"items": [w.to_dict() for w in queries.list_workers(state.reader())]}
 
 
 @router.get("/tokens")
 def list_tokens(state: State, _: Admin) -> dict[str, Any]:
-    return {"items": [t.to_dict() for t in auth.list_tokens(state.uow())]}
+    return {"items": [t.to_dict() for t in auth.list_tokens(state.reader())]}
 
 
 @router.post("/tokens", status_code=201)
@@ -77,7 +77,7 @@ def revoke_token(state: State, who: Admin, request: Request, name: str) -> dict[
 
 @router.get("/webhooks")
 def list_webhooks(state: State, _: Admin) -> dict[str, Any]:
-    return {"items": [w.to_dict() for w in webhooks.list_webhooks(state.uow())]}
+    return {"items": [w.to_dict() for w in webhooks.list_webhooks(state.reader())]}
 
 
 @router.post("/webhooks", status_code=201)

@@ -43,13 +43,13 @@ class TriggerPipeline(BaseModel):
 @router.get("")
 def list_all(state: State, _: Reader) -> dict[str, Any]:
     """Every discovered pipeline: whether it can run, its environment, its run counters."""
-    return {"items": [view.to_dict() for view in list_pipelines(state.uow())]}
+    return {"items": [view.to_dict() for view in list_pipelines(state.reader())]}
 
 
 @router.get("/{name}")
 def detail(state: State, _: Reader, name: Name) -> dict[str, Any]:
     """One pipeline with its configuration, counters, last run and last error."""
-    return pipeline_detail(state.uow(), name)
+    return pipeline_detail(state.reader(), name)
 
 
 @router.post(

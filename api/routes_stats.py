@@ -30,4 +30,4 @@ def stats(state: State, _: Reader, query: Annotated[StatsQuery, Query()]) -> dic
     """One item per period, project and name in [since, until) (default: the last 7 days, or
     24 hours by hour). `source` says whether the scheduler's rollups answered, or the runs
     themselves (before the first rollup). Runs count in the period they ended in."""
-    return run_stats_for(state.uow(), **query.model_dump()).to_dict()
+    return run_stats_for(state.reader(), **query.model_dump()).to_dict()

@@ -37,7 +37,7 @@ def log_events(lines: list[LogLine]) -> str:
 
 
 def _poll(state: ApiState, run_id: uuid.UUID, after_seq: int) -> queries.Tail:
-    return queries.tail(state.uow(), run_id, after_seq=after_seq, limit=BATCH)
+    return queries.tail(state.reader(), run_id, after_seq=after_seq, limit=BATCH)
 
 
 async def follow(state: ApiState, run_id: uuid.UUID, after_seq: int) -> AsyncIterator[str]:
@@ -93,7 +93,7 @@ async def stream_logs(
     if last_event_id and last_event_id.isdigit():
         after_seq = max(after_seq, int(last_event_id))
     # 404 now, while a status code can still be sent.
-    await run_in_threadpool(services.get_run, state.uow(), run_id)
+    await run_in_threadpool(services.get_run, state.reader(), run_id)
     return StreamingResponse(
         follow(state, run_id, after_seq),
         media_type="text/event-stream",

@@ -96,6 +96,11 @@ class ApiState:
     def uow(self) -> UnitOfWork:
         return UnitOfWork(self.engine)
 
+    def reader(self) -> UnitOfWork:
+        """For endpoints that only read: no transaction, so no BEGIN and ROLLBACK round trips
+        around the request's statements."""
+        return UnitOfWork(self.engine, read_only=True)
+
     def _accept_webhooks(self, batch: Sequence[Delivery]) -> list[Outcome]:
         return accept_batch(
             self.uow,

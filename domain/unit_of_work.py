@@ -17,21 +17,29 @@ from domain.repository import RunRepository
 class UnitOfWork:
     """`with uow:` opens a connection and a transaction; leaving without commit() rolls back.
 
-    Connection failures surface as DatabaseUnavailable with the database named (no password).
+    `read_only=True` (for reads that need no snapshot across their statements: the status API)
+    runs each statement in autocommit instead. Connection failures surface as
+    DatabaseUnavailable with the database named (no password).
     """
 
     runs: RunRepository
     conn: Connection
 
-    def __init__(self, engine: Engine, clock: Clock = utc_now) -> None:
+    def __init__(self, engine: Engine, clock: Clock = utc_now, *, read_only: bool = False) -> None:
         self.engine = engine
         self.clock = clock
+        self.read_only = read_only
         self._after_commit: list[Callable[[], None]] = []
 
     def __enter__(self) -> UnitOfWork:
         try:
             self.conn = self.engine.connect()
-            self.conn.begin()
+            if self.read_only:
+                # Each statement on its own (autocommit): no BEGIN and no ROLLBACK round trip
+                # around what only reads. Statements see what was committed when each began.
+                self.conn.execution_options(isolation_level="AUTOCOMMIT")
+            else:
+                self.conn.begin()
         except (OperationalError, DBAPIError) as exc:
             raise DatabaseUnavailable(describe_db_error(self._url, exc)) from None
         self.runs = RunRepository(self.conn)
