@@ -3,6 +3,7 @@ Nothing connects at import or in create_api; the lifespan starts and stops the r
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -62,6 +63,11 @@ def create_api(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(state.start)
+        # What is loaded by now lives as long as the process: out of the collector's reach.
+        # Otherwise every full collection walks the whole heap (FastAPI, pydantic, SQLAlchemy:
+        # 160,000 objects, 87 ms here), a pause that lands on whichever requests are in flight.
+        gc.collect()
+        gc.freeze()
         try:
             async with anyio.create_task_group() as tasks:
                 await tasks.start(state.intake.run)  # accepting before the first request
@@ -70,6 +76,7 @@ def create_api(
                 finally:
                     tasks.cancel_scope.cancel()
         finally:
+            gc.unfreeze()
             await run_in_threadpool(state.stop)
 
     app = FastAPI(
