@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from domain import runstore, services
+from domain.db import create_db_engine
 from domain.errors import Conflict, InvalidInput
 from domain.models import runs
 from domain.ports import Dispatch
@@ -204,11 +205,14 @@ class _PreparingPublisher:
         return lambda: self.seen.append(("send", len(dispatches), count_runs(self.engine)))
 
 
+@pytest.mark.postgres  # on SQLite a second connection's read would wait for the writer
 @pytest.mark.parametrize("size", [1, 300])
-def test_messages_are_prepared_before_commit_and_sent_after(engine: Engine, size: int) -> None:
-    if engine.dialect.name == "sqlite":
-        pytest.skip("SQLite transactions here begin IMMEDIATE: a second reader would wait")
-    publisher = _PreparingPublisher(engine)
-    requests = [build_request(name="t", params={"i": i}) for i in range(size)]
-    services.enqueue_many(UnitOfWork(engine), requests, publisher=publisher)
-    assert publisher.seen == [("prepare", size, 0), ("send", size, size)]
+def test_messages_are_prepared_before_commit_and_sent_after(pg_url: str, size: int) -> None:
+    engine = create_db_engine(pg_url)
+    try:
+        publisher = _PreparingPublisher(engine)
+        requests = [build_request(name="t", params={"i": i}) for i in range(size)]
+        services.enqueue_many(UnitOfWork(engine), requests, publisher=publisher)
+        assert publisher.seen == [("prepare", size, 0), ("send", size, size)]
+    finally:
+        engine.dispose()
