@@ -20,3 +20,9 @@ def bench_log_lines(ctx, n: int) -> int:  # type: ignore[no-untyped-def]
     for i in range(n):
         log(f"{now():.6f} line {i}")
     return n
+
+
+@task(queue="bench-parked")
+def bench_parked(ctx, i: int) -> None:  # type: ignore[no-untyped-def]
+    """bench.api --park-hook-runs: webhook runs land on a queue the bench worker does not
+    consume, so the worker keeps running exactly the feeder's rate."""
