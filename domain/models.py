@@ -59,6 +59,12 @@ class Project(Base):
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
 
 
+def _partial_index(name: str, *columns: str, where: str, unique: bool = False) -> Index:
+    """An index over only the rows that match `where`, on PostgreSQL and SQLite alike."""
+    predicate = text(where)
+    return Index(name, *columns, unique=unique, postgresql_where=predicate, sqlite_where=predicate)
+
+
 class Run(Base):
     """One execution of a task or pipeline; the pending row is also its delivery intent."""
 
@@ -74,45 +80,24 @@ class Run(Base):
         # Idempotency keys are unique per project (guarantee 4). Partial, like the indexes
         # on finished_at and parent_run_id: most runs have no key, no parent, and are not
         # finished when inserted, and an entry per NULL only made every enqueue cost more.
-        Index(
+        _partial_index(
             "uq_runs_project_idempotency_key",
             "project",
             "idempotency_key",
+            where="idempotency_key IS NOT NULL",
             unique=True,
-            postgresql_where=text("idempotency_key IS NOT NULL"),
-            sqlite_where=text("idempotency_key IS NOT NULL"),
         ),
         # The relay's sweep: pending runs due for (re-)publishing.
-        Index(
-            "ix_runs_pending_due",
-            "not_before",
-            postgresql_where=text("status = 'pending'"),
-            sqlite_where=text("status = 'pending'"),
-        ),
+        _partial_index("ix_runs_pending_due", "not_before", where="status = 'pending'"),
         # The reaper's sweep: running runs by lease expiry.
-        Index(
-            "ix_runs_running_lease",
-            "lease_expires_at",
-            postgresql_where=text("status = 'running'"),
-            sqlite_where=text("status = 'running'"),
-        ),
+        _partial_index("ix_runs_running_lease", "lease_expires_at", where="status = 'running'"),
         Index("ix_runs_created", "created_at", "id"),
         Index("ix_runs_name_created", "name", "created_at"),
         Index("ix_runs_status_created", "status", "created_at"),
         # Rollups and the callbacks/notifications sweep read runs by when they finished.
-        Index(
-            "ix_runs_finished_at",
-            "finished_at",
-            postgresql_where=text("finished_at IS NOT NULL"),
-            sqlite_where=text("finished_at IS NOT NULL"),
-        ),
+        _partial_index("ix_runs_finished_at", "finished_at", where="finished_at IS NOT NULL"),
         # Children of a run (retries, chains), and ON DELETE SET NULL when a parent goes.
-        Index(
-            "ix_runs_parent_run_id",
-            "parent_run_id",
-            postgresql_where=text("parent_run_id IS NOT NULL"),
-            sqlite_where=text("parent_run_id IS NOT NULL"),
-        ),
+        _partial_index("ix_runs_parent_run_id", "parent_run_id", where="parent_run_id IS NOT NULL"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
