@@ -72,7 +72,7 @@ def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         # A read-only unit of work runs in autocommit: no transaction, and no write lock.
-        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+        if not conn.get_execution_options().get("conveyor_read_only"):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 

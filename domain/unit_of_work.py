@@ -37,7 +37,14 @@ class UnitOfWork:
             if self.read_only:
                 # Each statement on its own (autocommit): no BEGIN and no ROLLBACK round trip
                 # around what only reads. Statements see what was committed when each began.
-                self.conn.execution_options(isolation_level="AUTOCOMMIT")
+                if self.conn.dialect.name == "sqlite":
+                    # pysqlite already runs without implicit transactions (domain.db); the
+                    # begin hook skips its BEGIN IMMEDIATE for this flag. (SQLAlchemy's
+                    # AUTOCOMMIT would hand the connection back with pysqlite's own implicit
+                    # transactions switched on.)
+                    self.conn.execution_options(conveyor_read_only=True)
+                else:
+                    self.conn.execution_options(isolation_level="AUTOCOMMIT")
             else:
                 self.conn.begin()
         except (OperationalError, DBAPIError) as exc:

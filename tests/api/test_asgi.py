@@ -9,6 +9,7 @@ from anyio.from_thread import start_blocking_portal
 from psycopg import pq
 
 from api.asgi import create_app
+from domain.db import create_db_engine
 from domain.repository import RunFilter
 from domain.unit_of_work import UnitOfWork
 from tests.api.conftest import SECRET_KEY, ApiClient
@@ -67,3 +68,23 @@ def test_reads_run_outside_a_transaction(api: ApiClient) -> None:
     with api.state.uow() as uow:
         uow.runs.page(RunFilter(), limit=1)
         assert _open_transaction(uow)
+
+
+def test_a_reader_hands_its_connection_back_as_it_found_it(db_url: str) -> None:
+    """One pooled connection, a reader then a writer: the writer still gets its transaction
+    (on SQLite: BEGIN IMMEDIATE, with pysqlite's own implicit transactions still off)."""
+    engine = create_db_engine(db_url, pool_size=1)
+    try:
+        with UnitOfWork(engine, read_only=True) as uow:
+            uow.runs.page(RunFilter(), limit=1)
+            assert not _open_transaction(uow)
+        with UnitOfWork(engine) as uow:
+            uow.runs.page(RunFilter(), limit=1)
+            assert _open_transaction(uow)
+            raw = uow.conn.connection.driver_connection
+            if uow.conn.dialect.name == "sqlite":
+                assert raw.isolation_level is None  # type: ignore[union-attr]
+            else:
+                assert raw.autocommit is False  # type: ignore[union-attr]
+    finally:
+        engine.dispose()
