@@ -271,15 +271,18 @@ def with_month_usage(month: Any) -> Join:
     )
 
 
+#: A project's monthly limits beside what it spent that month (select from with_month_usage).
+LIMITS_AND_USAGE = (
+    projects.c.name,
+    projects.c.monthly_cost_limit_usd,
+    projects.c.monthly_token_limit,
+    usage.c.cost_usd,
+    usage.c.tokens,
+)
+
 # Built once: every enqueue runs it, and building it cost more CPU than running it.
 _LIMITED = (
-    select(
-        projects.c.name,
-        projects.c.monthly_cost_limit_usd,
-        projects.c.monthly_token_limit,
-        usage.c.cost_usd,
-        usage.c.tokens,
-    )
+    select(*LIMITS_AND_USAGE)
     .select_from(with_month_usage(bindparam("month")))
     .where(
         projects.c.name.in_(bindparam("names", expanding=True)),

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError
 
-from domain.costs import as_money, month_of, usage, with_month_usage
+from domain.costs import LIMITS_AND_USAGE, as_money, month_of, usage, with_month_usage
 from domain.errors import Conflict, InvalidInput, NotFound
 from domain.models import projects
 from domain.requests import NAME_PATTERN
@@ -95,14 +95,7 @@ def set_limits(
 def list_projects(engine: Engine, *, now: datetime) -> list[dict[str, Any]]:
     month = month_of(now)
     query = (
-        select(
-            projects.c.name,
-            projects.c.monthly_cost_limit_usd,
-            projects.c.monthly_token_limit,
-            usage.c.cost_usd,
-            usage.c.tokens,
-            usage.c.reserved_usd,
-        )
+        select(*LIMITS_AND_USAGE, usage.c.reserved_usd)
         .select_from(with_month_usage(month))
         .order_by(projects.c.name)
     )
