@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import Connection, Engine, Table, delete, func, select, update
+from sqlalchemy import Connection, Engine, Table, delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from domain.errors import Conflict, InvalidInput, NotFound
@@ -28,6 +28,8 @@ fires = cast(Table, ScheduleFire.__table__)
 #: Far future: a run held back by overlap policy `queue` until the previous one ends.
 HELD = datetime(9999, 1, 1, tzinfo=UTC)
 MAX_RECORDED_MISSES = 10_000
+#: PostgreSQL NOTIFY channel: a schedule was added, edited, paused, resumed or removed.
+CHANGES_CHANNEL = "conveyor_schedules"
 
 
 class SlotSource(Protocol):
@@ -136,8 +138,9 @@ def add_schedule(
         try:
             if existing is None:
                 conn.execute(schedules.insert().values(created_at=now, **values))
-            else:
-                _replace(conn, existing[0], values, now)
+                announce_change(conn)
+            elif _replace(conn, existing[0], values, now):
+                announce_change(conn)
         except IntegrityError:
             raise Conflict(f"name: a schedule named {spec.name!r} already exists") from None
         return _get(conn, spec.name)
@@ -146,9 +149,10 @@ def add_schedule(
 TIMING = ("trigger", "expression", "timezone", "start_at", "end_at")
 
 
-def _replace(conn: Connection, schedule_id: int, values: dict[str, Any], now: datetime) -> None:
-    """Re-declare a schedule. Unchanged: nothing is written (syncs on every start are free).
-    New timing: slots of the old definition are not "missed", so the cursor moves to now."""
+def _replace(conn: Connection, schedule_id: int, values: dict[str, Any], now: datetime) -> bool:
+    """Re-declare a schedule; say whether anything changed. Unchanged: nothing is written
+    (syncs on every start are free). New timing: slots of the old definition are not
+    "missed", so the cursor moves to now."""
     current = conn.execute(select(schedules).where(schedules.c.id == schedule_id)).mappings().one()
     changed = {
         k: v
@@ -156,12 +160,20 @@ def _replace(conn: Connection, schedule_id: int, values: dict[str, Any], now: da
         if k not in {"updated_at", "next_fire_at"} and current[k] != v
     }
     if not changed:
-        return
+        return False
     if any(k in changed for k in TIMING):
         values = values | {"last_fire_at": now}
     else:
         values = {k: v for k, v in values.items() if k != "next_fire_at"}
     conn.execute(update(schedules).where(schedules.c.id == schedule_id).values(values))
+    return True
+
+
+def announce_change(conn: Connection) -> None:
+    """Wake the leading scheduler (scheduler/changes.py) when this transaction commits; a
+    rollback sends nothing. SQLite has no NOTIFY: the scheduler polls there."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANGES_CHANNEL})
 
 
 def _get(conn: Connection, name: str) -> ScheduleView:
@@ -203,6 +215,7 @@ def set_enabled(engine: Engine, name: str, enabled: bool, *, now: datetime) -> S
         ).rowcount
         if not found:
             raise NotFound(f"no schedule named {name!r}", name=name)
+        announce_change(conn)
         return _get(conn, name)
 
 
@@ -210,6 +223,7 @@ def remove_schedule(engine: Engine, name: str) -> None:
     with engine.begin() as conn:
         if not conn.execute(delete(schedules).where(schedules.c.name == name)).rowcount:
             raise NotFound(f"no schedule named {name!r}", name=name)
+        announce_change(conn)
 
 
 def disable_missing(engine: Engine, source: str, keep: set[str], *, now: datetime) -> list[str]:
@@ -229,6 +243,7 @@ def disable_missing(engine: Engine, source: str, keep: set[str], *, now: datetim
                 .where(schedules.c.name.in_(gone))
                 .values(enabled=False, updated_at=now)
             )
+            announce_change(conn)
         return gone
 
 

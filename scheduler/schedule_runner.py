@@ -117,13 +117,14 @@ class ScheduleRunner:
         if aps is not None:
             aps.shutdown(wait=True)
 
-    def sync(self) -> None:
+    def sync(self, *, force: bool = False) -> None:
         """Re-plan schedules that were added, edited, paused, resumed or removed, and those
-        whose last fire failed; slots they missed are recorded in one batch."""
+        whose last fire failed; slots they missed are recorded in one batch. Unless `force`
+        (a change was announced), an unchanged table is seen from one cheap query."""
         marker = sched.changes_marker(self.engine)
         with self._lock:
             stale = set(self._stale)
-        if marker == self._marker and not stale:
+        if marker == self._marker and not stale and not force:
             return
         rows = {s.id: s for s in sched.list_schedules(self.engine)}
         dues: list[Due] = []

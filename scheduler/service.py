@@ -18,6 +18,7 @@ from domain.recovery import forget_dead_workers, reap_once, relay_once
 from domain.registry import Registry
 from domain.schedules import release_held
 from domain.settings import Settings
+from scheduler.changes import ChangeListener
 from scheduler.declared import sync_code_schedules, sync_pipeline_schedules
 from scheduler.deliveries import OutboundSweeper
 from scheduler.leader import Leadership, leadership_for
@@ -26,6 +27,9 @@ from scheduler.schedule_runner import ScheduleRunner
 log = structlog.get_logger("conveyor.scheduler")
 
 STANDBY_RETRY_S = 1.0
+#: With LISTEN in place (PostgreSQL) edits arrive as notifications; this poll is only the net
+#: for one lost while the listener reconnected. Without it the schedules are polled each check.
+POLL_WHILE_LISTENING_S = 30.0
 
 
 class SchedulerService:
@@ -46,6 +50,9 @@ class SchedulerService:
         self.leadership = leadership or leadership_for(engine, settings.home)
         self.clock = clock
         self.stop_event = threading.Event()
+        self._wake = threading.Event()  # stop, or a schedule changed: look now
+        self._changed = threading.Event()
+        self.listener: ChangeListener | None = None  # PostgreSQL, while leading
         self.is_leader = False
         self.registry = registry
         self.schedules = ScheduleRunner(
@@ -88,8 +95,28 @@ class SchedulerService:
             log.info("scheduler.stopped")
 
     def _lead(self) -> None:
+        if self.engine.dialect.name == "postgresql":
+            self.listener = ChangeListener(self.engine, self._schedule_changed)
+            self.listener.start()
+        try:
+            self._sweep()
+        finally:
+            if self.listener is not None:
+                self.listener.stop()
+                self.listener = None
+
+    def _schedule_changed(self) -> None:
+        self._changed.set()
+        self._wake.set()
+
+    def _poll_every(self) -> float:
+        listening = self.listener is not None and self.listener.listening.is_set()
+        return POLL_WHILE_LISTENING_S if listening else STANDBY_RETRY_S
+
+    def _sweep(self) -> None:
         next_relay = next_reap = next_housekeeping = next_retention = 0.0
         next_check = time.monotonic() + STANDBY_RETRY_S
+        last_sync = time.monotonic()  # start() has just synced
         while not self.stop_event.is_set():
             now_m = time.monotonic()
             if now_m >= next_check:
@@ -97,8 +124,12 @@ class SchedulerService:
                     log.warning("scheduler.leadership_lost")
                     return
                 next_check = now_m + STANDBY_RETRY_S
+            notified = self._changed.is_set()
+            if notified or now_m >= last_sync + self._poll_every():
+                self._changed.clear()
+                last_sync = now_m
                 try:
-                    self.schedules.sync()  # edits take effect within about a second
+                    self.schedules.sync(force=notified)  # at once, or within a second
                 except Exception as exc:
                     log.error("scheduler.sync_failed", error=f"{type(exc).__name__}: {exc}")
             try:
@@ -132,9 +163,9 @@ class SchedulerService:
             except Exception as exc:  # a sweep failing must not end the process
                 log.error("scheduler.sweep_failed", error=f"{type(exc).__name__}: {exc}")
                 self.stop_event.wait(STANDBY_RETRY_S)
-            self.stop_event.wait(
-                max(0.0, min(next_relay, next_reap, next_check) - time.monotonic())
-            )
+            self._wake.wait(max(0.0, min(next_relay, next_reap, next_check) - time.monotonic()))
+            self._wake.clear()
 
     def stop(self) -> None:
         self.stop_event.set()
+        self._wake.set()
