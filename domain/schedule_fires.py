@@ -106,7 +106,7 @@ def fire_many(
     catalog: Catalog | None = None,
     rng: Callable[[], float] = random.random,
     requests: RequestCache | None = None,
-    before_commit: Callable[[], None] | None = None,
+    before_commit: Callable[[list[Fired]], None] | None = None,
 ) -> list[Fired]:
     """Record the slots of many schedules in one transaction; return what became of each.
 
@@ -115,9 +115,10 @@ def fire_many(
     unrecorded (a restart then treats it as missed); neither disturbs the rest of the batch.
     The schedules' cursors are moved afterwards, by `advance_cursors`.
 
-    `before_commit` stages the batch: the rows are written, then it is called (the scheduler
-    waits there for the slot) and only then is the transaction committed, so nothing is
-    visible before the slot and the work left at the slot is the commit. Schedules whose
+    `before_commit` stages the batch: the rows are written, then it is called with what they
+    record (the scheduler builds the broker messages and waits there for the slot) and only
+    then is the transaction committed, so nothing is visible before the slot and the work left
+    at the slot is the commit and the send. Schedules whose
     overlap policy is not `allow` depend on what is active at the slot itself: they are left
     out and reported `deferred`, for the caller to fire once the slot has come.
     """
@@ -144,7 +145,7 @@ def fire_many(
             batch.add(schedule, due.planned)
         fired = batch.write()
         if before_commit is not None:
-            before_commit()
+            before_commit(fired)
     return fired + deferred
 
 

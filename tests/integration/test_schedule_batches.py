@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import Engine, delete, func, select
 
 from domain import schedules as sched
+from domain.db import create_db_engine
 from domain.models import runs
+from domain.ports import Dispatch
 from domain.registry import Registry, RegistryCatalog
-from domain.schedule_fires import Due, RequestCache, advance_cursors, fire_many
+from domain.schedule_fires import Due, Fired, RequestCache, advance_cursors, fire_many
 from scheduler.schedule_runner import ScheduleRunner
 from scheduler.triggers import Slots, TriggerSpec
 from tests.fakes import FakePublisher
@@ -238,8 +242,10 @@ def test_a_staged_batch_is_invisible_until_its_commit(engine: Engine) -> None:
     (guarded,) = add_many(engine, 1, name="guarded", overlap_policy="skip")
     slot = T0 + timedelta(seconds=1)
     seen_before: list[int] = []
+    staged: list[tuple[int | None, str]] = []
 
-    def at_the_slot() -> None:
+    def at_the_slot(fired: list[Fired]) -> None:
+        staged.extend((f.schedule_id, f.outcome) for f in fired)
         if engine.dialect.name == "sqlite":  # one writer: another connection would wait
             return
         with engine.connect() as other:
@@ -252,6 +258,7 @@ def test_a_staged_batch_is_invisible_until_its_commit(engine: Engine) -> None:
     )
     if engine.dialect.name == "postgresql":
         assert seen_before == [0]
+    assert sorted(staged) == [(i, "enqueued") for i in ids]  # what the commit will record
     assert {f.schedule_id: f.outcome for f in fired} == {
         ids[0]: "enqueued",
         ids[1]: "enqueued",
@@ -287,3 +294,42 @@ def test_the_runner_fires_guarded_schedules_at_their_slot(engine: Engine) -> Non
     assert len(outcomes[skip]) >= 3
     assert outcomes[skip] == ["enqueued"] + ["skipped_overlap"] * (len(outcomes[skip]) - 1)
     assert {o for i in allow for o in outcomes[i]} == {"enqueued"}
+
+
+class _PreparingPublisher:
+    """Notes, at prepare and at send, how many runs another connection can see."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.seen: list[tuple[str, int, int]] = []
+
+    def _visible(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(runs)).scalar_one())
+
+    def publish(self, dispatches: Sequence[Dispatch]) -> None:
+        raise AssertionError("a staged instant is sent through prepare()")
+
+    def prepare(self, dispatches: Sequence[Dispatch]) -> Callable[[], None]:
+        self.seen.append(("prepare", len(dispatches), self._visible()))
+        return lambda: self.seen.append(("send", len(dispatches), self._visible()))
+
+
+@pytest.mark.postgres  # staging is PostgreSQL's: SQLite's single writer cannot wait in a write
+def test_a_staged_instant_builds_its_messages_before_the_slot_and_sends_them_after(
+    pg_url: str,
+) -> None:
+    engine = create_db_engine(pg_url)
+    now = datetime.now(UTC)
+    add_many(engine, 5, now=now)
+    publisher = _PreparingPublisher(engine)
+    runner = ScheduleRunner(engine, publisher, misfire_grace_s=60)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(publisher.seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        runner.stop()
+        engine.dispose()
+    assert publisher.seen[:2] == [("prepare", 5, 0), ("send", 5, 5)]
