@@ -11,12 +11,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from domain import schedules as sched
 from domain.clock import utc_now
 from domain.db import create_db_engine
 from domain.models import runs
+from scheduler.leader import ADVISORY_KEY
 from scheduler.triggers import Slots, TriggerSpec
 from tests.e2e.stack import Stack
 from tests.polling import eventually
@@ -131,6 +132,69 @@ def test_a_frozen_leader_cannot_double_fire_when_it_wakes(pg_url: str, tmp_path:
     finally:
         stack.stop_all()
         engine.dispose()
+
+
+def test_a_leader_that_loses_its_database_connection_hands_over(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The leader's session (and with it the advisory lock) is ended by the server: it stops
+    firing, a scheduler leads again within a few seconds, and every slot is still recorded
+    once with one run."""
+    require_redis()
+    stack = Stack(pg_url, tmp_path)
+    stack.redis.flushdb()
+    engine = create_db_engine(pg_url)
+    try:
+        spec = sched.ScheduleInput.parse(
+            name="tick", target="noop", trigger="interval", expression="1s"
+        )
+        view = sched.add_schedule(engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now())
+        stack.scheduler()
+        eventually(lambda: _count(engine, view.id) >= 2, timeout=30)
+        stack.scheduler()
+        time.sleep(1.5)
+        holder = _lock_holder(engine)
+        assert holder is not None
+        with engine.begin() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": holder})
+        eventually(lambda: _lock_holder(engine) not in (None, holder), timeout=15)
+        cut_at = _count(engine, view.id)
+        eventually(lambda: _count(engine, view.id) >= cut_at + 3, timeout=30)
+        sched.set_enabled(engine, "tick", False, now=utc_now())
+        time.sleep(1.5)
+        stack.stop_all()
+
+        with engine.connect() as conn:
+            slots = conn.execute(
+                select(sched.fires.c.fire_at, sched.fires.c.outcome, sched.fires.c.run_id)
+                .where(sched.fires.c.schedule_id == view.id)
+                .order_by(sched.fires.c.fire_at)
+            ).all()
+            made = conn.execute(
+                select(func.count())
+                .select_from(runs)
+                .where(runs.c.trigger_ref == f"schedule:{view.id}")
+            ).scalar_one()
+        times = [s[0] for s in slots]
+        assert {b - a for a, b in itertools.pairwise(times)} == {timedelta(seconds=1)}
+        assert {s[1] for s in slots} == {"enqueued"}
+        assert made == len(slots) == len({s[2] for s in slots})
+    finally:
+        stack.stop_all()
+        engine.dispose()
+
+
+def _lock_holder(engine: object) -> int | None:
+    """The backend pid holding the schedulers' advisory lock, if any."""
+    with engine.connect() as conn:  # type: ignore[attr-defined]
+        pid = conn.execute(
+            text(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND objid = (CAST(:k AS bigint) & 4294967295)"
+            ),
+            {"k": ADVISORY_KEY},
+        ).scalar()
+        return int(pid) if pid is not None else None
 
 
 def _count(engine: object, schedule_id: int) -> int:
