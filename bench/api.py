@@ -241,6 +241,7 @@ def add_records(engine: Engine, run_ids: list[uuid.UUID]) -> None:
         costs += [
             {
                 "run_id": rid,
+                "seq": seq,
                 "project": "default",
                 "ts": now,
                 "provider": "openai",
@@ -250,7 +251,7 @@ def add_records(engine: Engine, run_ids: list[uuid.UUID]) -> None:
                 "requests": 1,
                 "cost_usd": "0.00019",
             }
-            for model in ("gpt-4o-mini", "gpt-4o")
+            for seq, model in enumerate(("gpt-4o-mini", "gpt-4o"), 1)
         ]
     with engine.begin() as conn:
         conn.execute(insert(run_steps), steps)

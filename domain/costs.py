@@ -323,9 +323,12 @@ def add_to_run(
     tokens_in: int,
     tokens_out: int,
     requests: int,
-) -> bool:
-    """Add buffered entries' sums to the run's totals, in the caller's transaction (the one that
-    writes the entries). Fenced by attempt only: False when another attempt has claimed the run.
+    entries: int,
+) -> int | None:
+    """Add `entries` buffered entries' sums to the run's totals, in the caller's transaction
+    (the one that writes the entries). Returns the seq of the last of them (they take the
+    `entries` numbers up to it), or None when another attempt has claimed the run: fenced by
+    attempt only.
 
     Unlike the per-call path it does not also require `running`: the writer may land an
     attempt's last entries after that attempt wrote its final state (a database outage at the
@@ -337,11 +340,11 @@ def add_to_run(
         # Money is text on SQLite (exact); add in Python. Writers are serialised there anyway.
         current = conn.execute(select(runs.c.cost_usd).where(owned)).first()
         if current is None:
-            return False
+            return None
         new_cost = Decimal(current[0]) + usd
     else:
         new_cost = runs.c.cost_usd + usd
-    updated = conn.execute(
+    last = conn.execute(
         update(runs)
         .where(owned)
         .values(
@@ -349,9 +352,11 @@ def add_to_run(
             tokens_in=runs.c.tokens_in + tokens_in,
             tokens_out=runs.c.tokens_out + tokens_out,
             requests_made=runs.c.requests_made + requests,
+            cost_entry_count=runs.c.cost_entry_count + entries,
         )
-    ).rowcount
-    return bool(updated == 1)
+        .returning(runs.c.cost_entry_count)
+    ).scalar()
+    return None if last is None else int(last)
 
 
 def record(

@@ -129,6 +129,9 @@ class Run(Base):
     tokens_in: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens_out: Mapped[int] = mapped_column(BigInteger, default=0)
     requests_made: Mapped[int] = mapped_column(Integer, default=0)
+    #: How many cost entries the run has: the last entry's seq. Taken by the same UPDATE that
+    #: adds an entry (or a batch of them) to the totals above, so entries are numbered once.
+    cost_entry_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     error_type: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[str | None] = mapped_column(Text)
@@ -195,16 +198,18 @@ class RunMetric(Base):
 
 
 class CostEntry(Base):
+    """One recorded spend. `seq` numbers a run's entries from 1 in the order they were written
+    (runs.cost_entry_count hands the numbers out)."""
+
     __tablename__ = "cost_entries"
-    # Written as often as log lines, so kept to what reads need: by run (run detail, cascade
-    # deletes) and by time for reports, as BRIN on PostgreSQL: entries arrive in time order,
-    # and a BRIN index costs next to nothing per insert where a B-tree costs a page write.
+    # Written as often as log lines, so kept to what reads need, like a log line: one B-tree,
+    # the key (run_id, seq) that serves the run detail and cascade deletes, and no sequence;
+    # by time for reports, BRIN on PostgreSQL: entries arrive in time order, and a BRIN index
+    # costs next to nothing per insert where a B-tree costs a page write.
     __table_args__ = (Index("ix_cost_entries_ts", "ts", postgresql_using="brin"),)
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
-    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    run_id: Mapped[uuid.UUID] = _run_fk()
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     step_seq: Mapped[int | None] = mapped_column(Integer)
     project: Mapped[str] = mapped_column(String(100))
     ts: Mapped[datetime]

@@ -136,7 +136,7 @@ def _cost_entries(uow: UnitOfWork, run_id: uuid.UUID) -> list[CostLine]:
             cost_entries.c.step_seq,
         )
         .where(cost_entries.c.run_id == run_id)
-        .order_by(cost_entries.c.ts, cost_entries.c.id)
+        .order_by(cost_entries.c.ts, cost_entries.c.seq)
     )
     return [CostLine(**row) for row in uow.conn.execute(stmt).mappings()]
 

@@ -274,13 +274,14 @@ def record_cost(
             tokens_in=runs.c.tokens_in + entry["tokens_in"],
             tokens_out=runs.c.tokens_out + entry["tokens_out"],
             requests_made=runs.c.requests_made + entry["requests"],
+            cost_entry_count=runs.c.cost_entry_count + 1,
         )
-        .returning(*columns)
+        .returning(*columns, runs.c.cost_entry_count)
     ).first()
     if row is None:
         raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")
-    conn.execute(cost_entries.insert().values(run_id=run_id, **entry))
-    return Totals(*row)
+    conn.execute(cost_entries.insert().values(run_id=run_id, seq=row[-1], **entry))
+    return Totals(*row[:-1])
 
 
 def next_seq(conn: Connection, table: Any, run_id: uuid.UUID) -> int:

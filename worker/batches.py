@@ -26,9 +26,11 @@ run_metrics = cast(Table, RunMetric.__table__)
 
 LOG_COLUMNS = ("run_id", "seq", "attempt", "ts", "stream", "level", "message", "fields")
 METRIC_COLUMNS = ("run_id", "ts", "name", "value", "labels")
-# A buffered cost row is these columns plus the attempt it was recorded by, last (the fence).
+# A buffered cost row is (run_id, step_seq, project, ts, provider, model, tokens_in,
+# tokens_out, requests, cost_usd, attempt): the attempt that recorded it last (the fence). It
+# is written as these columns, with the seq its run's totals hand out (_add_to_totals).
 COST_COLUMNS = (
-    "run_id", "step_seq", "project", "ts", "provider", "model",
+    "run_id", "seq", "step_seq", "project", "ts", "provider", "model",
     "tokens_in", "tokens_out", "requests", "cost_usd",
 )  # fmt: skip
 _COPY_LOGS = f"COPY run_logs ({', '.join(LOG_COLUMNS)}) FROM STDIN"
@@ -41,7 +43,8 @@ _COPY_COSTS = f"COPY cost_entries ({', '.join(COST_COLUMNS)}) FROM STDIN (FORMAT
 _LOG_TYPES = ["uuid", "int8", "int4", "timestamptz", "text", "text", "text", "jsonb"]
 _METRIC_TYPES = ["uuid", "timestamptz", "text", "float8", "jsonb"]
 _COST_TYPES = [
-    "uuid", "int4", "text", "timestamptz", "text", "text", "int8", "int8", "int4", "numeric"
+    "uuid", "int8", "int4", "text", "timestamptz", "text", "text", "int8", "int8", "int4",
+    "numeric",
 ]  # fmt: skip
 
 ZERO = Decimal(0)
@@ -147,7 +150,7 @@ def write(conn: Connection, batch: Batch) -> Written:
                 with cur.copy(_COPY_COSTS) as copy:
                     copy.set_types(_COST_TYPES)
                     for row in costs:
-                        copy.write_row(row[:-1])  # without the attempt
+                        copy.write_row(row)
     else:
         # SQLite (dev mode): Core executemany, so the column types store UUIDs, times and
         # money (as exact text) as usual.
@@ -160,7 +163,7 @@ def write(conn: Connection, batch: Batch) -> Written:
         if costs:
             conn.execute(
                 cost_entries.insert(),
-                [dict(zip(COST_COLUMNS, r[:-1], strict=True)) for r in costs],
+                [dict(zip(COST_COLUMNS, r, strict=True)) for r in costs],
             )
     if months:
         _add_to_months(conn, months)  # last: the project's row is the one other workers share
@@ -173,9 +176,10 @@ Months = dict[tuple[str, date], list[Any]]  # (project, month) -> [usd, tokens]
 def _add_to_totals(conn: Connection, rows: list[Row]) -> tuple[list[Row], list[Row], Months]:
     """Add each (run, attempt)'s sums to the run's totals, fenced by attempt.
 
-    Returns the rows to write, the rows whose attempt no longer owns the run, and what the
-    written rows add to each project's month. Runs are locked in one order (by id) in every
-    writer, so two batches can never wait on each other in a cycle.
+    Returns the rows to write (as COST_COLUMNS, numbered), the buffered rows whose attempt no
+    longer owns the run, and what the written rows add to each project's month. Runs are
+    locked in one order (by id) in every writer, so two batches can never wait on each other
+    in a cycle.
     """
     groups: dict[tuple[UUID, int], list[Row]] = {}
     key: tuple[UUID, int] | None = None
@@ -192,7 +196,7 @@ def _add_to_totals(conn: Connection, rows: list[Row]) -> tuple[list[Row], list[R
         group = groups[(run_id, attempt)]
         usd = sum(map(_USD, group), ZERO)
         tokens_in, tokens_out = sum(map(_TOKENS_IN, group)), sum(map(_TOKENS_OUT, group))
-        owned = ledger.add_to_run(
+        numbered_to = ledger.add_to_run(
             conn,
             run_id,
             attempt,
@@ -200,11 +204,15 @@ def _add_to_totals(conn: Connection, rows: list[Row]) -> tuple[list[Row], list[R
             tokens_in=tokens_in,
             tokens_out=tokens_out,
             requests=sum(map(_REQUESTS, group)),
+            entries=len(group),
         )
-        if not owned:
+        if numbered_to is None:
             stale += group
             continue
-        kept += group
+        seq = numbered_to - len(group)
+        for row in group:
+            seq += 1
+            kept.append((run_id, seq, *row[1:10]))
         first, last = _month(min(map(_TS, group))), _month(max(map(_TS, group)))
         if first == last:  # the usual case: one month, the sums above
             _add_month(months, (group[0][2], first), usd, tokens_in + tokens_out)

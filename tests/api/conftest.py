@@ -185,6 +185,7 @@ def add_records(engine: Engine, run_id: str) -> None:
             [
                 {
                     "run_id": rid,
+                    "seq": seq,
                     "project": "default",
                     "ts": now,
                     "provider": provider,
@@ -194,7 +195,7 @@ def add_records(engine: Engine, run_id: str) -> None:
                     "requests": 1,
                     "cost_usd": usd,
                 }
-                for provider, model, usd in costs
+                for seq, (provider, model, usd) in enumerate(costs, 1)
             ],
         )
         conn.execute(

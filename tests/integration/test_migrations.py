@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import Uuid, bindparam, create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
 from domain.db import create_db_engine
 from domain.migrate import downgrade, head_revision, upgrade
 from domain.schema import metadata
+from domain.types import UTCDateTime
 from tests.services import PG_ADMIN_URL, require_postgres
 
 
@@ -65,3 +68,55 @@ def test_models_match_the_migrations(empty_db: str) -> None:
         diff = compare_metadata(context, metadata)
     engine.dispose()
     assert diff == []
+
+
+def test_0008_numbers_existing_cost_entries_per_run_and_back(empty_db: str) -> None:
+    """Entries recorded before 0008 get seqs 1..n per run in the order they were written, and
+    each run's count matches; downgrading keeps every entry."""
+    upgrade(empty_db, revision="0007")
+    engine = create_db_engine(empty_db, null_pool=True)
+    a, b = uuid.uuid4(), uuid.uuid4()
+    run = (
+        "INSERT INTO runs (id, project, kind, name, queue, priority, params, status, attempt,"
+        " max_attempts, triggered_by, not_before, dispatch_attempts, cost_usd, tokens_in,"
+        " tokens_out, requests_made, created_at) VALUES (:id, 'default', 'task', 't',"
+        " 'default', 5, '{}', 'running', 1, 1, 'api', :now, 0, 0, 0, 0, 0, :now)"
+    )
+    entry = (
+        "INSERT INTO cost_entries (run_id, project, ts, provider, model, tokens_in,"
+        " tokens_out, requests, cost_usd) VALUES (:run, 'default', :now, 'p', :model,"
+        " 1, 2, 1, 0)"
+    )
+    typed = [bindparam("id", type_=Uuid()), bindparam("run", type_=Uuid())]
+    typed.append(bindparam("now", type_=UTCDateTime()))
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        for rid in (a, b):
+            conn.execute(text(run).bindparams(typed[0], typed[2]), {"id": rid, "now": now})
+        for rid, model in [(a, "a1"), (b, "b1"), (a, "a2"), (a, "a3"), (b, "b2")]:
+            conn.execute(
+                text(entry).bindparams(typed[1], typed[2]),
+                {"run": rid, "now": now, "model": model},
+            )
+    engine.dispose()
+
+    upgrade(empty_db, revision="0008")
+    engine = create_db_engine(empty_db, null_pool=True)
+    with engine.connect() as conn:
+        numbered = conn.execute(
+            text("SELECT run_id, seq, model FROM cost_entries ORDER BY model")
+        ).all()
+        counts = dict(conn.execute(text("SELECT id, cost_entry_count FROM runs")).all())
+    engine.dispose()
+    seqs = {row[2]: row[1] for row in numbered}
+    assert seqs == {"a1": 1, "a2": 2, "a3": 3, "b1": 1, "b2": 2}
+    assert {uuid.UUID(str(k)): v for k, v in counts.items()} == {a: 3, b: 2}
+
+    downgrade(empty_db, revision="0007")
+    engine = create_db_engine(empty_db, null_pool=True)
+    with engine.connect() as conn:
+        ids = conn.execute(text("SELECT id, model FROM cost_entries ORDER BY id")).all()
+    engine.dispose()
+    assert sorted(m for _, m in ids) == ["a1", "a2", "a3", "b1", "b2"]
+    assert len({i for i, _ in ids}) == 5 and all(i is not None for i, _ in ids)
+    upgrade(empty_db)
