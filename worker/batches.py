@@ -7,6 +7,7 @@ in its own savepoint with its own share of the totals.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -131,7 +132,7 @@ def write(conn: Connection, batch: Batch) -> Written:
     if not conn.in_transaction():
         conn.begin()  # what autobegin would do; the raw COPY below bypasses it
     # The fence first: entries of an attempt that no longer owns its run are not written.
-    costs, stale, months = _add_to_totals(conn, batch.costs) if batch.costs else ([], [], {})
+    numbered, stale, months = _add_to_totals(conn, batch.costs) if batch.costs else ([], [], {})
     logs, metrics = batch.logs, batch.metrics
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
         raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
@@ -146,10 +147,10 @@ def write(conn: Connection, batch: Batch) -> Written:
                     copy.set_types(_METRIC_TYPES)
                     for row in metrics:
                         copy.write_row(row)
-            if costs:
+            if numbered:
                 with cur.copy(_COPY_COSTS) as copy:
                     copy.set_types(_COST_TYPES)
-                    for row in costs:
+                    for row in _numbered_rows(numbered):
                         copy.write_row(row)
     else:
         # SQLite (dev mode): Core executemany, so the column types store UUIDs, times and
@@ -160,24 +161,35 @@ def write(conn: Connection, batch: Batch) -> Written:
             conn.execute(
                 run_metrics.insert(), [dict(zip(METRIC_COLUMNS, r, strict=True)) for r in metrics]
             )
-        if costs:
+        if numbered:
             conn.execute(
                 cost_entries.insert(),
-                [dict(zip(COST_COLUMNS, r, strict=True)) for r in costs],
+                [dict(zip(COST_COLUMNS, r, strict=True)) for r in _numbered_rows(numbered)],
             )
     if months:
         _add_to_months(conn, months)  # last: the project's row is the one other workers share
-    return Written(len(logs), len(metrics), len(costs), stale)
+    return Written(len(logs), len(metrics), sum(len(rows) for rows, _ in numbered), stale)
+
+
+Numbered = list[tuple[list[Row], int]]  # buffered rows, and the seq the first of them takes
+
+
+def _numbered_rows(numbered: Numbered) -> Iterator[Row]:
+    """The rows as COST_COLUMNS, each made as it is written: holding a second copy of a whole
+    batch would cost the garbage collector a pass per 700 rows."""
+    for rows, first in numbered:
+        for seq, row in enumerate(rows, first):
+            yield (row[0], seq, *row[1:10])
 
 
 Months = dict[tuple[str, date], list[Any]]  # (project, month) -> [usd, tokens]
 
 
-def _add_to_totals(conn: Connection, rows: list[Row]) -> tuple[list[Row], list[Row], Months]:
+def _add_to_totals(conn: Connection, rows: list[Row]) -> tuple[Numbered, list[Row], Months]:
     """Add each (run, attempt)'s sums to the run's totals, fenced by attempt.
 
-    Returns the rows to write (as COST_COLUMNS, numbered), the buffered rows whose attempt no
-    longer owns the run, and what the written rows add to each project's month. Runs are
+    Returns the rows to write with the seq each group starts at, the buffered rows whose
+    attempt no longer owns the run, and what the written rows add to each project's month. Runs are
     locked in one order (by id) in every writer, so two batches can never wait on each other
     in a cycle.
     """
@@ -189,7 +201,7 @@ def _add_to_totals(conn: Connection, rows: list[Row]) -> tuple[list[Row], list[R
             key = (row[0], row[10])
             group = groups.setdefault(key, [])
         group.append(row)
-    kept: list[Row] = []
+    kept: Numbered = []
     stale: list[Row] = []
     months: Months = {}
     for run_id, attempt in sorted(groups):
@@ -209,10 +221,7 @@ def _add_to_totals(conn: Connection, rows: list[Row]) -> tuple[list[Row], list[R
         if numbered_to is None:
             stale += group
             continue
-        seq = numbered_to - len(group)
-        for row in group:
-            seq += 1
-            kept.append((run_id, seq, *row[1:10]))
+        kept.append((group, numbered_to - len(group) + 1))
         first, last = _month(min(map(_TS, group))), _month(max(map(_TS, group)))
         if first == last:  # the usual case: one month, the sums above
             _add_month(months, (group[0][2], first), usd, tokens_in + tokens_out)
