@@ -76,6 +76,15 @@ def test_500_runs_all_succeed_with_logs_and_steps(client: Client) -> None:
     assert client.logs(ids[0])[0].message == "noop ran"
 
 
+def test_a_prefork_child_freezes_its_startup_heap(client: Client) -> None:
+    """Celery, SQLAlchemy and the task modules are out of the collector's reach, so a task's
+    allocations do not make it walk them again and again."""
+    run = client.enqueue("heap_frozen", {})
+    done = client.wait(run.id, timeout=60)
+    assert done.status == "succeeded"
+    assert done.result > 50_000
+
+
 def test_kill_9_mid_run_finishes_on_another_worker(
     stack: Stack, client: Client, tmp_path: Path
 ) -> None:

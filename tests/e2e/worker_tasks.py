@@ -66,3 +66,11 @@ def raises_unpicklable(ctx) -> None:  # type: ignore[no-untyped-def]
 @task
 def returns_object(ctx) -> object:  # type: ignore[no-untyped-def]
     return {"obj": object()}
+
+
+@task
+def heap_frozen(ctx) -> int:  # type: ignore[no-untyped-def]
+    """How many objects the worker process froze out of the garbage collector's reach."""
+    import gc
+
+    return gc.get_freeze_count()
