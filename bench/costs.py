@@ -11,16 +11,18 @@ One real `conveyor worker -c 1` (prefork, as deployed) runs, each round and in t
 Time per run is started_at -> finished_at from the runs row: from the claim until the final
 state has committed, after the run's last lines and entries (guarantee: entries are written
 before the final state). Every run starts on a settled database (vacuumed, checkpointed, no
-autovacuum busy), and the two kinds take turns going first. The best of `--rounds` rounds
-counts. Issue 8's target: the cost run
-takes at most 10% longer than the log run.
+autovacuum busy), and the two kinds take turns going first. Each round gives one ratio, cost
+run / log run, from two runs back to back; the verdict is the median of the rounds' ratios.
+(The best run of each kind is printed too, but it is a poor verdict on this machine: its speed
+swings by a third within minutes, and one lucky round of either kind decides it.) Issue 8's
+target: the cost run takes at most 10% longer than the log run.
 
 After every cost run the ledger is checked: N entries in cost_entries, and the run's cost_usd,
 tokens and requests equal both the exact decimal sum of its entries (SQL) and the sum of what
 the task recorded (computed here). `--sync K` also times K entries through the per-call path
 (a run with a budget, which must check before more is spent) for scale.
 
-Run: `python -m bench.costs [--entries 100000] [--rounds 3] [--mixed] [--priced] [--sync 2000]`.
+Run: `python -m bench.costs [--entries 100000] [--rounds 9] [--mixed] [--priced] [--sync 2000]`.
 """
 
 from __future__ import annotations
@@ -237,8 +239,8 @@ def report_results(args: argparse.Namespace, m: Measured) -> None:
     logs, costs = min(m.logs), min(m.costs)
     kind = "tokens priced by prices.toml" if args.priced else "explicit USD"
     print(
-        f"\ncosts: one task writing {n:,} rows through a real worker (prefork -c 1), best of "
-        f"{args.rounds} rounds, this machine; cost entries with {kind}\n"
+        f"\ncosts: one task writing {n:,} rows through a real worker (prefork -c 1), best run "
+        f"of {args.rounds} rounds each, this machine; cost entries with {kind}\n"
     )
     rows = [
         ["ctx.log lines (baseline)", f"{n:,}", f"{logs:.2f}", f"{n / logs:,.0f}", "1.00x"],
@@ -260,17 +262,20 @@ def report_results(args: argparse.Namespace, m: Measured) -> None:
     table(["what", "rows", "seconds", "rows/s", "vs logs"], rows)
     extra = costs / logs - 1
     ratios = sorted(c / lg for c, lg in zip(m.costs, m.logs, strict=True))
+    median = statistics.median(ratios)
     print(
-        f"\nper round, cost run / log run: median {statistics.median(ratios):.2f}x, "
-        f"from {ratios[0]:.2f}x to {ratios[-1]:.2f}x (this machine's run-to-run noise)"
+        f"\nper round, cost run / log run: median {median:.2f}x, from {ratios[0]:.2f}x to "
+        f"{ratios[-1]:.2f}x (this machine's run-to-run noise); best runs: {extra + 1:.2f}x"
     )
     print(
         f"\nledger checked after every cost run: all {n:,} entries stored, and the run's totals "
         f"equal the exact sum of its entries ({expected_ledger(n, args.priced)[0]} USD)"
     )
+    extra = median - 1
+    verdict = "met" if extra <= TARGET_EXTRA else "MISSED"
     print(
-        f"extra wall time of cost entries over log lines: {extra:+.1%} (target <= "
-        f"{TARGET_EXTRA:.0%}): {'met' if extra <= TARGET_EXTRA else 'MISSED'}"
+        f"extra wall time of cost entries over log lines (median of {len(ratios)} rounds): "
+        f"{extra:+.1%} (target <= {TARGET_EXTRA:.0%}): {verdict}"
     )
 
 
@@ -281,7 +286,9 @@ def main() -> None:
     parser.add_argument(
         "--entries", type=int, default=100_000, help="N: log lines and cost entries per run"
     )
-    parser.add_argument("--rounds", type=int, default=5, help="the best round counts")
+    parser.add_argument(
+        "--rounds", type=int, default=9, help="rounds (a log run and a cost run each)"
+    )
     parser.add_argument(
         "--mixed", action="store_true", help="also N rows of interleaved lines and entries"
     )
