@@ -51,6 +51,9 @@ def create_app(settings: Settings) -> Celery:
             "visibility_timeout": settings.broker_visibility_timeout_s,
         },
     )
+    if settings.broker_url.startswith("redis://"):
+        # kombu's transport, with one Redis client per channel rather than one per message.
+        app.conf.broker_transport = "worker.redis_transport:Transport"
     from worker.tasks import register
 
     register(app, settings)
