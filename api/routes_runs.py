@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.auth import Reader, Writer, client_ip
+from api.json_body import JSONBody
 from api.state import State
 from domain import audit, queries, services
 from domain.errors import InvalidInput
@@ -65,8 +66,8 @@ class CancelRun(BaseModel):
     reason: str = Field("", max_length=500)
 
 
-@router.get("", response_class=JSONResponse)
-def list_runs(state: State, _: Reader, query: Annotated[RunQuery, Query()]) -> JSONResponse:
+@router.get("", response_class=JSONBody)
+def list_runs(state: State, _: Reader, query: Annotated[RunQuery, Query()]) -> JSONBody:
     """Runs newest first; pass `next_cursor` back as `cursor` for the next page."""
     filters = RunFilter(
         status=[s.value for s in query.status],
@@ -76,11 +77,10 @@ def list_runs(state: State, _: Reader, query: Annotated[RunQuery, Query()]) -> J
         created_before=query.created_before,
     )
     page = services.list_runs(state.reader(), filters, limit=query.limit, cursor=query.cursor)
-    # A JSONResponse, not a dict: FastAPI would validate the whole page against dict[str, Any]
-    # before encoding it (6% of the API's CPU under the read benchmark, py-spy --gil).
-    return JSONResponse(
-        {"items": [run.to_dict() for run in page.items], "next_cursor": page.next_cursor}
-    )
+    # A response, not a dict: FastAPI would validate the whole page against dict[str, Any]
+    # before encoding it (6% of the API's CPU under the read benchmark, py-spy --gil); the
+    # views go to orjson as they are (api/json_body.py).
+    return JSONBody({"items": page.items, "next_cursor": page.next_cursor})
 
 
 @router.post("", status_code=201, responses={200: {"description": "Existing run (same key)"}})
@@ -126,26 +126,23 @@ def create_run(
     )
 
 
-@router.get("/{run_id}", response_class=JSONResponse)
-def get_run(state: State, _: Reader, run_id: RunId) -> JSONResponse:
+@router.get("/{run_id}", response_class=JSONBody)
+def get_run(state: State, _: Reader, run_id: RunId) -> JSONBody:
     """The run with its steps, totals (tokens, requests, log lines) and cost per model."""
-    return JSONResponse(queries.run_detail(state.reader(), run_id).to_dict())
+    return JSONBody(queries.run_detail(state.reader(), run_id).to_dict())
 
 
-@router.get("/{run_id}/logs")
+@router.get("/{run_id}/logs", response_class=JSONBody)
 def get_logs(
     state: State,
     _: Reader,
     run_id: RunId,
     after_seq: Annotated[int, Query(ge=0, le=2**62)] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
-) -> dict[str, Any]:
+) -> JSONBody:
     """Log lines after `after_seq`; pass `next_after_seq` back to read on."""
     lines = services.run_logs(state.reader(), run_id, after_seq=after_seq, limit=limit)
-    return {
-        "items": [line.to_dict() for line in lines],
-        "next_after_seq": lines[-1].seq if lines else after_seq,
-    }
+    return JSONBody({"items": lines, "next_after_seq": lines[-1].seq if lines else after_seq})
 
 
 @router.get("/{run_id}/metrics")
