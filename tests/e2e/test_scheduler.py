@@ -9,6 +9,7 @@ import signal
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
@@ -32,10 +33,7 @@ def test_leader_killed_and_restarted_no_duplicate_no_gap(pg_url: str, tmp_path: 
     stack.redis.flushdb()
     engine = create_db_engine(pg_url)
     try:
-        spec = sched.ScheduleInput.parse(
-            name="tick", target="noop", trigger="interval", expression="1s"
-        )
-        view = sched.add_schedule(engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now())
+        view = _every_second(engine, "tick")
         leader = stack.scheduler()
         eventually(lambda: _count(engine, view.id) >= 2, timeout=30)
         standby = stack.scheduler()
@@ -48,28 +46,7 @@ def test_leader_killed_and_restarted_no_duplicate_no_gap(pg_url: str, tmp_path: 
         stack.scheduler()
         after_restart = _count(engine, view.id)
         eventually(lambda: _count(engine, view.id) >= after_restart + 4, timeout=30)
-        sched.set_enabled(engine, "tick", False, now=utc_now())
-        time.sleep(1.5)
-        stack.stop_all()
-
-        with engine.connect() as conn:
-            slots = conn.execute(
-                select(sched.fires.c.fire_at, sched.fires.c.outcome, sched.fires.c.run_id)
-                .where(sched.fires.c.schedule_id == view.id)
-                .order_by(sched.fires.c.fire_at)
-            ).all()
-            scheduled_runs = conn.execute(
-                select(func.count())
-                .select_from(runs)
-                .where(runs.c.trigger_ref == f"schedule:{view.id}")
-            ).scalar_one()
-        times = [s[0] for s in slots]
-        gaps = [b - a for a, b in itertools.pairwise(times) if b - a != timedelta(seconds=1)]
-        assert gaps == [], f"slots not contiguous: {gaps}"
-        assert len(set(times)) == len(times)
-        assert {s[1] for s in slots} == {"enqueued"}  # late slots were within the grace
-        assert scheduled_runs == len(slots)  # one run per slot, never two
-        assert len({s[2] for s in slots}) == len(slots)
+        _pause_and_check_every_slot_once(engine, stack, view)
     finally:
         stack.stop_all()
         engine.dispose()
@@ -86,14 +63,7 @@ def test_a_frozen_leader_cannot_double_fire_when_it_wakes(pg_url: str, tmp_path:
     try:
         views = []
         for name in ("tick-a", "tick-b", "tick-c"):
-            spec = sched.ScheduleInput.parse(
-                name=name, target="noop", trigger="interval", expression="1s"
-            )
-            views.append(
-                sched.add_schedule(
-                    engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now()
-                )
-            )
+            views.append(_every_second(engine, name))
         first = views[0].id
         leader = stack.scheduler()
         eventually(lambda: _count(engine, first) >= 2, timeout=30)
@@ -112,23 +82,13 @@ def test_a_frozen_leader_cannot_double_fire_when_it_wakes(pg_url: str, tmp_path:
         stack.kill(standby, signal.SIGTERM)
         stack.kill(leader, signal.SIGTERM)
 
-        with engine.connect() as conn:
-            for view in views:
-                slots = conn.execute(
-                    select(sched.fires.c.fire_at, sched.fires.c.outcome, sched.fires.c.run_id)
-                    .where(sched.fires.c.schedule_id == view.id)
-                    .order_by(sched.fires.c.fire_at)
-                ).all()
-                made = conn.execute(
-                    select(func.count())
-                    .select_from(runs)
-                    .where(runs.c.trigger_ref == f"schedule:{view.id}")
-                ).scalar_one()
-                times = [s[0] for s in slots]
-                steps = {b - a for a, b in itertools.pairwise(times)}
-                assert steps == {timedelta(seconds=1)}, f"{view.name}: a gap or a repeat"
-                enqueued = [s for s in slots if s[1] == "enqueued"]
-                assert made == len(enqueued) == len({s[2] for s in enqueued})  # one run each
+        for view in views:
+            slots, made = _fires_and_runs(engine, view.id)
+            times = [s[0] for s in slots]
+            steps = {b - a for a, b in itertools.pairwise(times)}
+            assert steps == {timedelta(seconds=1)}, f"{view.name}: a gap or a repeat"
+            enqueued = [s for s in slots if s[1] == "enqueued"]
+            assert made == len(enqueued) == len({s[2] for s in enqueued})  # one run each
     finally:
         stack.stop_all()
         engine.dispose()
@@ -145,10 +105,7 @@ def test_a_leader_that_loses_its_database_connection_hands_over(
     stack.redis.flushdb()
     engine = create_db_engine(pg_url)
     try:
-        spec = sched.ScheduleInput.parse(
-            name="tick", target="noop", trigger="interval", expression="1s"
-        )
-        view = sched.add_schedule(engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now())
+        view = _every_second(engine, "tick")
         stack.scheduler()
         eventually(lambda: _count(engine, view.id) >= 2, timeout=30)
         stack.scheduler()
@@ -160,28 +117,51 @@ def test_a_leader_that_loses_its_database_connection_hands_over(
         eventually(lambda: _lock_holder(engine) not in (None, holder), timeout=15)
         cut_at = _count(engine, view.id)
         eventually(lambda: _count(engine, view.id) >= cut_at + 3, timeout=30)
-        sched.set_enabled(engine, "tick", False, now=utc_now())
-        time.sleep(1.5)
-        stack.stop_all()
-
-        with engine.connect() as conn:
-            slots = conn.execute(
-                select(sched.fires.c.fire_at, sched.fires.c.outcome, sched.fires.c.run_id)
-                .where(sched.fires.c.schedule_id == view.id)
-                .order_by(sched.fires.c.fire_at)
-            ).all()
-            made = conn.execute(
-                select(func.count())
-                .select_from(runs)
-                .where(runs.c.trigger_ref == f"schedule:{view.id}")
-            ).scalar_one()
-        times = [s[0] for s in slots]
-        assert {b - a for a, b in itertools.pairwise(times)} == {timedelta(seconds=1)}
-        assert {s[1] for s in slots} == {"enqueued"}
-        assert made == len(slots) == len({s[2] for s in slots})
+        _pause_and_check_every_slot_once(engine, stack, view)
     finally:
         stack.stop_all()
         engine.dispose()
+
+
+def _pause_and_check_every_slot_once(engine: object, stack: Stack, view: Any) -> None:
+    """Pause the schedule, stop the schedulers, and check its slots: one a second with no gap
+    and no repeat, each enqueued (late slots were within the grace) with a run of its own."""
+    sched.set_enabled(engine, view.name, False, now=utc_now())  # type: ignore[arg-type]
+    time.sleep(1.5)
+    stack.stop_all()
+    slots, made = _fires_and_runs(engine, view.id)
+    times = [s[0] for s in slots]
+    gaps = [b - a for a, b in itertools.pairwise(times) if b - a != timedelta(seconds=1)]
+    assert gaps == [], f"slots not contiguous: {gaps}"
+    assert len(set(times)) == len(times)
+    assert {s[1] for s in slots} == {"enqueued"}
+    assert made == len(slots) == len({s[2] for s in slots})  # one run per slot, never two
+
+
+def _every_second(engine: object, name: str) -> sched.ScheduleView:
+    spec = sched.ScheduleInput.parse(name=name, target="noop", trigger="interval", expression="1s")
+    return sched.add_schedule(
+        engine,  # type: ignore[arg-type]
+        spec,
+        Slots(TriggerSpec("interval", "1s")),
+        now=utc_now(),
+    )
+
+
+def _fires_and_runs(engine: object, schedule_id: int) -> tuple[list[Any], int]:
+    """The schedule's recorded slots (fire_at, outcome, run_id) in order, and its runs."""
+    with engine.connect() as conn:  # type: ignore[attr-defined]
+        slots = conn.execute(
+            select(sched.fires.c.fire_at, sched.fires.c.outcome, sched.fires.c.run_id)
+            .where(sched.fires.c.schedule_id == schedule_id)
+            .order_by(sched.fires.c.fire_at)
+        ).all()
+        made = conn.execute(
+            select(func.count())
+            .select_from(runs)
+            .where(runs.c.trigger_ref == f"schedule:{schedule_id}")
+        ).scalar_one()
+    return list(slots), int(made)
 
 
 def _lock_holder(engine: object) -> int | None:

@@ -66,6 +66,17 @@ def scheduled_runs(engine: Engine) -> dict[object, str]:
         return {r[0]: r[1] for r in rows}
 
 
+def run_until(runner: ScheduleRunner, done: Callable[[], bool], timeout: float = 30) -> None:
+    """Let the runner fire until `done()` holds (or `timeout` passes), then stop it."""
+    runner.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        runner.stop()
+
+
 def every_slot(ids: list[int], slot: datetime) -> list[Due]:
     return [Due(i, [(slot, "enqueue")], slot + timedelta(seconds=1)) for i in ids]
 
@@ -201,14 +212,9 @@ def test_the_runner_fires_schedules_due_together_in_one_batch(engine: Engine) ->
     now = datetime.now(UTC)
     ids = add_many(engine, 5, now=now)
     publisher = FakePublisher()
-    runner = ScheduleRunner(engine, publisher, misfire_grace_s=60)
-    runner.start()
-    try:
-        deadline = time.monotonic() + 30
-        while len(publisher.batches) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        runner.stop()
+    run_until(
+        ScheduleRunner(engine, publisher, misfire_grace_s=60), lambda: len(publisher.batches) >= 3
+    )
     assert len(publisher.batches) >= 3
     assert {len(b) for b in publisher.batches} == {5}
     rows = recorded(engine)
@@ -278,16 +284,10 @@ def test_the_runner_fires_guarded_schedules_at_their_slot(engine: Engine) -> Non
     now = datetime.now(UTC)
     allow = add_many(engine, 2, now=now)
     (skip,) = add_many(engine, 1, name="skipper", now=now, overlap_policy="skip")
-    runner = ScheduleRunner(engine, FakePublisher(), misfire_grace_s=60)
-    runner.start()
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if sum(1 for r in recorded(engine) if r[0] == skip) >= 3:
-                break
-            time.sleep(0.05)
-    finally:
-        runner.stop()
+    run_until(
+        ScheduleRunner(engine, FakePublisher(), misfire_grace_s=60),
+        lambda: sum(1 for r in recorded(engine) if r[0] == skip) >= 3,
+    )
     outcomes: dict[int, list[str]] = {}
     for schedule_id, _, outcome, _ in recorded(engine):
         outcomes.setdefault(schedule_id, []).append(outcome)
@@ -323,13 +323,10 @@ def test_a_staged_instant_builds_its_messages_before_the_slot_and_sends_them_aft
     now = datetime.now(UTC)
     add_many(engine, 5, now=now)
     publisher = _PreparingPublisher(engine)
-    runner = ScheduleRunner(engine, publisher, misfire_grace_s=60)
-    runner.start()
     try:
-        deadline = time.monotonic() + 30
-        while len(publisher.seen) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        run_until(
+            ScheduleRunner(engine, publisher, misfire_grace_s=60), lambda: len(publisher.seen) >= 2
+        )
     finally:
-        runner.stop()
         engine.dispose()
     assert publisher.seen[:2] == [("prepare", 5, 0), ("send", 5, 5)]
