@@ -24,6 +24,11 @@ from domain.models import audit_logs, projects, run_logs, run_steps, runs
 from domain.states import ALL_STATUSES, TERMINAL, Status
 from domain.views import LogLine, Page, RunView, StepView
 
+#: Runs as RunView's fields, in its field order, newest first (keyset on created_at, id).
+_PAGE = select(*[runs.c[name] for name in RunView.field_names()]).order_by(
+    runs.c.created_at.desc(), runs.c.id.desc()
+)
+
 MAX_PAGE = 1000
 T = TypeVar("T")
 
@@ -306,13 +311,11 @@ class RunRepository:
                     and_(runs.c.created_at == created, runs.c.id < last_id),
                 )
             )
-        stmt = (
-            select(runs)
-            .where(*conditions)
-            .order_by(runs.c.created_at.desc(), runs.c.id.desc())
-            .limit(limit + 1)
-        )
-        items = [RunView.from_row(r) for r in self.conn.execute(stmt).mappings().all()]
+        stmt = _PAGE.where(*conditions).limit(limit + 1)
+        # Positional rows from a statement built once: a page is the API's busiest read, and
+        # a mapping per row of 36 columns, plus coercing 36 columns into a new SELECT on every
+        # call, were a sixth of its CPU.
+        items = [RunView(*row) for row in self.conn.execute(stmt).all()]
         next_cursor = None
         if len(items) > limit:
             items = items[:limit]

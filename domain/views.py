@@ -60,6 +60,12 @@ class RunView:
     def from_row(cls, row: RowMapping) -> RunView:
         return cls(**{name: row[name] for name in _RUN_FIELDS})
 
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The field names, in order: a query selecting these columns in this order can build
+        views positionally, `RunView(*row)`, without a mapping per row."""
+        return _RUN_FIELDS
+
     @property
     def duration_s(self) -> float | None:
         if self.started_at is None or self.finished_at is None:
