@@ -334,29 +334,16 @@ def add_to_run(
     attempt's last entries after that attempt wrote its final state (a database outage at the
     end), and spend that really happened belongs on the run.
     """
-    owned = and_(runs.c.id == run_id, runs.c.attempt == attempt)
-    new_cost: Any
-    if conn.dialect.name == "sqlite":
-        # Money is text on SQLite (exact); add in Python. Writers are serialised there anyway.
-        current = conn.execute(select(runs.c.cost_usd).where(owned)).first()
-        if current is None:
-            return None
-        new_cost = Decimal(current[0]) + usd
-    else:
-        new_cost = runs.c.cost_usd + usd
-    last = conn.execute(
-        update(runs)
-        .where(owned)
-        .values(
-            cost_usd=new_cost,
-            tokens_in=runs.c.tokens_in + tokens_in,
-            tokens_out=runs.c.tokens_out + tokens_out,
-            requests_made=runs.c.requests_made + requests,
-            cost_entry_count=runs.c.cost_entry_count + entries,
-        )
-        .returning(runs.c.cost_entry_count)
-    ).scalar()
-    return None if last is None else int(last)
+    row = runstore.add_spend(
+        conn,
+        and_(runs.c.id == run_id, runs.c.attempt == attempt),
+        usd=usd,
+        tokens_in=tokens_in,
+        tokens_out=tokens_out,
+        requests=requests,
+        entries=entries,
+    )
+    return None if row is None else int(row[-1])
 
 
 def record(

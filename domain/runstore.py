@@ -7,11 +7,13 @@ run (guarantee 2), and a worker that lost its lease cannot overwrite the attempt
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, or_, select, tuple_, update
+from sqlalchemy import Connection, Row, and_, func, or_, select, tuple_, update
 
 from domain.errors import LeaseLost
 from domain.models import runs
@@ -241,47 +243,75 @@ class Totals:
     max_requests: int | None
 
 
+#: What the per-call path reads back after adding an entry, to decide whether the run stops.
+_TOTALS = (
+    runs.c.cost_usd,
+    runs.c.tokens_in,
+    runs.c.tokens_out,
+    runs.c.requests_made,
+    runs.c.budget_usd,
+    runs.c.max_requests,
+)
+
+
+def add_spend(
+    conn: Connection,
+    owned: Any,
+    *,
+    usd: Decimal,
+    tokens_in: int,
+    tokens_out: int,
+    requests: int,
+    entries: int,
+    returning: Sequence[Any] = (),
+) -> Row[Any] | None:
+    """Add spend and `entries` cost entries to the run `owned` selects, in the caller's
+    transaction. Returns the `returning` columns followed by the run's cost_entry_count (the
+    seq of the last entry added; the `entries` before it are theirs too), or None when no run
+    matched (its attempt no longer owns it)."""
+    new_cost: Any
+    if conn.dialect.name == "sqlite":
+        # Money is text on SQLite (exact); add in Python. Writers are serialised there anyway.
+        current = conn.execute(select(runs.c.cost_usd).where(owned)).first()
+        if current is None:
+            return None
+        new_cost = Decimal(current[0]) + usd
+    else:
+        new_cost = runs.c.cost_usd + usd
+    return conn.execute(
+        update(runs)
+        .where(owned)
+        .values(
+            cost_usd=new_cost,
+            tokens_in=runs.c.tokens_in + tokens_in,
+            tokens_out=runs.c.tokens_out + tokens_out,
+            requests_made=runs.c.requests_made + requests,
+            cost_entry_count=runs.c.cost_entry_count + entries,
+        )
+        .returning(*returning, runs.c.cost_entry_count)
+    ).first()
+
+
 def record_cost(
     conn: Connection, run_id: uuid.UUID, attempt: int, *, entry: dict[str, Any]
 ) -> Totals:
     """Add a cost entry and the run's totals in one transaction, fenced by attempt."""
-    from decimal import Decimal
-
     from domain.models import cost_entries
 
-    usd = Decimal(entry["cost_usd"])
-    columns = (
-        runs.c.cost_usd,
-        runs.c.tokens_in,
-        runs.c.tokens_out,
-        runs.c.requests_made,
-        runs.c.budget_usd,
-        runs.c.max_requests,
+    row = add_spend(
+        conn,
+        _owned(run_id, attempt),
+        usd=Decimal(entry["cost_usd"]),
+        tokens_in=entry["tokens_in"],
+        tokens_out=entry["tokens_out"],
+        requests=entry["requests"],
+        entries=1,
+        returning=_TOTALS,
     )
-    if conn.dialect.name == "sqlite":
-        # Money is text on SQLite (exact); add in Python. Writers are serialised there anyway.
-        current = conn.execute(select(runs.c.cost_usd).where(_owned(run_id, attempt))).first()
-        if current is None:
-            raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")
-        new_cost: Any = Decimal(current[0]) + usd
-    else:
-        new_cost = runs.c.cost_usd + usd
-    row = conn.execute(
-        update(runs)
-        .where(_owned(run_id, attempt))
-        .values(
-            cost_usd=new_cost,
-            tokens_in=runs.c.tokens_in + entry["tokens_in"],
-            tokens_out=runs.c.tokens_out + entry["tokens_out"],
-            requests_made=runs.c.requests_made + entry["requests"],
-            cost_entry_count=runs.c.cost_entry_count + 1,
-        )
-        .returning(*columns, runs.c.cost_entry_count)
-    ).first()
     if row is None:
         raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")
     conn.execute(cost_entries.insert().values(run_id=run_id, seq=row[-1], **entry))
-    return Totals(*row[:-1])
+    return Totals(*tuple(row)[:-1])
 
 
 def next_seq(conn: Connection, table: Any, run_id: uuid.UUID) -> int:
