@@ -43,3 +43,14 @@ def gc_paused() -> Iterator[None]:
             if _holders == 0 and _paused_by_us:
                 _paused_by_us = False
                 gc.enable()
+
+
+def freeze_startup_heap() -> None:
+    """Move everything alive now out of the collector's reach, for a long-lived process once
+    it has loaded what it keeps for its whole life (modules, apps, engines, registries).
+
+    Full collections otherwise walk that whole heap again and again, a pause that lands on
+    whatever the process is doing then. Garbage is collected first, so none is kept frozen.
+    """
+    gc.collect()
+    gc.freeze()

@@ -3,7 +3,6 @@ first use in that process (never at import, never shared across a fork)."""
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import socket
@@ -15,6 +14,7 @@ from sqlalchemy import Engine
 from domain.chains import check_chains
 from domain.costs import Prices
 from domain.db import create_db_engine
+from domain.gc_pause import freeze_startup_heap
 from domain.pipelines import PipelineCatalog
 from domain.registry import (
     REGISTRY,
@@ -78,12 +78,10 @@ class WorkerRuntime:
             prices=Prices.load(settings.prices_file),
             pipelines=self.pipelines,
         )
-        # What is loaded by now (Celery, kombu, SQLAlchemy, the task modules: about 190,000
-        # objects) lives as long as the process: frozen, it is no longer walked by every full
-        # collection a task's allocations trigger (60-80 ms each, two or three per 100,000
-        # buffered log lines or cost entries, measured in a prefork child).
-        gc.collect()
-        gc.freeze()
+        # Celery, kombu, SQLAlchemy, the task modules: about 190,000 objects, walked by every
+        # full collection a task's allocations trigger (60-80 ms each, two or three per
+        # 100,000 buffered log lines or cost entries, measured in a prefork child).
+        freeze_startup_heap()
 
     def _abandon(self, ctx: TaskContext) -> None:
         self.executor.abandon(ctx)

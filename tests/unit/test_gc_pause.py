@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import gc
 import threading
+import weakref
 
-from domain.gc_pause import gc_paused
+from domain.gc_pause import freeze_startup_heap, gc_paused
 
 
 def test_the_last_holder_out_resumes_the_collector() -> None:
@@ -41,3 +42,20 @@ def test_an_exception_still_resumes_it() -> None:
     except KeyError:
         pass
     assert gc.isenabled()
+
+
+def test_freezing_the_startup_heap_collects_garbage_first_and_freezes_the_rest() -> None:
+    class Node:
+        other: object = None
+
+    cycle = Node()
+    cycle.other = cycle  # garbage once dropped: only the collector frees a cycle
+    gone = weakref.ref(cycle)
+    del cycle
+    before = gc.get_freeze_count()
+    try:
+        freeze_startup_heap()
+        assert gone() is None  # collected, not frozen
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()
