@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import Engine, func, select
+
 from domain.errors import BrokerUnavailable
+from domain.models import runs
 from domain.ports import Dispatch
 
 
@@ -44,3 +47,24 @@ class FakeClock:
     def advance(self, seconds: float) -> datetime:
         self.now += timedelta(seconds=seconds)
         return self.now
+
+
+class PreparingPublisher:
+    """A publisher that builds its messages ahead (`prepare`) and sends them later; it notes, at
+    prepare and at send, how many runs another connection can see. `publish` is refused: a
+    caller that can prepare must."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.seen: list[tuple[str, int, int]] = []
+
+    def _visible(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(runs)).scalar_one())
+
+    def publish(self, dispatches: Sequence[Dispatch]) -> None:
+        raise AssertionError("a publisher that prepares is sent through prepare()")
+
+    def prepare(self, dispatches: Sequence[Dispatch]) -> Callable[[], None]:
+        self.seen.append(("prepare", len(dispatches), self._visible()))
+        return lambda: self.seen.append(("send", len(dispatches), self._visible()))

@@ -16,7 +16,7 @@ from domain.models import runs
 from domain.ports import Dispatch
 from domain.requests import build_request
 from domain.unit_of_work import UnitOfWork
-from tests.fakes import FakeClock, FakePublisher
+from tests.fakes import FakeClock, FakePublisher, PreparingPublisher
 
 
 def count_runs(engine: Engine) -> int:
@@ -190,27 +190,12 @@ def test_enqueue_many_with_a_bad_project_writes_nothing(engine: Engine, uow: Uni
     assert count_runs(engine) == 0
 
 
-class _PreparingPublisher:
-    """Records, at prepare and at send, how many runs another connection can see."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.seen: list[tuple[str, int, int]] = []
-
-    def publish(self, dispatches: Sequence[Dispatch]) -> None:
-        raise AssertionError("a publisher that prepares is sent through prepare()")
-
-    def prepare(self, dispatches: Sequence[Dispatch]):  # type: ignore[no-untyped-def]
-        self.seen.append(("prepare", len(dispatches), count_runs(self.engine)))
-        return lambda: self.seen.append(("send", len(dispatches), count_runs(self.engine)))
-
-
 @pytest.mark.postgres  # on SQLite a second connection's read would wait for the writer
 @pytest.mark.parametrize("size", [1, 300])
 def test_messages_are_prepared_before_commit_and_sent_after(pg_url: str, size: int) -> None:
     engine = create_db_engine(pg_url)
     try:
-        publisher = _PreparingPublisher(engine)
+        publisher = PreparingPublisher(engine)
         requests = [build_request(name="t", params={"i": i}) for i in range(size)]
         services.enqueue_many(UnitOfWork(engine), requests, publisher=publisher)
         assert publisher.seen == [("prepare", size, 0), ("send", size, size)]

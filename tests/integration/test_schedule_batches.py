@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,12 +15,11 @@ from sqlalchemy import Engine, delete, func, select
 from domain import schedules as sched
 from domain.db import create_db_engine
 from domain.models import runs
-from domain.ports import Dispatch
 from domain.registry import Registry, RegistryCatalog
 from domain.schedule_fires import Due, Fired, RequestCache, advance_cursors, fire_many
 from scheduler.schedule_runner import ScheduleRunner
 from scheduler.triggers import Slots, TriggerSpec
-from tests.fakes import FakePublisher
+from tests.fakes import FakePublisher, PreparingPublisher
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 EVERY_SECOND = Slots(TriggerSpec("interval", "1s"))
@@ -296,25 +295,6 @@ def test_the_runner_fires_guarded_schedules_at_their_slot(engine: Engine) -> Non
     assert {o for i in allow for o in outcomes[i]} == {"enqueued"}
 
 
-class _PreparingPublisher:
-    """Notes, at prepare and at send, how many runs another connection can see."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.seen: list[tuple[str, int, int]] = []
-
-    def _visible(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(runs)).scalar_one())
-
-    def publish(self, dispatches: Sequence[Dispatch]) -> None:
-        raise AssertionError("a staged instant is sent through prepare()")
-
-    def prepare(self, dispatches: Sequence[Dispatch]) -> Callable[[], None]:
-        self.seen.append(("prepare", len(dispatches), self._visible()))
-        return lambda: self.seen.append(("send", len(dispatches), self._visible()))
-
-
 @pytest.mark.postgres  # staging is PostgreSQL's: SQLite's single writer cannot wait in a write
 def test_a_staged_instant_builds_its_messages_before_the_slot_and_sends_them_after(
     pg_url: str,
@@ -322,7 +302,7 @@ def test_a_staged_instant_builds_its_messages_before_the_slot_and_sends_them_aft
     engine = create_db_engine(pg_url)
     now = datetime.now(UTC)
     add_many(engine, 5, now=now)
-    publisher = _PreparingPublisher(engine)
+    publisher = PreparingPublisher(engine)
     try:
         run_until(
             ScheduleRunner(engine, publisher, misfire_grace_s=60), lambda: len(publisher.seen) >= 2
