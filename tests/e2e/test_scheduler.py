@@ -7,12 +7,13 @@ import itertools
 import os
 import signal
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import Engine, func, select, text
 
 from domain import schedules as sched
 from domain.clock import utc_now
@@ -27,106 +28,101 @@ from tests.services import require_redis
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
 
-def test_leader_killed_and_restarted_no_duplicate_no_gap(pg_url: str, tmp_path: Path) -> None:
+@pytest.fixture
+def scheduler_stack(pg_url: str, tmp_path: Path) -> Iterator[tuple[Stack, Engine]]:
+    """Scheduler processes to start (all stopped at the end) and an engine on their database."""
     require_redis()
     stack = Stack(pg_url, tmp_path)
     stack.redis.flushdb()
     engine = create_db_engine(pg_url)
     try:
-        view = _every_second(engine, "tick")
-        leader = stack.scheduler()
-        eventually(lambda: _count(engine, view.id) >= 2, timeout=30)
-        standby = stack.scheduler()
-        time.sleep(1.5)
-        stack.kill(leader, signal.SIGKILL)  # mid-stream: the standby must take over
-        before = _count(engine, view.id)
-        eventually(lambda: _count(engine, view.id) >= before + 3, timeout=30)
-        stack.kill(standby, signal.SIGTERM)  # a restart across fire times
-        time.sleep(2.5)
-        stack.scheduler()
-        after_restart = _count(engine, view.id)
-        eventually(lambda: _count(engine, view.id) >= after_restart + 4, timeout=30)
-        _pause_and_check_every_slot_once(engine, stack, view)
+        yield stack, engine
     finally:
         stack.stop_all()
         engine.dispose()
 
 
-def test_a_frozen_leader_cannot_double_fire_when_it_wakes(pg_url: str, tmp_path: Path) -> None:
+def test_leader_killed_and_restarted_no_duplicate_no_gap(
+    scheduler_stack: tuple[Stack, Engine],
+) -> None:
+    stack, engine = scheduler_stack
+    view = _every_second(engine, "tick")
+    leader = stack.scheduler()
+    eventually(lambda: _count(engine, view.id) >= 2, timeout=30)
+    standby = stack.scheduler()
+    time.sleep(1.5)
+    stack.kill(leader, signal.SIGKILL)  # mid-stream: the standby must take over
+    before = _count(engine, view.id)
+    eventually(lambda: _count(engine, view.id) >= before + 3, timeout=30)
+    stack.kill(standby, signal.SIGTERM)  # a restart across fire times
+    time.sleep(2.5)
+    stack.scheduler()
+    after_restart = _count(engine, view.id)
+    eventually(lambda: _count(engine, view.id) >= after_restart + 4, timeout=30)
+    _pause_and_check_every_slot_once(engine, stack, view)
+
+
+def test_a_frozen_leader_cannot_double_fire_when_it_wakes(
+    scheduler_stack: tuple[Stack, Engine],
+) -> None:
     """SIGSTOP the leader (on PostgreSQL it spends half of every second inside a staged
     transaction holding its schedules' locks): the standby takes over once PostgreSQL has
     ended the frozen sessions, and after SIGCONT the old leader's writes change nothing."""
-    require_redis()
-    stack = Stack(pg_url, tmp_path)
-    stack.redis.flushdb()
-    engine = create_db_engine(pg_url)
-    try:
-        views = []
-        for name in ("tick-a", "tick-b", "tick-c"):
-            views.append(_every_second(engine, name))
-        first = views[0].id
-        leader = stack.scheduler()
-        eventually(lambda: _count(engine, first) >= 2, timeout=30)
-        standby = stack.scheduler()
-        time.sleep(1.3)
-        os.killpg(leader.pid, signal.SIGSTOP)
-        frozen_at = _count(engine, first)
-        eventually(lambda: _count(engine, first) >= frozen_at + 3, timeout=40)  # standby leads
-        os.killpg(leader.pid, signal.SIGCONT)
-        time.sleep(3)  # the old leader wakes up, finds its sessions gone, and stands by
-        resumed_at = _count(engine, first)
-        eventually(lambda: _count(engine, first) >= resumed_at + 2, timeout=30)
-        for view in views:
-            sched.set_enabled(engine, view.name, False, now=utc_now())
-        time.sleep(1.5)
-        stack.kill(standby, signal.SIGTERM)
-        stack.kill(leader, signal.SIGTERM)
+    stack, engine = scheduler_stack
+    views = [_every_second(engine, name) for name in ("tick-a", "tick-b", "tick-c")]
+    first = views[0].id
+    leader = stack.scheduler()
+    eventually(lambda: _count(engine, first) >= 2, timeout=30)
+    standby = stack.scheduler()
+    time.sleep(1.3)
+    os.killpg(leader.pid, signal.SIGSTOP)
+    frozen_at = _count(engine, first)
+    eventually(lambda: _count(engine, first) >= frozen_at + 3, timeout=40)  # standby leads
+    os.killpg(leader.pid, signal.SIGCONT)
+    time.sleep(3)  # the old leader wakes up, finds its sessions gone, and stands by
+    resumed_at = _count(engine, first)
+    eventually(lambda: _count(engine, first) >= resumed_at + 2, timeout=30)
+    for view in views:
+        sched.set_enabled(engine, view.name, False, now=utc_now())
+    time.sleep(1.5)
+    stack.kill(standby, signal.SIGTERM)
+    stack.kill(leader, signal.SIGTERM)
 
-        for view in views:
-            slots, made = _fires_and_runs(engine, view.id)
-            times = [s[0] for s in slots]
-            steps = {b - a for a, b in itertools.pairwise(times)}
-            assert steps == {timedelta(seconds=1)}, f"{view.name}: a gap or a repeat"
-            enqueued = [s for s in slots if s[1] == "enqueued"]
-            assert made == len(enqueued) == len({s[2] for s in enqueued})  # one run each
-    finally:
-        stack.stop_all()
-        engine.dispose()
+    for view in views:
+        slots, made = _fires_and_runs(engine, view.id)
+        times = [s[0] for s in slots]
+        steps = {b - a for a, b in itertools.pairwise(times)}
+        assert steps == {timedelta(seconds=1)}, f"{view.name}: a gap or a repeat"
+        enqueued = [s for s in slots if s[1] == "enqueued"]
+        assert made == len(enqueued) == len({s[2] for s in enqueued})  # one run each
 
 
 def test_a_leader_that_loses_its_database_connection_hands_over(
-    pg_url: str, tmp_path: Path
+    scheduler_stack: tuple[Stack, Engine],
 ) -> None:
     """The leader's session (and with it the advisory lock) is ended by the server: it stops
     firing, a scheduler leads again within a few seconds, and every slot is still recorded
     once with one run."""
-    require_redis()
-    stack = Stack(pg_url, tmp_path)
-    stack.redis.flushdb()
-    engine = create_db_engine(pg_url)
-    try:
-        view = _every_second(engine, "tick")
-        stack.scheduler()
-        eventually(lambda: _count(engine, view.id) >= 2, timeout=30)
-        stack.scheduler()
-        time.sleep(1.5)
-        holder = _lock_holder(engine)
-        assert holder is not None
-        with engine.begin() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": holder})
-        eventually(lambda: _lock_holder(engine) not in (None, holder), timeout=15)
-        cut_at = _count(engine, view.id)
-        eventually(lambda: _count(engine, view.id) >= cut_at + 3, timeout=30)
-        _pause_and_check_every_slot_once(engine, stack, view)
-    finally:
-        stack.stop_all()
-        engine.dispose()
+    stack, engine = scheduler_stack
+    view = _every_second(engine, "tick")
+    stack.scheduler()
+    eventually(lambda: _count(engine, view.id) >= 2, timeout=30)
+    stack.scheduler()
+    time.sleep(1.5)
+    holder = _lock_holder(engine)
+    assert holder is not None
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": holder})
+    eventually(lambda: _lock_holder(engine) not in (None, holder), timeout=15)
+    cut_at = _count(engine, view.id)
+    eventually(lambda: _count(engine, view.id) >= cut_at + 3, timeout=30)
+    _pause_and_check_every_slot_once(engine, stack, view)
 
 
-def _pause_and_check_every_slot_once(engine: object, stack: Stack, view: Any) -> None:
+def _pause_and_check_every_slot_once(engine: Engine, stack: Stack, view: Any) -> None:
     """Pause the schedule, stop the schedulers, and check its slots: one a second with no gap
     and no repeat, each enqueued (late slots were within the grace) with a run of its own."""
-    sched.set_enabled(engine, view.name, False, now=utc_now())  # type: ignore[arg-type]
+    sched.set_enabled(engine, view.name, False, now=utc_now())
     time.sleep(1.5)
     stack.stop_all()
     slots, made = _fires_and_runs(engine, view.id)
@@ -138,19 +134,14 @@ def _pause_and_check_every_slot_once(engine: object, stack: Stack, view: Any) ->
     assert made == len(slots) == len({s[2] for s in slots})  # one run per slot, never two
 
 
-def _every_second(engine: object, name: str) -> sched.ScheduleView:
+def _every_second(engine: Engine, name: str) -> sched.ScheduleView:
     spec = sched.ScheduleInput.parse(name=name, target="noop", trigger="interval", expression="1s")
-    return sched.add_schedule(
-        engine,  # type: ignore[arg-type]
-        spec,
-        Slots(TriggerSpec("interval", "1s")),
-        now=utc_now(),
-    )
+    return sched.add_schedule(engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now())
 
 
-def _fires_and_runs(engine: object, schedule_id: int) -> tuple[list[Any], int]:
+def _fires_and_runs(engine: Engine, schedule_id: int) -> tuple[list[Any], int]:
     """The schedule's recorded slots (fire_at, outcome, run_id) in order, and its runs."""
-    with engine.connect() as conn:  # type: ignore[attr-defined]
+    with engine.connect() as conn:
         slots = conn.execute(
             select(sched.fires.c.fire_at, sched.fires.c.outcome, sched.fires.c.run_id)
             .where(sched.fires.c.schedule_id == schedule_id)
@@ -164,9 +155,9 @@ def _fires_and_runs(engine: object, schedule_id: int) -> tuple[list[Any], int]:
     return list(slots), int(made)
 
 
-def _lock_holder(engine: object) -> int | None:
+def _lock_holder(engine: Engine) -> int | None:
     """The backend pid holding the schedulers' advisory lock, if any."""
-    with engine.connect() as conn:  # type: ignore[attr-defined]
+    with engine.connect() as conn:
         pid = conn.execute(
             text(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
@@ -177,8 +168,8 @@ def _lock_holder(engine: object) -> int | None:
         return int(pid) if pid is not None else None
 
 
-def _count(engine: object, schedule_id: int) -> int:
-    with engine.connect() as conn:  # type: ignore[attr-defined]
+def _count(engine: Engine, schedule_id: int) -> int:
+    with engine.connect() as conn:
         return int(
             conn.execute(
                 select(func.count())
@@ -188,25 +179,19 @@ def _count(engine: object, schedule_id: int) -> int:
         )
 
 
-def test_edits_take_effect_without_a_restart(pg_url: str, tmp_path: Path) -> None:
+def test_edits_take_effect_without_a_restart(scheduler_stack: tuple[Stack, Engine]) -> None:
     """Added, paused, resumed and removed while the scheduler runs: each within ~2 s."""
-    require_redis()
-    stack = Stack(pg_url, tmp_path)
-    engine = create_db_engine(pg_url)
-    try:
-        stack.scheduler()
-        time.sleep(2)  # leading, with nothing to fire
-        spec = sched.ScheduleInput.parse(
-            name="late", target="noop", trigger="interval", expression="1s"
-        )
-        view = sched.add_schedule(engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now())
-        eventually(lambda: _count(engine, view.id) >= 1, timeout=5)  # added: fires
-        sched.set_enabled(engine, "late", False, now=utc_now())
-        time.sleep(2.5)  # the pause reaches the scheduler within ~1 s
-        paused_at = _count(engine, view.id)
-        time.sleep(2)
-        assert _count(engine, view.id) == paused_at  # paused: no new slot
-        sched.remove_schedule(engine, "late")
-    finally:
-        stack.stop_all()
-        engine.dispose()
+    stack, engine = scheduler_stack
+    stack.scheduler()
+    time.sleep(2)  # leading, with nothing to fire
+    spec = sched.ScheduleInput.parse(
+        name="late", target="noop", trigger="interval", expression="1s"
+    )
+    view = sched.add_schedule(engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now())
+    eventually(lambda: _count(engine, view.id) >= 1, timeout=5)  # added: fires
+    sched.set_enabled(engine, "late", False, now=utc_now())
+    time.sleep(2.5)  # the pause reaches the scheduler within ~1 s
+    paused_at = _count(engine, view.id)
+    time.sleep(2)
+    assert _count(engine, view.id) == paused_at  # paused: no new slot
+    sched.remove_schedule(engine, "late")
