@@ -1,14 +1,25 @@
-"""kombu's Redis transport, keeping one client per channel instead of one per message.
+"""kombu's Redis transport, lightened where conveyor's database already does the broker's job.
 
-kombu's Redis channel builds a new `redis.Redis` for every delivered message and every ack
-(its QoS bookkeeping of unacked messages). Building one copies redis-py's table of ~200
-response callbacks into a fresh case-insensitive dict: measured with py-spy, 17% of a worker's
-consumer process CPU at a few hundred tasks a second. A Redis client is a thin, thread-safe
-front of its connection pool, so one per channel and pool does the same work: commands still
-take a connection from the pool, and a pool kombu replaces (after a fork or a reconnect) gets
-a client of its own.
+Two changes, both measured with py-spy in a worker's consumer process at a few hundred tasks a
+second, and both for `redis://` brokers only (worker/app.py); other schemes keep kombu's own:
 
-Used for `redis://` brokers (worker/app.py); other schemes keep kombu's own transport.
+- **One client per channel.** kombu's Redis channel builds a new `redis.Redis` for every
+  delivered message and every ack. Building one copies redis-py's table of ~200 response
+  callbacks into a fresh case-insensitive dict: 17% of the consumer's CPU. A Redis client is a
+  thin, thread-safe front of its connection pool, so one per channel and pool does the same
+  work: commands still take a connection from the pool, and a pool kombu replaces (after a
+  fork or a reconnect) gets a client of its own.
+- **No Redis bookkeeping for run deliveries.** kombu emulates AMQP acks on Redis: every
+  delivered message is copied into an "unacked" hash and index (one MULTI/EXEC) and removed
+  again on ack (another), so that a worker that dies holding it has it restored after the
+  visibility timeout. conveyor acks on receipt, and a `conveyor.execute` message only carries
+  a run id: the run's row is the delivery intent, and the relay re-publishes a run that was
+  published but not claimed within `dispatch_grace_s` (guarantee 1), long before the
+  visibility timeout. The two transactions were 40% of the consumer's CPU for nothing, so run
+  deliveries are tracked in memory only: the prefetch limit still counts them, and a reject
+  with requeue or a warm shutdown still puts them back on their queue. Every other message
+  (`conveyor.submit` from plain Celery clients carries work that has no row yet) keeps kombu's
+  full bookkeeping.
 """
 
 from __future__ import annotations
@@ -16,9 +27,60 @@ from __future__ import annotations
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+
+from worker.app import EXECUTE
 
 
-class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
+class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Delivery tags of run deliveries, tracked in memory only.
+        self._runs: set[str] = set()
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if message.headers.get("task") == EXECUTE:
+            self._runs.add(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)  # counted for the prefetch limit
+        else:
+            super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        if delivery_tag in self._runs:
+            self._runs.discard(delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)
+        else:
+            super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if delivery_tag in self._runs:
+            if requeue:
+                self._put_back(self._delivered[delivery_tag], leftmost=True)
+            self._runs.discard(delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)
+        else:
+            super().reject(delivery_tag, requeue=requeue)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        """At shutdown: run deliveries go back from memory, the rest from kombu's hash."""
+        self._flush()
+        for tag in [t for t in self._delivered if t in self._runs]:
+            self._put_back(self._delivered.pop(tag))
+        self._runs.clear()
+        super().restore_unacked(client)
+
+    def _put_back(self, message: Any, leftmost: bool = False) -> None:
+        info = message.delivery_info
+        with self.channel.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            self.channel._do_restore_message(
+                message._raw, info["exchange"], info["routing_key"], pipe, leftmost
+            )
+            pipe.execute()
+
+
+class Channel(kombu_redis.Channel):  # type: ignore[misc]
+    QoS = QoS
     _shared_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:

@@ -102,6 +102,37 @@ def test_kill_9_mid_run_finishes_on_another_worker(
     assert marks(marks_file) == ["start 1", "start 2", "done 2"]  # the effect completed once
 
 
+def queued(stack: Stack, queue: str) -> int:
+    """Messages waiting in a queue's Redis lists (one per priority level)."""
+    lists = [queue, *(f"{queue}:{p}" for p in range(10))]
+    return sum(int(stack.redis.llen(name)) for name in lists)
+
+
+def test_kill_9_loses_no_run_the_worker_held_in_reserve(
+    stack: Stack, client: Client, tmp_path: Path
+) -> None:
+    """A worker's prefetched run messages live only in its memory (worker/redis_transport.py
+    keeps no copy in Redis): after a kill -9 the relay publishes them again, and each runs once."""
+    busy_marks, held_marks = tmp_path / "busy", tmp_path / "held"
+    victim = stack.worker("fragile", name="victim", concurrency=1)
+    busy = client.enqueue("side_effect", {"marks": str(busy_marks), "seconds": 4}, queue="fragile")
+    held = client.enqueue("side_effect", {"marks": str(held_marks)}, queue="fragile")
+    eventually(lambda: marks(busy_marks) == ["start 1"], timeout=60)
+    eventually(lambda: queued(stack, "fragile") == 0, timeout=10)  # the victim holds `held`
+    stack.kill(victim, signal.SIGKILL)
+    assert marks(held_marks) == []
+    assert queued(stack, "fragile") == 0  # nothing came back by itself
+    rescuer = stack.worker("fragile", name="rescuer")
+    try:
+        held_final = client.wait(held.id, timeout=60)
+        busy_final = client.wait(busy.id, timeout=60)
+    finally:
+        stack.kill(rescuer, signal.SIGTERM)
+    assert (held_final.status, held_final.attempt) == ("succeeded", 1)
+    assert marks(held_marks) == ["start 1", "done 1"]
+    assert (busy_final.status, busy_final.attempt) == ("succeeded", 2)
+
+
 def test_flushing_redis_loses_no_run(stack: Stack, client: Client) -> None:
     ids = [
         r.id

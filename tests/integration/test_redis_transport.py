@@ -1,5 +1,6 @@
-"""The worker's Redis transport: one client per channel and pool, and kombu's bookkeeping of
-unacked messages still complete (a delivered message is tracked until it is acked)."""
+"""The worker's Redis transport: one client per channel and pool; run deliveries tracked in
+memory only (still counted for prefetch, still put back on reject and at shutdown); every other
+message keeps kombu's full bookkeeping of unacked messages."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from kombu import Connection, Queue
+from kombu import Connection, Message, Queue
 
 from domain.settings import load_settings
 from tests.services import REDIS_URL, require_redis
-from worker.app import create_app
+from worker.app import EXECUTE, create_app
 from worker.redis_transport import Transport
 
 pytestmark = pytest.mark.redis
@@ -44,23 +45,91 @@ def test_one_client_per_channel_and_a_new_one_for_a_new_pool(connection: Connect
     assert channel._create_client(asynchronous=True) is not renewed  # BRPOP keeps its own
 
 
-def test_a_delivered_message_is_tracked_until_acked(connection: Connection) -> None:
+@pytest.fixture
+def queue(connection: Connection) -> Iterator[Queue]:
     name = f"conveyor-test-{uuid.uuid4().hex[:8]}"
-    queue = Queue(name, routing_key=name)
+    yield Queue(name, routing_key=name)
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.delete(name)
+    raw.close()
+
+
+def deliver(connection: Connection, queue: Queue, task: str, prefetch: int = 0) -> Message:
+    """Publish one message for `task` and take delivery of it (not acked yet)."""
+    with connection.Producer() as producer:
+        producer.publish({"n": 1}, routing_key=queue.name, declare=[queue], headers={"task": task})
+    return take(connection, queue, prefetch)
+
+
+def take(connection: Connection, queue: Queue, prefetch: int = 0) -> Message:
+    got: list[Message] = []
+    consumer = connection.Consumer(queue, callbacks=[lambda body, msg: got.append(msg)])
+    consumer.qos(prefetch_count=prefetch)
+    consumer.consume()
+    connection.drain_events(timeout=5)
+    consumer.cancel()
+    assert [m.payload for m in got] == [{"n": 1}]
+    return got[0]
+
+
+def queued(queue: Queue) -> int:
+    raw = redis.Redis.from_url(REDIS_URL)
+    try:
+        return int(raw.llen(queue.name))
+    finally:
+        raw.close()
+
+
+def test_other_messages_are_tracked_in_redis_until_acked(
+    connection: Connection, queue: Queue
+) -> None:
     raw = redis.Redis.from_url(REDIS_URL)
     channel = connection.default_channel
-    try:
-        with connection.Producer() as producer:
-            producer.publish({"n": 1}, routing_key=name, declare=[queue], serializer="json")
-        got = []
-        with connection.Consumer(queue, callbacks=[lambda body, msg: got.append(msg)]):
-            connection.drain_events(timeout=5)
-            assert [m.payload for m in got] == [{"n": 1}]
-            tag = got[0].delivery_tag
-            assert raw.hexists(channel.unacked_key, tag)  # tracked, through the shared client
-            got[0].ack()
-            assert not raw.hexists(channel.unacked_key, tag)
-            assert raw.zscore(channel.unacked_index_key, tag) is None
-    finally:
-        raw.delete(name)
-        raw.close()
+    message = deliver(connection, queue, "conveyor.submit")
+    tag = message.delivery_tag
+    assert raw.hexists(channel.unacked_key, tag)  # tracked, through the shared client
+    message.ack()
+    assert not raw.hexists(channel.unacked_key, tag)
+    assert raw.zscore(channel.unacked_index_key, tag) is None
+    raw.close()
+
+
+def test_a_run_delivery_is_tracked_in_memory_and_counts_for_prefetch(
+    connection: Connection, queue: Queue
+) -> None:
+    raw = redis.Redis.from_url(REDIS_URL)
+    channel = connection.default_channel
+    message = deliver(connection, queue, EXECUTE, prefetch=1)
+    tag = message.delivery_tag
+    assert not raw.hexists(channel.unacked_key, tag)
+    assert raw.zscore(channel.unacked_index_key, tag) is None
+    assert not channel.qos.can_consume()  # the one prefetch slot is taken
+    message.ack()
+    assert channel.qos.can_consume()
+    raw.close()
+
+
+def test_a_rejected_run_delivery_goes_back_to_its_queue(
+    connection: Connection, queue: Queue
+) -> None:
+    message = deliver(connection, queue, EXECUTE)
+    assert queued(queue) == 0
+    message.reject(requeue=True)
+    assert queued(queue) == 1
+    again = take(connection, queue)
+    assert again.headers["redelivered"] is True
+    again.reject()  # without requeue: gone
+    assert queued(queue) == 0
+
+
+def test_run_deliveries_held_at_shutdown_go_back_to_their_queue(
+    connection: Connection, queue: Queue
+) -> None:
+    raw = redis.Redis.from_url(REDIS_URL)
+    deliver(connection, queue, EXECUTE)
+    other = deliver(connection, queue, "conveyor.submit")
+    assert queued(queue) == 0
+    connection.default_channel.qos.restore_unacked()
+    assert queued(queue) == 2
+    assert not raw.hexists(connection.default_channel.unacked_key, other.delivery_tag)
+    raw.close()
