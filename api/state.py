@@ -15,6 +15,7 @@ from api.intake import WebhookIntake
 from domain.clock import utc_now
 from domain.crypto import secret_key_from
 from domain.ports import Catalog, Publisher
+from domain.reads_pg import PgReads
 from domain.settings import Settings
 from domain.unit_of_work import UnitOfWork
 from domain.webhook_batch import Delivery, Outcome, accept_batch
@@ -86,6 +87,8 @@ class ApiState:
         self.redis: Any = None  # redis.Redis when the broker is Redis
         self.intake = WebhookIntake(self._accept_webhooks)
         self.head_revision: str | None = None
+        #: The runs page and run detail on the driver directly (PostgreSQL through psycopg).
+        self.reads: PgReads | None = None
 
     @property
     def engine(self) -> Engine:
@@ -114,12 +117,14 @@ class ApiState:
 
     def start(self) -> None:
         from conveyor.client import default_catalog, default_publisher
-        from domain.db import create_db_engine
+        from domain.db import create_db_engine, uses_psycopg
         from domain.migrate import head_revision
 
         url = self.settings.effective_database_url
         if self._engine is None:
             self._engine = create_db_engine(url, pool_size=10)
+        if uses_psycopg(self._engine):
+            self.reads = PgReads(self._engine.url.render_as_string(hide_password=False))
         if not self._publisher_given:
             self.publisher = default_publisher(self.settings)
         if not self._catalog_given:
@@ -135,6 +140,9 @@ class ApiState:
             log.warning("api.auth_disabled", reason="dev mode: only local clients are served")
 
     def stop(self) -> None:
+        if self.reads is not None:
+            self.reads.close()
+            self.reads = None
         if self.redis is not None:
             self.redis.close()
             self.redis = None

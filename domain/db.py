@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -24,6 +24,30 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 #: How conveyor connects to PostgreSQL (the engine's pool, and the worker's own connections).
 PG_CONNECT_ARGS: dict[str, str | int] = {"connect_timeout": 5, "application_name": "conveyor"}
+
+
+def uses_psycopg(engine: Engine) -> bool:
+    """PostgreSQL through psycopg: where the hot paths may use the driver directly."""
+    return engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+
+
+def libpq_conninfo(url: str | URL, **extra: str | int) -> str:
+    """`url` (SQLAlchemy's postgresql+psycopg://...) as a libpq connection string for psycopg
+    itself, with conveyor's connection arguments: for code that bypasses the engine's pool."""
+    from psycopg.conninfo import make_conninfo
+
+    parsed = make_url(url)
+    parts = {
+        "host": parsed.host,
+        "port": parsed.port,
+        "dbname": parsed.database,
+        "user": parsed.username,
+        "password": parsed.password,
+    }
+    # Query values as libpq keywords, decoded ("options=-c%20x%3Dy" is "-c x=y" to libpq).
+    query = {k: v[-1] if isinstance(v, tuple) else v for k, v in parsed.query.items()}
+    given = {k: v for k, v in parts.items() if v is not None}
+    return make_conninfo("", **{**PG_CONNECT_ARGS, **given, **query, **extra})
 
 
 def create_db_engine(

@@ -24,12 +24,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from domain.db import PG_CONNECT_ARGS
+from domain.db import libpq_conninfo
 from domain.runstore import Claim
 from domain.states import Status
 
@@ -82,10 +81,6 @@ def _json_line(line: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def supported(engine: Engine) -> bool:
-    return engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
-
-
 class PgRunStore:
     """Claim and finish for one worker process.
 
@@ -98,8 +93,7 @@ class PgRunStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        url = engine.url.set(drivername="postgresql")
-        self._conninfo = make_conninfo(url.render_as_string(hide_password=False), **PG_CONNECT_ARGS)
+        self._conninfo = libpq_conninfo(engine.url)
         self._local = threading.local()
         self._opened: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()

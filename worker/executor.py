@@ -20,6 +20,7 @@ from domain import pipeline_store, runstore, runstore_pg
 from domain.chains import chain_follow_up, chain_possible
 from domain.clock import Clock, utc_now
 from domain.costs import Prices
+from domain.db import uses_psycopg
 from domain.errors import InvalidInput, LeaseLost, RunStopped, UnknownTask
 from domain.models import run_logs
 from domain.registry import Registry, RetryPolicy
@@ -90,7 +91,7 @@ class Executor:
         self.prices = prices
         self.duplicates_dropped = 0
         #: Claim and finish as one prepared statement each (PostgreSQL); None elsewhere.
-        self.fast = PgRunStore(engine) if runstore_pg.supported(engine) else None
+        self.fast = PgRunStore(engine) if uses_psycopg(engine) else None
 
     def execute(self, run_id: uuid.UUID) -> Outcome:
         if self.fast is not None:

@@ -1,0 +1,216 @@
+"""The API's direct PostgreSQL reads give exactly what the SQLAlchemy path gives, in UTC, and
+survive a server that dropped their connections."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, insert, text
+from sqlalchemy.exc import DataError
+
+from domain import queries, services
+from domain.db import create_db_engine
+from domain.errors import DatabaseUnavailable, RunNotFound
+from domain.models import cost_entries, run_logs, run_steps, runs
+from domain.reads_pg import PgReads
+from domain.repository import RunFilter
+from domain.unit_of_work import UnitOfWork
+
+pytestmark = pytest.mark.postgres
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[Engine]:
+    engine = create_db_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def reads(pg_url: str) -> Iterator[PgReads]:
+    reads = PgReads(pg_url)
+    yield reads
+    reads.close()
+
+
+def seed(engine: Engine, n: int = 40) -> list[uuid.UUID]:
+    """Runs with every kind of value a page carries; some share a created_at (the id breaks
+    the tie), microseconds both zero and not."""
+    rng = random.Random(7)
+    rows = []
+    for i in range(n):
+        status = ["pending", "running", "succeeded", "failed", "cancelled"][i % 5]
+        created = T0 + timedelta(seconds=i // 3, microseconds=(i % 2) * 120_000)
+        rows.append(
+            {
+                "id": uuid.uuid4(),
+                "project": ["default", "research"][i % 2],
+                "name": ["report", "embed", "ünïcode"][i % 3],
+                "queue": "default",
+                "priority": i % 10,
+                "params": {"i": i, "nested": {"big": 2**70, "list": [1.5, None, "x"]}},
+                "status": status,
+                "attempt": 1 if status != "pending" else 0,
+                "max_attempts": 3,
+                "idempotency_key": f"key-{i}" if i % 4 == 0 else None,
+                "triggered_by": "api",
+                "not_before": created,
+                "created_at": created,
+                "timeout_s": 30.0 if i % 3 == 0 else None,
+                "budget_usd": Decimal("2.5") if i % 2 else None,
+                "cost_usd": Decimal(rng.randint(0, 10**6)) / 10**7,
+                "tokens_in": rng.randint(0, 10**9),
+                "result": {"ok": i} if status == "succeeded" else None,
+                "error_type": "ValueError" if status == "failed" else None,
+                "error": "bad\nthing" if status == "failed" else None,
+                "started_at": created if status != "pending" else None,
+                "finished_at": created + timedelta(seconds=1.5)
+                if status not in ("pending", "running")
+                else None,
+            }
+        )
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO projects (name, created_at) VALUES ('research', now())"))
+        conn.execute(insert(runs), rows)
+    return [r["id"] for r in rows]
+
+
+def all_pages(read: Any, filters: RunFilter, limit: int) -> list[tuple[list[dict[str, Any]], Any]]:
+    pages, cursor = [], None
+    while True:
+        page = read(filters, limit=limit, cursor=cursor)
+        pages.append(([item.to_dict() for item in page.items], page.next_cursor))
+        cursor = page.next_cursor
+        if cursor is None:
+            return pages
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        RunFilter(),
+        RunFilter(status=["failed", "succeeded"]),
+        RunFilter(name="ünïcode"),
+        RunFilter(project="research", status=["running"]),
+        RunFilter(created_after=T0 + timedelta(seconds=3), created_before=T0 + timedelta(hours=1)),
+    ],
+)
+def test_pages_are_the_same_as_the_repositorys(
+    engine: Engine, reads: PgReads, filters: RunFilter
+) -> None:
+    seed(engine)
+
+    def repository_page(filters: RunFilter, *, limit: int, cursor: str | None) -> Any:
+        return services.list_runs(UnitOfWork(engine), filters, limit=limit, cursor=cursor)
+
+    expected = all_pages(repository_page, filters, limit=7)
+    assert sum(len(items) for items, _ in expected) > 0
+    assert all_pages(reads.page, filters, limit=7) == expected
+
+
+def test_a_detail_is_the_same_as_the_querys(engine: Engine, reads: PgReads) -> None:
+    run_id = seed(engine, 3)[2]
+    ts = T0 + timedelta(minutes=1)
+    spend = [
+        ("openai", "gpt-4o-mini", "0.0001900000"),
+        ("anthropic", "claude", "0.25"),
+        ("openai", "gpt-4o-mini", "0.0002100000"),
+        ("Zeta", "b", "1"),  # first by code point (in en_US it would follow "anthropic")
+        ("_local", "a", "0"),
+    ]
+    with engine.begin() as conn:
+        conn.execute(
+            insert(run_steps),
+            [
+                {"run_id": run_id, "seq": seq, "attempt": 1, "name": f"s{seq}", "status": status}
+                for seq, status in [(2, "running"), (1, "completed"), (3, "planned")]
+            ],
+        )
+        conn.execute(
+            insert(cost_entries),
+            [
+                {
+                    "run_id": run_id,
+                    "seq": seq,
+                    "project": "default",
+                    "ts": ts,
+                    "provider": provider,
+                    "model": model,
+                    "tokens_in": 10**10,
+                    "tokens_out": seq,
+                    "requests": 1,
+                    "cost_usd": Decimal(usd),
+                }
+                for seq, (provider, model, usd) in enumerate(spend, 1)
+            ],
+        )
+        conn.execute(
+            insert(run_logs),
+            [
+                {"run_id": run_id, "seq": seq, "attempt": 1, "ts": ts, "message": "m"}
+                for seq in range(1, 6)
+            ],
+        )
+    expected = queries.run_detail(UnitOfWork(engine), run_id).to_dict()
+    got = reads.detail(run_id).to_dict()
+    assert got == expected
+    assert [c["provider"] for c in got["costs"]] == ["Zeta", "_local", "anthropic", "openai"]
+    assert got["totals"]["log_lines"] == 5
+
+
+def test_an_unknown_run_is_not_found(reads: PgReads) -> None:
+    with pytest.raises(RunNotFound):
+        reads.detail(uuid.uuid4())
+
+
+def test_timestamps_are_utc_whatever_the_sessions_zone(pg_url: str, engine: Engine) -> None:
+    seed(engine, 2)
+    zoned = PgReads(f"{pg_url}?options=-c%20TimeZone%3DAsia/Kolkata%20-c%20statement_timeout%3D0")
+    try:
+        page = zoned.page(RunFilter(), limit=5)
+        run = page.items[0]
+        assert run.created_at.utcoffset() == timedelta(0)
+        assert run.to_dict()["created_at"].endswith("+00:00")
+        assert zoned.detail(run.id).run.created_at == run.created_at
+    finally:
+        zoned.close()
+
+
+def test_a_connection_the_server_dropped_is_replaced(engine: Engine, reads: PgReads) -> None:
+    seed(engine, 3)
+    assert len(reads.page(RunFilter()).items) == 3
+    with engine.connect() as conn:  # what a server restart does to the pool's connections
+        killed = conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND application_name = 'conveyor' AND query LIKE '%FROM runs%'"
+            )
+        ).all()
+    assert killed
+    assert len(reads.page(RunFilter()).items) == 3
+
+
+def test_a_value_the_database_refuses_is_sqlalchemys_data_error(reads: PgReads) -> None:
+    with pytest.raises(DataError):  # the API answers it with a 400, as for every other read
+        reads.page(RunFilter(name="nul\x00byte"))
+    assert reads.page(RunFilter()).items == []  # the connection is still good
+
+
+def test_an_unreachable_database_is_a_clear_error() -> None:
+    reads = PgReads("postgresql+psycopg://someone:hunter2@127.0.0.1:1/nowhere")
+    try:
+        with pytest.raises(DatabaseUnavailable) as caught:
+            reads.page(RunFilter())
+    finally:
+        reads.close()
+    assert "cannot reach the database" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
