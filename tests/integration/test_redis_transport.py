@@ -46,12 +46,18 @@ def test_one_client_per_channel_and_a_new_one_for_a_new_pool(connection: Connect
 
 
 @pytest.fixture
-def queue(connection: Connection) -> Iterator[Queue]:
+def raw() -> Iterator[redis.Redis]:
+    """A plain client, to see what the transport left in Redis."""
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def queue(connection: Connection, raw: redis.Redis) -> Iterator[Queue]:
     name = f"conveyor-test-{uuid.uuid4().hex[:8]}"
     yield Queue(name, routing_key=name)
-    raw = redis.Redis.from_url(REDIS_URL)
     raw.delete(name)
-    raw.close()
 
 
 def deliver(connection: Connection, queue: Queue, task: str, prefetch: int = 0) -> Message:
@@ -72,18 +78,9 @@ def take(connection: Connection, queue: Queue, prefetch: int = 0) -> Message:
     return got[0]
 
 
-def queued(queue: Queue) -> int:
-    raw = redis.Redis.from_url(REDIS_URL)
-    try:
-        return int(raw.llen(queue.name))
-    finally:
-        raw.close()
-
-
 def test_other_messages_are_tracked_in_redis_until_acked(
-    connection: Connection, queue: Queue
+    connection: Connection, queue: Queue, raw: redis.Redis
 ) -> None:
-    raw = redis.Redis.from_url(REDIS_URL)
     channel = connection.default_channel
     message = deliver(connection, queue, "conveyor.submit")
     tag = message.delivery_tag
@@ -91,13 +88,11 @@ def test_other_messages_are_tracked_in_redis_until_acked(
     message.ack()
     assert not raw.hexists(channel.unacked_key, tag)
     assert raw.zscore(channel.unacked_index_key, tag) is None
-    raw.close()
 
 
 def test_a_run_delivery_is_tracked_in_memory_and_counts_for_prefetch(
-    connection: Connection, queue: Queue
+    connection: Connection, queue: Queue, raw: redis.Redis
 ) -> None:
-    raw = redis.Redis.from_url(REDIS_URL)
     channel = connection.default_channel
     message = deliver(connection, queue, EXECUTE, prefetch=1)
     tag = message.delivery_tag
@@ -106,30 +101,27 @@ def test_a_run_delivery_is_tracked_in_memory_and_counts_for_prefetch(
     assert not channel.qos.can_consume()  # the one prefetch slot is taken
     message.ack()
     assert channel.qos.can_consume()
-    raw.close()
 
 
 def test_a_rejected_run_delivery_goes_back_to_its_queue(
-    connection: Connection, queue: Queue
+    connection: Connection, queue: Queue, raw: redis.Redis
 ) -> None:
     message = deliver(connection, queue, EXECUTE)
-    assert queued(queue) == 0
+    assert raw.llen(queue.name) == 0
     message.reject(requeue=True)
-    assert queued(queue) == 1
+    assert raw.llen(queue.name) == 1
     again = take(connection, queue)
     assert again.headers["redelivered"] is True
     again.reject()  # without requeue: gone
-    assert queued(queue) == 0
+    assert raw.llen(queue.name) == 0
 
 
 def test_run_deliveries_held_at_shutdown_go_back_to_their_queue(
-    connection: Connection, queue: Queue
+    connection: Connection, queue: Queue, raw: redis.Redis
 ) -> None:
-    raw = redis.Redis.from_url(REDIS_URL)
     deliver(connection, queue, EXECUTE)
     other = deliver(connection, queue, "conveyor.submit")
-    assert queued(queue) == 0
+    assert raw.llen(queue.name) == 0
     connection.default_channel.qos.restore_unacked()
-    assert queued(queue) == 2
+    assert raw.llen(queue.name) == 2
     assert not raw.hexists(connection.default_channel.unacked_key, other.delivery_tag)
-    raw.close()
