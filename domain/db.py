@@ -33,21 +33,15 @@ def uses_psycopg(engine: Engine) -> bool:
 
 def libpq_conninfo(url: str | URL, **extra: str | int) -> str:
     """`url` (SQLAlchemy's postgresql+psycopg://...) as a libpq connection string for psycopg
-    itself, with conveyor's connection arguments: for code that bypasses the engine's pool."""
+    itself, with conveyor's connection arguments: for code that bypasses the engine's pool.
+    The arguments are the ones the engine's dialect would connect with (several hosts, a
+    socket directory, sslmode, options: all as the engine reads them)."""
     from psycopg.conninfo import make_conninfo
 
     parsed = make_url(url)
-    parts = {
-        "host": parsed.host,
-        "port": parsed.port,
-        "dbname": parsed.database,
-        "user": parsed.username,
-        "password": parsed.password,
-    }
-    # Query values as libpq keywords, decoded ("options=-c%20x%3Dy" is "-c x=y" to libpq).
-    query = {k: v[-1] if isinstance(v, tuple) else v for k, v in parsed.query.items()}
-    given = {k: v for k, v in parts.items() if v is not None}
-    return make_conninfo("", **{**PG_CONNECT_ARGS, **given, **query, **extra})
+    _, params = parsed.get_dialect()().create_connect_args(parsed)
+    params.pop("context", None)  # a psycopg AdaptersMap the dialect may pass, not a keyword
+    return make_conninfo("", **{**PG_CONNECT_ARGS, **params, **extra})
 
 
 def create_db_engine(

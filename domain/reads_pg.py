@@ -26,6 +26,7 @@ from typing import Any, TypeVar, cast
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
 
 from domain.db import describe_db_error, libpq_conninfo
@@ -108,7 +109,8 @@ class PgReads:
         self._pool = QueuePool(
             connect,
             pool_size=pool_size,
-            max_overflow=pool_size,
+            max_overflow=3 * pool_size,  # the API's threadpool may read with up to 40 threads
+            timeout=10,
             reset_on_return=None,  # autocommit: there is never a transaction to end
         )
 
@@ -141,10 +143,15 @@ class PgReads:
 
     def _read(self, read: Callable[[psycopg.Connection[Any]], T]) -> T:
         for attempt in (1, 2):
+            pool = self._pool
             try:
-                pooled = self._pool.connect()
+                pooled = pool.connect()
             except psycopg.OperationalError as exc:
                 raise DatabaseUnavailable(describe_db_error(self._url, exc)) from None
+            except PoolTimeout:
+                raise DatabaseUnavailable(
+                    "all of the API's read connections stayed busy for 10 s; try again"
+                ) from None
             conn = cast(psycopg.Connection[Any], pooled.driver_connection)
             try:
                 return read(conn)
@@ -152,7 +159,11 @@ class PgReads:
                 stale = conn.broken
                 if stale:
                     pooled.invalidate()
-                    self._pool.dispose()  # its idle connections died with the same server
+                    # Its idle connections died with the same server: a new pool takes over
+                    # (as Engine.dispose does), and connections in use go back to the old one.
+                    if self._pool is pool:
+                        self._pool = pool.recreate()
+                        pool.dispose()
                 if not stale or attempt == 2:
                     raise DatabaseUnavailable(describe_db_error(self._url, exc)) from None
             except psycopg.Error as exc:  # as SQLAlchemy's: a NUL in a filter is a DataError

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, insert, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError
 
 from domain import queries, services
@@ -173,7 +174,8 @@ def test_an_unknown_run_is_not_found(reads: PgReads) -> None:
 
 def test_timestamps_are_utc_whatever_the_sessions_zone(pg_url: str, engine: Engine) -> None:
     seed(engine, 2)
-    zoned = PgReads(f"{pg_url}?options=-c%20TimeZone%3DAsia/Kolkata%20-c%20statement_timeout%3D0")
+    options = {"options": "-c TimeZone=Asia/Kolkata -c statement_timeout=0"}
+    zoned = PgReads(make_url(pg_url).update_query_dict(options).render_as_string(False))
     try:
         page = zoned.page(RunFilter(), limit=5)
         run = page.items[0]
@@ -196,7 +198,10 @@ def test_a_connection_the_server_dropped_is_replaced(engine: Engine, reads: PgRe
             )
         ).all()
     assert killed
-    assert len(reads.page(RunFilter()).items) == 3
+    stale_pool = reads._pool
+    assert len(reads.page(RunFilter()).items) == 3  # tried again on a new connection
+    assert reads._pool is not stale_pool  # the idle ones went with the old pool
+    assert (reads._pool.checkedout(), stale_pool.checkedout()) == (0, 0)
 
 
 def test_a_value_the_database_refuses_is_sqlalchemys_data_error(reads: PgReads) -> None:
