@@ -26,10 +26,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
 from worker.app import EXECUTE
+
+log = structlog.get_logger("conveyor.worker")
 
 
 class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
@@ -62,12 +65,18 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
             super().reject(delivery_tag, requeue=requeue)
 
     def restore_unacked(self, client: Any = None) -> None:
-        """At shutdown: run deliveries go back from memory, the rest from kombu's hash."""
+        """At shutdown: run deliveries go back from memory, the rest from kombu's hash. One
+        that cannot be put back is left to the relay; kombu's restore runs whatever happens."""
         self._flush()
-        for tag in [t for t in self._delivered if t in self._runs]:
-            self._put_back(self._delivered.pop(tag))
-        self._runs.clear()
-        super().restore_unacked(client)
+        try:
+            for tag in [t for t in self._delivered if t in self._runs]:
+                try:
+                    self._put_back(self._delivered.pop(tag))
+                except Exception as exc:
+                    log.warning("worker.restore_failed", reason=str(exc), next="the relay")
+            self._runs.clear()
+        finally:
+            super().restore_unacked(client)
 
     def _put_back(self, message: Any, leftmost: bool = False) -> None:
         info = message.delivery_info

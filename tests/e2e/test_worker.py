@@ -118,8 +118,11 @@ def test_kill_9_loses_no_run_the_worker_held_in_reserve(
     # Consuming before the two runs are sent, so both are taken within the relay's 2 s grace.
     ready = client.enqueue("noop", {"i": 0}, queue="fragile")
     assert client.wait(ready.id, timeout=60).status == "succeeded"
-    busy = client.enqueue("side_effect", {"marks": str(busy_marks), "seconds": 4}, queue="fragile")
-    held = client.enqueue("side_effect", {"marks": str(held_marks)}, queue="fragile")
+    # Sent together: the victim starts `busy` and prefetches `held` within milliseconds.
+    busy, held = client.enqueue_many(
+        {"name": "side_effect", "params": {"marks": str(path), "seconds": s}, "queue": "fragile"}
+        for path, s in [(busy_marks, 6), (held_marks, 0)]
+    )
     eventually(lambda: marks(busy_marks) == ["start 1"], timeout=60)
     eventually(lambda: queued(stack, "fragile") == 0, timeout=10)  # the victim holds `held`
     stack.kill(victim, signal.SIGKILL)
