@@ -51,7 +51,13 @@ def redact_url(value: str | URL) -> str:
     except (ArgumentError, ValueError):
         # Not a URL we can parse: hide whatever could be credentials (user:pass@).
         return re.sub(r"//[^/@]*@", "//***@", str(value))
-    return url.render_as_string(hide_password=True)
+    # libpq also takes a password (or a whole connection string's secrets) as a query value.
+    secret = {k: "***" for k in url.query if k.lower() in _SECRET_QUERY_KEYS}
+    rendered = url.update_query_dict(secret).render_as_string(hide_password=True)
+    return rendered.replace("=%2A%2A%2A", "=***")  # as the password part reads
+
+
+_SECRET_QUERY_KEYS = {"password", "sslpassword", "passfile", "sslkey"}
 
 
 class Settings(BaseSettings):

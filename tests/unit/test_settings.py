@@ -45,6 +45,9 @@ def test_password_never_appears_in_url_errors() -> None:
     assert "hunter2" not in str(info.value)
     assert "hunter2" not in redact_url("postgresql://admin:hunter2@host/db")
     assert "***" in redact_url("postgresql://admin:hunter2@host/db")
+    in_query = redact_url("postgresql+psycopg://admin@host/db?password=hunter2&sslmode=require")
+    assert "hunter2" not in in_query
+    assert "sslmode=require" in in_query
 
 
 def test_default_database_is_sqlite_under_home(tmp_path: Path) -> None:
