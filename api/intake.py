@@ -43,6 +43,8 @@ class WebhookIntake:
         self.max_batch = max_batch
         self.writers = writers
         self._send: MemoryObjectSendStream[_Waiting] | None = None
+        self._writing = 0  # batches being written
+        self._nudge = anyio.Event()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; `task_status.started()` once deliveries are accepted, so a
@@ -63,6 +65,7 @@ class WebhookIntake:
             raise RuntimeError("the webhook intake is not running (the app's lifespan runs it)")
         waiting = _Waiting(delivery)
         self._send.send_nowait(waiting)
+        self._poke()
         # A caller that goes away (client disconnect) leaves the delivery to be written.
         await waiting.done.wait()
         if isinstance(waiting.outcome, BaseException):
@@ -70,21 +73,41 @@ class WebhookIntake:
         assert waiting.outcome is not None
         return waiting.outcome
 
+    def _poke(self) -> None:
+        """Wake a writer waiting for company: a delivery arrived, or a batch ended."""
+        self._nudge.set()
+        self._nudge = anyio.Event()
+
     async def _write(self, receive: MemoryObjectReceiveStream[_Waiting]) -> None:
         async with receive:
             async for first in receive:
-                batch = [first]
-                while len(batch) < self.max_batch:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except anyio.WouldBlock:
-                        break
+                batch = self._gather(receive, [first])
+                # Alone while another batch is being written: wait for a companion or for that
+                # batch to end, rather than spend a whole transaction on one delivery.
+                while len(batch) == 1 and self._writing:
+                    await self._nudge.wait()
+                    batch = self._gather(receive, batch)
                 deliveries = [w.delivery for w in batch]
+                self._writing += 1
                 outcomes: Sequence[Outcome | BaseException]
                 try:
                     outcomes = await anyio.to_thread.run_sync(self.accept, deliveries)
                 except Exception as exc:  # a bug, not a refusal: each caller answers 500
                     outcomes = [exc] * len(batch)
+                finally:
+                    self._writing -= 1
                 for waiting, outcome in zip(batch, outcomes, strict=True):
                     waiting.outcome = outcome
                     waiting.done.set()
+                self._poke()
+
+    def _gather(
+        self, receive: MemoryObjectReceiveStream[_Waiting], batch: list[_Waiting]
+    ) -> list[_Waiting]:
+        """`batch` and what is waiting now, up to max_batch."""
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(receive.receive_nowait())
+            except anyio.WouldBlock:
+                break
+        return batch

@@ -87,3 +87,62 @@ def test_submit_refuses_while_the_intake_is_not_running() -> None:
     intake = WebhookIntake(Recorder())
     with pytest.raises(RuntimeError, match="not running"):
         anyio.run(intake.submit, Delivery("h", None, "d", None, b""))
+
+
+def test_a_second_writer_waits_for_company_instead_of_writing_one_delivery() -> None:
+    """While a batch is being written, a lone delivery waits for another (or for that batch to
+    end) rather than spend a transaction of its own."""
+    recorder = Recorder()
+    answers: dict[int, str] = {}
+
+    async def scenario() -> None:
+        intake = WebhookIntake(recorder, writers=2, max_batch=100)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(intake.run)
+
+            async with anyio.create_task_group() as senders:
+                senders.start_soon(_send, intake, answers, 0)
+                while not recorder.first_started.is_set():
+                    await anyio.sleep(0.001)
+                senders.start_soon(_send, intake, answers, 1)
+                await anyio.sleep(0.05)
+                assert recorder.sizes == [1]  # the second writer holds d-1, not written alone
+                senders.start_soon(_send, intake, answers, 2)
+                while len(recorder.sizes) < 2:
+                    await anyio.sleep(0.001)
+                assert recorder.sizes == [1, 2]  # d-1 and d-2 together
+                recorder.release.set()
+            tasks.cancel_scope.cancel()
+
+    anyio.run(scenario)
+    assert answers == {i: f"answer for d-{i}" for i in range(3)}
+
+
+def test_a_lone_delivery_goes_once_the_other_batch_ends() -> None:
+    recorder = Recorder()
+    answers: dict[int, str] = {}
+
+    async def scenario() -> None:
+        intake = WebhookIntake(recorder, writers=2, max_batch=100)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(intake.run)
+
+            async with anyio.create_task_group() as senders:
+                senders.start_soon(_send, intake, answers, 0)
+                while not recorder.first_started.is_set():
+                    await anyio.sleep(0.001)
+                senders.start_soon(_send, intake, answers, 1)
+                await anyio.sleep(0.05)
+                recorder.release.set()
+            tasks.cancel_scope.cancel()
+
+    anyio.run(scenario)
+    assert recorder.sizes == [1, 1]
+    assert answers == {i: f"answer for d-{i}" for i in range(2)}
+
+
+async def _send(intake: WebhookIntake, answers: dict[int, str], i: int) -> None:
+    try:
+        await intake.submit(Delivery("h", None, f"d-{i}", None, b""))
+    except InvalidInput as exc:
+        answers[i] = str(exc)
