@@ -4,10 +4,12 @@ together in the next one, and each caller gets its own delivery's answer."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import anyio
 import pytest
+from anyio.abc import TaskGroup
 
 from api.intake import WebhookIntake
 from domain.errors import InvalidInput
@@ -89,32 +91,43 @@ def test_submit_refuses_while_the_intake_is_not_running() -> None:
         anyio.run(intake.submit, Delivery("h", None, "d", None, b""))
 
 
-def test_a_second_writer_waits_for_company_instead_of_writing_one_delivery() -> None:
-    """While a batch is being written, a lone delivery waits for another (or for that batch to
-    end) rather than spend a transaction of its own."""
-    recorder = Recorder()
-    answers: dict[int, str] = {}
+def two_writers_one_waiting(
+    recorder: Recorder, answers: dict[int, str], then: Callable[[WebhookIntake, TaskGroup], Any]
+) -> None:
+    """d-0's batch is being written (held by the recorder) and d-1 has arrived alone; `then`
+    runs; then d-0's batch is let go."""
 
     async def scenario() -> None:
         intake = WebhookIntake(recorder, writers=2, max_batch=100)
         async with anyio.create_task_group() as tasks:
             await tasks.start(intake.run)
-
             async with anyio.create_task_group() as senders:
                 senders.start_soon(_send, intake, answers, 0)
                 while not recorder.first_started.is_set():
                     await anyio.sleep(0.001)
                 senders.start_soon(_send, intake, answers, 1)
                 await anyio.sleep(0.05)
-                assert recorder.sizes == [1]  # the second writer holds d-1, not written alone
-                senders.start_soon(_send, intake, answers, 2)
-                while len(recorder.sizes) < 2:
-                    await anyio.sleep(0.001)
-                assert recorder.sizes == [1, 2]  # d-1 and d-2 together
+                await then(intake, senders)
                 recorder.release.set()
             tasks.cancel_scope.cancel()
 
     anyio.run(scenario)
+
+
+def test_a_second_writer_waits_for_company_instead_of_writing_one_delivery() -> None:
+    """While a batch is being written, a lone delivery waits for another (or for that batch to
+    end) rather than spend a transaction of its own."""
+    recorder = Recorder()
+    answers: dict[int, str] = {}
+
+    async def another_arrives(intake: WebhookIntake, senders: TaskGroup) -> None:
+        assert recorder.sizes == [1]  # the second writer holds d-1, not written alone
+        senders.start_soon(_send, intake, answers, 2)
+        while len(recorder.sizes) < 2:
+            await anyio.sleep(0.001)
+        assert recorder.sizes == [1, 2]  # d-1 and d-2 together
+
+    two_writers_one_waiting(recorder, answers, another_arrives)
     assert answers == {i: f"answer for d-{i}" for i in range(3)}
 
 
@@ -122,21 +135,10 @@ def test_a_lone_delivery_goes_once_the_other_batch_ends() -> None:
     recorder = Recorder()
     answers: dict[int, str] = {}
 
-    async def scenario() -> None:
-        intake = WebhookIntake(recorder, writers=2, max_batch=100)
-        async with anyio.create_task_group() as tasks:
-            await tasks.start(intake.run)
+    async def nothing_more(intake: WebhookIntake, senders: TaskGroup) -> None:
+        assert recorder.sizes == [1]
 
-            async with anyio.create_task_group() as senders:
-                senders.start_soon(_send, intake, answers, 0)
-                while not recorder.first_started.is_set():
-                    await anyio.sleep(0.001)
-                senders.start_soon(_send, intake, answers, 1)
-                await anyio.sleep(0.05)
-                recorder.release.set()
-            tasks.cancel_scope.cancel()
-
-    anyio.run(scenario)
+    two_writers_one_waiting(recorder, answers, nothing_more)
     assert recorder.sizes == [1, 1]
     assert answers == {i: f"answer for d-{i}" for i in range(2)}
 
