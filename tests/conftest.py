@@ -83,6 +83,14 @@ def engine(db_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    """An engine on the (emptied) PostgreSQL test database, for tests of PostgreSQL only."""
+    eng = create_db_engine(pg_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
 

@@ -4,7 +4,6 @@ and a row the server refuses at that end still fails the whole batch, after `mea
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -12,20 +11,12 @@ from sqlalchemy.exc import IntegrityError
 
 from domain import services
 from domain.clock import utc_now, uuid7_many
-from domain.db import create_db_engine
 from domain.models import runs
 from domain.ports import OpenCatalog
 from domain.repository import copy_rows
 from domain.requests import build_requests
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def pg(pg_url: str) -> Iterator[Engine]:
-    engine = create_db_engine(pg_url)
-    yield engine
-    engine.dispose()
 
 
 def _rows(n: int, project: str = "default") -> list[dict[str, object]]:
@@ -44,7 +35,7 @@ def _count(engine: Engine) -> int:
         return int(conn.execute(select(func.count()).select_from(runs)).scalar_one())
 
 
-def test_meanwhile_runs_in_the_callers_thread_and_its_result_is_returned(pg: Engine) -> None:
+def test_meanwhile_runs_in_the_callers_thread_and_its_result_is_returned(pg_engine: Engine) -> None:
     rows = _rows(300)
     threads: list[str] = []
 
@@ -52,29 +43,29 @@ def test_meanwhile_runs_in_the_callers_thread_and_its_result_is_returned(pg: Eng
         threads.append(threading.current_thread().name)
         return len(rows)
 
-    with pg.begin() as conn:
+    with pg_engine.begin() as conn:
         assert copy_rows(conn, runs, rows, meanwhile=meanwhile) == 300
     assert threads == [threading.current_thread().name]
-    assert _count(pg) == 300
+    assert _count(pg_engine) == 300
 
 
-def test_a_row_refused_at_the_end_fails_the_batch_after_meanwhile(pg: Engine) -> None:
+def test_a_row_refused_at_the_end_fails_the_batch_after_meanwhile(pg_engine: Engine) -> None:
     # The project foreign key is checked when the COPY ends, while `meanwhile` runs.
     rows = _rows(200) + _rows(1, project="ghost")
     ran: list[bool] = []
-    with pytest.raises(IntegrityError, match="ghost"), pg.begin() as conn:
+    with pytest.raises(IntegrityError, match="ghost"), pg_engine.begin() as conn:
         copy_rows(conn, runs, rows, meanwhile=lambda: ran.append(True))
     assert ran == [True]
-    assert _count(pg) == 0
-    with pg.begin() as conn:  # the connection went back to the pool in a usable state
+    assert _count(pg_engine) == 0
+    with pg_engine.begin() as conn:  # the connection went back to the pool in a usable state
         copy_rows(conn, runs, _rows(2))
-    assert _count(pg) == 2
+    assert _count(pg_engine) == 2
 
 
-def test_an_error_in_meanwhile_leaves_nothing_written(pg: Engine) -> None:
+def test_an_error_in_meanwhile_leaves_nothing_written(pg_engine: Engine) -> None:
     def meanwhile() -> None:
         raise RuntimeError("building the views failed")
 
-    with pytest.raises(RuntimeError, match="views"), pg.begin() as conn:
+    with pytest.raises(RuntimeError, match="views"), pg_engine.begin() as conn:
         copy_rows(conn, runs, _rows(50), meanwhile=meanwhile)
-    assert _count(pg) == 0
+    assert _count(pg_engine) == 0

@@ -16,7 +16,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError
 
 from domain import queries, services
-from domain.db import create_db_engine
 from domain.errors import DatabaseUnavailable, RunNotFound
 from domain.models import cost_entries, run_logs, run_steps, runs
 from domain.reads_pg import PgReads
@@ -26,13 +25,6 @@ from domain.unit_of_work import UnitOfWork
 pytestmark = pytest.mark.postgres
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def engine(pg_url: str) -> Iterator[Engine]:
-    engine = create_db_engine(pg_url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture
@@ -105,20 +97,20 @@ def all_pages(read: Any, filters: RunFilter, limit: int) -> list[tuple[list[dict
     ],
 )
 def test_pages_are_the_same_as_the_repositorys(
-    engine: Engine, reads: PgReads, filters: RunFilter
+    pg_engine: Engine, reads: PgReads, filters: RunFilter
 ) -> None:
-    seed(engine)
+    seed(pg_engine)
 
     def repository_page(filters: RunFilter, *, limit: int, cursor: str | None) -> Any:
-        return services.list_runs(UnitOfWork(engine), filters, limit=limit, cursor=cursor)
+        return services.list_runs(UnitOfWork(pg_engine), filters, limit=limit, cursor=cursor)
 
     expected = all_pages(repository_page, filters, limit=7)
     assert sum(len(items) for items, _ in expected) > 0
     assert all_pages(reads.page, filters, limit=7) == expected
 
 
-def test_a_detail_is_the_same_as_the_querys(engine: Engine, reads: PgReads) -> None:
-    run_id = seed(engine, 3)[2]
+def test_a_detail_is_the_same_as_the_querys(pg_engine: Engine, reads: PgReads) -> None:
+    run_id = seed(pg_engine, 3)[2]
     ts = T0 + timedelta(minutes=1)
     spend = [
         ("openai", "gpt-4o-mini", "0.0001900000"),
@@ -127,7 +119,7 @@ def test_a_detail_is_the_same_as_the_querys(engine: Engine, reads: PgReads) -> N
         ("Zeta", "b", "1"),  # first by code point (in en_US it would follow "anthropic")
         ("_local", "a", "0"),
     ]
-    with engine.begin() as conn:
+    with pg_engine.begin() as conn:
         conn.execute(
             insert(run_steps),
             [
@@ -160,7 +152,7 @@ def test_a_detail_is_the_same_as_the_querys(engine: Engine, reads: PgReads) -> N
                 for seq in range(1, 6)
             ],
         )
-    expected = queries.run_detail(UnitOfWork(engine), run_id).to_dict()
+    expected = queries.run_detail(UnitOfWork(pg_engine), run_id).to_dict()
     got = reads.detail(run_id).to_dict()
     assert got == expected
     assert [c["provider"] for c in got["costs"]] == ["Zeta", "_local", "anthropic", "openai"]
@@ -172,8 +164,8 @@ def test_an_unknown_run_is_not_found(reads: PgReads) -> None:
         reads.detail(uuid.uuid4())
 
 
-def test_timestamps_are_utc_whatever_the_sessions_zone(pg_url: str, engine: Engine) -> None:
-    seed(engine, 2)
+def test_timestamps_are_utc_whatever_the_sessions_zone(pg_url: str, pg_engine: Engine) -> None:
+    seed(pg_engine, 2)
     options = {"options": "-c TimeZone=Asia/Kolkata -c statement_timeout=0"}
     zoned = PgReads(make_url(pg_url).update_query_dict(options).render_as_string(False))
     try:
@@ -186,10 +178,10 @@ def test_timestamps_are_utc_whatever_the_sessions_zone(pg_url: str, engine: Engi
         zoned.close()
 
 
-def test_a_connection_the_server_dropped_is_replaced(engine: Engine, reads: PgReads) -> None:
-    seed(engine, 3)
+def test_a_connection_the_server_dropped_is_replaced(pg_engine: Engine, reads: PgReads) -> None:
+    seed(pg_engine, 3)
     assert len(reads.page(RunFilter()).items) == 3
-    with engine.connect() as conn:  # what a server restart does to the pool's connections
+    with pg_engine.connect() as conn:  # what a server restart does to the pool's connections
         killed = conn.execute(
             text(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

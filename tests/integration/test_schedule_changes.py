@@ -59,13 +59,6 @@ class Heard:
 
 
 @pytest.fixture
-def pg_engine(pg_url: str) -> Engine:
-    engine = create_db_engine(pg_url)
-    yield engine  # type: ignore[misc]
-    engine.dispose()
-
-
-@pytest.fixture
 def heard(pg_engine: Engine) -> Heard:
     heard = Heard()
     listener = ChangeListener(pg_engine, heard)
