@@ -37,6 +37,9 @@ from domain.views import Page, RunView, StepView
 
 T = TypeVar("T")
 
+#: How long a read waits for a free connection before answering 503.
+CHECKOUT_TIMEOUT_S = 10
+
 _RUN_COLUMNS = ", ".join(f"r.{name}" for name in RunView.field_names())
 
 _DETAIL_RUN_SQL = f"""
@@ -110,7 +113,7 @@ class PgReads:
             connect,
             pool_size=pool_size,
             max_overflow=3 * pool_size,  # the API's threadpool may read with up to 40 threads
-            timeout=10,
+            timeout=CHECKOUT_TIMEOUT_S,
             reset_on_return=None,  # autocommit: there is never a transaction to end
         )
 
@@ -150,7 +153,8 @@ class PgReads:
                 raise DatabaseUnavailable(describe_db_error(self._url, exc)) from None
             except PoolTimeout:
                 raise DatabaseUnavailable(
-                    "all of the API's read connections stayed busy for 10 s; try again"
+                    f"all of the API's read connections stayed busy for {CHECKOUT_TIMEOUT_S} s;"
+                    " try again"
                 ) from None
             conn = cast(psycopg.Connection[Any], pooled.driver_connection)
             try:

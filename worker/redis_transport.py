@@ -59,8 +59,7 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
         if delivery_tag in self._runs:
             if requeue:
                 self._put_back(self._delivered[delivery_tag], leftmost=True)
-            self._runs.discard(delivery_tag)
-            virtual.QoS.ack(self, delivery_tag)
+            self.ack(delivery_tag)  # as kombu's reject: done with it either way
         else:
             super().reject(delivery_tag, requeue=requeue)
 
