@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import Connection, Engine, Table, and_, delete, select
+from sqlalchemy import Connection, Engine, Table, and_, select
 
+from domain import runstore
 from domain.models import run_logs, runs
 from domain.models_platform import RunStat, SweepCursor
 from domain.repository import dialect_insert
@@ -162,8 +163,8 @@ def apply_retention(
     batch: int = 500,
     max_batches: int = 20,
 ) -> int:
-    """Delete finished runs past their age, `batch` per short transaction (logs, steps,
-    metrics, costs and artifact rows go with them by cascade). Returns how many went."""
+    """Delete finished runs past their age, `batch` per short transaction (their logs with
+    them, and steps, metrics, costs and artifact rows by cascade). Returns how many went."""
     with engine.connect() as conn:
         projects = {p for (p,) in conn.execute(select(runs.c.project).distinct())}
     cutoffs = retention_cutoffs(default_days, rules or {}, projects, now)
@@ -194,7 +195,7 @@ def apply_retention(
                 conn.execute(
                     runs.update().where(runs.c.parent_run_id.in_(ids)).values(parent_run_id=None)
                 )
-                deleted += conn.execute(delete(runs).where(runs.c.id.in_(ids))).rowcount
+                deleted += runstore.delete_runs(conn, list(ids))
     if deleted:
         log.info("retention.deleted", runs=deleted)
     return deleted

@@ -343,7 +343,9 @@ def _add_event(
     # recorded at once, though, and the run row's lock puts their seq numbers in order.
     locked = select(runs.c.id).where(runs.c.id == run.id)
     if conn.dialect.name == "postgresql":
-        conn.execute(locked.with_for_update())
+        locked = locked.with_for_update()
+    if conn.execute(locked).first() is None:
+        return  # the run was deleted meanwhile: its event has nowhere to go (no foreign key)
     conn.execute(
         run_logs.insert().values(
             run_id=run.id,

@@ -13,10 +13,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, func, or_, select, tuple_, update
+from sqlalchemy import Connection, Row, and_, delete, func, or_, select, tuple_, update
 
 from domain.errors import LeaseLost
-from domain.models import runs
+from domain.models import run_logs, runs
 from domain.states import TERMINAL, Status
 
 _CLAIM_COLUMNS = (
@@ -312,6 +312,33 @@ def record_cost(
         raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")
     conn.execute(cost_entries.insert().values(run_id=run_id, seq=row[-1], **entry))
     return Totals(*tuple(row)[:-1])
+
+
+def lock_for_lines(conn: Connection, run_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Of `run_ids`, the runs that exist, each locked `FOR KEY SHARE` until the transaction
+    ends: lines written for them in it cannot outlive them (run_logs has no foreign key; this
+    is the lock its check took, once per batch instead of once per line). Locked in id order,
+    as every writer locks runs, so two writers never wait on each other in a cycle."""
+    if not run_ids:
+        return set()
+    query = select(runs.c.id).where(runs.c.id.in_(run_ids)).order_by(runs.c.id)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(key_share=True, read=True)
+    return set(conn.execute(query).scalars())
+
+
+def delete_runs(conn: Connection, run_ids: Sequence[uuid.UUID]) -> int:
+    """Delete runs and their log lines (their other records go by cascade); how many runs.
+
+    The runs first: deleting a row waits for every writer holding it `FOR KEY SHARE`
+    (`lock_for_lines`) to commit, so the lines delete that follows sees all their lines, and
+    a writer that comes later finds no run and writes nothing.
+    """
+    if not run_ids:
+        return 0
+    deleted = conn.execute(delete(runs).where(runs.c.id.in_(run_ids))).rowcount
+    conn.execute(delete(run_logs).where(run_logs.c.run_id.in_(run_ids)))
+    return int(deleted)
 
 
 def next_seq(conn: Connection, table: Any, run_id: uuid.UUID) -> int:

@@ -53,6 +53,10 @@ RETURNING {_CLAIM_FIELDS}
 
 # The lines are inserted whether or not the fence holds: an attempt's lines are kept even when
 # it lost its lease (they are labelled with their attempt), exactly as the runstore path does.
+# They are inserted only while the run exists (run_logs has no foreign key): `done` holds the
+# run locked when the fence held; otherwise `owner` locks it as runstore.lock_for_lines does.
+# (When `done` updated the row, `owner` finds it changed by this very statement and returns
+# nothing; `done` answers for it then.)
 _FINISH_SQL = f"""
 WITH done AS (
   UPDATE runs SET status = %(status)s, result = %(result)s, error_type = %(error_type)s,
@@ -60,10 +64,13 @@ WITH done AS (
     lease_owner = NULL, lease_expires_at = NULL
   WHERE id = %(id)s AND attempt = %(attempt)s AND status = '{Status.RUNNING}'
   RETURNING 1
+), owner AS (
+  SELECT 1 FROM runs WHERE id = %(id)s FOR KEY SHARE
 ), lines AS (
   INSERT INTO run_logs (run_id, seq, attempt, ts, stream, level, message, fields)
   SELECT %(id)s, * FROM jsonb_to_recordset(%(lines)s) AS l(
     seq int8, attempt int4, ts timestamptz, stream text, level text, message text, fields jsonb)
+  WHERE EXISTS (SELECT 1 FROM done) OR EXISTS (SELECT 1 FROM owner)
 )
 SELECT count(*) FROM done
 """

@@ -25,7 +25,6 @@ from sqlalchemy import (
     Engine,
     any_,
     bindparam,
-    delete,
     or_,
     select,
     text,
@@ -33,6 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
+from domain import runstore
 from domain.errors import ConveyorError
 from domain.models import runs
 from domain.ports import Catalog, Dispatch, OpenCatalog
@@ -266,7 +266,7 @@ class _Batch:
         claimed = self._insert_fires(candidates)
         lost = [s.run["id"] for s in candidates if s.run is not None and _key(s) not in claimed]
         if lost:
-            self.conn.execute(delete(runs).where(runs.c.id.in_(lost)))
+            runstore.delete_runs(self.conn, lost)
         out: list[Fired] = []
         for s in self.slots:
             if _key(s) not in claimed or (s.run is not None and s.run["id"] not in made):

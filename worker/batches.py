@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Table
 from sqlalchemy import exc as sa_exc
 
 from domain import costs as ledger
+from domain import runstore
 from domain.models import RunMetric, cost_entries, run_logs
 
 run_metrics = cast(Table, RunMetric.__table__)
@@ -83,16 +84,19 @@ class Batch:
 
 @dataclass
 class Written:
-    """What a batch wrote: lines, metric points, cost entries, and cost entries dropped because
-    their attempt no longer owns the run (`stale`)."""
+    """What a batch wrote: lines, metric points, cost entries, cost entries dropped because
+    their attempt no longer owns the run (`stale`), and lines dropped because their run is gone
+    (`orphans`, counted as rejected)."""
 
     lines: int = 0
     points: int = 0
     costs: int = 0
     stale: list[Row] = field(default_factory=list)
+    orphans: list[Row] = field(default_factory=list)  # lines of runs that no longer exist
 
     @property
     def settled(self) -> int:
+        """Rows done with: written, or dropped for a reason that is not a fault (stale)."""
         return self.lines + self.points + self.costs + len(self.stale)
 
     def add(self, other: Written) -> None:
@@ -100,6 +104,7 @@ class Written:
         self.points += other.points
         self.costs += other.costs
         self.stale += other.stale
+        self.orphans += other.orphans
 
 
 def write_bisecting(
@@ -133,7 +138,8 @@ def write(conn: Connection, batch: Batch) -> Written:
         conn.begin()  # what autobegin would do; the raw COPY below bypasses it
     # The fence first: entries of an attempt that no longer owns its run are not written.
     numbered, stale, months = _add_to_totals(conn, batch.costs) if batch.costs else ([], [], {})
-    logs, metrics = batch.logs, batch.metrics
+    logs, orphans = _lines_of_live_runs(conn, batch.logs)
+    metrics = batch.metrics
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
         raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
         with raw.cursor() as cur:
@@ -168,7 +174,24 @@ def write(conn: Connection, batch: Batch) -> Written:
             )
     if months:
         _add_to_months(conn, months)  # last: the project's row is the one other workers share
-    return Written(len(logs), len(metrics), sum(len(rows) for rows, _ in numbered), stale)
+    return Written(len(logs), len(metrics), sum(len(rows) for rows, _ in numbered), stale, orphans)
+
+
+def _lines_of_live_runs(conn: Connection, lines: list[Row]) -> tuple[list[Row], list[Row]]:
+    """(lines to write, lines whose run no longer exists), the runs locked until commit."""
+    if not lines:
+        return lines, []
+    run_ids: list[UUID] = []
+    last = None
+    for row in lines:  # a run's lines arrive together: mostly identity checks, no hashing
+        if row[0] is not last:
+            last = row[0]
+            run_ids.append(last)
+    wanted = set(run_ids)
+    live = runstore.lock_for_lines(conn, list(wanted))
+    if len(live) == len(wanted):
+        return lines, []
+    return [r for r in lines if r[0] in live], [r for r in lines if r[0] not in live]
 
 
 Numbered = list[tuple[list[Row], int]]  # buffered rows, and the seq the first of them takes

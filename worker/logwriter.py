@@ -368,23 +368,29 @@ class LogWriter:
         self._changed.notify_all()
 
     def _write_batch(self, batch: Batch) -> Written:
+        rejected: list[tuple[Row, BaseException]] = []
         try:
             with self._engine.begin() as conn:
-                return write(conn, batch)
+                written = write(conn, batch)
         except Exception as exc:
             if not is_row_fault(exc):
                 raise
-        rejected: list[tuple[Row, BaseException]] = []
-        with self._engine.begin() as conn:
-            written = write_bisecting(conn, batch, rejected)
+            with self._engine.begin() as conn:
+                written = write_bisecting(conn, batch, rejected)
         if rejected:
-            structlog.get_logger("conveyor.logwriter").error(
-                "logwriter.rows_rejected",
-                rows=len(rejected),
-                run_ids=sorted({str(row[0]) for row, _ in rejected})[:10],
-                error=reason(rejected[0][1]),
-            )
+            _report_rejected([row for row, _ in rejected], reason(rejected[0][1]))
+        if written.orphans:
+            _report_rejected(written.orphans, "the run no longer exists")
         return written
+
+
+def _report_rejected(rows: list[Row], why: str) -> None:
+    structlog.get_logger("conveyor.logwriter").error(
+        "logwriter.rows_rejected",
+        rows=len(rows),
+        run_ids=sorted({str(row[0]) for row in rows})[:10],
+        error=why,
+    )
 
 
 def _put_back(buffer: Buffer, taken: Buffer) -> None:

@@ -272,7 +272,7 @@ def test_flush_on_a_down_database_is_a_clear_error_and_keeps_the_rows(
 def test_a_row_the_database_refuses_costs_only_itself(
     writer: LogWriter, engine: Engine, run_id: uuid.UUID
 ) -> None:
-    orphan = uuid.uuid4()  # no such run: the foreign key refuses its lines
+    orphan = uuid.uuid4()  # no such run: its lines are dropped
     writer.log(run_id, 1, "before")
     writer.log(orphan, 1, "lost run")
     writer.log(run_id, 1, "unserialisable", fields={"x": object()})
@@ -282,9 +282,15 @@ def test_a_row_the_database_refuses_costs_only_itself(
     assert [r.message for r in stored_lines(engine, run_id)] == ["before", "after"]
     assert writer.stats["rows_rejected"] == 2
     assert writer.stats["buffered"] == 0
-    [event] = [e for e in events if e["event"] == "logwriter.rows_rejected"]
-    assert event["rows"] == 2
-    assert str(orphan) in event["run_ids"]
+    refused, orphaned = (e for e in events if e["event"] == "logwriter.rows_rejected")
+    assert refused["rows"] == 1 and refused["run_ids"] == [str(run_id)]
+    assert orphaned == {
+        "event": "logwriter.rows_rejected",
+        "log_level": "error",
+        "rows": 1,
+        "run_ids": [str(orphan)],
+        "error": "the run no longer exists",
+    }
 
 
 def test_a_runaway_line_is_truncated_with_a_marker(

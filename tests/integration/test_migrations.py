@@ -35,6 +35,15 @@ def empty_db(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no
     admin.dispose()
 
 
+# A run row as revisions 0007-0009 have it (every NOT NULL column without a default).
+_RUN = (
+    "INSERT INTO runs (id, project, kind, name, queue, priority, params, status, attempt,"
+    " max_attempts, triggered_by, not_before, dispatch_attempts, cost_usd, tokens_in,"
+    " tokens_out, requests_made, created_at) VALUES (:id, 'default', 'task', 't',"
+    " 'default', 5, '{}', 'running', 1, 1, 'api', :now, 0, 0, 0, 0, 0, :now)"
+)
+
+
 def tables(url: str) -> set[str]:
     engine = create_db_engine(url, null_pool=True)
     try:
@@ -76,12 +85,7 @@ def test_0008_numbers_existing_cost_entries_per_run_and_back(empty_db: str) -> N
     upgrade(empty_db, revision="0007")
     engine = create_db_engine(empty_db, null_pool=True)
     a, b = uuid.uuid4(), uuid.uuid4()
-    run = (
-        "INSERT INTO runs (id, project, kind, name, queue, priority, params, status, attempt,"
-        " max_attempts, triggered_by, not_before, dispatch_attempts, cost_usd, tokens_in,"
-        " tokens_out, requests_made, created_at) VALUES (:id, 'default', 'task', 't',"
-        " 'default', 5, '{}', 'running', 1, 1, 'api', :now, 0, 0, 0, 0, 0, :now)"
-    )
+    run = _RUN
     entry = (
         "INSERT INTO cost_entries (run_id, project, ts, provider, model, tokens_in,"
         " tokens_out, requests, cost_usd) VALUES (:run, 'default', :now, 'p', :model,"
@@ -119,4 +123,39 @@ def test_0008_numbers_existing_cost_entries_per_run_and_back(empty_db: str) -> N
     engine.dispose()
     assert sorted(m for _, m in ids) == ["a1", "a2", "a3", "b1", "b2"]
     assert len({i for i, _ in ids}) == 5 and all(i is not None for i, _ in ids)
+    upgrade(empty_db)
+
+
+def test_0009_drops_the_log_key_and_downgrading_restores_it_without_orphans(
+    empty_db: str,
+) -> None:
+    """Without the key a line can outlive its run (written outside conveyor's writers); the
+    downgrade deletes such lines before it puts the key back."""
+    upgrade(empty_db, revision="0009")
+    engine = create_db_engine(empty_db, null_pool=True)
+    kept, orphan = uuid.uuid4(), uuid.uuid4()
+    line = (
+        "INSERT INTO run_logs (run_id, seq, attempt, ts, stream, level, message)"
+        " VALUES (:run, 1, 1, :now, 'log', 'info', :message)"
+    )
+    typed = [bindparam("id", type_=Uuid()), bindparam("now", type_=UTCDateTime())]
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(text(_RUN).bindparams(*typed), {"id": kept, "now": now})
+        for run, message in [(kept, "kept"), (orphan, "orphan")]:
+            conn.execute(
+                text(line).bindparams(bindparam("run", type_=Uuid()), typed[1]),
+                {"run": run, "now": now, "message": message},
+            )
+    assert inspect(engine).get_foreign_keys("run_logs") == []
+    engine.dispose()
+
+    downgrade(empty_db, revision="0008")
+    engine = create_db_engine(empty_db, null_pool=True)
+    with engine.connect() as conn:
+        messages = conn.execute(text("SELECT message FROM run_logs")).scalars().all()
+    [key] = inspect(engine).get_foreign_keys("run_logs")
+    engine.dispose()
+    assert messages == ["kept"]
+    assert (key["referred_table"], key["options"].get("ondelete")) == ("runs", "CASCADE")
     upgrade(empty_db)

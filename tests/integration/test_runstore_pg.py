@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import OperationalError
 
 from domain import runstore, services
@@ -169,6 +169,29 @@ def test_a_stale_attempt_cannot_finish_but_its_lines_are_kept(
             select(run_logs.c.attempt, run_logs.c.message).where(run_logs.c.run_id == run_id)
         ).all()
     assert [tuple(r) for r in kept] == [(1, "from attempt 1")]
+
+
+def test_finish_of_a_deleted_run_writes_no_lines(pg: Engine, store: PgRunStore) -> None:
+    """run_logs has no foreign key: the statement itself keeps lines of a gone run out."""
+    run_id = _enqueue(pg)
+    assert store.claim(run_id, owner="w1", now=utc_now(), lease_s=30) is not None
+    with pg.begin() as conn:
+        assert runstore.delete_runs(conn, [run_id]) == 1
+    owned = store.finish(
+        run_id,
+        1,
+        status="succeeded",
+        now=utc_now(),
+        result=None,
+        error_type=None,
+        error=None,
+        exit_code=None,
+        lines=[_line(run_id, 1, 1, "too late", None)],
+    )
+    assert not owned
+    with pg.connect() as conn:
+        lines = conn.execute(select(func.count()).where(run_logs.c.run_id == run_id)).scalar()
+    assert lines == 0
 
 
 def test_a_broken_connection_is_an_operational_error_then_replaced(

@@ -1,0 +1,39 @@
+"""run_logs: no foreign key to runs; writers lock the runs once per batch instead
+
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-11-24 21:50:00
+
+PostgreSQL checks a foreign key once per inserted row, with a query and a row lock on the run.
+For log lines, written by the hundred thousand per second, that check was two thirds of the
+database's work: a COPY of 300,000 lines took 6.3 us a line with the key and 2.3 us without it
+(on the same table and index). The writers now take the same lock (`FOR KEY SHARE` on the
+runs) once per batch and drop lines whose run no longer exists, and deleting runs deletes their
+lines in the same transaction (`runstore.delete_runs`), so no line outlives its run either way.
+
+Downgrading deletes any line whose run is gone before it puts the key back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0009"
+down_revision: str | None = "0008"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+FK = "fk_run_logs_run_id_runs"
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("run_logs", schema=None) as batch_op:
+        batch_op.drop_constraint(FK, type_="foreignkey")
+
+
+def downgrade() -> None:
+    op.execute("DELETE FROM run_logs WHERE run_id NOT IN (SELECT id FROM runs)")
+    with op.batch_alter_table("run_logs", schema=None) as batch_op:
+        batch_op.create_foreign_key(FK, "runs", ["run_id"], ["id"], ondelete="CASCADE")

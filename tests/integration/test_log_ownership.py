@@ -1,0 +1,118 @@
+"""run_logs has no foreign key (migration 0009): a line still never outlives its run.
+
+Writers lock the runs of a batch `FOR KEY SHARE`; `runstore.delete_runs` deletes the runs, then
+their lines. Each test holds one side's transaction open and lets the other run into it, in
+both orders, then checks that no line of the deleted run is left.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select, text
+
+from domain import runstore, services
+from domain.clock import utc_now
+from domain.models import run_logs, runs
+from domain.requests import build_request
+from domain.unit_of_work import UnitOfWork
+from tests.polling import eventually
+from worker.batches import Batch, Written, write
+
+pytestmark = pytest.mark.postgres
+
+
+def _run(engine: Engine) -> uuid.UUID:
+    return services.enqueue(UnitOfWork(engine), build_request(name="t")).run.id
+
+
+def _lines(run_id: uuid.UUID, n: int) -> Batch:
+    now = utc_now()
+    return Batch(
+        [(run_id, seq, 1, now, "log", "info", f"line {seq}", None) for seq in range(1, n + 1)],
+        [],
+        [],
+    )
+
+
+def _left(engine: Engine, run_id: uuid.UUID) -> tuple[int, int]:
+    """(runs, lines) left with this id."""
+    with engine.connect() as conn:
+        found = conn.execute(select(func.count()).where(runs.c.id == run_id)).scalar_one()
+        lines = conn.execute(select(func.count()).where(run_logs.c.run_id == run_id)).scalar_one()
+    return found, lines
+
+
+def _waits_on_a_lock(engine: Engine) -> Callable[[], bool]:
+    def check() -> bool:
+        with engine.connect() as conn:
+            waiting = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        return bool(waiting)
+
+    return check
+
+
+def _in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = target()
+        except BaseException as exc:  # reported by the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_run_deleted_while_its_lines_are_written_takes_them_along(pg_engine: Engine) -> None:
+    run_id, other = _run(pg_engine), _run(pg_engine)
+    with pg_engine.connect() as writer:
+        writer.begin()
+        written = write(writer, _lines(run_id, 500))
+        assert written.lines == 500 and not written.orphans
+
+        def delete() -> int:
+            with pg_engine.begin() as conn:
+                return runstore.delete_runs(conn, [run_id])
+
+        deleter, out = _in_thread(delete)
+        eventually(_waits_on_a_lock(pg_engine), timeout=10, every=0.02)  # the writer's lock
+        writer.commit()
+    deleter.join(timeout=10)
+    assert out == {"value": 1}
+    assert _left(pg_engine, run_id) == (0, 0)
+    assert _left(pg_engine, other) == (1, 0)
+
+
+def test_lines_of_a_run_being_deleted_wait_then_are_dropped(pg_engine: Engine) -> None:
+    run_id, other = _run(pg_engine), _run(pg_engine)
+    with pg_engine.connect() as deleter:
+        deleter.begin()
+        assert runstore.delete_runs(deleter, [run_id]) == 1
+
+        def write_lines() -> Written:
+            batch = _lines(run_id, 3)
+            batch.logs.append((other, 1, 1, utc_now(), "log", "info", "kept", None))
+            with pg_engine.begin() as conn:
+                return write(conn, batch)
+
+        writer, out = _in_thread(write_lines)
+        eventually(_waits_on_a_lock(pg_engine), timeout=10, every=0.02)  # the delete's lock
+        deleter.commit()
+    writer.join(timeout=10)
+    written = out["value"]
+    assert written.lines == 1
+    assert [row[6] for row in written.orphans] == ["line 1", "line 2", "line 3"]
+    assert _left(pg_engine, run_id) == (0, 0)
+    assert _left(pg_engine, other) == (1, 1)
