@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import structlog
+from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from domain import audit, costs
@@ -123,11 +124,13 @@ def enqueue_many(
     catalog: Catalog | None = None,
     inline: bool = False,
     after: uuid.UUID | None = None,
+    record: Callable[[Connection, list[Enqueued]], None] | None = None,
 ) -> list[Enqueued]:
     """Record a batch of runs in one transaction and publish them in one broker call.
 
     Without a publisher the relay delivers them; `inline` means the caller executes them
-    itself right away (conveyor.submit), so nothing is published.
+    itself right away (conveyor.submit), so nothing is published. `record` writes what belongs
+    with the runs (webhook deliveries), in their transaction, given what was enqueued.
     """
     if not reqs:
         return []
@@ -153,6 +156,8 @@ def enqueue_many(
             uow.rollback()
             _explain_integrity_error(uow, rows)
             raise
+        if record is not None:
+            record(uow.conn, results)
         if send is not None:
             uow.after_commit(send)
         uow.commit()
@@ -216,11 +221,15 @@ def _insert(
         )
         assert made is not None
         return made
-    uow.runs.insert_many(to_insert)
+    inserted = uow.runs.insert_keyed(to_insert)
+    # Only keys that named a run already are read back; an inserted run's view is its row.
     keyed: dict[str, list[str]] = {}
-    for project, key in first_by_key:
-        keyed.setdefault(project, []).append(key)
     stored_by_key: dict[tuple[str, str], RunView] = {}
+    for ident, first in first_by_key.items():
+        if first["id"] in inserted:
+            stored_by_key[ident] = _view(first)
+        else:
+            keyed.setdefault(ident[0], []).append(ident[1])
     for project, keys in keyed.items():
         for key, view in uow.runs.by_keys(project, keys).items():
             stored_by_key[(project, key)] = view

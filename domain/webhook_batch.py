@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Connection
 
 from domain import services
 from domain.errors import ConveyorError, TransientError
-from domain.models import runs
 from domain.ports import Catalog, Publisher
 from domain.repository import dialect_insert
 from domain.requests import build_request
@@ -34,6 +33,7 @@ from domain.webhooks import (
 
 #: What a delivery came to: its run (created or found again), or why it was refused.
 Outcome = services.Enqueued | ConveyorError
+Recorder = Callable[[Connection, list[services.Enqueued]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,44 +118,27 @@ def _accept_alone(
         return exc
 
 
-class _BatchDeliveryUnitOfWork(UnitOfWork):
-    """enqueue_many's unit of work, writing every delivery row just before its commit."""
+def _record_deliveries(items: list[_Checked], received: datetime) -> Recorder:
+    """Writes each delivery's row, pointing at the run it was given, in the runs' transaction."""
 
-    def __init__(self, uow: UnitOfWork, items: list[_Checked]) -> None:
-        super().__init__(uow.engine, clock=uow.clock)
-        self.items = items
-
-    def commit(self) -> None:
-        keys = [(item, idempotency_key(item.hook, item.delivery_id)) for item in self.items]
-        by_project: dict[str, list[str]] = {}
-        for item, key in keys:
-            by_project.setdefault(item.hook.project, []).append(key)
-        run_ids = {}
-        for project, wanted in by_project.items():
-            # Only the ids (not whole runs as by_keys reads them): the batch's hottest query.
-            found = self.conn.execute(
-                select(runs.c.idempotency_key, runs.c.id).where(
-                    runs.c.project == project, runs.c.idempotency_key.in_(wanted)
-                )
-            )
-            run_ids.update({(project, key): run_id for key, run_id in found})
-        received = self.clock()
+    def record(conn: Connection, results: list[services.Enqueued]) -> None:
         rows = {  # one row per (webhook, delivery id): a repeat inside the batch is the same
             (item.hook.id, item.delivery_id): {
                 "webhook_id": item.hook.id,
                 "delivery_id": item.delivery_id,
-                "run_id": run_ids[(item.hook.project, key)],
+                "run_id": result.run.id,
                 "received_at": received,
             }
-            for item, key in keys
+            for item, result in zip(items, results, strict=True)
         }
-        self.conn.execute(
-            dialect_insert(self.conn, deliveries).on_conflict_do_nothing(
+        conn.execute(
+            dialect_insert(conn, deliveries).on_conflict_do_nothing(
                 index_elements=["webhook_id", "delivery_id"]
             ),
             list(rows.values()),
         )
-        super().commit()
+
+    return record
 
 
 def _accept_together(
@@ -178,9 +161,10 @@ def _accept_together(
     ]
     return list(
         services.enqueue_many(
-            _BatchDeliveryUnitOfWork(uow, items),
+            uow,
             requests,
             publisher=publisher,
             catalog=catalog,
+            record=_record_deliveries(items, uow.clock()),
         )
     )

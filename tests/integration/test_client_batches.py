@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -71,16 +72,18 @@ def test_one_bad_item_refuses_the_batch_naming_it(
     assert _count(engine) == 0
 
 
-def test_every_field_survives_the_copy_path(engine: Engine, db_url: str) -> None:
-    """Batches without idempotency keys are COPY'd on PostgreSQL: each value must
-    arrive in its column's exact type, and read back as the view the batch returned."""
+@pytest.mark.parametrize("keyed", [False, True], ids=["copy", "keyed"])
+def test_every_field_survives_the_batch_paths(engine: Engine, db_url: str, keyed: bool) -> None:
+    """Batches without idempotency keys are COPY'd on PostgreSQL, batches with keys inserted
+    with RETURNING: each value must arrive in its column's exact type, and read back as the
+    view the batch returned (built from the row, not read back)."""
     client = Client(
         load_settings(database_url=db_url),
         engine=engine,
         publisher=FakePublisher(),
         catalog=OpenCatalog(),
     )
-    items = [
+    items: list[dict[str, Any]] = [
         {
             "name": "full",
             "params": {"nested": {"list": [1, 2.5, None, "ü"]}, "flag": True},
@@ -95,6 +98,8 @@ def test_every_field_survives_the_copy_path(engine: Engine, db_url: str) -> None
         },
         {"name": "bare"},
     ]
+    if keyed:
+        items[0]["idempotency_key"] = "full-1"
     views = client.enqueue_many(items)
     stored = [client.get(v.id) for v in views]
     assert stored == views
