@@ -171,7 +171,7 @@ def apply_retention(
     deleted = 0
     for (project, status), cutoff in sorted(cutoffs.items()):
         for _ in range(max_batches):
-            with engine.begin() as conn:
+            with _read_committed(engine) as conn, conn.begin():
                 ids = (
                     conn.execute(
                         select(runs.c.id)
@@ -199,6 +199,15 @@ def apply_retention(
     if deleted:
         log.info("retention.deleted", runs=deleted)
     return deleted
+
+
+def _read_committed(engine: Engine) -> Connection:
+    """A connection whose transactions are READ COMMITTED whatever the defaults (server or
+    engine): `runstore.delete_runs` relies on a snapshot per statement."""
+    conn = engine.connect()
+    if engine.dialect.name == "postgresql":
+        conn.execution_options(isolation_level="READ COMMITTED")
+    return conn
 
 
 def _archive(conn: Connection, ids: list[Any], directory: Path, now: datetime) -> None:

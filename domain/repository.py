@@ -185,8 +185,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         ) from None
 
 
-_INSERT_ONE: dict[str, Any] = {}
-_INSERT_KEYED: dict[str, Any] = {}
+_INSERT_RETURNING_ID: dict[str, Any] = {}
 
 
 class RunRepository:
@@ -196,18 +195,22 @@ class RunRepository:
         self.conn = conn
 
     # -- writes -----------------------------------------------------------------------------
-    def insert_one(self, row: dict[str, Any]) -> bool:
-        """Insert a run; False when its idempotency key already names another run."""
-        stmt = _INSERT_ONE.get(self.conn.dialect.name)
+    def _insert_returning_id(self) -> Any:
+        """INSERT of a run, skipped when its idempotency key names a run already, RETURNING id.
+        Built once per dialect, not per call: building an INSERT of every column, and its
+        cache key, cost more CPU than the round trip. A NULL key never conflicts."""
+        stmt = _INSERT_RETURNING_ID.get(self.conn.dialect.name)
         if stmt is None:
-            # Built once per dialect, not per call: building an INSERT of every column, and its
-            # cache key, cost more CPU than the round trip. A NULL key never conflicts.
-            stmt = _INSERT_ONE[self.conn.dialect.name] = (
+            stmt = _INSERT_RETURNING_ID[self.conn.dialect.name] = (
                 dialect_insert(self.conn, runs)
                 .on_conflict_do_nothing(**ON_KEY_CONFLICT)
                 .returning(runs.c.id)
             )
-        return self.conn.execute(stmt, row).first() is not None
+        return stmt
+
+    def insert_one(self, row: dict[str, Any]) -> bool:
+        """Insert a run; False when its idempotency key already names another run."""
+        return self.conn.execute(self._insert_returning_id(), row).first() is not None
 
     def insert_many(
         self, rows: list[dict[str, Any]], *, meanwhile: Callable[[], T] | None = None
@@ -235,14 +238,7 @@ class RunRepository:
         only the skipped rows need reading back."""
         if not rows:
             return set()
-        stmt = _INSERT_KEYED.get(self.conn.dialect.name)
-        if stmt is None:
-            stmt = _INSERT_KEYED[self.conn.dialect.name] = (
-                dialect_insert(self.conn, runs)
-                .on_conflict_do_nothing(**ON_KEY_CONFLICT)
-                .returning(runs.c.id)
-            )
-        return set(self.conn.execute(stmt, rows).scalars())
+        return set(self.conn.execute(self._insert_returning_id(), rows).scalars())
 
     def add_audit(
         self,

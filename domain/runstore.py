@@ -332,7 +332,10 @@ def delete_runs(conn: Connection, run_ids: Sequence[uuid.UUID]) -> int:
 
     The runs first: deleting a row waits for every writer holding it `FOR KEY SHARE`
     (`lock_for_lines`) to commit, so the lines delete that follows sees all their lines, and
-    a writer that comes later finds no run and writes nothing.
+    a writer that comes later finds no run and writes nothing. "Sees" needs READ COMMITTED
+    (a snapshot per statement): under REPEATABLE READ the lines delete would miss lines
+    committed since the transaction began, so callers that may find a stricter server
+    default set READ COMMITTED for the transaction (`maintenance.apply_retention` does).
     """
     if not run_ids:
         return 0

@@ -232,7 +232,9 @@ class LogWriter:
             [tuple(row.get(c) for c in METRIC_COLUMNS) for row in metrics],
             [],
         )
-        write(conn, batch)
+        written = write(conn, batch)
+        if written.orphans:
+            _report_rejected(written.orphans, "the run no longer exists")
 
     def flush(self) -> None:
         """Write everything buffered now; DatabaseUnavailable (rows kept) when that fails."""

@@ -34,6 +34,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DELETE FROM run_logs WHERE run_id NOT IN (SELECT id FROM runs)")
+    # NOT EXISTS, not NOT IN: an anti join, where NOT IN re-scans runs per line once the run
+    # ids outgrow work_mem.
+    op.execute(
+        "DELETE FROM run_logs WHERE NOT EXISTS (SELECT 1 FROM runs WHERE runs.id = run_logs.run_id)"
+    )
     with op.batch_alter_table("run_logs", schema=None) as batch_op:
         batch_op.create_foreign_key(FK, "runs", ["run_id"], ["id"], ondelete="CASCADE")

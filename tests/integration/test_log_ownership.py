@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, event, func, select, text
 
 from domain import runstore, services
 from domain.clock import utc_now
+from domain.db import create_db_engine
+from domain.maintenance import apply_retention
 from domain.models import run_logs, runs
 from domain.requests import build_request
 from domain.unit_of_work import UnitOfWork
@@ -116,3 +119,37 @@ def test_lines_of_a_run_being_deleted_wait_then_are_dropped(pg_engine: Engine) -
     assert [row[6] for row in written.orphans] == ["line 1", "line 2", "line 3"]
     assert _left(pg_engine, run_id) == (0, 0)
     assert _left(pg_engine, other) == (1, 1)
+
+
+@pytest.fixture
+def strict_engine(pg_url: str) -> Iterator[Engine]:
+    """Every transaction REPEATABLE READ, as a server default of it would make them."""
+    engine = create_db_engine(pg_url)
+    yield engine.execution_options(isolation_level="REPEATABLE READ")
+    engine.dispose()
+
+
+def test_retention_under_a_repeatable_read_default_leaves_no_line_behind(
+    pg_engine: Engine, strict_engine: Engine
+) -> None:
+    """A writer commits lines after retention's transaction has read which runs to delete;
+    with one snapshot for the whole transaction the lines delete would not see them."""
+    now = utc_now()
+    run_id = _run(pg_engine)
+    with pg_engine.begin() as conn:
+        conn.execute(
+            runs.update()
+            .where(runs.c.id == run_id)
+            .values(status="succeeded", finished_at=now - timedelta(days=40))
+        )
+    late: list[Written] = []
+
+    @event.listens_for(strict_engine, "before_cursor_execute")
+    def write_late(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("DELETE FROM RUNS") and not late:
+            with pg_engine.begin() as other:  # a writer that held the run while it wrote
+                late.append(write(other, _lines(run_id, 3)))
+
+    assert apply_retention(strict_engine, now=now, default_days=30) == 1
+    assert [w.lines for w in late] == [3]
+    assert _left(pg_engine, run_id) == (0, 0)
