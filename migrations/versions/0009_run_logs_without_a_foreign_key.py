@@ -11,7 +11,9 @@ database's work: a COPY of 300,000 lines took 6.3 us a line with the key and 2.3
 runs) once per batch and drop lines whose run no longer exists, and deleting runs deletes their
 lines in the same transaction (`runstore.delete_runs`), so no line outlives its run either way.
 
-Downgrading deletes any line whose run is gone before it puts the key back.
+Upgrading only drops the constraint (a brief lock, no scan). Downgrading deletes any line whose
+run is gone, then puts the key back, which checks every line against runs while writes to both
+tables wait: on a large run_logs, downgrade in a quiet moment.
 """
 
 from __future__ import annotations
