@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 
 from api.intake import WebhookIntake
+from domain import webhooks
 from domain.clock import utc_now
 from domain.crypto import secret_key_from
 from domain.ports import Catalog, Publisher
@@ -19,6 +20,7 @@ from domain.reads_pg import PgReads
 from domain.settings import Settings
 from domain.unit_of_work import UnitOfWork
 from domain.webhook_batch import Delivery, Outcome, accept_batch
+from domain.webhooks import Endpoint
 
 if TYPE_CHECKING:
     from api.metrics import ApiMetrics
@@ -113,7 +115,15 @@ class ApiState:
             tolerance_s=self.options.webhook_tolerance_s,
             publisher=self.publisher,
             catalog=self.catalog,
+            lookup=self._endpoints if self.reads is not None else None,
         )
+
+    def _endpoints(self, names: set[str]) -> dict[str, Endpoint]:
+        """The intake's endpoint lookup through the direct reads (one prepared statement,
+        no pool ping, no transaction): about a quarter of the CPU of `webhooks.endpoints`."""
+        assert self.reads is not None
+        rows = self.reads.webhook_rows(sorted(names))
+        return webhooks.endpoints_of(rows, secret_key=self.secret_key)
 
     def start(self) -> None:
         from conveyor.client import default_catalog, default_publisher

@@ -1,5 +1,5 @@
-"""The status API's busiest reads on PostgreSQL, on the driver directly: the runs page and a
-run's detail.
+"""The status API's busiest reads on PostgreSQL, on the driver directly: the runs page, a
+run's detail, and the webhook intake's endpoint lookup.
 
 Dashboards poll these two. Through SQLAlchemy a page of 50 runs cost about 2.5 ms of the API's
 CPU: a pool checkout with its pre-ping round trip, a statement cache lookup, and a result
@@ -25,6 +25,7 @@ from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
@@ -59,6 +60,13 @@ SELECT provider, model, sum(tokens_in)::int8, sum(tokens_out)::int8, sum(request
   sum(cost_usd)
 FROM cost_entries WHERE run_id = %s
 GROUP BY provider, model ORDER BY provider COLLATE "C", model COLLATE "C"
+"""
+
+
+# The webhook intake's lookup, once per batch of deliveries.
+_WEBHOOKS_SQL = """
+SELECT id, name, project, target_kind, target_name, enabled, created_at, secret_ciphertext
+FROM webhooks WHERE name = ANY(%s) AND enabled
 """
 
 
@@ -143,6 +151,16 @@ class PgReads:
             log_lines=row[-1],
             costs=[CostLine(*cost) for cost in costs],
         )
+
+    def webhook_rows(self, names: list[str]) -> list[dict[str, Any]]:
+        """The enabled webhooks among `names`, each a row by column name, secret still
+        encrypted (`webhooks.endpoints_of` makes them endpoints)."""
+
+        def read(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+            with conn.cursor(row_factory=dict_row) as cur:
+                return cur.execute(_WEBHOOKS_SQL, (names,), prepare=True).fetchall()
+
+        return self._read(read)
 
     def _read(self, read: Callable[[psycopg.Connection[Any]], T]) -> T:
         for attempt in (1, 2):

@@ -63,15 +63,20 @@ def accept_batch(
     tolerance_s: float,
     publisher: Publisher | None = None,
     catalog: Catalog | None = None,
+    lookup: Callable[[set[str]], dict[str, Endpoint]] | None = None,
 ) -> list[Outcome]:
     """One outcome per delivery, in order. Checks run in the order the single path uses
     (endpoint, timestamp, delivery id, signature, body); the deliveries that pass are recorded
     together, each run with its delivery row, in one transaction. If that transaction fails
     for a reason that may belong to one delivery (a reused delivery id, params the target
     refuses, a project at its limit) nothing of it stays and each delivery is accepted alone,
-    so every one gets its own answer; a database or broker outage is everyone's answer."""
+    so every one gets its own answer; a database or broker outage is everyone's answer.
+
+    `lookup` finds the enabled endpoints among some names (by default `webhooks.endpoints`,
+    in a unit of work of its own)."""
     outcomes: list[Outcome | None] = [None] * len(batch)
-    hooks = endpoints(uow(), {d.name for d in batch}, secret_key=secret_key)
+    names = {d.name for d in batch}
+    hooks = lookup(names) if lookup else endpoints(uow(), names, secret_key=secret_key)
     checked: dict[int, _Checked] = {}
     for i, delivery in enumerate(batch):
         try:

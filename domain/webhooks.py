@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import secrets
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -171,10 +172,15 @@ def endpoints(uow: UnitOfWork, names: set[str], *, secret_key: str) -> dict[str,
         rows = uow.conn.execute(
             select(webhooks).where(webhooks.c.name.in_(sorted(names)), webhooks.c.enabled.is_(True))
         ).mappings()
-        return {
-            row["name"]: Endpoint(_view(row), crypto.decrypt(secret_key, row["secret_ciphertext"]))
-            for row in rows
-        }
+        return endpoints_of(rows, secret_key=secret_key)
+
+
+def endpoints_of(rows: Iterable[Mapping[Any, Any]], *, secret_key: str) -> dict[str, Endpoint]:
+    """Webhook rows (every column) as endpoints with their secrets decrypted, by name."""
+    return {
+        row["name"]: Endpoint(_view(row), crypto.decrypt(secret_key, row["secret_ciphertext"]))
+        for row in rows
+    }
 
 
 # -- checking a delivery ----------------------------------------------------------------------

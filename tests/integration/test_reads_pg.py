@@ -11,11 +11,12 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from cryptography.fernet import Fernet
 from sqlalchemy import Engine, insert, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError
 
-from domain import queries, services
+from domain import queries, services, webhooks
 from domain.errors import DatabaseUnavailable, RunNotFound
 from domain.models import cost_entries, run_logs, run_steps, runs
 from domain.reads_pg import PgReads
@@ -157,6 +158,26 @@ def test_a_detail_is_the_same_as_the_querys(pg_engine: Engine, reads: PgReads) -
     assert got == expected
     assert [c["provider"] for c in got["costs"]] == ["Zeta", "_local", "anthropic", "openai"]
     assert got["totals"]["log_lines"] == 5
+
+
+def test_webhook_endpoints_are_the_same_as_the_unit_of_works(
+    pg_engine: Engine, reads: PgReads
+) -> None:
+    """The intake's lookup: enabled endpoints only, secrets decrypted, views equal."""
+    key = Fernet.generate_key().decode()
+    for name in ("github", "stripe", "off"):
+        webhooks.add_webhook(
+            UnitOfWork(pg_engine), name, target="job", secret_key=key, actor="test"
+        )
+    with pg_engine.begin() as conn:
+        conn.execute(
+            webhooks.webhooks.update().where(webhooks.webhooks.c.name == "off"), {"enabled": False}
+        )
+    names = {"github", "stripe", "off", "unknown"}
+    direct = webhooks.endpoints_of(reads.webhook_rows(sorted(names)), secret_key=key)
+    assert direct == webhooks.endpoints(UnitOfWork(pg_engine), names, secret_key=key)
+    assert sorted(direct) == ["github", "stripe"]
+    assert direct["github"].hook.created_at.utcoffset() == timedelta(0)
 
 
 def test_an_unknown_run_is_not_found(reads: PgReads) -> None:
