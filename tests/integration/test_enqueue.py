@@ -183,8 +183,14 @@ def test_enqueue_many_collapses_duplicate_keys(engine: Engine, uow: UnitOfWork) 
     assert count_runs(engine) == 3
 
 
-def test_enqueue_many_with_a_bad_project_writes_nothing(engine: Engine, uow: UnitOfWork) -> None:
-    requests = [build_request(name="t"), build_request(name="t", project="ghost")]
+@pytest.mark.parametrize("key", [None, "k"], ids=["copy", "keyed"])
+def test_enqueue_many_with_a_bad_project_writes_nothing(
+    engine: Engine, uow: UnitOfWork, key: str | None
+) -> None:
+    requests = [
+        build_request(name="t", idempotency_key=key),
+        build_request(name="t", project="ghost", idempotency_key=key),
+    ]
     with pytest.raises(InvalidInput, match="ghost"):
         services.enqueue_many(uow, requests, publisher=FakePublisher())
     assert count_runs(engine) == 0
