@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,9 +26,9 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_CONNECT_ARGS: dict[str, str | int] = {"connect_timeout": 5, "application_name": "conveyor"}
 
 
-def uses_psycopg(engine: Engine) -> bool:
+def uses_psycopg(bind: Engine | Connection) -> bool:
     """PostgreSQL through psycopg: where the hot paths may use the driver directly."""
-    return engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+    return bind.dialect.name == "postgresql" and bind.dialect.driver == "psycopg"
 
 
 def libpq_conninfo(url: str | URL, **extra: str | int) -> str:

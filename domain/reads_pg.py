@@ -74,21 +74,16 @@ def page_query(filters: RunFilter, limit: int, cursor: str | None) -> tuple[str,
     """The SQL for one page (its text depends only on which filters are set) and its values."""
     where: list[str] = []
     params: dict[str, Any] = {"limit": limit + 1}
-    if filters.status:
-        where.append("status = ANY(%(status)s)")
-        params["status"] = list(filters.status)
-    if filters.name:
-        where.append("name = %(name)s")
-        params["name"] = filters.name
-    if filters.project:
-        where.append("project = %(project)s")
-        params["project"] = filters.project
-    if filters.created_after:
-        where.append("created_at >= %(after)s")
-        params["after"] = filters.created_after
-    if filters.created_before:
-        where.append("created_at < %(before)s")
-        params["before"] = filters.created_before
+    for key, value, condition in (
+        ("status", list(filters.status), "status = ANY(%(status)s)"),
+        ("name", filters.name, "name = %(name)s"),
+        ("project", filters.project, "project = %(project)s"),
+        ("after", filters.created_after, "created_at >= %(after)s"),
+        ("before", filters.created_before, "created_at < %(before)s"),
+    ):
+        if value:
+            where.append(condition)
+            params[key] = value
     if cursor:
         params["cursor_at"], params["cursor_id"] = decode_cursor(cursor)
         where.append("(created_at, id) < (%(cursor_at)s, %(cursor_id)s)")

@@ -6,11 +6,10 @@ import base64
 import binascii
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
 import psycopg
@@ -21,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.sql import sqltypes
 
+from domain.db import uses_psycopg
 from domain.errors import InvalidInput, RunNotFound
 from domain.models import audit_logs, projects, run_logs, run_steps, runs
 from domain.states import ALL_STATUSES, TERMINAL, Status
@@ -69,24 +69,39 @@ def copy_rows(
     """
     columns = [table.c[name] for name in rows[0]]
     kinds = [_COPY_TYPES[c.type._type_affinity] for c in columns]  # type: ignore[index]
-    money = [i for i, kind in enumerate(kinds) if kind == "numeric"]
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     names = ", ".join(f'"{c.name}"' for c in columns)
     statement = f"COPY {table.name} ({names}) FROM STDIN"
     writer = _FinishMeanwhile(cursor, meanwhile)
     try:
         with cursor.copy(statement, writer=writer) as copy:
-            copy.set_types(kinds)
-            for row in rows:
-                values = list(row.values())
-                for i in money:
-                    if values[i] is not None:
-                        values[i] = Decimal(values[i])
+            copy.set_types(kinds)  # COPY declares its types: JSON needs no wrapper
+            for values in _driver_values(table, rows, wrap_json=False):
                 copy.write_row(values)
     except psycopg.IntegrityError as exc:
         # Same exception as the INSERT path, so callers handle one kind of constraint failure.
         raise IntegrityError(statement, None, exc) from exc
     return writer.result
+
+
+def _driver_values(
+    table: Table, rows: list[dict[str, Any]], *, wrap_json: bool
+) -> Iterator[list[Any]]:
+    """Each row's values (every row has the first one's keys, in that order) as psycopg takes
+    them for `table`: money as an exact Decimal, and JSON as jsonb when `wrap_json` (a
+    statement's parameters; a COPY declares its column types instead)."""
+    affinity = [table.c[name].type._type_affinity for name in rows[0]]
+    as_money = [i for i, kind in enumerate(affinity) if kind is sqltypes.Numeric]
+    as_json = [i for i, kind in enumerate(affinity) if kind is sqltypes.JSON] if wrap_json else []
+    for row in rows:
+        values = list(row.values())
+        for i in as_money:
+            if values[i] is not None:
+                values[i] = Decimal(values[i])
+        for i in as_json:
+            if values[i] is not None:
+                values[i] = Jsonb(values[i])
+        yield values
 
 
 _KEYED_SQL: dict[tuple[str, ...], str] = {}
@@ -97,7 +112,7 @@ def _insert_keyed_pg(conn: Connection, rows: list[dict[str, Any]]) -> set[uuid.U
     once per connection, executed for every row in one pipeline. (SQLAlchemy sends a
     multi-row INSERT whose text differs with the batch's size, which psycopg parses anew
     every time: 1.2 ms of CPU for 10 runs, against 0.55 ms this way, measured in-process.)
-    Values are passed as the COPY path passes them: JSON as jsonb, money as an exact Decimal.
+    Values are passed as the COPY path passes them (`_driver_values`).
     """
     names = tuple(rows[0])
     sql = _KEYED_SQL.get(names)
@@ -107,20 +122,7 @@ def _insert_keyed_pg(conn: Connection, rows: list[dict[str, Any]]) -> set[uuid.U
             " ON CONFLICT (project, idempotency_key) WHERE idempotency_key IS NOT NULL"
             " DO NOTHING RETURNING id"
         )
-    affinity = [runs.c[name].type._type_affinity for name in names]
-    as_json = [i for i, kind in enumerate(affinity) if kind is sqltypes.JSON]
-    as_money = [i for i, kind in enumerate(affinity) if kind is sqltypes.Numeric]
-    values = itemgetter(*names)
-    params = []
-    for row in rows:
-        row_values = list(values(row))
-        for i in as_json:
-            if row_values[i] is not None:
-                row_values[i] = Jsonb(row_values[i])
-        for i in as_money:
-            if row_values[i] is not None:
-                row_values[i] = Decimal(row_values[i])
-        params.append(row_values)
+    params = list(_driver_values(runs, rows, wrap_json=True))
     inserted: set[uuid.UUID] = set()
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
@@ -288,7 +290,7 @@ class RunRepository:
         already names a run is skipped), so only the skipped rows need reading back."""
         if not rows:
             return set()
-        if self.conn.dialect.name == "postgresql" and self.conn.dialect.driver == "psycopg":
+        if uses_psycopg(self.conn):
             return _insert_keyed_pg(self.conn, rows)
         return set(self.conn.execute(self._insert_returning_id(), rows).scalars())
 

@@ -34,6 +34,10 @@ class Enqueued:
     created: bool  # False: the idempotency key named an existing run
 
 
+#: Writes rows that belong with a batch of runs, in their transaction, given what was enqueued.
+Recorder = Callable[[Connection, list[Enqueued]], None]
+
+
 def run_row(
     req: EnqueueRequest,
     catalog: Catalog,
@@ -124,7 +128,7 @@ def enqueue_many(
     catalog: Catalog | None = None,
     inline: bool = False,
     after: uuid.UUID | None = None,
-    record: Callable[[Connection, list[Enqueued]], None] | None = None,
+    record: Recorder | None = None,
 ) -> list[Enqueued]:
     """Record a batch of runs in one transaction and publish them in one broker call.
 

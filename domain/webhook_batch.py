@@ -33,7 +33,6 @@ from domain.webhooks import (
 
 #: What a delivery came to: its run (created or found again), or why it was refused.
 Outcome = services.Enqueued | ConveyorError
-Recorder = Callable[[Connection, list[services.Enqueued]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +122,7 @@ def _accept_alone(
         return exc
 
 
-def _record_deliveries(items: list[_Checked], received: datetime) -> Recorder:
+def _record_deliveries(items: list[_Checked], received: datetime) -> services.Recorder:
     """Writes each delivery's row, pointing at the run it was given, in the runs' transaction."""
 
     def record(conn: Connection, results: list[services.Enqueued]) -> None:

@@ -22,6 +22,7 @@ from sqlalchemy import exc as sa_exc
 
 from domain import costs as ledger
 from domain import runstore
+from domain.db import uses_psycopg
 from domain.models import RunMetric, cost_entries, run_logs
 
 run_metrics = cast(Table, RunMetric.__table__)
@@ -140,7 +141,7 @@ def write(conn: Connection, batch: Batch) -> Written:
     numbered, stale, months = _add_to_totals(conn, batch.costs) if batch.costs else ([], [], {})
     logs, orphans = _lines_of_live_runs(conn, batch.logs)
     metrics = batch.metrics
-    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+    if uses_psycopg(conn):
         raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
         with raw.cursor() as cur:
             if logs:
