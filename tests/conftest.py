@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
 
 from domain.db import create_db_engine
 from domain.migrate import upgrade
 from domain.schema import metadata
 from domain.unit_of_work import UnitOfWork
 from tests.fakes import FakeClock, FakePublisher
-from tests.services import PG_ADMIN_URL, require_postgres
+from tests.services import PrivateRedis, fresh_database
 
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 
@@ -30,20 +29,33 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
+    """This session's own redis-server: tests flush, restart and stop it without harm."""
+    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: PrivateRedis) -> str:
+    """Database 0 of the private Redis, emptied for this test."""
+    import redis
+
+    if redis_server.proc is None:  # a test before this one stopped it
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url(0))
+    client.flushdb()
+    client.close()
+    return redis_server.url(0)
+
+
+@pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A dedicated, migrated PostgreSQL database for this test session."""
-    require_postgres()
-    name = f"conveyor_test_{WORKER}_{os.getpid()}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database(f"conveyor_test_{WORKER}") as url:
+        upgrade(url)
+        yield url
 
 
 def _truncate_pg(url: str) -> None:

@@ -3,12 +3,13 @@ statuses a test scripts, and can be down (nothing listening) before it comes up.
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.services import free_port
 
 
 @dataclass(frozen=True)
@@ -16,13 +17,6 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Receiver:

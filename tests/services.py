@@ -1,14 +1,26 @@
-"""Where the real services are, and whether they answer (CI must have them; locally: skip)."""
+"""Where the real services are, and whether they answer (CI must have them; locally: skip).
+
+Tests never touch a Redis they did not start: `PrivateRedis` runs a `redis-server` of the
+test session's own on a free port (no disk, no other clients), so flushing it, restarting it or
+stopping it harms nobody, and two copies of the suite on one machine do not meet.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 PG_ADMIN_URL = os.environ.get("CONVEYOR_TEST_PG_URL", "postgresql+psycopg://127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("CONVEYOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
@@ -20,19 +32,106 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-def require(name: str, host: str, port: int) -> None:
-    """Skip the test when the service is down on a developer machine; fail it in CI."""
-    if _port_open(host, port):
-        return
-    message = f"{name} is not reachable at {host}:{port}"
+def unavailable(message: str) -> None:
+    """Skip the test when a service is missing on a developer machine; fail it in CI."""
     if IN_CI:
         pytest.fail(f"{message} (CI must provide it: see .ci/run)")
     pytest.skip(message)
+
+
+def require(name: str, host: str, port: int) -> None:
+    if not _port_open(host, port):
+        unavailable(f"{name} is not reachable at {host}:{port}")
 
 
 def require_postgres() -> None:
     require("PostgreSQL", "127.0.0.1", 5432)
 
 
-def require_redis() -> None:
-    require("Redis", "127.0.0.1", 6379)
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class PrivateRedis:
+    """A `redis-server` of our own on a free loopback port, in memory only.
+
+    `url(db)` names one of its databases; `stop()`/`start()` (or `restart()`) keep the port,
+    so clients configured with the URL reconnect to the new server as they would in production.
+    """
+
+    def __init__(self, directory: Path | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            unavailable("redis-server is not installed")
+        self.binary = str(binary)
+        self.dir = directory or Path(tempfile.mkdtemp(prefix="conveyor-redis-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        log = (self.dir / "redis.log").open("ab")
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.dir),
+                "--databases", "32",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not _port_open("127.0.0.1", self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                text = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"private redis-server did not start: {text}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.dir)
+
+
+@contextlib.contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """An empty PostgreSQL database with a name no other test run uses, dropped afterwards.
+
+    Yields its SQLAlchemy URL (psycopg driver)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    require_postgres()
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()

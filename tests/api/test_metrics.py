@@ -13,7 +13,6 @@ from api.state import ApiOptions
 from domain.db import create_db_engine
 from tests.api.conftest import ApiClient, create_run, running_api, set_status
 from tests.fakes import FakePublisher
-from tests.services import REDIS_URL, require_redis
 
 NO_CACHE = ApiOptions(metrics_cache_s=0)
 
@@ -88,9 +87,8 @@ def test_metrics_survive_a_database_outage(pg_url: str) -> None:
 
 
 @pytest.mark.redis
-def test_queue_depth_counts_every_priority_list(db_url: str) -> None:
-    require_redis()
-    client = redis.Redis.from_url(REDIS_URL)
+def test_queue_depth_counts_every_priority_list(db_url: str, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
     keys = ["default", "default:3", "default:9", "mail", "mail:5"]
     client.delete(*keys)
     try:
@@ -99,7 +97,7 @@ def test_queue_depth_counts_every_priority_list(db_url: str) -> None:
         client.rpush("default:9", "d")
         client.rpush("mail:5", "e")
         with running_api(
-            db_url, broker_url=REDIS_URL, publisher=FakePublisher(), options=NO_CACHE
+            db_url, broker_url=redis_url, publisher=FakePublisher(), options=NO_CACHE
         ) as api:
             create_run(api, queue="mail")  # a pending run names the queue worth asking about
             found = samples(api)

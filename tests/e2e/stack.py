@@ -15,18 +15,20 @@ from conveyor import Client
 from domain.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-REDIS_DB = 13
 
 
 class Stack:
-    """Starts and stops conveyor processes sharing one database and one Redis database."""
+    """Starts and stops conveyor processes sharing one database and one broker (a database of
+    the test session's private Redis, see tests/services.py)."""
 
-    def __init__(self, database_url: str, logs: Path, **overrides: str) -> None:
+    def __init__(self, database_url: str, logs: Path, broker_url: str, **overrides: str) -> None:
+        self.broker_url = broker_url
+        self._redis: redis.Redis | None = None
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
         self.env.update(
             {
                 "CONVEYOR_DATABASE_URL": database_url,
-                "CONVEYOR_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+                "CONVEYOR_BROKER_URL": broker_url,
                 "CONVEYOR_TASK_MODULES": "tests.e2e.worker_tasks",
                 "CONVEYOR_LEASE_S": "3",
                 "CONVEYOR_HEARTBEAT_S": "0.5",
@@ -41,7 +43,13 @@ class Stack:
         )
         self.logs = logs
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.redis = redis.Redis(db=REDIS_DB)
+
+    @property
+    def redis(self) -> redis.Redis:
+        """A client of the broker's Redis database (for stacks on Redis)."""
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.broker_url)
+        return self._redis
 
     @property
     def settings(self) -> Settings:

@@ -21,21 +21,20 @@ import pytest
 import redis
 import yaml
 from cryptography.fernet import Fernet
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from domain.migrate import head_revision
 from tests.e2e.stack import ROOT
 from tests.http_receiver import Receiver, free_port
 from tests.polling import eventually
-from tests.services import IN_CI, PG_ADMIN_URL, require_postgres, require_redis
+from tests.services import IN_CI, PrivateRedis, fresh_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 COMPOSE = ROOT / "docker-compose.yml"
 SERVICES = {"postgres", "redis", "migrate", "api", "worker", "scheduler", "flower"}
 CONVEYOR_SERVICES = ("migrate", "api", "worker", "scheduler", "flower")
-REDIS_DB = 10  # not 11 (pipelines), 12 (bench), 13 (stack), 15 (services)
+REDIS_DB = 10
 
 
 def compose_tool() -> list[str] | None:
@@ -115,18 +114,8 @@ def native(command: list[str], ports: dict[str, int]) -> list[str]:
 @pytest.fixture
 def database() -> Iterator[str]:
     """An empty database, for `conveyor migrate` to create the schema in."""
-    require_postgres()
-    require_redis()
-    name = f"conveyor_compose_{os.getpid()}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(drivername="postgresql", database=name)
-    yield url.render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database("conveyor_compose") as url:
+        yield make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class Natives:
@@ -167,14 +156,14 @@ class Natives:
 
 
 def test_each_service_command_runs_natively_and_they_work_together(
-    database: str, tmp_path: Path
+    database: str, redis_server: PrivateRedis, tmp_path: Path
 ) -> None:
     compose: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
     env_file = ROOT / services["api"]["env_file"].split(":-", 1)[1].rstrip("}")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVEYOR_", "FLOWER_"))}
     env |= read_env_file(env_file)
-    broker = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    broker = redis_server.url(REDIS_DB)
     env |= {
         # Where the compose network says postgres:5432 and redis:6379, this machine's servers.
         "CONVEYOR_DATABASE_URL": database,

@@ -28,11 +28,11 @@ import redis
 from tests.e2e.stack import ROOT, Stack
 from tests.http_receiver import free_port
 from tests.polling import eventually
-from tests.services import require_redis
+from tests.services import PrivateRedis
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
-REDIS_DB = 14  # not 10 (compose), 11 (pipelines), 12 (bench), 13 (stack), 15 (services)
+REDIS_DB = 14
 AUTH = ("flower", "test-only-password")
 
 
@@ -47,11 +47,10 @@ class Flower:
 
 
 @pytest.fixture
-def stack(pg_url: str, tmp_path: Path) -> Iterator[Stack]:
-    require_redis()
-    broker = f"redis://127.0.0.1:6379/{REDIS_DB}"
+def stack(pg_url: str, redis_server: PrivateRedis, tmp_path: Path) -> Iterator[Stack]:
+    broker = redis_server.url(REDIS_DB)
     redis.Redis.from_url(broker).flushdb()
-    s = Stack(pg_url, tmp_path, CONVEYOR_BROKER_URL=broker)
+    s = Stack(pg_url, tmp_path, broker)
     s.worker("default", name="flowerw", concurrency=2)
     try:
         yield s

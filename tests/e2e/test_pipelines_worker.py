@@ -10,7 +10,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import redis
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
@@ -21,7 +20,7 @@ from domain.secrets import SecretStore
 from tests.e2e.stack import Stack
 from tests.pipeline_support import FIXTURES, ROOT, make_pipeline
 from tests.polling import eventually
-from tests.services import require_redis
+from tests.services import PrivateRedis
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
@@ -70,22 +69,23 @@ def pipelines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(
-    pg_database: str, pipelines_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    pg_database: str,
+    pipelines_dir: Path,
+    redis_server: PrivateRedis,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    require_redis()
     home = tmp_path_factory.mktemp("home")
     s = Stack(
         pg_database,
         tmp_path_factory.mktemp("logs"),
+        redis_server.url(REDIS_DB),
         CONVEYOR_TASK_MODULES="tests.e2e.worker_tasks",
         CONVEYOR_PIPELINES_DIR=str(pipelines_dir),
         CONVEYOR_PIPELINE_CACHE_DIR=str(home / "envs"),
         CONVEYOR_ARTIFACTS_ROOT=str(home / "artifacts"),
         CONVEYOR_SECRET_KEY=KEY,
         CONVEYOR_KILL_GRACE_S="2",
-        CONVEYOR_BROKER_URL=f"redis://127.0.0.1:6379/{REDIS_DB}",
     )
-    s.redis = redis.Redis(db=REDIS_DB)
     s.redis.flushdb()
     yield s
     s.stop_all()

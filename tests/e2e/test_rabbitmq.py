@@ -26,7 +26,7 @@ def _rabbit_up() -> bool:
 
 @pytest.mark.skipif(not _rabbit_up() and not IN_CI, reason="RabbitMQ is not running here")
 def test_runs_flow_through_rabbitmq(pg_url: str, tmp_path: Path) -> None:
-    stack = Stack(pg_url, tmp_path, CONVEYOR_BROKER_URL=AMQP)
+    stack = Stack(pg_url, tmp_path, AMQP)
     queue = f"rabbit-{tmp_path.name[-12:]}"
     worker = stack.worker(queue, name="rabbit")
     try:

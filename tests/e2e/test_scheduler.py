@@ -23,16 +23,17 @@ from scheduler.leader import ADVISORY_KEY
 from scheduler.triggers import Slots, TriggerSpec
 from tests.e2e.stack import Stack
 from tests.polling import eventually
-from tests.services import require_redis
+from tests.services import PrivateRedis
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
 
 @pytest.fixture
-def scheduler_stack(pg_url: str, tmp_path: Path) -> Iterator[tuple[Stack, Engine]]:
+def scheduler_stack(
+    pg_url: str, redis_server: PrivateRedis, tmp_path: Path
+) -> Iterator[tuple[Stack, Engine]]:
     """Scheduler processes to start (all stopped at the end) and an engine on their database."""
-    require_redis()
-    stack = Stack(pg_url, tmp_path)
+    stack = Stack(pg_url, tmp_path, redis_server.url(4))
     stack.redis.flushdb()
     engine = create_db_engine(pg_url)
     try:

@@ -18,9 +18,9 @@ from sqlalchemy import func, select
 from conveyor import Client
 from domain.models import dead_letters, run_logs, run_steps, runs
 from domain.ports import Dispatch
-from tests.e2e.stack import REDIS_DB, Stack
+from tests.e2e.stack import Stack
 from tests.polling import eventually
-from tests.services import require_redis
+from tests.services import PrivateRedis
 from worker.app import create_app
 from worker.publisher import CeleryPublisher
 
@@ -28,11 +28,15 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def stack(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    pg_database: str, redis_server: PrivateRedis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     """Two worker processes on the common queues and one scheduler, for the whole module."""
-    require_redis()
     s = Stack(
-        pg_database, tmp_path_factory.mktemp("logs"), CONVEYOR_BROKER_VISIBILITY_TIMEOUT_S="1"
+        pg_database,
+        tmp_path_factory.mktemp("logs"),
+        redis_server.url(13),
+        CONVEYOR_BROKER_VISIBILITY_TIMEOUT_S="1",
     )
     s.redis.flushdb()
     s.scheduler()
@@ -205,7 +209,7 @@ def test_unpicklable_exception_and_non_json_result(client: Client) -> None:
 
 
 def test_plain_celery_client_submits(stack: Stack, client: Client) -> None:
-    plain = Celery(broker=f"redis://127.0.0.1:6379/{REDIS_DB}")
+    plain = Celery(broker=stack.broker_url)
     for _ in range(2):  # the same idempotency key twice: one run
         plain.send_task(
             "conveyor.submit",
@@ -287,7 +291,7 @@ def test_task_events_reach_monitors_complete_and_batched(stack: Stack, client: C
     """Every run's received/started/succeeded events are published (Flower's feed), several
     to a Redis message instead of one publish per event loop turn (worker/consumer.py)."""
     pubsub = stack.redis.pubsub()
-    pubsub.psubscribe(f"/{REDIS_DB}.celeryev/task.*")
+    pubsub.psubscribe(f"/{stack.redis.connection_pool.connection_kwargs['db']}.celeryev/task.*")
     try:
         pubsub.get_message(timeout=1)  # the subscribe confirmation
         ids = [r.id for r in client.enqueue_many({"name": "noop"} for _ in range(60))]

@@ -15,7 +15,7 @@ from domain.clock import utc_now
 from domain.maintenance import apply_retention, roll_up, stats_for
 from tests.e2e.stack import ROOT, Stack
 from tests.polling import eventually
-from tests.services import require_redis
+from tests.services import PrivateRedis
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
@@ -25,13 +25,15 @@ MODULES = ",".join(
 
 
 @pytest.fixture(scope="module")
-def stack(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    require_redis()
+def stack(
+    pg_database: str, redis_server: PrivateRedis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     from cryptography.fernet import Fernet
 
     s = Stack(
         pg_database,
         tmp_path_factory.mktemp("examples"),
+        redis_server.url(3),
         CONVEYOR_TASK_MODULES=MODULES,
         CONVEYOR_PIPELINES_DIR=str(ROOT / "pipelines"),
         CONVEYOR_SECRET_KEY=Fernet.generate_key().decode(),

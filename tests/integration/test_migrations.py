@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Uuid, bindparam, create_engine, inspect, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Uuid, bindparam, inspect, text
 
 from domain.db import create_db_engine
 from domain.migrate import downgrade, head_revision, upgrade
 from domain.schema import metadata
 from domain.types import UTCDateTime
-from tests.services import PG_ADMIN_URL, require_postgres
+from tests.services import fresh_database
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -24,15 +23,8 @@ def empty_db(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'm.db'}"
         return
-    require_postgres()
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text('DROP DATABASE IF EXISTS "conveyor_migrations" WITH (FORCE)'))
-        conn.execute(text('CREATE DATABASE "conveyor_migrations"'))
-    yield make_url(PG_ADMIN_URL).set(database="conveyor_migrations").render_as_string(False)
-    with admin.connect() as conn:
-        conn.execute(text('DROP DATABASE IF EXISTS "conveyor_migrations" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database("conveyor_migrations") as url:
+        yield url
 
 
 # A run row as revisions 0007-0009 have it (every NOT NULL column without a default).

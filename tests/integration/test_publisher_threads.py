@@ -12,20 +12,18 @@ import redis
 from domain.errors import BrokerUnavailable
 from domain.ports import Dispatch
 from domain.settings import load_settings
-from tests.services import REDIS_URL, require_redis
 from worker.app import create_app
 from worker.publisher import CeleryPublisher
 
 pytestmark = pytest.mark.redis
 
 
-def test_threads_publishing_first_together_all_get_through() -> None:
+def test_threads_publishing_first_together_all_get_through(redis_url: str) -> None:
     """The first publishers arrive while the setup is still building its templates (slowed
     down here); none may see a half-made publisher, and every message must be sent."""
-    require_redis()
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(redis_url)
     client.delete("threads-q")
-    publisher = CeleryPublisher(create_app(load_settings(broker_url=REDIS_URL)))
+    publisher = CeleryPublisher(create_app(load_settings(broker_url=redis_url)))
     build = publisher._build_templates
 
     def slow_build() -> None:

@@ -12,7 +12,6 @@ import redis
 from kombu import Connection, Message, Queue
 
 from domain.settings import load_settings
-from tests.services import REDIS_URL, require_redis
 from worker.app import EXECUTE, create_app
 from worker.redis_transport import Transport
 
@@ -20,9 +19,8 @@ pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
-def connection() -> Iterator[Connection]:
-    require_redis()
-    app = create_app(load_settings(broker_url=REDIS_URL))
+def connection(redis_url: str) -> Iterator[Connection]:
+    app = create_app(load_settings(broker_url=redis_url))
     with app.connection_for_read() as conn:
         yield conn
 
@@ -46,9 +44,9 @@ def test_one_client_per_channel_and_a_new_one_for_a_new_pool(connection: Connect
 
 
 @pytest.fixture
-def raw() -> Iterator[redis.Redis]:
+def raw(redis_url: str) -> Iterator[redis.Redis]:
     """A plain client, to see what the transport left in Redis."""
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
 
