@@ -93,10 +93,16 @@ class ScheduleRunner:
         self._lock = threading.Lock()
 
     def start(self) -> None:
+        # One thread: instants fire one at a time, in order. A schedule's next slot is then
+        # never recorded while its previous one is still in flight (were that one to fail
+        # after the next had moved the cursor on, its slot would be a silent gap), and a job
+        # added for an instant already being fired waits behind it instead of beside it.
+        # Lateness is ours to judge (`_fire_instant`), so APScheduler runs every job however
+        # late it comes.
         aps = BackgroundScheduler(
             timezone="UTC",
-            executors={"default": ThreadPoolExecutor(4)},
-            job_defaults={"misfire_grace_time": None, "coalesce": False, "max_instances": 1},
+            executors={"default": ThreadPoolExecutor(1)},
+            job_defaults={"misfire_grace_time": None, "coalesce": False},
         )
         aps.start()
         self.aps = aps
@@ -186,33 +192,57 @@ class ScheduleRunner:
         return dues
 
     def _wait(self, schedule_id: int, instant: datetime | None) -> None:
-        """Put the schedule in the set for `instant`, with a job for it if it is the first.
-        Called with `_lock` held."""
+        """Put the schedule in the set for `instant`; an instant not in `_due` gets a job.
+        Called with `_lock` held.
+
+        An instant stays in `_due` from its job's creation until that job takes the set, so
+        a schedule planned onto an instant whose job has started (its transaction staged, in
+        the half second before the slot) gets a job of its own, fired right after. Jobs are
+        never named after their instant: APScheduler 3.11 counts running instances per job
+        id and drops a date job that is due while one of the same id runs, which left such a
+        schedule waiting for an instant that had already passed.
+        """
         if instant is None:  # no more slots (a `once` that fired, an end date passed)
             return
         self._waiting[schedule_id] = instant
-        waiting = self._due.setdefault(instant, set())
+        waiting = self._due.get(instant)
+        if waiting is None:
+            waiting = self._due[instant] = set()
+            if self.aps is not None:
+                self.aps.add_job(
+                    self._fire_instant, "date", run_date=instant - self.stage, args=[instant]
+                )
         waiting.add(schedule_id)
-        if len(waiting) == 1 and self.aps is not None:
-            self.aps.add_job(
-                self._fire_instant,
-                "date",
-                run_date=instant - self.stage,
-                args=[instant],
-                id=instant.isoformat(),
-                replace_existing=True,
-            )
 
     def _fire_instant(self, instant: datetime) -> None:
         """The APScheduler job, run `stage` before `instant`: fire every schedule waiting for
         `instant` (committed at it), each moving on to its next slot. That slot was computed
         after the previous fire (a thousand trigger look-ups take milliseconds, which would
-        otherwise delay this instant); the one after it once this instant is published."""
+        otherwise delay this instant); the one after it once this instant is published.
+
+        An instant whose job comes later than the misfire grace (the process was frozen, or
+        the database slow) is not fired as if on time: its schedules are re-planned from the
+        database's cursor, so the slots they missed follow their misfire policy."""
         dues: list[Due] = []
         with self._lock:
-            for schedule_id in sorted(self._due.pop(instant, ())):
-                if self._waiting.get(schedule_id) != instant:
-                    continue  # re-planned meanwhile
+            if self.aps is None:
+                return  # leadership ended while this job waited for the thread
+            # those re-planned meanwhile wait for another instant
+            waiting = [
+                s for s in sorted(self._due.pop(instant, ())) if self._waiting.get(s) == instant
+            ]
+            late = self.clock() - instant
+            if late > self.grace and waiting:
+                self._replan_later(waiting)
+                log.warning(
+                    "schedule.overdue",
+                    slot=instant.isoformat(),
+                    schedules=len(waiting),
+                    late_s=round(late.total_seconds(), 3),
+                    action="replan",
+                )
+                return
+            for schedule_id in waiting:
                 if schedule_id in self._then:
                     nxt = self._then.pop(schedule_id)
                 else:
@@ -249,11 +279,16 @@ class ScheduleRunner:
         re-plans them from the database's cursor (late slots fire, older ones are misfires),
         rather than fire their next slot and leave a silent gap behind."""
         with self._lock:
-            for due in dues:
-                if self._waiting.get(due.schedule_id) != due.next_fire_at:
-                    continue  # re-planned meanwhile
-                self._unplan_slot(due.schedule_id)
-                self._stale.add(due.schedule_id)
+            self._replan_later(
+                [d.schedule_id for d in dues if self._waiting.get(d.schedule_id) == d.next_fire_at]
+            )  # the others were re-planned meanwhile
+
+    def _replan_later(self, schedule_ids: list[int]) -> None:
+        """Forget these schedules' next instant; the next sync plans them again from the
+        database's cursor. Called with `_lock` held."""
+        for schedule_id in schedule_ids:
+            self._unplan_slot(schedule_id)
+            self._stale.add(schedule_id)
 
     def _record(self, dues: list[Due], instant: datetime | None = None) -> None:
         if not dues:
