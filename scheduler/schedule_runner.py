@@ -72,6 +72,7 @@ class ScheduleRunner:
         clock: Clock = utc_now,
         misfire_grace_s: float = 60.0,
         stage_s: float | None = None,
+        on_replan: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.publisher = publisher
@@ -91,6 +92,9 @@ class ScheduleRunner:
         self._stale: set[int] = set()  # a fire failed: re-plan from the database's cursor
         self._marker: Any = None
         self._lock = threading.Lock()
+        #: Called when schedules wait to be re-planned, so that the next sync comes at once
+        #: (the service's own poll is 30 s apart while it listens for edits).
+        self._on_replan = on_replan
 
     def start(self) -> None:
         # One thread: instants fire one at a time, in order. A schedule's next slot is then
@@ -289,6 +293,8 @@ class ScheduleRunner:
         for schedule_id in schedule_ids:
             self._unplan_slot(schedule_id)
             self._stale.add(schedule_id)
+        if schedule_ids and self._on_replan is not None:
+            self._on_replan()
 
     def _record(self, dues: list[Due], instant: datetime | None = None) -> None:
         if not dues:

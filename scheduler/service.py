@@ -61,6 +61,7 @@ class SchedulerService:
             catalog=catalog,
             clock=clock,
             misfire_grace_s=settings.schedule_misfire_grace_s,
+            on_replan=self._schedule_changed,
         )
         self.outbound = OutboundSweeper(engine, settings, clock=clock)
 
