@@ -151,6 +151,16 @@ class ScheduleRunner:
         self._marker = marker
         self._fire(dues)
 
+    def planned(self) -> dict[int, datetime]:
+        """Each planned schedule's next instant (a copy)."""
+        with self._lock:
+            return dict(self._waiting)
+
+    def replan(self, schedule_ids: list[int]) -> None:
+        """Plan these schedules again from the database's cursor, at the next sync."""
+        with self._lock:
+            self._replan_later(schedule_ids)
+
     def _unplan(self, schedule_id: int) -> None:
         self._known.pop(schedule_id, None)
         self._slots.pop(schedule_id, None)

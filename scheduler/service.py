@@ -23,6 +23,7 @@ from scheduler.declared import sync_code_schedules, sync_pipeline_schedules
 from scheduler.deliveries import OutboundSweeper
 from scheduler.leader import Leadership, leadership_for
 from scheduler.schedule_runner import ScheduleRunner
+from scheduler.watchdog import WATCH_EVERY_S, ScheduleWatchdog
 
 log = structlog.get_logger("conveyor.scheduler")
 
@@ -63,6 +64,7 @@ class SchedulerService:
             misfire_grace_s=settings.schedule_misfire_grace_s,
             on_replan=self._schedule_changed,
         )
+        self.watchdog = ScheduleWatchdog(engine, self.schedules, clock=clock)
         self.outbound = OutboundSweeper(engine, settings, clock=clock)
 
     def run(self) -> None:
@@ -117,6 +119,7 @@ class SchedulerService:
         next_relay = next_reap = next_housekeeping = next_retention = 0.0
         next_check = time.monotonic() + STANDBY_RETRY_S
         last_sync = time.monotonic()  # start() has just synced
+        next_watch = last_sync + WATCH_EVERY_S
         while not self.stop_event.is_set():
             now_m = time.monotonic()
             if now_m >= next_check:
@@ -132,6 +135,12 @@ class SchedulerService:
                     self.schedules.sync(force=notified)  # at once, or within a second
                 except Exception as exc:
                     log.error("scheduler.sync_failed", error=f"{type(exc).__name__}: {exc}")
+            if now_m >= next_watch:
+                next_watch = now_m + WATCH_EVERY_S
+                try:
+                    self.watchdog.check()  # a schedule behind the clock is re-planned
+                except Exception as exc:  # the database is away: the next check tries again
+                    log.error("scheduler.watch_failed", error=f"{type(exc).__name__}: {exc}")
             try:
                 self.outbound.tick()  # callbacks and notifications: a pass a second, off-loop
                 if now_m >= next_reap:

@@ -6,18 +6,24 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
+from structlog.testing import capture_logs
 
 from domain import schedules as sched
 from domain.clock import utc_now
 from domain.models import runs
 from domain.ports import Dispatch
+from domain.settings import Settings
+from scheduler import service as service_module
 from scheduler.schedule_runner import ScheduleRunner
+from scheduler.service import SchedulerService
 from scheduler.triggers import Slots, TriggerSpec
 from tests.fakes import FakePublisher
 from tests.polling import eventually
@@ -104,3 +110,89 @@ def test_a_schedule_planned_onto_the_instant_being_fired_fires_it(pg_engine: Eng
         runner.stop()
     for view in [tick, *late]:
         assert set(assert_every_slot_once(pg_engine, view)) == {"enqueued"}
+
+
+@contextmanager
+def leading(
+    db_url: str, engine: Engine, home: Path, publisher: FakePublisher
+) -> Iterator[SchedulerService]:
+    """The scheduler service in a thread, leading on `engine` (misfire grace: 1 s)."""
+    settings = Settings(
+        database_url=db_url, home=home, pipelines_dir=home / "none", schedule_misfire_grace_s=1
+    )
+    service = SchedulerService(settings, engine, publisher)
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: service.schedules.aps is not None, timeout=15)
+        yield service
+    finally:
+        service.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+@pytest.fixture
+def quick_watch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watchdog every second; edits heard only by notification (no 30 s poll), so any
+    repair comes from the watchdog."""
+    monkeypatch.setattr(service_module, "WATCH_EVERY_S", 1.0)
+    monkeypatch.setattr(service_module, "POLL_WHILE_LISTENING_S", 3600.0)
+
+
+@pytest.mark.usefixtures("quick_watch")
+def test_the_watchdog_repairs_a_plan_whose_instant_has_no_job(
+    db_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    """The plan waits for an instant no job will fire (the jobs are removed while an instant
+    is in flight): the watchdog logs the schedule overdue and re-plans it; the slots it
+    missed are recorded by the misfire policy (skip), and it fires on time again after."""
+    tick = every_second(engine, "tick")
+    publisher = HoldingPublisher()
+    with capture_logs() as events, leading(db_url, engine, tmp_path, publisher) as service:
+        assert publisher.holding.wait(timeout=15)
+        aps = service.schedules.aps
+        assert aps is not None
+        aps.remove_all_jobs()  # the next instant's job, added before this one fired
+        publisher.release.set()
+        eventually(lambda: _overdue(events, "tick"), timeout=20)
+        behind = len(fires_of(engine, tick.id))
+        eventually(lambda: _on_time(engine, tick.id, behind + 3), timeout=20)
+        sched.set_enabled(engine, "tick", False, now=utc_now())
+    (first, *_) = _overdue(events, "tick")
+    assert first["seen_in"] == "plan" and first["late_s"] > 0
+    outcomes = assert_every_slot_once(engine, tick)
+    assert "skipped_misfire" in outcomes  # missed by more than the 1 s grace
+    assert set(outcomes) == {"enqueued", "skipped_misfire"}
+
+
+@pytest.mark.usefixtures("quick_watch")
+def test_the_watchdog_repairs_a_schedule_the_plan_lost(
+    db_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    """A schedule dropped from the plan (nothing waits for its next instant) falls behind in
+    the database: the watchdog sees its next fire in the past, once, and re-plans it."""
+    tick = every_second(engine, "tick")
+    with capture_logs() as events, leading(db_url, engine, tmp_path, FakePublisher()) as service:
+        eventually(lambda: len(fires_of(engine, tick.id)) >= 2, timeout=15)
+        runner = service.schedules
+        with runner._lock:
+            runner._unplan_slot(tick.id)  # the plan forgets its next instant
+        eventually(lambda: _overdue(events, "tick"), timeout=20)
+        behind = len(fires_of(engine, tick.id))
+        eventually(lambda: _on_time(engine, tick.id, behind + 3), timeout=20)
+        sched.set_enabled(engine, "tick", False, now=utc_now())
+    reports = _overdue(events, "tick")
+    assert [r["seen_in"] for r in reports] == ["cursor"]
+    outcomes = assert_every_slot_once(engine, tick)
+    assert set(outcomes) == {"enqueued", "skipped_misfire"}
+
+
+def _overdue(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["event"] == "schedule.overdue" and e.get("schedule") == name]
+
+
+def _on_time(engine: Engine, schedule_id: int, at_least: int) -> bool:
+    """`at_least` slots recorded, the last three of them enqueued."""
+    fires = fires_of(engine, schedule_id)
+    return len(fires) >= at_least and [f[1] for f in fires[-3:]] == ["enqueued"] * 3
