@@ -22,6 +22,7 @@ from domain import schedules as sched
 from domain.clock import Clock, utc_now
 from domain.errors import BrokerUnavailable, ConveyorError
 from domain.ports import Catalog, Publisher, send_later
+from domain.recovery import hand_back
 from domain.schedule_fires import (
     Due,
     Fired,
@@ -316,7 +317,7 @@ class ScheduleRunner:
             now = instant  # the runs are created, and visible, at their slot
 
             def stage(staged: list[Fired]) -> None:
-                sends.append(self._prepare(staged))  # the messages, built before the slot
+                sends.append(self._prepare(staged, instant))  # built before the slot
                 self._sleep_until(instant)
 
         fired = fire_many(
@@ -330,24 +331,26 @@ class ScheduleRunner:
         if sends:
             sends[0]()
         else:
-            self._publish(fired)
+            self._prepare(fired, now)()
         deferred = {f.schedule_id for f in fired if f.outcome == "deferred"}
         if deferred:  # overlap skip/queue: decided on what is active now that the slot came
+            now = self.clock()
             later = fire_many(
                 self.engine,
                 [d for d in dues if d.schedule_id in deferred],
-                now=self.clock(),
+                now=now,
                 catalog=self.catalog,
                 requests=self._requests,
             )
-            self._publish(later)
+            self._prepare(later, now)()
             fired = [f for f in fired if f.outcome != "deferred"] + later
         advance_cursors(self.engine, dues, fired)  # after the publish: off the runs' path
         _log_fired(fired)
 
-    def _prepare(self, fired: list[Fired]) -> Callable[[], None]:
-        """Build the messages for `fired` now; the returned function sends them. Publishing
-        is best effort: the runs are committed, and the relay publishes what is not sent."""
+    def _prepare(self, fired: list[Fired], now: datetime) -> Callable[[], None]:
+        """Build the messages for `fired` (runs made at `now`); the returned function sends
+        them. Publishing is best effort: the runs are committed, and what is not sent goes
+        back to the relay, which publishes it as soon as it reaches the broker."""
         dispatches = [f.dispatch for f in fired if f.dispatch is not None]
         if not dispatches:
             return lambda: None
@@ -361,11 +364,9 @@ class ScheduleRunner:
                 send()
             except BrokerUnavailable as exc:
                 log.warning("schedule.publish_deferred", count=len(dispatches), reason=str(exc))
+                hand_back(self.engine, [d.run_id for d in dispatches], marked_at=now)
 
         return deliver
-
-    def _publish(self, fired: list[Fired]) -> None:
-        self._prepare(fired)()
 
     def _sleep_until(self, instant: datetime) -> None:
         delay = (instant - self.clock()).total_seconds()
