@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from domain.chains import release_after
 from domain.clock import Clock, utc_now
 from domain.gc_pause import freeze_startup_heap
+from domain.leader_heartbeat import beat, beat_every
 from domain.maintenance import apply_retention, roll_up
 from domain.pipelines import PipelineDirectory, pipeline_settings
 from domain.ports import Catalog, Publisher
@@ -116,7 +117,7 @@ class SchedulerService:
         return POLL_WHILE_LISTENING_S if listening else STANDBY_RETRY_S
 
     def _sweep(self) -> None:
-        next_relay = next_reap = next_housekeeping = next_retention = 0.0
+        next_relay = next_reap = next_housekeeping = next_retention = next_beat = 0.0
         next_check = time.monotonic() + STANDBY_RETRY_S
         last_sync = time.monotonic()  # start() has just synced
         next_watch = last_sync + WATCH_EVERY_S
@@ -142,6 +143,9 @@ class SchedulerService:
                 except Exception as exc:  # the database is away: the next check tries again
                     log.error("scheduler.watch_failed", error=f"{type(exc).__name__}: {exc}")
             try:
+                if now_m >= next_beat:  # workers and /readyz tell from it that someone leads
+                    beat(self.engine, now=self.clock())
+                    next_beat = now_m + beat_every(self.settings.no_scheduler_after_s)
                 self.outbound.tick()  # callbacks and notifications: a pass a second, off-loop
                 if now_m >= next_reap:
                     reap_once(self.engine, clock=self.clock)
