@@ -40,6 +40,9 @@ log = structlog.get_logger("conveyor.scheduler")
 #: messages, built before it.
 #: Writing 1,000 fires takes 60-300 ms here, depending on what else the machine runs.
 STAGE_S = 0.5
+#: A job this late is not late yet, whatever the misfire grace (0 included): APScheduler's own
+#: wake-up, and a job waiting for the one before it, take that long on a busy machine.
+JOB_SLACK = timedelta(seconds=1)
 
 
 def slots_for(row: Any) -> Slots:
@@ -247,7 +250,7 @@ class ScheduleRunner:
                 s for s in sorted(self._due.pop(instant, ())) if self._waiting.get(s) == instant
             ]
             late = self.clock() - instant
-            if late > self.grace and waiting:
+            if late > max(self.grace, JOB_SLACK) and waiting:
                 self._replan_later(waiting)
                 log.warning(
                     "schedule.overdue",
