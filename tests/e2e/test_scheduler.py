@@ -19,11 +19,11 @@ from sqlalchemy import Engine, func, select, text
 from domain import schedules as sched
 from domain.clock import utc_now
 from domain.db import create_db_engine
-from domain.models import runs
 from scheduler.leader import ADVISORY_KEY
 from scheduler.triggers import Slots, TriggerSpec
 from tests.e2e.stack import Stack
 from tests.polling import eventually
+from tests.schedule_slots import assert_every_slot_once, fires_and_runs
 from tests.services import PrivateRedis
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
@@ -99,7 +99,7 @@ def test_a_frozen_leader_cannot_double_fire_when_it_wakes(
     stack.kill(leader, signal.SIGTERM)
 
     for view in views:
-        slots, made = _fires_and_runs(engine, view.id)
+        slots, made = fires_and_runs(engine, view.id)
         times = [s[0] for s in slots]
         steps = {b - a for a, b in itertools.pairwise(times)}
         assert steps == {timedelta(seconds=1)}, f"{view.name}: a gap or a repeat"
@@ -135,7 +135,7 @@ def _pause_and_check_every_slot_once(engine: Engine, stack: Stack, view: Any) ->
     sched.set_enabled(engine, view.name, False, now=utc_now())
     time.sleep(1.5)
     stack.stop_all()
-    slots, made = _fires_and_runs(engine, view.id)
+    slots, made = fires_and_runs(engine, view.id)
     times = [s[0] for s in slots]
     gaps = [b - a for a, b in itertools.pairwise(times) if b - a != timedelta(seconds=1)]
     assert gaps == [], f"slots not contiguous: {gaps}"
@@ -157,22 +157,6 @@ def _add(
     )
     slots = Slots(TriggerSpec(trigger, expression))
     return sched.add_schedule(engine, spec, slots, now=utc_now())
-
-
-def _fires_and_runs(engine: Engine, schedule_id: int) -> tuple[list[Any], int]:
-    """The schedule's recorded slots (fire_at, outcome, run_id) in order, and its runs."""
-    with engine.connect() as conn:
-        slots = conn.execute(
-            select(sched.fires.c.fire_at, sched.fires.c.outcome, sched.fires.c.run_id)
-            .where(sched.fires.c.schedule_id == schedule_id)
-            .order_by(sched.fires.c.fire_at)
-        ).all()
-        made = conn.execute(
-            select(func.count())
-            .select_from(runs)
-            .where(runs.c.trigger_ref == f"schedule:{schedule_id}")
-        ).scalar_one()
-    return list(slots), int(made)
 
 
 def _lock_holder(engine: Engine) -> int | None:
@@ -240,7 +224,7 @@ def test_schedules_added_in_the_half_second_before_an_instant_fire_every_slot(
     views = [tick, *added, cron]
     _pause_all(engine, stack, views)
     for view in views:
-        outcomes = _check_slots(engine, view)
+        outcomes = assert_every_slot_once(engine, view)
         assert set(outcomes) == {"enqueued"}, view.name
 
 
@@ -268,7 +252,7 @@ def test_a_leader_frozen_below_the_lock_timeout_keeps_every_slot(
         eventually(lambda: all(_on_time_again(engine, v.id, resumed[v.id]) for v in views), 40)
         assert _lock_holder(engine) == holder  # the same session led throughout
         _pause_all(engine, stack, views)
-        outcomes = {v.name: _check_slots(engine, v) for v in views}
+        outcomes = {v.name: assert_every_slot_once(engine, v) for v in views}
         skipped = {v.name: _slots_with(engine, v, "skipped_misfire") for v in views}
     missed = skipped["tick-skip"]
     assert len(missed) >= 3, outcomes  # 8 s frozen, 2 s of grace
@@ -281,7 +265,7 @@ def test_a_leader_frozen_below_the_lock_timeout_keeps_every_slot(
 
 def _on_time_again(engine: Engine, schedule_id: int, recorded_before: int) -> bool:
     """Five slots or more recorded since, the last five of them enqueued."""
-    slots, _ = _fires_and_runs(engine, schedule_id)
+    slots, _ = fires_and_runs(engine, schedule_id)
     last = [s[1] for s in slots[-5:]]
     return len(slots) >= recorded_before + 5 and last == ["enqueued"] * 5
 
@@ -303,20 +287,6 @@ def _pause_all(engine: Engine, stack: Stack, views: list[Any]) -> None:
     stack.stop_all()
 
 
-def _check_slots(engine: Engine, view: Any) -> list[str]:
-    """Every slot of the schedule from the first after its creation, each recorded once, one
-    run per enqueued slot; returns the outcomes in slot order."""
-    slots, made = _fires_and_runs(engine, view.id)
-    times = [s[0] for s in slots]
-    expected = Slots(TriggerSpec(view.trigger, view.expression)).preview(
-        view.created_at, len(times)
-    )
-    assert times == expected, f"{view.name}: a gap or a repeat"
-    enqueued = [s for s in slots if s[1] == "enqueued"]
-    assert made == len(enqueued) == len({s[2] for s in enqueued}), view.name
-    return [s[1] for s in slots]
-
-
 def _slots_with(engine: Engine, view: Any, outcome: str) -> list[Any]:
-    slots, _ = _fires_and_runs(engine, view.id)
+    slots, _ = fires_and_runs(engine, view.id)
     return [s[0] for s in slots if s[1] == outcome]

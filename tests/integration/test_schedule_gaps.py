@@ -4,21 +4,19 @@ that falls behind the clock is caught by the watchdog and re-planned under the m
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine
 from structlog.testing import capture_logs
 
 from domain import schedules as sched
 from domain.clock import utc_now
-from domain.models import runs
 from domain.ports import Dispatch
 from domain.settings import Settings
 from scheduler import service as service_module
@@ -27,6 +25,7 @@ from scheduler.service import SchedulerService
 from scheduler.triggers import Slots, TriggerSpec
 from tests.fakes import FakePublisher
 from tests.polling import eventually
+from tests.schedule_slots import assert_every_slot_once, fires_and_runs
 
 EVERY_SECOND = Slots(TriggerSpec("interval", "1s"))
 
@@ -56,37 +55,7 @@ def every_second(engine: Engine, name: str, **fields: Any) -> sched.ScheduleView
 
 
 def fires_of(engine: Engine, schedule_id: int) -> list[tuple[datetime, str, Any]]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(sched.fires.c.fire_at, sched.fires.c.outcome, sched.fires.c.run_id)
-            .where(sched.fires.c.schedule_id == schedule_id)
-            .order_by(sched.fires.c.fire_at)
-        ).all()
-    return [(r[0].astimezone(UTC), r[1], r[2]) for r in rows]
-
-
-def runs_of(engine: Engine, schedule_id: int) -> int:
-    with engine.connect() as conn:
-        return int(
-            conn.execute(
-                select(func.count())
-                .select_from(runs)
-                .where(runs.c.trigger_ref == f"schedule:{schedule_id}")
-            ).scalar_one()
-        )
-
-
-def assert_every_slot_once(engine: Engine, view: sched.ScheduleView) -> list[str]:
-    """The schedule's slots from its first one after creation, a second apart, each recorded
-    once, one run per enqueued slot; returns the outcomes in slot order."""
-    fires = fires_of(engine, view.id)
-    assert fires, f"{view.name} never fired"
-    times = [f[0] for f in fires]
-    assert times[0] == EVERY_SECOND.next_after(view.created_at.astimezone(UTC)), view.name
-    assert {b - a for a, b in itertools.pairwise(times)} <= {timedelta(seconds=1)}, view.name
-    enqueued = [f for f in fires if f[1] == "enqueued"]
-    assert runs_of(engine, view.id) == len(enqueued) == len({f[2] for f in enqueued})
-    return [f[1] for f in fires]
+    return fires_and_runs(engine, schedule_id)[0]
 
 
 @pytest.mark.postgres  # instants are staged ahead of their slot on PostgreSQL only
