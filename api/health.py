@@ -14,7 +14,9 @@ from api.broker import ping, queue_depths
 from api.errors import error_response
 from api.state import ApiState, State
 from domain import observability
+from domain.clock import utc_now
 from domain.db import describe_db_error
+from domain.leader_heartbeat import absence
 from domain.migrate import current_revision
 
 router = APIRouter(tags=["health"])
@@ -28,8 +30,12 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "Not ready; the message says why"}})
 def readyz(state: State) -> JSONResponse:
-    """Ready to serve: the database answers, its schema is at head, the broker answers."""
-    problems = [*_database_problems(state), *_broker_problems(state)]
+    """Ready to serve: the database answers, its schema is at head, the broker answers, and
+    a scheduler has led within CONVEYOR_NO_SCHEDULER_AFTER_S."""
+    problems = _database_problems(state)
+    if not problems:
+        problems = _scheduler_problems(state)
+    problems += _broker_problems(state)
     if problems:
         return error_response(503, "not_ready", "; ".join(problems))
     return JSONResponse({"status": "ready", "revision": state.head_revision})
@@ -49,6 +55,21 @@ def _database_problems(state: ApiState) -> list[str]:
             "(run `conveyor migrate`)"
         ]
     return []
+
+
+def _scheduler_problems(state: ApiState) -> list[str]:
+    """Without a leading scheduler the API still serves, but what it accepts may not happen:
+    retries, delayed runs, chains and recovery wait for one."""
+    try:
+        problem = absence(
+            state.engine,
+            now=utc_now(),
+            since=state.started_at,
+            silence_s=state.settings.no_scheduler_after_s,
+        )
+    except DBAPIError:
+        return []  # gone since it answered: the next probe's database check says so
+    return [problem] if problem else []
 
 
 def _broker_problems(state: ApiState) -> list[str]:

@@ -89,6 +89,8 @@ class ApiState:
         self.redis: Any = None  # redis.Redis when the broker is Redis
         self.intake = WebhookIntake(self._accept_webhooks)
         self.head_revision: str | None = None
+        #: /readyz counts a scheduler's absence from the last heartbeat or from here
+        self.started_at = utc_now()
         #: The runs page and run detail on the driver directly (PostgreSQL through psycopg).
         self.reads: PgReads | None = None
 

@@ -31,11 +31,13 @@ cursors = cast(Table, SweepCursor.__table__)
 ROLLUP_OVERLAP = timedelta(minutes=5)
 
 
-def _cursor(conn: Connection, name: str) -> datetime | None:
+def read_cursor(conn: Connection, name: str) -> datetime | None:
+    """Where the sweep `name` stopped last time (a `sweep_cursors` row), if it ever ran."""
     return conn.execute(select(cursors.c.position).where(cursors.c.name == name)).scalar()
 
 
-def _set_cursor(conn: Connection, name: str, position: datetime, now: datetime) -> None:
+def set_cursor(conn: Connection, name: str, position: datetime, now: datetime) -> None:
+    """Record where the sweep `name` stopped."""
     conn.execute(
         dialect_insert(conn, cursors)
         .values(name=name, position=position, updated_at=now)
@@ -56,14 +58,14 @@ def roll_up(engine: Engine, *, now: datetime) -> int:
     """Recompute the hour and day buckets touched by runs finished since the last pass.
     Each bucket is recomputed whole from `runs`, so running it twice changes nothing."""
     with engine.begin() as conn:
-        since = _cursor(conn, "rollups")
+        since = read_cursor(conn, "rollups")
         query = select(runs.c.finished_at).where(runs.c.finished_at.is_not(None))
         if since is not None:
             query = query.where(runs.c.finished_at >= since - ROLLUP_OVERLAP)
         touched = {(p, _bucket(t, p)) for (t,) in conn.execute(query) for p in ("hour", "day")}
         for period, start in sorted(touched):
             _recompute(conn, period, start, now)
-        _set_cursor(conn, "rollups", now, now)
+        set_cursor(conn, "rollups", now, now)
     return len(touched)
 
 

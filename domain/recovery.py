@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 from sqlalchemy import Engine, Row, delete, or_, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from domain import runstore
 from domain.clock import Clock
@@ -74,6 +76,22 @@ def relay_once(
     if republished:
         log.warning("relay.republished", count=republished, hint="published but never claimed")
     return RelayResult(len(due), republished)
+
+
+def hand_back(engine: Engine, run_ids: list[uuid.UUID], *, marked_at: datetime) -> None:
+    """Runs whose publish right after commit failed (the broker is down) go back to the relay,
+    which publishes them at its first sweep that reaches the broker, rather than a dispatch
+    grace later. Best effort: should the database fail too, the grace still applies."""
+    try:
+        with engine.begin() as conn:
+            runstore.unmark_dispatched(conn, run_ids, marked_at=marked_at)
+    except SQLAlchemyError as exc:
+        log.warning(
+            "relay.hand_back_failed",
+            count=len(run_ids),
+            reason=str(getattr(exc, "orig", None) or exc),
+            hint="published by the relay after CONVEYOR_DISPATCH_GRACE_S instead",
+        )
 
 
 def _backoff_over(row: Row[Any, Any, Any, Any, Any, Any], now: datetime, grace_s: float) -> bool:

@@ -231,6 +231,25 @@ def mark_dispatched(conn: Connection, run_ids: list[uuid.UUID], *, now: datetime
         )
 
 
+def unmark_dispatched(conn: Connection, run_ids: list[uuid.UUID], *, marked_at: datetime) -> int:
+    """Undo `dispatched_at` (set when the runs were made, to be published right after commit)
+    for runs whose publish failed, so the relay's next sweep publishes them. Only runs still
+    pending and still marked `marked_at`: one the relay has meanwhile re-sent is left alone."""
+    if not run_ids:
+        return 0
+    return int(
+        conn.execute(
+            update(runs)
+            .where(
+                runs.c.id.in_(run_ids),
+                runs.c.status == Status.PENDING,
+                runs.c.dispatched_at == marked_at,
+            )
+            .values(dispatched_at=None, dispatch_attempts=runs.c.dispatch_attempts - 1)
+        ).rowcount
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Totals:
     """A run's spend after a cost entry, with its limits, to decide whether it must stop."""

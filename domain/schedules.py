@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import Connection, Engine, Table, delete, func, select, text, update
+from sqlalchemy import Connection, Engine, Table, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from domain.errors import Conflict, InvalidInput, NotFound
@@ -245,6 +245,23 @@ def disable_missing(engine: Engine, source: str, keep: set[str], *, now: datetim
             )
             announce_change(conn)
         return gone
+
+
+def enabled_behind(
+    engine: Engine, *, before: datetime, among: Iterable[int] = ()
+) -> list[tuple[int, str, datetime | None]]:
+    """(id, name, next_fire_at) of the enabled schedules whose next fire is before `before`,
+    and of the enabled ones among `among`: what the scheduler's watchdog looks at."""
+    ids = sorted(set(among))
+    behind = schedules.c.next_fire_at < before
+    where = behind if not ids else or_(behind, schedules.c.id.in_(ids))
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(schedules.c.id, schedules.c.name, schedules.c.next_fire_at)
+            .where(schedules.c.enabled, where)
+            .order_by(schedules.c.id)
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
 
 
 def changes_marker(engine: Engine) -> tuple[Any, int]:

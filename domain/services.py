@@ -9,13 +9,14 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from domain import audit, costs
 from domain.clock import uuid7, uuid7_many
 from domain.errors import BrokerUnavailable, Conflict, InvalidInput, InvalidTransition
 from domain.ports import Catalog, Dispatch, OpenCatalog, Publisher, send_later
+from domain.recovery import hand_back
 from domain.repository import RunFilter
 from domain.requests import EnqueueRequest
 from domain.states import TERMINAL, Status
@@ -155,7 +156,9 @@ def enqueue_many(
         if after is not None:
             uow.runs.get(after)  # RunNotFound: a run cannot wait for one that does not exist
         try:
-            results, send = _insert(uow, rows, lambda made: _prepare_publish(publisher, made))
+            results, send = _insert(
+                uow, rows, lambda made: _prepare_publish(uow.engine, publisher, made, now)
+            )
         except IntegrityError:
             uow.rollback()
             _explain_integrity_error(uow, rows)
@@ -174,7 +177,7 @@ def enqueue_many(
 
 
 def _prepare_publish(
-    publisher: Publisher | None, results: list[Enqueued]
+    engine: Engine, publisher: Publisher | None, results: list[Enqueued], now: datetime
 ) -> Callable[[], None] | None:
     """What to run after commit to publish the runs created due now (messages built now)."""
     if publisher is None:
@@ -187,7 +190,7 @@ def _prepare_publish(
     if not dispatches:
         return None
     send = send_later(publisher, dispatches)
-    return lambda: _publish(send, len(dispatches))
+    return lambda: _publish(send, engine, [d.run_id for d in dispatches], now)
 
 
 def _insert(
@@ -283,12 +286,15 @@ def _explain_integrity_error(uow: UnitOfWork, rows: list[dict[str, Any]]) -> Non
             )
 
 
-def _publish(send: Callable[[], None], count: int) -> None:
+def _publish(
+    send: Callable[[], None], engine: Engine, run_ids: list[uuid.UUID], marked_at: datetime
+) -> None:
     try:
         send()
     except BrokerUnavailable as exc:
-        # The runs are committed; the relay re-publishes them after the grace period.
-        log.warning("run.publish_deferred", count=count, reason=str(exc))
+        # The runs are committed: the relay publishes them as soon as it reaches the broker.
+        log.warning("run.publish_deferred", count=len(run_ids), reason=str(exc))
+        hand_back(engine, run_ids, marked_at=marked_at)
 
 
 def get_run(uow: UnitOfWork, run_id: uuid.UUID) -> RunView:

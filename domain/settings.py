@@ -110,6 +110,12 @@ class Settings(BaseSettings):
     )
     relay_interval_s: float = Field(0.5, gt=0, description="How often the relay sweeps.")
     reaper_interval_s: float = Field(5.0, gt=0, description="How often expired leases are swept.")
+    no_scheduler_after_s: float = Field(
+        30.0,
+        gt=0,
+        description="After this long without a leading scheduler, workers warn each minute "
+        "and /readyz reports not ready (retries, delayed runs and recovery wait for one).",
+    )
     secret_key: SecretStr = Field(
         SecretStr(""),
         description="Fernet key(s), comma-separated, newest first: encrypts secrets and "

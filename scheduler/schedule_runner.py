@@ -22,6 +22,7 @@ from domain import schedules as sched
 from domain.clock import Clock, utc_now
 from domain.errors import BrokerUnavailable, ConveyorError
 from domain.ports import Catalog, Publisher, send_later
+from domain.recovery import hand_back
 from domain.schedule_fires import (
     Due,
     Fired,
@@ -39,6 +40,9 @@ log = structlog.get_logger("conveyor.scheduler")
 #: messages, built before it.
 #: Writing 1,000 fires takes 60-300 ms here, depending on what else the machine runs.
 STAGE_S = 0.5
+#: A job this late is not late yet, whatever the misfire grace (0 included): APScheduler's own
+#: wake-up, and a job waiting for the one before it, take that long on a busy machine.
+JOB_SLACK = timedelta(seconds=1)
 
 
 def slots_for(row: Any) -> Slots:
@@ -72,6 +76,7 @@ class ScheduleRunner:
         clock: Clock = utc_now,
         misfire_grace_s: float = 60.0,
         stage_s: float | None = None,
+        on_replan: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.publisher = publisher
@@ -91,12 +96,21 @@ class ScheduleRunner:
         self._stale: set[int] = set()  # a fire failed: re-plan from the database's cursor
         self._marker: Any = None
         self._lock = threading.Lock()
+        #: Called when schedules wait to be re-planned, so that the next sync comes at once
+        #: (the service's own poll is 30 s apart while it listens for edits).
+        self._on_replan = on_replan
 
     def start(self) -> None:
+        # One thread: instants fire one at a time, in order. A schedule's next slot is then
+        # never recorded while its previous one is still in flight (were that one to fail
+        # after the next had moved the cursor on, its slot would be a silent gap), and a job
+        # added for an instant already being fired waits behind it instead of beside it.
+        # Lateness is ours to judge (`_fire_instant`), so APScheduler runs every job however
+        # late it comes.
         aps = BackgroundScheduler(
             timezone="UTC",
-            executors={"default": ThreadPoolExecutor(4)},
-            job_defaults={"misfire_grace_time": None, "coalesce": False, "max_instances": 1},
+            executors={"default": ThreadPoolExecutor(1)},
+            job_defaults={"misfire_grace_time": None, "coalesce": False},
         )
         aps.start()
         self.aps = aps
@@ -140,6 +154,16 @@ class ScheduleRunner:
                     dues.extend(self._plan(row))
         self._marker = marker
         self._fire(dues)
+
+    def planned(self) -> dict[int, datetime]:
+        """Each planned schedule's next instant (a copy)."""
+        with self._lock:
+            return dict(self._waiting)
+
+    def replan(self, schedule_ids: list[int]) -> None:
+        """Plan these schedules again from the database's cursor, at the next sync."""
+        with self._lock:
+            self._replan_later(schedule_ids)
 
     def _unplan(self, schedule_id: int) -> None:
         self._known.pop(schedule_id, None)
@@ -186,33 +210,57 @@ class ScheduleRunner:
         return dues
 
     def _wait(self, schedule_id: int, instant: datetime | None) -> None:
-        """Put the schedule in the set for `instant`, with a job for it if it is the first.
-        Called with `_lock` held."""
+        """Put the schedule in the set for `instant`; an instant not in `_due` gets a job.
+        Called with `_lock` held.
+
+        An instant stays in `_due` from its job's creation until that job takes the set, so
+        a schedule planned onto an instant whose job has started (its transaction staged, in
+        the half second before the slot) gets a job of its own, fired right after. Jobs are
+        never named after their instant: APScheduler 3.11 counts running instances per job
+        id and drops a date job that is due while one of the same id runs, which left such a
+        schedule waiting for an instant that had already passed.
+        """
         if instant is None:  # no more slots (a `once` that fired, an end date passed)
             return
         self._waiting[schedule_id] = instant
-        waiting = self._due.setdefault(instant, set())
+        waiting = self._due.get(instant)
+        if waiting is None:
+            waiting = self._due[instant] = set()
+            if self.aps is not None:
+                self.aps.add_job(
+                    self._fire_instant, "date", run_date=instant - self.stage, args=[instant]
+                )
         waiting.add(schedule_id)
-        if len(waiting) == 1 and self.aps is not None:
-            self.aps.add_job(
-                self._fire_instant,
-                "date",
-                run_date=instant - self.stage,
-                args=[instant],
-                id=instant.isoformat(),
-                replace_existing=True,
-            )
 
     def _fire_instant(self, instant: datetime) -> None:
         """The APScheduler job, run `stage` before `instant`: fire every schedule waiting for
         `instant` (committed at it), each moving on to its next slot. That slot was computed
         after the previous fire (a thousand trigger look-ups take milliseconds, which would
-        otherwise delay this instant); the one after it once this instant is published."""
+        otherwise delay this instant); the one after it once this instant is published.
+
+        An instant whose job comes later than the misfire grace (the process was frozen, or
+        the database slow) is not fired as if on time: its schedules are re-planned from the
+        database's cursor, so the slots they missed follow their misfire policy."""
         dues: list[Due] = []
         with self._lock:
-            for schedule_id in sorted(self._due.pop(instant, ())):
-                if self._waiting.get(schedule_id) != instant:
-                    continue  # re-planned meanwhile
+            if self.aps is None:
+                return  # leadership ended while this job waited for the thread
+            # those re-planned meanwhile wait for another instant
+            waiting = [
+                s for s in sorted(self._due.pop(instant, ())) if self._waiting.get(s) == instant
+            ]
+            late = self.clock() - instant
+            if late > max(self.grace, JOB_SLACK) and waiting:
+                self._replan_later(waiting)
+                log.warning(
+                    "schedule.overdue",
+                    slot=instant.isoformat(),
+                    schedules=len(waiting),
+                    late_s=round(late.total_seconds(), 3),
+                    action="replan",
+                )
+                return
+            for schedule_id in waiting:
                 if schedule_id in self._then:
                     nxt = self._then.pop(schedule_id)
                 else:
@@ -249,11 +297,18 @@ class ScheduleRunner:
         re-plans them from the database's cursor (late slots fire, older ones are misfires),
         rather than fire their next slot and leave a silent gap behind."""
         with self._lock:
-            for due in dues:
-                if self._waiting.get(due.schedule_id) != due.next_fire_at:
-                    continue  # re-planned meanwhile
-                self._unplan_slot(due.schedule_id)
-                self._stale.add(due.schedule_id)
+            self._replan_later(
+                [d.schedule_id for d in dues if self._waiting.get(d.schedule_id) == d.next_fire_at]
+            )  # the others were re-planned meanwhile
+
+    def _replan_later(self, schedule_ids: list[int]) -> None:
+        """Forget these schedules' next instant; the next sync plans them again from the
+        database's cursor. Called with `_lock` held."""
+        for schedule_id in schedule_ids:
+            self._unplan_slot(schedule_id)
+            self._stale.add(schedule_id)
+        if schedule_ids and self._on_replan is not None:
+            self._on_replan()
 
     def _record(self, dues: list[Due], instant: datetime | None = None) -> None:
         if not dues:
@@ -265,7 +320,7 @@ class ScheduleRunner:
             now = instant  # the runs are created, and visible, at their slot
 
             def stage(staged: list[Fired]) -> None:
-                sends.append(self._prepare(staged))  # the messages, built before the slot
+                sends.append(self._prepare(staged, instant))  # built before the slot
                 self._sleep_until(instant)
 
         fired = fire_many(
@@ -279,24 +334,26 @@ class ScheduleRunner:
         if sends:
             sends[0]()
         else:
-            self._publish(fired)
+            self._prepare(fired, now)()
         deferred = {f.schedule_id for f in fired if f.outcome == "deferred"}
         if deferred:  # overlap skip/queue: decided on what is active now that the slot came
+            now = self.clock()
             later = fire_many(
                 self.engine,
                 [d for d in dues if d.schedule_id in deferred],
-                now=self.clock(),
+                now=now,
                 catalog=self.catalog,
                 requests=self._requests,
             )
-            self._publish(later)
+            self._prepare(later, now)()
             fired = [f for f in fired if f.outcome != "deferred"] + later
         advance_cursors(self.engine, dues, fired)  # after the publish: off the runs' path
         _log_fired(fired)
 
-    def _prepare(self, fired: list[Fired]) -> Callable[[], None]:
-        """Build the messages for `fired` now; the returned function sends them. Publishing
-        is best effort: the runs are committed, and the relay publishes what is not sent."""
+    def _prepare(self, fired: list[Fired], now: datetime) -> Callable[[], None]:
+        """Build the messages for `fired` (runs made at `now`); the returned function sends
+        them. Publishing is best effort: the runs are committed, and what is not sent goes
+        back to the relay, which publishes it as soon as it reaches the broker."""
         dispatches = [f.dispatch for f in fired if f.dispatch is not None]
         if not dispatches:
             return lambda: None
@@ -310,11 +367,9 @@ class ScheduleRunner:
                 send()
             except BrokerUnavailable as exc:
                 log.warning("schedule.publish_deferred", count=len(dispatches), reason=str(exc))
+                hand_back(self.engine, [d.run_id for d in dispatches], marked_at=now)
 
         return deliver
-
-    def _publish(self, fired: list[Fired]) -> None:
-        self._prepare(fired)()
 
     def _sleep_until(self, instant: datetime) -> None:
         delay = (instant - self.clock()).total_seconds()

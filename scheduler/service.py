@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from domain.chains import release_after
 from domain.clock import Clock, utc_now
 from domain.gc_pause import freeze_startup_heap
+from domain.leader_heartbeat import beat, beat_every
 from domain.maintenance import apply_retention, roll_up
 from domain.pipelines import PipelineDirectory, pipeline_settings
 from domain.ports import Catalog, Publisher
@@ -23,6 +24,7 @@ from scheduler.declared import sync_code_schedules, sync_pipeline_schedules
 from scheduler.deliveries import OutboundSweeper
 from scheduler.leader import Leadership, leadership_for
 from scheduler.schedule_runner import ScheduleRunner
+from scheduler.watchdog import WATCH_EVERY_S, ScheduleWatchdog
 
 log = structlog.get_logger("conveyor.scheduler")
 
@@ -61,7 +63,9 @@ class SchedulerService:
             catalog=catalog,
             clock=clock,
             misfire_grace_s=settings.schedule_misfire_grace_s,
+            on_replan=self._schedule_changed,
         )
+        self.watchdog = ScheduleWatchdog(engine, self.schedules, clock=clock)
         self.outbound = OutboundSweeper(engine, settings, clock=clock)
 
     def run(self) -> None:
@@ -113,9 +117,10 @@ class SchedulerService:
         return POLL_WHILE_LISTENING_S if listening else STANDBY_RETRY_S
 
     def _sweep(self) -> None:
-        next_relay = next_reap = next_housekeeping = next_retention = 0.0
+        next_relay = next_reap = next_housekeeping = next_retention = next_beat = 0.0
         next_check = time.monotonic() + STANDBY_RETRY_S
         last_sync = time.monotonic()  # start() has just synced
+        next_watch = last_sync + WATCH_EVERY_S
         while not self.stop_event.is_set():
             now_m = time.monotonic()
             if now_m >= next_check:
@@ -131,7 +136,16 @@ class SchedulerService:
                     self.schedules.sync(force=notified)  # at once, or within a second
                 except Exception as exc:
                     log.error("scheduler.sync_failed", error=f"{type(exc).__name__}: {exc}")
+            if now_m >= next_watch:
+                next_watch = now_m + WATCH_EVERY_S
+                try:
+                    self.watchdog.check()  # a schedule behind the clock is re-planned
+                except Exception as exc:  # the database is away: the next check tries again
+                    log.error("scheduler.watch_failed", error=f"{type(exc).__name__}: {exc}")
             try:
+                if now_m >= next_beat:  # workers and /readyz tell from it that someone leads
+                    beat(self.engine, now=self.clock())
+                    next_beat = now_m + beat_every(self.settings.no_scheduler_after_s)
                 self.outbound.tick()  # callbacks and notifications: a pass a second, off-loop
                 if now_m >= next_reap:
                     reap_once(self.engine, clock=self.clock)

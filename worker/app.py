@@ -54,9 +54,11 @@ def create_app(settings: Settings) -> Celery:
     if settings.broker_url.startswith("redis://"):
         # kombu's transport, with one Redis client per channel rather than one per message.
         app.conf.broker_transport = "worker.redis_transport:Transport"
+    from worker.scheduler_watch import watch_for_scheduler
     from worker.tasks import register
 
     register(app, settings)
+    watch_for_scheduler(settings)
     return app
 
 

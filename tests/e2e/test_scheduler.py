@@ -3,6 +3,7 @@ one-second slot recorded exactly once, no gap, one run per enqueued slot."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -18,11 +19,11 @@ from sqlalchemy import Engine, func, select, text
 from domain import schedules as sched
 from domain.clock import utc_now
 from domain.db import create_db_engine
-from domain.models import runs
 from scheduler.leader import ADVISORY_KEY
 from scheduler.triggers import Slots, TriggerSpec
 from tests.e2e.stack import Stack
 from tests.polling import eventually
+from tests.schedule_slots import assert_every_slot_once, fires_and_runs
 from tests.services import PrivateRedis
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
@@ -33,7 +34,15 @@ def scheduler_stack(
     pg_url: str, redis_server: PrivateRedis, tmp_path: Path
 ) -> Iterator[tuple[Stack, Engine]]:
     """Scheduler processes to start (all stopped at the end) and an engine on their database."""
-    stack = Stack(pg_url, tmp_path, redis_server.url(4))
+    with _stack(pg_url, redis_server, tmp_path) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def _stack(
+    pg_url: str, redis_server: PrivateRedis, tmp_path: Path, **overrides: str
+) -> Iterator[tuple[Stack, Engine]]:
+    stack = Stack(pg_url, tmp_path, redis_server.url(4), **overrides)
     stack.redis.flushdb()
     engine = create_db_engine(pg_url)
     try:
@@ -90,7 +99,7 @@ def test_a_frozen_leader_cannot_double_fire_when_it_wakes(
     stack.kill(leader, signal.SIGTERM)
 
     for view in views:
-        slots, made = _fires_and_runs(engine, view.id)
+        slots, made = fires_and_runs(engine, view.id)
         times = [s[0] for s in slots]
         steps = {b - a for a, b in itertools.pairwise(times)}
         assert steps == {timedelta(seconds=1)}, f"{view.name}: a gap or a repeat"
@@ -126,7 +135,7 @@ def _pause_and_check_every_slot_once(engine: Engine, stack: Stack, view: Any) ->
     sched.set_enabled(engine, view.name, False, now=utc_now())
     time.sleep(1.5)
     stack.stop_all()
-    slots, made = _fires_and_runs(engine, view.id)
+    slots, made = fires_and_runs(engine, view.id)
     times = [s[0] for s in slots]
     gaps = [b - a for a, b in itertools.pairwise(times) if b - a != timedelta(seconds=1)]
     assert gaps == [], f"slots not contiguous: {gaps}"
@@ -135,25 +144,19 @@ def _pause_and_check_every_slot_once(engine: Engine, stack: Stack, view: Any) ->
     assert made == len(slots) == len({s[2] for s in slots})  # one run per slot, never two
 
 
-def _every_second(engine: Engine, name: str) -> sched.ScheduleView:
-    spec = sched.ScheduleInput.parse(name=name, target="noop", trigger="interval", expression="1s")
-    return sched.add_schedule(engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now())
+def _every_second(engine: Engine, name: str, **fields: Any) -> sched.ScheduleView:
+    return _add(engine, name, "interval", "1s", **fields)
 
 
-def _fires_and_runs(engine: Engine, schedule_id: int) -> tuple[list[Any], int]:
-    """The schedule's recorded slots (fire_at, outcome, run_id) in order, and its runs."""
-    with engine.connect() as conn:
-        slots = conn.execute(
-            select(sched.fires.c.fire_at, sched.fires.c.outcome, sched.fires.c.run_id)
-            .where(sched.fires.c.schedule_id == schedule_id)
-            .order_by(sched.fires.c.fire_at)
-        ).all()
-        made = conn.execute(
-            select(func.count())
-            .select_from(runs)
-            .where(runs.c.trigger_ref == f"schedule:{schedule_id}")
-        ).scalar_one()
-    return list(slots), int(made)
+def _add(
+    engine: Engine, name: str, trigger: str, expression: str, **fields: Any
+) -> sched.ScheduleView:
+    """Added as the API and the CLI add it (the leader hears of it by NOTIFY)."""
+    spec = sched.ScheduleInput.parse(
+        name=name, target="noop", trigger=trigger, expression=expression, **fields
+    )
+    slots = Slots(TriggerSpec(trigger, expression))
+    return sched.add_schedule(engine, spec, slots, now=utc_now())
 
 
 def _lock_holder(engine: Engine) -> int | None:
@@ -196,3 +199,94 @@ def test_edits_take_effect_without_a_restart(scheduler_stack: tuple[Stack, Engin
     time.sleep(2)
     assert _count(engine, view.id) == paused_at  # paused: no new slot
     sched.remove_schedule(engine, "late")
+
+
+def test_schedules_added_in_the_half_second_before_an_instant_fire_every_slot(
+    scheduler_stack: tuple[Stack, Engine],
+) -> None:
+    """The leader stages each instant half a second ahead. Schedules added inside that half
+    second, due at that very instant (one-second intervals, and a five-second cron whose
+    slots are the running schedule's too), fire from their first slot on, with no gap."""
+    stack, engine = scheduler_stack
+    tick = _every_second(engine, "tick")
+    stack.scheduler()
+    eventually(lambda: _count(engine, tick.id) >= 2, timeout=30)
+    added = []
+    for k, ahead in enumerate((0.4, 0.3, 0.2, 0.1)):
+        _sleep_until_before(ahead, every_s=1)
+        added.append(_every_second(engine, f"late-{k}"))
+    _sleep_until_before(0.3, every_s=5)
+    cron = _add(engine, "five-seconds", "cron", "*/5 * * * * *")
+    eventually(
+        lambda: _count(engine, cron.id) >= 3 and all(_count(engine, v.id) >= 3 for v in added),
+        timeout=60,
+    )
+    views = [tick, *added, cron]
+    _pause_all(engine, stack, views)
+    for view in views:
+        outcomes = assert_every_slot_once(engine, view)
+        assert set(outcomes) == {"enqueued"}, view.name
+
+
+def test_a_leader_frozen_below_the_lock_timeout_keeps_every_slot(
+    pg_url: str, redis_server: PrivateRedis, tmp_path: Path
+) -> None:
+    """SIGSTOP the only scheduler for 8 s, less than the lock's 10 s: it still leads when it
+    wakes, and every slot is recorded once, those missed beyond the grace (2 s here) by each
+    schedule's misfire policy (skip, run_once, catch_up:2), all of them after on time."""
+    with _stack(pg_url, redis_server, tmp_path, CONVEYOR_SCHEDULE_MISFIRE_GRACE_S="2") as made:
+        stack, engine = made
+        leader = stack.scheduler()
+        eventually(lambda: _lock_holder(engine) is not None, timeout=30)
+        # added once it leads: a slow start-up must not turn the first slots into misfires
+        skip = _every_second(engine, "tick-skip")
+        once = _every_second(engine, "tick-once", misfire_policy="run_once")
+        catch = _every_second(engine, "tick-catch", misfire_policy="catch_up", catch_up_limit=2)
+        views = [skip, once, catch]
+        eventually(lambda: all(_count(engine, v.id) >= 3 for v in views), timeout=30)
+        holder = _lock_holder(engine)
+        os.killpg(leader.pid, signal.SIGSTOP)
+        time.sleep(8)
+        os.killpg(leader.pid, signal.SIGCONT)
+        resumed = {v.id: _count(engine, v.id) for v in views}
+        eventually(lambda: all(_on_time_again(engine, v.id, resumed[v.id]) for v in views), 40)
+        assert _lock_holder(engine) == holder  # the same session led throughout
+        _pause_all(engine, stack, views)
+        outcomes = {v.name: assert_every_slot_once(engine, v) for v in views}
+        skipped = {v.name: _slots_with(engine, v, "skipped_misfire") for v in views}
+    missed = skipped["tick-skip"]
+    assert len(missed) >= 3, outcomes  # 8 s frozen, 2 s of grace
+    assert skipped["tick-once"] == missed[:-1]  # the last missed slot runs
+    assert skipped["tick-catch"] == missed[2:]  # the first two missed slots run
+    for name, seen in outcomes.items():
+        assert set(seen) == {"enqueued", "skipped_misfire"}, name
+        assert seen[-5:] == ["enqueued"] * 5, name  # on time again after the freeze
+
+
+def _on_time_again(engine: Engine, schedule_id: int, recorded_before: int) -> bool:
+    """Five slots or more recorded since, the last five of them enqueued."""
+    slots, _ = fires_and_runs(engine, schedule_id)
+    last = [s[1] for s in slots[-5:]]
+    return len(slots) >= recorded_before + 5 and last == ["enqueued"] * 5
+
+
+def _sleep_until_before(ahead_s: float, *, every_s: int) -> None:
+    """Sleep until `ahead_s` before the next multiple of `every_s` seconds (UTC): one-second
+    intervals fire on whole seconds, a `*/5` second cron on every fifth."""
+    now = time.time()
+    target = (int(now // every_s) + 1) * every_s - ahead_s
+    if target <= now:
+        target += every_s
+    time.sleep(target - now)
+
+
+def _pause_all(engine: Engine, stack: Stack, views: list[Any]) -> None:
+    for view in views:
+        sched.set_enabled(engine, view.name, False, now=utc_now())
+    time.sleep(1.5)
+    stack.stop_all()
+
+
+def _slots_with(engine: Engine, view: Any, outcome: str) -> list[Any]:
+    slots, _ = fires_and_runs(engine, view.id)
+    return [s[0] for s in slots if s[1] == outcome]
