@@ -10,6 +10,7 @@ from rich.table import Table
 
 from conveyor.cli.db import cli_uow
 from conveyor.cli.output import ago, console, print_json
+from conveyor.cli.params import AllowUnknown
 from domain.settings import get_settings
 
 ACTOR = "cli"
@@ -119,18 +120,17 @@ def webhooks_add(
     target: Annotated[str, typer.Option(help="Task or pipeline each delivery runs.")],
     kind: Annotated[str, typer.Option(help="task or pipeline.")] = "task",
     project: Annotated[str | None, typer.Option(help="Project of the runs.")] = None,
+    allow_unknown: AllowUnknown = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Create a webhook endpoint and print its signing secret once (stored encrypted)."""
-    from conveyor.client import default_catalog
     from domain import webhooks
+    from domain.catalog import producer_catalog
     from domain.crypto import secret_key_from
-    from domain.registry import REGISTRY
 
     settings = get_settings()
-    if kind == "task" and default_catalog(settings) is not None:
-        REGISTRY.get(target)  # a typo fails now, not at the first delivery
     with cli_uow() as uow:
+        catalog = None if allow_unknown else producer_catalog(settings, uow.engine)
         view, secret = webhooks.add_webhook(
             uow,
             name,
@@ -139,6 +139,7 @@ def webhooks_add(
             project=project or settings.default_project,
             secret_key=secret_key_from(settings),
             actor=ACTOR,
+            catalog=catalog,
         )
     if json_out:
         print_json({**view.to_dict(), "secret": secret})

@@ -63,7 +63,7 @@ def worker_queues(settings: Settings, requested: str | None) -> str:
 def scheduler() -> None:
     """Run the scheduler: relay (re-publishes undelivered runs) and reaper (recovers runs whose
     worker died). Start one per deployment or more as standbys: only the leader sweeps."""
-    from conveyor.client import default_catalog
+    from domain.catalog import permissive, producer_catalog
     from domain.db import create_db_engine
     from domain.registry import REGISTRY
     from scheduler.service import SchedulerService
@@ -71,8 +71,10 @@ def scheduler() -> None:
     from worker.publisher import CeleryPublisher
 
     settings = get_settings()
-    catalog = default_catalog(settings)  # imports CONVEYOR_TASK_MODULES
     engine = create_db_engine(settings.effective_database_url, pool_size=4, pre_ping=False)
+    # Schedules were checked when they were added: a fire gets the task's defaults from the
+    # catalog, and one for a task no worker published yet still fires (checked at its claim).
+    catalog = permissive(producer_catalog(settings, engine))  # imports CONVEYOR_TASK_MODULES
     service = SchedulerService(
         settings,
         engine,
