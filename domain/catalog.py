@@ -1,10 +1,11 @@
 """The task catalog: which tasks exist and what their runs need, kept in the database.
 
 Workers publish the tasks they import (`publish`) when they start and again about once a
-minute, which rewrites only what is missing or changed and marks the rest as still served. Producers that do not import the task code (the CLI, the API,
-webhooks, schedules, conveyor.submit on a worker without the module) resolve names through
-`TaskTableCatalog`: the params are checked against the task's JSON Schema and the run gets the
-task's queue, priority, attempts and timeout, exactly as a producer that imports the module does.
+minute, which rewrites only what is missing or changed and marks the rest as still served.
+Producers that do not import the task code (the CLI, the API, webhooks, schedules,
+conveyor.submit on a worker without the module) resolve names through `TaskTableCatalog`: the
+params are checked against the task's JSON Schema and the run gets the task's queue, priority,
+attempts and timeout, exactly as a producer that imports the module does.
 """
 
 from __future__ import annotations

@@ -260,3 +260,25 @@ def test_warnings_say_when_no_worker_will_take_the_run(
     both = check.warnings(_run("hello", "default"), later)
     assert both[0] == "no worker has served task 'hello' for 20m (last: w1:1)"
     assert both[1].startswith("no live worker consumes queue 'default'")
+
+
+def test_a_schedule_naming_a_misspelled_task_is_refused_when_added(
+    engine: Engine, published: Registry
+) -> None:
+    from domain import schedules as sched
+    from scheduler.triggers import Slots, TriggerSpec
+
+    producer = CompositeCatalog(TaskTableCatalog(engine))
+    slots = Slots(TriggerSpec("interval", "1m", "UTC"))
+
+    def add(target: str, name: str) -> None:
+        spec = sched.ScheduleInput.parse(
+            name=name, target=target, trigger="interval", expression="1m"
+        )
+        sched.add_schedule(engine, spec, slots, now=T0, catalog=producer)
+
+    with pytest.raises(UnknownTask, match="did you mean 'hello'"):
+        add("helo", "greet")
+    assert sched.list_schedules(engine) == []
+    add("hello", "greet")
+    assert [s.target_name for s in sched.list_schedules(engine)] == ["hello"]
