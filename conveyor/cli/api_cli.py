@@ -41,6 +41,7 @@ def api(
 
     from api.app import create_api
     from domain.errors import InvalidInput
+    from domain.migrate import wait_for_schema
 
     if no_auth and not _is_loopback(host):
         raise InvalidInput(
@@ -49,6 +50,7 @@ def api(
     settings = get_settings()
     if no_auth:
         console.print("[yellow]authentication is disabled: only local clients are served[/]")
+    wait_for_schema(settings.effective_database_url)  # started beside `conveyor migrate`
     uvicorn.run(
         create_api(settings, auth_disabled=no_auth),
         host=host,

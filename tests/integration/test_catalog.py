@@ -3,6 +3,7 @@ task's code (issue: a run's retry policy must not depend on what its producer im
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from domain.delivery_checks import DeliveryCheck
 from domain.errors import InvalidInput, UnknownTask
 from domain.registry import Registry, RegistryCatalog, every
 from domain.requests import build_request
+from domain.schedules import HELD
 from domain.unit_of_work import UnitOfWork
 from domain.views import RunView
 from tests.fakes import FakeClock
@@ -282,3 +284,16 @@ def test_a_schedule_naming_a_misspelled_task_is_refused_when_added(
     assert sched.list_schedules(engine) == []
     add("hello", "greet")
     assert [s.target_name for s in sched.list_schedules(engine)] == ["hello"]
+
+
+def test_a_pending_run_s_reason_names_what_it_waits_for(
+    engine: Engine, published: Registry
+) -> None:
+    check = DeliveryCheck(engine)
+    reason = check.pending_reason(_run("hello", "mail"), T0)
+    assert reason == (
+        "no live worker consumes queue 'mail': the run waits until one does "
+        "(conveyor worker -Q mail)"
+    )
+    held = dataclasses.replace(_run("hello", "mail"), not_before=HELD)
+    assert check.pending_reason(held, T0).startswith("it is held until the run it waits for ends")
