@@ -39,6 +39,9 @@ class NewWebhook(BaseModel):
     target: str = Field(min_length=1, max_length=200)
     kind: Literal["task", "pipeline"] = "task"
     project: str | None = Field(None, min_length=1, max_length=100)
+    allow_unknown: bool = Field(
+        False, description="Accept a target no worker has published yet (checked when it runs)"
+    )
 
 
 @router.get("/audit")
@@ -92,6 +95,7 @@ def add_webhook(state: State, who: Admin, request: Request, body: NewWebhook) ->
         secret_key=state.secret_key,
         actor=who.name,
         ip=client_ip(request),
+        catalog=None if body.allow_unknown else state.catalog,
     )
     return {**view.to_dict(), "secret": secret}
 

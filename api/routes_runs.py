@@ -14,6 +14,8 @@ from api.auth import Reader, Writer, client_ip
 from api.json_body import JSONBody
 from api.state import State
 from domain import audit, queries, services
+from domain.catalog import permissive
+from domain.clock import utc_now
 from domain.errors import InvalidInput
 from domain.repository import RunFilter
 from domain.requests import build_request
@@ -58,6 +60,9 @@ class CreateRun(BaseModel):
     max_minutes: float | None = Field(None, gt=0)
     kind: Literal["task", "pipeline"] = "task"
     callback_url: str | None = Field(None, max_length=2000)
+    allow_unknown: bool = Field(
+        False, description="Accept a task no worker has published yet (checked when it runs)"
+    )
 
 
 class CancelRun(BaseModel):
@@ -98,6 +103,7 @@ def create_run(
 ) -> JSONResponse:
     """Create a run: 201 when new; 200 with the same run when its idempotency key was used."""
     fields = body.model_dump(exclude_none=True)
+    allow_unknown = fields.pop("allow_unknown", False)
     header = idempotency_header
     if header is not None and fields.setdefault("idempotency_key", header) != header:
         raise InvalidInput(
@@ -106,7 +112,8 @@ def create_run(
         )
     fields.setdefault("project", state.settings.default_project)
     req = build_request(**fields, triggered_by="api", trigger_ref=who.name)
-    result = services.enqueue(state.uow(), req, publisher=state.publisher, catalog=state.catalog)
+    catalog = permissive(state.catalog) if allow_unknown and state.catalog else state.catalog
+    result = services.enqueue(state.uow(), req, publisher=state.publisher, catalog=catalog)
     run = result.run
     if result.created:
         audit.write(
@@ -122,8 +129,9 @@ def create_run(
             },
             ip=client_ip(request),
         )
+    warnings = state.delivery.warnings(run, utc_now()) if state.delivery is not None else []
     return JSONResponse(
-        run.to_dict(),
+        {**run.to_dict(), "warnings": warnings},
         status_code=201 if result.created else 200,
         headers={"Location": f"/api/v1/runs/{run.id}"},
     )

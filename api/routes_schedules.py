@@ -13,6 +13,7 @@ from api.auth import Admin, Reader, Writer, client_ip
 from api.state import ApiState, State
 from domain import audit, services
 from domain import schedules as sched
+from domain.catalog import permissive
 from domain.clock import utc_now
 from domain.errors import ConveyorError, InvalidInput
 from domain.ports import Catalog
@@ -55,6 +56,9 @@ class ScheduleFields(Trigger):
     overlap_policy: Literal["allow", "skip", "queue"] = "allow"
     jitter_s: float = Field(0.0, ge=0, le=3600)
     enabled: bool = True
+    allow_unknown: bool = Field(
+        False, description="Accept a target no worker has published yet (checked when it runs)"
+    )
 
 
 class NewSchedule(ScheduleFields):
@@ -88,23 +92,24 @@ def slots_for(trigger: Trigger | Any, *, now: datetime) -> Slots:
     return slots
 
 
-def catalog_for(state: ApiState, kind: str) -> Catalog | None:
+def catalog_for(state: ApiState, kind: str, *, allow_unknown: bool = False) -> Catalog | None:
     """Tasks resolve in the API's catalog; pipelines also in the `pipelines` table."""
-    return TableCatalog(state.engine, state.catalog) if kind == "pipeline" else state.catalog
+    catalog = TableCatalog(state.engine, state.catalog) if kind == "pipeline" else state.catalog
+    return permissive(catalog) if allow_unknown and catalog is not None else catalog
 
 
 def _save(
     state: ApiState, who: str, request: Request, name: str, body: ScheduleFields, *, replace: bool
 ) -> dict[str, Any]:
     now = utc_now()
-    fields = body.model_dump(exclude={"name", "target"}, exclude_none=True)
+    fields = body.model_dump(exclude={"name", "target", "allow_unknown"}, exclude_none=True)
     fields.setdefault("project", state.settings.default_project)
     spec = sched.ScheduleInput.parse(name=name, target=body.target, source="api", **fields)
     with state.uow() as uow:  # add_schedule would report the foreign key as a name conflict
         if not uow.runs.project_exists(spec.project):
             raise InvalidInput(f"project: no project named {spec.project!r}", field="project")
     slots = slots_for(spec, now=now)
-    catalog = catalog_for(state, spec.target_kind)
+    catalog = catalog_for(state, spec.target_kind, allow_unknown=body.allow_unknown)
     view = sched.add_schedule(state.engine, spec, slots, now=now, catalog=catalog, replace=replace)
     audit.write(
         state.uow(),

@@ -15,6 +15,7 @@ from api.intake import WebhookIntake
 from domain import webhooks
 from domain.clock import utc_now
 from domain.crypto import secret_key_from
+from domain.delivery_checks import DeliveryCheck
 from domain.ports import Catalog, Publisher
 from domain.reads_pg import PgReads
 from domain.settings import Settings
@@ -93,6 +94,8 @@ class ApiState:
         self.started_at = utc_now()
         #: The runs page and run detail on the driver directly (PostgreSQL through psycopg).
         self.reads: PgReads | None = None
+        #: Warnings for runs just created (no live worker for the queue, ...).
+        self.delivery: DeliveryCheck | None = None
 
     @property
     def engine(self) -> Engine:
@@ -128,7 +131,8 @@ class ApiState:
         return webhooks.endpoints_of(rows, secret_key=self.secret_key)
 
     def start(self) -> None:
-        from conveyor.client import default_catalog, default_publisher
+        from conveyor.client import default_publisher
+        from domain.catalog import producer_catalog
         from domain.db import create_db_engine, uses_psycopg
         from domain.migrate import head_revision
 
@@ -140,7 +144,8 @@ class ApiState:
         if not self._publisher_given:
             self.publisher = default_publisher(self.settings)
         if not self._catalog_given:
-            self.catalog = default_catalog(self.settings)
+            self.catalog = producer_catalog(self.settings, self._engine)
+        self.delivery = DeliveryCheck(self._engine)
         self.head_revision = head_revision(url)
         if is_redis(self.settings.broker_url):
             import redis

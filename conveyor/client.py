@@ -13,7 +13,10 @@ from typing import Any
 from sqlalchemy import Engine
 
 from domain import services
+from domain.catalog import permissive, producer_catalog
+from domain.clock import utc_now
 from domain.db import create_db_engine
+from domain.delivery_checks import DeliveryCheck
 from domain.errors import InvalidInput, WaitTimeout
 from domain.gc_pause import gc_paused
 from domain.ports import Catalog, Publisher
@@ -46,28 +49,6 @@ def default_publisher(settings: Settings) -> Publisher | None:
     return CeleryPublisher(create_app(settings))
 
 
-def default_catalog(settings: Settings) -> Catalog | None:
-    """Validate against the registered tasks (CONVEYOR_TASK_MODULES) and the pipelines found
-    in CONVEYOR_PIPELINES_DIR. A producer that knows neither sends names and params as they
-    are, and the worker checks them."""
-    from domain.chains import check_chains
-    from domain.pipelines import pipeline_catalog_for
-    from domain.ports import OpenCatalog
-    from domain.registry import REGISTRY, CompositeCatalog, RegistryCatalog, import_task_modules
-
-    import_task_modules(settings.task_module_list)
-    catalogs: list[Catalog] = []
-    if len(REGISTRY):
-        check_chains(REGISTRY)
-        catalogs.append(RegistryCatalog(REGISTRY))
-    pipelines = pipeline_catalog_for(settings)
-    if pipelines.directory.all():
-        catalogs.append(pipelines)
-        if not len(REGISTRY):
-            catalogs.append(OpenCatalog())  # tasks this process does not import still pass
-    return CompositeCatalog(*catalogs) if catalogs else None
-
-
 class Client:
     """Talks to conveyor's database directly; settings come from CONVEYOR_* and `.env`.
 
@@ -89,8 +70,17 @@ class Client:
         self._owns_engine = engine is None
         #: None: runs are delivered by the relay (`conveyor scheduler`/`dev`) instead of at once.
         self.publisher = publisher if publisher is not None else default_publisher(self.settings)
-        self.catalog = catalog if catalog is not None else default_catalog(self.settings)
+        self._catalog = catalog
+        self._delivery: DeliveryCheck | None = None
         self.triggered_by = triggered_by
+
+    @property
+    def catalog(self) -> Catalog:
+        """What names and params are checked against: the tasks this process imports, else the
+        catalog the workers published, else pipelines (domain/catalog.py)."""
+        if self._catalog is None:
+            self._catalog = producer_catalog(self.settings, self.engine)
+        return self._catalog
 
     @property
     def engine(self) -> Engine:
@@ -130,12 +120,15 @@ class Client:
         max_requests: int | None = None,
         max_minutes: float | None = None,
         after: str | uuid.UUID | None = None,
+        allow_unknown: bool = False,
         **extra: Any,
     ) -> RunView:
         """Create a run of task or pipeline `name`; with `idempotency_key`, at most one run.
 
-        With `after`, the run waits until that run ends: it starts if the parent succeeded and
-        is cancelled (saying why) if not.
+        A name no worker has published (and this process does not import) is an UnknownTask
+        listing the names that exist, unless `allow_unknown`: then the run waits, unchecked,
+        for a worker that has it. With `after`, the run waits until that run ends: it starts
+        if the parent succeeded and is cancelled (saying why) if not.
         """
         request = self._request(
             name,
@@ -157,11 +150,13 @@ class Client:
             self.uow(),
             request,
             publisher=self.publisher,
-            catalog=self.catalog,
+            catalog=permissive(self.catalog) if allow_unknown else self.catalog,
             after=as_run_id(after) if after is not None else None,
         ).run
 
-    def enqueue_many(self, items: Iterable[Mapping[str, Any]]) -> list[RunView]:
+    def enqueue_many(
+        self, items: Iterable[Mapping[str, Any]], *, allow_unknown: bool = False
+    ) -> list[RunView]:
         """Create many runs in one transaction; each item holds enqueue()'s arguments.
 
         Example: `client.enqueue_many({"name": "resize", "params": {"id": i}} for i in ids)`.
@@ -178,8 +173,9 @@ class Client:
                 except InvalidInput as exc:
                     raise InvalidInput(f"items[{index}].{exc}", field=exc.field) from None
             requests = build_requests(loose)  # one validation pass for the whole batch
+            catalog = permissive(self.catalog) if allow_unknown else self.catalog
             results = services.enqueue_many(
-                self.uow(), requests, publisher=self.publisher, catalog=self.catalog
+                self.uow(), requests, publisher=self.publisher, catalog=catalog
             )
             return [r.run for r in results]
 
@@ -205,6 +201,20 @@ class Client:
         clean["params"] = dict(params) if isinstance(params, Mapping) else params
         clean["project"] = project or self.settings.default_project
         return clean
+
+    def warnings(self, run: RunView) -> builtins.list[str]:
+        """What may keep a run just enqueued from starting: no live worker for its queue, or
+        a task no worker has published or served lately (empty: nothing known)."""
+        return self._checks().warnings(run, utc_now())
+
+    def pending_reason(self, run: RunView) -> str:
+        """Why a run is still pending, as far as conveyor can tell."""
+        return self._checks().pending_reason(run, utc_now())
+
+    def _checks(self) -> DeliveryCheck:
+        if self._delivery is None:
+            self._delivery = DeliveryCheck(self.engine)
+        return self._delivery
 
     # -- reading ----------------------------------------------------------------------------
     def get(self, run_id: str | uuid.UUID) -> RunView:

@@ -7,10 +7,13 @@ import threading
 from typing import Any
 
 from conveyor.cli.output import console
+from domain import catalog
+from domain.catalog import permissive, producer_catalog
+from domain.clock import utc_now
 from domain.db import create_db_engine
 from domain.migrate import ensure_schema
 from domain.pipelines import PipelineDirectory, pipeline_settings
-from domain.registry import REGISTRY, RegistryCatalog, import_task_modules
+from domain.registry import REGISTRY, import_task_modules
 from domain.settings import Settings, redact_url
 
 DEV_TASK_MODULES = "examples.hello"
@@ -66,11 +69,13 @@ def run_dev(settings: Settings, *, port: int = 8000) -> None:
     import_task_modules(settings.task_module_list)
     app = create_app(settings)
     engine = create_db_engine(url, pool_size=2)
+    # Before the banner invites the first `conveyor enqueue` from another terminal.
+    catalog.publish(engine, REGISTRY.specs(), owner=f"dev:{os.getpid()}", now=utc_now())
     service = SchedulerService(
         settings,
         engine,
         CeleryPublisher(app),
-        catalog=RegistryCatalog(REGISTRY),
+        catalog=permissive(producer_catalog(settings, engine)),
         registry=REGISTRY,
     )
     sweeper = threading.Thread(target=service.run, name="conveyor-scheduler", daemon=True)

@@ -60,6 +60,10 @@ class DatabaseUnavailable(TransientError):
     """The database cannot be reached."""
 
 
+class SchemaNotReady(ConveyorError):
+    """The database does not have the schema this code needs: run `conveyor migrate`."""
+
+
 class BrokerUnavailable(TransientError):
     """The message broker cannot be reached."""
 

@@ -120,6 +120,26 @@ class Pipeline(Base):
     synced_at: Mapped[datetime] = mapped_column(default=utc_now)
 
 
+class CatalogTask(Base):
+    """A task some worker has: what producers need to check and complete a run of it without
+    importing its code. Workers publish it when they start (domain/catalog.py)."""
+
+    __tablename__ = "task_catalog"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    #: sha256 of params_schema and options: a worker rewrites the row only when it changed.
+    version: Mapped[str] = mapped_column(String(64))
+    params_schema: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    #: queue, priority, max_attempts, timeout_s, retry, schedule, on_success, on_failure.
+    options: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    module: Mapped[str | None] = mapped_column(String(300))
+    registered_by: Mapped[str | None] = mapped_column(String(200))
+    registered_at: Mapped[datetime] = mapped_column(default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(default=utc_now)
+    #: Refreshed by every worker that has the task, about once a minute.
+    last_seen_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
 class Secret(Base):
     __tablename__ = "secrets"
 

@@ -300,6 +300,9 @@ class PipelineCatalog(Catalog):
                 )
         return defaults, params
 
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.directory.all())
+
 
 def count_active_runs(engine: Engine, name: str) -> int:
     with engine.connect() as conn:

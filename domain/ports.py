@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from domain.errors import InvalidInput
+
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
@@ -55,6 +57,14 @@ class Catalog(Protocol):
     def resolve(self, name: str, params: dict[str, Any]) -> tuple[TargetDefaults, dict[str, Any]]:
         """Defaults for `name` and its validated params; raises UnknownTask or InvalidInput."""
         ...
+
+
+def require_known(catalog: Catalog, name: str) -> None:
+    """UnknownTask unless `catalog` knows `name` (whatever params its runs will bring)."""
+    try:
+        catalog.resolve(name, {})
+    except InvalidInput:  # a known task whose params are not given here
+        return
 
 
 class OpenCatalog:

@@ -154,3 +154,7 @@ class TableCatalog:
                 f"pipeline {name!r} cannot run: {view.error or 'it is disabled'}", name=name
             )
         return TargetDefaults(kind="pipeline"), params
+
+    def names(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return sorted(conn.execute(select(pipelines.c.name)).scalars())

@@ -7,11 +7,13 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from domain.errors import ConfigurationError, InvalidInput, UnknownTask
+from domain.params_schema import check_params, schema_of
 from domain.ports import Catalog, TargetDefaults
 from domain.requests import NAME_PATTERN, invalid_from
 
@@ -78,9 +80,17 @@ class TaskSpec:
     on_success: str | None = None
     on_failure: str | None = None
 
+    @cached_property
+    def params_schema(self) -> dict[str, Any]:
+        """The params as a JSON Schema: what the catalog publishes for other producers."""
+        return schema_of(self.params_model)
+
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Params checked against the signature, returned JSON-ready (what is stored)."""
-        return self.parse(params).model_dump(mode="json")
+        """Params checked against the signature, returned JSON-ready (what is stored).
+
+        They are checked against the JSON Schema first, as a producer without the code checks
+        them (domain/catalog.py), so both accept and refuse the same params."""
+        return self.parse(check_params(self.params_schema, params)).model_dump(mode="json")
 
     def parse(self, params: dict[str, Any]) -> BaseModel:
         try:
@@ -157,6 +167,9 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._tasks)
+
+    def specs(self) -> list[TaskSpec]:
+        return [self._tasks[name] for name in sorted(self._tasks)]
 
     def task(
         self,
@@ -260,25 +273,12 @@ class RegistryCatalog(Catalog):
         spec = self.registry.get(name)
         return spec.defaults, spec.validate(params)
 
-
-class CompositeCatalog(Catalog):
-    """Tries each catalog in turn (tasks, then pipelines); unknown only if all say so."""
-
-    def __init__(self, *catalogs: Catalog) -> None:
-        self.catalogs = catalogs
-
-    def resolve(self, name: str, params: dict[str, Any]) -> tuple[TargetDefaults, dict[str, Any]]:
-        for catalog in self.catalogs:
-            try:
-                return catalog.resolve(name, params)
-            except UnknownTask:
-                continue
-        raise UnknownTask(f"no task or pipeline named {name!r}", name=name)
+    def names(self) -> list[str]:
+        return self.registry.names()
 
 
 __all__ = [
     "REGISTRY",
-    "CompositeCatalog",
     "InvalidInput",
     "Registry",
     "RegistryCatalog",

@@ -19,7 +19,7 @@ from domain import audit, crypto, services
 from domain.auth import Unauthorized, check_name
 from domain.errors import Conflict, InvalidInput, NotFound
 from domain.models_platform import Pipeline, Webhook, WebhookDelivery
-from domain.ports import Catalog, Publisher
+from domain.ports import Catalog, Publisher, require_known
 from domain.repository import dialect_insert
 from domain.requests import build_request
 from domain.unit_of_work import UnitOfWork
@@ -89,14 +89,19 @@ def add_webhook(
     project: str = "default",
     actor: str,
     ip: str | None = None,
+    catalog: Catalog | None = None,
 ) -> tuple[WebhookView, str]:
-    """Create an endpoint; returns it and its signing secret (shown once, stored encrypted)."""
+    """Create an endpoint; returns it and its signing secret (shown once, stored encrypted).
+
+    With a `catalog`, a target it does not know is refused now, not at the first delivery."""
     check_name(name)
     check_name(target, what="target")
     if kind not in KINDS:
         raise InvalidInput(f"kind: expected task or pipeline (got {kind!r})", field="kind")
     secret = "whsec_" + secrets.token_urlsafe(32)
     ciphertext = crypto.encrypt(secret_key, secret)
+    if catalog is not None:
+        require_known(catalog, target)
     with uow:
         if not uow.runs.project_exists(project):
             raise InvalidInput(f"project: no project named {project!r}", field="project")

@@ -16,10 +16,11 @@ import pytest
 from sqlalchemy import Engine, select
 
 from domain import services
+from domain.catalog import CompositeCatalog
 from domain.models import RunMetric, run_logs, run_steps
 from domain.pipeline_store import artifacts_of
 from domain.pipelines import PipelineCatalog, PipelineDirectory
-from domain.registry import CompositeCatalog, Registry, RegistryCatalog
+from domain.registry import Registry, RegistryCatalog
 from domain.requests import build_request
 from domain.unit_of_work import UnitOfWork
 from domain.views import RunView

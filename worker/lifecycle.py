@@ -8,15 +8,18 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import psutil
 import structlog
 from sqlalchemy import Engine
 
-from domain import runstore
+from domain import catalog, runstore
+from domain.catalog import REFRESH_EVERY_S
 from domain.clock import utc_now
 from domain.models import workers
+from domain.registry import TaskSpec
 from domain.repository import dialect_insert
 
 log = structlog.get_logger("conveyor.worker")
@@ -27,11 +30,20 @@ REGISTRY_INTERVAL_S = 5.0
 class Registration:
     """Heartbeats this process into `workers` (hostname, pid, queues, runs in flight)."""
 
-    def __init__(self, engine: Engine, owner: str, queues: list[str], running: Any) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        owner: str,
+        queues: list[str],
+        running: Any,
+        specs: Sequence[TaskSpec] = (),
+    ) -> None:
         self.engine = engine
         self.owner = owner
         self.queues = queues
         self.running = running  # callable: how many runs this process executes now
+        self.specs = list(specs)  # refreshed in the catalog, so producers know they are served
+        self._published_at = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -43,6 +55,11 @@ class Registration:
         while not self._stop.is_set():
             try:
                 self.beat()
+                if time.monotonic() - self._published_at >= REFRESH_EVERY_S:
+                    # Publishing again only writes what is missing or changed, and marks the
+                    # rest as served: a catalog emptied by hand fills up again.
+                    catalog.publish(self.engine, self.specs, owner=self.owner, now=utc_now())
+                    self._published_at = time.monotonic()
             except Exception as exc:  # the registry is informational: never fatal
                 log.warning("worker.registry_failed", reason=str(exc))
             self._stop.wait(REGISTRY_INTERVAL_S)

@@ -11,18 +11,15 @@ import threading
 import structlog
 from sqlalchemy import Engine
 
+from domain import catalog as task_catalog
+from domain.catalog import CompositeCatalog, TaskTableCatalog
 from domain.chains import check_chains
+from domain.clock import utc_now
 from domain.costs import Prices
 from domain.db import create_db_engine
 from domain.gc_pause import freeze_startup_heap
 from domain.pipelines import PipelineCatalog
-from domain.registry import (
-    REGISTRY,
-    CompositeCatalog,
-    Registry,
-    RegistryCatalog,
-    import_task_modules,
-)
+from domain.registry import REGISTRY, Registry, RegistryCatalog, import_task_modules
 from domain.settings import Settings
 from worker import capture
 from worker.context import TaskContext
@@ -51,8 +48,12 @@ class WorkerRuntime:
         capture.install()
         # Syncs the pipelines table and refuses a missing or wrong secret key at start.
         self.pipelines = build_pipeline_runner(settings, self.engine, self.writer)
+        # conveyor.submit resolves names as every producer does: this worker's tasks first, then
+        # those other workers published (a run for another pool), then pipelines.
         self.catalog = CompositeCatalog(
-            RegistryCatalog(registry), PipelineCatalog(self.pipelines.directory, self.engine)
+            RegistryCatalog(registry),
+            TaskTableCatalog(self.engine),
+            PipelineCatalog(self.pipelines.directory, self.engine),
         )
         #: True in a prefork child: a task that ignores a stop can be ended with its process.
         self.killable = False
@@ -64,8 +65,13 @@ class WorkerRuntime:
             on_abandon=self._abandon,
         )
         queues = [q for q in os.environ.get("CONVEYOR_WORKER_QUEUES", "").split(",") if q]
+        task_catalog.publish(self.engine, registry.specs(), owner=self.owner, now=utc_now())
         self.registration = Registration(
-            self.engine, self.owner, queues, running=lambda: self.monitor.running
+            self.engine,
+            self.owner,
+            queues,
+            running=lambda: self.monitor.running,
+            specs=registry.specs(),
         )
         self.registration.start()
         self.executor = Executor(
@@ -107,6 +113,21 @@ class WorkerRuntime:
             self.writer.close()  # raises if the last lines cannot be written; still dispose
         finally:
             self.engine.dispose()
+
+
+def publish_catalog(settings: Settings, registry: Registry = REGISTRY) -> None:
+    """In a worker's main process, before its pool starts: import the task modules and publish
+    them, so producers know the tasks before the first run is delivered (whatever the pool)."""
+    import_task_modules(settings.task_module_list)
+    check_chains(registry)
+    engine = create_db_engine(settings.effective_database_url, null_pool=True)
+    try:
+        owner = f"{socket.gethostname()}:{os.getpid()}"
+        task_catalog.publish(engine, registry.specs(), owner=owner, now=utc_now())
+    except Exception as exc:  # each pool process publishes again when it starts
+        log.warning("catalog.publish_failed", reason=str(exc), next="when a pool process starts")
+    finally:
+        engine.dispose()
 
 
 _lock = threading.Lock()

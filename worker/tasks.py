@@ -7,7 +7,13 @@ from typing import Any
 
 import structlog
 from celery import Celery, Task
-from celery.signals import worker_process_init, worker_process_shutdown, worker_shutting_down
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutting_down,
+)
 
 from domain import services
 from domain.errors import ConveyorError, InvalidInput
@@ -16,7 +22,7 @@ from domain.settings import Settings
 from domain.unit_of_work import UnitOfWork
 from worker.app import EXECUTE, SUBMIT
 from worker.deadletter import dead_letter
-from worker.runtime import close_runtime, get_runtime
+from worker.runtime import close_runtime, get_runtime, publish_catalog
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -76,6 +82,20 @@ def register(app: Celery, settings: Settings) -> None:
             dead_letter(runtime.engine, SUBMIT, self.request, str(exc))
             return "rejected"
         return runtime.executor.execute(run.id).status
+
+    in_process = {"pool": False}
+
+    @worker_init.connect(weak=False)
+    def _publish(sender: Any = None, **_: Any) -> None:
+        publish_catalog(settings)
+        # A thread (or solo) pool runs tasks in this process: no pool process will start the
+        # runtime, so it starts when the worker is ready (heartbeat, catalog refresh).
+        in_process["pool"] = "prefork" not in str(getattr(sender, "pool_cls", "prefork"))
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_: Any) -> None:
+        if in_process["pool"]:
+            get_runtime(settings)
 
     @worker_process_init.connect(weak=False)
     def _init(**_: Any) -> None:

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from conveyor.cli.db import cli_uow
 from conveyor.cli.output import ago, console, print_json
+from conveyor.cli.params import AllowUnknown
 from domain.settings import get_settings
 
 ACTOR = "cli"
@@ -40,6 +41,7 @@ def api(
 
     from api.app import create_api
     from domain.errors import InvalidInput
+    from domain.migrate import wait_for_schema
 
     if no_auth and not _is_loopback(host):
         raise InvalidInput(
@@ -48,6 +50,7 @@ def api(
     settings = get_settings()
     if no_auth:
         console.print("[yellow]authentication is disabled: only local clients are served[/]")
+    wait_for_schema(settings.effective_database_url)  # started beside `conveyor migrate`
     uvicorn.run(
         create_api(settings, auth_disabled=no_auth),
         host=host,
@@ -119,18 +122,17 @@ def webhooks_add(
     target: Annotated[str, typer.Option(help="Task or pipeline each delivery runs.")],
     kind: Annotated[str, typer.Option(help="task or pipeline.")] = "task",
     project: Annotated[str | None, typer.Option(help="Project of the runs.")] = None,
+    allow_unknown: AllowUnknown = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Create a webhook endpoint and print its signing secret once (stored encrypted)."""
-    from conveyor.client import default_catalog
     from domain import webhooks
+    from domain.catalog import producer_catalog
     from domain.crypto import secret_key_from
-    from domain.registry import REGISTRY
 
     settings = get_settings()
-    if kind == "task" and default_catalog(settings) is not None:
-        REGISTRY.get(target)  # a typo fails now, not at the first delivery
     with cli_uow() as uow:
+        catalog = None if allow_unknown else producer_catalog(settings, uow.engine)
         view, secret = webhooks.add_webhook(
             uow,
             name,
@@ -139,6 +141,7 @@ def webhooks_add(
             project=project or settings.default_project,
             secret_key=secret_key_from(settings),
             actor=ACTOR,
+            catalog=catalog,
         )
     if json_out:
         print_json({**view.to_dict(), "secret": secret})

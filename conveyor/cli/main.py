@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from sqlalchemy.exc import DBAPIError
 
 from conveyor.cli import api_cli, notify_cli, pipelines_cli, processes, projects_cli, schedules_cli
 from conveyor.cli import runs as runs_cli
@@ -59,6 +60,19 @@ def client() -> Client:
     return Client(settings(), triggered_by="cli")
 
 
+def explain_db_error(url: str, exc: DBAPIError) -> str:
+    """One line for a database error a command did not expect: what is wrong with the schema
+    or the connection if anything is, else the database's own first line."""
+    from domain.db import describe_db_error
+    from domain.migrate import require_schema
+
+    try:
+        require_schema(url)
+    except ConveyorError as problem:
+        return str(problem)
+    return describe_db_error(url, exc).replace("cannot reach the database", "the database", 1)
+
+
 def main() -> None:
     """Entry point: a user mistake or an unreachable service is one line on stderr, no trace."""
     try:
@@ -67,5 +81,7 @@ def main() -> None:
         app()
     except ConveyorError as exc:
         fail(str(exc), exc.exit_code)
+    except DBAPIError as exc:  # most often: no schema yet (`conveyor migrate`), or a down database
+        fail(explain_db_error(get_settings().effective_database_url, exc), 1)
     except KeyboardInterrupt:
         fail("interrupted", 130)

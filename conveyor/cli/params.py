@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from domain.errors import InvalidInput
+
+AllowUnknown = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unknown",
+        help="Accept a task no worker has published yet (its params are checked when it runs).",
+    ),
+]
 
 
 def parse_params(pairs: list[str], params_json: str | None) -> dict[str, Any]:

@@ -39,9 +39,11 @@ def worker(
         raise InvalidInput(
             f"--pool: expected prefork, threads or solo (got {pool!r})", field="pool"
         )
+    from domain.migrate import wait_for_schema
     from worker.app import create_app
 
     settings = get_settings()
+    wait_for_schema(settings.effective_database_url)  # started beside `conveyor migrate`
     argv = ["worker", "-P", pool, "-l", loglevel, "-E"]
     consumed = worker_queues(settings, queues)
     argv += ["-Q", consumed]
@@ -63,16 +65,20 @@ def worker_queues(settings: Settings, requested: str | None) -> str:
 def scheduler() -> None:
     """Run the scheduler: relay (re-publishes undelivered runs) and reaper (recovers runs whose
     worker died). Start one per deployment or more as standbys: only the leader sweeps."""
-    from conveyor.client import default_catalog
+    from domain.catalog import permissive, producer_catalog
     from domain.db import create_db_engine
+    from domain.migrate import wait_for_schema
     from domain.registry import REGISTRY
     from scheduler.service import SchedulerService
     from worker.app import create_app
     from worker.publisher import CeleryPublisher
 
     settings = get_settings()
-    catalog = default_catalog(settings)  # imports CONVEYOR_TASK_MODULES
+    wait_for_schema(settings.effective_database_url)  # started beside `conveyor migrate`
     engine = create_db_engine(settings.effective_database_url, pool_size=4, pre_ping=False)
+    # Schedules were checked when they were added: a fire gets the task's defaults from the
+    # catalog, and one for a task no worker published yet still fires (checked at its claim).
+    catalog = permissive(producer_catalog(settings, engine))  # imports CONVEYOR_TASK_MODULES
     service = SchedulerService(
         settings,
         engine,

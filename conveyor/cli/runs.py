@@ -10,12 +10,14 @@ import typer
 from conveyor.cli.output import (
     console,
     duration,
+    err_console,
     key_values,
     print_json,
     runs_table,
     status_text,
 )
-from conveyor.cli.params import parse_params
+from conveyor.cli.params import AllowUnknown, parse_params
+from domain.errors import WaitTimeout
 from domain.states import TERMINAL, Status
 from domain.views import LogLine, RunView
 
@@ -62,6 +64,7 @@ def enqueue(
         bool, typer.Option(help="Wait until the run ends; exit 1 unless it succeeded.")
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 60.0,
+    allow_unknown: AllowUnknown = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Create a run of a task or pipeline."""
@@ -76,9 +79,18 @@ def enqueue(
             queue=queue,
             project=project,
             max_attempts=max_attempts,
+            allow_unknown=allow_unknown,
         )
+        for warning in c.warnings(run):
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         if wait:
-            run = c.wait(run.id, timeout=timeout)
+            try:
+                run = c.wait(run.id, timeout=timeout)
+            except WaitTimeout as exc:
+                current = c.get(run.id)
+                if current.status == Status.PENDING:
+                    raise WaitTimeout(f"{exc}: {c.pending_reason(current)}") from None
+                raise
             _show(run, c.logs(run.id), json_out)
             raise typer.Exit(0 if run.status == Status.SUCCEEDED else 1)
     if json_out:

@@ -9,7 +9,7 @@ import typer
 
 from conveyor.cli.db import cli_engine
 from conveyor.cli.output import console, key_values, print_json
-from conveyor.cli.params import parse_params
+from conveyor.cli.params import AllowUnknown, parse_params
 from domain import schedules as sched
 from domain.clock import utc_now
 from domain.errors import InvalidInput
@@ -64,10 +64,11 @@ def add(
     end: Annotated[datetime | None, typer.Option(help="Not after (ISO 8601).")] = None,
     project: Annotated[str, typer.Option(help="Project of the runs.")] = "default",
     queue: Annotated[str | None, typer.Option(help="Queue (default: the target's).")] = None,
+    allow_unknown: AllowUnknown = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Add a schedule. It takes effect within about a second, without a restart."""
-    from conveyor.client import default_catalog
+    from domain.catalog import permissive, producer_catalog
 
     kind, expression = _trigger(cron, every, at)
     policy, limit = sched.parse_misfire(misfire)
@@ -89,8 +90,13 @@ def add(
     )
     slots = _slots(kind, expression, tz, spec.start_at, spec.end_at)
     with cli_engine() as engine:
+        catalog = producer_catalog(get_settings(), engine)
         view = sched.add_schedule(
-            engine, spec, slots, now=utc_now(), catalog=default_catalog(get_settings())
+            engine,
+            spec,
+            slots,
+            now=utc_now(),
+            catalog=permissive(catalog) if allow_unknown else catalog,
         )
     _print(view, json_out)
 

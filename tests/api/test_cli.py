@@ -53,7 +53,16 @@ def test_tokens_create_list_revoke(db_url: str, tmp_path: Path) -> None:
 
 
 def test_webhooks_add_list_rm(db_url: str, tmp_path: Path) -> None:
-    added = conveyor("webhooks", "add", "gh", "--target", "build", db=db_url, cwd=tmp_path, env=ENV)
+    # No worker has published a task named build: refused, unless the caller says it is coming.
+    unknown = conveyor(
+        "webhooks", "add", "gh", "--target", "build", db=db_url, cwd=tmp_path, env=ENV
+    )
+    assert unknown.returncode == 2
+    assert unknown.stderr.startswith("error: no task or pipeline named 'build'")
+    added = conveyor(
+        "webhooks", "add", "gh", "--target", "build", "--allow-unknown",
+        db=db_url, cwd=tmp_path, env=ENV,
+    )  # fmt: skip
     out = ok(added)
     assert "POST /hooks/gh" in out and "whsec_" in out
     secret = next(word for word in out.split() if word.startswith("whsec_"))

@@ -23,9 +23,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, func, select
 
-from domain import webhooks
+from domain import catalog, webhooks
+from domain.clock import utc_now
 from domain.db import create_db_engine
 from domain.models import runs
+from domain.registry import Registry
 from tests.api.conftest import SECRET_KEY, add_logs, set_status
 from tests.api.test_webhooks import signed_headers
 from tests.e2e.stack import ROOT
@@ -89,6 +91,7 @@ def live(pg_url: str, tmp_path: Path) -> Iterator[LiveApi]:
     )
     port = free_port()
     engine = create_db_engine(pg_url)
+    publish_tasks(engine)
     api = LiveApi(f"http://127.0.0.1:{port}", engine, env, tmp_path, "", "")
     api.admin = json.loads(api.cli("tokens", "create", "ops", "--role", "admin", "--json"))["token"]
     api.writer = json.loads(api.cli("tokens", "create", "ci", "--role", "write", "--json"))["token"]
@@ -114,6 +117,20 @@ def live(pg_url: str, tmp_path: Path) -> Iterator[LiveApi]:
     assert code in (0, -signal.SIGTERM), output[-3000:]
     assert "Application shutdown complete" in output
     assert "Traceback" not in output, output[-3000:]
+
+
+def publish_tasks(engine: Engine) -> None:
+    """What a worker with these tasks publishes when it starts: the API (which imports no task
+    code) checks runs and webhook targets against it."""
+    registry = Registry()
+
+    @registry.task(name="report")
+    def report(ctx: object) -> None: ...
+
+    @registry.task(name="build")
+    def build(ctx: object, ref: str) -> None: ...
+
+    catalog.publish(engine, registry.specs(), owner="test-worker", now=utc_now())
 
 
 def _healthy(url: str, proc: subprocess.Popen[bytes]) -> bool:

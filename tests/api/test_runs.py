@@ -239,3 +239,43 @@ def test_health_and_readiness(api: ApiClient) -> None:
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert api.get("/openapi.json").json()["info"]["title"] == "conveyor"
     assert api.get("/docs").status_code == 200
+
+
+def test_create_resolves_through_the_catalog_and_warns_when_nothing_will_run_it(
+    db_url: str,
+) -> None:
+    """The API imports no task code: a task a worker published is checked and completed from
+    the catalog; an unpublished one is refused unless allow_unknown; warnings say why a run
+    may wait."""
+    from domain import catalog
+    from domain.catalog import CompositeCatalog, TaskTableCatalog
+    from domain.clock import utc_now
+
+    registry = Registry()
+
+    @registry.task(name="send_report", max_attempts=4, queue="reports")
+    def send_report(ctx: object, customer_id: int) -> None: ...
+
+    with running_api(db_url, catalog=None) as api:
+        engine = api.state.engine
+        catalog.publish(engine, registry.specs(), owner="w:1", now=utc_now())
+        api.state.catalog = CompositeCatalog(TaskTableCatalog(engine))
+        made = api.as_role(
+            "write", "POST", "/api/v1/runs",
+            json={"name": "send_report", "params": {"customer_id": 1}},
+        )  # fmt: skip
+        assert made.status_code == 201, made.text
+        body = made.json()
+        assert (body["max_attempts"], body["queue"]) == (4, "reports")
+        assert body["warnings"] == [
+            "no live worker consumes queue 'reports': the run waits until one does "
+            "(conveyor worker -Q reports)"
+        ]
+        typo = api.as_role("write", "POST", "/api/v1/runs", json={"name": "send_reprot"})
+        assert typo.status_code == 422
+        assert "did you mean 'send_report'?" in error_of(typo)["message"]
+        later = api.as_role(
+            "write", "POST", "/api/v1/runs", json={"name": "deploy_later", "allow_unknown": True}
+        )
+        assert later.status_code == 201
+        assert later.json()["warnings"][0].startswith("no worker has published task")

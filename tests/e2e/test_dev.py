@@ -61,6 +61,29 @@ def test_dev_runs_work_enqueued_from_another_process(tmp_path: Path) -> None:
         assert run["status"] == "succeeded"
         assert run["result"] == {"greeting": "Hello, world!"}
         assert [line["message"] for line in run["logs"]] == ["greeting", "Hello, world!"]
+
+        # This CLI imports no task code (CONVEYOR_TASK_MODULES is unset here): it checks names
+        # and params against what the dev worker published, and applies the task's settings.
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "conveyor", *args],
+                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+
+        for args, message in [
+            (("helo",), "error: no task or pipeline named 'helo'; did you mean 'hello'?"),
+            (("hello", "-p", "name=7"), 'error: params.name: 7 is not of type "string"'),
+            (("summarize",), "error: params.text: missing (required)"),
+            (("flaky", "-p", "fail_times=1", "-p", "x=1"), "error: params.x: unknown field"),
+        ]:
+            refused = cli("enqueue", *args)
+            assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
+            assert refused.stderr.startswith(message), (args, refused.stderr)
+            assert refused.stderr.count("\n") == 1  # one line, no traceback
+        flaky = cli("enqueue", "flaky", "--wait", "--json", "--timeout", "30")
+        assert flaky.returncode == 0, flaky.stderr
+        assert json.loads(flaky.stdout)["result"] == {"succeeded_on_attempt": 3}  # max_attempts=3
+
         # the status API is served on localhost without a token in dev mode
         import httpx
 

@@ -6,6 +6,8 @@ import ast
 import base64
 import json
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -206,6 +208,39 @@ def test_unpicklable_exception_and_non_json_result(client: Client) -> None:
     b = client.wait(client.enqueue("returns_object").id, timeout=30)
     assert (b.status, b.error_type) == ("failed", "ResultNotSerializable")
     assert client.wait(client.enqueue("noop").id, timeout=30).status == "succeeded"
+
+
+def test_producers_without_the_task_code_check_and_complete_runs_from_the_catalog(
+    stack: Stack, client: Client
+) -> None:
+    """A worker publishes its tasks when it starts; the CLI, with no CONVEYOR_TASK_MODULES,
+    refuses a misspelled name or wrong params and gives a run the task's max_attempts."""
+    from domain import catalog
+
+    worker = stack.worker("catalogq", name="catalogw", concurrency=1)
+    try:
+        eventually(lambda: "always_fails" in catalog.load(client.engine), timeout=60)
+        env = {k: v for k, v in stack.env.items() if k != "CONVEYOR_TASK_MODULES"}
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "conveyor", *args],
+                env=env, capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+
+        typo = cli("enqueue", "nooop")
+        assert typo.returncode == 2
+        assert typo.stderr.startswith("error: no task or pipeline named 'nooop'; did you mean")
+        wrong = cli("enqueue", "noop", "-p", 'i="x"')
+        assert (wrong.returncode, wrong.stderr) == (
+            2, 'error: params.i: "x" is not of type "integer"\n'
+        )  # fmt: skip
+        done = cli("enqueue", "always_fails", "--queue", "catalogq", "--wait", "--json")
+        assert done.returncode == 1, done.stderr  # it failed, as it always does
+        run = json.loads(done.stdout)
+        assert (run["status"], run["attempt"], run["max_attempts"]) == ("failed", 3, 3)
+    finally:
+        stack.kill(worker, signal.SIGTERM)
 
 
 def test_plain_celery_client_submits(stack: Stack, client: Client) -> None:

@@ -26,7 +26,7 @@ def test_success_records_result_logs_steps_and_metrics(h: Harness) -> None:
         ctx.metric("rows", 120, table="orders")
         return {"rows": 120, "customer": customer_id}
 
-    run_id = h.enqueue("report", params={"customer_id": "7"})
+    run_id = h.enqueue("report", params={"customer_id": 7})
     assert h.get(run_id).params == {"customer_id": 7}  # validated at enqueue
     assert h.run(run_id) == "succeeded"
     run = h.get(run_id)

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import Engine
 
 from domain import services
+from domain.catalog import CompositeCatalog
 from domain.errors import Conflict, InvalidInput, UnknownTask
 from domain.pipeline_store import list_rows, record_outcome, sync
 from domain.pipelines import (
@@ -20,7 +21,7 @@ from domain.pipelines import (
     discover,
     pipeline_settings,
 )
-from domain.registry import CompositeCatalog, Registry, RegistryCatalog
+from domain.registry import Registry, RegistryCatalog
 from domain.requests import build_request
 from domain.unit_of_work import UnitOfWork
 from tests.pipeline_support import copy_fixtures, make_pipeline
