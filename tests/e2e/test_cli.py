@@ -48,6 +48,7 @@ def test_enqueue_list_show_cancel_retry(db_url: str, tmp_path: Path) -> None:
                 "mail",
                 "--idempotency-key",
                 "r-7",
+                "--allow-unknown",  # no worker has published send_report: these are CLI tests
                 "--json",
                 db=db_url,
                 cwd=tmp_path,
@@ -71,6 +72,7 @@ def test_enqueue_list_show_cancel_retry(db_url: str, tmp_path: Path) -> None:
                 "mail",
                 "--idempotency-key",
                 "r-7",
+                "--allow-unknown",  # no worker has published send_report: these are CLI tests
                 "--json",
                 db=db_url,
                 cwd=tmp_path,
@@ -113,7 +115,12 @@ def test_enqueue_list_show_cancel_retry(db_url: str, tmp_path: Path) -> None:
             2,
             "idempotency_key: String should have at most 255",
         ),
-        (["enqueue", "t", "--project", "ghost"], 2, "project: no project named 'ghost'"),
+        (
+            ["enqueue", "t", "--project", "ghost", "--allow-unknown"],
+            2,
+            "project: no project named 'ghost'",
+        ),
+        (["enqueue", "t"], 2, "no task or pipeline named 't'"),
         (["enqueue", "bad name"], 2, "name: "),
         (["runs", "show", "not-a-uuid"], 2, "run id: 'not-a-uuid' is not a UUID"),
         (["runs", "show", "01a20c12-f145-7bba-b4a0-208529ff9a2f"], 1, "no run with id"),
