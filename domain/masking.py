@@ -106,10 +106,13 @@ class Masker:
         text = self(text)
         keep = len(text)
         for form in self._forms:
-            for size in range(min(len(form) - 1, len(text)), 0, -1):
-                if text.endswith(form[:size]):
-                    keep = min(keep, len(text) - size)
+            # Only where the form's first character stands in the last len(form)-1 characters.
+            start = text.find(form[0], max(0, len(text) - len(form) + 1))
+            while start != -1 and start < keep:
+                if form.startswith(text[start:]):
+                    keep = start
                     break
+                start = text.find(form[0], start + 1)
         return text if keep == len(text) else text[:keep] + MASK
 
     def data(self, value: Any) -> Any:

@@ -63,7 +63,11 @@ def test_decoded_json_is_masked_after_parsing(secret: str) -> None:
     masker = Masker([secret])
     escaped = "".join(f"\\u{ord(c):04x}" if ord(c) < 0x10000 else c for c in secret)
     line = '{"event": "log", "message": "%s", "fields": {"%s": ["%s"]}}' % ((escaped,) * 3)
-    payload = masker.data(json.loads(masker(line)))
+    masked = masker(line)
+    try:
+        payload = masker.data(json.loads(masked))
+    except ValueError:  # a mask inside an escape: the runner stores the line as it is
+        payload = masked
 
     def strings(value: object) -> list[str]:
         if isinstance(value, dict):
@@ -104,4 +108,11 @@ def test_a_value_cut_short_leaves_no_start_behind(
         starts = [form[:j] for j in range(1, size + 1) if form[:j].strip("*")]
         assert [start for start in starts if cut.endswith(start)] == [], (form[:size], cut)
         assert found_in(cut, [secret]) == []
-    assert masker.cut_short("nothing secret here") == "nothing secret here"
+
+
+def test_cut_short_masks_only_a_start_left_at_the_end() -> None:
+    masker = Masker(["abcd-1234"])
+    assert masker.cut_short("xyz") == "xyz"
+    assert masker.cut_short("abc xyz") == "abc xyz"  # a start of it, but not at the end
+    assert masker.cut_short("key=abcd-12") == f"key={MASK}"
+    assert masker.cut_short("key=abcd-1234 and ab") == f"key={MASK} and {MASK}"
