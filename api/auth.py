@@ -1,7 +1,9 @@
-"""Bearer-token authentication with roles, and a brake on repeated failures per address."""
+"""Bearer-token authentication with roles, and a brake on repeated failures per address and per
+token prefix that never holds back a token that authenticates."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import time
@@ -23,12 +25,24 @@ log = structlog.get_logger("conveyor.api.auth")
 
 DEV_PRINCIPAL = Principal(name="dev", role="admin")
 MAX_TRACKED = 10_000
+#: "cvy_" and 8 random characters: variations of one token share it, different tokens do not.
+PREFIX_CHARS = 12
 
 
 class FailedAuthLimiter:
-    """Per client address: after `slow_after` failures within `window_s` each further failure
-    is answered after a growing delay; at `block_after` the address is refused for `block_s`.
-    In memory and per process: enough to make guessing slow, not a cluster-wide ban."""
+    """Failed authentications, counted per client address and per token prefix (the first
+    PREFIX_CHARS characters presented, so guesses at one token from many addresses add up too).
+
+    After `slow_after` failures of one address or prefix within `window_s`, each further failure
+    is answered after a growing delay; at `block_after` that address or prefix is blocked for
+    `block_s`: its failures are answered 429 after the longest delay. Only failures meet the
+    brake: every request is authenticated first, and a token that authenticates is served at
+    once however many failures its address or prefix has, and leaves their count alone (a
+    caller holding one valid token cannot use it to reset its guesses at another). Addresses are
+    the connecting ones, or X-Forwarded-For from CONVEYOR_TRUSTED_PROXIES only (`conveyor api`
+    configures uvicorn so). In memory and per process: enough to make guessing slow and loud,
+    not a cluster-wide ban.
+    """
 
     def __init__(self, options: ApiOptions, clock: Callable[[], float] = time.monotonic) -> None:
         self.slow_after = options.auth_slow_after
@@ -40,51 +54,70 @@ class FailedAuthLimiter:
         self._failures: dict[str, deque[float]] = {}
         self._blocked_until: dict[str, float] = {}
 
-    def check(self, ip: str) -> None:
-        """RateLimited while `ip` is blocked."""
-        until = self._blocked_until.get(ip)
-        if until is None:
-            return
-        remaining = until - self.clock()
-        if remaining > 0:
-            raise RateLimited(
-                "too many failed authentication attempts from this address; "
+    @staticmethod
+    def sources(ip: str, token: str | None) -> dict[str, str]:
+        """The counters a failure with `token` from `ip` adds to, by kind. A prefix is kept only
+        as a short hash: it may be the start of a real token."""
+        found = {"address": ip}
+        if token:
+            prefix = token[:PREFIX_CHARS].encode("utf-8", "surrogatepass")
+            found["token"] = hashlib.sha256(prefix).hexdigest()[:16]
+        return found
+
+    def blocked(self, ip: str, token: str | None) -> RateLimited | None:
+        """The 429 for a failure from `ip` with `token` while either of them is blocked."""
+        now = self.clock()
+        for kind, key in self.sources(ip, token).items():
+            until = self._blocked_until.get(f"{kind} {key}")
+            if until is None:
+                continue
+            remaining = until - now
+            if remaining <= 0:
+                del self._blocked_until[f"{kind} {key}"]
+                continue
+            whose = "from this address" if kind == "address" else "with this token"
+            return RateLimited(
+                f"too many failed authentication attempts {whose}; "
                 f"try again in {math.ceil(remaining)}s",
                 retry_after_s=math.ceil(remaining),
             )
-        del self._blocked_until[ip]
+        return None
 
-    def failed(self, ip: str) -> float:
-        """Count a failure; returns how long to delay the answer."""
+    def failed(self, ip: str, token: str | None) -> float:
+        """Count a failure; returns how long to delay its answer."""
         now = self.clock()
         if len(self._failures) >= MAX_TRACKED:
             self._forget_old(now)
-        failures = self._failures.setdefault(ip, deque())
-        failures.append(now)
-        while failures and failures[0] < now - self.window_s:
-            failures.popleft()
-        count = len(failures)
-        if count >= self.block_after:
-            self._blocked_until[ip] = now + self.block_s
-            del self._failures[ip]
-            log.warning("auth.blocked", ip=ip, failures=count, block_s=self.block_s)
+        sources = self.sources(ip, token)
+        counts: dict[str, int] = {}
+        for kind, key in sources.items():
+            failures = self._failures.setdefault(f"{kind} {key}", deque())
+            failures.append(now)
+            while failures and failures[0] < now - self.window_s:
+                failures.popleft()
+            counts[kind] = len(failures)
+            if len(failures) >= self.block_after:
+                self._blocked_until[f"{kind} {key}"] = now + self.block_s
+                del self._failures[f"{kind} {key}"]
+        fields = {"ip": ip, "token_prefix_hash": sources.get("token"), "failures": counts}
+        worst = max(counts.values())
+        if worst >= self.block_after:
+            by = [kind for kind, count in counts.items() if count >= self.block_after]
+            log.warning("auth.blocked", blocked=by, block_s=self.block_s, **fields)
             return 0.0
-        if count > self.slow_after:
-            delay = min(self.max_delay_s, 0.05 * 2.0 ** (count - self.slow_after))
-            log.warning("auth.slowed", ip=ip, failures=count, delay_s=delay)
+        if worst > self.slow_after:
+            delay = min(self.max_delay_s, 0.05 * 2.0 ** (worst - self.slow_after))
+            log.warning("auth.slowed", delay_s=delay, **fields)
             return delay
-        log.info("auth.failed", ip=ip, failures=count)
+        log.info("auth.failed", **fields)
         return 0.0
-
-    def succeeded(self, ip: str) -> None:
-        self._failures.pop(ip, None)
 
     def _forget_old(self, now: float) -> None:
         # Bounded memory under a spray of addresses: drop those with no recent failure.
-        for ip in [ip for ip, f in self._failures.items() if not f or f[-1] < now - self.window_s]:
-            del self._failures[ip]
-        for ip in [ip for ip, until in self._blocked_until.items() if until <= now]:
-            del self._blocked_until[ip]
+        for key in [k for k, f in self._failures.items() if not f or f[-1] < now - self.window_s]:
+            del self._failures[key]
+        for key in [k for k, until in self._blocked_until.items() if until <= now]:
+            del self._blocked_until[key]
 
 
 class TokenCache:
@@ -149,14 +182,11 @@ async def principal(request: Request) -> Principal:
         if not is_loopback(ip):
             raise auth.Forbidden("authentication is disabled (dev mode): only local clients")
         return DEV_PRINCIPAL
-    limiter: FailedAuthLimiter = request.app.state.limiter
-    limiter.check(ip)
     token = bearer_token(request)
     cache: TokenCache = request.app.state.tokens
     digest = auth.hash_token(token) if token is not None else ""
     cached = cache.get(digest)
     if cached is not None:
-        limiter.succeeded(ip)
         return cached
     try:
         if token is None:
@@ -165,11 +195,15 @@ async def principal(request: Request) -> Principal:
             auth.authenticate, state.uow(), token, touch_every_s=state.options.token_touch_s
         )
     except Unauthorized:
-        delay = limiter.failed(ip)
+        # Only now the brake: a blocked address or prefix still gets its valid tokens served.
+        limiter: FailedAuthLimiter = request.app.state.limiter
+        refusal = limiter.blocked(ip, token)
+        delay = limiter.max_delay_s if refusal else limiter.failed(ip, token)
         if delay:
             await anyio.sleep(delay)
+        if refusal is not None:
+            raise refusal from None
         raise
-    limiter.succeeded(ip)
     cache.put(digest, found)
     return found
 

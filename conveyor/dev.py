@@ -45,6 +45,7 @@ def _start_api(settings: Settings, app: Any, port: int) -> threading.Thread | No
             host="127.0.0.1",
             port=port,
             log_level="warning",
+            proxy_headers=False,  # no proxy in dev: a header must not choose the client address
         )
     )
     thread = threading.Thread(target=server.run, name="conveyor-api", daemon=True)

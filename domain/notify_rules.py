@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from fnmatch import fnmatchcase
@@ -15,6 +14,7 @@ from sqlalchemy import Table, select
 from domain import audit
 from domain.errors import InvalidInput, NotFound
 from domain.models_platform import NotificationRule
+from domain.outbound_urls import undeliverable
 from domain.states import Status
 from domain.unit_of_work import UnitOfWork
 from domain.views import _jsonable
@@ -33,8 +33,6 @@ ENDINGS: tuple[str, ...] = tuple(
     )
 )
 FORMATS = ("json", "slack")
-MAX_URL = 2000
-_URL = re.compile(r"^https?://[^\s/?#]+\S*$")
 
 
 class RuleNotFound(NotFound):
@@ -42,12 +40,10 @@ class RuleNotFound(NotFound):
 
 
 def check_url(url: str, *, field: str = "url") -> str:
-    """An absolute http(s) URL without whitespace, at most 2000 characters."""
-    if len(url) > MAX_URL or not _URL.match(url):
-        raise InvalidInput(
-            f"{field}: expected an absolute http:// or https:// URL (got {shown_url(url)!r})",
-            field=field,
-        )
+    """An absolute http(s) URL a POST can be sent to (domain.outbound_urls.undeliverable)."""
+    problem = undeliverable(url)
+    if problem:
+        raise InvalidInput(f"{field}: {problem} (got {shown_url(url)!r})", field=field)
     return url
 
 

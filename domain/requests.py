@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from domain.errors import InvalidInput
+from domain.outbound_urls import undeliverable
 from domain.states import TRIGGERS
 
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]*$"
@@ -69,7 +70,7 @@ class EnqueueRequest(BaseModel):
     triggered_by: str = "client"
     trigger_ref: str | None = Field(None, max_length=255)
     parent_run_id: uuid.UUID | None = None
-    callback_url: str | None = Field(None, max_length=2000, pattern=r"^https?://\S+$")
+    callback_url: str | None = None
 
     @field_validator("params", mode="before")
     @classmethod
@@ -84,6 +85,14 @@ class EnqueueRequest(BaseModel):
             raise ValueError(f"must be JSON-serialisable: {exc}") from None
         if len(encoded) > MAX_PARAMS_BYTES:
             raise ValueError(f"is {len(encoded)} bytes encoded; the limit is {MAX_PARAMS_BYTES}")
+        return value
+
+    @field_validator("callback_url")
+    @classmethod
+    def _deliverable(cls, value: str | None) -> str | None:
+        problem = None if value is None else undeliverable(value)
+        if problem:
+            raise ValueError(f"{problem}; callbacks are POSTed to it when the run ends")
         return value
 
     @field_validator("not_before")

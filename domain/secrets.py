@@ -1,15 +1,16 @@
 """Stored secrets: Fernet-encrypted at rest (MultiFernet, so keys rotate), masked in output.
 
 A secret's value is only ever decrypted to be injected into a pipeline that names it; wherever
-a value could be shown (run logs, env listings, errors, CLI, API) `mask()` puts `***` in its
-place. Secrets marked `is_parameter` are plain settings (Fast-Flow's "parameters"): still
-encrypted at rest, but not masked, since they are meant to be visible.
+a value could be shown (run logs, env listings, errors, CLI, API) `domain.masking.Masker` puts
+`***` in its place, in whatever form it was printed. Secrets marked `is_parameter` are plain
+settings (Fast-Flow's "parameters"): still encrypted at rest, but not masked, since they are
+meant to be visible.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -20,14 +21,12 @@ from sqlalchemy import Engine, Table, delete, func, select, update
 from domain.clock import Clock, utc_now
 from domain.crypto import fernet_for
 from domain.errors import ConfigurationError, InvalidInput, NotFound
+from domain.masking import MASK, MIN_SECRET_CHARS
 from domain.models_platform import Secret
 from domain.pipeline_config import ENV_NAME
 
 secrets_table = cast(Table, Secret.__table__)
 
-MASK = "***"
-#: Shorter values would turn every occurrence of a common string into *** (and so reveal it).
-MIN_SECRET_CHARS = 4
 MAX_VALUE_BYTES = 64 * 1024
 
 
@@ -211,33 +210,3 @@ class SecretStore:
             "encrypted it); while rotating keep the old key after the new one, comma-separated",
             field="secret_key",
         )
-
-
-class Masker:
-    """Replaces every occurrence of the given values with `***`, longest first."""
-
-    def __init__(self, values: Iterable[str]) -> None:
-        pieces: set[str] = set()
-        for value in values:
-            if len(value) >= MIN_SECRET_CHARS:
-                pieces.add(value)
-            # A multi-line secret printed line by line is masked line by line too.
-            pieces.update(p for p in value.splitlines() if len(p.strip()) >= MIN_SECRET_CHARS)
-        ordered = sorted(pieces, key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
-
-    def __bool__(self) -> bool:
-        return self._pattern is not None
-
-    def __call__(self, text: str) -> str:
-        if self._pattern is None:
-            return text
-        return self._pattern.sub(MASK, text)
-
-    def mask_mapping(self, values: Mapping[str, str]) -> dict[str, str]:
-        return {k: self(v) for k, v in values.items()}
-
-
-def mask(text: str, secret_values: Iterable[str]) -> str:
-    """`text` with every secret value in it replaced by `***`."""
-    return Masker(secret_values)(text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -154,6 +155,12 @@ class Settings(BaseSettings):
     outbound_backoff_max_s: float = Field(
         300.0, gt=0, description="The longest delay between two attempts."
     )
+    trusted_proxies: str = Field(
+        "",
+        description="Reverse proxies in front of `conveyor api` (addresses or networks, "
+        "comma-separated): X-Forwarded-For is believed only from them. Empty: the connecting "
+        "address is the client's, whatever headers it sends.",
+    )
     retention_days: float = Field(
         30.0, gt=0, description="Finished runs older than this are deleted with their records."
     )
@@ -189,6 +196,16 @@ class Settings(BaseSettings):
     def _normalize(cls, value: str) -> str:
         return normalize_database_url(value) if value else ""
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        return ",".join(_proxy(entry.strip()) for entry in value.split(",") if entry.strip())
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        """CONVEYOR_TRUSTED_PROXIES, each entry an IP address or a network in CIDR form."""
+        return [entry for entry in self.trusted_proxies.split(",") if entry]
+
     @property
     def effective_database_url(self) -> str:
         """The configured database, or the SQLite file under `home` by default."""
@@ -203,6 +220,21 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.effective_database_url.startswith("sqlite")
+
+
+def _proxy(entry: str) -> str:
+    """One trusted proxy, written as uvicorn matches it (it would ignore a host or a network
+    with host bits set, without a word)."""
+    try:
+        if "/" in entry:
+            return str(ipaddress.ip_network(entry, strict=False))
+        return str(ipaddress.ip_address(entry))
+    except ValueError:
+        raise ConfigurationError(
+            f"CONVEYOR_TRUSTED_PROXIES: {entry!r} is not an IP address or network "
+            "(expected e.g. 10.0.0.5,10.1.0.0/16)",
+            field="trusted_proxies",
+        ) from None
 
 
 def load_settings(**overrides: object) -> Settings:

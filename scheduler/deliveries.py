@@ -24,6 +24,7 @@ from domain.clock import Clock, utc_now
 from domain.crypto import secret_key_from
 from domain.notify_rules import list_rules, shown_url
 from domain.outbound_messages import MAX_ERROR
+from domain.outbound_urls import is_public, undeliverable
 from domain.settings import Settings
 from domain.unit_of_work import UnitOfWork
 from domain.webhooks import signature
@@ -46,22 +47,22 @@ class PassReport:
 def non_public_address(url: str) -> str | None:
     """Why `url` must not be posted to (its host resolves to a non-public address), or None.
 
-    Checked before each attempt. A name that does not resolve now is left to the POST, which
-    fails and is retried like any other network error. (A DNS answer that changes between this
-    check and the connection is not caught; receivers on internal networks should not rely on
-    this alone.)
+    Checked before each attempt, on the name httpx connects to, after `undeliverable` has
+    refused the IPv4 spellings resolvers read differently. A name that does not resolve now is
+    left to the POST, which fails and is retried like any other network error. (A DNS answer
+    that changes between this check and the connection is not caught; receivers on internal
+    networks should not rely on this alone.)
     """
-    host = httpx.URL(url).host
+    parsed = httpx.URL(url)
     try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        infos = socket.getaddrinfo(parsed.raw_host.decode(), None, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError):
         return None
     for info in infos:
         address = ipaddress.ip_address(info[4][0])
-        mapped = getattr(address, "ipv4_mapped", None)
-        if not (mapped or address).is_global:
+        if not is_public(address):
             return (
-                f"refused: {host} resolves to {address}, which is not a public address "
+                f"refused: {parsed.host} resolves to {address}, which is not a public address "
                 "(set CONVEYOR_OUTBOUND_ALLOW_PRIVATE=true to allow internal receivers)"
             )
     return None
@@ -152,12 +153,20 @@ class OutboundSweeper:
             return list(pool.map(lambda item: self._send(client, item), items))
 
     def _send(self, client: httpx.Client, item: outbound.Outgoing) -> outbound.Result:
+        """One POST's outcome; never raises, so one bad row cannot stop the others' pass."""
         if item.problem is not None:
             return outbound.Result(error=item.problem)
-        if not self.allow_private:
-            refused = non_public_address(item.due.url)
-            if refused is not None:
-                return outbound.Result(error=refused, permanent=True)
+        try:
+            # Rows queued before a URL check existed, or written around it, meet it here.
+            problem = undeliverable(item.due.url)
+            if problem is not None:
+                return outbound.Result(error=f"refused: {problem}", permanent=True)
+            if not self.allow_private:
+                refused = non_public_address(item.due.url)
+                if refused is not None:
+                    return outbound.Result(error=refused, permanent=True)
+        except Exception as exc:  # retried like a network error, given up at the deadline
+            return outbound.Result(error=f"{type(exc).__name__}: {exc}"[:MAX_ERROR])
         timestamp = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",

@@ -15,8 +15,10 @@ from sqlalchemy import Engine, update
 from domain import costs, runstore
 from domain.clock import Clock, utc_now
 from domain.errors import BudgetExceeded, RunCancelled, RunStopped, RunTimedOut
+from domain.masking import NO_SECRETS, Masker
 from domain.models import run_steps
 from domain.runstore import Claim
+from worker.masked_sink import MaskedSink
 
 STOP_ERRORS: dict[str, type[RunStopped]] = {
     "cancelled": RunCancelled,
@@ -102,6 +104,7 @@ class TaskContext:
         #: Open ctx.reserve() blocks, innermost last: costs inside one are recorded at once
         #: (never buffered) and settle it.
         self._reservations: list[int] = []
+        self._masker = NO_SECRETS
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -119,6 +122,20 @@ class TaskContext:
     @property
     def project(self) -> str:
         return self._claim.project
+
+    # -- secrets ----------------------------------------------------------------------------
+    def mask_secrets(self, masker: Masker) -> LineSink:
+        """From now on mask `masker`'s values in everything the run records (lines, metrics,
+        steps, costs; the executor masks its result and error); returns the masked sink for
+        code that writes lines without going through the context."""
+        self._masker = masker
+        self._sink = MaskedSink(self._sink, masker)
+        return self._sink
+
+    @property
+    def masker(self) -> Masker:
+        """What the run masks: no secrets unless `mask_secrets` was called."""
+        return self._masker
 
     # -- records ----------------------------------------------------------------------------
     def log(self, message: str, *, level: str = "info", **fields: Any) -> None:
@@ -141,7 +158,7 @@ class TaskContext:
         """Record steps ahead as `planned`, so watchers see the road; `step(name)` later moves
         the planned row through running to completed or failed."""
         rows = []
-        for name in names:
+        for name in map(self._masker, names):
             seq = self._take_seq()
             self._planned[name] = seq
             rows.append(
@@ -161,6 +178,7 @@ class TaskContext:
     @contextmanager
     def step(self, name: str, step_type: str = "step") -> Iterator[None]:
         """A visible step: running while the block runs, then completed or failed (with why)."""
+        name = self._masker(name)
         planned = self._planned.pop(name, None)
         # Taken before the transaction opens: on SQLite a second connection inside an open
         # write transaction would wait on itself.
@@ -188,7 +206,7 @@ class TaskContext:
         try:
             yield
         except BaseException as exc:
-            status, detail = "failed", f"{type(exc).__name__}: {_safe_str(exc)}"
+            status, detail = "failed", self._masker(f"{type(exc).__name__}: {_safe_str(exc)}")
             raise
         finally:
             with self._engine.begin() as conn:
@@ -230,6 +248,8 @@ class TaskContext:
             tokens_out = costs.as_tokens(tokens_out, field="tokens_out")
         if type(requests) is not int or not 0 <= requests <= costs.MAX_INT32:
             requests = costs.as_tokens(requests, field="requests", most=costs.MAX_INT32)
+        if self._masker:
+            provider, model = self._masker(provider), self._masker(model)
         if usd is None:
             priced = self._prices.cost(provider, model, tokens_in, tokens_out)
             if priced is None:

@@ -22,6 +22,7 @@ from domain.clock import Clock, utc_now
 from domain.costs import Prices
 from domain.db import uses_psycopg
 from domain.errors import InvalidInput, LeaseLost, RunStopped, UnknownTask
+from domain.masking import NO_SECRETS, Masker
 from domain.models import run_logs
 from domain.registry import Registry, RetryPolicy
 from domain.runstore import Claim
@@ -156,22 +157,23 @@ class Executor:
 
         # A pipeline's process exit code (the runner sets it on the context; tasks have none).
         exit_code: int | None = getattr(ctx, "exit_code", None)
+        mask = ctx.masker  # a pipeline's secrets: its result and errors can carry them too
         if ctx.stop_reason == "lease_lost":
             log.warning("run.lease_lost", run_id=str(claim.run_id), attempt=claim.attempt)
             self._write_lines(claim.run_id)
             return Outcome(claim.run_id, "lease_lost", claim.attempt)
         if ctx.stop_reason is not None:
-            return self._finish_stopped(claim, ctx.stop_reason, ctx.stop_detail, exit_code)
+            return self._finish_stopped(claim, ctx.stop_reason, mask(ctx.stop_detail), exit_code)
         if isinstance(error, RunStopped):
             reason = next(r for r, cls in STOP_ERRORS.items() if isinstance(error, cls))
-            return self._finish_stopped(claim, reason, _safe_str(error), exit_code)
+            return self._finish_stopped(claim, reason, mask(_safe_str(error)), exit_code)
         if error is not None:
-            failure = _describe(error)
+            failure = _describe(error, mask)
             if claim.attempt < claim.max_attempts:
                 return self._retry(claim, retry_policy, failure)
             return self._finish(claim, "failed", failure=failure, exit_code=exit_code)
         try:
-            stored = _json_result(result)
+            stored = mask.data(_json_result(result))
         except TypeError as exc:
             return self._finish(
                 claim,
@@ -184,7 +186,7 @@ class Executor:
     def abandon(self, ctx: TaskContext) -> None:
         """The monitor gave up waiting for a task to stop: record the stop reason now."""
         reason = ctx.stop_reason if ctx.stop_reason in STOP_ERRORS else "cancelled"
-        detail = f"{ctx.stop_detail} (the task did not stop within the grace period)"
+        detail = ctx.masker(f"{ctx.stop_detail} (the task did not stop within the grace period)")
         self._finish_stopped(ctx._claim, reason, detail, getattr(ctx, "exit_code", None))
 
     # -- recording ---------------------------------------------------------------------------
@@ -359,10 +361,10 @@ def backoff_s(policy: RetryPolicy, attempt: int) -> float:
     return float(ceiling / 2 + random.uniform(0, ceiling / 2))
 
 
-def _describe(error: BaseException) -> Failure:
+def _describe(error: BaseException, mask: Masker = NO_SECRETS) -> Failure:
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     message = _safe_str(error)
-    detail = f"{message}\n\n{text}" if message else text
+    detail = mask(f"{message}\n\n{text}" if message else text)  # before it is cut short
     if len(detail) > MAX_ERROR_CHARS:
         detail = detail[:MAX_ERROR_CHARS] + f"\n…[truncated {len(detail) - MAX_ERROR_CHARS} chars]"
     return Failure(type(error).__qualname__, detail)

@@ -51,10 +51,15 @@ def api(
     if no_auth:
         console.print("[yellow]authentication is disabled: only local clients are served[/]")
     wait_for_schema(settings.effective_database_url)  # started beside `conveyor migrate`
+    proxies = settings.trusted_proxy_list
     uvicorn.run(
         create_api(settings, auth_disabled=no_auth),
         host=host,
         port=port,
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise: any local
+        # process could then choose the address the failed-auth brake and the audit log see.
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies,
         log_config=None,  # keep conveyor's structlog setup
         access_log=False,  # conveyor_http_requests_total counts requests
         timeout_graceful_shutdown=5,  # live-log streams would hold shutdown open

@@ -1,5 +1,6 @@
 """Bearer tokens with roles: 401 for missing/invalid/revoked, 403 for a role too low, failed
-attempts slowed then blocked per address, last_used_at written sparingly."""
+attempts slowed then blocked per address and per token prefix (never a token that
+authenticates), last_used_at written sparingly."""
 
 from __future__ import annotations
 
@@ -94,47 +95,68 @@ def test_probes_and_docs_need_no_token(api: ApiClient) -> None:
         assert api.get(path).status_code == 200, path
 
 
-def test_repeated_failures_are_slowed_then_blocked_per_address(db_url: str) -> None:
+def test_repeated_failures_are_slowed_then_blocked_but_valid_tokens_still_work(
+    db_url: str,
+) -> None:
     options = ApiOptions(
         auth_slow_after=1, auth_block_after=3, auth_max_delay_s=0.01, auth_block_s=600
     )
     with running_api(db_url, options=options) as api, api.from_address("10.0.0.9") as attacker:
         with capture_logs() as events:
-            for _ in range(3):
-                assert attacker.get(RUNS, token="cvy_guess").status_code == 401
-            blocked = attacker.get(RUNS, token=api.tokens["admin"])
+            for n in range(3):
+                assert attacker.get(RUNS, token=f"cvy_guess{n}-xyz").status_code == 401
+            blocked = attacker.get(RUNS, token="cvy_guess4-xyz")
         assert blocked.status_code == 429
         assert error_of(blocked)["type"] == "rate_limited"
+        assert "from this address" in error_of(blocked)["message"]
         assert 0 < int(blocked.headers["retry-after"]) <= 600
         names = [e["event"] for e in events if e["log_level"] == "warning"]
         assert names == ["auth.slowed", "auth.blocked"]
-        assert events[-1]["ip"] == "10.0.0.9"
+        assert events[-1]["ip"] == "10.0.0.9" and events[-1]["blocked"] == ["address"]
+        # A token that authenticates is served from the blocked address, every time, and
+        # does not wipe the count of the guesses made there.
+        for _ in range(3):
+            assert attacker.get(RUNS, token=api.tokens["admin"]).status_code == 200
+        assert attacker.get(RUNS, token="cvy_guess5-xyz").status_code == 429
+        assert attacker.get(RUNS).status_code == 429  # no token at all is a failure too
         # Another address is not affected.
+        assert api.get(RUNS, token="cvy_typo-once").status_code == 401
         assert api.get(RUNS, token=api.tokens["readonly"]).status_code == 200
 
 
-def test_the_block_expires_and_success_resets_the_count() -> None:
+def test_guesses_at_one_token_are_counted_across_addresses(db_url: str) -> None:
+    options = ApiOptions(auth_slow_after=10, auth_block_after=3, auth_block_s=600)
+    leaked = "cvy_Leaked12"  # the same first 12 characters, whatever follows
+    with running_api(db_url, options=options) as api:
+        for n in range(3):
+            with api.from_address(f"198.51.100.{n}") as guesser:
+                assert guesser.get(RUNS, token=f"{leaked}-guess-{n}").status_code == 401
+        with api.from_address("198.51.100.77") as fresh:
+            refused = fresh.get(RUNS, token=f"{leaked}-guess-77")
+            assert refused.status_code == 429, refused.text
+            assert "with this token" in error_of(refused)["message"]
+            assert fresh.get(RUNS, token="cvy_another-one").status_code == 401
+            assert fresh.get(RUNS, token=api.tokens["write"]).status_code == 200
+        assert "Leaked12" not in repr(api.app.state.limiter.__dict__)  # only a hash is kept
+
+
+def test_the_block_expires_and_the_window_slides() -> None:
     now = [0.0]
     options = ApiOptions(auth_slow_after=2, auth_block_after=4, auth_window_s=60, auth_block_s=30)
     limiter = FailedAuthLimiter(options, clock=lambda: now[0])
-    assert [limiter.failed("a") for _ in range(3)][:2] == [0.0, 0.0]
-    limiter.succeeded("a")
-    for _ in range(3):
-        limiter.failed("a")
-    limiter.check("a")  # three since the reset: not blocked yet
-    limiter.failed("a")
-    try:
-        limiter.check("a")
-        raise AssertionError("expected a block")
-    except Exception as exc:
-        assert type(exc).__name__ == "RateLimited"
+    assert [limiter.failed("a", f"t{n}") for n in range(3)][:2] == [0.0, 0.0]
+    assert limiter.blocked("a", "t9") is None  # three: not blocked yet
+    limiter.failed("a", "t3")
+    refusal = limiter.blocked("a", "t9")
+    assert refusal is not None and type(refusal).__name__ == "RateLimited"
+    assert limiter.blocked("b", "t9") is None  # another address, another token
     now[0] += 31
-    limiter.check("a")
+    assert limiter.blocked("a", "t9") is None
     # Failures spread wider than the window never add up to a block.
-    for _ in range(10):
+    for n in range(10):
         now[0] += 61
-        assert limiter.failed("b") == 0.0
-    limiter.check("b")
+        assert limiter.failed("b", f"u{n}") == 0.0
+    assert limiter.blocked("b", "u0") is None
 
 
 def test_last_used_at_is_written_at_most_once_per_interval(db_url: str) -> None:

@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import redis
 
 from conveyor import Client
 from domain.settings import Settings, load_settings
+from tests.polling import eventually
+from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,6 +97,24 @@ class Stack:
 
     def scheduler(self) -> subprocess.Popen[bytes]:
         return self.start("scheduler", name="scheduler")
+
+    def api(self, *args: str, name: str = "api") -> str:
+        """`conveyor api` on a free loopback port; its base URL once /healthz answers."""
+        port = free_port()
+        proc = self.start("api", "--port", str(port), *args, name=name)
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                log = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise AssertionError(f"conveyor api exited with {proc.returncode}: {log}")
+            try:
+                return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        eventually(healthy, timeout=60, every=0.2)
+        return url
 
     def kill(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (a worker's children die with it, as with a host)."""

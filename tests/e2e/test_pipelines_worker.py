@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from cryptography.fernet import Fernet
-from sqlalchemy import select
+from sqlalchemy import make_url, select
 
 from conveyor import Client
+from domain import auth
 from domain.models import run_logs, runs
 from domain.pipelines import PipelineCatalog, PipelineDirectory
 from domain.secrets import SecretStore
+from domain.unit_of_work import UnitOfWork
 from tests.e2e.stack import Stack
+from tests.leaks import copy_escaped, found_in, secret_forms, stored_leaks
 from tests.pipeline_support import FIXTURES, ROOT, make_pipeline
 from tests.polling import eventually
 from tests.services import PrivateRedis
@@ -29,12 +34,15 @@ KEY = Fernet.generate_key().decode()
 #: (and drop) these runs' messages.
 REDIS_DB = 11
 TOKEN = "e2e-token-5f0c9a77"
+#: Quotes, backslash, non-ASCII, %, + and /: each changes how a serializer writes the value.
+SHAPED = "e2e 'sh\"ap\\ed' ünïcødé/€ 99%+"
+FILE_TOKEN = "e2e-file-token-61d0"
 
 
 @pytest.fixture(scope="module")
 def pipelines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pipelines")
-    for name in ("test_simple", "test_failing", "test_logging"):
+    for name in ("test_simple", "test_failing", "test_logging", "leaky_shapes"):
         shutil.copytree(FIXTURES / name, root / name)
     # A requirements pipeline whose environment no other test has built: the first two runs
     # race for it.
@@ -97,7 +105,10 @@ def started(stack: Stack, pg_database: str) -> Stack:
     from domain.db import create_db_engine
 
     engine = create_db_engine(pg_database)
-    SecretStore(engine, KEY).set("API_TOKEN", TOKEN)
+    store = SecretStore(engine, KEY)
+    store.set("API_TOKEN", TOKEN)
+    store.set("SHAPED_TOKEN", SHAPED)
+    store.set("FILE_TOKEN", FILE_TOKEN)
     engine.dispose()
     stack.scheduler()
     stack.worker("default", name="pipelines", concurrency=2)
@@ -205,3 +216,45 @@ def test_a_secret_never_reaches_the_stored_logs(client: Client) -> None:
         everything = conn.execute(select(run_logs.c.message, run_logs.c.fields)).all()
         results = conn.execute(select(runs.c.result, runs.c.error)).all()
     assert TOKEN not in repr(everything) + repr(results)
+
+
+def test_no_form_of_a_secret_reaches_the_database_or_the_api(
+    client: Client, started: Stack, pg_database: str
+) -> None:
+    """A real worker runs a pipeline printing its secrets in every shape (plain, JSON both
+    ways, repr, URL-encoded, base64, inside step/log/metric/cost/result events, as artifact
+    names, in its failure): no column, no line of a pg_dump and no API answer holds any form."""
+    ok = client.enqueue("leaky_shapes")
+    bad = client.enqueue("leaky_shapes", {"fail": True})
+    assert client.wait(ok.id, timeout=90).status == "succeeded"
+    assert client.wait(bad.id, timeout=90).status == "failed"
+    secrets = [TOKEN, SHAPED, FILE_TOKEN]
+    assert stored_leaks(client.engine, secrets) == []
+
+    libpq = make_url(pg_database).set(drivername="postgresql").render_as_string(False)
+    dump = subprocess.run(
+        ["pg_dump", "--data-only", libpq], capture_output=True, check=True, timeout=120
+    ).stdout.decode()
+    assert "leaky_shapes" in dump and "plain: ***" in dump  # the runs are in it, masked
+    escaped = [copy_escaped(form) for s in secrets for form in secret_forms(s)]
+    assert found_in(dump, secrets) == [] and [f for f in escaped if f in dump] == []
+
+    api = started.api(name="api-secrets")
+    _, token = auth.create_token(UnitOfWork(client.engine), "leak-reader", "readonly", actor="t")
+    paths = [
+        "/api/v1/runs?name=leaky_shapes",
+        "/api/v1/costs?by=model",
+        "/api/v1/costs?by=provider",
+    ]
+    for run in (ok, bad):
+        paths += [f"/api/v1/runs/{run.id}{tail}" for tail in ("", "/logs", "/metrics", "/costs")]
+        paths.append(f"/api/v1/runs/{run.id}/artifacts")
+    answers = []
+    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {token}"}) as http:
+        for path in paths:
+            response = http.get(path, timeout=10)
+            assert response.status_code == 200, (path, response.text)
+            answers.append(response.text)
+    text = "\n".join(answers)
+    assert "report-***.txt" in text and "metric ***" in text and "m-***" in text
+    assert found_in(text, secrets) == []

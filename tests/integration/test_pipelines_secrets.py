@@ -15,7 +15,9 @@ from sqlalchemy import Engine, select, text
 from domain.errors import ConfigurationError
 from domain.models import run_logs, runs
 from domain.secrets import SecretKeyError, SecretNotFound, SecretStore, secrets_table
+from tests.leaks import stored_leaks
 from tests.pipeline_support import (
+    FIXTURES,
     ROOT,
     PipelineHarness,
     make_pipeline,
@@ -25,6 +27,9 @@ from tests.pipeline_support import (
 
 KEY = Fernet.generate_key().decode()
 TOKEN = "tok-8c1f4e2a-secret"
+#: What escaping rules care about: quotes, backslash, non-ASCII, %, +, /, space.
+SHAPED = 'sh"ap\\ed-tökén/€ 50%+1'
+FILE_TOKEN = "file-token-93be11"
 
 
 @pytest.fixture
@@ -140,3 +145,34 @@ def test_startup_refuses_a_wrong_key(h: PipelineHarness, engine: Engine) -> None
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM secrets"))
     h.runner.startup()  # no secrets stored: any key (or none) will do
+
+
+def test_no_serialized_form_of_a_secret_is_stored(h: PipelineHarness) -> None:
+    """The pipeline prints its secrets plain, as JSON both ways, repr, URL-encoded, base64, in
+    events of every kind and in artifact names: no column of any table holds any form."""
+    store = SecretStore(h.engine, KEY)
+    store.set("SHAPED_TOKEN", SHAPED)
+    store.set("FILE_TOKEN", FILE_TOKEN)
+    shutil.copytree(FIXTURES / "leaky_shapes", h.root / "leaky_shapes")
+    ok, bad = h.enqueue("leaky_shapes"), h.enqueue("leaky_shapes", {"fail": True})
+    assert h.run(ok) == "succeeded"
+    assert h.run(bad) == "failed"
+    # The start of the value, in front of where a 64 KiB line was cut, is a secret too.
+    assert stored_leaks(h.engine, [SHAPED, FILE_TOKEN, "x" + SHAPED[:4]]) == []
+
+    # Masked where it was, not dropped: the records are all there.
+    lines = h.lines(ok)
+    assert "plain: ***" in lines and '{"token": "***"}' in lines
+    assert "WARNING:careless:logged '***'" in lines
+    steps = h.steps(ok)
+    assert steps[0] == ("step ***", "failed", "PipelineStepFailed: detail ***")
+    assert steps[1][0] == "x" * 195 + "***"
+    assert "metric ***" in h.metrics(ok)
+    result = h.get(ok).result or {}
+    assert result["result"] == {"token": "***", "***": ["'***'"], "file": "***"}
+    assert sorted(result["artifacts"]) == ["dir-***/inner.txt", "q-***.bin", "report-***.txt"]
+    # Renamed on disk too, so the stored path is the file's real place.
+    for artifact in h.artifacts(ok):
+        assert Path(artifact["path"]).is_file(), artifact
+    assert not any(FILE_TOKEN in str(p) for p in (h.root.parent / "artifacts").rglob("*"))
+    assert "failing with '***' and \"***\"" in (h.get(bad).error or "")

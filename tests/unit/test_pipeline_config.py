@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from domain.errors import InvalidInput
+from domain.masking import MASK, Masker, mask
 from domain.pipeline_config import StrategyRetryPolicy, parse_config, parse_memory
 from domain.pipeline_env import (
     RUN_ENV_KEY,
@@ -17,7 +18,7 @@ from domain.pipeline_env import (
     pipeline_params,
     run_env_overrides,
 )
-from domain.secrets import MASK, Masker, check_name, check_value, mask
+from domain.secrets import check_name, check_value
 from worker.pipelines.uvconfig import uv_environment
 
 SRC = "pipelines/etl/pipeline.json"

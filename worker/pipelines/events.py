@@ -49,7 +49,8 @@ class EventHandler:
     def handle(self, line: str) -> None:
         """`line` is the text after the prefix (already masked)."""
         try:
-            payload = json.loads(line)
+            # Decoding can turn escapes back into a secret: mask before any value is cut short.
+            payload = self.ctx.masker.data(json.loads(line))
             if not isinstance(payload, dict) or not isinstance(payload.get("event"), str):
                 raise ValueError('expected a JSON object with an "event" key')
             kind = payload["event"]

@@ -31,6 +31,7 @@ import psutil
 #: Longer lines are cut (the rest of the line is counted, not kept): one runaway line must
 #: neither fill the worker's memory nor become a row nobody can display.
 MAX_LINE_BYTES = 64 * 1024
+CUT_MARK = " …[truncated "
 READ_CHUNK = 256 * 1024
 STDERR_TAIL = 20
 
@@ -111,7 +112,16 @@ def _decode(raw: bytes, dropped: int = 0) -> str:
     text = raw.decode("utf-8", "replace")
     if text.endswith("\r"):
         text = text[:-1]
-    return f"{text} …[truncated {dropped} bytes]" if dropped else text
+    return f"{text}{CUT_MARK}{dropped} bytes]" if dropped else text
+
+
+def split_cut(line: str) -> tuple[str, str]:
+    """(what is left of a line the splitter cut, the note saying so); the note is "" when the
+    line is whole."""
+    text, mark, rest = line.rpartition(CUT_MARK)
+    if not mark or not rest.endswith(" bytes]") or not rest[: -len(" bytes]")].isdigit():
+        return line, ""
+    return text, mark + rest
 
 
 class _Tree:

@@ -9,7 +9,6 @@ for the executor to store in `runs.exit_code`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,19 +20,28 @@ from sqlalchemy import Engine
 from domain import pipeline_store, services
 from domain.clock import Clock, utc_now
 from domain.errors import ConveyorError
+from domain.masking import MASK, Masker
 from domain.pipeline_config import PipelineConfig
 from domain.pipeline_env import compose_env, params_env, pipeline_params, run_env_overrides
-from domain.pipeline_store import ArtifactRecord
 from domain.pipelines import DiscoveredPipeline, PipelineCatalog, PipelineDirectory
 from domain.ports import Publisher
 from domain.registry import RetryPolicy
 from domain.requests import build_request
-from domain.secrets import MASK, Masker, SecretStore, SecretValue
+from domain.secrets import SecretStore, SecretValue
 from domain.unit_of_work import UnitOfWork
+from worker import capture
 from worker.context import LineSink, TaskContext
-from worker.pipelines.envs import EnvInfo, EnvManager, PipelineEnvError
+from worker.pipelines.artifacts import collect_artifacts
+from worker.pipelines.envs import EnvInfo, EnvManager
 from worker.pipelines.events import EVENT_PREFIX, EventHandler
-from worker.pipelines.process import Limits, PipelineProcess, ProcessOutcome, Sample
+from worker.pipelines.process import (
+    CUT_MARK,
+    Limits,
+    PipelineProcess,
+    ProcessOutcome,
+    Sample,
+    split_cut,
+)
 
 log = structlog.get_logger("conveyor.pipelines")
 
@@ -126,16 +134,17 @@ class SubprocessPipelineRunner:
         config = pipeline.require_runnable()
         secret_values = self.secrets.values(config.secrets)
         masker = Masker(v.value for v in secret_values.values() if not v.is_parameter)
-        system = _SystemLog(self.writer, ctx, masker)
-        try:
-            env_info = self.envs.ensure(
-                pipeline.requirements,
-                config.python_version,
-                log=system,
-                should_stop=lambda: ctx.cancelled,
-            )
-        except PipelineEnvError as exc:  # uv's output could echo a secret from a URL
-            raise type(exc)(masker(str(exc))) from None
+        # Everything the run records from here on (lines, events, steps, costs, its result and
+        # error in the executor) passes the masker, the worker's own prints during it included.
+        sink = ctx.mask_secrets(masker)
+        capture.bind(sink, ctx.run_id, ctx.attempt)
+        system = _SystemLog(sink, ctx)
+        env_info = self.envs.ensure(
+            pipeline.requirements,
+            config.python_version,
+            log=system,
+            should_stop=lambda: ctx.cancelled,
+        )
         if env_info.built:
             pipeline_store.record_env(
                 self.engine,
@@ -151,27 +160,27 @@ class SubprocessPipelineRunner:
         system.event(
             "pipeline environment",
             {
-                "env": masker.mask_mapping(shown),
+                "env": shown,
                 "python": str(env_info.python),
                 "requirements_hash": env_info.env_hash,
                 "setup_s": round(env_info.setup_s, 3),
                 "uv": self.envs.uv_version() if env_info.env_hash else None,
             },
         )
-        events = EventHandler(ctx, self.writer)
-        outcome = self._spawn(ctx, pipeline, config, env, env_info, masker, events)
+        events = EventHandler(ctx, sink)
+        outcome = self._spawn(ctx, pipeline, config, env, env_info, sink, masker, events)
         # Read by the executor when it writes runs.exit_code (an attribute TaskContext may not
         # declare yet, hence the cast).
         cast(Any, ctx).exit_code = outcome.exit_code
         # A stop that arrives just after a clean exit still ends the run as stopped.
         ok = outcome.killed_for is None and outcome.returncode == 0 and not ctx.cancelled
         events.close(succeeded=ok)
-        names = self._record_artifacts(ctx, artifacts, system)
+        names = self._record_artifacts(ctx, artifacts, system, masker)
         self.writer.metric(ctx.run_id, "peak_rss_bytes", float(outcome.peak_rss))
         if outcome.throttled_s:
             self.writer.metric(ctx.run_id, "cpu_throttled_s", round(outcome.throttled_s, 3))
         try:
-            return self._outcome(ctx, config, outcome, masker, events, names)
+            return self._outcome(ctx, config, outcome, events, names)
         finally:
             self._follow_ups(ctx, config, ok, system)
 
@@ -221,16 +230,19 @@ class SubprocessPipelineRunner:
         config: PipelineConfig,
         env: dict[str, str],
         env_info: EnvInfo,
+        sink: LineSink,
         masker: Masker,
         events: EventHandler,
     ) -> ProcessOutcome:
-        run_id, attempt, write = ctx.run_id, ctx.attempt, self.writer.log
+        run_id, attempt, write = ctx.run_id, ctx.attempt, sink.log
 
         def on_line(stream: str, text: str) -> None:
-            if masker:
-                text = masker(text)
+            if masker and CUT_MARK in text:
+                text = _mask_cut(masker, text)
             if stream == "stdout" and text.startswith(EVENT_PREFIX):
-                events.handle(text[len(EVENT_PREFIX) :])
+                # Masked before it is decoded too: JSON turns an escaped secret back into plain
+                # text, and an event that no longer parses is stored as the (masked) line.
+                events.handle(masker(text[len(EVENT_PREFIX) :]))
                 return
             write(run_id, attempt, text, stream=stream)
 
@@ -274,7 +286,6 @@ class SubprocessPipelineRunner:
         ctx: TaskContext,
         config: PipelineConfig,
         outcome: ProcessOutcome,
-        masker: Masker,
         events: EventHandler,
         artifacts: list[str],
     ) -> Any:
@@ -283,7 +294,8 @@ class SubprocessPipelineRunner:
             raise PipelineStopped(
                 f"main.py was stopped ({ctx.stop_reason or 'stop requested'}); exit code {code}"
             )
-        tail = "\n".join(masker(line) for line in outcome.stderr_tail)
+        # Masked with the rest of the error by the executor; a cut line's end only here.
+        tail = "\n".join(_mask_cut(ctx.masker, line) for line in outcome.stderr_tail)
         detail = f"\nlast lines on stderr:\n{tail}" if tail else ""
         if outcome.killed_for == "memory":
             raise PipelineMemoryExceeded(
@@ -299,8 +311,10 @@ class SubprocessPipelineRunner:
             "artifacts": artifacts,
         }
 
-    def _record_artifacts(self, ctx: TaskContext, folder: Path, system: _SystemLog) -> list[str]:
-        items = collect_artifacts(folder)
+    def _record_artifacts(
+        self, ctx: TaskContext, folder: Path, system: _SystemLog, masker: Masker
+    ) -> list[str]:
+        items = collect_artifacts(folder, masker)
         if len(items) > MAX_ARTIFACTS:
             system(
                 f"{len(items)} artifacts: only the first {MAX_ARTIFACTS} are recorded", "warning"
@@ -350,14 +364,20 @@ class SubprocessPipelineRunner:
             system(f"downstream run {done.run.id} of {trigger.pipeline!r} enqueued", "info")
 
 
+def _mask_cut(masker: Masker, line: str) -> str:
+    """A line cut at MAX_LINE_BYTES keeps no start of a secret where it was cut."""
+    text, note = split_cut(line)
+    return masker.cut_short(text) + note if note else line
+
+
 class _SystemLog:
     """conveyor's own lines in a run's log (environment builds, artifacts, follow-ups)."""
 
-    def __init__(self, writer: LineSink, ctx: TaskContext, masker: Masker) -> None:
-        self.writer, self.ctx, self.masker = writer, ctx, masker
+    def __init__(self, writer: LineSink, ctx: TaskContext) -> None:
+        self.writer, self.ctx = writer, ctx
 
     def __call__(self, message: str, level: str = "info") -> None:
-        self.writer.log(self.ctx.run_id, self.ctx.attempt, self.masker(message), level=level)
+        self.writer.log(self.ctx.run_id, self.ctx.attempt, message, level=level)
 
     def event(self, message: str, fields: dict[str, Any]) -> None:
         self.writer.log(
@@ -365,30 +385,9 @@ class _SystemLog:
         )
 
 
-def collect_artifacts(folder: Path) -> list[ArtifactRecord]:
-    """Regular files under `folder` (symlinks are not followed: a link could point anywhere)."""
-    items = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames.sort()
-        for fname in sorted(filenames):
-            path = Path(dirpath) / fname
-            if path.is_symlink() or not path.is_file():
-                continue
-            digest = hashlib.sha256()
-            size = 0
-            with path.open("rb") as handle:
-                while chunk := handle.read(1024 * 1024):
-                    digest.update(chunk)
-                    size += len(chunk)
-            name = path.relative_to(folder).as_posix()
-            items.append(ArtifactRecord(name[:500], str(path), size, digest.hexdigest()))
-    return items
-
-
 __all__ = [
     "PipelineFailed",
     "PipelineMemoryExceeded",
     "PipelineStopped",
     "SubprocessPipelineRunner",
-    "collect_artifacts",
 ]
