@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from celery import Celery
 from sqlalchemy import select
 
 from domain.models import dead_letters
@@ -252,3 +253,31 @@ def test_a_poison_is_not_restored_at_the_next_start(stack: Stack, worker: Any) -
         assert again.poll() is None
     finally:
         stack.kill(again)
+
+
+def test_submits_no_column_can_hold_are_dead_letters(stack: Stack, worker: Any) -> None:
+    """From a plain Celery client: values PostgreSQL refuses, and a task nobody registered,
+    each end as a dead letter saying what was wrong, and no run is written."""
+    plain = Celery(broker=stack.broker_url)
+    bad = {
+        "nul in params": ({"name": "noop", "params": {"s": "a\x00b"}}, "params.s: text must"),
+        "nul in a key": ({"name": "noop", "idempotency_key": "k\x00"}, "idempotency_key: text"),
+        "beyond 64 bits": ({"name": "noop", "params": {"n": 2**70}}, "params.n: integer out of"),
+        "not finite": ({"name": "noop", "timeout_s": float("inf")}, "timeout_s: expected a finite"),
+        # Within 64 bits, beyond the column's 32: the database's DataError is the last line.
+        "beyond the column": ({"name": "noop", "max_requests": 2**40}, "max_requests"),
+    }
+    ids = {
+        what: plain.send_task("conveyor.submit", kwargs=kwargs).id
+        for what, (kwargs, _) in bad.items()
+    }
+    ids["unregistered"] = plain.send_task("nope", kwargs={"x": 1}).id
+    eventually(lambda: len(dead_letter_rows(stack)) == len(ids), timeout=60)
+    reasons = {row["message_id"]: row["reason"] for row in dead_letter_rows(stack)}
+    for what, (_, expected) in bad.items():
+        reason = reasons[ids[what]]
+        assert expected in reason or "out of range" in reason, (what, reason)
+    assert "unregistered task 'nope'" in reasons[ids["unregistered"]]
+    with stack.client() as client:
+        assert [r for r in client.list().items if r.triggered_by == "celery"] == []
+    assert worker.poll() is None
