@@ -115,3 +115,30 @@ def test_submits_and_poison_wait_out_a_database_outage(
     assert stack.redis.hlen("unacked") == 0
     assert len(deferred(stack, "outage") & set(sent)) >= SUBMITS - 2  # the retries did it
     stack.kill(worker, signal.SIGTERM)
+
+
+def test_a_poison_held_by_a_killed_worker_is_dead_lettered_by_the_next(
+    stack: Stack, postgres: PrivatePostgres
+) -> None:
+    """While its dead letter cannot be written a refused message stays unacked, so kombu's
+    bookkeeping still has it when the worker is killed: the next worker dead-letters it, once."""
+    stack.env["CONVEYOR_BROKER_VISIBILITY_TIMEOUT_S"] = "1"  # restored 1 s after the kill
+    worker = stack.worker("default", name="holder", concurrency=1)
+    with stack.client() as client:
+        assert client.wait(client.enqueue("noop").id, timeout=60).status == "succeeded"
+    postgres.stop()
+    stack.redis.lpush("celery", b"\x00poison")
+    eventually(lambda: "None" in deferred(stack, "holder"), timeout=30)
+    stack.kill(worker, signal.SIGKILL)
+    assert stack.redis.hlen("unacked") == 1
+    postgres.start()
+    successor = stack.worker("default", name="successor", concurrency=1)
+    try:
+        eventually(lambda: counts(stack)[1] == 1, timeout=60)
+        with stack.client() as client, client.engine.connect() as conn:
+            letter = conn.execute(select(dead_letters)).mappings().one()
+        assert base64.b64decode(letter["body"]["raw"]) == b"\x00poison"
+        eventually(lambda: stack.redis.hlen("unacked") == 0, timeout=10)
+        assert successor.poll() is None
+    finally:
+        stack.kill(successor, signal.SIGTERM)
