@@ -46,7 +46,9 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 def register(app: Celery, settings: Settings) -> None:
     """Attach conveyor's tasks and per-process hooks to `app`."""
 
-    @app.task(name=EXECUTE, bind=True, ignore_result=True)
+    # shared=False: the tasks belong to this app only (a shared task would be added to every
+    # app made later in the process, bound to this one's settings).
+    @app.task(name=EXECUTE, bind=True, ignore_result=True, shared=False)
     def execute(self: Task, run_id: Any = None, *args: Any, **kwargs: Any) -> str:
         try:
             rid = uuid.UUID(str(run_id))
@@ -58,7 +60,7 @@ def register(app: Celery, settings: Settings) -> None:
             return "rejected"
         return get_runtime(settings).executor.execute(rid).status
 
-    @app.task(name=SUBMIT, bind=True, ignore_result=True, max_retries=None)
+    @app.task(name=SUBMIT, bind=True, ignore_result=True, max_retries=None, shared=False)
     def submit(self: Task, *args: Any, **kwargs: Any) -> str:
         """For plain Celery clients: create the run (idempotently) and execute it here.
 

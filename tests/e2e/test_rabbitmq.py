@@ -55,7 +55,7 @@ def test_poison_on_rabbitmq_is_dead_lettered_and_the_worker_lives_on(
     """Raw AMQP messages a Celery client would never send: each is a dead letter with its bytes
     and reason (the consumer's checks hold for every broker), and the worker runs on."""
     stack = Stack(pg_url, tmp_path, AMQP)
-    queue = f"rabbit-poison-{tmp_path.name[-12:]}"
+    queue = f"rabbit-poison-{uuid.uuid4().hex[:12]}"  # a queue of its own, deleted at the end
     worker = stack.worker(queue, name="rabbit-poison")
     task_id = str(uuid.uuid4())
     poisons = [
@@ -91,3 +91,7 @@ def test_poison_on_rabbitmq_is_dead_lettered_and_the_worker_lives_on(
             assert client.wait(again.id, timeout=60).status == "succeeded"
     finally:
         stack.kill(worker, signal.SIGTERM)
+        connection = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
+        connection.connect()
+        connection.channel().queue_delete(queue)
+        connection.close()
