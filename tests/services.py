@@ -3,6 +3,7 @@
 Tests never touch a Redis they did not start: `PrivateRedis` runs a `redis-server` of the
 test session's own on a free port (no disk, no other clients), so flushing it, restarting it or
 stopping it harms nobody, and two copies of the suite on one machine do not meet.
+`PrivatePostgres` does the same for tests that stop PostgreSQL: a cluster of their own.
 """
 
 from __future__ import annotations
@@ -112,6 +113,63 @@ class PrivateRedis:
         self.stop()
         with contextlib.suppress(OSError):
             shutil.rmtree(self.dir)
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of our own (initdb, pg_ctl) on a free loopback port, trust auth.
+
+    `stop()` is an immediate shutdown, a crash as clients see it; `start()` again keeps the
+    port and the data. PostgreSQL refuses to run as root, so as root its commands run as the
+    `postgres` user, on a data directory that user owns (outside pytest's private tmp tree).
+    """
+
+    BIN = Path(os.environ.get("CONVEYOR_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+    def __init__(self) -> None:
+        if not (self.BIN / "initdb").exists():
+            unavailable(f"PostgreSQL's initdb is not in {self.BIN} (set CONVEYOR_TEST_PG_BIN)")
+        self.dir = Path(tempfile.mkdtemp(prefix="conveyor-pg-"))
+        self.data = self.dir / "data"
+        self.port = free_port()
+        if os.geteuid() == 0:
+            import pwd
+
+            owner = pwd.getpwnam("postgres")
+            os.chown(self.dir, owner.pw_uid, owner.pw_gid)
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.dir}"
+            " -c fsync=off -c full_page_writes=off"
+        )
+        log = str(self.dir / "postgres.log")
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-l", log, "-o", options, "-w", "-t", "60", "start"
+        )
+
+    def stop(self) -> None:
+        """Immediate shutdown: every connection is cut, nothing is flushed first."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def close(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            with contextlib.suppress(RuntimeError):
+                self.stop()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.dir)
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self.BIN / tool), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, timeout=120, check=False)
+        if done.returncode != 0:
+            output = (done.stdout + done.stderr).decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{tool} failed ({done.returncode}): {output}")
 
 
 @contextlib.contextmanager

@@ -20,6 +20,8 @@ def create_app(settings: Settings) -> Celery:
     a killed worker's run is recovered by the reaper, not by the broker.
     """
     app = Celery("conveyor", broker=settings.broker_url, set_as_current=False)
+    # For the consumer (worker/consumer.py): where refused messages are dead-lettered.
+    app.conveyor_settings = settings
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

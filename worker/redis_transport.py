@@ -1,7 +1,8 @@
 """kombu's Redis transport, lightened where conveyor's database already does the broker's job.
 
 Two changes, both measured with py-spy in a worker's consumer process at a few hundred tasks a
-second, and both for `redis://` brokers only (worker/app.py); other schemes keep kombu's own:
+second, and one guard, all for `redis://` brokers only (worker/app.py); other schemes keep
+kombu's own:
 
 - **One client per channel.** kombu's Redis channel builds a new `redis.Redis` for every
   delivered message and every ack. Building one copies redis-py's table of ~200 response
@@ -20,17 +21,27 @@ second, and both for `redis://` brokers only (worker/app.py); other schemes keep
   with requeue or a warm shutdown still puts them back on their queue. Every other message
   (`conveyor.submit` from plain Celery clients carries work that has no row yet) keeps kombu's
   full bookkeeping.
+- **No poison gets through.** kombu decodes each popped item inside its BRPOP read and raises
+  out of the worker's event loop on bytes that are not JSON, or on JSON it cannot make a
+  message of (a missing delivery tag, bad base64): one `redis-cli lpush celery hello` ended
+  the worker. Here such an item becomes a refused envelope (worker/poison.py) on the same
+  queue, which the consumer dead-letters with the item's bytes. The bytes are caught on their
+  way through redis-py's BRPOP reply callback and kept only until kombu has decoded them, so
+  nothing is decoded twice.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import structlog
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
 
 from worker.app import EXECUTE
+from worker.poison import envelope_problem, refused_envelope
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -93,12 +104,55 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:  # the consumer's BRPOP client: kombu makes it once already
-            return super()._create_client(asynchronous=True)
+            client = super()._create_client(asynchronous=True)
+            client.set_response_callback("BRPOP", self._keep_popped)
+            return client
         client = self._shared_client
         if client is None or client.connection_pool is not self._pool:
             client = self._shared_client = super()._create_client()
         return client
 
+    def _keep_popped(self, response: Any, **_: Any) -> Any:
+        """BRPOP's reply, as redis-py's own callback gives it; the popped item is also kept on
+        the transport until kombu has decoded it (see Transport._deliver)."""
+        if not response:
+            return None
+        key, item = response
+        # The queue's name, as kombu's BRPOP read takes it from the list's (priority) key.
+        self.connection.popped = (bytes_to_str(key).rsplit(self.sep, 1)[0], item)
+        return tuple(response)
+
+    def _brpop_read(self, **options: Any) -> Any:
+        transport = self.connection
+        try:
+            return super()._brpop_read(**options)
+        except Exception as exc:
+            popped = transport.popped
+            if popped is None:
+                raise  # nothing was popped (Empty, a lost connection), or it was delivered
+            transport.popped = None
+            queue, raw = popped
+            reason = f"not a JSON message: {type(exc).__name__}: {exc}"
+            transport._deliver(refused_envelope(raw, reason, queue), queue)
+            return True
+        finally:
+            transport.popped = None
+
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = Channel
+    #: (queue, bytes) of the item a BRPOP popped, until kombu has decoded it.
+    popped: tuple[str, bytes] | None = None
+
+    def _deliver(self, message: Any, queue: str) -> None:
+        """Every delivery passes here once decoded: one kombu could not make a message of is
+        replaced by a refused envelope for the consumer to dead-letter."""
+        popped, self.popped = self.popped, None
+        problem = envelope_problem(message)
+        if problem is not None:
+            if popped is not None:
+                raw = popped[1]
+            else:  # a fanout message: its bytes are gone, their JSON is what is left
+                raw = json.dumps(message, default=repr).encode("utf-8", "surrogatepass")
+            message = refused_envelope(raw, f"malformed message: {problem}", queue)
+        super()._deliver(message, queue)

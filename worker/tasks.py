@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any
 
@@ -14,15 +15,18 @@ from celery.signals import (
     worker_ready,
     worker_shutting_down,
 )
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 
 from domain import services
-from domain.errors import ConveyorError, InvalidInput
+from domain.errors import ConveyorError, InvalidInput, TransientError
+from domain.registry import RetryPolicy
 from domain.requests import build_request
 from domain.settings import Settings
 from domain.unit_of_work import UnitOfWork
 from worker.app import EXECUTE, SUBMIT
 from worker.deadletter import dead_letter
-from worker.runtime import close_runtime, get_runtime, publish_catalog
+from worker.executor import backoff_s
+from worker.runtime import WorkerRuntime, close_runtime, get_runtime, publish_catalog
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -40,12 +44,17 @@ SUBMIT_FIELDS = {
     "max_minutes",
     "delay_s",
 }
+#: Between attempts of a submit while the database cannot be reached (Celery retries it).
+SUBMIT_BACKOFF = RetryPolicy(base_s=1.0, max_s=30.0)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def register(app: Celery, settings: Settings) -> None:
     """Attach conveyor's tasks and per-process hooks to `app`."""
 
-    @app.task(name=EXECUTE, bind=True, ignore_result=True)
+    # shared=False: the tasks belong to this app only (a shared task would be added to every
+    # app made later in the process, bound to this one's settings).
+    @app.task(name=EXECUTE, bind=True, ignore_result=True, shared=False)
     def execute(self: Task, run_id: Any = None, *args: Any, **kwargs: Any) -> str:
         try:
             rid = uuid.UUID(str(run_id))
@@ -57,31 +66,28 @@ def register(app: Celery, settings: Settings) -> None:
             return "rejected"
         return get_runtime(settings).executor.execute(rid).status
 
-    @app.task(name=SUBMIT, bind=True, ignore_result=True)
+    @app.task(name=SUBMIT, bind=True, ignore_result=True, max_retries=None, shared=False)
     def submit(self: Task, *args: Any, **kwargs: Any) -> str:
-        """For plain Celery clients: create the run (idempotently) and execute it here."""
-        runtime = get_runtime(settings)
+        """For plain Celery clients: create the run (idempotently) and execute it here.
+
+        While the database cannot be reached Celery sends the submit again after a backoff
+        (same id, so its idempotency key names one run, and the claim runs it at most once);
+        a submit that is refused is a dead letter with the reason."""
         try:
-            if args:
-                raise InvalidInput("conveyor.submit takes keyword arguments only (kwargs={...})")
-            unknown = sorted(set(kwargs) - SUBMIT_FIELDS)
-            if unknown:
-                raise InvalidInput(
-                    f"{unknown[0]}: unknown field; conveyor.submit accepts "
-                    f"{', '.join(sorted(SUBMIT_FIELDS))}",
-                    field=unknown[0],
-                )
-            fields = dict(kwargs)
-            # A redelivered message must not create a second run.
-            fields.setdefault("idempotency_key", f"celery:{self.request.id}")
-            request = build_request(triggered_by="celery", trigger_ref=self.request.id, **fields)
-            run = services.enqueue(
-                UnitOfWork(runtime.engine), request, catalog=runtime.catalog, inline=True
-            ).run
-        except ConveyorError as exc:
-            dead_letter(runtime.engine, SUBMIT, self.request, str(exc))
-            return "rejected"
-        return runtime.executor.execute(run.id).status
+            runtime = get_runtime(settings)
+            run_id = _accept(runtime, self.request, args, kwargs)
+            if run_id is None:
+                return "rejected"
+            return runtime.executor.execute(run_id).status
+        except (TransientError, OperationalError, InterfaceError) as exc:
+            countdown = backoff_s(SUBMIT_BACKOFF, self.request.retries + 1)
+            log.warning(
+                "submit.deferred",
+                message_id=self.request.id,
+                reason=str(exc).splitlines()[0],
+                retry_in_s=round(countdown, 1),
+            )
+            raise self.retry(countdown=countdown) from None
 
     in_process = {"pool": False}
 
@@ -115,3 +121,77 @@ def register(app: Celery, settings: Settings) -> None:
     @worker_process_shutdown.connect(weak=False)
     def _shutdown(**_: Any) -> None:
         close_runtime()
+
+
+def _accept(
+    runtime: WorkerRuntime, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> uuid.UUID | None:
+    """The submit's run (created unless its idempotency key names one already), or None when
+    the submit is refused, recorded as a dead letter. TransientError, with nothing written,
+    when the database cannot be reached (for the run or for its dead letter)."""
+    try:
+        return _enqueue(runtime, request, args, kwargs)
+    except TransientError:
+        raise
+    except ConveyorError as exc:
+        reason = str(exc)
+    except DataError as exc:  # the last line: what the checks did not foresee
+        reason = f"the database refused a value: {str(exc.orig).strip().splitlines()[0]}"
+    except (ValueError, TypeError, OverflowError) as exc:  # a value no check bounded yet
+        reason = f"cannot make a run of this submit: {type(exc).__name__}: {exc}"
+    dead_letter(runtime.engine, SUBMIT, request, reason)
+    return None
+
+
+def _enqueue(
+    runtime: WorkerRuntime, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> uuid.UUID:
+    if args:
+        raise InvalidInput("conveyor.submit takes keyword arguments only (kwargs={...})")
+    unknown = sorted(set(kwargs) - SUBMIT_FIELDS)
+    if unknown:
+        raise InvalidInput(
+            f"{unknown[0]}: unknown field; conveyor.submit accepts "
+            f"{', '.join(sorted(SUBMIT_FIELDS))}",
+            field=unknown[0],
+        )
+    _check_storable(kwargs)
+    fields = dict(kwargs)
+    # A redelivered message must not create a second run.
+    fields.setdefault("idempotency_key", f"celery:{request.id}")
+    req = build_request(triggered_by="celery", trigger_ref=request.id, **fields)
+    return services.enqueue(
+        UnitOfWork(runtime.engine), req, catalog=runtime.catalog, inline=True
+    ).run.id
+
+
+def _check_storable(kwargs: dict[str, Any]) -> None:
+    """Refuse what no column can store, before anything is written: text with NUL characters,
+    integers beyond 64 bits, numbers that are not finite (JSON from Celery may hold all three;
+    PostgreSQL refuses them with a DataError, and JSON readers choke on them)."""
+    todo: list[tuple[str, Any]] = [(key, value) for key, value in kwargs.items()]
+    while todo:
+        where, value = todo.pop()
+        problem = _unstorable(value)
+        if problem is not None:
+            raise InvalidInput(f"{where}: {problem}", field=where)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and "\x00" in key:
+                    raise InvalidInput(
+                        f"{where}: keys must not contain NUL characters", field=where
+                    )
+                todo.append((f"{where}.{key}", item))
+        elif isinstance(value, list | tuple):
+            todo.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+
+
+def _unstorable(value: Any) -> str | None:
+    if isinstance(value, str) and "\x00" in value:
+        return "text must not contain NUL (\\u0000) characters"
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    if integer and not INT64_MIN <= value <= INT64_MAX:
+        return "integer out of range (expected 64 bits: -2^63 to 2^63-1)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expected a finite number (got {value!r})"
+    return None
