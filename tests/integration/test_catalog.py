@@ -216,7 +216,12 @@ def test_webhook_targets_are_checked_against_the_catalog(
     producer = CompositeCatalog(TaskTableCatalog(engine))
     with pytest.raises(UnknownTask, match="did you mean 'hello'"):
         webhooks.add_webhook(
-            UnitOfWork(engine), "greet", target="helo", secret_key="", actor="t", catalog=producer
+            UnitOfWork(engine),
+            "greet",
+            target="helo",
+            secret_key=_key(),
+            actor="t",
+            catalog=producer,
         )
     view, _ = webhooks.add_webhook(
         UnitOfWork(engine), "greet", target="flaky", secret_key=_key(), actor="t", catalog=producer
