@@ -60,7 +60,7 @@ def create_app(settings: Settings) -> Celery:
     from worker.tasks import register
 
     register(app, settings)
-    watch_for_scheduler(settings)
+    watch_for_scheduler(app, settings)
     return app
 
 

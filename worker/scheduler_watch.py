@@ -83,7 +83,7 @@ class SchedulerWatch:
             self._thread = None
 
 
-def watch_for_scheduler(settings: Settings) -> None:
+def watch_for_scheduler(app: Any, settings: Settings) -> None:
     """Run a SchedulerWatch in the worker's main process (once per worker, whatever its pool):
     started when Celery says the worker is ready, stopped when it shuts down."""
     from celery.signals import worker_ready, worker_shutdown
@@ -92,16 +92,23 @@ def watch_for_scheduler(settings: Settings) -> None:
 
     watches: list[SchedulerWatch] = []
 
-    @worker_ready.connect(weak=False, dispatch_uid="conveyor.scheduler_watch.start")
-    def _start(**_: Any) -> None:
+    def ours(sender: Any) -> bool:  # signals are process-wide; a test process makes many apps
+        return getattr(sender, "app", app) is app
+
+    @worker_ready.connect(weak=False)
+    def _start(sender: Any = None, **_: Any) -> None:
+        if not ours(sender):
+            return
         # No pool: nothing is held open in the process the pool's children are forked from.
         engine = create_db_engine(settings.effective_database_url, null_pool=True)
         watch = SchedulerWatch(engine, silence_s=settings.no_scheduler_after_s)
         watch.start()
         watches.append(watch)
 
-    @worker_shutdown.connect(weak=False, dispatch_uid="conveyor.scheduler_watch.stop")
-    def _stop(**_: Any) -> None:
+    @worker_shutdown.connect(weak=False)
+    def _stop(sender: Any = None, **_: Any) -> None:
+        if not ours(sender):
+            return
         while watches:
             watch = watches.pop()
             watch.stop()

@@ -91,16 +91,23 @@ def register(app: Celery, settings: Settings) -> None:
 
     in_process = {"pool": False}
 
+    def ours(sender: Any) -> bool:
+        # Celery's signals are process-wide: a process that made several apps (tests do) must
+        # not publish one app's catalog, or start its runtime, for another app's worker.
+        return getattr(sender, "app", app) is app
+
     @worker_init.connect(weak=False)
     def _publish(sender: Any = None, **_: Any) -> None:
+        if not ours(sender):
+            return
         publish_catalog(settings)
         # A thread (or solo) pool runs tasks in this process: no pool process will start the
         # runtime, so it starts when the worker is ready (heartbeat, catalog refresh).
         in_process["pool"] = "prefork" not in str(getattr(sender, "pool_cls", "prefork"))
 
     @worker_ready.connect(weak=False)
-    def _ready(**_: Any) -> None:
-        if in_process["pool"]:
+    def _ready(sender: Any = None, **_: Any) -> None:
+        if in_process["pool"] and ours(sender):
             get_runtime(settings)
 
     @worker_process_init.connect(weak=False)

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from celery.contrib.testing.worker import start_worker
+from kombu.transport.memory import Channel as MemoryChannel
 from sqlalchemy import create_engine, select
 
 from domain.models import dead_letters, runs
@@ -23,6 +24,9 @@ def worker_app(sqlite_url: str) -> Iterator[Any]:
         database_url=sqlite_url, broker_url="memory://", task_modules="tests.e2e.worker_tasks"
     )
     app = create_app(settings)
+    # kombu's memory transport keeps its queues in one dict for the whole process: start from
+    # empty ones, not from what an earlier test left on "celery" or "default".
+    MemoryChannel.queues.clear()
     with start_worker(
         app,
         pool="solo",
