@@ -93,7 +93,7 @@ def _beat_schedule(count: int) -> dict[str, dict[str, Any]]:
 
 
 app = make_app(
-    os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/12"),
+    os.environ["BENCH_BROKER"],
     os.environ.get("BENCH_CELERY_BACKEND", ""),
     os.environ.get("BENCH_CELERY_QUEUE", "bench"),
 )

@@ -1,9 +1,15 @@
-"""Shared setup for benchmarks: a fresh PostgreSQL database, a Redis database, timing, and the
-real worker and scheduler processes the end-to-end benchmarks measure."""
+"""Shared setup for benchmarks: a fresh PostgreSQL database and a Redis server of their own,
+timing, and the real worker and scheduler processes the end-to-end benchmarks measure.
+
+A benchmark is a good neighbour: it creates uniquely named databases and drops them when it
+exits, and it runs its own `redis-server` on a free port (or the one CONVEYOR_BENCH_BROKER names,
+which it then treats as its own: it empties that database between rounds)."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import signal
 import statistics
@@ -11,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,26 +29,47 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from domain.migrate import upgrade
+from tests.services import PrivateRedis
 
 PG_ADMIN = os.environ.get("CONVEYOR_BENCH_PG", "postgresql+psycopg://127.0.0.1:5432/test")
-REDIS_DB = int(os.environ.get("CONVEYOR_BENCH_REDIS_DB", "12"))
-BROKER = f"redis://127.0.0.1:6379/{REDIS_DB}"
 ROOT = Path(__file__).resolve().parents[1]
 #: Where the processes a benchmark starts write their output (read it when one fails).
 LOG_DIR = Path(tempfile.gettempdir()) / "conveyor-bench"
 
 
 def fresh_database(name: str = "conveyor_bench", *, migrate: bool = True) -> str:
-    """Drop and recreate a database, migrate it (unless told not to), return its URL."""
+    """Create a database of this process's own (`name` plus a unique suffix), migrate it (unless
+    told not to), return its URL. It is dropped when the benchmark exits."""
+    name = f"{name}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
+    atexit.register(_drop_database, name)
     url = make_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
     if migrate:
         upgrade(url)
     return url
+
+
+def _drop_database(name: str) -> None:
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with contextlib.suppress(Exception), admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@functools.cache
+def broker_url() -> str:
+    """The benchmark's Redis: CONVEYOR_BENCH_BROKER, or a private redis-server started on first
+    use and stopped when the benchmark exits."""
+    url = os.environ.get("CONVEYOR_BENCH_BROKER")
+    if url:
+        return url
+    server = PrivateRedis()
+    server.start()
+    atexit.register(server.close)
+    return server.url(0)
 
 
 def libpq_dsn(url: str) -> str:
@@ -50,7 +78,8 @@ def libpq_dsn(url: str) -> str:
 
 
 def flush_redis() -> None:
-    redis.Redis(db=REDIS_DB).flushdb()
+    """Empty the benchmark's own Redis database between rounds."""
+    redis.Redis.from_url(broker_url()).flushdb()
 
 
 class Disturbed(Exception):
@@ -58,13 +87,14 @@ class Disturbed(Exception):
 
 
 class RedisGuard:
-    """Notices a FLUSHALL from a test suite running beside the benchmark (tests/e2e does one):
-    the messages in flight are gone, so the round cannot finish and must be measured again."""
+    """Notices that the benchmark's Redis database was emptied mid-round (possible when
+    CONVEYOR_BENCH_BROKER names a shared server): the messages in flight are gone, so the round
+    cannot finish and must be measured again."""
 
     KEY = "bench:sentinel"
 
     def __init__(self) -> None:
-        self.redis = redis.Redis(db=REDIS_DB)
+        self.redis = redis.Redis.from_url(broker_url())
 
     def arm(self) -> None:
         self.redis.set(self.KEY, 1)
@@ -214,7 +244,7 @@ def conveyor_env(database_url: str, **overrides: str) -> dict[str, str]:
     env.update(
         {
             "CONVEYOR_DATABASE_URL": database_url,
-            "CONVEYOR_BROKER_URL": BROKER,
+            "CONVEYOR_BROKER_URL": broker_url(),
             "CONVEYOR_TASK_MODULES": "bench.tasks",
             "CONVEYOR_LOG_LEVEL": "WARNING",
             "CONVEYOR_LOG_FORMAT": "json",
@@ -229,7 +259,7 @@ def conveyor_env(database_url: str, **overrides: str) -> dict[str, str]:
 def celery_env(**values: str) -> dict[str, str]:
     """Environment for the baseline Celery app (bench/celery_baseline.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVEYOR_", "BENCH_"))}
-    env.update({"BENCH_BROKER": BROKER, "PYTHONPATH": str(ROOT), **values})
+    env.update({"BENCH_BROKER": broker_url(), "PYTHONPATH": str(ROOT), **values})
     return env
 
 
@@ -301,13 +331,13 @@ class Processes:
 
 
 __all__ = [
-    "BROKER",
     "LOG_DIR",
     "CpuMeter",
     "Disturbed",
     "Processes",
     "RedisGuard",
     "Result",
+    "broker_url",
     "celery_env",
     "celery_worker_argv",
     "conveyor_env",

@@ -39,10 +39,10 @@ from typing import Any
 from sqlalchemy import create_engine, text
 
 from bench.common import (
-    BROKER,
     Disturbed,
     Processes,
     RedisGuard,
+    broker_url,
     conveyor_env,
     conveyor_worker_argv,
     flush_redis,
@@ -314,7 +314,7 @@ def main() -> None:
     modules = "bench.tasks,bench.costs"
     # The tasks above are registered already (this module runs as __main__); importing
     # bench.costs again would register them twice. The worker, a fresh process, imports it.
-    settings = load_settings(database_url=url, broker_url=BROKER, task_modules="bench.tasks")
+    settings = load_settings(database_url=url, broker_url=broker_url(), task_modules="bench.tasks")
     client = Client(settings)
     engine = create_engine(url, pool_size=1)
     try:

@@ -10,7 +10,7 @@ import argparse
 
 from celery import Celery
 
-from bench.common import BROKER, Result, flush_redis, fresh_database, report, timed
+from bench.common import Result, broker_url, flush_redis, fresh_database, report, timed
 from conveyor import Client
 from domain.registry import REGISTRY, task
 from domain.settings import load_settings
@@ -30,7 +30,7 @@ def main() -> None:
 
     url = fresh_database("conveyor_bench_enqueue")
     flush_redis()
-    celery = Celery("baseline", broker=BROKER, set_as_current=False)
+    celery = Celery("baseline", broker=broker_url(), set_as_current=False)
     celery.conf.update(task_serializer="json", task_ignore_result=True)
 
     @celery.task(name="bench_noop")
@@ -39,7 +39,7 @@ def main() -> None:
 
     noop.apply_async(args=[0])  # connect before timing
 
-    settings = load_settings(database_url=url, broker_url=BROKER)
+    settings = load_settings(database_url=url, broker_url=broker_url())
     client = Client(settings)
     assert "bench_noop" in REGISTRY
     client.enqueue("bench_noop", {"i": 0})  # connect before timing

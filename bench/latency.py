@@ -29,9 +29,9 @@ from sqlalchemy import create_engine, text
 
 from bench.celery_baseline import DONE_KEY, LATENCY_KEY, make_app
 from bench.common import (
-    BROKER,
     Processes,
     RedisGuard,
+    broker_url,
     celery_env,
     celery_worker_argv,
     conveyor_env,
@@ -117,9 +117,9 @@ def measure_conveyor(client: Client, url: str, probe: int, args: argparse.Namesp
 
 
 def measure_celery(probe: int, args: argparse.Namespace) -> Measured:
-    app = make_app(BROKER, "", "bench_bare")
+    app = make_app(broker_url(), "", "bench_bare")
     noop, stamp = app.tasks["bench.noop"], app.tasks["bench.stamp"]
-    r = redis.Redis.from_url(BROKER)
+    r = redis.Redis.from_url(broker_url())
 
     def done() -> int:
         return int(r.get(DONE_KEY) or 0)
@@ -154,7 +154,7 @@ def main() -> None:
 
     url = fresh_database("conveyor_bench_latency")
     flush_redis()
-    settings = load_settings(database_url=url, broker_url=BROKER, task_modules="bench.tasks")
+    settings = load_settings(database_url=url, broker_url=broker_url(), task_modules="bench.tasks")
     client = Client(settings)
     guard = RedisGuard()
     results: list[Measured] = []

@@ -33,9 +33,9 @@ import psycopg
 from sqlalchemy import create_engine, text
 
 from bench.common import (
-    BROKER,
     Processes,
     RedisGuard,
+    broker_url,
     conveyor_env,
     conveyor_worker_argv,
     flush_redis,
@@ -228,7 +228,7 @@ def main() -> None:
 
     url = fresh_database("conveyor_bench_logs")
     flush_redis()
-    settings = load_settings(database_url=url, broker_url=BROKER, task_modules="bench.tasks")
+    settings = load_settings(database_url=url, broker_url=broker_url(), task_modules="bench.tasks")
     client = Client(settings)
     engine = create_engine(url, pool_size=1)
     guard = RedisGuard()

@@ -53,10 +53,10 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
 from bench.common import (
-    BROKER,
     PG_ADMIN,
     CpuMeter,
     Processes,
+    broker_url,
     celery_env,
     conveyor_env,
     flush_redis,
@@ -150,7 +150,7 @@ class BrokerWatch(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        r = redis.Redis.from_url(BROKER)
+        r = redis.Redis.from_url(broker_url())
         while not self.stop.is_set():
             first = r.brpop(self.keys, timeout=0.2)
             if first is None:
@@ -271,7 +271,7 @@ def run_conveyor(procs: Processes, url: str, k: int, d: int) -> Outcome:
 
 
 def run_beat(procs: Processes, k: int, d: int) -> Outcome:
-    r = redis.Redis.from_url(BROKER)
+    r = redis.Redis.from_url(broker_url())
     with tempfile.TemporaryDirectory(prefix="conveyor-bench-beat-") as tmp:
         notes = Path(tmp) / "fires.txt"
         proc = procs.start(

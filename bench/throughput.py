@@ -38,11 +38,11 @@ from sqlalchemy.engine import make_url
 
 from bench.celery_baseline import DONE_KEY, make_app
 from bench.common import (
-    BROKER,
     CpuMeter,
     Disturbed,
     Processes,
     RedisGuard,
+    broker_url,
     celery_env,
     celery_worker_argv,
     conveyor_env,
@@ -136,7 +136,7 @@ def count(engine: Engine, sql: str) -> int:
 
 
 def celery_system(label: str, backend_url: str, queue: str, done: Callable[[], int]) -> System:
-    app = make_app(BROKER, backend_url, queue)
+    app = make_app(broker_url(), backend_url, queue)
     noop = app.tasks["bench.noop"]
 
     def send(n: int) -> None:
@@ -149,7 +149,7 @@ def celery_system(label: str, backend_url: str, queue: str, done: Callable[[], i
 
 
 def build_systems(url: str, celery_url: str, batch: int) -> tuple[list[System], Client]:
-    r = redis.Redis.from_url(BROKER)
+    r = redis.Redis.from_url(broker_url())
     conveyor_db = create_engine(url, pool_size=1)
     celery_db = create_engine(celery_url, pool_size=1)
 
@@ -158,7 +158,7 @@ def build_systems(url: str, celery_url: str, batch: int) -> tuple[list[System], 
             return count(celery_db, "SELECT count(*) FROM celery_taskmeta WHERE status='SUCCESS'")
         return 0
 
-    settings = load_settings(database_url=url, broker_url=BROKER, task_modules="bench.tasks")
+    settings = load_settings(database_url=url, broker_url=broker_url(), task_modules="bench.tasks")
     client = Client(settings)
 
     def conveyor_send(n: int) -> None:
