@@ -3,10 +3,12 @@ first use in that process (never at import, never shared across a fork)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 
 import structlog
 from sqlalchemy import Engine
@@ -43,47 +45,54 @@ class WorkerRuntime:
         self.engine: Engine = create_db_engine(
             settings.effective_database_url, pool_size=3, pre_ping=False
         )
-        self.writer = LogWriter(self.engine)
-        self.writer.start()
-        capture.install()
-        # Syncs the pipelines table and refuses a missing or wrong secret key at start.
-        self.pipelines = build_pipeline_runner(settings, self.engine, self.writer)
-        # conveyor.submit resolves names as every producer does: this worker's tasks first, then
-        # those other workers published (a run for another pool), then pipelines.
-        self.catalog = CompositeCatalog(
-            RegistryCatalog(registry),
-            TaskTableCatalog(self.engine),
-            PipelineCatalog(self.pipelines.directory, self.engine),
-        )
-        #: True in a prefork child: a task that ignores a stop can be ended with its process.
-        self.killable = False
-        self.monitor = RunMonitor(
-            self.engine,
-            lease_s=settings.lease_s,
-            tick_s=min(settings.heartbeat_s, 1.0),
-            kill_grace_s=settings.kill_grace_s,
-            on_abandon=self._abandon,
-        )
-        queues = [q for q in os.environ.get("CONVEYOR_WORKER_QUEUES", "").split(",") if q]
-        task_catalog.publish(self.engine, registry.specs(), owner=self.owner, now=utc_now())
-        self.registration = Registration(
-            self.engine,
-            self.owner,
-            queues,
-            running=lambda: self.monitor.running,
-            specs=registry.specs(),
-        )
-        self.registration.start()
-        self.executor = Executor(
-            self.engine,
-            self.writer,
-            registry,
-            self.monitor,
-            owner=self.owner,
-            lease_s=settings.lease_s,
-            prices=Prices.load(settings.prices_file),
-            pipelines=self.pipelines,
-        )
+        # A start that fails part way (a missing secret key, the database gone) stops what it
+        # had started: no LogWriter or registration thread, no pooled connection left behind.
+        with contextlib.ExitStack() as started:
+            started.callback(self.engine.dispose)
+            self.writer = LogWriter(self.engine)
+            self.writer.start()
+            started.callback(_quietly, self.writer.close)
+            capture.install()
+            # Syncs the pipelines table and refuses a missing or wrong secret key at start.
+            self.pipelines = build_pipeline_runner(settings, self.engine, self.writer)
+            # conveyor.submit resolves names as every producer does: this worker's tasks first,
+            # then those other workers published (a run for another pool), then pipelines.
+            self.catalog = CompositeCatalog(
+                RegistryCatalog(registry),
+                TaskTableCatalog(self.engine),
+                PipelineCatalog(self.pipelines.directory, self.engine),
+            )
+            #: True in a prefork child: a task that ignores a stop can be ended with its process.
+            self.killable = False
+            self.monitor = RunMonitor(
+                self.engine,
+                lease_s=settings.lease_s,
+                tick_s=min(settings.heartbeat_s, 1.0),
+                kill_grace_s=settings.kill_grace_s,
+                on_abandon=self._abandon,
+            )
+            queues = [q for q in os.environ.get("CONVEYOR_WORKER_QUEUES", "").split(",") if q]
+            task_catalog.publish(self.engine, registry.specs(), owner=self.owner, now=utc_now())
+            self.registration = Registration(
+                self.engine,
+                self.owner,
+                queues,
+                running=lambda: self.monitor.running,
+                specs=registry.specs(),
+            )
+            self.registration.start()
+            started.callback(self.registration.stop)
+            self.executor = Executor(
+                self.engine,
+                self.writer,
+                registry,
+                self.monitor,
+                owner=self.owner,
+                lease_s=settings.lease_s,
+                prices=Prices.load(settings.prices_file),
+                pipelines=self.pipelines,
+            )
+            started.pop_all()
         # Celery, kombu, SQLAlchemy, the task modules: about 190,000 objects, walked by every
         # full collection a task's allocations trigger (60-80 ms each, two or three per
         # 100,000 buffered log lines or cost entries, measured in a prefork child).
@@ -113,6 +122,12 @@ class WorkerRuntime:
             self.writer.close()  # raises if the last lines cannot be written; still dispose
         finally:
             self.engine.dispose()
+
+
+def _quietly(stop: Callable[[], None]) -> None:
+    """Stop something while a failed start unwinds: the start's own error is the one to show."""
+    with contextlib.suppress(Exception):
+        stop()
 
 
 def publish_catalog(settings: Settings, registry: Registry = REGISTRY) -> None:
