@@ -83,6 +83,7 @@ def soak_spend(ctx) -> str:  # type: ignore[no-untyped-def]
     """Reserves before it spends and spends within the reservation, as a careful task does."""
     _mark(ctx, "start")
     with ctx.reserve(usd=SPEND_USD):
+        ctx.wait(0.5)  # the call takes a while: a worker killed now holds the reservation
         ctx.cost(provider="soak", model="m", tokens_in=10, tokens_out=5, usd=SPEND_USD)
     _mark(ctx, "done")
     return SPEND_USD

@@ -116,7 +116,7 @@ def planned_items(n: int) -> Iterator[tuple[str, dict[str, Any]]]:
         if name in {"soak_short", "soak_logs"}:
             fields["params"] = {"i": i}
         elif name == "soak_long":
-            fields["params"] = {"seconds": 1 + i % 3}
+            fields["params"] = {"seconds": 1 + i % 8}
         elif name == "soak_spend":
             fields["project"] = PROJECT
         yield fields["idempotency_key"], fields
@@ -231,6 +231,7 @@ def test_soak(soak: Faults, capsys: pytest.CaptureFixture[str]) -> None:
         marks=Path(stack.env["SOAK_MARKS_DIR"]),
         planned={k: n for k, n in load.planned.items() if k not in load.refused},
         killed_groups=soak.killed_groups,
+        unrecordable=invariants.finish_failed(stack.logs),
         poisons=soak.poisons,
         schedules=views,
         paused_at=paused_at,
