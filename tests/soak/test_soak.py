@@ -9,6 +9,7 @@ the faults repeat every 90 s of it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -132,8 +133,10 @@ class Load:
         self.refused: set[str] = set()  # spenders refused at enqueue: the project is at its limit
         self.backlog: list[tuple[str, dict[str, Any]]] = []
         self.items = planned_items(0)
+        self.error: Exception | None = None  # why the last batch was not written
 
-    def tick(self, count: int) -> None:
+    def tick(self, count: int) -> bool:
+        """Enqueue `count` more planned runs and the backlog; True while a backlog remains."""
         self.backlog += [next(self.items) for _ in range(count)]
         spend = [(k, f) for k, f in self.backlog if f["name"] == "soak_spend"]
         rest = [(k, f) for k, f in self.backlog if f["name"] != "soak_spend"]
@@ -145,10 +148,12 @@ class Load:
                 self.client.enqueue_many(f for _, f in batch)
             except MonthlyLimitReached:
                 self.refused.update(k for k, _ in batch)
-            except Exception:  # an outage: the batch waits for the next tick
+            except Exception as exc:  # an outage: the batch waits for the next tick
+                self.error = exc
                 self.backlog += batch
             else:
                 self.planned.update((k, f["name"]) for k, f in batch)
+        return bool(self.backlog)
 
 
 def every_second(engine: Any, name: str, **fields: Any) -> sched.ScheduleView:
@@ -167,6 +172,56 @@ def unfinished(engine: Any) -> int:
         )
 
 
+def drive(soak: Faults, load: Load, plain: Celery) -> list[str]:
+    """The load and the faults, a tick at a time for SECONDS; returns the keys of the plain
+    Celery submits sent while PostgreSQL was down."""
+    submits = []
+    actions = soak.timeline(SECONDS)
+    start = time.monotonic()
+    for tick in itertools.count():
+        now = time.monotonic() - start
+        if now >= SECONDS:
+            break
+        while actions and actions[0].at <= now:
+            action = actions.pop(0)
+            action.run()
+            if action.fault:
+                soak.injected.append(action.fault)
+        if not soak.postgres_down:
+            if tick % 10 == 0:
+                key = f"soak:pipeline:{tick}"
+                load.backlog.append((key, {"name": "with_secret", "idempotency_key": key}))
+            load.tick(int(RUNS_PER_S * TICK_S))
+        else:  # plain Celery clients submit meanwhile: each becomes one run once it is back
+            key = f"soak:submit:{tick}"
+            plain.send_task(
+                "conveyor.submit", kwargs={"name": "soak_short", "idempotency_key": key}
+            )
+            submits.append(key)
+        time.sleep(max(0.0, start + (tick + 1) * TICK_S - time.monotonic()))
+    soak.thaw()  # a fault the load's end cut short is ended all the same
+    if soak.postgres_down:
+        soak.start_postgres()
+    try:
+        eventually(lambda: not load.tick(0), timeout=60, every=TICK_S)  # the last batches
+    except AssertionError:
+        raise AssertionError(f"planned runs never enqueued: {load.error!r}") from None
+    return submits
+
+
+def settle(soak: Faults, views: list[sched.ScheduleView]) -> datetime:
+    """Pause the schedules and wait for every run to end; returns when they were paused. A
+    run that never ends is left for the invariant checker to report."""
+    for view in views:
+        sched.set_enabled(soak.engine, view.name, False, now=utc_now())
+    paused_at = datetime.now(UTC)
+    time.sleep(1.5)  # a slot staged before the pause still fires
+    with contextlib.suppress(AssertionError):
+        eventually(lambda: unfinished(soak.engine) == 0, timeout=180, every=1)
+        eventually(lambda: _letters(soak.engine) >= len(soak.poisons), timeout=60, every=1)
+    return paused_at
+
+
 def test_soak(soak: Faults, capsys: pytest.CaptureFixture[str]) -> None:
     began = time.monotonic()
     engine, stack = soak.engine, soak.stack
@@ -181,48 +236,9 @@ def test_soak(soak: Faults, capsys: pytest.CaptureFixture[str]) -> None:
             every_second(engine, "soak-catch-up", misfire_policy="catch_up", catch_up_limit=3),
         ]
         load = Load(client)
-        submits: list[str] = []
-        plain = Celery(broker=stack.broker_url)
-        actions = soak.timeline(SECONDS)
-        start = time.monotonic()
-        for tick in itertools.count():
-            now = time.monotonic() - start
-            if now >= SECONDS:
-                break
-            while actions and actions[0].at <= now:
-                action = actions.pop(0)
-                action.run()
-                if action.fault:
-                    soak.injected.append(action.fault)
-            if not soak.postgres_down:
-                load.tick(int(RUNS_PER_S * TICK_S))
-                if tick % 10 == 0:
-                    load.backlog.append(
-                        (
-                            f"soak:pipeline:{tick}",
-                            {"name": "with_secret", "idempotency_key": f"soak:pipeline:{tick}"},
-                        )
-                    )
-            else:  # plain Celery clients submit meanwhile: each becomes one run once it is back
-                key = f"soak:submit:{tick}"
-                plain.send_task(
-                    "conveyor.submit", kwargs={"name": "soak_short", "idempotency_key": key}
-                )
-                submits.append(key)
-            time.sleep(max(0.0, start + (tick + 1) * TICK_S - time.monotonic()))
-        soak.thaw()  # a fault the load's end cut short is ended all the same
-        if soak.postgres_down:
-            soak.start_postgres()
-        while load.backlog:
-            load.tick(0)
+        submits = drive(soak, load, Celery(broker=stack.broker_url))
         load.planned.update((k, "soak_short") for k in submits)
-
-        for view in views:
-            sched.set_enabled(engine, view.name, False, now=utc_now())
-        paused_at = datetime.now(UTC)
-        time.sleep(1.5)  # a slot staged before the pause still fires
-        eventually(lambda: unfinished(engine) == 0, timeout=180, every=1)
-        eventually(lambda: _letters(engine) >= len(soak.poisons), timeout=60, every=1)
+        paused_at = settle(soak, views)
     soak.close()
 
     facts = invariants.Facts(
