@@ -463,22 +463,34 @@ def _settle(
 def release(engine: Engine, reservation_id: int, *, now: datetime) -> None:
     """Give back what is left of the headroom (`record` settled what was spent inside it)."""
     with engine.begin() as conn:
-        row = conn.execute(
-            update(reservations)
-            .where(reservations.c.id == reservation_id, reservations.c.settled_at.is_(None))
-            .values(settled_at=now)
-            .returning(
-                reservations.c.project,
-                reservations.c.month,
-                reservations.c.usd,
-                reservations.c.tokens,
-            )
-        ).first()
-        if row is not None:
-            add_usage(
-                conn,
-                row.project,
-                row.month,
-                reserve_usd=-Decimal(row.usd),
-                reserve_tokens=-int(row.tokens),
-            )
+        _give_back(conn, reservations.c.id == reservation_id, now=now)
+
+
+def release_held(conn: Connection, run_ids: list[uuid.UUID], *, now: datetime) -> None:
+    """Give back the open reservations of runs whose attempt is gone (its worker was killed or
+    its code ended inside `ctx.reserve()`, so the block never released them): in the
+    transaction that takes the runs back, else the headroom would stay held for the month."""
+    if run_ids:
+        _give_back(conn, reservations.c.run_id.in_(run_ids), now=now)
+
+
+def _give_back(conn: Connection, which: Any, *, now: datetime) -> None:
+    rows = conn.execute(
+        update(reservations)
+        .where(which, reservations.c.settled_at.is_(None))
+        .values(settled_at=now)
+        .returning(
+            reservations.c.project,
+            reservations.c.month,
+            reservations.c.usd,
+            reservations.c.tokens,
+        )
+    ).all()
+    for row in rows:
+        add_usage(
+            conn,
+            row.project,
+            row.month,
+            reserve_usd=-Decimal(row.usd),
+            reserve_tokens=-int(row.tokens),
+        )

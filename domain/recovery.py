@@ -11,7 +11,7 @@ import structlog
 from sqlalchemy import Engine, Row, delete, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from domain import runstore
+from domain import costs, runstore
 from domain.clock import Clock
 from domain.errors import BrokerUnavailable
 from domain.models import runs, workers
@@ -103,7 +103,9 @@ def _backoff_over(row: Row[Any, Any, Any, Any, Any, Any], now: datetime, grace_s
 def reap_once(engine: Engine, *, clock: Clock) -> tuple[int, int]:
     """Runs whose lease expired: re-queued (attempts left) or failed as WorkerLost."""
     with engine.begin() as conn:
-        requeued, failed = runstore.reap_expired(conn, now=clock())
+        now = clock()
+        requeued, failed = runstore.reap_expired(conn, now=now)
+        costs.release_held(conn, [*requeued, *failed], now=now)
     for run_id in requeued:
         log.warning("run.lease_expired", run_id=str(run_id), action="requeued")
     for run_id in failed:

@@ -15,7 +15,7 @@ import psutil
 import structlog
 from sqlalchemy import Engine
 
-from domain import catalog, runstore
+from domain import catalog, costs, runstore
 from domain.catalog import REFRESH_EVERY_S
 from domain.clock import utc_now
 from domain.models import workers
@@ -107,7 +107,9 @@ def graceful_stop(engine: Engine, grace_s: float) -> threading.Thread:
                 continue
         psutil.wait_procs(children, timeout=5)
         with engine.begin() as conn:
-            released = runstore.release_owned(conn, owners, now=utc_now())
+            now = utc_now()
+            released = runstore.release_owned(conn, owners, now=now)
+            costs.release_held(conn, released, now=now)
         log.warning(
             "worker.grace_expired",
             grace_s=grace_s,

@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,11 @@ from celery import Celery
 from sqlalchemy import func, select
 
 from conveyor import Client
+from domain.clock import utc_now
+from domain.costs import usage
 from domain.models import dead_letters, run_logs, run_steps, runs
 from domain.ports import Dispatch
+from domain.projects import add_project
 from tests.e2e.stack import Stack
 from tests.polling import eventually
 from tests.services import PrivateRedis
@@ -106,6 +110,32 @@ def test_kill_9_mid_run_finishes_on_another_worker(
         stack.kill(rescuer, signal.SIGTERM)
     assert (final.status, final.attempt) == ("succeeded", 2)
     assert marks(marks_file) == ["start 1", "start 2", "done 2"]  # the effect completed once
+
+
+def test_kill_9_inside_a_reservation_gives_its_headroom_back(
+    stack: Stack, client: Client, tmp_path: Path
+) -> None:
+    """A worker killed inside ctx.reserve() never releases it; the reaper does when it takes
+    the run back, else the held headroom would count against the project's month for good
+    (here the next attempt could not reserve again, and ended budget_exceeded)."""
+    add_project(client.engine, "capped", monthly_cost_usd="1.00", now=utc_now())
+    marks_file = tmp_path / "marks"
+    victim = stack.worker("fragile", name="victim")
+    params = {"marks": str(marks_file), "usd": "0.60", "seconds": 4}
+    run = client.enqueue("reserves", params, queue="fragile", project="capped")
+    eventually(lambda: marks(marks_file) == ["start 1"], timeout=60)
+    stack.kill(victim, signal.SIGKILL)  # 0.60 USD held by an attempt that is gone
+    rescuer = stack.worker("fragile", name="rescuer")
+    try:
+        final = client.wait(run.id, timeout=60)
+    finally:
+        stack.kill(rescuer, signal.SIGTERM)
+    assert (final.status, final.attempt, final.error) == ("succeeded", 2, None)
+    with client.engine.connect() as conn:
+        month = conn.execute(
+            select(usage.c.cost_usd, usage.c.reserved_usd).where(usage.c.project == "capped")
+        ).one()
+    assert (month.cost_usd, month.reserved_usd) == (Decimal("0.60"), Decimal(0))
 
 
 def queued(stack: Stack, queue: str) -> int:

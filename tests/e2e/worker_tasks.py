@@ -30,6 +30,19 @@ def side_effect(ctx, marks: str, seconds: float = 0.0) -> dict[str, int]:  # typ
     return {"attempt": ctx.attempt}
 
 
+@task(max_attempts=3)
+def reserves(ctx, marks: str, usd: str, seconds: float = 0.0) -> str:  # type: ignore[no-untyped-def]
+    """Reserves `usd`, appends `start N` inside the reservation, waits, then spends it all."""
+    with ctx.reserve(usd=usd):
+        with Path(marks).open("a") as f:
+            f.write(f"start {ctx.attempt}\n")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            ctx.wait(0.05)
+        ctx.cost(provider="e2e", model="m", usd=usd)
+    return usd
+
+
 @task
 def waits(ctx, seconds: float = 30.0) -> str:  # type: ignore[no-untyped-def]
     """Cooperative: stops as soon as it is asked to."""

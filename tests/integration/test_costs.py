@@ -4,16 +4,17 @@ concurrency, exact reports, and refusals with the reason."""
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 
-from domain import cost_reports, costs, projects
+from domain import cost_reports, costs, projects, recovery
 from domain.clock import utc_now
 from domain.errors import ConfigurationError, InvalidInput
-from domain.models import cost_entries
+from domain.models import cost_entries, runs
 from tests.integration.conftest import Harness
 
 
@@ -209,3 +210,32 @@ def test_project_input_errors(engine: Engine) -> None:
     with pytest.raises(Conflict, match="already exists"):
         projects.add_project(engine, "z", now=now)
     assert [p["name"] for p in projects.list_projects(engine, now=now)] == ["default", "z"]
+
+
+def test_the_reaper_gives_back_what_a_lost_attempt_had_reserved(h: Harness) -> None:
+    """An attempt whose worker died inside reserve() never released it: the reaper settles it
+    when it takes the run back (re-queued or failed), and leaves a live run's reservation."""
+    projects.add_project(h.engine, "held", monthly_cost_usd="1.00", now=utc_now())
+
+    @h.registry.task(max_attempts=2)
+    def spends(ctx) -> None:  # type: ignore[no-untyped-def]
+        """Never run here: the test plays the worker that died."""
+
+    requeued, failed, alive = (h.enqueue("spends", project="held") for _ in range(3))
+    now = utc_now()
+    for run_id in (requeued, failed, alive):
+        costs.reserve(h.engine, run_id, "held", usd=Decimal("0.25"), tokens=10, now=now)
+    expired = now - timedelta(seconds=1)
+    with h.engine.begin() as conn:
+        for run_id, attempt, lease in [(requeued, 1, expired), (failed, 2, expired),
+                                       (alive, 1, now + timedelta(minutes=5))]:  # fmt: skip
+            conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(status="running", attempt=attempt, lease_owner="w", lease_expires_at=lease)
+            )
+    assert projects.show_project(h.engine, "held", now=now)["reserved_usd"] == "0.75"
+    assert recovery.reap_once(h.engine, clock=lambda: now) == (1, 1)
+    usage = projects.show_project(h.engine, "held", now=now)
+    assert (usage["reserved_usd"], usage["spent_usd"]) == ("0.25", "0")  # the live run's only
+    assert h.get(requeued).status == "pending" and h.get(failed).status == "failed"
