@@ -19,8 +19,8 @@ RUN mkdir -p domain worker scheduler api conveyor migrations examples \
 COPY . .
 RUN pip install --no-deps . \
     && useradd --create-home --uid 10001 conveyor \
-    && mkdir -p /app/.conveyor \
-    && chown conveyor /app/.conveyor
+    && mkdir -p /app/.conveyor /data \
+    && chown conveyor /app/.conveyor /data
 
 # Nothing here needs root (and Celery warns when a worker runs as root).
 USER conveyor

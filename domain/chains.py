@@ -125,7 +125,7 @@ def chain_follow_up(
             target=target_name,
             outcome=status,
         )
-        return Dispatch(row["id"], row["name"], row["queue"], row["priority"])
+        return Dispatch(row["id"], row["name"], row["queue"], row["priority"], row["params"])
     return None
 
 

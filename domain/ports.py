@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -12,12 +12,16 @@ from domain.errors import InvalidInput
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
-    """What the broker needs to deliver one run: the id travels, never the row."""
+    """What the broker needs to deliver one run: the id travels, never the row.
+
+    `params` are only shown (Celery's `kwargsrepr` header, masked): the worker reads them from
+    the run's row."""
 
     run_id: uuid.UUID
     name: str
     queue: str
     priority: int
+    params: Mapping[str, Any] | None = None
 
 
 class Publisher(Protocol):

@@ -47,6 +47,7 @@ def relay_once(
             runs.c.name,
             runs.c.queue,
             runs.c.priority,
+            runs.c.params,
             runs.c.dispatched_at,
             runs.c.dispatch_attempts,
         )
@@ -65,7 +66,7 @@ def relay_once(
         due = [r for r in rows if r.dispatched_at is None or _backoff_over(r, now, grace_s)]
         if not due:
             return RelayResult(0, 0)
-        dispatches = [Dispatch(r.id, r.name, r.queue, r.priority) for r in due]
+        dispatches = [Dispatch(r.id, r.name, r.queue, r.priority, r.params) for r in due]
         try:
             publisher.publish(dispatches)
         except BrokerUnavailable as exc:
@@ -94,7 +95,9 @@ def hand_back(engine: Engine, run_ids: list[uuid.UUID], *, marked_at: datetime) 
         )
 
 
-def _backoff_over(row: Row[Any, Any, Any, Any, Any, Any], now: datetime, grace_s: float) -> bool:
+def _backoff_over(
+    row: Row[Any, Any, Any, Any, Any, Any, Any], now: datetime, grace_s: float
+) -> bool:
     attempts = max(1, int(row.dispatch_attempts))
     factor = min(MAX_GRACE_FACTOR, 2 ** (attempts - 1))
     return bool(row.dispatched_at < now - timedelta(seconds=grace_s * factor))

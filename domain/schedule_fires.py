@@ -277,7 +277,9 @@ class _Batch:
                 run = s.run
                 dispatch = None
                 if run["dispatched_at"] is not None:
-                    dispatch = Dispatch(run["id"], run["name"], run["queue"], run["priority"])
+                    dispatch = Dispatch(
+                        run["id"], run["name"], run["queue"], run["priority"], run["params"]
+                    )
                 out.append(Fired(s.slot, "enqueued", run["id"], dispatch, s.schedule_id))
         return out + self.failed
 

@@ -183,7 +183,7 @@ def _prepare_publish(
     if publisher is None:
         return None
     dispatches = [
-        Dispatch(r.run.id, r.run.name, r.run.queue, r.run.priority)
+        Dispatch(r.run.id, r.run.name, r.run.queue, r.run.priority, r.run.params)
         for r in results
         if r.created and r.run.dispatched_at is not None
     ]

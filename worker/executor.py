@@ -51,11 +51,17 @@ class PipelineRunner(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What one delivery did: `dropped` (not ours), `lease_lost`, `retrying`, or a final status."""
+    """What one delivery did: `dropped` (not ours), `lease_lost`, `retrying`, or a final status.
+
+    A failed attempt carries its error (masked, as recorded) and, when it is retried, the
+    delay before the next one: the Celery task's state tells them (worker/task_states.py)."""
 
     run_id: uuid.UUID
     status: str
     attempt: int = 0
+    error_type: str | None = None
+    error: str | None = None
+    retry_in_s: float | None = None
 
 
 @dataclass
@@ -313,7 +319,7 @@ class Executor:
             attempt=claim.attempt,
             error_type=error_type,
         )
-        return Outcome(claim.run_id, status, claim.attempt)
+        return Outcome(claim.run_id, status, claim.attempt, error_type, error)
 
     def _retry(self, claim: Claim, policy: RetryPolicy, failure: Failure) -> Outcome:
         delay = backoff_s(policy, claim.attempt)
@@ -340,7 +346,9 @@ class Executor:
             delay_s=round(delay, 3),
             error_type=failure.error_type,
         )
-        return Outcome(claim.run_id, "retrying", claim.attempt)
+        return Outcome(
+            claim.run_id, "retrying", claim.attempt, failure.error_type, failure.error, delay
+        )
 
     def _write_lines(self, run_id: uuid.UUID) -> None:
         self._write_rows(*self.writer.take_run(run_id))

@@ -17,18 +17,23 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
 from domain.errors import BrokerUnavailable
+from domain.masking import NO_SECRETS, Masker
 from domain.ports import Dispatch
 from domain.settings import redact_url
 from worker.app import EXECUTE, priority_for_broker
+from worker.messages import display_headers
 
 log = structlog.get_logger("conveyor.publisher")
 T = TypeVar("T")
 
 _ID, _TAG, _QUEUE, _PRIORITY = "@@ID@@", "@@TAG@@", "@@QUEUE@@", 987654321
+#: Placeholders for the headers worker/messages.py builds (filled JSON-escaped).
+_SHOWN = {"shadow": "@@SHADOW@@", "argsrepr": "@@ARGSREPR@@", "kwargsrepr": "@@KWARGSREPR@@"}
 
 
 class CeleryPublisher:
-    """Sends `conveyor.execute(run_id)` messages for runs.
+    """Sends `conveyor.execute(run_id)` messages for runs, shown to Celery's tools under the
+    run's task name, with its params (worker/messages.py).
 
     On Redis a batch is one pipeline with one LPUSH per queue key, and each message is filled
     into a template that Celery itself built (`as_task_v2`, protocol 2 in kombu's Redis
@@ -40,9 +45,10 @@ class CeleryPublisher:
     and the relay publishes them later.
     """
 
-    def __init__(self, app: Celery, *, batch_size: int = 1000) -> None:
+    def __init__(self, app: Celery, *, batch_size: int = 1000, masker: Masker = NO_SECRETS) -> None:
         self.app = app
         self.batch_size = batch_size
+        self.masker = masker  # secret values the shown params must not carry
         self._broker = str(app.conf.broker_url or "")
         self._redis: redis.Redis | None = None
         self._setup_lock = threading.Lock()
@@ -80,7 +86,7 @@ class CeleryPublisher:
         for d in dispatches:
             priority = priority_for_broker(self._broker, d.priority)
             key = d.queue if priority == 0 else f"{d.queue}:{priority}"
-            by_key[key].append(self._message(str(d.run_id), d.queue, priority))
+            by_key[key].append(self._message(d, priority))
         return by_key
 
     def _push(self, by_key: dict[str, list[str]]) -> None:
@@ -104,7 +110,7 @@ class CeleryPublisher:
             return self._redis
 
     def _build_templates(self) -> None:
-        task = self.app.amqp.as_task_v2(_ID, EXECUTE, args=[_ID])
+        task = self.app.amqp.as_task_v2(_ID, EXECUTE, args=[_ID], **_SHOWN)
         envelope = {
             # The JSON body as text, without kombu's default base64 wrapping: a message with
             # no `body_encoding` is read as it is (kombu's virtual Channel.decode_body), and
@@ -123,22 +129,29 @@ class CeleryPublisher:
             },
         }
         # One %-format per message instead of a search-and-replace per field.
+        template = json.dumps(envelope).replace("%", "%%")
+        for header, placeholder in _SHOWN.items():
+            template = template.replace(placeholder, f"%({header})s")
         self._template = (
-            json.dumps(envelope)
-            .replace("%", "%%")
-            .replace(_ID, "%(id)s")
+            template.replace(_ID, "%(id)s")
             .replace(_TAG, "%(tag)s")
             .replace(_QUEUE, "%(queue)s")
             .replace(str(_PRIORITY), "%(priority)d")
         )
 
-    def _message(self, run_id: str, queue: str, priority: int) -> str:
+    def _message(self, d: Dispatch, priority: int) -> str:
         assert self._template is not None
+        run_id = str(d.run_id)
+        shown = {
+            header: json.dumps(value)[1:-1]  # inside a JSON string of the template
+            for header, value in display_headers(d, self.masker).items()
+        }
         return self._template % {
             "id": run_id,
             "tag": f"{run_id}.{next(self._tags):x}",
-            "queue": queue,
+            "queue": d.queue,
             "priority": priority,
+            **shown,
         }
 
     # -- other brokers: kombu's batch API ---------------------------------------------------
@@ -155,4 +168,5 @@ class CeleryPublisher:
                     priority=priority_for_broker(self._broker, d.priority),
                     producer=producer,
                     retry=False,
+                    **display_headers(d, self.masker),
                 )

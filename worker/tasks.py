@@ -27,6 +27,7 @@ from worker.app import EXECUTE, SUBMIT
 from worker.deadletter import dead_letter
 from worker.executor import backoff_s
 from worker.runtime import WorkerRuntime, close_runtime, get_runtime, publish_catalog
+from worker.task_states import RunFailed, task_result
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -54,7 +55,9 @@ def register(app: Celery, settings: Settings) -> None:
 
     # shared=False: the tasks belong to this app only (a shared task would be added to every
     # app made later in the process, bound to this one's settings).
-    @app.task(name=EXECUTE, bind=True, ignore_result=True, shared=False)
+    # The task's state is the run's (worker/task_states.py): a run that did not succeed ends
+    # the task with RunFailed, an expected outcome Celery logs in one line, no traceback.
+    @app.task(name=EXECUTE, bind=True, ignore_result=True, shared=False, throws=(RunFailed,))
     def execute(self: Task, run_id: Any = None, *args: Any, **kwargs: Any) -> str:
         try:
             rid = uuid.UUID(str(run_id))
@@ -63,10 +66,17 @@ def register(app: Celery, settings: Settings) -> None:
         except ValueError as exc:
             reason = f"malformed conveyor.execute message: {exc}"
             dead_letter(get_runtime(settings).engine, EXECUTE, self.request, reason)
-            return "rejected"
-        return get_runtime(settings).executor.execute(rid).status
+            raise RunFailed(reason) from None
+        return task_result(get_runtime(settings).executor.execute(rid))
 
-    @app.task(name=SUBMIT, bind=True, ignore_result=True, max_retries=None, shared=False)
+    @app.task(
+        name=SUBMIT,
+        bind=True,
+        ignore_result=True,
+        max_retries=None,
+        shared=False,
+        throws=(RunFailed,),
+    )
     def submit(self: Task, *args: Any, **kwargs: Any) -> str:
         """For plain Celery clients: create the run (idempotently) and execute it here.
 
@@ -77,8 +87,8 @@ def register(app: Celery, settings: Settings) -> None:
             runtime = get_runtime(settings)
             run_id = _accept(runtime, self.request, args, kwargs)
             if run_id is None:
-                return "rejected"
-            return runtime.executor.execute(run_id).status
+                raise RunFailed("conveyor.submit refused: see its dead letter")
+            return task_result(runtime.executor.execute(run_id))
         except (TransientError, OperationalError, InterfaceError) as exc:
             countdown = backoff_s(SUBMIT_BACKOFF, self.request.retries + 1)
             log.warning(

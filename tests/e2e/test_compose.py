@@ -92,12 +92,24 @@ def test_compose_config_is_valid() -> None:
         environment = services[name]["environment"]
         assert environment["CONVEYOR_DATABASE_URL"] == expected["CONVEYOR_DATABASE_URL"], name
         assert environment["CONVEYOR_BROKER_URL"] == expected["CONVEYOR_BROKER_URL"], name
-    assert services["flower"]["command"][:4] == ["celery", "-A", "worker.celery_app", "flower"]
+    flower = services["flower"]
+    assert flower["command"][:4] == ["celery", "-A", "worker.celery_app", "flower"]
+    # Its task history outlives a restart: kept on a named volume.
+    assert {"--persistent=True", "--db=/data/flower.db"} <= set(flower["command"])
+    # docker-compose v1 prints "source:target:mode", the compose plugin a mapping.
+    mounts = [
+        (v["source"], v["target"]) if isinstance(v, dict) else tuple(v.split(":")[:2])
+        for v in flower["volumes"]
+    ]
+    assert mounts == [("flowerdata", "/data")], mounts
+    assert "flowerdata" in config["volumes"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == expected["FLOWER_BASIC_AUTH"]
 
 
 # -- the services' commands, natively ----------------------------------------------------------
-def native(command: list[str], ports: dict[str, int]) -> list[str]:
-    """A compose `command:` for this machine: our interpreter, loopback, free ports."""
+def native(command: list[str], ports: dict[str, int], data: Path) -> list[str]:
+    """A compose `command:` for this machine: our interpreter, loopback, free ports, and the
+    `data` folder for files the container keeps on a volume under /data."""
     program, *args = command
     argv = [sys.executable, "-m", program] if program in {"conveyor", "celery"} else [program]
     out: list[str] = []
@@ -106,6 +118,8 @@ def native(command: list[str], ports: dict[str, int]) -> list[str]:
             out.append(str(ports[arg]))
         elif arg.startswith("--port="):
             out.append(f"--port={ports[arg.split('=', 1)[1]]}")
+        elif arg.startswith("--db=/data/"):
+            out.append(f"--db={data / arg.removeprefix('--db=/data/')}")
         else:
             out.append(arg.replace("0.0.0.0", "127.0.0.1"))
     return argv + out
@@ -180,10 +194,10 @@ def test_each_service_command_runs_natively_and_they_work_together(
     user, _, password = env["FLOWER_BASIC_AUTH"].partition(":")
     natives = Natives(env, tmp_path)
     try:
-        migrate = natives.start("migrate", native(services["migrate"]["command"], ports))
+        migrate = natives.start("migrate", native(services["migrate"]["command"], ports, tmp_path))
         assert migrate.wait(timeout=120) == 0, natives.log("migrate")
         for name in ("api", "worker", "scheduler", "flower"):
-            natives.start(name, native(services[name]["command"], ports))
+            natives.start(name, native(services[name]["command"], ports, tmp_path))
 
         def ready() -> bool:
             natives.alive("api")
@@ -249,4 +263,5 @@ def test_each_service_command_runs_natively_and_they_work_together(
         natives.stop_all()
     for name in ("api", "worker", "scheduler", "flower"):
         assert "Traceback" not in natives.log(name), natives.log(name)
+    assert list(tmp_path.glob("flower.db*")), "Flower saved no state for --persistent"
     assert uuid.UUID(now["id"]) and uuid.UUID(later["id"])

@@ -44,7 +44,7 @@ def test_enqueue_writes_the_run_then_publishes_after_commit(
         publisher=publisher,
     ).run
     assert seen_from_another_connection == ["pending"]
-    assert publisher.published == [Dispatch(run.id, "send_report", "mail", 8)]
+    assert publisher.published == [Dispatch(run.id, "send_report", "mail", 8, {"customer_id": 7})]
     stored = services.get_run(uow, run.id)
     assert stored.params == {"customer_id": 7}
     assert stored.status == "pending" and stored.attempt == 0
