@@ -208,3 +208,22 @@ def test_a_batch_is_validated_in_one_pass_and_an_error_names_the_item() -> None:
     assert bad.value.field == "priority"
     with pytest.raises(InvalidInput, match=r"^items\[1\]\.params: must be a JSON object"):
         build_requests([{"name": "a"}, {"name": "b", "params": [1]}])
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "fragment"),
+    [
+        ({"params": {"n": 2**70}}, "params", "integer out of range"),
+        ({"params": {"s": "a\x00"}}, "params", "NUL (\\u0000) characters at params.s"),
+        ({"queue": "q\x00"}, "queue", "must not contain NUL"),
+        ({"priority": True}, "priority", "not true/false"),
+    ],
+)
+def test_a_schedule_refuses_what_each_of_its_runs_would_be_refused(
+    fields: dict[str, Any], field: str, fragment: str
+) -> None:
+    from domain.schedules import ScheduleInput
+
+    with pytest.raises(InvalidInput) as info:
+        ScheduleInput.parse(name="s", target="t", trigger="interval", expression="1m", **fields)
+    assert info.value.field == field and fragment in str(info.value)
