@@ -124,10 +124,7 @@ class EnqueueRequest(BaseModel):
             return {}
         if not isinstance(value, dict):
             raise ValueError(f"must be a JSON object, got {type(value).__name__}")
-        found = storable.first_problem(value, "params")
-        if found is not None:
-            path, why = found
-            raise ValueError(why if path == "params" else f"{why} at {path}")
+        storable.refuse_unstorable(value, "params")
         try:
             encoded = json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -139,10 +136,7 @@ class EnqueueRequest(BaseModel):
     @field_validator("idempotency_key", "trigger_ref", "callback_url")
     @classmethod
     def _text(cls, value: str | None) -> str | None:
-        why = storable.problem(value)
-        if why is not None:
-            raise ValueError(why)
-        return value
+        return storable.refuse_unstorable(value, "text")
 
     @field_validator("callback_url")
     @classmethod

@@ -80,12 +80,7 @@ class ScheduleInput(BaseModel):
     @classmethod
     def _storable(cls, value: Any, info: ValidationInfo) -> Any:
         # Refused now, not at every fire: each run of the schedule would carry the value.
-        field = str(info.field_name)
-        found = storable.first_problem(value, field)
-        if found is not None:
-            path, why = found
-            raise ValueError(why if path == field else f"{why} at {path}")
-        return value
+        return storable.refuse_unstorable(value, str(info.field_name))
 
     @classmethod
     def parse(cls, **fields: Any) -> ScheduleInput:

@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from domain.errors import InvalidInput
 
@@ -20,6 +20,7 @@ MAX_USD = Decimal("1e10")
 #: well inside datetime's range (year 9999) and every column that stores it.
 MAX_SECONDS = 100 * 365 * 86400
 NOT_BOOL = "expected a number, not true/false"
+T = TypeVar("T")
 
 
 def problem(value: Any) -> str | None:
@@ -51,6 +52,16 @@ def first_problem(value: Any, where: str) -> tuple[str, str] | None:
         elif isinstance(item, list | tuple):
             todo.extend((f"{path}[{i}]", inner) for i, inner in enumerate(item))
     return None
+
+
+def refuse_unstorable(value: T, where: str) -> T:
+    """`value` unchanged, or a ValueError saying what inside it cannot be stored (for pydantic
+    validators: the field is named by pydantic, the path inside it by the message)."""
+    found = first_problem(value, where)
+    if found is not None:
+        path, why = found
+        raise ValueError(why if path == where else f"{why} at {path}")
+    return value
 
 
 def check_fields(fields: Mapping[str, Any]) -> None:
