@@ -228,7 +228,7 @@ def _document(app: FastAPI) -> dict[str, Any]:
         BEARER: {
             "type": "http",
             "scheme": "bearer",
-            "description": "An API token (conveyor api-token create)",
+            "description": "An API token (conveyor tokens create)",
         }
     }
     models: list[type[BaseModel]] = [ErrorBody, *RESPONSES.values()]

@@ -35,7 +35,7 @@ def test_every_route_with_a_token_declares_the_bearer_scheme(doc: dict[str, Any]
     assert doc["components"]["securitySchemes"]["bearer"] == {
         "type": "http",
         "scheme": "bearer",
-        "description": "An API token (conveyor api-token create)",
+        "description": "An API token (conveyor tokens create)",
     }
     for label, op in operations(doc):
         if label.split()[1].startswith("/api/"):
