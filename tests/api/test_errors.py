@@ -180,3 +180,40 @@ def test_a_body_that_is_not_json_says_where(api: ApiClient, body: str, where: st
     error = error_of(response)
     assert error["field"] == "body"
     assert error["message"].startswith(f"body: invalid JSON at {where}")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/v1/pipelines/etl/trigger", {"priority": True}, "priority"),
+        ("/api/v1/pipelines/etl/trigger", {"max_requests": 2**40}, "max_requests"),
+        (
+            "/api/v1/schedules",
+            {
+                "name": "s",
+                "target": "t",
+                "trigger": "interval",
+                "expression": "1m",
+                "priority": True,
+            },
+            "priority",
+        ),
+        (
+            "/api/v1/schedules",
+            {
+                "name": "s",
+                "target": "t",
+                "trigger": "interval",
+                "expression": "1m",
+                "params": {"n": 2**70},
+            },
+            "params",
+        ),
+    ],
+)
+def test_pipelines_and_schedules_check_numbers_the_same_way(
+    api: ApiClient, path: str, body: dict[str, object], field: str
+) -> None:
+    response = api.as_role("admin", "POST", path, json=body)
+    assert response.status_code == 422, response.text
+    assert error_of(response)["field"] == field
