@@ -52,7 +52,7 @@ def parse_duration(
                 field=field,
             )
         number, unit = match.group(1), match.group(2)
-        if unit is None and not bare_seconds:
+        if unit is None and not bare_seconds and float(number) != 0:  # 0 needs no unit
             raise InvalidInput(f"{field}: {number} what? use {number}s, {number}m", field=field)
         seconds = float(number) * _UNIT_S[unit]
     if not math.isfinite(seconds) or seconds > storable.MAX_SECONDS:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from api.app import create_api
 from api.openapi import RESPONSES
@@ -85,8 +86,27 @@ def test_the_documented_models_are_what_the_routes_send(api: ApiClient) -> None:
         ).json(),
         "GET /api/v1/workers": api.as_role("readonly", "GET", "/api/v1/workers").json(),
         "GET /readyz": api.get("/readyz").json(),
+        "GET /healthz": api.get("/healthz").json(),
+        "POST /api/v1/schedules": api.as_role(
+            "admin",
+            "POST",
+            "/api/v1/schedules",
+            json={"name": "s", "target": "report", "trigger": "interval", "expression": "1h"},
+        ).json(),
+        "GET /api/v1/schedules/{name}": api.as_role(
+            "readonly", "GET", "/api/v1/schedules/s"
+        ).json(),
+        "GET /api/v1/stats": api.as_role("readonly", "GET", "/api/v1/stats").json(),
+        "GET /api/v1/costs": api.as_role("readonly", "GET", "/api/v1/costs").json(),
+        "GET /api/v1/audit": api.as_role("admin", "GET", "/api/v1/audit").json(),
+        "GET /api/v1/tokens": api.as_role("admin", "GET", "/api/v1/tokens").json(),
     }
     for label, body in bodies.items():
         model = RESPONSES[label]
         assert set(body) == set(model.model_fields), label
         model.model_validate(body)
+        for item in body.get("items", []) if isinstance(body.get("items"), list) else []:
+            if isinstance(item, dict):
+                inner = model.model_fields["items"].annotation.__args__[0]  # type: ignore[union-attr]
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    assert set(item) == set(inner.model_fields), label

@@ -133,6 +133,7 @@ def test_a_duration_from_a_person_needs_its_unit() -> None:
     with pytest.raises(InvalidInput, match=r"^every: 10 what\? use 10s, 10m$"):
         parse_duration("10", field="every", bare_seconds=False)
     assert parse_duration(10, bare_seconds=False).total_seconds() == 10  # a number is seconds
+    assert parse_duration("0", bare_seconds=False).total_seconds() == 0  # zero of anything
 
 
 @pytest.mark.parametrize("text", ["99999999999d", "100000000000000000000d", "36501d"])
