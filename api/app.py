@@ -16,6 +16,7 @@ from api import (
     errors,
     health,
     metrics,
+    openapi,
     routes_admin,
     routes_costs,
     routes_pipelines,
@@ -93,6 +94,7 @@ def create_api(
     app.state.limiter = FailedAuthLimiter(opts)
     app.state.tokens = TokenCache(opts.token_cache_s)
     errors.install(app)
+    openapi.install(app)
     # Routes are matched in this order, one pattern after another: the busiest go first
     # (no two of these routers' paths overlap, so the order changes nothing else).
     for module in (

@@ -216,6 +216,7 @@ def requires(role: str) -> Callable[..., Awaitable[Principal]]:
         auth.require(who, role)
         return who
 
+    dependency.role = role  # type: ignore[attr-defined]  # the OpenAPI document reads it
     return dependency
 
 

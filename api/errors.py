@@ -109,6 +109,8 @@ async def _conveyor_error(request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     err = exc.errors()[0]
+    if err.get("type") == "json_invalid":
+        return error_response(422, "invalid_input", _json_problem(err, exc.body), "body")
     loc = [str(part) for part in err.get("loc", ())]
     if loc and loc[0] in {"query", "path", "header", "cookie"}:
         where = loc[1:2]  # a parameter's name, not the index of a repeated value
@@ -122,6 +124,20 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if err.get("type") not in {"missing", "extra_forbidden"} and len(shown) <= 80:
         message = f"{message} (got {shown})"
     return error_response(422, "invalid_input", f"{field or 'request'}: {message}", field)
+
+
+def _json_problem(err: dict[str, Any], document: Any) -> str:
+    """`body: invalid JSON at line 1 column 2: Expecting value` from FastAPI's decode error,
+    whose loc holds the character offset (not a field)."""
+    offset = err["loc"][-1] if err.get("loc") else None
+    reason = str((err.get("ctx") or {}).get("error", "")).strip()
+    where = ""
+    if isinstance(offset, int) and isinstance(document, str | bytes):
+        text = document if isinstance(document, str) else document.decode("utf-8", "replace")
+        line = text.count("\n", 0, offset) + 1
+        column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+        where = f" at line {line} column {column}"
+    return f"body: invalid JSON{where}" + (f": {reason}" if reason else "")
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Request
@@ -13,7 +12,16 @@ from api.auth import Reader, Writer, client_ip
 from api.state import State
 from domain import audit, services
 from domain.queries_pipelines import TableCatalog, get_pipeline, list_pipelines, pipeline_detail
-from domain.requests import build_request
+from domain.requests import (
+    Attempts,
+    Count,
+    Delay,
+    Minutes,
+    Priority,
+    Seconds,
+    Usd,
+    build_request,
+)
 
 router = APIRouter(prefix="/api/v1/pipelines", tags=["pipelines"])
 
@@ -29,14 +37,14 @@ class TriggerPipeline(BaseModel):
     idempotency_key: str | None = Field(None, min_length=1, max_length=255)
     project: str | None = Field(None, min_length=1, max_length=100)
     queue: str | None = Field(None, min_length=1, max_length=100)
-    priority: int | None = Field(None, ge=0, le=9)
-    delay_s: float | None = Field(None, ge=0)
+    priority: Priority | None = None
+    delay_s: Delay | None = None
     not_before: AwareDatetime | None = None
-    max_attempts: int | None = Field(None, ge=1, le=100)
-    timeout_s: float | None = Field(None, gt=0)
-    budget_usd: Decimal | None = Field(None, gt=0)
-    max_requests: int | None = Field(None, gt=0)
-    max_minutes: float | None = Field(None, gt=0)
+    max_attempts: Attempts | None = None
+    timeout_s: Seconds | None = None
+    budget_usd: Usd | None = None
+    max_requests: Count | None = None
+    max_minutes: Minutes | None = None
     callback_url: str | None = Field(None, max_length=2000)
 
 

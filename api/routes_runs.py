@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Request
@@ -18,7 +17,16 @@ from domain.catalog import permissive
 from domain.clock import utc_now
 from domain.errors import InvalidInput
 from domain.repository import RunFilter
-from domain.requests import build_request
+from domain.requests import (
+    Attempts,
+    Count,
+    Delay,
+    Minutes,
+    Priority,
+    Seconds,
+    Usd,
+    build_request,
+)
 from domain.states import Status
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
@@ -50,14 +58,14 @@ class CreateRun(BaseModel):
     idempotency_key: str | None = Field(None, min_length=1, max_length=255)
     project: str | None = Field(None, min_length=1, max_length=100)
     queue: str | None = Field(None, min_length=1, max_length=100)
-    priority: int | None = Field(None, ge=0, le=9)
-    delay_s: float | None = Field(None, ge=0)
+    priority: Priority | None = None
+    delay_s: Delay | None = None
     not_before: AwareDatetime | None = None
-    max_attempts: int | None = Field(None, ge=1, le=100)
-    timeout_s: float | None = Field(None, gt=0)
-    budget_usd: Decimal | None = Field(None, gt=0)
-    max_requests: int | None = Field(None, gt=0)
-    max_minutes: float | None = Field(None, gt=0)
+    max_attempts: Attempts | None = None
+    timeout_s: Seconds | None = None
+    budget_usd: Usd | None = None
+    max_requests: Count | None = None
+    max_minutes: Minutes | None = None
     kind: Literal["task", "pipeline"] = "task"
     callback_url: str | None = Field(None, max_length=2000)
     allow_unknown: bool = Field(
@@ -130,7 +138,9 @@ def create_run(
             ip=client_ip(request),
         )
     warnings = state.delivery.warnings(run, utc_now()) if state.delivery is not None else []
-    return JSONResponse(
+    # JSONBody encodes any run the checks let through, so a committed run is never answered
+    # with a 500 (which a client would retry into a duplicate).
+    return JSONBody(
         {**run.to_dict(), "warnings": warnings},
         status_code=201 if result.created else 200,
         headers={"Location": f"/api/v1/runs/{run.id}"},

@@ -18,7 +18,7 @@ from domain.clock import utc_now
 from domain.errors import ConveyorError, InvalidInput
 from domain.ports import Catalog
 from domain.queries_pipelines import TableCatalog
-from domain.requests import build_request
+from domain.requests import Priority, build_request
 from scheduler.triggers import Slots, TriggerSpec
 
 router = APIRouter(prefix="/api/v1/schedules", tags=["schedules"])
@@ -50,7 +50,7 @@ class ScheduleFields(Trigger):
     params: dict[str, Any] = Field(default_factory=dict)
     project: str | None = Field(None, min_length=1, max_length=100)
     queue: str | None = Field(None, min_length=1, max_length=100)
-    priority: int | None = Field(None, ge=0, le=9)
+    priority: Priority | None = None
     misfire_policy: Literal["skip", "run_once", "catch_up"] = "skip"
     catch_up_limit: int | None = Field(None, ge=1, le=sched.MAX_RECORDED_MISSES)
     overlap_policy: Literal["allow", "skip", "queue"] = "allow"

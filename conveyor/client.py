@@ -165,6 +165,12 @@ class Client:
         with gc_paused():  # a batch allocates much and frees it all at the end: see gc_pause
             loose = []
             for index, item in enumerate(items):
+                if not isinstance(item, Mapping):
+                    raise InvalidInput(
+                        f"items[{index}]: expected a mapping such as "
+                        f"{{'name': 'x', 'params': {{...}}}}, got {type(item).__name__}",
+                        field="items",
+                    )
                 fields = dict(item)
                 if "name" not in fields:
                     raise InvalidInput(f"items[{index}].name: missing", field="name")
@@ -192,8 +198,10 @@ class Client:
         **fields: Any,
     ) -> dict[str, Any]:
         """enqueue()'s arguments as EnqueueRequest fields (not validated yet)."""
-        if delay is not None:
-            fields["delay_s"] = parse_duration(delay, field="delay").total_seconds()
+        if delay is not None:  # text carries its unit ("10" is 10 what?); a number is seconds
+            fields["delay_s"] = parse_duration(
+                delay, field="delay", bare_seconds=False
+            ).total_seconds()
         if timeout is not None:
             fields["timeout_s"] = timeout
         fields.setdefault("triggered_by", self.triggered_by)

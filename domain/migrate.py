@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 
 import migrations
 from domain.db import create_db_engine, describe_db_error, wait_for_database
-from domain.errors import DatabaseUnavailable, SchemaNotReady
+from domain.errors import DatabaseUnavailable, InvalidInput, SchemaNotReady
 from domain.settings import redact_url
 
 log = structlog.get_logger("conveyor.db")
@@ -33,7 +33,18 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, *, revision: str = "head", wait_s: float = 30.0) -> None:
-    """Wait for the database (clear error if it stays down), then upgrade to `revision`."""
+    """Wait for the database (clear error if it stays down), then upgrade to `revision`; a
+    revision that does not exist is an InvalidInput before the database is touched."""
+    if not revision.startswith(("+", "-")):  # relative steps resolve against the database
+        script = ScriptDirectory.from_config(alembic_config(url))
+        try:
+            script.get_revisions(revision)
+        except CommandError as exc:
+            raise InvalidInput(
+                f"revision: {exc}; expected head or a revision id (the latest is "
+                f"{script.get_current_head()})",
+                field="revision",
+            ) from None
     engine = create_db_engine(url, null_pool=True)
     try:
         wait_for_database(engine, timeout_s=wait_s)

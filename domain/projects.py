@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError
 
+from domain import storable
 from domain.costs import LIMITS_AND_USAGE, as_money, month_of, usage, with_month_usage
 from domain.errors import Conflict, InvalidInput, NotFound
 from domain.models import projects
@@ -22,6 +23,11 @@ def _limit_usd(value: Any) -> Decimal | None:
     if value is None:
         return None
     amount = as_money(value, field="monthly_cost_usd")
+    if amount >= storable.MAX_USD:
+        raise InvalidInput(
+            f"monthly_cost_usd: must be below {storable.MAX_USD:,.0f} USD (got {value!r})",
+            field="monthly_cost_usd",
+        )
     if amount <= 0:
         raise InvalidInput(
             "monthly_cost_usd: a limit of zero would refuse all work; pause the project's "

@@ -234,24 +234,50 @@ def tail(uow: UnitOfWork, run_id: uuid.UUID, *, after_seq: int, limit: int = 500
         return Tail(uow.runs.logs(run_id, after_seq=after_seq, limit=limit), status)
 
 
+#: A worker writes its row every 5 s (worker/lifecycle.py); three missed beats: lost.
+WORKER_LOST_AFTER_S = 15.0
+
+
+def worker_state(*, stopped: bool, heartbeat_at: datetime, now: datetime) -> str:
+    """alive (heartbeating), stopped (said goodbye) or lost (silent past three beats)."""
+    if stopped:
+        return "stopped"
+    silent = (now - heartbeat_at).total_seconds()
+    return "alive" if silent < WORKER_LOST_AFTER_S else "lost"
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerView:
+    """A worker process as last seen. `running` is what it last reported, and None unless it
+    is alive: a lost worker's runs are not being run (the reaper hands them back)."""
+
     id: str
     hostname: str
     pid: int
     queues: Any
     started_at: datetime
     heartbeat_at: datetime
-    running: int
+    running: int | None
     stopped: bool
+    state: str
 
     def to_dict(self) -> dict[str, Any]:
         return _as_dict(self)
 
 
-def list_workers(uow: UnitOfWork, *, include_stopped: bool = False) -> list[WorkerView]:
+def list_workers(
+    uow: UnitOfWork, *, include_stopped: bool = False, now: datetime | None = None
+) -> list[WorkerView]:
+    """Workers by host; each with its state as of `now` (default: the unit of work's clock)."""
     stmt = select(workers).order_by(workers.c.hostname, workers.c.id)
     if not include_stopped:
         stmt = stmt.where(workers.c.stopped.is_(False))
+    at = now or uow.clock()
     with uow:
-        return [WorkerView(**row) for row in uow.conn.execute(stmt).mappings()]
+        rows = uow.conn.execute(stmt).mappings().all()
+    views = []
+    for row in rows:
+        state = worker_state(stopped=row["stopped"], heartbeat_at=row["heartbeat_at"], now=at)
+        running = row["running"] if state == "alive" else None
+        views.append(WorkerView(**{**row, "running": running, "state": state}))
+    return views

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -19,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from domain import storable
 from domain.errors import InvalidInput
 from domain.outbound_urls import undeliverable
 from domain.states import TRIGGERS
@@ -29,8 +32,14 @@ _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
-def parse_duration(value: str | float | int | timedelta, *, field: str = "delay") -> timedelta:
-    """`30`, `30s`, `15m`, `2h`, `1d`, `250ms` → timedelta; negative or malformed → InvalidInput."""
+def parse_duration(
+    value: str | float | int | timedelta, *, field: str = "delay", bare_seconds: bool = True
+) -> timedelta:
+    """`30s`, `15m`, `2h`, `1d`, `250ms` (or a number of seconds) → timedelta; negative,
+    malformed or longer than a century → InvalidInput. `bare_seconds=False`: text must carry
+    its unit (`--delay 10` is refused: 10 what?); stored schedule intervals may omit it."""
+    if isinstance(value, bool):
+        raise InvalidInput(f"{field}: {storable.NOT_BOOL}", field=field)
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, int | float):
@@ -42,10 +51,46 @@ def parse_duration(value: str | float | int | timedelta, *, field: str = "delay"
                 f"{field}: {value!r} is not a duration; expected e.g. 30s, 15m, 2h, 1d",
                 field=field,
             )
-        seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+        number, unit = match.group(1), match.group(2)
+        if unit is None and not bare_seconds and float(number) != 0:  # 0 needs no unit
+            raise InvalidInput(f"{field}: {number} what? use {number}s, {number}m", field=field)
+        seconds = float(number) * _UNIT_S[unit]
+    if not math.isfinite(seconds) or seconds > storable.MAX_SECONDS:
+        raise InvalidInput(
+            f"{field}: {value!r} is too long; the most is 100 years ({storable.MAX_SECONDS}s)",
+            field=field,
+        )
     if seconds < 0:
         raise InvalidInput(f"{field}: must not be negative (got {value!r})", field=field)
     return timedelta(seconds=seconds)
+
+
+def _plain_number(value: Any) -> Any:
+    # JSON's true is not 1 (pydantic's lax mode reads `priority: true` as 1), and infinity is
+    # not a bound that happens to be too large: both are refused before the range checks.
+    if isinstance(value, bool):
+        raise ValueError(storable.NOT_BOOL)
+    text = value.strip().lower().lstrip("+-") if isinstance(value, str) else None
+    if text in _NOT_FINITE or (isinstance(value, float | Decimal) and not math.isfinite(value)):
+        raise ValueError("expected a finite number")
+    return value
+
+
+_NOT_FINITE = {"inf", "infinity", "nan", "snan"}
+_NUMBER = BeforeValidator(_plain_number)
+#: Number fields as every producer and the API document them: booleans, infinities and
+#: values beyond their column (or datetime's range, once added to now) are refused.
+Priority = Annotated[int, _NUMBER, Field(ge=0, le=9)]
+Attempts = Annotated[int, _NUMBER, Field(ge=1, le=100)]
+Count = Annotated[int, _NUMBER, Field(gt=0, le=storable.INT32_MAX)]
+Delay = Annotated[float, _NUMBER, Field(ge=0, le=storable.MAX_SECONDS, allow_inf_nan=False)]
+Seconds = Annotated[float, _NUMBER, Field(gt=0, le=storable.MAX_SECONDS, allow_inf_nan=False)]
+Minutes = Annotated[float, _NUMBER, Field(gt=0, le=storable.MAX_SECONDS // 60, allow_inf_nan=False)]
+Usd = Annotated[
+    Decimal,
+    _NUMBER,
+    Field(gt=0, lt=storable.MAX_USD, decimal_places=10, allow_inf_nan=False),
+]
 
 
 class EnqueueRequest(BaseModel):
@@ -57,15 +102,15 @@ class EnqueueRequest(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     project: str = Field("default", min_length=1, max_length=100, pattern=NAME_PATTERN)
     queue: str | None = Field(None, min_length=1, max_length=100, pattern=NAME_PATTERN)
-    priority: int | None = Field(None, ge=0, le=9)
+    priority: Priority | None = None
     idempotency_key: str | None = Field(None, min_length=1, max_length=255)
-    delay_s: float | None = Field(None, ge=0)
+    delay_s: Delay | None = None
     not_before: datetime | None = None
-    max_attempts: int | None = Field(None, ge=1, le=100)
-    timeout_s: float | None = Field(None, gt=0)
-    budget_usd: Decimal | None = Field(None, gt=0, max_digits=20, decimal_places=10)
-    max_requests: int | None = Field(None, gt=0)
-    max_minutes: float | None = Field(None, gt=0)
+    max_attempts: Attempts | None = None
+    timeout_s: Seconds | None = None
+    budget_usd: Usd | None = None
+    max_requests: Count | None = None
+    max_minutes: Minutes | None = None
     kind: Literal["task", "pipeline"] = "task"
     triggered_by: str = "client"
     trigger_ref: str | None = Field(None, max_length=255)
@@ -79,6 +124,7 @@ class EnqueueRequest(BaseModel):
             return {}
         if not isinstance(value, dict):
             raise ValueError(f"must be a JSON object, got {type(value).__name__}")
+        storable.refuse_unstorable(value, "params")
         try:
             encoded = json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -86,6 +132,11 @@ class EnqueueRequest(BaseModel):
         if len(encoded) > MAX_PARAMS_BYTES:
             raise ValueError(f"is {len(encoded)} bytes encoded; the limit is {MAX_PARAMS_BYTES}")
         return value
+
+    @field_validator("idempotency_key", "trigger_ref", "callback_url")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        return storable.refuse_unstorable(value, "text")
 
     @field_validator("callback_url")
     @classmethod
@@ -100,7 +151,7 @@ class EnqueueRequest(BaseModel):
     def _aware(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("must carry a time zone (e.g. 2026-01-31T12:00:00Z)")
-        return value.astimezone(UTC) if value is not None else None
+        return storable.as_utc(value) if value is not None else None
 
     @field_validator("triggered_by")
     @classmethod
@@ -150,7 +201,8 @@ def invalid_from(exc: ValidationError, *, prefix: str = "", skip: int = 0) -> In
     if err["type"] == "extra_forbidden":
         message = "unknown field"
     elif "input" in err and err["type"] not in {"missing"}:
-        shown = repr(err["input"])
+        given = err["input"]
+        shown = repr(given.isoformat() if isinstance(given, datetime) else given)
         if len(shown) <= 80:
             message = f"{message} (got {shown})"
     where = f"{prefix}{field}" if field else prefix.rstrip(".") or "input"

@@ -12,15 +12,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from sqlalchemy import Connection, Engine, Table, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from domain import storable
 from domain.errors import Conflict, InvalidInput, NotFound
 from domain.models import runs
 from domain.models_platform import Schedule, ScheduleFire
 from domain.ports import Catalog, OpenCatalog
-from domain.requests import NAME_PATTERN, invalid_from
+from domain.requests import NAME_PATTERN, Priority, invalid_from
 
 schedules = cast(Table, Schedule.__table__)
 fires = cast(Table, ScheduleFire.__table__)
@@ -48,7 +56,7 @@ class ScheduleInput(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     project: str = "default"
     queue: str | None = None
-    priority: int | None = Field(None, ge=0, le=9)
+    priority: Priority | None = None
     trigger: Literal["cron", "interval", "once"]
     expression: str = Field(min_length=1, max_length=200)
     timezone: str = "UTC"
@@ -67,6 +75,12 @@ class ScheduleInput(BaseModel):
         if value is not None and value.tzinfo is None:
             raise ValueError("must carry a time zone")
         return value
+
+    @field_validator("params", "expression", "queue")
+    @classmethod
+    def _storable(cls, value: Any, info: ValidationInfo) -> Any:
+        # Refused now, not at every fire: each run of the schedule would carry the value.
+        return storable.refuse_unstorable(value, str(info.field_name))
 
     @classmethod
     def parse(cls, **fields: Any) -> ScheduleInput:

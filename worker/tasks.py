@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 from typing import Any
 
@@ -17,7 +16,7 @@ from celery.signals import (
 )
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 
-from domain import services
+from domain import services, storable
 from domain.errors import ConveyorError, InvalidInput, TransientError
 from domain.registry import RetryPolicy
 from domain.requests import build_request
@@ -47,7 +46,6 @@ SUBMIT_FIELDS = {
 }
 #: Between attempts of a submit while the database cannot be reached (Celery retries it).
 SUBMIT_BACKOFF = RetryPolicy(base_s=1.0, max_s=30.0)
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def register(app: Celery, settings: Settings) -> None:
@@ -172,7 +170,9 @@ def _enqueue(
             f"{', '.join(sorted(SUBMIT_FIELDS))}",
             field=unknown[0],
         )
-    _check_storable(kwargs)
+    # Before anything is written: text with NUL, integers beyond 64 bits, numbers that are not
+    # finite (JSON from Celery may hold all three), named by their path.
+    storable.check_fields(kwargs)
     fields = dict(kwargs)
     # A redelivered message must not create a second run.
     fields.setdefault("idempotency_key", f"celery:{request.id}")
@@ -180,35 +180,3 @@ def _enqueue(
     return services.enqueue(
         UnitOfWork(runtime.engine), req, catalog=runtime.catalog, inline=True
     ).run.id
-
-
-def _check_storable(kwargs: dict[str, Any]) -> None:
-    """Refuse what no column can store, before anything is written: text with NUL characters,
-    integers beyond 64 bits, numbers that are not finite (JSON from Celery may hold all three;
-    PostgreSQL refuses them with a DataError, and JSON readers choke on them)."""
-    todo: list[tuple[str, Any]] = [(key, value) for key, value in kwargs.items()]
-    while todo:
-        where, value = todo.pop()
-        problem = _unstorable(value)
-        if problem is not None:
-            raise InvalidInput(f"{where}: {problem}", field=where)
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if isinstance(key, str) and "\x00" in key:
-                    raise InvalidInput(
-                        f"{where}: keys must not contain NUL characters", field=where
-                    )
-                todo.append((f"{where}.{key}", item))
-        elif isinstance(value, list | tuple):
-            todo.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
-
-
-def _unstorable(value: Any) -> str | None:
-    if isinstance(value, str) and "\x00" in value:
-        return "text must not contain NUL (\\u0000) characters"
-    integer = isinstance(value, int) and not isinstance(value, bool)
-    if integer and not INT64_MIN <= value <= INT64_MAX:
-        return "integer out of range (expected 64 bits: -2^63 to 2^63-1)"
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"expected a finite number (got {value!r})"
-    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any
 
 import typer
@@ -47,3 +48,12 @@ def parse_params(pairs: list[str], params_json: str | None) -> dict[str, Any]:
             value = raw
         params[key.strip()] = value
     return params
+
+
+def wait_seconds(value: float) -> float:
+    """`--timeout` of `--wait`: zero or more seconds (zero: look once)."""
+    if not math.isfinite(value) or value < 0:
+        raise InvalidInput(
+            f"--timeout: expected zero or more seconds to wait (got {value:g})", field="timeout"
+        )
+    return value

@@ -109,46 +109,34 @@ def dev(
 def workers(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Worker processes seen recently: alive (heartbeating), stopped, or lost (silent)."""
+    """Worker processes seen recently: alive (heartbeating), stopped, or lost (silent); only
+    an alive one shows the runs it is running."""
     from rich.table import Table
-    from sqlalchemy import select
 
     from conveyor.cli.output import ago, console, print_json
-    from domain.clock import utc_now
     from domain.db import create_db_engine
-    from worker.lifecycle import REGISTRY_INTERVAL_S
-    from worker.lifecycle import workers as table
+    from domain.queries import list_workers
+    from domain.unit_of_work import UnitOfWork
 
     engine = create_db_engine(get_settings().effective_database_url, pool_size=1)
     try:
-        with engine.connect() as conn:
-            rows = (
-                conn.execute(select(table).order_by(table.c.hostname, table.c.pid)).mappings().all()
-            )
+        seen = list_workers(UnitOfWork(engine), include_stopped=True)
     finally:
         engine.dispose()
-    now = utc_now()
-
-    def state(row: Any) -> str:
-        if row["stopped"]:
-            return "stopped"
-        silent = (now - row["heartbeat_at"]).total_seconds()
-        return "alive" if silent < 3 * REGISTRY_INTERVAL_S else "lost"
-
     if json_out:
-        print_json([{**{k: v for k, v in r.items()}, "state": state(r)} for r in rows])
+        print_json([w.to_dict() for w in seen])
         return
     view = Table(box=None, pad_edge=False)
     for column in ("WORKER", "STATE", "QUEUES", "RUNNING", "HEARTBEAT", "STARTED"):
         view.add_column(column)
-    for r in rows:
+    for w in seen:
         view.add_row(
-            r["id"],
-            state(r),
-            ",".join(r["queues"].get("names", [])),
-            str(r["running"]),
-            ago(r["heartbeat_at"]),
-            ago(r["started_at"]),
+            w.id,
+            w.state,
+            ",".join(w.queues.get("names", [])),
+            "-" if w.running is None else str(w.running),
+            ago(w.heartbeat_at),
+            ago(w.started_at),
         )
     console.print(view)
 

@@ -16,8 +16,9 @@ from conveyor.cli.output import (
     runs_table,
     status_text,
 )
-from conveyor.cli.params import AllowUnknown, parse_params
+from conveyor.cli.params import AllowUnknown, parse_params, wait_seconds
 from domain.errors import WaitTimeout
+from domain.requests import parse_duration
 from domain.states import TERMINAL, Status
 from domain.views import LogLine, RunView
 
@@ -69,13 +70,15 @@ def enqueue(
 ) -> None:
     """Create a run of a task or pipeline."""
     params = parse_params(param or [], params_json)
+    wait_s = wait_seconds(timeout)
+    after = parse_duration(delay, field="delay", bare_seconds=False) if delay else None
     with _client() as c:
         run = c.enqueue(
             name,
             params,
             idempotency_key=idempotency_key,
             priority=priority,
-            delay=delay,
+            delay=after,
             queue=queue,
             project=project,
             max_attempts=max_attempts,
@@ -85,7 +88,7 @@ def enqueue(
             err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         if wait:
             try:
-                run = c.wait(run.id, timeout=timeout)
+                run = c.wait(run.id, timeout=wait_s)
             except WaitTimeout as exc:
                 current = c.get(run.id)
                 if current.status == Status.PENDING:

@@ -13,6 +13,7 @@ from conveyor.cli.params import AllowUnknown, parse_params
 from domain import schedules as sched
 from domain.clock import utc_now
 from domain.errors import InvalidInput
+from domain.requests import parse_duration
 from domain.settings import get_settings
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ def _trigger(cron: str | None, every: str | None, at: str | None) -> tuple[str, 
     given = [(k, v) for k, v in (("cron", cron), ("interval", every), ("once", at)) if v]
     if len(given) != 1:
         raise InvalidInput("give exactly one of --cron, --every or --at", field="trigger")
+    if every:  # a person's interval carries its unit: --every 10 is 10 what?
+        parse_duration(every, field="every", bare_seconds=False)
     return given[0]
 
 

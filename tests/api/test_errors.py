@@ -128,3 +128,92 @@ def _engine_to_nowhere():  # type: ignore[no-untyped-def]
 
     # A closed port: the connect fails at once.
     return create_db_engine("postgresql+psycopg://nobody:pw@127.0.0.1:1/none", null_pool=True)
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "fragment"),
+    [
+        ('{"name": "r", "timeout_s": Infinity}', "timeout_s", "expected a finite number"),
+        ('{"name": "r", "timeout_s": NaN}', "timeout_s", "expected a finite number"),
+        ('{"name": "r", "params": {"n": 123456789012345678901234567890}}', "params", "64 bits"),
+        ('{"name": "r", "params": {"s": "a\\u0000b"}}', "params", "NUL"),
+        ('{"name": "r", "idempotency_key": "a\\u0000b"}', "idempotency_key", "NUL"),
+        ('{"name": "r", "delay_s": 1e10}', "delay_s", "less than or equal to 3153600000"),
+        ('{"name": "r", "not_before": "0001-01-01T00:00:00+14:00"}', "not_before", "years 1"),
+        ('{"name": "r", "priority": true}', "priority", "not true/false"),
+        ('{"name": "r", "max_requests": 99999999999}', "max_requests", "2147483647"),
+        ('{"name": "r", "budget_usd": 1e15}', "budget_usd", "less than"),
+    ],
+)
+def test_values_no_column_can_store_are_422_naming_the_field_and_write_nothing(
+    api: ApiClient, body: str, field: str, fragment: str
+) -> None:
+    with api.from_address("127.0.0.1", crashes=False) as lenient:
+        response = lenient.as_role(
+            "write",
+            "POST",
+            "/api/v1/runs",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 422, response.text
+        error = error_of(response)
+        assert error["field"] == field and error["message"].startswith(f"{field}: ")
+        assert fragment in error["message"]
+        page = lenient.as_role("readonly", "GET", "/api/v1/runs")
+    assert page.status_code == 200 and page.json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ("{", "line 1 column 2"),
+        ('{"name":\n "r",,}', "line 2 column 6"),
+        ("[1,]", "line 1 column 4"),
+    ],
+)
+def test_a_body_that_is_not_json_says_where(api: ApiClient, body: str, where: str) -> None:
+    response = api.as_role(
+        "write", "POST", "/api/v1/runs", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    error = error_of(response)
+    assert error["field"] == "body"
+    assert error["message"].startswith(f"body: invalid JSON at {where}")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/v1/pipelines/etl/trigger", {"priority": True}, "priority"),
+        ("/api/v1/pipelines/etl/trigger", {"max_requests": 2**40}, "max_requests"),
+        (
+            "/api/v1/schedules",
+            {
+                "name": "s",
+                "target": "t",
+                "trigger": "interval",
+                "expression": "1m",
+                "priority": True,
+            },
+            "priority",
+        ),
+        (
+            "/api/v1/schedules",
+            {
+                "name": "s",
+                "target": "t",
+                "trigger": "interval",
+                "expression": "1m",
+                "params": {"n": 2**70},
+            },
+            "params",
+        ),
+    ],
+)
+def test_pipelines_and_schedules_check_numbers_the_same_way(
+    api: ApiClient, path: str, body: dict[str, object], field: str
+) -> None:
+    response = api.as_role("admin", "POST", path, json=body)
+    assert response.status_code == 422, response.text
+    assert error_of(response)["field"] == field

@@ -233,6 +233,28 @@ def test_workers_come_from_the_workers_table(api: ApiClient) -> None:
     assert [(w["id"], w["running"]) for w in items] == [("w1@host", 2)]
 
 
+def test_a_worker_whose_heartbeat_stopped_is_lost_and_runs_nothing(api: ApiClient) -> None:
+    from sqlalchemy import insert
+
+    from domain.models import Worker
+
+    now = datetime.now(UTC)
+    row = {"hostname": "host", "queues": {}, "started_at": now, "stopped": False, "running": 1}
+    with api.state.engine.begin() as conn:
+        conn.execute(
+            insert(Worker.__table__),
+            [
+                {**row, "id": "alive@host", "pid": 1, "heartbeat_at": now},
+                {**row, "id": "lost@host", "pid": 2, "heartbeat_at": now - timedelta(minutes=1)},
+            ],
+        )
+    items = api.as_role("readonly", "GET", "/api/v1/workers").json()["items"]
+    assert [(w["id"], w["state"], w["running"]) for w in items] == [
+        ("alive@host", "alive", 1),
+        ("lost@host", "lost", None),
+    ]
+
+
 def test_health_and_readiness(api: ApiClient) -> None:
     assert api.get("/healthz").json() == {"status": "ok"}
     ready = api.get("/readyz")

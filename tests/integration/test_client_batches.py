@@ -55,10 +55,15 @@ def test_enqueue_many_writes_every_item_with_its_options(engine: Engine, db_url:
         ({"name": "x", "priority": 10}, r"^items\[2\]\.priority: Input should be less than"),
         ({"name": "x", "delay": "soon"}, r"^items\[2\]\.delay: 'soon' is not a duration"),
         ({"name": "x", "colour": "red"}, r"^items\[2\]\.colour: unknown field"),
+        (("x", {"i": 1}), r"^items\[2\]: expected a mapping such as \{'name': 'x', 'params'"),
+        ({"name": "x", "timeout": float("inf")}, r"^items\[2\]\.timeout_s: expected a finite"),
+        ({"name": "x", "params": {"n": 2**64}}, r"^items\[2\]\.params: integer out of range"),
+        ({"name": "x", "priority": True}, r"^items\[2\]\.priority: expected a number, not"),
+        ({"name": "x", "delay": "10"}, r"^items\[2\]\.delay: 10 what\? use 10s, 10m"),
     ],
 )
 def test_one_bad_item_refuses_the_batch_naming_it(
-    engine: Engine, db_url: str, bad: dict[str, object], message: str
+    engine: Engine, db_url: str, bad: object, message: str
 ) -> None:
     client = Client(
         load_settings(database_url=db_url),

@@ -49,3 +49,16 @@ def test_integers_beyond_64_bits_fall_back_to_the_standard_encoder() -> None:
     body = decoded({"items": [view], "next_cursor": "c"})
     assert body == {"items": [view.to_dict()], "next_cursor": "c"}
     assert body["items"][0]["params"]["big"] == 2**70
+
+
+def test_a_page_that_needs_the_fallback_still_encodes_non_finite_floats_as_null() -> None:
+    # Both at once: the big integer sends it to the standard library, which refuses infinity.
+    view = run(params={"big": 2**70}, timeout_s=float("inf"), result={"x": float("nan")})
+    body = decoded({"items": [view], "next_cursor": None})
+    item = body["items"][0]
+    assert (item["params"], item["timeout_s"], item["result"]) == (
+        {"big": 2**70},
+        None,
+        {"x": None},
+    )
+    assert item["id"] == str(view.id) and item["cost_usd"] == "0.0012340000"
