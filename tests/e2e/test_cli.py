@@ -164,6 +164,40 @@ def test_help_explains_every_command(tmp_path: Path) -> None:
     assert "idempotency-key" in ok(conveyor("enqueue", "--help", db="", cwd=tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["enqueue", "--bogus"], "error: No such option: --bogus (see `conveyor enqueue --help`)"),
+        (["runs", "show"], "error: Missing argument 'RUN_ID'."),
+        (["enqueue", "t", "--priority", "high"], "error: Invalid value for '--priority'"),
+        (["runs", "frobnicate"], "error: No such command 'frobnicate'."),
+    ],
+)
+def test_usage_errors_are_one_plain_line(tmp_path: Path, args: list[str], message: str) -> None:
+    result = conveyor(*args, db="", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(message), result.stderr
+    assert result.stderr.count("\n") == 1  # one line: no usage block, no Rich box
+    assert not set(result.stderr) & set("╭│╰─"), result.stderr
+    assert result.stdout == ""
+
+
+def test_version_and_readable_help(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    assert ok(conveyor("--version", db="", cwd=tmp_path)) == f"conveyor {version('conveyor')}\n"
+    narrow = {"COLUMNS": "80"}
+    enqueue = ok(conveyor("enqueue", "--help", db="", cwd=tmp_path, env=narrow))
+    for shown in ("--params-json JSON", "--delay DURATION", "-p, --param KEY=VALUE", "0-9"):
+        assert shown in enqueue, enqueue
+    schedules = ok(conveyor("schedules", "add", "--help", db="", cwd=tmp_path, env=narrow))
+    assert "--every DURATION" in schedules and "--start DATETIME" in schedules, schedules
+    for text in (enqueue, schedules):
+        assert "<str>" not in text.partition("Options:")[2] and "TEXT" not in text
+        assert max(len(line) for line in text.splitlines()) <= 80
+        assert not set(text) & set("╭│╰─")
+
+
 def test_projects_and_costs_commands(sqlite_url: str, tmp_path: Path) -> None:
     created = json.loads(
         ok(
