@@ -164,6 +164,35 @@ def test_help_explains_every_command(tmp_path: Path) -> None:
     assert "idempotency-key" in ok(conveyor("enqueue", "--help", db="", cwd=tmp_path))
 
 
+def test_runs_list_fits_the_terminal(sqlite_url: str, tmp_path: Path) -> None:
+    long_name = "nightly_customer_report_generation_for_finance"
+    ids = [
+        json.loads(
+            ok(
+                conveyor(
+                    "enqueue", name, "--queue", "reports", "--allow-unknown", "--json",
+                    db=sqlite_url, cwd=tmp_path,
+                )
+            )
+        )["id"]
+        for name in (long_name, "hello")
+    ]  # fmt: skip
+    narrow = ok(conveyor("runs", "list", db=sqlite_url, cwd=tmp_path, env={"COLUMNS": "80"}))
+    lines = narrow.splitlines()
+    assert max(len(line) for line in lines) <= 80, narrow
+    assert lines[0].split() == ["ID", "NAME", "STATUS", "CREATED"], narrow
+    for run_id in ids:  # ids stay whole: they are what `runs show` takes
+        assert run_id in narrow
+    assert "nightly_customer_report…" in narrow and long_name not in narrow
+    assert narrow.count("pending") == 2
+
+    wide = ok(conveyor("runs", "list", db=sqlite_url, cwd=tmp_path, env={"COLUMNS": "200"}))
+    assert wide.splitlines()[0].split() == [
+        "ID", "NAME", "STATUS", "ATTEMPT", "QUEUE", "CREATED", "DURATION",
+    ]  # fmt: skip
+    assert long_name in wide and "reports" in wide and "0/1" in wide
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
