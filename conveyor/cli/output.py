@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from domain.views import RunView
 
@@ -106,5 +107,30 @@ def key_values(rows: Sequence[tuple[str, Any]]) -> Table:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in rows:
-        table.add_row(key, "-" if value is None else str(value))
+        table.add_row(
+            key, "-" if value is None else value if isinstance(value, Text) else str(value)
+        )
     return table
+
+
+def as_json(value: Any) -> Text:
+    """`value` as the JSON it is stored as (not Python's repr), safe from Rich markup."""
+    return Text(json.dumps(value, default=str, ensure_ascii=False))
+
+
+TRACEBACK_START = "Traceback (most recent call last):"
+
+
+def split_error(error: str) -> tuple[str, str | None]:
+    """A stored error as (its one-line reason, the traceback if one was recorded).
+
+    A worker stores a task's exception as its message, a blank line, then the traceback; an error
+    conveyor raised before the task ran (bad params, an unknown task) is the message alone.
+    """
+    message, start, rest = error.partition(TRACEBACK_START)
+    trace = start + rest if start else None
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    if not lines and trace:  # an exception without a message: its type is the last line
+        lines = [trace.strip().splitlines()[-1]]
+    reason = lines[0] if lines else ""
+    return (f"{reason} …" if len(lines) > 1 else reason), trace
