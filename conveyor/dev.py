@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import threading
+import time
 from typing import Any
 
 from conveyor.cli.output import console
@@ -11,6 +14,7 @@ from domain import catalog
 from domain.catalog import permissive, producer_catalog
 from domain.clock import utc_now
 from domain.db import create_db_engine
+from domain.errors import ConveyorError, PortInUse
 from domain.migrate import ensure_schema
 from domain.pipelines import PipelineDirectory, pipeline_settings
 from domain.registry import REGISTRY, import_task_modules
@@ -28,6 +32,26 @@ def dev_settings(settings: Settings) -> Settings:
             "relay_interval_s": min(settings.relay_interval_s, 0.2),
         }
     )
+
+
+def require_free_ports(ports: dict[str, int], host: str = "127.0.0.1") -> None:
+    """Refuse to start when a port dev listens on is taken (most often by another `conveyor
+    dev`): said once, before a schema is touched or a thread started. `ports`: what -> port."""
+    for what, port in ports.items():
+        if port <= 0:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As uvicorn binds: a port only in TIME_WAIT is free, one someone listens on is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                raise PortInUse(
+                    f"port {port} on {host} ({what}) is already in use, perhaps by another "
+                    f"`conveyor dev`; stop it or pass --port with a free port"
+                ) from None
 
 
 def _start_api(settings: Settings, app: Any, port: int) -> threading.Thread | None:
@@ -50,6 +74,13 @@ def _start_api(settings: Settings, app: Any, port: int) -> threading.Thread | No
     )
     thread = threading.Thread(target=server.run, name="conveyor-api", daemon=True)
     thread.start()
+    # The banner below promises the URL: wait until it answers, or say why it never will.
+    deadline = time.monotonic() + 15
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not server.started:
+        require_free_ports({"the status API": port})  # lost a race for the port?
+        raise ConveyorError(f"the status API did not start on 127.0.0.1:{port}")
     return thread
 
 
@@ -64,6 +95,7 @@ def run_dev(settings: Settings, *, port: int = 8000) -> None:
     from worker.app import create_app
     from worker.publisher import CeleryPublisher
 
+    require_free_ports({"the status API": port})  # the broker is in-process: it binds nothing
     settings = dev_settings(settings)
     url = settings.effective_database_url
     ensure_schema(url)

@@ -103,3 +103,22 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_a_second_dev_on_a_taken_port_says_so_and_starts_nothing(tmp_path: Path) -> None:
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env.update({"CONVEYOR_HOME": str(tmp_path / ".conveyor"), "PYTHONPATH": str(ROOT)})
+    with socket.socket() as first:  # what the first `conveyor dev` holds
+        first.bind(("127.0.0.1", 0))
+        first.listen()
+        port = first.getsockname()[1]
+        second = subprocess.run(
+            [sys.executable, "-m", "conveyor", "dev", "--port", str(port)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert second.returncode == 1, second.stderr
+    assert second.stderr.startswith(f"error: port {port} on 127.0.0.1 (the status API) is already")
+    assert second.stderr.count("\n") == 1 and second.stdout == ""
+    assert not (tmp_path / ".conveyor").exists()  # checked before any schema or thread
