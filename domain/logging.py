@@ -45,3 +45,14 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", *, force: bool = F
     root.setLevel(level.upper())
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
     _configured = True
+
+
+# What the libraries under conveyor say while they start and run: Celery's and kombu's notes,
+# APScheduler's "Added job", uvicorn's per-request lines. `conveyor dev` hides them.
+LIBRARY_LOGGERS = ("celery", "kombu", "amqp", "apscheduler", "uvicorn", "py.warnings")
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Show the libraries' records only from ERROR up, or all of them when `verbose`."""
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
