@@ -17,7 +17,7 @@ from domain import catalog
 from domain.catalog import permissive, producer_catalog
 from domain.clock import utc_now
 from domain.db import create_db_engine
-from domain.errors import ConveyorError, PortInUse
+from domain.errors import ConveyorError, InvalidInput, PortInUse
 from domain.logging import quiet_libraries
 from domain.migrate import ensure_schema
 from domain.pipelines import PipelineDirectory, pipeline_settings
@@ -49,12 +49,16 @@ def require_free_ports(ports: dict[str, int], host: str = "127.0.0.1") -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
+            except OverflowError:
+                raise InvalidInput(f"--port: expected 0-65535, got {port}", field="port") from None
             except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-                raise PortInUse(
-                    f"port {port} on {host} ({what}) is already in use, perhaps by another "
-                    f"`conveyor dev`; stop it or pass --port with a free port"
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(
+                        f"port {port} on {host} ({what}) is already in use, perhaps by another "
+                        f"`conveyor dev`; stop it or pass --port with a free port"
+                    ) from None
+                raise ConveyorError(
+                    f"port {port} on {host} ({what}): cannot listen there ({exc.strerror})"
                 ) from None
 
 

@@ -162,3 +162,9 @@ def test_a_second_dev_on_a_taken_port_says_so_and_starts_nothing(tmp_path: Path)
     assert second.stderr.startswith(f"error: port {port} on 127.0.0.1 (the status API) is already")
     assert second.stderr.count("\n") == 1 and second.stdout == ""
     assert not (tmp_path / ".conveyor").exists()  # checked before any schema or thread
+    impossible = subprocess.run(
+        [sys.executable, "-m", "conveyor", "dev", "--port", "70000"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert impossible.returncode == 2
+    assert impossible.stderr == "error: --port: expected 0-65535, got 70000\n"
