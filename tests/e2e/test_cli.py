@@ -194,18 +194,25 @@ def test_runs_list_fits_the_terminal(sqlite_url: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "command"),
     [
-        (["enqueue", "--bogus"], "error: No such option: --bogus (see `conveyor enqueue --help`)"),
-        (["runs", "show"], "error: Missing argument 'RUN_ID'."),
-        (["enqueue", "t", "--priority", "high"], "error: Invalid value for '--priority'"),
-        (["runs", "frobnicate"], "error: No such command 'frobnicate'."),
+        (["enqueue", "--bogus"], "error: No such option: --bogus", "enqueue"),
+        (["runs", "show"], "error: Missing argument 'RUN_ID'.", "runs show"),
+        (
+            ["enqueue", "t", "--priority", "high"],
+            "error: Invalid value for '--priority'",
+            "enqueue",
+        ),
+        (["runs", "frobnicate"], "error: No such command 'frobnicate'.", "runs"),
     ],
 )
-def test_usage_errors_are_one_plain_line(tmp_path: Path, args: list[str], message: str) -> None:
+def test_usage_errors_are_one_plain_line(
+    tmp_path: Path, args: list[str], message: str, command: str
+) -> None:
     result = conveyor(*args, db="", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(message), result.stderr
+    assert result.stderr.endswith(f" (see `conveyor {command} --help`)\n"), result.stderr
     assert result.stderr.count("\n") == 1  # one line: no usage block, no Rich box
     assert not set(result.stderr) & set("╭│╰─"), result.stderr
     assert result.stdout == ""
