@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import threading
+import time
+import warnings
 from typing import Any
+
+from celery.exceptions import SecurityWarning
 
 from conveyor.cli.output import console
 from domain import catalog
 from domain.catalog import permissive, producer_catalog
 from domain.clock import utc_now
 from domain.db import create_db_engine
+from domain.errors import ConveyorError, InvalidInput, PortInUse
+from domain.logging import quiet_libraries
 from domain.migrate import ensure_schema
 from domain.pipelines import PipelineDirectory, pipeline_settings
 from domain.registry import REGISTRY, import_task_modules
@@ -30,7 +38,33 @@ def dev_settings(settings: Settings) -> Settings:
     )
 
 
-def _start_api(settings: Settings, app: Any, port: int) -> threading.Thread | None:
+def require_free_ports(ports: dict[str, int], host: str = "127.0.0.1") -> None:
+    """Refuse to start when a port dev listens on is taken (most often by another `conveyor
+    dev`): said once, before a schema is touched or a thread started. `ports`: what -> port."""
+    for what, port in ports.items():
+        if port <= 0:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As uvicorn binds: a port only in TIME_WAIT is free, one someone listens on is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OverflowError:
+                raise InvalidInput(f"--port: expected 0-65535, got {port}", field="port") from None
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(
+                        f"port {port} on {host} ({what}) is already in use, perhaps by another "
+                        f"`conveyor dev`; stop it or pass --port with a free port"
+                    ) from None
+                raise ConveyorError(
+                    f"port {port} on {host} ({what}): cannot listen there ({exc.strerror})"
+                ) from None
+
+
+def _start_api(
+    settings: Settings, app: Any, port: int, *, verbose: bool = False
+) -> threading.Thread | None:
     """The status API in a thread, on loopback only: dev mode serves it without tokens."""
     if port <= 0:
         return None
@@ -44,26 +78,59 @@ def _start_api(settings: Settings, app: Any, port: int) -> threading.Thread | No
             create_api(settings, publisher=CeleryPublisher(app), auth_disabled=True),
             host="127.0.0.1",
             port=port,
-            log_level="warning",
+            log_level="info" if verbose else "error",
+            access_log=verbose,
+            log_config=None,  # conveyor's handler renders uvicorn's records too
             proxy_headers=False,  # no proxy in dev: a header must not choose the client address
         )
     )
     thread = threading.Thread(target=server.run, name="conveyor-api", daemon=True)
     thread.start()
+    # The banner below promises the URL: wait until it answers, or say why it never will.
+    deadline = time.monotonic() + 15
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not server.started:
+        require_free_ports({"the status API": port})  # lost a race for the port?
+        raise ConveyorError(f"the status API did not start on 127.0.0.1:{port}")
     return thread
 
 
-def run_dev(settings: Settings, *, port: int = 8000) -> None:
+def banner(url: str, port: int, *, pipelines: list[str]) -> list[str]:
+    """The lines `conveyor dev` prints once it is up: where things are and what to type."""
+    lines = ["conveyor dev is running (Ctrl-C stops it)"]
+    if port:
+        base = f"http://127.0.0.1:{port}"
+        lines += [
+            f"  API      {base}/api/v1/runs  (no token: served to localhost only)",
+            f"  docs     {base}/docs",
+        ]
+    lines.append(f"  tasks    {', '.join(REGISTRY.names())}")
+    if pipelines:
+        lines.append(f"  pipelines {', '.join(pipelines)}")
+    lines += [
+        f"  database {redact_url(url)}",
+        "  try, in another terminal:  conveyor enqueue hello -p name=world --wait",
+    ]
+    return lines
+
+
+def run_dev(settings: Settings, *, port: int = 8000, verbose: bool = False) -> None:
     """Migrate, then run scheduler sweeps in a thread and a thread-pool worker in this thread.
 
     Runs enqueued from another terminal (`conveyor enqueue hello --wait`) land in the database;
     the relay hands them to the in-process broker. Ctrl-C drains running runs and stops;
-    pending runs resume on the next start.
+    pending runs resume on the next start. Celery's banner and the libraries' chatter are
+    hidden unless `verbose`.
     """
     from scheduler.service import SchedulerService
     from worker.app import create_app
     from worker.publisher import CeleryPublisher
 
+    require_free_ports({"the status API": port})  # the broker is in-process: it binds nothing
+    quiet_libraries(verbose)
+    if not verbose:  # dev often runs as root in a container; Celery's advice is for servers
+        warnings.filterwarnings("ignore", category=SecurityWarning)
     settings = dev_settings(settings)
     url = settings.effective_database_url
     ensure_schema(url)
@@ -95,28 +162,21 @@ def run_dev(settings: Settings, *, port: int = 8000) -> None:
         }
         - {"", None}
     )
-    api = _start_api(settings, app, port)
-    console.print(f"conveyor dev: database {redact_url(url)} (schema at head), in-process broker")
-    if api is not None:
-        console.print(
-            f"API on http://127.0.0.1:{port}/docs without tokens (bound to localhost only; "
-            "run `conveyor api` with tokens to expose it)"
-        )
-    console.print(f"tasks: {', '.join(REGISTRY.names())}; queues: {', '.join(queues)}")
-    if pipelines:
-        console.print(f"pipelines: {', '.join(p.name for p in pipelines)}")
-    console.print("try, in another terminal:  conveyor enqueue hello -p name=world --wait")
+    api = _start_api(settings, app, port, verbose=verbose)
+    for line in banner(url, port if api is not None else 0, pipelines=[p.name for p in pipelines]):
+        console.print(line, markup=False, highlight=False)
     os.environ["CONVEYOR_WORKER_QUEUES"] = ",".join(queues)
     try:
         app.worker_main(
             [
+                *([] if verbose else ["--quiet"]),  # Celery's banner repeats what dev printed
                 "worker",
                 "-P",
                 "threads",
                 "-c",
                 "4",
                 "-l",
-                "WARNING",
+                "INFO" if verbose else "WARNING",
                 "-E",
                 "-Q",
                 ",".join(queues),

@@ -68,6 +68,10 @@ class BrokerUnavailable(TransientError):
     """The message broker cannot be reached."""
 
 
+class PortInUse(ConveyorError):
+    """A port this process must listen on is taken by another process."""
+
+
 class WaitTimeout(ConveyorError):
     """The run did not finish in time."""
 

@@ -97,13 +97,19 @@ def dev(
     port: Annotated[
         int, typer.Option(help="Port of the status API on 127.0.0.1; 0: no API.")
     ] = 8000,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "-v", "--verbose", help="Also show Celery's, APScheduler's and uvicorn's logs."
+        ),
+    ] = False,
 ) -> None:
     """Run everything in one process on the embedded default: SQLite under ./.conveyor/, an
     in-memory broker, a thread-pool worker, the scheduler, the API on localhost, and the
     example tasks."""
     from conveyor.dev import run_dev
 
-    run_dev(get_settings(), port=port)
+    run_dev(get_settings(), port=port, verbose=verbose)
 
 
 def workers(

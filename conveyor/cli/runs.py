@@ -6,14 +6,17 @@ import time
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.text import Text
 
 from conveyor.cli.output import (
+    as_json,
     console,
     duration,
     err_console,
     key_values,
     print_json,
     runs_table,
+    split_error,
     status_text,
 )
 from conveyor.cli.params import AllowUnknown, parse_params, wait_seconds
@@ -29,6 +32,9 @@ runs_app = typer.Typer(help="List and inspect runs.", no_args_is_help=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 RunId = Annotated[str, typer.Argument(help="The run's id (a UUID).")]
+Verbose = Annotated[
+    bool, typer.Option("-v", "--verbose", help="Show a failed run's whole error and traceback.")
+]
 
 
 def _client() -> Client:  # imported late: keeps `conveyor --help` free of engine work
@@ -66,6 +72,7 @@ def enqueue(
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 60.0,
     allow_unknown: AllowUnknown = False,
+    verbose: Verbose = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Create a run of a task or pipeline."""
@@ -94,7 +101,7 @@ def enqueue(
                 if current.status == Status.PENDING:
                     raise WaitTimeout(f"{exc}: {c.pending_reason(current)}") from None
                 raise
-            _show(run, c.logs(run.id), json_out)
+            _show(run, c.logs(run.id), json_out, verbose=verbose)
             raise typer.Exit(0 if run.status == Status.SUCCEEDED else 1)
     if json_out:
         print_json(run.to_dict())
@@ -125,8 +132,10 @@ def list_runs(
 
 
 @runs_app.command("show")
-def show(run_id: RunId, json_out: JsonFlag = False) -> None:
-    """Show one run: its state, params, result or error, steps and latest log lines."""
+def show(run_id: RunId, verbose: Verbose = False, json_out: JsonFlag = False) -> None:
+    """Show one run: its state, params, result or error, steps and latest log lines.
+
+    A failure shows its one-line reason; --verbose adds the traceback the worker recorded."""
     from domain.pipeline_store import artifacts_of
 
     with _client() as c:
@@ -141,7 +150,7 @@ def show(run_id: RunId, json_out: JsonFlag = False) -> None:
         data["artifacts"] = artifacts
         print_json(data)
         return
-    _show(run, lines[-20:], False)
+    _show(run, lines[-20:], False, verbose=verbose)
     for step in steps:
         console.print(f"  step {step.seq} {step.name}: {step.status}")
     for artifact in artifacts:
@@ -151,7 +160,7 @@ def show(run_id: RunId, json_out: JsonFlag = False) -> None:
         )
 
 
-def _show(run: RunView, lines: list[LogLine], json_out: bool) -> None:
+def _show(run: RunView, lines: list[LogLine], json_out: bool, *, verbose: bool = False) -> None:
     if json_out:
         data = run.to_dict()
         data["logs"] = [line.to_dict() for line in lines]
@@ -166,11 +175,11 @@ def _show(run: RunView, lines: list[LogLine], json_out: bool) -> None:
                 ("attempt", f"{run.attempt}/{run.max_attempts}"),
                 ("queue", f"{run.queue} (priority {run.priority})"),
                 ("project", run.project),
-                ("params", run.params),
+                ("params", as_json(run.params)),
                 ("created", run.created_at),
                 ("duration", duration(run)),
-                ("result", run.result),
-                ("error", f"{run.error_type}: {run.error}" if run.error else None),
+                ("result", None if run.result is None else as_json(run.result)),
+                ("error", _error_text(run, verbose)),
                 ("parent", run.parent_run_id),
                 ("triggered by", run.triggered_by),
             ]
@@ -178,6 +187,16 @@ def _show(run: RunView, lines: list[LogLine], json_out: bool) -> None:
     )
     for line in lines:
         _print_line(line)
+
+
+def _error_text(run: RunView, verbose: bool) -> Text | None:
+    if not run.error:
+        return None
+    reason, trace = split_error(run.error)
+    if verbose:
+        return Text(f"{run.error_type}: {run.error}")
+    hint = f"\n(traceback: conveyor runs show {run.id} --verbose)" if trace else ""
+    return Text(f"{run.error_type}: {reason}{hint}")
 
 
 def _print_line(line: LogLine) -> None:

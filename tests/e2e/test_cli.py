@@ -164,6 +164,76 @@ def test_help_explains_every_command(tmp_path: Path) -> None:
     assert "idempotency-key" in ok(conveyor("enqueue", "--help", db="", cwd=tmp_path))
 
 
+def test_runs_list_fits_the_terminal(sqlite_url: str, tmp_path: Path) -> None:
+    long_name = "nightly_customer_report_generation_for_finance"
+    ids = [
+        json.loads(
+            ok(
+                conveyor(
+                    "enqueue", name, "--queue", "reports", "--allow-unknown", "--json",
+                    db=sqlite_url, cwd=tmp_path,
+                )
+            )
+        )["id"]
+        for name in (long_name, "hello")
+    ]  # fmt: skip
+    narrow = ok(conveyor("runs", "list", db=sqlite_url, cwd=tmp_path, env={"COLUMNS": "80"}))
+    lines = narrow.splitlines()
+    assert max(len(line) for line in lines) <= 80, narrow
+    assert lines[0].split() == ["ID", "NAME", "STATUS", "CREATED"], narrow
+    for run_id in ids:  # ids stay whole: they are what `runs show` takes
+        assert run_id in narrow
+    assert "nightly_customer_report…" in narrow and long_name not in narrow
+    assert narrow.count("pending") == 2
+
+    wide = ok(conveyor("runs", "list", db=sqlite_url, cwd=tmp_path, env={"COLUMNS": "200"}))
+    assert wide.splitlines()[0].split() == [
+        "ID", "NAME", "STATUS", "ATTEMPT", "QUEUE", "CREATED", "DURATION",
+    ]  # fmt: skip
+    assert long_name in wide and "reports" in wide and "0/1" in wide
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "command"),
+    [
+        (["enqueue", "--bogus"], "error: No such option: --bogus", "enqueue"),
+        (["runs", "show"], "error: Missing argument 'RUN_ID'.", "runs show"),
+        (
+            ["enqueue", "t", "--priority", "high"],
+            "error: Invalid value for '--priority'",
+            "enqueue",
+        ),
+        (["runs", "frobnicate"], "error: No such command 'frobnicate'.", "runs"),
+    ],
+)
+def test_usage_errors_are_one_plain_line(
+    tmp_path: Path, args: list[str], message: str, command: str
+) -> None:
+    result = conveyor(*args, db="", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(message), result.stderr
+    assert result.stderr.endswith(f" (see `conveyor {command} --help`)\n"), result.stderr
+    assert result.stderr.count("\n") == 1  # one line: no usage block, no Rich box
+    assert not set(result.stderr) & set("╭│╰─"), result.stderr
+    assert result.stdout == ""
+
+
+def test_version_and_readable_help(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    assert ok(conveyor("--version", db="", cwd=tmp_path)) == f"conveyor {version('conveyor')}\n"
+    narrow = {"COLUMNS": "80"}
+    enqueue = ok(conveyor("enqueue", "--help", db="", cwd=tmp_path, env=narrow))
+    for shown in ("--params-json JSON", "--delay DURATION", "-p, --param KEY=VALUE", "0-9"):
+        assert shown in enqueue, enqueue
+    schedules = ok(conveyor("schedules", "add", "--help", db="", cwd=tmp_path, env=narrow))
+    assert "--every DURATION" in schedules and "--start DATETIME" in schedules, schedules
+    for text in (enqueue, schedules):
+        assert "<str>" not in text.partition("Options:")[2] and "TEXT" not in text
+        assert max(len(line) for line in text.splitlines()) <= 80
+        assert not set(text) & set("╭│╰─")
+
+
 def test_projects_and_costs_commands(sqlite_url: str, tmp_path: Path) -> None:
     created = json.loads(
         ok(

@@ -33,8 +33,10 @@ def test_dev_runs_work_enqueued_from_another_process(tmp_path: Path) -> None:
         )
     try:
         eventually(lambda: "try, in another terminal" in out.read_text(), timeout=30)
-        assert "without tokens (bound to localhost only" in out.read_text()
-        assert "tasks: flaky, heartbeat, hello, sleepy, summarize" in out.read_text()
+        banner = out.read_text()
+        assert f"API      http://127.0.0.1:{port}/api/v1/runs  (no token: served to local" in banner
+        assert f"docs     http://127.0.0.1:{port}/docs" in banner
+        assert "tasks    flaky, heartbeat, hello, sleepy, summarize" in banner
         result = subprocess.run(
             [
                 sys.executable,
@@ -94,7 +96,45 @@ def test_dev_runs_work_enqueued_from_another_process(tmp_path: Path) -> None:
         os.killpg(dev.pid, signal.SIGINT)  # Ctrl-C: drain and stop
         code = dev.wait(timeout=30)
     assert code == 0, out.read_text()[-2000:]
-    assert "Traceback" not in out.read_text()
+    said = out.read_text()
+    assert "Traceback" not in said
+    for noise in LIBRARY_NOISE:  # the worker ran, the API served, the scheduler swept: quietly
+        assert noise not in said, (noise, said)
+
+
+# Celery's banner and root warning, kombu's hostname note, APScheduler's job lines, uvicorn's
+# access lines.
+LIBRARY_NOISE = (
+    "[queues]",
+    "SecurityWarning",
+    "No hostname was supplied",
+    "Added job",
+    "Scheduler started",
+    '"GET /api/v1/runs',
+)
+
+
+def test_dev_verbose_shows_the_libraries(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env.update({"CONVEYOR_HOME": str(tmp_path / ".conveyor"), "PYTHONPATH": str(ROOT)})
+    out = tmp_path / "dev.out"
+    port = _free_port()
+    with out.open("wb") as sink:
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "conveyor", "dev", "--verbose", "--port", str(port)],
+            cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        eventually(lambda: "[queues]" in out.read_text(), timeout=30)  # Celery's banner
+        eventually(lambda: "Added job" in out.read_text(), timeout=10)  # APScheduler's
+        import httpx
+
+        httpx.get(f"http://127.0.0.1:{port}/api/v1/runs", timeout=10)
+        eventually(lambda: '"GET /api/v1/runs' in out.read_text(), timeout=10)  # uvicorn's
+    finally:
+        os.killpg(dev.pid, signal.SIGINT)
+        code = dev.wait(timeout=30)
+    assert code == 0, out.read_text()[-2000:]
 
 
 def _free_port() -> int:
@@ -103,3 +143,28 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_a_second_dev_on_a_taken_port_says_so_and_starts_nothing(tmp_path: Path) -> None:
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env.update({"CONVEYOR_HOME": str(tmp_path / ".conveyor"), "PYTHONPATH": str(ROOT)})
+    with socket.socket() as first:  # what the first `conveyor dev` holds
+        first.bind(("127.0.0.1", 0))
+        first.listen()
+        port = first.getsockname()[1]
+        second = subprocess.run(
+            [sys.executable, "-m", "conveyor", "dev", "--port", str(port)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert second.returncode == 1, second.stderr
+    assert second.stderr.startswith(f"error: port {port} on 127.0.0.1 (the status API) is already")
+    assert second.stderr.count("\n") == 1 and second.stdout == ""
+    assert not (tmp_path / ".conveyor").exists()  # checked before any schema or thread
+    impossible = subprocess.run(
+        [sys.executable, "-m", "conveyor", "dev", "--port", "70000"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert impossible.returncode == 2
+    assert impossible.stderr == "error: --port: expected 0-65535, got 70000\n"
