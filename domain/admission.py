@@ -90,15 +90,15 @@ def refusal(facts: Facts, month: Any) -> tuple[str, bool] | None:
     """Why the run must not start, and whether the project's policy holds it; None: admit."""
     if facts.parent_budget_usd is not None and facts.parent_cost_usd >= facts.parent_budget_usd:
         return (
-            f"parent run {facts.parent_id} has spent {facts.parent_cost_usd} USD of its "
-            f"{facts.parent_budget_usd} USD budget_usd; the run was not started",
+            f"parent run {facts.parent_id} has spent {_usd(facts.parent_cost_usd)} USD of its "
+            f"{_usd(facts.parent_budget_usd)} USD budget_usd; the run was not started",
             False,
         )
     hold = facts.on_limit == "hold"
     if facts.cost_limit is not None and facts.spent_usd >= facts.cost_limit:
         return (
-            f"project {facts.project!r} has spent {facts.spent_usd} USD of its "
-            f"{facts.cost_limit} USD monthly limit in {month:%Y-%m}; the run was not started",
+            f"project {facts.project!r} has spent {_usd(facts.spent_usd)} USD of its "
+            f"{_usd(facts.cost_limit)} USD monthly limit in {month:%Y-%m}; the run was not started",
             hold,
         )
     if facts.token_limit is not None and facts.tokens >= facts.token_limit:
@@ -108,6 +108,10 @@ def refusal(facts: Facts, month: Any) -> tuple[str, bool] | None:
             hold,
         )
     return None
+
+
+def _usd(amount: Decimal) -> str:
+    return format(amount.normalize(), "f")  # 0.0500000000 (as stored) reads 0.05
 
 
 def _facts(conn: Connection, run_id: uuid.UUID, claimable: Any, month: Any) -> Facts | None:

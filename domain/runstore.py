@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, and_, delete, func, or_, select, tuple_, update
 
-from domain.admission import NOTHING_TO_CHECK, Refused, admit
+from domain import admission
 from domain.errors import LeaseLost
 from domain.models import run_logs, runs
 from domain.states import TERMINAL, Status
@@ -73,24 +73,24 @@ def _claimable(now: datetime) -> Any:
 
 def claim(
     conn: Connection, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float
-) -> Claim | Refused | None:
+) -> Claim | admission.Refused | None:
     """Take the run if it is due and unowned: pending, or running with an expired lease and
     attempts left. Bumps `attempt` and sets the lease. None means: not ours, drop the message.
 
     A run whose project is at a monthly limit, or whose parent spent its budget, is not taken:
     `Refused` says it was ended or held instead (domain/admission.py). Runs with nothing to
     check are claimed by the first statement; only the others read their limits."""
-    return _take(conn, run_id, and_(_claimable(now), NOTHING_TO_CHECK), owner, now, lease_s) or (
-        claim_checked(conn, run_id, owner=owner, now=now, lease_s=lease_s)
-    )
+    return _take(
+        conn, run_id, and_(_claimable(now), admission.NOTHING_TO_CHECK), owner, now, lease_s
+    ) or (claim_checked(conn, run_id, owner=owner, now=now, lease_s=lease_s))
 
 
 def claim_checked(
     conn: Connection, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float
-) -> Claim | Refused | None:
+) -> Claim | admission.Refused | None:
     """`claim` for a run that may have limits to check: admit it, then take it."""
-    admitted = admit(conn, run_id, _claimable(now), now=now)
-    if isinstance(admitted, Refused):
+    admitted = admission.admit(conn, run_id, _claimable(now), now=now)
+    if isinstance(admitted, admission.Refused):
         return admitted
     if not admitted:
         return None

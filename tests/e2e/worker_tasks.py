@@ -74,3 +74,12 @@ def heap_frozen(ctx) -> int:  # type: ignore[no-untyped-def]
     import gc
 
     return gc.get_freeze_count()
+
+
+@task
+def llm_calls(ctx, calls: int = 2, usd: str = "0.01", pause: float = 0.05) -> int:  # type: ignore[no-untyped-def]
+    """`calls` priced calls, as an agent makes them: a pause (the request), then its cost."""
+    for _ in range(calls):
+        time.sleep(pause)
+        ctx.cost(provider="llm", model="small", tokens_in=10, tokens_out=10, usd=usd)
+    return calls
