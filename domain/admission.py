@@ -31,7 +31,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, exists, or_, select, update
 
-from domain import costs
+from domain import costs, pipeline_store
 from domain.models import projects, runs
 from domain.states import Status
 
@@ -188,7 +188,12 @@ def admit(conn: Connection, run_id: uuid.UUID, claimable: Any, *, now: datetime)
         update(runs)
         .where(runs.c.id == run_id, claimable)
         .values(error=reason, lease_owner=None, lease_expires_at=None, **values)
-    ).rowcount
-    if written != 1:
+        .returning(runs.c.kind, runs.c.name, runs.c.triggered_by)
+    ).first()
+    if written is None:
         return False  # another worker took it between the read and the write
+    if not hold and written.kind == "pipeline":  # counters move with the final state
+        pipeline_store.record_outcome(
+            conn, written.name, Status.BUDGET_EXCEEDED, written.triggered_by
+        )
     return Refused(run_id, held=hold, reason=reason, recheck_at=recheck_at)

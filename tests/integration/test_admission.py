@@ -8,17 +8,24 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
+from typing import cast
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, Table, func, select
 
-from domain import projects, runstore
+from domain import costs, pipeline_store, projects, runstore
 from domain.admission import HOLD_RECHECK_S
 from domain.clock import utc_now
+from domain.db import create_db_engine
 from domain.errors import InvalidInput
 from domain.models import cost_entries
+from domain.models_platform import Pipeline
 from tests.fakes import FakeClock
 from tests.integration.conftest import Harness
+from tests.pipeline_support import copy_fixtures, pipeline_harness, shared_env_cache
+
+pipelines = cast(Table, Pipeline.__table__)
 
 
 def _tasks(h: Harness) -> list[uuid.UUID]:
@@ -182,3 +189,29 @@ def test_on_limit_is_stop_by_default_and_shown(engine: Engine) -> None:
     with pytest.raises(InvalidInput, match=r"on_limit: must be one of stop, hold \(got 'wait'\)"):
         projects.set_limits(engine, "p", on_limit="wait", now=now)
     assert projects.show_project(engine, "p", now=now)["on_limit"] == "hold"  # nothing written
+
+
+def test_a_pipeline_run_refused_at_claim_counts_as_its_pipelines_failure(
+    sqlite_url: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    engine = create_db_engine(sqlite_url)
+    cache = shared_env_cache(tmp_path_factory)
+    try:
+        with pipeline_harness(engine, tmp_path / "p", cache, tmp_path / "a") as h:
+            copy_fixtures(h.root, "test_simple")
+            pipeline_store.sync(engine, h.runner.directory)  # as a worker does at start
+            projects.add_project(engine, "acme", monthly_cost_usd="0.05", now=utc_now())
+            run_id = h.enqueue("test_simple", project="acme")
+            with engine.begin() as conn:  # the month reaches its limit while the run is queued
+                costs.add_usage(conn, "acme", costs.month_of(utc_now()), usd=Decimal("0.05"))
+            assert h.run(run_id) == "budget_exceeded"
+            with engine.connect() as conn:
+                counters = conn.execute(
+                    select(pipelines.c.total_runs, pipelines.c.failed_runs).where(
+                        pipelines.c.name == "test_simple"
+                    )
+                ).one()
+            assert tuple(counters) == (1, 1)
+            assert h.lines(run_id) == []  # its process never started
+    finally:
+        engine.dispose()
