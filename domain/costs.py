@@ -7,7 +7,9 @@ actual spend in the same transaction as the run's cost entry.
 
 The bound, stated exactly: a project's recorded spend in a month never exceeds its limit by
 more than what runs spend beyond their own reservations. A task that reserves before each
-call and spends within its reservation can never push the project over the limit.
+call and spends within its reservation can never push the project over the limit. And since
+no run starts while its project is at a limit (domain/admission.py, at claim), what runs
+spend beyond their reservations past the limit is the calls in flight when it was reached.
 
 Runs with nothing to check per call (no budget_usd or max_requests, a project without monthly
 limits when the run recorded its first cost, outside a reservation) do not come through

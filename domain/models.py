@@ -52,10 +52,14 @@ class Base(DeclarativeBase):
 
 class Project(Base):
     __tablename__ = "projects"
+    __table_args__ = (CheckConstraint("on_limit IN ('stop', 'hold')", name="on_limit"),)
 
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     monthly_cost_limit_usd: Mapped[Decimal | None]
     monthly_token_limit: Mapped[int | None] = mapped_column(BigInteger)
+    #: What a run does when its project is at a monthly limit as it is claimed: `stop` ends it
+    #: `budget_exceeded` before it starts; `hold` keeps it pending until the limit allows it.
+    on_limit: Mapped[str] = mapped_column(String(8), default="stop", server_default="stop")
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
 
 

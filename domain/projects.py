@@ -1,4 +1,5 @@
-"""Projects: every run belongs to one; each may carry monthly cost and token limits."""
+"""Projects: every run belongs to one; each may carry monthly cost and token limits, and says
+what a run does when it is claimed at one (`on_limit`: `stop` ends it, `hold` keeps it pending)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError
 
 from domain import storable
+from domain.admission import ON_LIMIT
 from domain.costs import LIMITS_AND_USAGE, as_money, month_of, usage, with_month_usage
 from domain.errors import Conflict, InvalidInput, NotFound
 from domain.models import projects
@@ -48,12 +50,21 @@ def _limit_tokens(value: Any) -> int | None:
     return value
 
 
+def _on_limit(value: Any) -> str:
+    if value not in ON_LIMIT:
+        raise InvalidInput(
+            f"on_limit: must be one of {', '.join(ON_LIMIT)} (got {value!r})", field="on_limit"
+        )
+    return str(value)
+
+
 def add_project(
     engine: Engine,
     name: str,
     *,
     monthly_cost_usd: Any = None,
     monthly_tokens: Any = None,
+    on_limit: Any = "stop",
     now: datetime,
 ) -> dict[str, Any]:
     if not re.match(NAME_PATTERN, name) or len(name) > 100:
@@ -64,6 +75,7 @@ def add_project(
         "name": name,
         "monthly_cost_limit_usd": _limit_usd(monthly_cost_usd),
         "monthly_token_limit": _limit_tokens(monthly_tokens),
+        "on_limit": _on_limit(on_limit),
         "created_at": now,
     }
     try:
@@ -80,16 +92,22 @@ def set_limits(
     *,
     monthly_cost_usd: Any = UNSET,
     monthly_tokens: Any = UNSET,
+    on_limit: Any = UNSET,
     now: datetime,
 ) -> dict[str, Any]:
-    """Change limits; pass None to clear one, leave it out to keep it."""
+    """Change limits, or what a run does at one (`on_limit`: stop or hold); pass None to clear
+    a limit, leave it out to keep it."""
     values: dict[str, Any] = {}
     if monthly_cost_usd is not UNSET:
         values["monthly_cost_limit_usd"] = _limit_usd(monthly_cost_usd)
     if monthly_tokens is not UNSET:
         values["monthly_token_limit"] = _limit_tokens(monthly_tokens)
+    if on_limit is not UNSET:
+        values["on_limit"] = _on_limit(on_limit)
     if not values:
-        raise InvalidInput("give --monthly-cost-usd and/or --monthly-tokens", field="limits")
+        raise InvalidInput(
+            "give --monthly-cost-usd, --monthly-tokens and/or --on-limit", field="limits"
+        )
     with engine.begin() as conn:
         if not conn.execute(
             update(projects).where(projects.c.name == name).values(values)
@@ -101,7 +119,7 @@ def set_limits(
 def list_projects(engine: Engine, *, now: datetime) -> list[dict[str, Any]]:
     month = month_of(now)
     query = (
-        select(*LIMITS_AND_USAGE, usage.c.reserved_usd)
+        select(*LIMITS_AND_USAGE, usage.c.reserved_usd, projects.c.on_limit)
         .select_from(with_month_usage(month))
         .order_by(projects.c.name)
     )
@@ -113,6 +131,7 @@ def list_projects(engine: Engine, *, now: datetime) -> list[dict[str, Any]]:
             "month": f"{month:%Y-%m}",
             "monthly_cost_limit_usd": _text(r["monthly_cost_limit_usd"]),
             "monthly_token_limit": r["monthly_token_limit"],
+            "on_limit": r["on_limit"],
             "spent_usd": _text(Decimal(r["cost_usd"] or 0)),
             "tokens": int(r["tokens"] or 0),
             "reserved_usd": _text(Decimal(r["reserved_usd"] or 0)),

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, and_, delete, func, or_, select, tuple_, update
 
+from domain import admission
 from domain.errors import LeaseLost
 from domain.models import run_logs, runs
 from domain.states import TERMINAL, Status
@@ -59,12 +60,8 @@ class Claim:
     triggered_by: str = "api"
 
 
-def claim(
-    conn: Connection, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float
-) -> Claim | None:
-    """Take the run if it is due and unowned: pending, or running with an expired lease and
-    attempts left. Bumps `attempt` and sets the lease. None means: not ours, drop the message."""
-    claimable = or_(
+def _claimable(now: datetime) -> Any:
+    return or_(
         and_(runs.c.status == Status.PENDING, runs.c.not_before <= now),
         and_(
             runs.c.status == Status.RUNNING,
@@ -72,6 +69,37 @@ def claim(
             runs.c.attempt < runs.c.max_attempts,
         ),
     )
+
+
+def claim(
+    conn: Connection, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float
+) -> Claim | admission.Refused | None:
+    """Take the run if it is due and unowned: pending, or running with an expired lease and
+    attempts left. Bumps `attempt` and sets the lease. None means: not ours, drop the message.
+
+    A run whose project is at a monthly limit, or whose parent spent its budget, is not taken:
+    `Refused` says it was ended or held instead (domain/admission.py). Runs with nothing to
+    check are claimed by the first statement; only the others read their limits."""
+    return _take(
+        conn, run_id, and_(_claimable(now), admission.NOTHING_TO_CHECK), owner, now, lease_s
+    ) or (claim_checked(conn, run_id, owner=owner, now=now, lease_s=lease_s))
+
+
+def claim_checked(
+    conn: Connection, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float
+) -> Claim | admission.Refused | None:
+    """`claim` for a run that may have limits to check: admit it, then take it."""
+    admitted = admission.admit(conn, run_id, _claimable(now), now=now)
+    if isinstance(admitted, admission.Refused):
+        return admitted
+    if not admitted:
+        return None
+    return _take(conn, run_id, _claimable(now), owner, now, lease_s)
+
+
+def _take(
+    conn: Connection, run_id: uuid.UUID, claimable: Any, owner: str, now: datetime, lease_s: float
+) -> Claim | None:
     stmt = (
         update(runs)
         .where(runs.c.id == run_id, claimable)

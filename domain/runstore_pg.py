@@ -11,7 +11,8 @@ round trips and no statement building per call, because a worker runs them for e
 - the SQL text is constant and prepared on first use per connection (psycopg `prepare=True`).
 
 Only the plain case takes this path (a task run with no follow-up to chain and no metric or
-cost rows left to write); everything else goes through `runstore` and SQLAlchemy as before.
+cost rows left to write; a claim with no limit to check, see domain/admission.py); everything
+else goes through `runstore` and SQLAlchemy as before.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
+from domain import runstore
+from domain.admission import NOTHING_TO_CHECK_SQL, Refused
 from domain.db import libpq_conninfo
 from domain.runstore import Claim
 from domain.states import Status
@@ -47,7 +50,7 @@ UPDATE runs SET status = '{Status.RUNNING}', attempt = attempt + 1,
 WHERE id = %(id)s AND (
   (status = '{Status.PENDING}' AND not_before <= %(now)s)
   OR (status = '{Status.RUNNING}' AND lease_expires_at < %(now)s AND attempt < max_attempts)
-)
+) AND {NOTHING_TO_CHECK_SQL}
 RETURNING {_CLAIM_FIELDS}
 """
 
@@ -137,7 +140,9 @@ class PgRunStore:
 
     def claim(
         self, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float
-    ) -> Claim | None:
+    ) -> Claim | Refused | None:
+        """`runstore.claim`: the prepared statement takes runs with nothing to check; a run
+        it leaves (limits to check, or not claimable at all) goes through the general path."""
         params = {
             "id": run_id,
             "owner": owner,
@@ -147,7 +152,8 @@ class PgRunStore:
         with self._connection() as raw:
             row = raw.execute(_CLAIM_SQL, params, prepare=True).fetchone()
         if row is None:
-            return None
+            with self.engine.begin() as conn:
+                return runstore.claim_checked(conn, run_id, owner=owner, now=now, lease_s=lease_s)
         return Claim(
             run_id=row[0],
             name=row[1],

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
 from domain import pipeline_store, runstore, runstore_pg
+from domain.admission import Refused
 from domain.chains import chain_follow_up, chain_possible
 from domain.clock import Clock, utc_now
 from domain.costs import Prices
@@ -51,7 +52,8 @@ class PipelineRunner(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What one delivery did: `dropped` (not ours), `lease_lost`, `retrying`, or a final status.
+    """What one delivery did: `dropped` (not ours), `lease_lost`, `retrying`, `held` (its project
+    is at a monthly limit and holds runs; still pending), or a final status.
 
     A failed attempt carries its error (masked, as recorded) and, when it is retried, the
     delay before the next one: the Celery task's state tells them (worker/task_states.py)."""
@@ -110,6 +112,8 @@ class Executor:
                 claim = runstore.claim(
                     conn, run_id, owner=self.owner, now=self.clock(), lease_s=self.lease_s
                 )
+        if isinstance(claim, Refused):
+            return self._refused(claim)
         first_seq = 1  # a later attempt's lines follow the earlier attempts' lines
         if claim is not None and claim.attempt > 1:
             with self.engine.connect() as conn:
@@ -124,6 +128,25 @@ class Executor:
             return self._run(claim)
         finally:
             self.writer.end_run(run_id)
+
+    def _refused(self, refused: Refused) -> Outcome:
+        """The claim found the run over a limit and ended or held it without starting it."""
+        if refused.held:
+            log.info("run.held", run_id=str(refused.run_id), reason=refused.reason)
+            wait_s = None
+            if refused.recheck_at is not None:
+                wait_s = max(0.0, (refused.recheck_at - utc_now()).total_seconds())
+            return Outcome(
+                refused.run_id,
+                "held",
+                error_type="BudgetExceeded",
+                error=refused.reason,
+                retry_in_s=wait_s,
+            )
+        log.info("run.refused", run_id=str(refused.run_id), reason=refused.reason)
+        return Outcome(
+            refused.run_id, "budget_exceeded", error_type="BudgetExceeded", error=refused.reason
+        )
 
     def close(self) -> None:
         if self.fast is not None:

@@ -11,6 +11,8 @@ So the body ends the way its run did:
   Celery logs it as an expected outcome, one INFO line with no traceback;
 - retrying: it raises `Retry` *itself*, never through `Task.retry`, which would publish a
   second message: conveyor's next attempt is already scheduled in the database (RETRY);
+- held (its project is at a monthly limit and holds runs): `Retry` too, with the reason and
+  when the run is checked again (it is still pending);
 - dropped (a duplicate delivery), lease_lost, finish_failed: this delivery says nothing about
   the run, whose state another delivery tells, so it raises `Ignore` (no event).
 
@@ -43,6 +45,9 @@ def task_result(outcome: Outcome) -> str:
     if outcome.status == "retrying":
         delay = round(outcome.retry_in_s or 0.0, 1)
         raise Retry(f"attempt {outcome.attempt} failed, next in {delay}s", exc=error, when=delay)
+    if outcome.status == "held":
+        delay = round(outcome.retry_in_s or 0.0, 1)
+        raise Retry(f"held at a limit, checked again in {delay}s", exc=error, when=delay)
     raise error
 
 

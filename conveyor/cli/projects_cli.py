@@ -18,6 +18,14 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a 
 Name = Annotated[str, typer.Argument(help="The project's name.")]
 CostLimit = Annotated[str | None, typer.Option(help="USD per calendar month (UTC); 'none' clears.")]
 TokenLimit = Annotated[str | None, typer.Option(help="Tokens per calendar month; 'none' clears.")]
+OnLimit = Annotated[
+    str | None,
+    typer.Option(
+        "--on-limit",
+        help="At a limit, a run about to start: 'stop' ends it budget_exceeded (default), "
+        "'hold' keeps it queued until the limit is raised or the month ends.",
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -54,6 +62,7 @@ def add(
     name: Name,
     monthly_cost_usd: CostLimit = None,
     monthly_tokens: TokenLimit = None,
+    on_limit: OnLimit = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Create a project (optionally with monthly limits)."""
@@ -65,6 +74,7 @@ def add(
             now=utc_now(),
             monthly_cost_usd=None if cost is projects.UNSET else cost,
             monthly_tokens=None if tokens is projects.UNSET else tokens,
+            on_limit=on_limit or "stop",
         )
     _show(project, json_out)
 
@@ -74,9 +84,11 @@ def set_limits(
     name: Name,
     monthly_cost_usd: CostLimit = None,
     monthly_tokens: TokenLimit = None,
+    on_limit: OnLimit = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Change a project's monthly limits; new runs are refused once one is reached."""
+    """Change a project's monthly limits, or what runs do at one; once one is reached new
+    runs are refused and queued runs do not start."""
     with cli_engine() as engine:
         project = projects.set_limits(
             engine,
@@ -84,6 +96,7 @@ def set_limits(
             now=utc_now(),
             monthly_cost_usd=_limit(monthly_cost_usd, tokens=False),
             monthly_tokens=_limit(monthly_tokens, tokens=True),
+            on_limit=projects.UNSET if on_limit is None else on_limit,
         )
     _show(project, json_out)
 
@@ -97,7 +110,9 @@ def list_(json_out: JsonFlag = False) -> None:
         print_json(rows)
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("PROJECT", "MONTH", "SPENT USD", "COST LIMIT", "TOKENS", "TOKEN LIMIT"):
+    for column in (
+        "PROJECT", "MONTH", "SPENT USD", "COST LIMIT", "TOKENS", "TOKEN LIMIT", "ON LIMIT",
+    ):  # fmt: skip
         table.add_column(column)
     for r in rows:
         table.add_row(
@@ -107,6 +122,7 @@ def list_(json_out: JsonFlag = False) -> None:
             r["monthly_cost_limit_usd"] or "-",
             str(r["tokens"]),
             str(r["monthly_token_limit"] or "-"),
+            r["on_limit"],
         )
     console.print(table)
 

@@ -93,3 +93,12 @@ def heap_frozen(ctx) -> int:  # type: ignore[no-untyped-def]
 def signs_in(ctx, user: str, api_token: str) -> str:  # type: ignore[no-untyped-def]
     """Takes a secret as a param: what shows the run (Flower, worker logs) must mask it."""
     return f"signed in {user}"
+
+
+@task
+def llm_calls(ctx, calls: int = 2, usd: str = "0.01", pause: float = 0.05) -> int:  # type: ignore[no-untyped-def]
+    """`calls` priced calls, as an agent makes them: a pause (the request), then its cost."""
+    for _ in range(calls):
+        time.sleep(pause)
+        ctx.cost(provider="llm", model="small", tokens_in=10, tokens_out=10, usd=usd)
+    return calls

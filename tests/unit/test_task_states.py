@@ -58,3 +58,11 @@ def test_a_long_error_is_cut_short() -> None:
     with pytest.raises(RunFailed) as raised:
         task_result(Outcome(RUN, "failed", 1, "ValueError", "x" * 5000))
     assert len(str(raised.value)) == MAX_SHOWN_CHARS and str(raised.value).endswith("…")
+
+
+def test_a_run_held_at_its_projects_limit_is_a_retry_saying_why() -> None:
+    reason = "project 'acme' has spent 1.00 USD of its 1.00 USD monthly limit"
+    with pytest.raises(Retry) as raised:
+        task_result(Outcome(RUN, "held", 0, "BudgetExceeded", reason, retry_in_s=30.0))
+    assert str(raised.value.exc) == f"held: BudgetExceeded: {reason}"
+    assert raised.value.when == 30.0 and raised.value.sig is None
