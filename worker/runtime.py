@@ -146,23 +146,30 @@ def publish_catalog(settings: Settings, registry: Registry = REGISTRY) -> None:
 
 
 _lock = threading.Lock()
-_runtime: WorkerRuntime | None = None
+#: This process's runtimes, one per Settings object (a worker has one; a test process that makes
+#: several apps gets one for each, never another app's database), with the pid that made them.
+_runtimes: dict[int, tuple[Settings, WorkerRuntime]] = {}
 _runtime_pid = 0
 
 
 def get_runtime(settings: Settings) -> WorkerRuntime:
-    """This process's runtime (a forked child makes its own)."""
-    global _runtime, _runtime_pid
+    """This process's runtime for `settings` (a forked child makes its own)."""
+    global _runtime_pid
     with _lock:
-        if _runtime is None or _runtime_pid != os.getpid():
-            _runtime = WorkerRuntime(settings)
+        if _runtime_pid != os.getpid():
+            _runtimes.clear()  # the parent's: their threads did not survive the fork
             _runtime_pid = os.getpid()
-        return _runtime
+        entry = _runtimes.get(id(settings))
+        if entry is None or entry[0] is not settings:
+            entry = (settings, WorkerRuntime(settings))
+            _runtimes[id(settings)] = entry
+        return entry[1]
 
 
 def close_runtime() -> None:
-    global _runtime
+    """Close this process's runtimes (a forked child's own, never its parent's)."""
     with _lock:
-        if _runtime is not None and _runtime_pid == os.getpid():
-            _runtime.close()
-        _runtime = None
+        if _runtime_pid == os.getpid():
+            for _, runtime in _runtimes.values():
+                runtime.close()
+        _runtimes.clear()

@@ -16,6 +16,7 @@ from domain.models import dead_letters, runs
 from domain.settings import load_settings
 from tests.polling import eventually
 from worker.app import SUBMIT, create_app
+from worker.runtime import close_runtime
 
 
 @pytest.fixture
@@ -35,6 +36,7 @@ def worker_app(sqlite_url: str) -> Iterator[Any]:
         shutdown_timeout=30,
     ):
         yield app
+    close_runtime()  # a solo pool sends no worker_process_shutdown
 
 
 def reasons(url: str) -> list[str]:
@@ -65,5 +67,10 @@ def test_poison_on_the_memory_broker_is_dead_lettered(worker_app: Any, sqlite_ur
         with engine.connect() as conn:
             return conn.execute(select(runs.c.status)).scalars().all() == ["succeeded"]
 
-    eventually(succeeded, timeout=30)
+    try:
+        eventually(succeeded, timeout=30)
+    except AssertionError:
+        with engine.connect() as conn:
+            rows = conn.execute(select(runs.c.name, runs.c.status, runs.c.error)).all()
+        raise AssertionError(f"runs: {rows}; dead letters: {reasons(sqlite_url)}") from None
     engine.dispose()

@@ -1,9 +1,12 @@
-"""A worker process's runtime that fails to start (here: a secret key that cannot open the stored
-secrets) stops what it had started: no thread of conveyor's is left running."""
+"""A worker process's runtime: one per app's settings in a process (never another app's
+database), and one that fails to start (here: a secret key that cannot open the stored secrets)
+stops what it had started: no thread of conveyor's is left running."""
 
 from __future__ import annotations
 
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
@@ -11,7 +14,7 @@ from sqlalchemy import create_engine
 
 from domain.secrets import SecretKeyError, SecretStore
 from domain.settings import load_settings
-from worker.runtime import WorkerRuntime
+from worker.runtime import WorkerRuntime, close_runtime, get_runtime
 
 
 def conveyor_threads() -> set[str]:
@@ -31,3 +34,20 @@ def test_a_failed_start_leaves_no_thread_behind(sqlite_url: str) -> None:
     with pytest.raises(SecretKeyError):
         WorkerRuntime(settings)
     assert conveyor_threads() == before
+
+
+def test_each_apps_settings_get_their_own_runtime(tmp_path: Path, sqlite_template: Path) -> None:
+    urls = []
+    for name in ("a.db", "b.db"):
+        shutil.copy(sqlite_template, tmp_path / name)
+        urls.append(f"sqlite:///{tmp_path / name}")
+    first, second = (load_settings(database_url=u, broker_url="memory://") for u in urls)
+    before = conveyor_threads()
+    try:
+        assert get_runtime(first) is get_runtime(first)
+        assert str(get_runtime(first).engine.url) == urls[0]
+        # A second app in the same process (a test, an embedding program) writes its own runs.
+        assert str(get_runtime(second).engine.url) == urls[1]
+    finally:
+        close_runtime()
+    assert conveyor_threads() <= before
