@@ -1,22 +1,22 @@
 """kombu's Redis transport, lightened where conveyor's database already does the broker's job.
 
-Two changes, both measured with py-spy in a worker's consumer process at a few hundred tasks a
-second, and one guard, all for `redis://` brokers only (worker/app.py); other schemes keep
-kombu's own:
+Two changes, each found by profiling a worker's consumer process (the figures, dated, are in
+bench/RESULTS.md), and one guard, all for `redis://` brokers only (worker/app.py); other schemes
+keep kombu's own:
 
 - **One client per channel.** kombu's Redis channel builds a new `redis.Redis` for every
   delivered message and every ack. Building one copies redis-py's table of ~200 response
-  callbacks into a fresh case-insensitive dict: 17% of the consumer's CPU. A Redis client is a
-  thin, thread-safe front of its connection pool, so one per channel and pool does the same
-  work: commands still take a connection from the pool, and a pool kombu replaces (after a
-  fork or a reconnect) gets a client of its own.
+  callbacks into a fresh case-insensitive dict, a large share of the consumer's CPU. A Redis
+  client is a thin, thread-safe front of its connection pool, so one per channel and pool does
+  the same work: commands still take a connection from the pool, and a pool kombu replaces
+  (after a fork or a reconnect) gets a client of its own.
 - **No Redis bookkeeping for run deliveries.** kombu emulates AMQP acks on Redis: every
   delivered message is copied into an "unacked" hash and index (one MULTI/EXEC) and removed
   again on ack (another), so that a worker that dies holding it has it restored after the
   visibility timeout. conveyor acks on receipt, and a `conveyor.execute` message only carries
   a run id: the run's row is the delivery intent, and the relay re-publishes a run that was
   published but not claimed within `dispatch_grace_s` (guarantee 1), long before the
-  visibility timeout. The two transactions were 40% of the consumer's CPU for nothing, so run
+  visibility timeout. The two transactions cost the consumer much of its CPU for nothing, so run
   deliveries are tracked in memory only: the prefetch limit still counts them, and a reject
   with requeue or a warm shutdown still puts them back on their queue. Every other message
   (`conveyor.submit` from plain Celery clients carries work that has no row yet) keeps kombu's
