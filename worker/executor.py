@@ -139,7 +139,7 @@ class Executor:
             return Outcome(
                 refused.run_id,
                 "held",
-                error_type="BudgetExceeded",
+                error_type="MonthlyLimitReached",  # as the held run's row says
                 error=refused.reason,
                 retry_in_s=wait_s,
             )

@@ -63,6 +63,6 @@ def test_a_long_error_is_cut_short() -> None:
 def test_a_run_held_at_its_projects_limit_is_a_retry_saying_why() -> None:
     reason = "project 'acme' has spent 1.00 USD of its 1.00 USD monthly limit"
     with pytest.raises(Retry) as raised:
-        task_result(Outcome(RUN, "held", 0, "BudgetExceeded", reason, retry_in_s=30.0))
-    assert str(raised.value.exc) == f"held: BudgetExceeded: {reason}"
+        task_result(Outcome(RUN, "held", 0, "MonthlyLimitReached", reason, retry_in_s=30.0))
+    assert str(raised.value.exc) == f"held: MonthlyLimitReached: {reason}"
     assert raised.value.when == 30.0 and raised.value.sig is None
