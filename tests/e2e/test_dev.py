@@ -13,24 +13,34 @@ import pytest
 
 from tests.e2e.stack import ROOT
 from tests.polling import eventually
+from tests.services import free_port
 
 pytestmark = pytest.mark.slow
 
 
-def test_dev_runs_work_enqueued_from_another_process(tmp_path: Path) -> None:
+def start_dev(
+    tmp_path: Path, *args: str
+) -> tuple[subprocess.Popen[bytes], Path, int, dict[str, str]]:
+    """`conveyor dev` on a free port, in its own session, with output to a file: the process,
+    that file, the port and the environment it was started with."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env.update({"CONVEYOR_HOME": str(tmp_path / ".conveyor"), "PYTHONPATH": str(ROOT)})
     out = tmp_path / "dev.out"
-    port = _free_port()
+    port = free_port()
     with out.open("wb") as sink:
         dev = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", "dev", "--port", str(port)],
+            [sys.executable, "-m", "conveyor", "dev", *args, "--port", str(port)],
             cwd=tmp_path,
             env=env,
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    return dev, out, port, env
+
+
+def test_dev_runs_work_enqueued_from_another_process(tmp_path: Path) -> None:
+    dev, out, port, env = start_dev(tmp_path)
     try:
         eventually(lambda: "try, in another terminal" in out.read_text(), timeout=30)
         banner = out.read_text()
@@ -115,15 +125,7 @@ LIBRARY_NOISE = (
 
 
 def test_dev_verbose_shows_the_libraries(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-    env.update({"CONVEYOR_HOME": str(tmp_path / ".conveyor"), "PYTHONPATH": str(ROOT)})
-    out = tmp_path / "dev.out"
-    port = _free_port()
-    with out.open("wb") as sink:
-        dev = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", "dev", "--verbose", "--port", str(port)],
-            cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    dev, out, port, _ = start_dev(tmp_path, "--verbose")
     try:
         eventually(lambda: "[queues]" in out.read_text(), timeout=30)  # Celery's banner
         eventually(lambda: "Added job" in out.read_text(), timeout=10)  # APScheduler's
@@ -135,14 +137,6 @@ def test_dev_verbose_shows_the_libraries(tmp_path: Path) -> None:
         os.killpg(dev.pid, signal.SIGINT)
         code = dev.wait(timeout=30)
     assert code == 0, out.read_text()[-2000:]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_a_second_dev_on_a_taken_port_says_so_and_starts_nothing(tmp_path: Path) -> None:
