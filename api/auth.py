@@ -18,8 +18,8 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import RateLimited
 from api.state import ApiOptions, get_state
-from domain import auth
-from domain.auth import Principal, Unauthorized
+from domain.security import tokens as auth
+from domain.security.tokens import Principal, Unauthorized
 
 log = structlog.get_logger("conveyor.api.auth")
 

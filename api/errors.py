@@ -13,7 +13,6 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException
 
-from domain.auth import Forbidden, Unauthorized
 from domain.errors import (
     ConfigurationError,
     Conflict,
@@ -24,7 +23,8 @@ from domain.errors import (
     UnknownTask,
     WaitTimeout,
 )
-from domain.webhooks import BadDelivery
+from domain.security.tokens import Forbidden, Unauthorized
+from domain.webhooks.inbound import BadDelivery
 
 log = structlog.get_logger("conveyor.api")
 

@@ -13,11 +13,11 @@ from api.auth import Reader
 from api.broker import ping, queue_depths
 from api.errors import error_response
 from api.state import ApiState, State
-from domain import observability
 from domain.clock import utc_now
-from domain.db import describe_db_error
-from domain.leader_heartbeat import absence
-from domain.migrate import current_revision
+from domain.db.engine import describe_db_error
+from domain.db.migrate import current_revision
+from domain.housekeeping import monitoring as observability
+from domain.schedules.leader import absence
 
 router = APIRouter(tags=["health"])
 

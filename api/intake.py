@@ -11,8 +11,8 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from domain.services import Enqueued
-from domain.webhook_batch import Delivery, Outcome
+from domain.runs.services import Enqueued
+from domain.webhooks.batches import Delivery, Outcome
 
 
 class _Waiting:

@@ -17,9 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.broker import queue_depths
 from api.state import ApiState, State
-from domain import observability
 from domain.clock import utc_now
 from domain.errors import ConveyorError
+from domain.housekeeping import monitoring as observability
 
 log = structlog.get_logger("conveyor.api.metrics")
 

@@ -19,13 +19,13 @@ from pydantic import BaseModel, Field, create_model
 from pydantic.json_schema import models_json_schema
 from sqlalchemy import Table
 
-from domain.audit import AuditEntry
-from domain.auth import TokenView
-from domain.models_platform import Schedule
-from domain.queries import ArtifactView, CostLine, MetricPoint, WorkerView
-from domain.stats import Bucket, Stats
-from domain.views import LogLine, RunView, StepView
-from domain.webhooks import WebhookView
+from domain.db.models_platform import Schedule
+from domain.housekeeping.stats import Bucket, Stats
+from domain.runs.reads import ArtifactView, CostLine, MetricPoint, WorkerView
+from domain.runs.views import LogLine, RunView, StepView
+from domain.security.audit import AuditEntry
+from domain.security.tokens import TokenView
+from domain.webhooks.inbound import WebhookView
 
 BEARER = "bearer"
 

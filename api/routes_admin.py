@@ -9,7 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Admin, Reader, client_ip
 from api.state import State
-from domain import audit, auth, queries, webhooks
+from domain.runs import reads as queries
+from domain.security import audit
+from domain.security import tokens as auth
+from domain.webhooks import inbound as webhooks
 
 router = APIRouter(prefix="/api/v1", tags=["admin"])
 

@@ -10,8 +10,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.auth import Reader
 from api.state import State
-from domain.cost_reports import report
-from domain.costs import ZERO
+from domain.costs.ledger import ZERO
+from domain.costs.reports import report
 
 router = APIRouter(prefix="/api/v1/costs", tags=["costs"])
 

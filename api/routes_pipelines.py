@@ -10,9 +10,9 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.auth import Reader, Writer, client_ip
 from api.state import State
-from domain import audit, services
-from domain.queries_pipelines import TableCatalog, get_pipeline, list_pipelines, pipeline_detail
-from domain.requests import (
+from domain.pipelines.reads import TableCatalog, get_pipeline, list_pipelines, pipeline_detail
+from domain.runs import services
+from domain.runs.requests import (
     Attempts,
     Count,
     Delay,
@@ -22,6 +22,7 @@ from domain.requests import (
     Usd,
     build_request,
 )
+from domain.security import audit
 
 router = APIRouter(prefix="/api/v1/pipelines", tags=["pipelines"])
 

@@ -12,12 +12,12 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from api.auth import Reader, Writer, client_ip
 from api.json_body import JSONBody
 from api.state import State
-from domain import audit, queries, services
-from domain.catalog import permissive
 from domain.clock import utc_now
 from domain.errors import InvalidInput
-from domain.repository import RunFilter
-from domain.requests import (
+from domain.runs import reads as queries
+from domain.runs import services
+from domain.runs.repository import RunFilter
+from domain.runs.requests import (
     Attempts,
     Count,
     Delay,
@@ -27,7 +27,9 @@ from domain.requests import (
     Usd,
     build_request,
 )
-from domain.states import Status
+from domain.runs.states import Status
+from domain.security import audit
+from domain.tasks.catalog import permissive
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 

@@ -11,14 +11,15 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.auth import Admin, Reader, Writer, client_ip
 from api.state import ApiState, State
-from domain import audit, services
-from domain import schedules as sched
-from domain.catalog import permissive
 from domain.clock import utc_now
 from domain.errors import ConveyorError, InvalidInput
+from domain.pipelines.reads import TableCatalog
 from domain.ports import Catalog
-from domain.queries_pipelines import TableCatalog
-from domain.requests import Priority, build_request
+from domain.runs import services
+from domain.runs.requests import Priority, build_request
+from domain.schedules import definitions as sched
+from domain.security import audit
+from domain.tasks.catalog import permissive
 from scheduler.triggers import Slots, TriggerSpec
 
 router = APIRouter(prefix="/api/v1/schedules", tags=["schedules"])

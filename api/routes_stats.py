@@ -9,7 +9,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.auth import Reader
 from api.state import State
-from domain.stats import run_stats_for
+from domain.housekeeping.stats import run_stats_for
 
 router = APIRouter(prefix="/api/v1/stats", tags=["stats"])
 

@@ -16,9 +16,10 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import Reader
 from api.state import ApiState, State
-from domain import queries, services
 from domain.errors import ConveyorError
-from domain.views import LogLine
+from domain.runs import reads as queries
+from domain.runs import services
+from domain.runs.views import LogLine
 
 log = structlog.get_logger("conveyor.api.sse")
 

@@ -12,16 +12,16 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 
 from api.intake import WebhookIntake
-from domain import webhooks
 from domain.clock import utc_now
-from domain.crypto import secret_key_from
-from domain.delivery_checks import DeliveryCheck
+from domain.db.unit_of_work import UnitOfWork
 from domain.ports import Catalog, Publisher
-from domain.reads_pg import PgReads
+from domain.runs.delivery_checks import DeliveryCheck
+from domain.runs.reads_pg import PgReads
+from domain.security.crypto import secret_key_from
 from domain.settings import Settings
-from domain.unit_of_work import UnitOfWork
-from domain.webhook_batch import Delivery, Outcome, accept_batch
-from domain.webhooks import Endpoint
+from domain.webhooks import inbound as webhooks
+from domain.webhooks.batches import Delivery, Outcome, accept_batch
+from domain.webhooks.inbound import Endpoint
 
 if TYPE_CHECKING:
     from api.metrics import ApiMetrics
@@ -132,9 +132,9 @@ class ApiState:
 
     def start(self) -> None:
         from conveyor.client import default_publisher
-        from domain.catalog import producer_catalog
-        from domain.db import create_db_engine, uses_psycopg
-        from domain.migrate import head_revision
+        from domain.db.engine import create_db_engine, uses_psycopg
+        from domain.db.migrate import head_revision
+        from domain.tasks.catalog import producer_catalog
 
         url = self.settings.effective_database_url
         if self._engine is None:

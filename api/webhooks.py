@@ -13,10 +13,10 @@ from starlette.exceptions import HTTPException
 
 from api.errors import status_for
 from api.state import ApiState, State
-from domain import webhooks
 from domain.errors import Conflict, ConveyorError, NotFound
-from domain.webhook_batch import Delivery
-from domain.webhooks import BadDelivery
+from domain.webhooks import inbound as webhooks
+from domain.webhooks.batches import Delivery
+from domain.webhooks.inbound import BadDelivery
 
 router = APIRouter(tags=["webhooks"])
 
@@ -89,8 +89,8 @@ async def legacy_pipeline_hook(
     """Fast-Flow's `webhook_key` trigger, only when CONVEYOR_PIPELINE_LEGACY_WEBHOOKS is on
     (the key travels in the URL; prefer signed webhooks). The JSON object body, if any,
     becomes the run's params; an optional `X-Conveyor-Delivery` makes repeats one run."""
-    from domain import legacy_hooks
-    from domain.pipelines import PipelineDirectory, pipeline_settings
+    from domain.pipelines.discovery import PipelineDirectory, pipeline_settings
+    from domain.webhooks import fastflow_keys as legacy_hooks
 
     with _outcome(state) as outcome:
         if not state.settings.pipeline_legacy_webhooks:

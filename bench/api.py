@@ -129,7 +129,7 @@ async def _steady(
 
 async def _webhooks(args: argparse.Namespace) -> tuple[int, float]:
     """--concurrency senders, each sending a new signed delivery once it has its answer."""
-    from domain.webhooks import signature
+    from domain.webhooks.inbound import signature
 
     accepted = 0
     counter = iter(range(10**9))
@@ -224,7 +224,7 @@ class CpuByPhase:
 
 def add_records(engine: Engine, run_ids: list[uuid.UUID]) -> None:
     """What a real run leaves for its detail page: three steps, 200 log lines, two costs."""
-    from domain.models import cost_entries, run_logs, run_steps
+    from domain.db.models import cost_entries, run_logs, run_steps
 
     now = datetime.now(UTC)
     steps, lines, costs = [], [], []
@@ -271,7 +271,7 @@ def seed(url: str, n: int) -> list[uuid.UUID]:
     """`n` finished runs for the list and detail pages to show, recorded without the broker:
     the worker starts idle, and the feeder alone sets its pace."""
     from conveyor import Client
-    from domain.models import runs
+    from domain.db.models import runs
     from domain.settings import load_settings
 
     quiet = Client(load_settings(database_url=url, broker_url="memory://"))
@@ -292,7 +292,7 @@ def seed(url: str, n: int) -> list[uuid.UUID]:
 
 
 def finished_between(engine: Engine, window: tuple[float, float]) -> int:
-    from domain.models import runs
+    from domain.db.models import runs
 
     start, end = (datetime.fromtimestamp(t, UTC) for t in window)
     with engine.connect() as conn:
@@ -390,10 +390,11 @@ def main() -> None:
     from cryptography.fernet import Fernet
 
     from conveyor import Client
-    from domain import auth, webhooks
+    from domain.db.unit_of_work import UnitOfWork
     from domain.logging import configure_logging
+    from domain.security import tokens as auth
     from domain.settings import load_settings
-    from domain.unit_of_work import UnitOfWork
+    from domain.webhooks import inbound as webhooks
 
     configure_logging(level="WARNING")
     url = fresh_database("conveyor_bench_api")

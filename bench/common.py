@@ -28,7 +28,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from domain.migrate import upgrade
+from domain.db.migrate import upgrade
 from tests.services import PrivateRedis
 
 PG_ADMIN = os.environ.get("CONVEYOR_BENCH_PG", "postgresql+psycopg://127.0.0.1:5432/test")

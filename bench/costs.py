@@ -52,7 +52,7 @@ from bench.common import (
     wait_for,
 )
 from conveyor import Client, task
-from domain.costs import Prices, as_entry_usd
+from domain.costs.ledger import Prices, as_entry_usd
 from domain.logging import configure_logging
 from domain.settings import load_settings
 

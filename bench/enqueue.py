@@ -12,8 +12,8 @@ from celery import Celery
 
 from bench.common import Result, broker_url, flush_redis, fresh_database, report, timed
 from conveyor import Client
-from domain.registry import REGISTRY, task
 from domain.settings import load_settings
+from domain.tasks.registry import REGISTRY, task
 
 
 @task(name="bench_noop")

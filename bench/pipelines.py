@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 
 from bench.common import fresh_database
-from domain import services
-from domain.db import create_db_engine
-from domain.pipelines import PipelineCatalog
-from domain.registry import Registry
-from domain.requests import build_request
+from domain.db.engine import create_db_engine
+from domain.db.unit_of_work import UnitOfWork
+from domain.pipelines.discovery import PipelineCatalog
+from domain.runs import services
+from domain.runs.requests import build_request
 from domain.settings import load_settings
-from domain.unit_of_work import UnitOfWork
+from domain.tasks.registry import Registry
 from worker import capture
 from worker.executor import Executor
 from worker.logwriter import LogWriter

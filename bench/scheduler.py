@@ -1,21 +1,21 @@
 """Scheduler fire precision: K one-second interval schedules for D seconds, conveyor beside beat.
 
 One after the other in the same run (each alone on the machine's two cores), the same K and D:
-- conveyor: K schedules (`interval 1s`, target bench_noop) added through domain.schedules, then
-  a real `python -m conveyor scheduler`. Slots are a fixed grid (whole seconds). Two figures
-  per fire: "decided", the run row's `created_at` (taken when the scheduler starts recording
-  the slot, before its transaction and the publish) minus the slot `fire_at`; and "in broker",
-  when the run's message reached Redis (after the commit and the publish) minus `fire_at`. The
-  latter is taken by a thread of this process that drains the queue as messages arrive (no
-  worker consumes), so it is the moment the benchmark saw the message: at most that late, not
-  earlier. It is the issue's "scheduled time -> run enqueued", and the target is checked on
-  it. (On PostgreSQL conveyor writes an instant's fires before the instant and commits at it,
-  so its "decided" is the slot itself by construction; "in broker" is the figure.) Missed =
-  K*D slots of the window without an `enqueued` row 2 s after it ends (late, or recorded
-  `skipped_misfire`: counted apart); duplicates = a slot recorded twice or an
-  enqueued slot with other than exactly one run. Relay and reaper run as they ship, with a
-  dispatch grace of an hour: no worker consumes here, and re-publishing the unclaimed runs
-  after 30 s would be work beat never does.
+- conveyor: K schedules (`interval 1s`, target bench_noop) added through
+  domain.schedules.definitions, then a real `python -m conveyor scheduler`. Slots are a fixed grid
+  (whole seconds). Two figures per fire: "decided", the run row's `created_at` (taken when the
+  scheduler starts recording the slot, before its transaction and the publish) minus the slot
+  `fire_at`; and "in broker", when the run's message reached Redis (after the commit and the
+  publish) minus `fire_at`. The latter is taken by a thread of this process that drains the queue as
+  messages arrive (no worker consumes), so it is the moment the benchmark saw the message: at most
+  that late, not earlier. It is the issue's "scheduled time -> run enqueued", and the target is
+  checked on it. (On PostgreSQL conveyor writes an instant's fires before the instant and commits at
+  it, so its "decided" is the slot itself by construction; "in broker" is the figure.) Missed = K*D
+  slots of the window without an `enqueued` row 2 s after it ends (late, or recorded
+  `skipped_misfire`: counted apart); duplicates = a slot recorded twice or an enqueued slot with
+  other than exactly one run. Relay and reaper run as they ship, with a dispatch grace of an hour:
+  no worker consumes here, and re-publishing the unclaimed runs after 30 s would be work beat never
+  does.
 - Celery beat: `celery beat` with K entries `schedule=1.0` (task bench.noop) and its default
   PersistentScheduler, subclassed only to note, per entry it applies (bench/celery_baseline.py),
   when it was due by beat's own rule (previous run + 1 s), when beat decided to send it (the
@@ -65,11 +65,11 @@ from bench.common import (
     table,
     wait_for,
 )
-from domain import schedules as sched
 from domain.clock import utc_now
-from domain.db import create_db_engine
+from domain.db.engine import create_db_engine
 from domain.logging import configure_logging
-from domain.registry import REGISTRY, RegistryCatalog, import_task_modules
+from domain.schedules import definitions as sched
+from domain.tasks.registry import REGISTRY, RegistryCatalog, import_task_modules
 from scheduler.triggers import Slots, TriggerSpec
 
 TARGET_P99_S = 0.050

@@ -10,8 +10,8 @@ from domain.errors import (
     UnknownTask,
     WaitTimeout,
 )
-from domain.registry import cron, every, task
-from domain.views import RunView
+from domain.runs.views import RunView
+from domain.tasks.registry import cron, every, task
 
 __all__ = [
     "Client",

@@ -12,20 +12,20 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from domain import services
-from domain.catalog import permissive, producer_catalog
 from domain.clock import utc_now
-from domain.db import create_db_engine
-from domain.delivery_checks import DeliveryCheck
+from domain.db.engine import create_db_engine
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, WaitTimeout
 from domain.gc_pause import gc_paused
 from domain.ports import Catalog, Publisher
-from domain.repository import RunFilter
-from domain.requests import build_request, build_requests, parse_duration
+from domain.runs import services
+from domain.runs.delivery_checks import DeliveryCheck
+from domain.runs.repository import RunFilter
+from domain.runs.requests import build_request, build_requests, parse_duration
+from domain.runs.states import TERMINAL
+from domain.runs.views import LogLine, Page, RunView, StepView
 from domain.settings import Settings, get_settings
-from domain.states import TERMINAL
-from domain.unit_of_work import UnitOfWork
-from domain.views import LogLine, Page, RunView, StepView
+from domain.tasks.catalog import permissive, producer_catalog
 
 
 def as_run_id(value: str | uuid.UUID) -> uuid.UUID:
@@ -77,7 +77,7 @@ class Client:
     @property
     def catalog(self) -> Catalog:
         """What names and params are checked against: the tasks this process imports, else the
-        catalog the workers published, else pipelines (domain/catalog.py)."""
+        catalog the workers published, else pipelines (domain/tasks/catalog.py)."""
         if self._catalog is None:
             self._catalog = producer_catalog(self.settings, self.engine)
         return self._catalog

@@ -13,16 +13,16 @@ from typing import Any
 from celery.exceptions import SecurityWarning
 
 from conveyor.cli.output import console
-from domain import catalog
-from domain.catalog import permissive, producer_catalog
 from domain.clock import utc_now
-from domain.db import create_db_engine
+from domain.db.engine import create_db_engine
+from domain.db.migrate import ensure_schema
 from domain.errors import ConveyorError, InvalidInput, PortInUse
 from domain.logging import quiet_libraries
-from domain.migrate import ensure_schema
-from domain.pipelines import PipelineDirectory, pipeline_settings
-from domain.registry import REGISTRY, import_task_modules
+from domain.pipelines.discovery import PipelineDirectory, pipeline_settings
 from domain.settings import Settings, redact_url
+from domain.tasks import catalog
+from domain.tasks.catalog import permissive, producer_catalog
+from domain.tasks.registry import REGISTRY, import_task_modules
 
 DEV_TASK_MODULES = "examples.hello"
 

@@ -130,9 +130,9 @@ class Settings(BaseSettings):
         Path("prices.toml"),
         description="USD per million input/output tokens per provider and model (optional).",
     )
-    # Callbacks and notifications out (domain/outbound.py, scheduler/deliveries.py). They are
-    # signed with the webhook's secret for a run a webhook created, else with a key derived from
-    # CONVEYOR_SECRET_KEY (`conveyor notify key` prints it for receivers).
+    # Callbacks and notifications out (domain/callbacks/outbound.py, scheduler/deliveries.py).
+    # They are signed with the webhook's secret for a run a webhook created, else with a key
+    # derived from CONVEYOR_SECRET_KEY (`conveyor notify key` prints it for receivers).
     outbound_deadline_s: float = Field(
         3600.0,
         gt=0,

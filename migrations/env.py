@@ -8,8 +8,8 @@ from contextlib import contextmanager
 from alembic import context
 from sqlalchemy import Connection
 
-from domain.db import create_db_engine
-from domain.schema import metadata
+from domain.db.engine import create_db_engine
+from domain.db.schema import metadata
 from domain.settings import get_settings
 
 config = context.config

@@ -1,5 +1,5 @@
 """Schedule edits reach the leading scheduler at once: on PostgreSQL it LISTENs on the channel
-that every schedule write NOTIFYs when it commits (domain.schedules.announce_change).
+that every schedule write NOTIFYs when it commits (domain.schedules.definitions.announce_change).
 
 Polling stays as the safety net (a notification sent while the listener reconnects is lost)
 and is SQLite's only way.
@@ -16,7 +16,7 @@ import psycopg
 import structlog
 from sqlalchemy import Engine
 
-from domain.schedules import CHANGES_CHANNEL
+from domain.schedules.definitions import CHANGES_CHANNEL
 
 log = structlog.get_logger("conveyor.scheduler")
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import structlog
 from sqlalchemy import Engine
 
-from domain import schedules as sched
 from domain.clock import Clock, utc_now
 from domain.errors import ConveyorError
-from domain.pipelines import PipelineDirectory
-from domain.registry import Registry, RegistryCatalog
+from domain.pipelines.discovery import PipelineDirectory
+from domain.schedules import definitions as sched
+from domain.tasks.registry import Registry, RegistryCatalog
 from scheduler.triggers import Slots, TriggerSpec
 
 log = structlog.get_logger("conveyor.scheduler")

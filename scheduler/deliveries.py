@@ -19,15 +19,15 @@ import httpx
 import structlog
 from sqlalchemy import Engine
 
-from domain import outbound
+from domain.callbacks import outbound
+from domain.callbacks.messages import MAX_ERROR
+from domain.callbacks.rules import list_rules, shown_url
+from domain.callbacks.urls import is_public, undeliverable
 from domain.clock import Clock, utc_now
-from domain.crypto import secret_key_from
-from domain.notify_rules import list_rules, shown_url
-from domain.outbound_messages import MAX_ERROR
-from domain.outbound_urls import is_public, undeliverable
+from domain.db.unit_of_work import UnitOfWork
+from domain.security.crypto import secret_key_from
 from domain.settings import Settings
-from domain.unit_of_work import UnitOfWork
-from domain.webhooks import signature
+from domain.webhooks.inbound import signature
 
 log = structlog.get_logger("conveyor.outbound")
 

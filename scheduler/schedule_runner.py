@@ -1,5 +1,5 @@
 """Fires schedules while this process leads: one APScheduler job per distinct fire instant,
-which records every schedule due at that instant together (domain/schedule_fires.py), on
+which records every schedule due at that instant together (domain/schedules/fires.py), on
 PostgreSQL written ahead of the instant and committed at it; missed slots follow the misfire
 policy."""
 
@@ -18,12 +18,12 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
-from domain import schedules as sched
 from domain.clock import Clock, utc_now
 from domain.errors import BrokerUnavailable, ConveyorError
 from domain.ports import Catalog, Publisher, send_later
-from domain.recovery import hand_back
-from domain.schedule_fires import (
+from domain.runs.recovery import hand_back
+from domain.schedules import definitions as sched
+from domain.schedules.fires import (
     Due,
     Fired,
     RequestCache,

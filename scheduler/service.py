@@ -8,17 +8,17 @@ import time
 import structlog
 from sqlalchemy import Engine
 
-from domain.chains import release_after
 from domain.clock import Clock, utc_now
 from domain.gc_pause import freeze_startup_heap
-from domain.leader_heartbeat import beat, beat_every
-from domain.maintenance import apply_retention, roll_up
-from domain.pipelines import PipelineDirectory, pipeline_settings
+from domain.housekeeping.rollups import apply_retention, roll_up
+from domain.pipelines.discovery import PipelineDirectory, pipeline_settings
 from domain.ports import Catalog, Publisher
-from domain.recovery import forget_dead_workers, reap_once, relay_once
-from domain.registry import Registry
-from domain.schedules import release_held
+from domain.runs.chains import release_after
+from domain.runs.recovery import forget_dead_workers, reap_once, relay_once
+from domain.schedules.definitions import release_held
+from domain.schedules.leader import beat, beat_every
 from domain.settings import Settings
+from domain.tasks.registry import Registry
 from scheduler.changes import ChangeListener
 from scheduler.declared import sync_code_schedules, sync_pipeline_schedules
 from scheduler.deliveries import OutboundSweeper

@@ -24,7 +24,7 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from domain.errors import InvalidInput
-from domain.requests import parse_duration
+from domain.runs.requests import parse_duration
 
 DAY_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 _DOW_PART = re.compile(r"^(\*|\d+(?:-\d+)?)(?:/(\d+))?$")

@@ -17,8 +17,8 @@ from datetime import datetime, timedelta
 import structlog
 from sqlalchemy import Engine
 
-from domain import schedules as sched
 from domain.clock import Clock, utc_now
+from domain.schedules import definitions as sched
 from scheduler.schedule_runner import ScheduleRunner
 
 log = structlog.get_logger("conveyor.scheduler")

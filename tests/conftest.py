@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from domain.db import create_db_engine
-from domain.migrate import upgrade
-from domain.schema import metadata
-from domain.unit_of_work import UnitOfWork
+from domain.db.engine import create_db_engine
+from domain.db.migrate import upgrade
+from domain.db.schema import metadata
+from domain.db.unit_of_work import UnitOfWork
 from tests.fakes import FakeClock, FakePublisher
 from tests.services import PrivateRedis, fresh_database
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, func, select
 
+from domain.db.models import runs
 from domain.errors import BrokerUnavailable
-from domain.models import runs
 from domain.ports import Dispatch
 
 

@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
-from domain import services
-from domain.catalog import CompositeCatalog
-from domain.models import RunMetric, run_logs, run_steps
-from domain.pipeline_store import artifacts_of
-from domain.pipelines import PipelineCatalog, PipelineDirectory
-from domain.registry import Registry, RegistryCatalog
-from domain.requests import build_request
-from domain.unit_of_work import UnitOfWork
-from domain.views import RunView
+from domain.db.models import RunMetric, run_logs, run_steps
+from domain.db.unit_of_work import UnitOfWork
+from domain.pipelines.discovery import PipelineCatalog, PipelineDirectory
+from domain.pipelines.store import artifacts_of
+from domain.runs import services
+from domain.runs.requests import build_request
+from domain.runs.views import RunView
+from domain.tasks.catalog import CompositeCatalog
+from domain.tasks.registry import Registry, RegistryCatalog
 from worker import capture
 from worker.executor import Executor
 from worker.logwriter import LogWriter

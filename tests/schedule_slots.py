@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
-from domain import schedules as sched
-from domain.models import runs
+from domain.db.models import runs
+from domain.schedules import definitions as sched
 from scheduler.triggers import Slots, TriggerSpec
 
 

@@ -20,10 +20,10 @@ import structlog
 from sqlalchemy import Connection, Table
 from sqlalchemy import exc as sa_exc
 
-from domain import costs as ledger
-from domain import runstore
-from domain.db import uses_psycopg
-from domain.models import RunMetric, cost_entries, run_logs
+from domain.costs import ledger
+from domain.db.engine import uses_psycopg
+from domain.db.models import RunMetric, cost_entries, run_logs
+from domain.runs import store as runstore
 
 run_metrics = cast(Table, RunMetric.__table__)
 

@@ -12,12 +12,13 @@ from typing import Any, Protocol
 
 from sqlalchemy import Engine, update
 
-from domain import costs, runstore
 from domain.clock import Clock, utc_now
+from domain.costs import ledger as costs
+from domain.db.models import run_steps
 from domain.errors import BudgetExceeded, RunCancelled, RunStopped, RunTimedOut
-from domain.masking import NO_SECRETS, Masker
-from domain.models import run_steps
-from domain.runstore import Claim
+from domain.runs import store as runstore
+from domain.runs.store import Claim
+from domain.security.masking import NO_SECRETS, Masker
 from worker.masked_sink import MaskedSink
 
 STOP_ERRORS: dict[str, type[RunStopped]] = {

@@ -18,9 +18,9 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from domain.clock import utc_now
-from domain.db import describe_db_error
+from domain.db.engine import describe_db_error
+from domain.db.models import dead_letters
 from domain.errors import DatabaseUnavailable
-from domain.models import dead_letters
 
 log = structlog.get_logger("conveyor.worker")
 

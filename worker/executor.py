@@ -16,18 +16,20 @@ import structlog
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
-from domain import pipeline_store, runstore, runstore_pg
-from domain.admission import Refused
-from domain.chains import chain_follow_up, chain_possible
 from domain.clock import Clock, utc_now
-from domain.costs import Prices
-from domain.db import uses_psycopg
+from domain.costs.admission import Refused
+from domain.costs.ledger import Prices
+from domain.db.engine import uses_psycopg
+from domain.db.models import run_logs
 from domain.errors import InvalidInput, LeaseLost, RunStopped, UnknownTask
-from domain.masking import NO_SECRETS, Masker
-from domain.models import run_logs
-from domain.registry import Registry, RetryPolicy
-from domain.runstore import Claim
-from domain.runstore_pg import PgRunStore
+from domain.pipelines import store as pipeline_store
+from domain.runs import store as runstore
+from domain.runs import store_pg as runstore_pg
+from domain.runs.chains import chain_follow_up, chain_possible
+from domain.runs.store import Claim
+from domain.runs.store_pg import PgRunStore
+from domain.security.masking import NO_SECRETS, Masker
+from domain.tasks.registry import Registry, RetryPolicy
 from worker import capture
 from worker.context import STOP_ERRORS, TaskContext, _safe_str
 from worker.logwriter import LogWriter

@@ -15,12 +15,14 @@ import psutil
 import structlog
 from sqlalchemy import Engine
 
-from domain import catalog, costs, runstore
-from domain.catalog import REFRESH_EVERY_S
 from domain.clock import utc_now
-from domain.models import workers
-from domain.registry import TaskSpec
-from domain.repository import dialect_insert
+from domain.costs import ledger as costs
+from domain.db.models import workers
+from domain.runs import store as runstore
+from domain.runs.repository import dialect_insert
+from domain.tasks import catalog
+from domain.tasks.catalog import REFRESH_EVERY_S
+from domain.tasks.registry import TaskSpec
 
 log = structlog.get_logger("conveyor.worker")
 

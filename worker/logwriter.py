@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 
 from domain.clock import utc_now
-from domain.db import describe_db_error
+from domain.db.engine import describe_db_error
 from domain.errors import DatabaseUnavailable
 from worker.batches import (
     LOG_COLUMNS,

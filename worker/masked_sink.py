@@ -7,7 +7,7 @@ import uuid
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from domain.masking import Masker
+from domain.security.masking import Masker
 
 if TYPE_CHECKING:  # worker.context builds these; the protocol is only needed for checking
     from worker.context import LineSink

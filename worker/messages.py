@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from domain.audit import mask as mask_secret_names
-from domain.masking import MASK, NO_SECRETS, Masker
 from domain.ports import Dispatch
+from domain.security.audit import mask as mask_secret_names
+from domain.security.masking import MASK, NO_SECRETS, Masker
 
 #: As Celery bounds its own argsrepr/kwargsrepr (amqp.argsrepr_maxsize): headers stay small
 #: whatever the params weigh, and Flower's event store with them.

@@ -13,8 +13,8 @@ import structlog
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from domain import runstore
 from domain.clock import Clock, utc_now
+from domain.runs import store as runstore
 from worker.context import TaskContext
 
 log = structlog.get_logger("conveyor.monitor")

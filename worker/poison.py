@@ -28,9 +28,9 @@ from kombu.exceptions import ContentDisallowed
 from kombu.transport.virtual.base import Channel as VirtualChannel
 from sqlalchemy import Engine
 
-from domain.db import create_db_engine
+from domain.db.engine import create_db_engine
 from domain.errors import DatabaseUnavailable
-from domain.registry import RetryPolicy
+from domain.tasks.registry import RetryPolicy
 from worker import deadletter
 from worker.executor import backoff_s
 

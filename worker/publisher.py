@@ -17,8 +17,8 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
 from domain.errors import BrokerUnavailable
-from domain.masking import NO_SECRETS, Masker
 from domain.ports import Dispatch
+from domain.security.masking import NO_SECRETS, Masker
 from domain.settings import redact_url
 from worker.app import EXECUTE, priority_for_broker
 from worker.messages import display_headers

@@ -13,16 +13,16 @@ from collections.abc import Callable
 import structlog
 from sqlalchemy import Engine
 
-from domain import catalog as task_catalog
-from domain.catalog import CompositeCatalog, TaskTableCatalog
-from domain.chains import check_chains
 from domain.clock import utc_now
-from domain.costs import Prices
-from domain.db import create_db_engine
+from domain.costs.ledger import Prices
+from domain.db.engine import create_db_engine
 from domain.gc_pause import freeze_startup_heap
-from domain.pipelines import PipelineCatalog
-from domain.registry import REGISTRY, Registry, RegistryCatalog, import_task_modules
+from domain.pipelines.discovery import PipelineCatalog
+from domain.runs.chains import check_chains
 from domain.settings import Settings
+from domain.tasks import catalog as task_catalog
+from domain.tasks.catalog import CompositeCatalog, TaskTableCatalog
+from domain.tasks.registry import REGISTRY, Registry, RegistryCatalog, import_task_modules
 from worker import capture
 from worker.context import TaskContext
 from worker.executor import Executor

@@ -3,7 +3,7 @@
 Workers need a leading `conveyor scheduler` for more than schedules: its relay publishes
 retries, delayed runs and chained runs, and its reaper recovers the runs of a worker that
 died. Without one all of that waits, silently. This thread reads the leader's heartbeat
-(domain/leader_heartbeat.py) and logs `worker.no_scheduler` once a minute while none is seen.
+(domain/schedules/leader.py) and logs `worker.no_scheduler` once a minute while none is seen.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from domain.clock import Clock, utc_now
-from domain.leader_heartbeat import absence
+from domain.schedules.leader import absence
 from domain.settings import Settings
 
 log = structlog.get_logger("conveyor.worker")
@@ -88,7 +88,7 @@ def watch_for_scheduler(app: Any, settings: Settings) -> None:
     started when Celery says the worker is ready, stopped when it shuts down."""
     from celery.signals import worker_ready, worker_shutdown
 
-    from domain.db import create_db_engine
+    from domain.db.engine import create_db_engine
 
     watches: list[SchedulerWatch] = []
 

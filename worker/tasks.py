@@ -16,12 +16,13 @@ from celery.signals import (
 )
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 
-from domain import services, storable
+from domain import storable
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import ConveyorError, InvalidInput, TransientError
-from domain.registry import RetryPolicy
-from domain.requests import build_request
+from domain.runs import services
+from domain.runs.requests import build_request
 from domain.settings import Settings
-from domain.unit_of_work import UnitOfWork
+from domain.tasks.registry import RetryPolicy
 from worker.app import EXECUTE, SUBMIT
 from worker.deadletter import dead_letter
 from worker.executor import backoff_s
@@ -126,7 +127,7 @@ def register(app: Celery, settings: Settings) -> None:
     def _graceful(how: str = "", **_: Any) -> None:
         if how != "Warm":
             return
-        from domain.db import create_db_engine
+        from domain.db.engine import create_db_engine
         from worker.lifecycle import graceful_stop
 
         log.info("worker.shutting_down", grace_s=settings.shutdown_grace_s)

@@ -40,8 +40,8 @@ def api(
     import uvicorn
 
     from api.app import create_api
+    from domain.db.migrate import wait_for_schema
     from domain.errors import InvalidInput
-    from domain.migrate import wait_for_schema
 
     if no_auth and not _is_loopback(host):
         raise InvalidInput(
@@ -82,7 +82,7 @@ def tokens_create(
     json_out: JsonFlag = False,
 ) -> None:
     """Create a token and print it once: conveyor stores only its hash."""
-    from domain import auth
+    from domain.security import tokens as auth
 
     with cli_uow() as uow:
         view, token = auth.create_token(uow, name, role, actor=ACTOR)
@@ -96,7 +96,7 @@ def tokens_create(
 @tokens_app.command("list")
 def tokens_list(json_out: JsonFlag = False) -> None:
     """List tokens (never their values)."""
-    from domain import auth
+    from domain.security import tokens as auth
 
     with cli_uow() as uow:
         items = auth.list_tokens(uow)
@@ -114,7 +114,7 @@ def tokens_list(json_out: JsonFlag = False) -> None:
 @tokens_app.command("revoke")
 def tokens_revoke(name: Annotated[str, typer.Argument(help="The token's name.")]) -> None:
     """Revoke a token at once."""
-    from domain import auth
+    from domain.security import tokens as auth
 
     with cli_uow() as uow:
         auth.revoke_token(uow, name, actor=ACTOR)
@@ -131,9 +131,9 @@ def webhooks_add(
     json_out: JsonFlag = False,
 ) -> None:
     """Create a webhook endpoint and print its signing secret once (stored encrypted)."""
-    from domain import webhooks
-    from domain.catalog import producer_catalog
-    from domain.crypto import secret_key_from
+    from domain.security.crypto import secret_key_from
+    from domain.tasks.catalog import producer_catalog
+    from domain.webhooks import inbound as webhooks
 
     settings = get_settings()
     with cli_uow() as uow:
@@ -159,7 +159,7 @@ def webhooks_add(
 @webhooks_app.command("list")
 def webhooks_list(json_out: JsonFlag = False) -> None:
     """List webhook endpoints (never their secrets)."""
-    from domain import webhooks
+    from domain.webhooks import inbound as webhooks
 
     with cli_uow() as uow:
         items = webhooks.list_webhooks(uow)
@@ -183,7 +183,7 @@ def webhooks_list(json_out: JsonFlag = False) -> None:
 @webhooks_app.command("rm")
 def webhooks_rm(name: Annotated[str, typer.Argument(help="The endpoint's name.")]) -> None:
     """Remove an endpoint (the runs it created stay)."""
-    from domain import webhooks
+    from domain.webhooks import inbound as webhooks
 
     with cli_uow() as uow:
         webhooks.remove_webhook(uow, name, actor=ACTOR)

@@ -7,13 +7,13 @@ from contextlib import contextmanager
 
 from sqlalchemy import Engine
 
+from domain.db.unit_of_work import UnitOfWork
 from domain.settings import get_settings
-from domain.unit_of_work import UnitOfWork
 
 
 @contextmanager
 def cli_engine() -> Iterator[Engine]:
-    from domain.db import create_db_engine
+    from domain.db.engine import create_db_engine
 
     engine = create_db_engine(get_settings().effective_database_url, null_pool=True)
     try:

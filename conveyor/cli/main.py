@@ -68,7 +68,7 @@ def migrate(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Create or upgrade conveyor's tables (Alembic), waiting for the database first."""
-    from domain.migrate import upgrade
+    from domain.db.migrate import upgrade
 
     cfg = settings()
     url = cfg.effective_database_url
@@ -86,8 +86,8 @@ def client() -> Client:
 def explain_db_error(url: str, exc: DBAPIError) -> str:
     """One line for a database error a command did not expect: what is wrong with the schema
     or the connection if anything is, else the database's own first line."""
-    from domain.db import describe_db_error
-    from domain.migrate import require_schema
+    from domain.db.engine import describe_db_error
+    from domain.db.migrate import require_schema
 
     try:
         require_schema(url)

@@ -38,7 +38,7 @@ def add(
     json_out: JsonFlag = False,
 ) -> None:
     """Add a rule; it applies to runs that end from now on."""
-    from domain import notify_rules
+    from domain.callbacks import rules as notify_rules
 
     with cli_uow() as uow:
         rule = notify_rules.add_rule(
@@ -56,7 +56,7 @@ def add(
 @notify_app.command("list")
 def list_(json_out: JsonFlag = False) -> None:
     """Every rule, with its whole URL (which may hold a chat hook's credential)."""
-    from domain import notify_rules
+    from domain.callbacks import rules as notify_rules
 
     with cli_uow() as uow:
         items = notify_rules.list_rules(uow)
@@ -81,7 +81,7 @@ def list_(json_out: JsonFlag = False) -> None:
 @notify_app.command("rm")
 def rm(rule_id: Annotated[int, typer.Argument(help="The rule's id (see notify list).")]) -> None:
     """Remove a rule (deliveries it already queued are still attempted)."""
-    from domain import notify_rules
+    from domain.callbacks import rules as notify_rules
 
     with cli_uow() as uow:
         notify_rules.remove_rule(uow, rule_id, actor=ACTOR)
@@ -94,7 +94,7 @@ def key() -> None:
 
     It is derived from CONVEYOR_SECRET_KEY (a callback of a webhook's run is signed with that
     webhook's secret instead)."""
-    from domain.crypto import secret_key_from
-    from domain.outbound_messages import signing_key
+    from domain.callbacks.messages import signing_key
+    from domain.security.crypto import secret_key_from
 
     console.print(signing_key(secret_key_from(get_settings())), markup=False, soft_wrap=True)

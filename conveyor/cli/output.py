@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from domain.views import RunView
+from domain.runs.views import RunView
 
 # Off a terminal Rich would wrap at 80 columns; ids and names must stay whole in pipes and logs,
 # unless COLUMNS says how wide the reader is.

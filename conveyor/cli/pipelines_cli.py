@@ -39,12 +39,12 @@ class _Env:
 
     @property
     def paths(self) -> Any:
-        from domain.pipelines import pipeline_settings
+        from domain.pipelines.discovery import pipeline_settings
 
         return pipeline_settings(self.settings)
 
     def directory(self) -> Any:
-        from domain.pipelines import PipelineDirectory
+        from domain.pipelines.discovery import PipelineDirectory
 
         return PipelineDirectory(self.paths.pipelines_dir)
 
@@ -54,15 +54,15 @@ class _Env:
         return EnvManager(self.paths.cache_dir, timeout_s=self.paths.setup_timeout_s)
 
     def secrets(self) -> Any:
-        from domain.crypto import secret_key_from
-        from domain.secrets import SecretStore
+        from domain.security.crypto import secret_key_from
+        from domain.security.secrets import SecretStore
 
         return SecretStore(self.engine, secret_key_from(self.settings))
 
 
 @contextmanager
 def _env() -> Iterator[_Env]:
-    from domain.db import create_db_engine
+    from domain.db.engine import create_db_engine
     from domain.settings import get_settings
 
     settings = get_settings()
@@ -80,7 +80,7 @@ def list_pipelines(
     json_out: JsonFlag = False,
 ) -> None:
     """Every pipeline with its state; a disabled one shows exactly why."""
-    from domain import pipeline_store
+    from domain.pipelines import store as pipeline_store
 
     with _env() as env:
         if sync:
@@ -117,7 +117,7 @@ def show(
     json_out: JsonFlag = False,
 ) -> None:
     """One pipeline: where it is, its pipeline.json, environment, secrets and counters."""
-    from domain import pipeline_store
+    from domain.pipelines import store as pipeline_store
 
     with _env() as env:
         directory = env.directory()
@@ -154,7 +154,7 @@ def show(
 @pipelines_app.command("sync")
 def sync_pipelines(json_out: JsonFlag = False) -> None:
     """Re-read CONVEYOR_PIPELINES_DIR into the pipelines table (workers also do on start)."""
-    from domain import pipeline_store
+    from domain.pipelines import store as pipeline_store
 
     with _env() as env:
         directory = env.directory()
@@ -181,9 +181,9 @@ def warm(
     json_out: JsonFlag = False,
 ) -> None:
     """Build environments ahead of the first run; records last_cache_warmup and setup time."""
-    from domain import pipeline_store
     from domain.clock import utc_now
     from domain.errors import ConveyorError
+    from domain.pipelines import store as pipeline_store
 
     results: list[dict[str, Any]] = []
     with _env() as env:
@@ -270,7 +270,7 @@ def set_secret(
     ] = False,
 ) -> None:
     """Store a secret; the value is read from stdin, or asked for without echo."""
-    from domain.secrets import check_name
+    from domain.security.secrets import check_name
 
     check_name(name)
     value = _read_value(name)

@@ -39,7 +39,7 @@ def worker(
         raise InvalidInput(
             f"--pool: expected prefork, threads or solo (got {pool!r})", field="pool"
         )
-    from domain.migrate import wait_for_schema
+    from domain.db.migrate import wait_for_schema
     from worker.app import create_app
 
     settings = get_settings()
@@ -65,10 +65,10 @@ def worker_queues(settings: Settings, requested: str | None) -> str:
 def scheduler() -> None:
     """Run the scheduler: relay (re-publishes undelivered runs) and reaper (recovers runs whose
     worker died). Start one per deployment or more as standbys: only the leader sweeps."""
-    from domain.catalog import permissive, producer_catalog
-    from domain.db import create_db_engine
-    from domain.migrate import wait_for_schema
-    from domain.registry import REGISTRY
+    from domain.db.engine import create_db_engine
+    from domain.db.migrate import wait_for_schema
+    from domain.tasks.catalog import permissive, producer_catalog
+    from domain.tasks.registry import REGISTRY
     from scheduler.service import SchedulerService
     from worker.app import create_app
     from worker.publisher import CeleryPublisher
@@ -120,9 +120,9 @@ def workers(
     from rich.table import Table
 
     from conveyor.cli.output import ago, console, print_json
-    from domain.db import create_db_engine
-    from domain.queries import list_workers
-    from domain.unit_of_work import UnitOfWork
+    from domain.db.engine import create_db_engine
+    from domain.db.unit_of_work import UnitOfWork
+    from domain.runs.reads import list_workers
 
     engine = create_db_engine(get_settings().effective_database_url, pool_size=1)
     try:

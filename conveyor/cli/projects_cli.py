@@ -10,8 +10,10 @@ from rich.table import Table
 
 from conveyor.cli.db import cli_engine
 from conveyor.cli.output import console, key_values, print_json
-from domain import cost_reports, costs, projects
 from domain.clock import utc_now
+from domain.costs import ledger as costs
+from domain.costs import projects
+from domain.costs import reports as cost_reports
 
 projects_app = typer.Typer(help="Projects and their monthly limits.", no_args_is_help=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

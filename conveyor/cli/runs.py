@@ -21,9 +21,9 @@ from conveyor.cli.output import (
 )
 from conveyor.cli.params import AllowUnknown, parse_params, wait_seconds
 from domain.errors import WaitTimeout
-from domain.requests import parse_duration
-from domain.states import TERMINAL, Status
-from domain.views import LogLine, RunView
+from domain.runs.requests import parse_duration
+from domain.runs.states import TERMINAL, Status
+from domain.runs.views import LogLine, RunView
 
 if TYPE_CHECKING:
     from conveyor.client import Client
@@ -136,7 +136,7 @@ def show(run_id: RunId, verbose: Verbose = False, json_out: JsonFlag = False) ->
     """Show one run: its state, params, result or error, steps and latest log lines.
 
     A failure shows its one-line reason; --verbose adds the traceback the worker recorded."""
-    from domain.pipeline_store import artifacts_of
+    from domain.pipelines.store import artifacts_of
 
     with _client() as c:
         run = c.get(run_id)

@@ -10,10 +10,10 @@ import typer
 from conveyor.cli.db import cli_engine
 from conveyor.cli.output import console, key_values, print_json
 from conveyor.cli.params import AllowUnknown, parse_params
-from domain import schedules as sched
 from domain.clock import utc_now
 from domain.errors import InvalidInput
-from domain.requests import parse_duration
+from domain.runs.requests import parse_duration
+from domain.schedules import definitions as sched
 from domain.settings import get_settings
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def add(
     json_out: JsonFlag = False,
 ) -> None:
     """Add a schedule. It takes effect within about a second, without a restart."""
-    from domain.catalog import permissive, producer_catalog
+    from domain.tasks.catalog import permissive, producer_catalog
 
     kind, expression = _trigger(cron, every, at)
     policy, limit = sched.parse_misfire(misfire)

@@ -7,10 +7,10 @@ from typing import Any
 from sqlalchemy import select
 
 from conveyor import Client
-from domain import projects
 from domain.clock import utc_now
-from domain.costs import MonthlyLimitReached
-from domain.models import workers
+from domain.costs import projects
+from domain.costs.ledger import MonthlyLimitReached
+from domain.db.models import workers
 
 
 def run(client: Client, *, project: str = "acme", turns: int = 8) -> dict[str, Any]:

@@ -12,10 +12,10 @@ import httpx
 
 from api.app import create_api
 from conveyor import Client
-from domain import schedules
 from domain.clock import utc_now
-from domain.unit_of_work import UnitOfWork
-from domain.webhooks import add_webhook, signature
+from domain.db.unit_of_work import UnitOfWork
+from domain.schedules import definitions as schedules
+from domain.webhooks.inbound import add_webhook, signature
 from scheduler.triggers import Slots, TriggerSpec
 
 

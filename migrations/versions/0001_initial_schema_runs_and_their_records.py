@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-import domain.types
+import domain.db.types
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -31,7 +31,7 @@ def upgrade() -> None:
             autoincrement=True,
             nullable=False,
         ),
-        sa.Column("ts", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("ts", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.Column("actor", sa.String(length=200), nullable=False),
         sa.Column("action", sa.String(length=100), nullable=False),
         sa.Column("target_type", sa.String(length=50), nullable=False),
@@ -52,17 +52,17 @@ def upgrade() -> None:
         "projects",
         sa.Column("name", sa.String(length=100), nullable=False),
         sa.Column(
-            "monthly_cost_limit_usd", domain.types.Money(precision=20, scale=10), nullable=True
+            "monthly_cost_limit_usd", domain.db.types.Money(precision=20, scale=10), nullable=True
         ),
         sa.Column("monthly_token_limit", sa.BigInteger(), nullable=True),
-        sa.Column("created_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_projects")),
     )
     # Every run belongs to a project; `default` always exists (DESIGN.md, projects).
     projects = sa.table(
         "projects",
         sa.column("name", sa.String()),
-        sa.column("created_at", domain.types.UTCDateTime()),
+        sa.column("created_at", domain.db.types.UTCDateTime()),
     )
     op.bulk_insert(projects, [{"name": "default", "created_at": datetime.now(UTC)}])
     op.create_table(
@@ -75,8 +75,8 @@ def upgrade() -> None:
             sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
             nullable=False,
         ),
-        sa.Column("started_at", domain.types.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("heartbeat_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("started_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("heartbeat_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.Column("running", sa.Integer(), nullable=False),
         sa.Column("stopped", sa.Boolean(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_workers")),
@@ -100,17 +100,17 @@ def upgrade() -> None:
         sa.Column("idempotency_key", sa.String(length=255), nullable=True),
         sa.Column("triggered_by", sa.String(length=20), nullable=False),
         sa.Column("trigger_ref", sa.String(length=255), nullable=True),
-        sa.Column("not_before", domain.types.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("dispatched_at", domain.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("not_before", domain.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("dispatched_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
         sa.Column("dispatch_attempts", sa.Integer(), nullable=False),
         sa.Column("timeout_s", sa.Float(), nullable=True),
         sa.Column("lease_owner", sa.String(length=200), nullable=True),
-        sa.Column("lease_expires_at", domain.types.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("cancel_requested_at", domain.types.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("budget_usd", domain.types.Money(precision=20, scale=10), nullable=True),
+        sa.Column("lease_expires_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("cancel_requested_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("budget_usd", domain.db.types.Money(precision=20, scale=10), nullable=True),
         sa.Column("max_requests", sa.Integer(), nullable=True),
         sa.Column("max_minutes", sa.Float(), nullable=True),
-        sa.Column("cost_usd", domain.types.Money(precision=20, scale=10), nullable=False),
+        sa.Column("cost_usd", domain.db.types.Money(precision=20, scale=10), nullable=False),
         sa.Column("tokens_in", sa.BigInteger(), nullable=False),
         sa.Column("tokens_out", sa.BigInteger(), nullable=False),
         sa.Column("requests_made", sa.Integer(), nullable=False),
@@ -122,9 +122,9 @@ def upgrade() -> None:
         sa.Column("error_type", sa.String(length=200), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("exit_code", sa.Integer(), nullable=True),
-        sa.Column("created_at", domain.types.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("started_at", domain.types.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("finished_at", domain.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("started_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
         sa.Column("parent_run_id", sa.Uuid(), nullable=True),
         sa.CheckConstraint("kind IN ('task', 'pipeline')", name=op.f("ck_runs_kind")),
         sa.CheckConstraint(
@@ -180,13 +180,13 @@ def upgrade() -> None:
         sa.Column("run_id", sa.Uuid(), nullable=False),
         sa.Column("step_seq", sa.Integer(), nullable=True),
         sa.Column("project", sa.String(length=100), nullable=False),
-        sa.Column("ts", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("ts", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.Column("provider", sa.String(length=100), nullable=False),
         sa.Column("model", sa.String(length=200), nullable=False),
         sa.Column("tokens_in", sa.BigInteger(), nullable=False),
         sa.Column("tokens_out", sa.BigInteger(), nullable=False),
         sa.Column("requests", sa.Integer(), nullable=False),
-        sa.Column("cost_usd", domain.types.Money(precision=20, scale=10), nullable=False),
+        sa.Column("cost_usd", domain.db.types.Money(precision=20, scale=10), nullable=False),
         sa.ForeignKeyConstraint(
             ["run_id"], ["runs.id"], name=op.f("fk_cost_entries_run_id_runs"), ondelete="CASCADE"
         ),
@@ -203,7 +203,7 @@ def upgrade() -> None:
         sa.Column("path", sa.Text(), nullable=False),
         sa.Column("size_bytes", sa.BigInteger(), nullable=False),
         sa.Column("sha256", sa.String(length=64), nullable=False),
-        sa.Column("created_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["run_id"], ["runs.id"], name=op.f("fk_run_artifacts_run_id_runs"), ondelete="CASCADE"
         ),
@@ -214,7 +214,7 @@ def upgrade() -> None:
         sa.Column("run_id", sa.Uuid(), nullable=False),
         sa.Column("seq", sa.BigInteger(), nullable=False),
         sa.Column("attempt", sa.Integer(), nullable=False),
-        sa.Column("ts", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("ts", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.Column("stream", sa.String(length=10), nullable=False),
         sa.Column("level", sa.String(length=10), nullable=False),
         sa.Column("message", sa.Text(), nullable=False),
@@ -237,7 +237,7 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("run_id", sa.Uuid(), nullable=False),
-        sa.Column("ts", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("ts", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("value", sa.Float(), nullable=False),
         sa.Column(
@@ -262,8 +262,8 @@ def upgrade() -> None:
         sa.Column("step_type", sa.String(length=50), nullable=False),
         sa.Column("status", sa.String(length=20), nullable=False),
         sa.Column("detail", sa.Text(), nullable=True),
-        sa.Column("started_at", domain.types.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("finished_at", domain.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("started_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
         sa.CheckConstraint(
             "status IN ('planned', 'running', 'completed', 'failed', 'skipped')",
             name=op.f("ck_run_steps_status"),

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-import domain.types
+import domain.db.types
 
 revision: str = "0002"
 down_revision: str | None = "0001"
@@ -30,7 +30,7 @@ def upgrade() -> None:
             autoincrement=True,
             nullable=False,
         ),
-        sa.Column("ts", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("ts", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.Column("task", sa.String(length=200), nullable=False),
         sa.Column("message_id", sa.String(length=200), nullable=True),
         sa.Column(

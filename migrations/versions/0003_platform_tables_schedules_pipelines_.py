@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-import domain.types
+import domain.db.types
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -34,9 +34,9 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("token_hash", sa.String(length=128), nullable=False),
         sa.Column("role", sa.String(length=16), nullable=False),
-        sa.Column("created_at", domain.types.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("last_used_at", domain.types.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("revoked_at", domain.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("last_used_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("revoked_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
         sa.CheckConstraint(
             "role IN ('admin', 'write', 'readonly')", name=op.f("ck_api_tokens_role")
         ),
@@ -61,7 +61,7 @@ def upgrade() -> None:
         sa.Column("url", sa.Text(), nullable=False),
         sa.Column("format", sa.String(length=16), nullable=False),
         sa.Column("enabled", sa.Boolean(), nullable=False),
-        sa.Column("created_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_notification_rules")),
     )
     op.create_table(
@@ -87,14 +87,14 @@ def upgrade() -> None:
             nullable=True,
         ),
         sa.Column("requirements_hash", sa.String(length=64), nullable=True),
-        sa.Column("env_ready_at", domain.types.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("last_cache_warmup", domain.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("env_ready_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("last_cache_warmup", domain.db.types.UTCDateTime(timezone=True), nullable=True),
         sa.Column("setup_duration_s", sa.Float(), nullable=True),
         sa.Column("total_runs", sa.BigInteger(), nullable=False),
         sa.Column("successful_runs", sa.BigInteger(), nullable=False),
         sa.Column("failed_runs", sa.BigInteger(), nullable=False),
         sa.Column("webhook_runs", sa.BigInteger(), nullable=False),
-        sa.Column("synced_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("synced_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_pipelines")),
     )
     op.create_table(
@@ -106,7 +106,7 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("period", sa.String(length=8), nullable=False),
-        sa.Column("period_start", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("period_start", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.Column("project", sa.String(length=100), nullable=False),
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column(
@@ -117,10 +117,10 @@ def upgrade() -> None:
         sa.Column("duration_p50_s", sa.Float(), nullable=True),
         sa.Column("duration_p95_s", sa.Float(), nullable=True),
         sa.Column("duration_max_s", sa.Float(), nullable=True),
-        sa.Column("cost_usd", domain.types.Money(precision=20, scale=10), nullable=False),
+        sa.Column("cost_usd", domain.db.types.Money(precision=20, scale=10), nullable=False),
         sa.Column("tokens_in", sa.BigInteger(), nullable=False),
         sa.Column("tokens_out", sa.BigInteger(), nullable=False),
-        sa.Column("updated_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint("period IN ('hour', 'day')", name=op.f("ck_run_stats_period")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_run_stats")),
         sa.UniqueConstraint(
@@ -132,17 +132,17 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("ciphertext", sa.Text(), nullable=False),
         sa.Column("is_parameter", sa.Boolean(), nullable=False),
-        sa.Column("created_at", domain.types.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_secrets")),
     )
     op.create_table(
         "project_usage",
         sa.Column("project", sa.String(length=100), nullable=False),
         sa.Column("month", sa.Date(), nullable=False),
-        sa.Column("cost_usd", domain.types.Money(precision=20, scale=10), nullable=False),
+        sa.Column("cost_usd", domain.db.types.Money(precision=20, scale=10), nullable=False),
         sa.Column("tokens", sa.BigInteger(), nullable=False),
-        sa.Column("reserved_usd", domain.types.Money(precision=20, scale=10), nullable=False),
+        sa.Column("reserved_usd", domain.db.types.Money(precision=20, scale=10), nullable=False),
         sa.Column("reserved_tokens", sa.BigInteger(), nullable=False),
         sa.ForeignKeyConstraint(
             ["project"],
@@ -174,18 +174,18 @@ def upgrade() -> None:
         sa.Column("trigger", sa.String(length=16), nullable=False),
         sa.Column("expression", sa.String(length=200), nullable=False),
         sa.Column("timezone", sa.String(length=64), nullable=False),
-        sa.Column("start_at", domain.types.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("end_at", domain.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("start_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("end_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
         sa.Column("enabled", sa.Boolean(), nullable=False),
         sa.Column("misfire_policy", sa.String(length=16), nullable=False),
         sa.Column("catch_up_limit", sa.Integer(), nullable=True),
         sa.Column("overlap_policy", sa.String(length=16), nullable=False),
         sa.Column("jitter_s", sa.Float(), nullable=False),
         sa.Column("source", sa.String(length=16), nullable=False),
-        sa.Column("next_fire_at", domain.types.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("last_fire_at", domain.types.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("created_at", domain.types.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("next_fire_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("last_fire_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "misfire_policy IN ('skip', 'run_once', 'catch_up')", name=op.f("ck_schedules_misfire")
         ),
@@ -224,7 +224,7 @@ def upgrade() -> None:
         sa.Column("target_name", sa.String(length=200), nullable=False),
         sa.Column("secret_ciphertext", sa.Text(), nullable=False),
         sa.Column("enabled", sa.Boolean(), nullable=False),
-        sa.Column("created_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["project"], ["projects.name"], name=op.f("fk_webhooks_project_projects")
         ),
@@ -242,10 +242,10 @@ def upgrade() -> None:
         sa.Column(
             "schedule_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
         ),
-        sa.Column("fire_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("fire_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.Column("outcome", sa.String(length=20), nullable=False),
         sa.Column("run_id", sa.Uuid(), nullable=True),
-        sa.Column("recorded_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("recorded_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "outcome IN ('enqueued', 'skipped_misfire', 'skipped_overlap')",
             name=op.f("ck_schedule_fires_outcome"),
@@ -275,7 +275,7 @@ def upgrade() -> None:
         ),
         sa.Column("delivery_id", sa.String(length=255), nullable=False),
         sa.Column("run_id", sa.Uuid(), nullable=True),
-        sa.Column("received_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("received_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["run_id"],
             ["runs.id"],

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-import domain.types
+import domain.db.types
 
 revision: str = "0004"
 down_revision: str | None = "0003"
@@ -25,13 +25,13 @@ def upgrade() -> None:
     op.create_table(
         "sweep_cursors",
         sa.Column("name", sa.String(length=100), nullable=False),
-        sa.Column("position", domain.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("position", domain.db.types.UTCDateTime(timezone=True), nullable=True),
         sa.Column(
             "detail",
             sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
             nullable=True,
         ),
-        sa.Column("updated_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_sweep_cursors")),
     )
     op.create_table(
@@ -45,10 +45,10 @@ def upgrade() -> None:
         sa.Column("run_id", sa.Uuid(), nullable=False),
         sa.Column("project", sa.String(length=100), nullable=False),
         sa.Column("month", sa.Date(), nullable=False),
-        sa.Column("usd", domain.types.Money(precision=20, scale=10), nullable=False),
+        sa.Column("usd", domain.db.types.Money(precision=20, scale=10), nullable=False),
         sa.Column("tokens", sa.BigInteger(), nullable=False),
-        sa.Column("created_at", domain.types.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("settled_at", domain.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("settled_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["run_id"],
             ["runs.id"],
@@ -73,11 +73,11 @@ def upgrade() -> None:
         sa.Column("rule_id", sa.Integer(), nullable=False),
         sa.Column("url", sa.Text(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("next_attempt_at", domain.types.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("delivered_at", domain.types.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("gave_up_at", domain.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("next_attempt_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("delivered_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("gave_up_at", domain.db.types.UTCDateTime(timezone=True), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
-        sa.Column("created_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["run_id"],
             ["runs.id"],

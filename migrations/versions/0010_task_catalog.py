@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-import domain.types
+import domain.db.types
 
 revision: str = "0010"
 down_revision: str | None = "0009"
@@ -39,9 +39,9 @@ def upgrade() -> None:
         sa.Column("options", _json(), nullable=False),
         sa.Column("module", sa.String(length=300), nullable=True),
         sa.Column("registered_by", sa.String(length=200), nullable=True),
-        sa.Column("registered_at", domain.types.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", domain.types.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("last_seen_at", domain.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("registered_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("last_seen_at", domain.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_task_catalog")),
     )
 

@@ -19,12 +19,12 @@ from sqlalchemy import Engine, insert
 
 from api.app import create_api
 from api.state import ApiState
-from domain import auth
-from domain.db import create_db_engine
-from domain.models import RunArtifact, RunMetric, cost_entries, run_logs, run_steps, runs
+from domain.db.engine import create_db_engine
+from domain.db.models import RunArtifact, RunMetric, cost_entries, run_logs, run_steps, runs
+from domain.db.unit_of_work import UnitOfWork
 from domain.ports import Catalog, OpenCatalog
+from domain.security import tokens as auth
 from domain.settings import load_settings
-from domain.unit_of_work import UnitOfWork
 
 SECRET_KEY = Fernet.generate_key().decode()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from domain.audit import mask
+from domain.security.audit import mask
 from tests.api.conftest import ApiClient, create_run, error_of
 
 

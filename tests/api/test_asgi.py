@@ -9,9 +9,9 @@ from anyio.from_thread import start_blocking_portal
 from psycopg import pq
 
 from api.asgi import create_app
-from domain.db import create_db_engine
-from domain.repository import RunFilter
-from domain.unit_of_work import UnitOfWork
+from domain.db.engine import create_db_engine
+from domain.db.unit_of_work import UnitOfWork
+from domain.runs.repository import RunFilter
 from tests.api.conftest import SECRET_KEY, ApiClient
 
 

@@ -9,8 +9,8 @@ from structlog.testing import capture_logs
 
 from api.auth import FailedAuthLimiter, TokenCache
 from api.state import ApiOptions
-from domain import auth
-from domain.auth import api_tokens
+from domain.security import tokens as auth
+from domain.security.tokens import api_tokens
 from tests.api.conftest import ApiClient, create_run, error_of, running_api
 
 RUNS = "/api/v1/runs"

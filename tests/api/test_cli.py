@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from domain import auth
+from domain.security import tokens as auth
 from tests.api.conftest import SECRET_KEY
 from tests.e2e.test_cli import conveyor, ok
 

@@ -124,7 +124,7 @@ def test_readiness_reports_an_unreachable_database(pg_url: str) -> None:
 
 
 def _engine_to_nowhere():  # type: ignore[no-untyped-def]
-    from domain.db import create_db_engine
+    from domain.db.engine import create_db_engine
 
     # A closed port: the connect fails at once.
     return create_db_engine("postgresql+psycopg://nobody:pw@127.0.0.1:1/none", null_pool=True)

@@ -13,7 +13,7 @@ from anyio.abc import TaskGroup
 
 from api.intake import WebhookIntake
 from domain.errors import InvalidInput
-from domain.webhook_batch import Delivery, Outcome
+from domain.webhooks.batches import Delivery, Outcome
 
 
 class Recorder:

@@ -23,11 +23,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, func, select
 
-from domain import catalog, webhooks
 from domain.clock import utc_now
-from domain.db import create_db_engine
-from domain.models import runs
-from domain.registry import Registry
+from domain.db.engine import create_db_engine
+from domain.db.models import runs
+from domain.tasks import catalog
+from domain.tasks.registry import Registry
+from domain.webhooks import inbound as webhooks
 from tests.api.conftest import SECRET_KEY, add_logs, set_status
 from tests.api.test_webhooks import signed_headers
 from tests.e2e.stack import ROOT

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert
 
-from domain.queries_pipelines import pipelines
+from domain.pipelines.reads import pipelines
 from tests.api.conftest import ApiClient, error_of, set_status
 
 BASE = "/api/v1/pipelines"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from domain.registry import Registry, RegistryCatalog
+from domain.tasks.registry import Registry, RegistryCatalog
 from tests.api.conftest import (
     ApiClient,
     add_logs,
@@ -200,7 +200,7 @@ def test_unknown_run_is_404_everywhere(api: ApiClient) -> None:
 def test_workers_come_from_the_workers_table(api: ApiClient) -> None:
     from sqlalchemy import insert
 
-    from domain.models import Worker
+    from domain.db.models import Worker
 
     now = datetime.now(UTC)
     with api.state.engine.begin() as conn:
@@ -236,7 +236,7 @@ def test_workers_come_from_the_workers_table(api: ApiClient) -> None:
 def test_a_worker_whose_heartbeat_stopped_is_lost_and_runs_nothing(api: ApiClient) -> None:
     from sqlalchemy import insert
 
-    from domain.models import Worker
+    from domain.db.models import Worker
 
     now = datetime.now(UTC)
     row = {"hostname": "host", "queues": {}, "started_at": now, "stopped": False, "running": 1}
@@ -269,9 +269,9 @@ def test_create_resolves_through_the_catalog_and_warns_when_nothing_will_run_it(
     """The API imports no task code: a task a worker published is checked and completed from
     the catalog; an unpublished one is refused unless allow_unknown; warnings say why a run
     may wait."""
-    from domain import catalog
-    from domain.catalog import CompositeCatalog, TaskTableCatalog
     from domain.clock import utc_now
+    from domain.tasks import catalog
+    from domain.tasks.catalog import CompositeCatalog, TaskTableCatalog
 
     registry = Registry()
 

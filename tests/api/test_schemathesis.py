@@ -18,12 +18,13 @@ from schemathesis.generation.modes import GenerationMode
 from sqlalchemy import Engine
 
 from api.app import create_api
-from domain import auth, leader_heartbeat
 from domain.clock import utc_now
-from domain.db import create_db_engine
+from domain.db.engine import create_db_engine
+from domain.db.unit_of_work import UnitOfWork
 from domain.ports import OpenCatalog
+from domain.schedules import leader as leader_heartbeat
+from domain.security import tokens as auth
 from domain.settings import load_settings
-from domain.unit_of_work import UnitOfWork
 from tests.api.conftest import SECRET_KEY
 from tests.conftest import _truncate_pg
 from tests.fakes import FakePublisher

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from sqlalchemy import insert
 
-from domain.stats import run_stats
+from domain.housekeeping.stats import run_stats
 from tests.api.conftest import ApiClient, create_run, error_of, set_status
 
 BASE = "/api/v1/stats"

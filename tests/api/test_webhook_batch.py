@@ -1,4 +1,4 @@
-"""Deliveries accepted together (domain/webhook_batch.py): each one gets the answer it would
+"""Deliveries accepted together (domain/webhooks/batches.py): each one gets the answer it would
 get alone, and the ones that pass share one transaction."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from collections.abc import Callable
 from cryptography.fernet import Fernet
 from sqlalchemy import Engine, func, select
 
-from domain import webhooks
 from domain.clock import utc_now
+from domain.db.models import runs
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict
-from domain.models import runs
-from domain.services import Enqueued
-from domain.unit_of_work import UnitOfWork
-from domain.webhook_batch import Delivery, accept_batch
-from domain.webhooks import BadSignature, MalformedPayload, StaleTimestamp, WebhookNotFound
+from domain.runs.services import Enqueued
+from domain.webhooks import inbound as webhooks
+from domain.webhooks.batches import Delivery, accept_batch
+from domain.webhooks.inbound import BadSignature, MalformedPayload, StaleTimestamp, WebhookNotFound
 
 KEY = Fernet.generate_key().decode()
 

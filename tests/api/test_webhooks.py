@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from api.state import ApiOptions
-from domain import webhooks
-from domain.models import runs
-from domain.models_platform import Pipeline
-from domain.registry import Registry, RegistryCatalog
+from domain.db.models import runs
+from domain.db.models_platform import Pipeline
 from domain.settings import Settings, load_settings
+from domain.tasks.registry import Registry, RegistryCatalog
+from domain.webhooks import inbound as webhooks
 from tests.api.conftest import ApiClient, error_of, running_api
 
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine
 
-from domain import auth
-from domain.unit_of_work import UnitOfWork
+from domain.db.unit_of_work import UnitOfWork
+from domain.security import tokens as auth
 from tests.e2e.stack import Stack
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

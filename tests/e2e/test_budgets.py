@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from domain import projects
 from domain.clock import utc_now
-from domain.models import cost_entries, runs
+from domain.costs import projects
+from domain.db.models import cost_entries, runs
 from tests.e2e.stack import Stack
 from tests.polling import eventually
 from tests.services import PrivateRedis

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, func, select
 
-from domain.models import projects, runs
-from domain.models_platform import Schedule
+from domain.db.models import projects, runs
+from domain.db.models_platform import Schedule
 from tests.e2e.test_cli import conveyor
 
 

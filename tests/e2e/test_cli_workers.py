@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, insert
 
-from domain.models import Worker
+from domain.db.models import Worker
 from tests.e2e.test_cli import conveyor, ok
 
 

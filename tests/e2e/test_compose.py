@@ -23,7 +23,7 @@ import yaml
 from cryptography.fernet import Fernet
 from sqlalchemy.engine import make_url
 
-from domain.migrate import head_revision
+from domain.db.migrate import head_revision
 from tests.e2e.stack import ROOT
 from tests.http_receiver import Receiver, free_port
 from tests.polling import eventually

@@ -13,8 +13,8 @@ import pytest
 from celery import Celery
 from sqlalchemy import func, select
 
-from domain.migrate import upgrade
-from domain.models import dead_letters, run_logs, runs
+from domain.db.migrate import upgrade
+from domain.db.models import dead_letters, run_logs, runs
 from tests.e2e.stack import Stack
 from tests.polling import eventually
 from tests.services import PrivatePostgres, PrivateRedis

@@ -8,7 +8,7 @@ from pathlib import Path
 from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, text
 
-from domain.outbound_messages import signing_key
+from domain.callbacks.messages import signing_key
 from tests.e2e.test_cli import conveyor, ok
 
 KEY = Fernet.generate_key().decode()

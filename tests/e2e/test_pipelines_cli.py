@@ -12,8 +12,8 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
-from domain.db import create_db_engine
-from domain.secrets import secrets_table
+from domain.db.engine import create_db_engine
+from domain.security.secrets import secrets_table
 from tests.pipeline_support import ROOT, copy_fixtures, make_pipeline
 
 pytestmark = pytest.mark.slow

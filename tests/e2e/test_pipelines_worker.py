@@ -16,11 +16,11 @@ from cryptography.fernet import Fernet
 from sqlalchemy import make_url, select
 
 from conveyor import Client
-from domain import auth
-from domain.models import run_logs, runs
-from domain.pipelines import PipelineCatalog, PipelineDirectory
-from domain.secrets import SecretStore
-from domain.unit_of_work import UnitOfWork
+from domain.db.models import run_logs, runs
+from domain.db.unit_of_work import UnitOfWork
+from domain.pipelines.discovery import PipelineCatalog, PipelineDirectory
+from domain.security import tokens as auth
+from domain.security.secrets import SecretStore
 from tests.e2e.stack import Stack
 from tests.leaks import copy_escaped, found_in, secret_forms, stored_leaks
 from tests.pipeline_support import FIXTURES, ROOT, make_pipeline
@@ -102,7 +102,7 @@ def stack(
 @pytest.fixture(scope="module")
 def started(stack: Stack, pg_database: str) -> Stack:
     """The secret is stored before the workers start (they check the key opens it)."""
-    from domain.db import create_db_engine
+    from domain.db.engine import create_db_engine
 
     engine = create_db_engine(pg_database)
     store = SecretStore(engine, KEY)
@@ -146,7 +146,7 @@ def test_fast_flow_pipelines_run_with_their_outcomes_and_retries(client: Client)
     assert client.get(ok.id).exit_code == 0
     # counters move in each run's final transaction: the failed first attempt of test_failing
     # was retried, so only its final outcome counts
-    from domain.models_platform import Pipeline
+    from domain.db.models_platform import Pipeline
 
     with client.engine.connect() as conn:
         counts = {

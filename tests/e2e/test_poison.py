@@ -20,7 +20,7 @@ import pytest
 from celery import Celery
 from sqlalchemy import select
 
-from domain.models import dead_letters
+from domain.db.models import dead_letters
 from tests.e2e.stack import Stack
 from tests.polling import eventually
 from tests.services import PrivateRedis

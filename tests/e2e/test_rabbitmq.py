@@ -12,7 +12,7 @@ import amqp
 import pytest
 from sqlalchemy import select
 
-from domain.models import dead_letters
+from domain.db.models import dead_letters
 from tests.e2e.stack import Stack
 from tests.polling import eventually
 from tests.services import IN_CI

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from domain.db import create_db_engine
+from domain.db.engine import create_db_engine
 from domain.errors import InvalidInput
-from domain.secrets import SecretNotFound
+from domain.security.secrets import SecretNotFound
 from tests.e2e.test_cli import conveyor, ok
 from tests.integration.conftest import harness
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select, text
 
-from domain import schedules as sched
 from domain.clock import utc_now
-from domain.db import create_db_engine
+from domain.db.engine import create_db_engine
+from domain.schedules import definitions as sched
 from scheduler.leader import ADVISORY_KEY
 from scheduler.triggers import Slots, TriggerSpec
 from tests.e2e.stack import Stack

@@ -20,10 +20,10 @@ from sqlalchemy import func, select
 
 from conveyor import Client
 from domain.clock import utc_now
-from domain.costs import usage
-from domain.models import dead_letters, run_logs, run_steps, runs
+from domain.costs.ledger import usage
+from domain.costs.projects import add_project
+from domain.db.models import dead_letters, run_logs, run_steps, runs
 from domain.ports import Dispatch
-from domain.projects import add_project
 from tests.e2e.stack import Stack
 from tests.polling import eventually
 from tests.services import PrivateRedis
@@ -245,7 +245,7 @@ def test_producers_without_the_task_code_check_and_complete_runs_from_the_catalo
 ) -> None:
     """A worker publishes its tasks when it starts; the CLI, with no CONVEYOR_TASK_MODULES,
     refuses a misspelled name or wrong params and gives a run the task's max_attempts."""
-    from domain import catalog
+    from domain.tasks import catalog
 
     worker = stack.worker("catalogq", name="catalogw", concurrency=1)
     try:
@@ -340,7 +340,7 @@ def test_sigterm_lets_short_runs_finish_and_hands_long_ones_back(
 
 
 def test_workers_register_and_say_when_they_stop(stack: Stack, client: Client) -> None:
-    from domain.models import workers
+    from domain.db.models import workers
 
     def rows() -> list[dict[str, object]]:
         with client.engine.connect() as conn:

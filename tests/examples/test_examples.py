@@ -12,7 +12,7 @@ import pytest
 
 from conveyor import Client
 from domain.clock import utc_now
-from domain.maintenance import apply_retention, roll_up, stats_for
+from domain.housekeeping.rollups import apply_retention, roll_up, stats_for
 from tests.e2e.stack import ROOT, Stack
 from tests.polling import eventually
 from tests.services import PrivateRedis
@@ -74,7 +74,9 @@ def test_agent_tasks(client: Client, tmp_path: Path) -> None:
     assert archived >= 4 and list(tmp_path.glob("runs-*.jsonl.gz"))
     standup = [
         s
-        for s in __import__("domain.schedules", fromlist=["x"]).list_schedules(client.engine)
+        for s in __import__("domain.schedules.definitions", fromlist=["x"]).list_schedules(
+            client.engine
+        )
         if s.name == "task:agent_tasks.standup"
     ]
     assert standup and standup[0].trigger == "interval"
@@ -96,7 +98,7 @@ def test_dev_platform(client: Client) -> None:
 def _workers(client: Client) -> list[dict[str, object]]:
     from sqlalchemy import select
 
-    from domain.models import workers
+    from domain.db.models import workers
 
     with client.engine.connect() as conn:
         return [dict(r) for r in conn.execute(select(workers)).mappings()]
@@ -137,9 +139,9 @@ def test_kanban(client: Client, stack: Stack) -> None:
 def test_pipelines_runner(client: Client, stack: Stack) -> None:
     from sqlalchemy import select
 
-    from domain import pipeline_store
-    from domain.models_platform import Pipeline
-    from domain.pipelines import PipelineDirectory
+    from domain.db.models_platform import Pipeline
+    from domain.pipelines import store as pipeline_store
+    from domain.pipelines.discovery import PipelineDirectory
     from examples.pipelines_runner import scenario
 
     # what `conveyor pipelines sync` does (the per-test truncation emptied the table)

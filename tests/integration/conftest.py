@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
-from domain import services
-from domain.costs import Prices
-from domain.models import run_logs
-from domain.registry import Registry, RegistryCatalog
-from domain.requests import build_request
-from domain.unit_of_work import UnitOfWork
-from domain.views import RunView
+from domain.costs.ledger import Prices
+from domain.db.models import run_logs
+from domain.db.unit_of_work import UnitOfWork
+from domain.runs import services
+from domain.runs.requests import build_request
+from domain.runs.views import RunView
+from domain.tasks.registry import Registry, RegistryCatalog
 from worker import capture
 from worker.executor import Executor
 from worker.logwriter import LogWriter

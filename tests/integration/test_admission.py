@@ -14,13 +14,16 @@ from typing import cast
 import pytest
 from sqlalchemy import Engine, Table, func, select
 
-from domain import costs, pipeline_store, projects, runstore
-from domain.admission import HOLD_RECHECK_S
 from domain.clock import utc_now
-from domain.db import create_db_engine
+from domain.costs import ledger as costs
+from domain.costs import projects
+from domain.costs.admission import HOLD_RECHECK_S
+from domain.db.engine import create_db_engine
+from domain.db.models import cost_entries
+from domain.db.models_platform import Pipeline
 from domain.errors import InvalidInput
-from domain.models import cost_entries
-from domain.models_platform import Pipeline
+from domain.pipelines import store as pipeline_store
+from domain.runs import store as runstore
 from tests.fakes import FakeClock
 from tests.integration.conftest import Harness
 from tests.pipeline_support import copy_fixtures, pipeline_harness, shared_env_cache

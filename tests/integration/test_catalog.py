@@ -12,15 +12,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, select
 
-from domain import catalog, services, webhooks
-from domain.catalog import CompositeCatalog, TaskTableCatalog, permissive, task_catalog
-from domain.delivery_checks import DeliveryCheck
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, UnknownTask
-from domain.registry import Registry, RegistryCatalog, every
-from domain.requests import build_request
-from domain.schedules import HELD
-from domain.unit_of_work import UnitOfWork
-from domain.views import RunView
+from domain.runs import services
+from domain.runs.delivery_checks import DeliveryCheck
+from domain.runs.requests import build_request
+from domain.runs.views import RunView
+from domain.schedules.definitions import HELD
+from domain.tasks import catalog
+from domain.tasks.catalog import CompositeCatalog, TaskTableCatalog, permissive, task_catalog
+from domain.tasks.registry import Registry, RegistryCatalog, every
+from domain.webhooks import inbound as webhooks
 from tests.fakes import FakeClock
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -162,7 +164,7 @@ PARAMS = st.fixed_dictionaries(
 def test_with_or_without_the_code_the_same_params_pass_and_are_stored_alike(
     sqlite_url: str, params: dict[str, Any]
 ) -> None:
-    from domain.db import create_db_engine
+    from domain.db.engine import create_db_engine
 
     registry = tasks()
     engine = create_db_engine(sqlite_url)
@@ -246,7 +248,7 @@ def _run(name: str, queue: str) -> RunView:
 def test_warnings_say_when_no_worker_will_take_the_run(
     engine: Engine, published: Registry, clock: FakeClock
 ) -> None:
-    from domain.models import workers
+    from domain.db.models import workers
 
     check = DeliveryCheck(engine, ttl_s=0)
     quiet = check.warnings(_run("hello", "default"), T0)
@@ -272,7 +274,7 @@ def test_warnings_say_when_no_worker_will_take_the_run(
 def test_a_schedule_naming_a_misspelled_task_is_refused_when_added(
     engine: Engine, published: Registry
 ) -> None:
-    from domain import schedules as sched
+    from domain.schedules import definitions as sched
     from scheduler.triggers import Slots, TriggerSpec
 
     producer = CompositeCatalog(TaskTableCatalog(engine))

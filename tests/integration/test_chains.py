@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from domain import runstore, services
-from domain.chains import check_chains, release_after
 from domain.clock import utc_now
+from domain.db.models import runs
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import ConfigurationError, RunNotFound
-from domain.models import runs
-from domain.registry import Registry
-from domain.requests import build_request
-from domain.unit_of_work import UnitOfWork
+from domain.runs import services
+from domain.runs import store as runstore
+from domain.runs.chains import check_chains, release_after
+from domain.runs.requests import build_request
+from domain.tasks.registry import Registry
 from tests.integration.conftest import Harness
 
 
@@ -63,7 +64,7 @@ def test_a_follow_up_is_made_once_even_if_the_final_write_is_retried(h: Harness)
 
     parent = h.enqueue("first")
     assert h.run(parent) == "succeeded"
-    from domain.chains import chain_follow_up
+    from domain.runs.chains import chain_follow_up
 
     claim = type("C", (), {"run_id": parent, "name": "first", "kind": "task", "project": "default"})
     with h.engine.begin() as conn:  # the same outcome recorded again (a retried transaction)

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from conveyor import Client
+from domain.db.models import runs
 from domain.errors import InvalidInput
-from domain.models import runs
 from domain.ports import OpenCatalog
 from domain.settings import load_settings
 from tests.fakes import FakePublisher

@@ -9,12 +9,12 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 
-from domain import services
 from domain.clock import utc_now, uuid7_many
-from domain.models import runs
+from domain.db.models import runs
 from domain.ports import OpenCatalog
-from domain.repository import copy_rows
-from domain.requests import build_requests
+from domain.runs import services
+from domain.runs.repository import copy_rows
+from domain.runs.requests import build_requests
 
 pytestmark = pytest.mark.postgres
 

@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select, update
 
-from domain import cost_reports, costs, projects, recovery
 from domain.clock import utc_now
+from domain.costs import ledger as costs
+from domain.costs import projects
+from domain.costs import reports as cost_reports
+from domain.db.models import cost_entries, runs
 from domain.errors import ConfigurationError, InvalidInput
-from domain.models import cost_entries, runs
+from domain.runs import recovery
 from tests.integration.conftest import Harness
 
 

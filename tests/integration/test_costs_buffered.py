@@ -13,11 +13,14 @@ import pytest
 from sqlalchemy import Engine, func, select, update
 from structlog.testing import capture_logs
 
-from domain import costs, projects, runstore, services
 from domain.clock import utc_now
-from domain.models import cost_entries, run_steps, runs
-from domain.requests import build_request
-from domain.unit_of_work import UnitOfWork
+from domain.costs import ledger as costs
+from domain.costs import projects
+from domain.db.models import cost_entries, run_steps, runs
+from domain.db.unit_of_work import UnitOfWork
+from domain.runs import services
+from domain.runs import store as runstore
+from domain.runs.requests import build_request
 from tests.fakes import FakeClock
 from tests.integration.conftest import Harness, harness
 from worker.logwriter import LogWriter
@@ -266,7 +269,7 @@ def test_a_full_buffer_of_costs_makes_callers_wait_instead_of_dropping(
 
 
 def test_a_database_outage_at_the_end_keeps_the_costs_buffered() -> None:
-    from domain.db import create_db_engine
+    from domain.db.engine import create_db_engine
 
     down = create_db_engine(DOWN_URL)
     writer = LogWriter(down)

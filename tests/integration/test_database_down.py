@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from domain import services
-from domain.db import create_db_engine, wait_for_database
+from domain.db.engine import create_db_engine, wait_for_database
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import DatabaseUnavailable
-from domain.requests import build_request
-from domain.unit_of_work import UnitOfWork
+from domain.runs import services
+from domain.runs.requests import build_request
 
 DOWN_URL = "postgresql+psycopg://conveyor:s3cret-pw@127.0.0.1:1/conveyor"
 

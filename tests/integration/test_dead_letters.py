@@ -9,9 +9,9 @@ import base64
 import pytest
 from sqlalchemy import Engine, select
 
-from domain.db import create_db_engine
+from domain.db.engine import create_db_engine
+from domain.db.models import dead_letters
 from domain.errors import DatabaseUnavailable
-from domain.models import dead_letters
 from worker.deadletter import MAX_RAW_BYTES, raw_body, record, storable
 
 HOSTILE = "nul\x00 surrogate\ud800 end"

@@ -12,14 +12,14 @@ import pytest
 import redis
 from sqlalchemy import Engine, select
 
-from domain import schedules as sched
-from domain import services
 from domain.clock import utc_now
-from domain.models import runs
-from domain.recovery import relay_once
-from domain.requests import build_request
+from domain.db.models import runs
+from domain.db.unit_of_work import UnitOfWork
+from domain.runs import services
+from domain.runs.recovery import relay_once
+from domain.runs.requests import build_request
+from domain.schedules import definitions as sched
 from domain.settings import load_settings
-from domain.unit_of_work import UnitOfWork
 from scheduler.schedule_runner import ScheduleRunner
 from scheduler.triggers import Slots, TriggerSpec
 from tests.polling import eventually

@@ -9,13 +9,14 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import Engine, func, select
 
-from domain import runstore, services
-from domain.db import create_db_engine
+from domain.db.engine import create_db_engine
+from domain.db.models import runs
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, InvalidInput
-from domain.models import runs
 from domain.ports import Dispatch
-from domain.requests import build_request
-from domain.unit_of_work import UnitOfWork
+from domain.runs import services
+from domain.runs import store as runstore
+from domain.runs.requests import build_request
 from tests.fakes import FakeClock, FakePublisher, PreparingPublisher
 
 

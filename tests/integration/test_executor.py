@@ -9,10 +9,11 @@ import uuid
 
 from sqlalchemy import func, select, update
 
-from domain import runstore, services
 from domain.clock import utc_now
-from domain.models import CostEntry, Run, run_logs, run_steps
-from domain.unit_of_work import UnitOfWork
+from domain.db.models import CostEntry, Run, run_logs, run_steps
+from domain.db.unit_of_work import UnitOfWork
+from domain.runs import services
+from domain.runs import store as runstore
 from tests.integration.conftest import Harness
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import Engine
 from structlog.testing import capture_logs
 
-from domain.leader_heartbeat import absence, beat, last_beat
+from domain.schedules.leader import absence, beat, last_beat
 from tests.fakes import FakeClock
 from worker.scheduler_watch import SchedulerWatch
 

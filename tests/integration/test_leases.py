@@ -8,10 +8,11 @@ import uuid
 import pytest
 from sqlalchemy import Engine
 
-from domain import runstore, services
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import LeaseLost
-from domain.requests import build_request
-from domain.unit_of_work import UnitOfWork
+from domain.runs import services
+from domain.runs import store as runstore
+from domain.runs.requests import build_request
 from tests.fakes import FakeClock
 
 

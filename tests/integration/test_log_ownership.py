@@ -16,13 +16,14 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, func, select, text
 
-from domain import runstore, services
 from domain.clock import utc_now
-from domain.db import create_db_engine
-from domain.maintenance import apply_retention
-from domain.models import run_logs, runs
-from domain.requests import build_request
-from domain.unit_of_work import UnitOfWork
+from domain.db.engine import create_db_engine
+from domain.db.models import run_logs, runs
+from domain.db.unit_of_work import UnitOfWork
+from domain.housekeeping.rollups import apply_retention
+from domain.runs import services
+from domain.runs import store as runstore
+from domain.runs.requests import build_request
 from tests.polling import eventually
 from worker.batches import Batch, Written, write
 

@@ -12,12 +12,12 @@ import pytest
 from sqlalchemy import Engine, func, select
 from structlog.testing import capture_logs
 
-from domain import services
-from domain.db import create_db_engine
+from domain.db.engine import create_db_engine
+from domain.db.models import RunLog, RunMetric
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import DatabaseUnavailable
-from domain.models import RunLog, RunMetric
-from domain.requests import build_request
-from domain.unit_of_work import UnitOfWork
+from domain.runs import services
+from domain.runs.requests import build_request
 from tests.fakes import FakeClock
 from tests.polling import eventually
 from worker.logwriter import MAX_MESSAGE_BYTES, LogWriter

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from sqlalchemy import Engine, func, insert, select
 
-from domain import runstore, services
-from domain.maintenance import apply_retention, roll_up, stats_for
-from domain.models import run_logs, runs
-from domain.requests import build_request
-from domain.unit_of_work import UnitOfWork
+from domain.db.models import run_logs, runs
+from domain.db.unit_of_work import UnitOfWork
+from domain.housekeeping.rollups import apply_retention, roll_up, stats_for
+from domain.runs import services
+from domain.runs import store as runstore
+from domain.runs.requests import build_request
 from tests.fakes import FakeClock
 
 T0 = datetime(2026, 5, 4, 10, 0, tzinfo=UTC)

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis
 
-from domain.masking import Masker
 from domain.ports import Dispatch
+from domain.security.masking import Masker
 from domain.settings import load_settings
 from worker.app import EXECUTE, create_app
 from worker.messages import REPR_MAX_CHARS

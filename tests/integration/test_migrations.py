@@ -11,10 +11,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Uuid, bindparam, inspect, text
 
-from domain.db import create_db_engine
-from domain.migrate import downgrade, head_revision, upgrade
-from domain.schema import metadata
-from domain.types import UTCDateTime
+from domain.db.engine import create_db_engine
+from domain.db.migrate import downgrade, head_revision, upgrade
+from domain.db.schema import metadata
+from domain.db.types import UTCDateTime
 from tests.services import fresh_database
 
 

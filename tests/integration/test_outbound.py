@@ -16,15 +16,19 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import Engine, select, update
 
-from domain import crypto, notify_rules, outbound, services, webhooks
+from domain.callbacks import outbound
+from domain.callbacks import rules as notify_rules
+from domain.callbacks.messages import signing_key
 from domain.clock import utc_now
+from domain.db.models import run_logs, runs
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput
-from domain.models import run_logs, runs
-from domain.outbound_messages import signing_key
 from domain.ports import OpenCatalog
-from domain.requests import build_request
+from domain.runs import services
+from domain.runs.requests import build_request
+from domain.security import crypto
 from domain.settings import Settings, load_settings
-from domain.unit_of_work import UnitOfWork
+from domain.webhooks import inbound as webhooks
 from scheduler.deliveries import OutboundSweeper, PassReport, non_public_address
 from scheduler.service import SchedulerService
 from tests.fakes import FakeClock, FakePublisher

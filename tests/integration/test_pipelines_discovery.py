@@ -10,20 +10,20 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from domain import services
-from domain.catalog import CompositeCatalog
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, InvalidInput, UnknownTask
-from domain.pipeline_store import list_rows, record_outcome, sync
-from domain.pipelines import (
+from domain.pipelines.discovery import (
     PipelineCatalog,
     PipelineDirectory,
     PipelineDisabled,
     discover,
     pipeline_settings,
 )
-from domain.registry import Registry, RegistryCatalog
-from domain.requests import build_request
-from domain.unit_of_work import UnitOfWork
+from domain.pipelines.store import list_rows, record_outcome, sync
+from domain.runs import services
+from domain.runs.requests import build_request
+from domain.tasks.catalog import CompositeCatalog
+from domain.tasks.registry import Registry, RegistryCatalog
 from tests.pipeline_support import copy_fixtures, make_pipeline
 
 

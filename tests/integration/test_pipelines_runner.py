@@ -15,10 +15,10 @@ import psutil
 import pytest
 from sqlalchemy import Engine, select
 
-from domain.db import create_db_engine
+from domain.db.engine import create_db_engine
+from domain.db.models import CostEntry, runs
 from domain.errors import InvalidInput, UnknownTask
-from domain.models import CostEntry, runs
-from domain.pipeline_store import sync
+from domain.pipelines.store import sync
 from tests.pipeline_support import (
     ROOT,
     PipelineHarness,
@@ -261,8 +261,8 @@ def test_timeout_kills_the_whole_process_tree(h1: PipelineHarness, tmp_path: Pat
 
 
 def test_cancel_kills_the_whole_process_tree(h1: PipelineHarness, tmp_path: Path) -> None:
-    from domain import services
-    from domain.unit_of_work import UnitOfWork
+    from domain.db.unit_of_work import UnitOfWork
+    from domain.runs import services
 
     stubborn_tree(h1.root, timeout=None)
     pids = tmp_path / "pids"
@@ -414,7 +414,7 @@ def test_the_example_pipelines_without_secrets_run(h1: PipelineHarness) -> None:
 
 def test_a_relative_pipelines_dir_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default CONVEYOR_PIPELINES_DIR is ./pipelines: relative to where conveyor starts."""
-    from domain.pipelines import PipelineDirectory
+    from domain.pipelines.discovery import PipelineDirectory
 
     (tmp_path / "pipelines" / "rel").mkdir(parents=True)
     (tmp_path / "pipelines" / "rel" / "main.py").write_text("print('ok')\n")

@@ -12,9 +12,9 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import Engine, select, text
 
+from domain.db.models import run_logs, runs
 from domain.errors import ConfigurationError
-from domain.models import run_logs, runs
-from domain.secrets import SecretKeyError, SecretNotFound, SecretStore, secrets_table
+from domain.security.secrets import SecretKeyError, SecretNotFound, SecretStore, secrets_table
 from tests.leaks import stored_leaks
 from tests.pipeline_support import (
     FIXTURES,

@@ -12,7 +12,7 @@ from celery.contrib.testing.worker import start_worker
 from kombu.transport.memory import Channel as MemoryChannel
 from sqlalchemy import create_engine, select
 
-from domain.models import dead_letters, runs
+from domain.db.models import dead_letters, runs
 from domain.settings import load_settings
 from tests.polling import eventually
 from worker.app import SUBMIT, create_app

@@ -16,12 +16,14 @@ from sqlalchemy import Engine, insert, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError
 
-from domain import queries, services, webhooks
+from domain.db.models import cost_entries, run_logs, run_steps, runs
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import DatabaseUnavailable, RunNotFound
-from domain.models import cost_entries, run_logs, run_steps, runs
-from domain.reads_pg import PgReads
-from domain.repository import RunFilter
-from domain.unit_of_work import UnitOfWork
+from domain.runs import reads as queries
+from domain.runs import services
+from domain.runs.reads_pg import PgReads
+from domain.runs.repository import RunFilter
+from domain.webhooks import inbound as webhooks
 
 pytestmark = pytest.mark.postgres
 

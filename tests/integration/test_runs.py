@@ -8,12 +8,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import Engine, insert, select
 
-from domain import runstore, services
+from domain.db.models import AuditLog, run_logs
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, InvalidTransition, RunNotFound
-from domain.models import AuditLog, run_logs
-from domain.repository import RunFilter
-from domain.requests import build_request
-from domain.unit_of_work import UnitOfWork
+from domain.runs import services
+from domain.runs import store as runstore
+from domain.runs.repository import RunFilter
+from domain.runs.requests import build_request
 from tests.fakes import FakeClock, FakePublisher
 
 

@@ -13,13 +13,14 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import OperationalError
 
-from domain import runstore, services
 from domain.clock import utc_now
-from domain.db import create_db_engine
-from domain.models import run_logs, runs
-from domain.requests import build_request
-from domain.runstore_pg import PgRunStore
-from domain.unit_of_work import UnitOfWork
+from domain.db.engine import create_db_engine
+from domain.db.models import run_logs, runs
+from domain.db.unit_of_work import UnitOfWork
+from domain.runs import services
+from domain.runs import store as runstore
+from domain.runs.requests import build_request
+from domain.runs.store_pg import PgRunStore
 
 
 @pytest.fixture

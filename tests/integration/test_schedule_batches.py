@@ -12,11 +12,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, delete, func, select
 
-from domain import schedules as sched
-from domain.db import create_db_engine
-from domain.models import runs
-from domain.registry import Registry, RegistryCatalog
-from domain.schedule_fires import Due, Fired, RequestCache, advance_cursors, fire_many
+from domain.db.engine import create_db_engine
+from domain.db.models import runs
+from domain.schedules import definitions as sched
+from domain.schedules.fires import Due, Fired, RequestCache, advance_cursors, fire_many
+from domain.tasks.registry import Registry, RegistryCatalog
 from scheduler.schedule_runner import ScheduleRunner
 from scheduler.triggers import Slots, TriggerSpec
 from tests.fakes import FakePublisher, PreparingPublisher

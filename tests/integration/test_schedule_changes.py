@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from domain import schedules as sched
 from domain.clock import utc_now
-from domain.db import create_db_engine
+from domain.db.engine import create_db_engine
+from domain.schedules import definitions as sched
 from domain.settings import Settings
 from scheduler import service as service_module
 from scheduler.changes import ChangeListener

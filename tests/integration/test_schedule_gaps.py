@@ -15,9 +15,9 @@ import pytest
 from sqlalchemy import Engine
 from structlog.testing import capture_logs
 
-from domain import schedules as sched
 from domain.clock import utc_now
 from domain.ports import Dispatch
+from domain.schedules import definitions as sched
 from domain.settings import Settings
 from scheduler import service as service_module
 from scheduler.schedule_runner import ScheduleRunner

@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, func, select
 
-from domain import runstore
-from domain import schedules as sched
+from domain.db.models import runs
 from domain.errors import Conflict, InvalidInput, UnknownTask
-from domain.models import runs
-from domain.registry import Registry, RegistryCatalog
-from domain.schedule_fires import fire_once_each
+from domain.runs import store as runstore
+from domain.schedules import definitions as sched
+from domain.schedules.fires import fire_once_each
+from domain.tasks.registry import Registry, RegistryCatalog
 from scheduler.schedule_runner import ScheduleRunner, slots_for
 from scheduler.triggers import Slots, TriggerSpec
 from tests.fakes import FakeClock, FakePublisher
@@ -219,7 +219,7 @@ def _row(spec: sched.ScheduleInput) -> object:
 
 
 def test_schedules_declared_in_code_sync_and_disappear(engine: Engine, clock: FakeClock) -> None:
-    from domain.registry import cron, every
+    from domain.tasks.registry import cron, every
     from scheduler.declared import sync_code_schedules
 
     clock.now = T0
@@ -250,7 +250,7 @@ def test_schedules_declared_in_code_sync_and_disappear(engine: Engine, clock: Fa
 def test_schedules_declared_in_pipeline_json(engine: Engine, clock: FakeClock, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from domain.pipelines import PipelineDirectory
+    from domain.pipelines.discovery import PipelineDirectory
     from scheduler.declared import sync_pipeline_schedules
 
     clock.now = T0

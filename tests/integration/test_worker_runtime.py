@@ -12,7 +12,7 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import create_engine
 
-from domain.secrets import SecretKeyError, SecretStore
+from domain.security.secrets import SecretKeyError, SecretStore
 from domain.settings import load_settings
 from worker.runtime import WorkerRuntime, close_runtime, get_runtime
 

@@ -18,9 +18,9 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
-from domain.costs import month_of, usage
-from domain.models import cost_entries, dead_letters, run_logs, runs
-from domain.states import TERMINAL
+from domain.costs.ledger import month_of, usage
+from domain.db.models import cost_entries, dead_letters, run_logs, runs
+from domain.runs.states import TERMINAL
 from tests.leaks import found_in
 from tests.schedule_slots import assert_every_slot_once, fires_and_runs
 from tests.services import PrivatePostgres

@@ -26,15 +26,15 @@ from cryptography.fernet import Fernet
 from sqlalchemy import func, select
 
 from conveyor import Client
-from domain import schedules as sched
 from domain.clock import utc_now
-from domain.costs import MonthlyLimitReached
-from domain.db import create_db_engine
-from domain.migrate import upgrade
-from domain.models import dead_letters, runs
-from domain.projects import add_project
-from domain.secrets import SecretStore
-from domain.states import TERMINAL
+from domain.costs.ledger import MonthlyLimitReached
+from domain.costs.projects import add_project
+from domain.db.engine import create_db_engine
+from domain.db.migrate import upgrade
+from domain.db.models import dead_letters, runs
+from domain.runs.states import TERMINAL
+from domain.schedules import definitions as sched
+from domain.security.secrets import SecretStore
 from scheduler.triggers import Slots, TriggerSpec
 from tests.e2e.stack import ROOT, Stack
 from tests.polling import eventually

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from domain.db import libpq_conninfo
+from domain.db.engine import libpq_conninfo
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from domain.clock import uuid7, uuid7_many
 from domain.errors import InvalidInput
-from domain.repository import RunFilter, decode_cursor, encode_cursor
+from domain.runs.repository import RunFilter, decode_cursor, encode_cursor
 
 
 def test_uuid7_is_version_7_and_time_ordered() -> None:

@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from api.json_body import JSONBody
-from domain.views import _RUN_FIELDS, LogLine, RunView
+from domain.runs.views import _RUN_FIELDS, LogLine, RunView
 
 
 def run(**changes: Any) -> RunView:

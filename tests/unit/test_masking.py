@@ -9,7 +9,7 @@ from urllib.parse import quote, urlencode
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from domain.masking import MASK, Masker
+from domain.security.masking import MASK, Masker
 from tests.leaks import found_in, secret_forms
 
 #: Any unicode but NUL (refused at `secrets set`) and lone surrogates (not text), with the

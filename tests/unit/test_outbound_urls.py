@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from domain.outbound_urls import is_public, undeliverable
+from domain.callbacks.urls import is_public, undeliverable
 
 
 @pytest.mark.parametrize(

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 
 from domain.errors import InvalidInput
-from domain.masking import MASK, Masker, mask
-from domain.pipeline_config import StrategyRetryPolicy, parse_config, parse_memory
-from domain.pipeline_env import (
+from domain.pipelines.config import StrategyRetryPolicy, parse_config, parse_memory
+from domain.pipelines.env import (
     RUN_ENV_KEY,
     compose_env,
     params_env,
     pipeline_params,
     run_env_overrides,
 )
-from domain.secrets import check_name, check_value
+from domain.security.masking import MASK, Masker, mask
+from domain.security.secrets import check_name, check_value
 from worker.pipelines.uvconfig import uv_environment
 
 SRC = "pipelines/etl/pipeline.json"

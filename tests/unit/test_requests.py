@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conveyor.cli.params import parse_params
 from domain.errors import InvalidInput
-from domain.requests import build_request, build_requests, parse_duration
+from domain.runs.requests import build_request, build_requests, parse_duration
 
 
 @pytest.mark.parametrize(
@@ -223,7 +223,7 @@ def test_a_batch_is_validated_in_one_pass_and_an_error_names_the_item() -> None:
 def test_a_schedule_refuses_what_each_of_its_runs_would_be_refused(
     fields: dict[str, Any], field: str, fragment: str
 ) -> None:
-    from domain.schedules import ScheduleInput
+    from domain.schedules.definitions import ScheduleInput
 
     with pytest.raises(InvalidInput) as info:
         ScheduleInput.parse(name="s", target="t", trigger="interval", expression="1m", **fields)

@@ -10,9 +10,9 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from domain.crypto import secret_key_from
-from domain.pipelines import PipelineDirectory, pipeline_settings
+from domain.pipelines.discovery import PipelineDirectory, pipeline_settings
 from domain.ports import Publisher
+from domain.security.crypto import secret_key_from
 from worker.context import LineSink
 from worker.pipelines.envs import EnvManager, InterpreterNotFound, PipelineEnvError
 from worker.pipelines.events import EVENT_PREFIX

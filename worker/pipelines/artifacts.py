@@ -8,8 +8,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from domain.masking import MASK, NO_SECRETS, Masker
-from domain.pipeline_store import ArtifactRecord
+from domain.pipelines.store import ArtifactRecord
+from domain.security.masking import MASK, NO_SECRETS, Masker
 
 
 def collect_artifacts(folder: Path, masker: Masker = NO_SECRETS) -> list[ArtifactRecord]:

@@ -17,18 +17,19 @@ from typing import Any, cast
 import structlog
 from sqlalchemy import Engine
 
-from domain import pipeline_store, services
 from domain.clock import Clock, utc_now
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import ConveyorError
-from domain.masking import MASK, Masker
-from domain.pipeline_config import PipelineConfig
-from domain.pipeline_env import compose_env, params_env, pipeline_params, run_env_overrides
-from domain.pipelines import DiscoveredPipeline, PipelineCatalog, PipelineDirectory
+from domain.pipelines import store as pipeline_store
+from domain.pipelines.config import PipelineConfig
+from domain.pipelines.discovery import DiscoveredPipeline, PipelineCatalog, PipelineDirectory
+from domain.pipelines.env import compose_env, params_env, pipeline_params, run_env_overrides
 from domain.ports import Publisher
-from domain.registry import RetryPolicy
-from domain.requests import build_request
-from domain.secrets import SecretStore, SecretValue
-from domain.unit_of_work import UnitOfWork
+from domain.runs import services
+from domain.runs.requests import build_request
+from domain.security.masking import MASK, Masker
+from domain.security.secrets import SecretStore, SecretValue
+from domain.tasks.registry import RetryPolicy
 from worker import capture
 from worker.context import LineSink, TaskContext
 from worker.pipelines.artifacts import collect_artifacts

@@ -1,0 +1,1 @@
+"""Callbacks and notifications out: rules, allowed URLs, messages, signed delivery."""

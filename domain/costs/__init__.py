@@ -1,0 +1,1 @@
+"""Costs: the ledger, prices, projects with monthly limits, admission at claim, reports."""

@@ -1,0 +1,1 @@
+"""The database: engines, the unit of work, tables, column types and migrations."""

@@ -1,0 +1,1 @@
+"""Housekeeping: rollups and retention, run statistics, numbers for monitoring."""

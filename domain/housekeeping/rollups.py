@@ -1,0 +1,229 @@
+"""Housekeeping the scheduler leader does: hourly/daily rollups into run_stats, and retention
+(delete old finished runs with everything hanging off them, optionally archived first)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, cast
+
+import structlog
+from sqlalchemy import Connection, Engine, Table, and_, select
+
+from domain.db.models import run_logs, runs
+from domain.db.models_platform import RunStat, SweepCursor
+from domain.runs import store as runstore
+from domain.runs.repository import dialect_insert
+from domain.runs.states import ALL_STATUSES, TERMINAL
+from domain.runs.views import _jsonable
+
+log = structlog.get_logger("conveyor.maintenance")
+
+stats = cast(Table, RunStat.__table__)
+cursors = cast(Table, SweepCursor.__table__)
+#: Rollups look back this far behind the cursor, so runs finishing out of order are counted.
+ROLLUP_OVERLAP = timedelta(minutes=5)
+
+
+def read_cursor(conn: Connection, name: str) -> datetime | None:
+    """Where the sweep `name` stopped last time (a `sweep_cursors` row), if it ever ran."""
+    return conn.execute(select(cursors.c.position).where(cursors.c.name == name)).scalar()
+
+
+def set_cursor(conn: Connection, name: str, position: datetime, now: datetime) -> None:
+    """Record where the sweep `name` stopped."""
+    conn.execute(
+        dialect_insert(conn, cursors)
+        .values(name=name, position=position, updated_at=now)
+        .on_conflict_do_update(
+            index_elements=["name"], set_={"position": position, "updated_at": now}
+        )
+    )
+
+
+def _bucket(when: datetime, period: str) -> datetime:
+    when = when.astimezone(UTC)
+    if period == "hour":
+        return when.replace(minute=0, second=0, microsecond=0)
+    return when.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def roll_up(engine: Engine, *, now: datetime) -> int:
+    """Recompute the hour and day buckets touched by runs finished since the last pass.
+    Each bucket is recomputed whole from `runs`, so running it twice changes nothing."""
+    with engine.begin() as conn:
+        since = read_cursor(conn, "rollups")
+        query = select(runs.c.finished_at).where(runs.c.finished_at.is_not(None))
+        if since is not None:
+            query = query.where(runs.c.finished_at >= since - ROLLUP_OVERLAP)
+        touched = {(p, _bucket(t, p)) for (t,) in conn.execute(query) for p in ("hour", "day")}
+        for period, start in sorted(touched):
+            _recompute(conn, period, start, now)
+        set_cursor(conn, "rollups", now, now)
+    return len(touched)
+
+
+def _recompute(conn: Connection, period: str, start: datetime, now: datetime) -> None:
+    end = start + (timedelta(hours=1) if period == "hour" else timedelta(days=1))
+    rows = conn.execute(
+        select(
+            runs.c.project,
+            runs.c.name,
+            runs.c.status,
+            runs.c.started_at,
+            runs.c.finished_at,
+            runs.c.cost_usd,
+            runs.c.tokens_in,
+            runs.c.tokens_out,
+        ).where(runs.c.finished_at >= start, runs.c.finished_at < end)
+    ).all()
+    groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for row in rows:
+        groups[(row.project, row.name)].append(row)
+    for (project, name), members in groups.items():
+        durations = sorted(
+            (r.finished_at - r.started_at).total_seconds() for r in members if r.started_at
+        )
+        counts = {s: 0 for s in ALL_STATUSES if s in TERMINAL}
+        for r in members:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        values = {
+            "counts": counts,
+            "duration_p50_s": _pct(durations, 50),
+            "duration_p95_s": _pct(durations, 95),
+            "duration_max_s": durations[-1] if durations else None,
+            "cost_usd": sum((Decimal(r.cost_usd) for r in members), Decimal(0)),
+            "tokens_in": sum(r.tokens_in for r in members),
+            "tokens_out": sum(r.tokens_out for r in members),
+            "updated_at": now,
+        }
+        conn.execute(
+            dialect_insert(conn, stats)
+            .values(period=period, period_start=start, project=project, name=name, **values)
+            .on_conflict_do_update(
+                index_elements=["period", "period_start", "project", "name"], set_=values
+            )
+        )
+
+
+def _pct(values: list[float], p: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
+
+
+def stats_for(
+    engine: Engine,
+    *,
+    period: str = "day",
+    project: str | None = None,
+    name: str | None = None,
+    since: datetime | None = None,
+) -> list[dict[str, Any]]:
+    query = select(stats).where(stats.c.period == period).order_by(stats.c.period_start)
+    if project:
+        query = query.where(stats.c.project == project)
+    if name:
+        query = query.where(stats.c.name == name)
+    if since:
+        query = query.where(stats.c.period_start >= since)
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(query).mappings()]
+
+
+# -- retention --------------------------------------------------------------------------------
+def retention_cutoffs(
+    default_days: float, rules: dict[str, float], projects: Iterable[str], now: datetime
+) -> dict[tuple[str, str], datetime]:
+    """Cutoff per (project, status): "project:status" beats "project" beats "*:status" beats
+    the default."""
+    out = {}
+    for project in projects:
+        for status in TERMINAL:
+            days = rules.get(
+                f"{project}:{status}", rules.get(project, rules.get(f"*:{status}", default_days))
+            )
+            out[(project, status)] = now - timedelta(days=days)
+    return out
+
+
+def apply_retention(
+    engine: Engine,
+    *,
+    now: datetime,
+    default_days: float,
+    rules: dict[str, float] | None = None,
+    archive_dir: Path | None = None,
+    batch: int = 500,
+    max_batches: int = 20,
+) -> int:
+    """Delete finished runs past their age, `batch` per short transaction (their logs with
+    them, and steps, metrics, costs and artifact rows by cascade). Returns how many went."""
+    with engine.connect() as conn:
+        projects = {p for (p,) in conn.execute(select(runs.c.project).distinct())}
+    cutoffs = retention_cutoffs(default_days, rules or {}, projects, now)
+    deleted = 0
+    for (project, status), cutoff in sorted(cutoffs.items()):
+        for _ in range(max_batches):
+            with _read_committed(engine) as conn, conn.begin():
+                ids = (
+                    conn.execute(
+                        select(runs.c.id)
+                        .where(
+                            and_(
+                                runs.c.project == project,
+                                runs.c.status == status,
+                                runs.c.finished_at < cutoff,
+                            )
+                        )
+                        .limit(batch)
+                    )
+                    .scalars()
+                    .all()
+                )
+                if not ids:
+                    break
+                if archive_dir is not None:
+                    _archive(conn, list(ids), archive_dir, now)
+                # Children of a deleted run keep their history; their link is cleared.
+                conn.execute(
+                    runs.update().where(runs.c.parent_run_id.in_(ids)).values(parent_run_id=None)
+                )
+                deleted += runstore.delete_runs(conn, list(ids))
+    if deleted:
+        log.info("retention.deleted", runs=deleted)
+    return deleted
+
+
+def _read_committed(engine: Engine) -> Connection:
+    """A connection whose transactions are READ COMMITTED whatever the defaults (server or
+    engine): `runstore.delete_runs` relies on a snapshot per statement."""
+    conn = engine.connect()
+    if engine.dialect.name == "postgresql":
+        conn.execution_options(isolation_level="READ COMMITTED")
+    return conn
+
+
+def _archive(conn: Connection, ids: list[Any], directory: Path, now: datetime) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"runs-{now:%Y%m%d}.jsonl.gz"
+    logs_by_run: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for line in conn.execute(
+        select(run_logs).where(run_logs.c.run_id.in_(ids)).order_by(run_logs.c.seq)
+    ).mappings():
+        logs_by_run[line["run_id"]].append(
+            {k: _jsonable(v) for k, v in line.items() if k != "run_id"}
+        )
+    with gzip.open(path, "at", encoding="utf-8") as out:
+        for run in conn.execute(select(runs).where(runs.c.id.in_(ids))).mappings():
+            record = {k: _jsonable(v) for k, v in run.items()}
+            record["logs"] = logs_by_run.get(run["id"], [])
+            out.write(json.dumps(record, default=str) + "\n")

@@ -1,0 +1,1 @@
+"""Directory pipelines: pipeline.json, discovery, environments, and their table."""

@@ -1,0 +1,409 @@
+"""`pipeline.json`: the Fast-Flow keys, their meanings, and errors that name file, key, expected.
+
+A folder written for Fast-Flow runs unchanged: every key below keeps the meaning it has there.
+Keys Fast-Flow knows but conveyor does not implement, and keys nobody knows, are warnings (the
+pipeline still runs); a known key with a bad value disables that pipeline with one message per
+problem, e.g. `pipelines/etl/pipeline.json: key 'timeout': expected a number of seconds >= 0
+(0 = no timeout); got -5`. The environment a run gets is composed in domain/pipelines/env.py.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from domain.runs.requests import NAME_PATTERN
+from domain.tasks.registry import RetryPolicy
+
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+#: Fast-Flow keys that conveyor reads but does not act on: a warning, never a failure.
+FASTFLOW_UNSUPPORTED = {
+    "encrypted_env": "use `conveyor secrets set` and list the names under `secrets`",
+    "schedules": "one schedule per pipeline: use the top-level schedule_* keys",
+    "restart_on_crash": "daemon restarts are not supported",
+    "restart_cooldown": "daemon restarts are not supported",
+    "restart_interval": "daemon restarts are not supported",
+    "cells": "notebook pipelines are not supported",
+}
+_TRIGGER_UNSUPPORTED = {"on_route", "run_config_id"}
+
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_CRON_FIELD = re.compile(r"^[0-9A-Za-z*?/,\-]+$")
+MIN_MEMORY = 1024**2
+
+
+def parse_memory(value: Any) -> int:
+    """`512M`, `1G`, `1.5g`, `800m` or a number of bytes → bytes (k/m/g/t are powers of 1024)."""
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, int | float):
+        amount = float(value)
+    else:
+        match = _MEMORY.match(str(value))
+        if not match:
+            raise ValueError("not a size")
+        amount = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not math.isfinite(amount) or amount < MIN_MEMORY:
+        raise ValueError("below 1M")
+    return int(amount)
+
+
+def _memory(value: Any) -> Any:
+    return None if value is None else parse_memory(value)
+
+
+def _iso(value: Any) -> Any:
+    if value is None or isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("not a date")
+    return datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ExponentialBackoff(_Strict):
+    type: Literal["exponential_backoff"]
+    initial_delay: float = Field(60.0, ge=0)
+    max_delay: float = Field(3600.0, ge=0)
+    multiplier: float = Field(2.0, ge=1)
+
+
+class FixedDelay(_Strict):
+    type: Literal["fixed_delay"]
+    delay: float = Field(60.0, ge=0)
+
+
+class CustomSchedule(_Strict):
+    type: Literal["custom_schedule"]
+    delays: list[Annotated[float, Field(ge=0)]] = Field(min_length=1)
+
+
+RetryStrategy = Annotated[
+    ExponentialBackoff | FixedDelay | CustomSchedule, Field(discriminator="type")
+]
+
+
+class DownstreamTrigger(_Strict):
+    pipeline: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN)
+    on_success: bool = True
+    on_failure: bool = False
+
+
+class PipelineConfig(_Strict):
+    """pipeline.json, every key optional. Defaults are Fast-Flow's."""
+
+    enabled: bool = True
+    description: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    type: Literal["script", "notebook"] = "script"
+    python_version: str | None = Field(None, pattern=r"^3\.\d{1,2}(\.\d{1,3})?$")
+    timeout: float = Field(0, ge=0)
+    retry_attempts: int = Field(0, ge=0, le=99)
+    retry_strategy: RetryStrategy | None = None
+    cpu_hard_limit: float | None = Field(None, gt=0)
+    mem_hard_limit: int | None = None
+    cpu_soft_limit: float | None = Field(None, gt=0)
+    mem_soft_limit: int | None = None
+    default_env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = Field(default_factory=dict)
+    secrets: list[Annotated[str, Field(pattern=ENV_NAME, max_length=200)]] = Field(
+        default_factory=list
+    )
+    max_instances: int | None = Field(None, ge=1)
+    schedule_cron: str | None = None
+    schedule_interval_seconds: int | None = Field(None, gt=0)
+    schedule_start: datetime | None = None
+    schedule_end: datetime | None = None
+    run_once_at: datetime | None = None
+    timezone: str | None = None
+    webhook_key: str | None = Field(None, min_length=1)
+    downstream_triggers: list[DownstreamTrigger] = Field(default_factory=list)
+    # conveyor's own additions (Fast-Flow has a single queue)
+    queue: str | None = Field(None, min_length=1, max_length=100, pattern=NAME_PATTERN)
+    priority: int | None = Field(None, ge=0, le=9)
+
+    _mem = field_validator("mem_hard_limit", "mem_soft_limit", mode="before")(_memory)
+    _dates = field_validator("schedule_start", "schedule_end", "run_once_at", mode="before")(_iso)
+
+    @field_validator("default_env", mode="before")
+    @classmethod
+    def _env_scalars(cls, value: Any) -> Any:
+        """Numbers and booleans are written as JSON writes them; objects stay an error."""
+        if not isinstance(value, dict):
+            return value
+        return {k: env_text(v) if is_scalar(v) else v for k, v in value.items()}
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = value.split()
+            if len(parts) != 5 or not all(_CRON_FIELD.match(p) for p in parts):
+                raise ValueError("not a cron expression")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError("unknown timezone") from None
+        return value
+
+    # -- what the rest of conveyor reads ---------------------------------------------------
+    @property
+    def max_attempts(self) -> int:
+        return self.retry_attempts + 1
+
+    @property
+    def timeout_s(self) -> float | None:
+        return self.timeout or None  # 0 = no timeout
+
+    @property
+    def retry_policy(self) -> StrategyRetryPolicy:
+        return StrategyRetryPolicy.from_strategy(self.retry_strategy)
+
+    def schedule_spec(self) -> dict[str, Any] | None:
+        """What the scheduler turns into a schedule: cron wins over interval (as in Fast-Flow)."""
+        tz = self.timezone or "UTC"
+        window = {"start_at": self.schedule_start, "end_at": self.schedule_end, "timezone": tz}
+        if self.schedule_cron:
+            return {"trigger": "cron", "expression": self.schedule_cron, **window}
+        if self.schedule_interval_seconds:
+            return {"trigger": "interval", "expression": str(self.schedule_interval_seconds)}
+        if self.run_once_at:
+            return {"trigger": "once", "expression": self.run_once_at.isoformat(), **window}
+        return None
+
+
+@dataclass(frozen=True)
+class StrategyRetryPolicy(RetryPolicy):
+    """A RetryPolicy that also knows Fast-Flow's strategies. `base_s`/`max_s` approximate the
+    strategy for executors that only know exponential backoff; `delay_s` is exact."""
+
+    strategy: str = "exponential_backoff"
+    multiplier: float = 2.0
+    delays: tuple[float, ...] = ()
+
+    @classmethod
+    def from_strategy(
+        cls, strategy: ExponentialBackoff | FixedDelay | CustomSchedule | None
+    ) -> StrategyRetryPolicy:
+        if isinstance(strategy, ExponentialBackoff):
+            return cls(strategy.initial_delay, strategy.max_delay, multiplier=strategy.multiplier)
+        if isinstance(strategy, FixedDelay):
+            return cls(strategy.delay, strategy.delay, strategy="fixed_delay", multiplier=1.0)
+        if isinstance(strategy, CustomSchedule):
+            delays = tuple(strategy.delays)
+            return cls(delays[0], max(delays), strategy="custom_schedule", delays=delays)
+        return cls()  # conveyor's default backoff (2 s doubling, capped at 300 s)
+
+    def delay_s(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt `attempt` (1 = the first try) before the next."""
+        retry = max(1, attempt)
+        if self.strategy == "fixed_delay":
+            return self.base_s
+        if self.strategy == "custom_schedule":
+            return self.delays[min(retry, len(self.delays)) - 1]
+        return float(min(self.max_s, self.base_s * self.multiplier ** (retry - 1)))
+
+
+@dataclass(frozen=True)
+class ParsedConfig:
+    config: PipelineConfig | None
+    error: str | None = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+# Human wording of what each key expects, used in error messages.
+EXPECTED = {
+    "enabled": "true or false",
+    "description": "a string",
+    "tags": "a list of strings",
+    "type": '"script" ("notebook" is not supported)',
+    "python_version": 'a Python version such as "3.11"',
+    "timeout": "a number of seconds >= 0 (0 = no timeout)",
+    "retry_attempts": "a whole number from 0 to 99",
+    "retry_strategy": 'an object with "type": exponential_backoff, fixed_delay or custom_schedule',
+    "cpu_hard_limit": "a number of cores > 0, e.g. 0.5 or 2",
+    "cpu_soft_limit": "a number of cores > 0, e.g. 0.5 or 2",
+    "mem_hard_limit": 'a size like "512M", "1G" or "1.5g" (at least 1M)',
+    "mem_soft_limit": 'a size like "512M", "1G" or "1.5g" (at least 1M)',
+    "default_env": "an object of environment variable names to strings",
+    "secrets": "a list of secret names (letters, digits, _; not starting with a digit)",
+    "max_instances": "a whole number >= 1",
+    "schedule_cron": 'a 5-field cron expression such as "0 9 * * *"',
+    "schedule_interval_seconds": "a whole number of seconds > 0",
+    "schedule_start": 'an ISO date-time such as "2026-01-15T12:00:00"',
+    "schedule_end": 'an ISO date-time such as "2026-01-15T12:00:00"',
+    "run_once_at": 'an ISO date-time such as "2026-01-15T12:00:00"',
+    "timezone": 'an IANA timezone such as "Europe/Berlin"',
+    "webhook_key": "a non-empty string",
+    "downstream_triggers": 'a list of {"pipeline": name, "on_success": bool, "on_failure": bool}',
+    "queue": "a queue name (letters, digits, _ . : -)",
+    "priority": "a whole number from 0 to 9",
+}
+
+
+def parse_config(text: str | bytes | None, *, source: str) -> ParsedConfig:
+    """Validate pipeline.json text (None: no file, all defaults). Never raises."""
+    if text is None:
+        return ParsedConfig(PipelineConfig())
+    try:
+        data = json.loads(text)
+    except UnicodeDecodeError:
+        return ParsedConfig(None, f"{source}: not UTF-8 text")
+    except json.JSONDecodeError as exc:
+        return ParsedConfig(
+            None, f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        )
+    if not isinstance(data, dict):
+        got = type(data).__name__
+        return ParsedConfig(None, f"{source}: expected a JSON object at the top level; got {got}")
+    data, warnings = _split_unknown(data, source)
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        return ParsedConfig(None, describe_errors(exc, source), tuple(warnings))
+    if config.type == "notebook":
+        return ParsedConfig(
+            None,
+            f"{source}: key 'type': \"notebook\" pipelines are not supported by conveyor; "
+            'convert main.ipynb to main.py and use "script"',
+            tuple(warnings),
+        )
+    if config.webhook_key:
+        warnings.append(
+            f"{source}: key 'webhook_key' is a legacy trigger (the key travels in the URL); "
+            "it is used only when CONVEYOR_PIPELINE_LEGACY_WEBHOOKS is enabled"
+        )
+    return ParsedConfig(config, None, tuple(warnings))
+
+
+def _split_unknown(data: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+    known = set(PipelineConfig.model_fields)
+    kept: dict[str, Any] = {}
+    warnings: list[str] = []
+    for key, value in data.items():
+        if key in known:
+            kept[key] = value
+        elif key in FASTFLOW_UNSUPPORTED:
+            warnings.append(
+                f"{source}: key {key!r} is ignored: {FASTFLOW_UNSUPPORTED[key]} in conveyor"
+            )
+        else:
+            hint = difflib.get_close_matches(key, sorted(known), n=1)
+            also = f" (did you mean {hint[0]!r}?)" if hint else ""
+            warnings.append(f"{source}: unknown key {key!r} is ignored{also}")
+    triggers = kept.get("downstream_triggers")
+    if isinstance(triggers, list):
+        cleaned = []
+        for i, item in enumerate(triggers):
+            if isinstance(item, dict):
+                for key in sorted(_TRIGGER_UNSUPPORTED & item.keys()):
+                    warnings.append(
+                        f"{source}: key 'downstream_triggers[{i}].{key}' is ignored: "
+                        "not supported by conveyor"
+                    )
+                cleaned.append({k: v for k, v in item.items() if k not in _TRIGGER_UNSUPPORTED})
+            else:
+                cleaned.append(item)
+        kept["downstream_triggers"] = cleaned
+    return kept, warnings
+
+
+def describe_errors(exc: ValidationError, source: str) -> str:
+    """One `file: key 'k': expected …; got …` clause per problem."""
+    seen: set[str] = set()
+    clauses = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if p not in _UNION_TAGS]
+        key = _key_path(loc)
+        if key in seen:  # a union reports each branch; one line per key is enough
+            continue
+        seen.add(key)
+        top = str(loc[0]) if loc else ""
+        expected = EXPECTED.get(top, "a valid value")
+        if top in _NESTED_MODELS and len(loc) > 1:
+            expected = _nested_expected(err, top)
+        got = _short(err.get("input"))
+        if err["type"] == "extra_forbidden":
+            clauses.append(f"{source}: key {key!r}: not allowed here ({expected})")
+        else:
+            clauses.append(f"{source}: key {key!r}: expected {expected}; got {got}")
+    return "; ".join(clauses)
+
+
+_UNION_TAGS = {"exponential_backoff", "fixed_delay", "custom_schedule"}
+_NESTED_MODELS = {"retry_strategy", "downstream_triggers"}
+
+
+def _key_path(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _nested_expected(err: Any, top: str) -> str:
+    if err["type"] == "missing":
+        return "this key to be present"
+    if err["type"] == "extra_forbidden":
+        return f"{top} takes: " + _allowed_keys(top)
+    ctx = err.get("ctx") or {}
+    simple = {
+        "greater_than_equal": f"a number >= {ctx.get('ge')}",
+        "greater_than": f"a number > {ctx.get('gt')}",
+        "float_type": "a number",
+        "int_type": "a whole number",
+        "bool_type": "true or false",
+        "string_type": "a string",
+        "string_pattern_mismatch": "a name of letters, digits and _ . : -",
+        "list_type": "a list",
+        "too_short": f"at least {ctx.get('min_length')} item(s)",
+    }
+    if err["type"] in simple:
+        return simple[err["type"]]
+    msg = str(err["msg"])
+    return msg[0].lower() + msg[1:] if msg else EXPECTED.get(top, "a valid value")
+
+
+def _allowed_keys(top: str) -> str:
+    if top == "downstream_triggers":
+        return ", ".join(DownstreamTrigger.model_fields)
+    if top == "retry_strategy":
+        names = {
+            n for m in (ExponentialBackoff, FixedDelay, CustomSchedule) for n in m.model_fields
+        }
+        return ", ".join(sorted(names))
+    return EXPECTED.get(top, "known keys only")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def is_scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool)
+
+
+def env_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else json.dumps(value)

@@ -1,0 +1,1 @@
+"""Runs: requests, enqueue, claim and finish, chains, relay and reaper, states and views."""

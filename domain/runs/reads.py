@@ -1,0 +1,283 @@
+"""Read-side queries for the status API: a run's detail, metrics, costs, artifacts; workers."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, cast
+
+from sqlalchemy import Table, func, select
+
+from domain.db.models import RunArtifact, RunMetric, Worker, cost_entries, run_logs, runs
+from domain.db.unit_of_work import UnitOfWork
+from domain.errors import InvalidInput, RunNotFound
+from domain.runs.states import TERMINAL
+from domain.runs.views import LogLine, RunView, StepView, _jsonable
+
+run_metrics = cast(Table, RunMetric.__table__)
+run_artifacts = cast(Table, RunArtifact.__table__)
+workers = cast(Table, Worker.__table__)
+
+MAX_POINTS = 10_000
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    return {key: _jsonable(item) for key, item in asdict(value).items()}
+
+
+@dataclass(frozen=True, slots=True)
+class CostLine:
+    """Spend grouped by provider and model (or one entry, in a run's cost listing)."""
+
+    provider: str
+    model: str
+    tokens_in: int
+    tokens_out: int
+    requests: int
+    cost_usd: Decimal
+    ts: datetime | None = None
+    step_seq: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _as_dict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RunDetail:
+    run: RunView
+    steps: list[StepView]
+    log_lines: int
+    costs: list[CostLine]
+
+    def to_dict(self) -> dict[str, Any]:
+        run = self.run
+        data = run.to_dict()
+        data["duration_s"] = run.duration_s
+        data["steps"] = [step.to_dict() for step in self.steps]
+        data["totals"] = {
+            "cost_usd": str(run.cost_usd),
+            "tokens_in": run.tokens_in,
+            "tokens_out": run.tokens_out,
+            "requests": run.requests_made,
+            "log_lines": self.log_lines,
+            "steps": _count_by_status(self.steps),
+        }
+        data["costs"] = [
+            {k: v for k, v in line.to_dict().items() if k not in ("ts", "step_seq")}
+            for line in self.costs
+        ]
+        return data
+
+
+def _count_by_status(steps: list[StepView]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for step in steps:
+        counts[step.status] = counts.get(step.status, 0) + 1
+    return counts
+
+
+def run_detail(uow: UnitOfWork, run_id: uuid.UUID) -> RunDetail:
+    """The run with its steps, its number of log lines and its spend per provider and model."""
+    lines = (
+        select(func.count())
+        .select_from(run_logs)
+        .where(run_logs.c.run_id == runs.c.id)
+        .scalar_subquery()
+        .label("log_lines")
+    )
+    with uow:
+        # The run and its log line count in one statement: three round trips, not four.
+        row = uow.conn.execute(select(runs, lines).where(runs.c.id == run_id)).mappings().first()
+        if row is None:
+            raise RunNotFound(f"no run with id {run_id}", run_id=str(run_id))
+        steps = uow.runs.steps(run_id)
+        entries = _cost_entries(uow, run_id)
+    return RunDetail(
+        run=RunView.from_row(row),
+        steps=steps,
+        log_lines=int(row["log_lines"]),
+        costs=_by_model(entries),
+    )
+
+
+def _by_model(entries: list[CostLine]) -> list[CostLine]:
+    """Entries summed per provider and model, in Python: money is text on SQLite, and a run's
+    entries are few."""
+    sums: dict[tuple[str, str], CostLine] = {}
+    for e in entries:
+        s = sums.get((e.provider, e.model))
+        sums[(e.provider, e.model)] = (
+            CostLine(e.provider, e.model, e.tokens_in, e.tokens_out, e.requests, e.cost_usd)
+            if s is None
+            else CostLine(
+                e.provider,
+                e.model,
+                s.tokens_in + e.tokens_in,
+                s.tokens_out + e.tokens_out,
+                s.requests + e.requests,
+                s.cost_usd + e.cost_usd,
+            )
+        )
+    return [sums[key] for key in sorted(sums)]
+
+
+def _cost_entries(uow: UnitOfWork, run_id: uuid.UUID) -> list[CostLine]:
+    stmt = (
+        select(
+            cost_entries.c.provider,
+            cost_entries.c.model,
+            cost_entries.c.tokens_in,
+            cost_entries.c.tokens_out,
+            cost_entries.c.requests,
+            cost_entries.c.cost_usd,
+            cost_entries.c.ts,
+            cost_entries.c.step_seq,
+        )
+        .where(cost_entries.c.run_id == run_id)
+        .order_by(cost_entries.c.ts, cost_entries.c.seq)
+    )
+    return [CostLine(**row) for row in uow.conn.execute(stmt).mappings()]
+
+
+def run_costs(uow: UnitOfWork, run_id: uuid.UUID) -> tuple[list[CostLine], dict[str, Any]]:
+    """Every cost entry of the run, oldest first, and their exact total."""
+    with uow:
+        uow.runs.get(run_id)
+        entries = _cost_entries(uow, run_id)
+    total = {
+        "cost_usd": str(sum((e.cost_usd for e in entries), Decimal(0))),
+        "tokens_in": sum(e.tokens_in for e in entries),
+        "tokens_out": sum(e.tokens_out for e in entries),
+        "requests": sum(e.requests for e in entries),
+    }
+    return entries, total
+
+
+@dataclass(frozen=True, slots=True)
+class MetricPoint:
+    ts: datetime
+    name: str
+    value: float
+    labels: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _as_dict(self)
+
+
+def run_metric_points(
+    uow: UnitOfWork, run_id: uuid.UUID, *, name: str | None = None, limit: int = 1000
+) -> list[MetricPoint]:
+    """The run's metric samples in time order, optionally of one name."""
+    if not 1 <= limit <= MAX_POINTS:
+        raise InvalidInput(f"limit: must be between 1 and {MAX_POINTS}", field="limit")
+    stmt = (
+        select(run_metrics.c.ts, run_metrics.c.name, run_metrics.c.value, run_metrics.c.labels)
+        .where(run_metrics.c.run_id == run_id)
+        .order_by(run_metrics.c.ts, run_metrics.c.id)
+        .limit(limit)
+    )
+    if name is not None:
+        stmt = stmt.where(run_metrics.c.name == name)
+    with uow:
+        uow.runs.get(run_id)
+        return [MetricPoint(**row) for row in uow.conn.execute(stmt).mappings()]
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactView:
+    name: str
+    path: str
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return _as_dict(self)
+
+
+def run_artifact_list(uow: UnitOfWork, run_id: uuid.UUID) -> list[ArtifactView]:
+    stmt = (
+        select(
+            run_artifacts.c.name,
+            run_artifacts.c.path,
+            run_artifacts.c.size_bytes,
+            run_artifacts.c.sha256,
+            run_artifacts.c.created_at,
+        )
+        .where(run_artifacts.c.run_id == run_id)
+        .order_by(run_artifacts.c.name)
+    )
+    with uow:
+        uow.runs.get(run_id)
+        return [ArtifactView(**row) for row in uow.conn.execute(stmt).mappings()]
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """One poll of a followed run: lines after a seq, and whether the run has ended."""
+
+    lines: list[LogLine]
+    status: str
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+
+def tail(uow: UnitOfWork, run_id: uuid.UUID, *, after_seq: int, limit: int = 500) -> Tail:
+    """The status is read before the lines: a run's last lines commit with its final state,
+    so once a terminal status is seen, the following read has every line."""
+    with uow:
+        status = uow.runs.get(run_id).status
+        return Tail(uow.runs.logs(run_id, after_seq=after_seq, limit=limit), status)
+
+
+#: A worker writes its row every 5 s (worker/lifecycle.py); three missed beats: lost.
+WORKER_LOST_AFTER_S = 15.0
+
+
+def worker_state(*, stopped: bool, heartbeat_at: datetime, now: datetime) -> str:
+    """alive (heartbeating), stopped (said goodbye) or lost (silent past three beats)."""
+    if stopped:
+        return "stopped"
+    silent = (now - heartbeat_at).total_seconds()
+    return "alive" if silent < WORKER_LOST_AFTER_S else "lost"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """A worker process as last seen. `running` is what it last reported, and None unless it
+    is alive: a lost worker's runs are not being run (the reaper hands them back)."""
+
+    id: str
+    hostname: str
+    pid: int
+    queues: Any
+    started_at: datetime
+    heartbeat_at: datetime
+    running: int | None
+    stopped: bool
+    state: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return _as_dict(self)
+
+
+def list_workers(
+    uow: UnitOfWork, *, include_stopped: bool = False, now: datetime | None = None
+) -> list[WorkerView]:
+    """Workers by host; each with its state as of `now` (default: the unit of work's clock)."""
+    stmt = select(workers).order_by(workers.c.hostname, workers.c.id)
+    if not include_stopped:
+        stmt = stmt.where(workers.c.stopped.is_(False))
+    at = now or uow.clock()
+    with uow:
+        rows = uow.conn.execute(stmt).mappings().all()
+    views = []
+    for row in rows:
+        state = worker_state(stopped=row["stopped"], heartbeat_at=row["heartbeat_at"], now=at)
+        running = row["running"] if state == "alive" else None
+        views.append(WorkerView(**{**row, "running": running, "state": state}))
+    return views

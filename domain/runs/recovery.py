@@ -1,0 +1,124 @@
+"""Recovery sweeps: the relay (re-)publishes undelivered runs, the reaper recovers lost ones."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import Engine, Row, delete, or_, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from domain.clock import Clock
+from domain.costs import ledger as costs
+from domain.db.models import runs, workers
+from domain.errors import BrokerUnavailable
+from domain.ports import Dispatch, Publisher
+from domain.runs import store as runstore
+from domain.runs.states import Status
+
+log = structlog.get_logger("conveyor.recovery")
+
+#: Re-publishing backs off per run (grace, 2x, 4x, … up to this factor), so a run that only
+#: waits in a long queue is not re-sent every sweep.
+MAX_GRACE_FACTOR = 32
+
+
+@dataclass(frozen=True, slots=True)
+class RelayResult:
+    published: int
+    republished: int  # of those, runs that had been published before (broker lost them?)
+
+
+def relay_once(
+    engine: Engine, publisher: Publisher, *, clock: Clock, grace_s: float, limit: int = 1000
+) -> RelayResult:
+    """Publish pending runs that are due and unpublished, or published but still unclaimed.
+
+    The rows are locked while publishing (SKIP LOCKED on PostgreSQL), so two relays never send
+    the same run twice in one sweep; a broker failure marks nothing and the next sweep retries.
+    """
+    now = clock()
+    stale = now - timedelta(seconds=grace_s)
+    stmt = (
+        select(
+            runs.c.id,
+            runs.c.name,
+            runs.c.queue,
+            runs.c.priority,
+            runs.c.params,
+            runs.c.dispatched_at,
+            runs.c.dispatch_attempts,
+        )
+        .where(
+            runs.c.status == Status.PENDING,
+            runs.c.not_before <= now,
+            or_(runs.c.dispatched_at.is_(None), runs.c.dispatched_at < stale),
+        )
+        .order_by(runs.c.not_before)
+        .limit(limit)
+    )
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        rows = conn.execute(stmt).all()
+        due = [r for r in rows if r.dispatched_at is None or _backoff_over(r, now, grace_s)]
+        if not due:
+            return RelayResult(0, 0)
+        dispatches = [Dispatch(r.id, r.name, r.queue, r.priority, r.params) for r in due]
+        try:
+            publisher.publish(dispatches)
+        except BrokerUnavailable as exc:
+            log.warning("relay.broker_unavailable", pending=len(due), reason=str(exc))
+            return RelayResult(0, 0)
+        runstore.mark_dispatched(conn, [d.run_id for d in dispatches], now=now)
+    republished = sum(1 for r in due if r.dispatched_at is not None)
+    if republished:
+        log.warning("relay.republished", count=republished, hint="published but never claimed")
+    return RelayResult(len(due), republished)
+
+
+def hand_back(engine: Engine, run_ids: list[uuid.UUID], *, marked_at: datetime) -> None:
+    """Runs whose publish right after commit failed (the broker is down) go back to the relay,
+    which publishes them at its first sweep that reaches the broker, rather than a dispatch
+    grace later. Best effort: should the database fail too, the grace still applies."""
+    try:
+        with engine.begin() as conn:
+            runstore.unmark_dispatched(conn, run_ids, marked_at=marked_at)
+    except SQLAlchemyError as exc:
+        log.warning(
+            "relay.hand_back_failed",
+            count=len(run_ids),
+            reason=str(getattr(exc, "orig", None) or exc),
+            hint="published by the relay after CONVEYOR_DISPATCH_GRACE_S instead",
+        )
+
+
+def _backoff_over(
+    row: Row[Any, Any, Any, Any, Any, Any, Any], now: datetime, grace_s: float
+) -> bool:
+    attempts = max(1, int(row.dispatch_attempts))
+    factor = min(MAX_GRACE_FACTOR, 2 ** (attempts - 1))
+    return bool(row.dispatched_at < now - timedelta(seconds=grace_s * factor))
+
+
+def reap_once(engine: Engine, *, clock: Clock) -> tuple[int, int]:
+    """Runs whose lease expired: re-queued (attempts left) or failed as WorkerLost."""
+    with engine.begin() as conn:
+        now = clock()
+        requeued, failed = runstore.reap_expired(conn, now=now)
+        costs.release_held(conn, [*requeued, *failed], now=now)
+    for run_id in requeued:
+        log.warning("run.lease_expired", run_id=str(run_id), action="requeued")
+    for run_id in failed:
+        log.warning("run.lease_expired", run_id=str(run_id), action="failed")
+    return len(requeued), len(failed)
+
+
+def forget_dead_workers(engine: Engine, *, clock: Clock, older_than_s: float = 86400) -> int:
+    """Registry rows of workers silent for a day go (listings show them as lost before)."""
+    cutoff = clock() - timedelta(seconds=older_than_s)
+    with engine.begin() as conn:
+        return int(conn.execute(delete(workers).where(workers.c.heartbeat_at < cutoff)).rowcount)

@@ -1,0 +1,432 @@
+"""Run persistence in SQLAlchemy Core: short statements over the unit of work's connection."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Generic, TypeVar
+
+import psycopg
+from psycopg.copy import LibpqWriter
+from psycopg.types.json import Jsonb
+from sqlalchemy import ColumnElement, Connection, Table, and_, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.sql import sqltypes
+
+from domain.db.engine import uses_psycopg
+from domain.db.models import audit_logs, projects, run_logs, run_steps, runs
+from domain.errors import InvalidInput, RunNotFound
+from domain.runs.states import ALL_STATUSES, TERMINAL, Status
+from domain.runs.views import LogLine, Page, RunView, StepView
+
+#: Runs as RunView's fields, in its field order, newest first (keyset on created_at, id).
+_PAGE = select(*[runs.c[name] for name in RunView.field_names()]).order_by(
+    runs.c.created_at.desc(), runs.c.id.desc()
+)
+
+MAX_PAGE = 1000
+T = TypeVar("T")
+
+
+def dialect_insert(conn: Connection, table: Table) -> Any:
+    """INSERT with ON CONFLICT support for the connection's dialect."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+#: ON CONFLICT target of a run's idempotency key: the partial unique index on (project, key)
+#: is only inferred when the statement names its predicate too.
+ON_KEY_CONFLICT: dict[str, Any] = {
+    "index_elements": ["project", "idempotency_key"],
+    "index_where": runs.c.idempotency_key.is_not(None),
+}
+
+
+def copy_rows(
+    conn: Connection,
+    table: Table,
+    rows: list[dict[str, Any]],
+    *,
+    meanwhile: Callable[[], T] | None = None,
+) -> T | None:
+    """COPY `rows` (dicts with the same keys) into `table` inside the current transaction.
+
+    psycopg dumps UUIDs, aware datetimes and JSON itself; money becomes an exact Decimal.
+
+    `meanwhile` (optional) runs in this thread while PostgreSQL finishes the COPY, and its
+    result is returned. The end of a COPY is slow: the server inserts its last buffered rows
+    and runs every row's foreign-key checks then (about 10 us a run, measured), time the
+    caller would otherwise spend idle. A helper thread waits for the server instead (psycopg
+    releases the GIL while it waits); a refusal still raises here, after `meanwhile`.
+    """
+    columns = [table.c[name] for name in rows[0]]
+    kinds = [_COPY_TYPES[c.type._type_affinity] for c in columns]  # type: ignore[index]
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    names = ", ".join(f'"{c.name}"' for c in columns)
+    statement = f"COPY {table.name} ({names}) FROM STDIN"
+    writer = _FinishMeanwhile(cursor, meanwhile)
+    try:
+        with cursor.copy(statement, writer=writer) as copy:
+            copy.set_types(kinds)  # COPY declares its types: JSON needs no wrapper
+            for values in _driver_values(table, rows, wrap_json=False):
+                copy.write_row(values)
+    except psycopg.IntegrityError as exc:
+        # Same exception as the INSERT path, so callers handle one kind of constraint failure.
+        raise IntegrityError(statement, None, exc) from exc
+    return writer.result
+
+
+def _driver_values(
+    table: Table, rows: list[dict[str, Any]], *, wrap_json: bool
+) -> Iterator[list[Any]]:
+    """Each row's values (every row has the first one's keys, in that order) as psycopg takes
+    them for `table`: money as an exact Decimal, and JSON as jsonb when `wrap_json` (a
+    statement's parameters; a COPY declares its column types instead)."""
+    affinity = [table.c[name].type._type_affinity for name in rows[0]]
+    as_money = [i for i, kind in enumerate(affinity) if kind is sqltypes.Numeric]
+    as_json = [i for i, kind in enumerate(affinity) if kind is sqltypes.JSON] if wrap_json else []
+    for row in rows:
+        values = list(row.values())
+        for i in as_money:
+            if values[i] is not None:
+                values[i] = Decimal(values[i])
+        for i in as_json:
+            if values[i] is not None:
+                values[i] = Jsonb(values[i])
+        yield values
+
+
+_KEYED_SQL: dict[tuple[str, ...], str] = {}
+
+
+def _insert_keyed_pg(conn: Connection, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
+    """`RunRepository.insert_keyed` on psycopg: one single-row INSERT … RETURNING id, prepared
+    once per connection, executed for every row in one pipeline. (SQLAlchemy sends a
+    multi-row INSERT whose text differs with the batch's size, which psycopg parses anew
+    every time: 1.2 ms of CPU for 10 runs, against 0.55 ms this way, measured in-process.)
+    Values are passed as the COPY path passes them (`_driver_values`).
+    """
+    names = tuple(rows[0])
+    sql = _KEYED_SQL.get(names)
+    if sql is None:
+        sql = _KEYED_SQL[names] = (
+            f"INSERT INTO runs ({', '.join(names)}) VALUES ({', '.join(['%s'] * len(names))})"
+            " ON CONFLICT (project, idempotency_key) WHERE idempotency_key IS NOT NULL"
+            " DO NOTHING RETURNING id"
+        )
+    params = list(_driver_values(runs, rows, wrap_json=True))
+    inserted: set[uuid.UUID] = set()
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.executemany(sql, params, returning=True)
+        while True:
+            found = cursor.fetchone()
+            if found is not None:
+                inserted.add(found[0])
+            if not cursor.nextset():
+                break
+    except psycopg.Error as exc:  # as SQLAlchemy raises them: callers handle one kind
+        raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
+    finally:
+        cursor.close()
+    return inserted
+
+
+class _FinishMeanwhile(LibpqWriter, Generic[T]):
+    """psycopg's COPY writer, except that ending a COPY that went well waits for the server
+    in a helper thread while `meanwhile` runs in the caller's (psycopg releases the GIL while
+    it waits). What finishing raised is raised after `meanwhile`, in the caller's thread."""
+
+    def __init__(self, cursor: Any, meanwhile: Callable[[], T] | None) -> None:
+        super().__init__(cursor)
+        self.meanwhile = meanwhile
+        self.result: T | None = None
+
+    def finish(self, exc: BaseException | None = None) -> None:
+        if exc is not None or self.meanwhile is None:
+            super().finish(exc)
+            return
+        failure: list[BaseException] = []
+
+        def end() -> None:
+            try:
+                LibpqWriter.finish(self, None)
+            except BaseException as error:  # handed to the caller's thread below
+                failure.append(error)
+
+        finisher = threading.Thread(target=end, name="conveyor-copy-end", daemon=True)
+        finisher.start()
+        try:
+            self.result = self.meanwhile()
+        finally:
+            finisher.join()
+        if failure:
+            raise failure[0]
+
+
+#: psycopg dumper per SQLAlchemy type family (text COPY: the column's own type parses it).
+_COPY_TYPES: dict[type[Any], str] = {
+    sqltypes.Uuid: "uuid",
+    sqltypes.String: "text",
+    sqltypes.Integer: "int8",
+    sqltypes.Float: "float8",
+    sqltypes.Numeric: "numeric",
+    sqltypes.DateTime: "timestamptz",
+    sqltypes.Boolean: "bool",
+    sqltypes.JSON: "jsonb",
+}
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """Filters for listing runs; every field is optional."""
+
+    status: Sequence[str] = ()
+    name: str | None = None
+    project: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.status if s not in ALL_STATUSES]
+        if unknown:
+            raise InvalidInput(
+                f"status: unknown status {unknown[0]!r}; expected one of {', '.join(ALL_STATUSES)}",
+                field="status",
+            )
+
+
+def check_page_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidInput(f"limit: must be between 1 and {MAX_PAGE} (got {limit})", field="limit")
+
+
+def page_of(rows: list[RunView], limit: int) -> Page:
+    """A page from up to `limit + 1` runs, newest first: the extra one says a next page exists."""
+    if len(rows) <= limit:
+        return Page(items=rows, next_cursor=None)
+    items = rows[:limit]
+    return Page(items=items, next_cursor=encode_cursor(items[-1].created_at, items[-1].id))
+
+
+def encode_cursor(created_at: datetime, run_id: uuid.UUID) -> str:
+    raw = f"{created_at.isoformat()}|{run_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """Inverse of encode_cursor; anything else is an InvalidInput, never a 500."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ts, run_id = raw.split("|")
+        created = datetime.fromisoformat(ts)
+        if created.tzinfo is None:
+            raise ValueError("naive")
+        return created, uuid.UUID(run_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidInput(
+            "cursor: not a cursor this server issued (pass next_cursor back unchanged)",
+            field="cursor",
+        ) from None
+
+
+_INSERT_RETURNING_ID: dict[str, Any] = {}
+
+
+class RunRepository:
+    """Reads and writes `runs` and the rows that hang off it, within one transaction."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    # -- writes -----------------------------------------------------------------------------
+    def _insert_returning_id(self) -> Any:
+        """INSERT of a run, skipped when its idempotency key names a run already, RETURNING id.
+        Built once per dialect, not per call: building an INSERT of every column, and its
+        cache key, cost more CPU than the round trip. A NULL key never conflicts."""
+        stmt = _INSERT_RETURNING_ID.get(self.conn.dialect.name)
+        if stmt is None:
+            stmt = _INSERT_RETURNING_ID[self.conn.dialect.name] = (
+                dialect_insert(self.conn, runs)
+                .on_conflict_do_nothing(**ON_KEY_CONFLICT)
+                .returning(runs.c.id)
+            )
+        return stmt
+
+    def insert_one(self, row: dict[str, Any]) -> bool:
+        """Insert a run; False when its idempotency key already names another run."""
+        return self.conn.execute(self._insert_returning_id(), row).first() is not None
+
+    def insert_many(
+        self, rows: list[dict[str, Any]], *, meanwhile: Callable[[], T] | None = None
+    ) -> T | None:
+        """Insert a batch; rows whose idempotency key already exists are skipped.
+
+        On PostgreSQL a batch without keys goes through COPY (about 3x faster than pipelined
+        INSERTs here), and `meanwhile` runs while the server finishes it (see copy_rows); keys
+        need ON CONFLICT, which COPY cannot do. Returns what `meanwhile` returned.
+        """
+        if (
+            rows
+            and self.conn.dialect.name == "postgresql"
+            and all(row["idempotency_key"] is None for row in rows)
+        ):
+            return copy_rows(self.conn, runs, rows, meanwhile=meanwhile)
+        if rows:
+            stmt = dialect_insert(self.conn, runs).on_conflict_do_nothing(**ON_KEY_CONFLICT)
+            self.conn.execute(stmt, rows)
+        return meanwhile() if meanwhile is not None else None
+
+    def insert_keyed(self, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
+        """Insert a batch with idempotency keys; the ids of the rows inserted (a row whose key
+        already names a run is skipped), so only the skipped rows need reading back."""
+        if not rows:
+            return set()
+        if uses_psycopg(self.conn):
+            return _insert_keyed_pg(self.conn, rows)
+        return set(self.conn.execute(self._insert_returning_id(), rows).scalars())
+
+    def add_audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target_type: str,
+        target_id: str | None,
+        details: dict[str, Any] | None = None,
+        ip: str | None = None,
+        ts: datetime,
+    ) -> None:
+        self.conn.execute(
+            audit_logs.insert().values(
+                ts=ts,
+                actor=actor,
+                action=action,
+                target_type=target_type,
+                target_id=target_id,
+                details=details,
+                ip=ip,
+            )
+        )
+
+    def set_cancelled(self, run_id: uuid.UUID, now: datetime, reason: str) -> bool:
+        """Pending → cancelled at once. False when the run was no longer pending."""
+        result = self.conn.execute(
+            update(runs)
+            .where(runs.c.id == run_id, runs.c.status == Status.PENDING)
+            .values(
+                status=Status.CANCELLED,
+                cancel_requested_at=now,
+                finished_at=now,
+                error_type="Cancelled",
+                error=reason,
+            )
+        )
+        return result.rowcount == 1
+
+    def request_cancel(self, run_id: uuid.UUID, now: datetime) -> bool:
+        """Running: ask the executor to stop. False when the run was no longer running."""
+        result = self.conn.execute(
+            update(runs)
+            .where(runs.c.id == run_id, runs.c.status == Status.RUNNING)
+            .values(cancel_requested_at=func.coalesce(runs.c.cancel_requested_at, now))
+        )
+        return result.rowcount == 1
+
+    # -- reads ------------------------------------------------------------------------------
+    def get(self, run_id: uuid.UUID) -> RunView:
+        row = self.conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
+        if row is None:
+            raise RunNotFound(f"no run with id {run_id}", run_id=str(run_id))
+        return RunView.from_row(row)
+
+    def by_keys(self, project: str, keys: Iterable[str]) -> dict[str, RunView]:
+        wanted = list(set(keys))
+        found: dict[str, RunView] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            rows = self.conn.execute(
+                select(runs).where(runs.c.project == project, runs.c.idempotency_key.in_(chunk))
+            ).mappings()
+            for row in rows:
+                view = RunView.from_row(row)
+                found[view.idempotency_key or ""] = view
+        return found
+
+    def project_exists(self, name: str) -> bool:
+        found = self.conn.execute(select(projects.c.name).where(projects.c.name == name)).first()
+        return found is not None
+
+    def page(self, filters: RunFilter, *, limit: int = 50, cursor: str | None = None) -> Page:
+        """Newest first, keyset-paginated on (created_at, id)."""
+        check_page_limit(limit)
+        conditions: list[ColumnElement[bool]] = []
+        if filters.status:
+            conditions.append(runs.c.status.in_(list(filters.status)))
+        if filters.name:
+            conditions.append(runs.c.name == filters.name)
+        if filters.project:
+            conditions.append(runs.c.project == filters.project)
+        if filters.created_after:
+            conditions.append(runs.c.created_at >= filters.created_after)
+        if filters.created_before:
+            conditions.append(runs.c.created_at < filters.created_before)
+        if cursor:
+            created, last_id = decode_cursor(cursor)
+            conditions.append(
+                or_(
+                    runs.c.created_at < created,
+                    and_(runs.c.created_at == created, runs.c.id < last_id),
+                )
+            )
+        stmt = _PAGE.where(*conditions).limit(limit + 1)
+        # Positional rows from a statement built once: a page is the API's busiest read, and
+        # a mapping per row of 36 columns, plus coercing 36 columns into a new SELECT on every
+        # call, were a sixth of its CPU.
+        return page_of([RunView(*row) for row in self.conn.execute(stmt).all()], limit)
+
+    def logs(self, run_id: uuid.UUID, *, after_seq: int = 0, limit: int = 1000) -> list[LogLine]:
+        stmt = (
+            select(
+                run_logs.c.seq,
+                run_logs.c.attempt,
+                run_logs.c.ts,
+                run_logs.c.stream,
+                run_logs.c.level,
+                run_logs.c.message,
+                run_logs.c.fields,
+            )
+            .where(run_logs.c.run_id == run_id, run_logs.c.seq > after_seq)
+            .order_by(run_logs.c.seq)
+            .limit(limit)
+        )
+        return [LogLine(**row) for row in self.conn.execute(stmt).mappings()]
+
+    def steps(self, run_id: uuid.UUID) -> list[StepView]:
+        stmt = (
+            select(
+                run_steps.c.seq,
+                run_steps.c.attempt,
+                run_steps.c.name,
+                run_steps.c.step_type,
+                run_steps.c.status,
+                run_steps.c.detail,
+                run_steps.c.started_at,
+                run_steps.c.finished_at,
+            )
+            .where(run_steps.c.run_id == run_id)
+            .order_by(run_steps.c.seq)
+        )
+        return [StepView(**row) for row in self.conn.execute(stmt).mappings()]
+
+
+def is_finished(view: RunView) -> bool:
+    return view.status in TERMINAL

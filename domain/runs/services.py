@@ -1,0 +1,386 @@
+"""Use cases on runs: each takes a unit of work and plain values, and returns views."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import structlog
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from domain.clock import uuid7, uuid7_many
+from domain.costs import ledger as costs
+from domain.db.unit_of_work import UnitOfWork
+from domain.errors import BrokerUnavailable, Conflict, InvalidInput, InvalidTransition
+from domain.ports import Catalog, Dispatch, OpenCatalog, Publisher, send_later
+from domain.runs.recovery import hand_back
+from domain.runs.repository import RunFilter
+from domain.runs.requests import EnqueueRequest
+from domain.runs.states import TERMINAL, Status
+from domain.runs.views import LogLine, Page, RunView
+from domain.security import audit
+
+log = structlog.get_logger("conveyor.runs")
+
+DEFAULT_PRIORITY = 5
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    run: RunView
+    created: bool  # False: the idempotency key named an existing run
+
+
+#: Writes rows that belong with a batch of runs, in their transaction, given what was enqueued.
+Recorder = Callable[[Connection, list[Enqueued]], None]
+
+
+def run_row(
+    req: EnqueueRequest,
+    catalog: Catalog,
+    now: datetime,
+    publish_now: bool,
+    run_id: uuid.UUID | None = None,
+) -> dict[str, Any]:
+    """The run's row, as every way of creating runs writes it (enqueue, schedules, chains).
+    `publish_now`: it is delivered right after commit (by the publisher, or
+    inline by the caller), so the relay leaves it alone for the grace period."""
+    defaults, params = catalog.resolve(req.name, req.params)
+    due = req.due_at(now)
+    return {
+        "id": run_id or uuid7(),
+        "project": req.project,
+        "kind": defaults.kind if req.kind == "task" else req.kind,
+        "name": req.name,
+        "queue": req.queue or defaults.queue or "default",
+        "priority": _first(req.priority, defaults.priority, DEFAULT_PRIORITY),
+        "params": params,
+        "status": Status.PENDING.value,
+        "attempt": 0,
+        "max_attempts": _first(req.max_attempts, defaults.max_attempts, 1),
+        "idempotency_key": req.idempotency_key,
+        "triggered_by": req.triggered_by,
+        "trigger_ref": req.trigger_ref,
+        "not_before": due,
+        # A run due now is published right after commit; a deferred one waits for the relay.
+        "dispatched_at": now if publish_now and due <= now else None,
+        "dispatch_attempts": 1 if publish_now and due <= now else 0,
+        "timeout_s": _first(req.timeout_s, defaults.timeout_s, None),
+        "budget_usd": req.budget_usd,
+        "max_requests": req.max_requests,
+        "max_minutes": req.max_minutes,
+        "cost_usd": 0,
+        "tokens_in": 0,
+        "tokens_out": 0,
+        "requests_made": 0,
+        "created_at": now,
+        "parent_run_id": req.parent_run_id,
+        "callback_url": req.callback_url,
+    }
+
+
+def _first(*values: Any) -> Any:
+    for value in values:  # a plain loop: this runs five times per enqueued run
+        if value is not None:
+            return value
+    return None
+
+
+def _same_request(existing: RunView, row: dict[str, Any]) -> bool:
+    return bool(existing.name == row["name"] and existing.params == row["params"])
+
+
+def _key_reused(key: str, existing: RunView) -> Conflict:
+    return Conflict(
+        f"idempotency_key: {key!r} was already used for a different request "
+        f"(run {existing.id}, task {existing.name!r}); use a new key for new work",
+        run_id=str(existing.id),
+    )
+
+
+def enqueue(
+    uow: UnitOfWork,
+    req: EnqueueRequest,
+    *,
+    publisher: Publisher | None = None,
+    catalog: Catalog | None = None,
+    inline: bool = False,
+    after: uuid.UUID | None = None,
+) -> Enqueued:
+    """Record one run (and so its delivery intent) and publish it after commit.
+
+    With an idempotency key that already names a run of the same task and params, that run is
+    returned (created=False); the same key for a different request is a Conflict.
+    """
+    return enqueue_many(
+        uow, [req], publisher=publisher, catalog=catalog, inline=inline, after=after
+    )[0]
+
+
+def enqueue_many(
+    uow: UnitOfWork,
+    reqs: Sequence[EnqueueRequest],
+    *,
+    publisher: Publisher | None = None,
+    catalog: Catalog | None = None,
+    inline: bool = False,
+    after: uuid.UUID | None = None,
+    record: Recorder | None = None,
+) -> list[Enqueued]:
+    """Record a batch of runs in one transaction and publish them in one broker call.
+
+    Without a publisher the relay delivers them; `inline` means the caller executes them
+    itself right away (conveyor.submit), so nothing is published. `record` writes what belongs
+    with the runs (webhook deliveries), in their transaction, given what was enqueued.
+    """
+    if not reqs:
+        return []
+    catalog = catalog or OpenCatalog()
+    now = uow.clock()
+    publish_now = publisher is not None or inline
+    ids = uuid7_many(len(reqs))
+    rows = [
+        run_row(req, catalog, now, publish_now, run_id)
+        for req, run_id in zip(reqs, ids, strict=True)
+    ]
+    if after is not None:
+        from domain.runs.chains import hold_after
+
+        rows = [hold_after(row, after) for row in rows]
+    with uow:
+        costs.check_can_enqueue(uow.conn, {row["project"] for row in rows}, now)
+        if after is not None:
+            uow.runs.get(after)  # RunNotFound: a run cannot wait for one that does not exist
+        try:
+            results, send = _insert(
+                uow, rows, lambda made: _prepare_publish(uow.engine, publisher, made, now)
+            )
+        except IntegrityError:
+            uow.rollback()
+            _explain_integrity_error(uow, rows)
+            raise
+        if record is not None:
+            record(uow.conn, results)
+        if send is not None:
+            uow.after_commit(send)
+        uow.commit()
+    created = [r.run for r in results if r.created]
+    if len(created) == 1:
+        log.debug("run.enqueued", run_id=str(created[0].id), name=created[0].name)
+    elif created:
+        log.debug("runs.enqueued", count=len(created))
+    return results
+
+
+def _prepare_publish(
+    engine: Engine, publisher: Publisher | None, results: list[Enqueued], now: datetime
+) -> Callable[[], None] | None:
+    """What to run after commit to publish the runs created due now (messages built now)."""
+    if publisher is None:
+        return None
+    dispatches = [
+        Dispatch(r.run.id, r.run.name, r.run.queue, r.run.priority, r.run.params)
+        for r in results
+        if r.created and r.run.dispatched_at is not None
+    ]
+    if not dispatches:
+        return None
+    send = send_later(publisher, dispatches)
+    return lambda: _publish(send, engine, [d.run_id for d in dispatches], now)
+
+
+def _insert(
+    uow: UnitOfWork, rows: list[dict[str, Any]], then: Callable[[list[Enqueued]], T]
+) -> tuple[list[Enqueued], T]:
+    """Insert the rows; return what was enqueued and what `then` made of it. (On the COPY path
+    `then` runs while the database ends the insert.)"""
+
+    def done(results: list[Enqueued]) -> tuple[list[Enqueued], T]:
+        return results, then(results)
+
+    if len(rows) == 1:
+        row = rows[0]
+        if uow.runs.insert_one(row):
+            return done([Enqueued(_view(row), True)])
+        existing = uow.runs.by_keys(row["project"], [row["idempotency_key"]])
+        return done([_resolve_duplicate(row, existing)])
+
+    # A batch: duplicates inside it collapse onto their first occurrence, then one executemany.
+    first_by_key: dict[tuple[str, str], dict[str, Any]] = {}
+    to_insert = []
+    for row in rows:
+        key = row["idempotency_key"]
+        if key is not None:
+            ident = (row["project"], key)
+            if ident in first_by_key:
+                continue
+            first_by_key[ident] = row
+        to_insert.append(row)
+    if not first_by_key:
+        # No keys, so nothing to look up afterwards: the views (and `then`: the messages) are
+        # built while the database ends the insert (RunRepository.insert_many's `meanwhile`).
+        made = uow.runs.insert_many(
+            to_insert, meanwhile=lambda: done([Enqueued(_view(row), True) for row in rows])
+        )
+        assert made is not None
+        return made
+    inserted = uow.runs.insert_keyed(to_insert)
+    # Only keys that named a run already are read back; an inserted run's view is its row.
+    keyed: dict[str, list[str]] = {}
+    stored_by_key: dict[tuple[str, str], RunView] = {}
+    for ident, first in first_by_key.items():
+        if first["id"] in inserted:
+            stored_by_key[ident] = _view(first)
+        else:
+            keyed.setdefault(ident[0], []).append(ident[1])
+    for project, keys in keyed.items():
+        for key, view in uow.runs.by_keys(project, keys).items():
+            stored_by_key[(project, key)] = view
+    results = []
+    for row in rows:
+        key = row["idempotency_key"]
+        if key is None:
+            results.append(Enqueued(_view(row), True))
+            continue
+        stored = stored_by_key[(row["project"], key)]
+        if stored.id == row["id"]:
+            results.append(Enqueued(stored, True))
+        else:
+            results.append(_resolve_duplicate(row, {key: stored}))
+    return done(results)
+
+
+def _resolve_duplicate(row: dict[str, Any], existing: dict[str, RunView]) -> Enqueued:
+    view = existing[row["idempotency_key"]]
+    if not _same_request(view, row):
+        raise _key_reused(row["idempotency_key"], view)
+    return Enqueued(view, False)
+
+
+def _view(row: dict[str, Any]) -> RunView:
+    values: dict[str, Any] = {
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "cancel_requested_at": None,
+        "result": None,
+        "error_type": None,
+        "error": None,
+        "exit_code": None,
+        "started_at": None,
+        "finished_at": None,
+    }
+    values.update(row)
+    return RunView(**values)
+
+
+def _explain_integrity_error(uow: UnitOfWork, rows: list[dict[str, Any]]) -> None:
+    """Turn a constraint failure into the caller's mistake, named (most often: no such project)."""
+    for project in sorted({row["project"] for row in rows}):
+        if not uow.runs.project_exists(project):
+            raise InvalidInput(
+                f"project: no project named {project!r} (create it first)", field="project"
+            )
+
+
+def _publish(
+    send: Callable[[], None], engine: Engine, run_ids: list[uuid.UUID], marked_at: datetime
+) -> None:
+    try:
+        send()
+    except BrokerUnavailable as exc:
+        # The runs are committed: the relay publishes them as soon as it reaches the broker.
+        log.warning("run.publish_deferred", count=len(run_ids), reason=str(exc))
+        hand_back(engine, run_ids, marked_at=marked_at)
+
+
+def get_run(uow: UnitOfWork, run_id: uuid.UUID) -> RunView:
+    with uow:
+        return uow.runs.get(run_id)
+
+
+def list_runs(
+    uow: UnitOfWork, filters: RunFilter, *, limit: int = 50, cursor: str | None = None
+) -> Page:
+    with uow:
+        return uow.runs.page(filters, limit=limit, cursor=cursor)
+
+
+def run_logs(
+    uow: UnitOfWork, run_id: uuid.UUID, *, after_seq: int = 0, limit: int = 1000
+) -> list[LogLine]:
+    if after_seq < 0:
+        raise InvalidInput(f"after_seq: must not be negative (got {after_seq})", field="after_seq")
+    with uow:
+        uow.runs.get(run_id)  # a clear RunNotFound rather than an empty list
+        return uow.runs.logs(run_id, after_seq=after_seq, limit=limit)
+
+
+def cancel_run(
+    uow: UnitOfWork, run_id: uuid.UUID, *, actor: str, reason: str = "", ip: str | None = None
+) -> RunView:
+    """A pending run ends `cancelled` at once; a running one is asked to stop.
+
+    Cancelling a run that already finished is a Conflict naming its state.
+    """
+    with uow:
+        now = uow.clock()
+        why = reason or f"cancelled by {actor}"
+        if not uow.runs.set_cancelled(run_id, now, why) and not uow.runs.request_cancel(
+            run_id, now
+        ):
+            run = uow.runs.get(run_id)  # RunNotFound if it never existed
+            raise InvalidTransition(
+                f"run {run_id} already ended as {run.status}; there is nothing to cancel",
+                status=run.status,
+            )
+        # Through audit.record, like every other audited change: details are masked and bounded.
+        audit.record(
+            uow,
+            actor=actor,
+            action="run.cancel",
+            target_type="run",
+            target_id=str(run_id),
+            details={"reason": why},
+            ip=ip,
+        )
+        run = uow.runs.get(run_id)
+        uow.commit()
+    log.info("run.cancel_requested", run_id=str(run_id), status=run.status, actor=actor)
+    return run
+
+
+def retry_run(
+    uow: UnitOfWork, run_id: uuid.UUID, *, actor: str, publisher: Publisher | None = None
+) -> RunView:
+    """A terminal run → a new pending run with the same target and params (`parent_run_id`)."""
+    with uow:
+        old = uow.runs.get(run_id)
+        if old.status not in TERMINAL:
+            raise InvalidTransition(
+                f"run {run_id} is {old.status}; only a finished run can be retried",
+                status=old.status,
+            )
+    req = EnqueueRequest(
+        name=old.name,
+        params=old.params,
+        project=old.project,
+        queue=old.queue,
+        priority=old.priority,
+        max_attempts=old.max_attempts,
+        timeout_s=old.timeout_s,
+        budget_usd=old.budget_usd,
+        max_requests=old.max_requests,
+        max_minutes=old.max_minutes,
+        kind=old.kind,
+        triggered_by="retry",
+        trigger_ref=actor,
+        parent_run_id=old.id,
+    )
+    new = enqueue(uow, req, publisher=publisher).run
+    log.info("run.retried", run_id=str(new.id), parent_run_id=str(old.id), actor=actor)
+    return new

@@ -1,0 +1,204 @@
+"""The worker's hot path on PostgreSQL: claim and finish as one prepared statement each.
+
+`runstore.claim` and `runstore.finish` say what these do; this module does the same with fewer
+round trips and no statement building per call, because a worker runs them for every run:
+- each statement runs in autocommit mode: a single statement is its own transaction, so the
+  explicit BEGIN and COMMIT round trips go away and the guarantees stay (a claim is still one
+  conditional UPDATE; a finish is still fenced by `attempt`);
+- `finish` inserts the run's last buffered log lines in the same statement (a data-modifying
+  CTE reading them from one JSON parameter), so a short run costs two round trips in all:
+  claim, finish;
+- the SQL text is constant and prepared on first use per connection (psycopg `prepare=True`).
+
+Only the plain case takes this path (a task run with no follow-up to chain and no metric or
+cost rows left to write; a claim with no limit to check, see domain/costs/admission.py); everything
+else goes through `runstore` and SQLAlchemy as before.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from domain.costs.admission import NOTHING_TO_CHECK_SQL, Refused
+from domain.db.engine import libpq_conninfo
+from domain.runs import store as runstore
+from domain.runs.states import Status
+from domain.runs.store import Claim
+
+#: Above this many lines the finish writes them with COPY (the runstore path) instead.
+MAX_INLINE_LINES = 500
+
+_CLAIM_FIELDS = (
+    "id, name, kind, project, params, attempt, max_attempts, timeout_s, budget_usd, "
+    "max_requests, max_minutes, started_at, queue, priority, triggered_by"
+)
+
+_CLAIM_SQL = f"""
+UPDATE runs SET status = '{Status.RUNNING}', attempt = attempt + 1,
+  lease_owner = %(owner)s, lease_expires_at = %(lease)s,
+  started_at = coalesce(started_at, %(now)s)
+WHERE id = %(id)s AND (
+  (status = '{Status.PENDING}' AND not_before <= %(now)s)
+  OR (status = '{Status.RUNNING}' AND lease_expires_at < %(now)s AND attempt < max_attempts)
+) AND {NOTHING_TO_CHECK_SQL}
+RETURNING {_CLAIM_FIELDS}
+"""
+
+# The lines are inserted whether or not the fence holds: an attempt's lines are kept even when
+# it lost its lease (they are labelled with their attempt), exactly as the runstore path does.
+# They are inserted only while the run exists (run_logs has no foreign key): `done` holds the
+# run locked when the fence held; otherwise `owner` locks it as runstore.lock_for_lines does.
+# (When `done` updated the row, `owner` finds it changed by this very statement and returns
+# nothing; `done` answers for it then.)
+_FINISH_SQL = f"""
+WITH done AS (
+  UPDATE runs SET status = %(status)s, result = %(result)s, error_type = %(error_type)s,
+    error = %(error)s, exit_code = %(exit_code)s, finished_at = %(now)s,
+    lease_owner = NULL, lease_expires_at = NULL
+  WHERE id = %(id)s AND attempt = %(attempt)s AND status = '{Status.RUNNING}'
+  RETURNING 1
+), owner AS (
+  SELECT 1 FROM runs WHERE id = %(id)s FOR KEY SHARE
+), lines AS (
+  INSERT INTO run_logs (run_id, seq, attempt, ts, stream, level, message, fields)
+  SELECT %(id)s, * FROM jsonb_to_recordset(%(lines)s) AS l(
+    seq int8, attempt int4, ts timestamptz, stream text, level text, message text, fields jsonb)
+  WHERE EXISTS (SELECT 1 FROM done) OR EXISTS (SELECT 1 FROM owner)
+)
+SELECT count(*) FROM done
+"""
+
+
+def _json_line(line: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "seq": line["seq"],
+        "attempt": line["attempt"],
+        "ts": line["ts"].isoformat(),
+        "stream": line["stream"],
+        "level": line["level"],
+        "message": line["message"],
+        "fields": line["fields"],
+    }
+
+
+class PgRunStore:
+    """Claim and finish for one worker process.
+
+    Each thread that calls it (one in a prefork child, one per pool thread with `-P threads`)
+    gets a connection of its own, kept open in autocommit mode and outside the engine's pool:
+    the pool's checkout, reset and check-in cost more than the statements. A connection that
+    breaks is dropped and the next call opens a new one; the error reaches the caller as
+    SQLAlchemy's (OperationalError: retry later), as from any other database call.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._conninfo = libpq_conninfo(engine.url)
+        self._local = threading.local()
+        self._opened: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._opened:
+                conn.close()
+            self._opened.clear()
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        raw: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        try:
+            if raw is None or raw.closed:
+                raw = psycopg.connect(self._conninfo, autocommit=True)
+                self._local.conn = raw
+                with self._lock:
+                    self._opened.append(raw)
+            yield raw
+        except psycopg.Error as exc:
+            if raw is not None and (raw.closed or raw.broken):
+                self._drop(raw)
+            raise DBAPIError.instance(
+                "", None, exc, psycopg.Error, dialect=self.engine.dialect
+            ) from exc
+
+    def _drop(self, raw: psycopg.Connection[Any]) -> None:
+        raw.close()
+        self._local.conn = None
+        with self._lock:
+            if raw in self._opened:
+                self._opened.remove(raw)
+
+    def claim(
+        self, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float
+    ) -> Claim | Refused | None:
+        """`runstore.claim`: the prepared statement takes runs with nothing to check; a run
+        it leaves (limits to check, or not claimable at all) goes through the general path."""
+        params = {
+            "id": run_id,
+            "owner": owner,
+            "now": now,
+            "lease": now + timedelta(seconds=lease_s),
+        }
+        with self._connection() as raw:
+            row = raw.execute(_CLAIM_SQL, params, prepare=True).fetchone()
+        if row is None:
+            with self.engine.begin() as conn:
+                return runstore.claim_checked(conn, run_id, owner=owner, now=now, lease_s=lease_s)
+        return Claim(
+            run_id=row[0],
+            name=row[1],
+            kind=row[2],
+            project=row[3],
+            params=row[4],
+            attempt=row[5],
+            max_attempts=row[6],
+            timeout_s=row[7],
+            budget_usd=row[8],
+            max_requests=row[9],
+            max_minutes=row[10],
+            started_at=row[11].astimezone(UTC),
+            queue=row[12],
+            priority=row[13],
+            triggered_by=row[14],
+        )
+
+    def finish(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        *,
+        status: str,
+        now: datetime,
+        result: Any,
+        error_type: str | None,
+        error: str | None,
+        exit_code: int | None,
+        lines: Sequence[dict[str, Any]],
+    ) -> bool:
+        """Write the final state and the last lines; False when another attempt owns the run
+        (the lines are written all the same)."""
+        params: dict[str, Any] = {
+            "id": run_id,
+            "attempt": attempt,
+            "status": status,
+            "now": now,
+            "result": Jsonb(result),
+            "error_type": error_type,
+            "error": error,
+            "exit_code": exit_code,
+            # One JSON document for all lines: dumped by json.dumps in C, not per value.
+            "lines": Jsonb([_json_line(line) for line in lines]),
+        }
+        with self._connection() as raw:
+            row = raw.execute(_FINISH_SQL, params, prepare=True).fetchone()
+        return bool(row and row[0] == 1)

@@ -1,0 +1,1 @@
+"""Schedules: definitions, firing each slot exactly once, and the leader's heartbeat."""

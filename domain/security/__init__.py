@@ -1,0 +1,1 @@
+"""Security: API tokens, stored secrets, encryption at rest, masking, the audit log."""

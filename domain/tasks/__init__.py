@@ -1,0 +1,1 @@
+"""Tasks: the registry of `@task` functions, their params schemas, and the catalog."""

@@ -1,0 +1,1 @@
+"""Signed webhooks in: endpoints, signature checks, batches, Fast-Flow's legacy keys."""
