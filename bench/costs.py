@@ -52,7 +52,8 @@ from bench.common import (
     wait_for,
 )
 from conveyor import Client, task
-from domain.costs.ledger import Prices, as_entry_usd
+from domain.costs.ledger import as_entry_usd
+from domain.costs.prices import Prices
 from domain.logging import configure_logging
 from domain.settings import load_settings
 

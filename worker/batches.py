@@ -23,7 +23,7 @@ from sqlalchemy import exc as sa_exc
 from domain.costs import ledger
 from domain.db.engine import uses_psycopg
 from domain.db.models import RunMetric, cost_entries, run_logs
-from domain.runs import store as runstore
+from domain.runs import lines as run_lines
 
 run_metrics = cast(Table, RunMetric.__table__)
 
@@ -189,7 +189,7 @@ def _lines_of_live_runs(conn: Connection, lines: list[Row]) -> tuple[list[Row], 
             last = row[0]
             run_ids.append(last)
     wanted = set(run_ids)
-    live = runstore.lock_for_lines(conn, list(wanted))
+    live = run_lines.lock_for_lines(conn, list(wanted))
     if len(live) == len(wanted):
         return lines, []
     return [r for r in lines if r[0] in live], [r for r in lines if r[0] not in live]

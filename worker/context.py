@@ -14,9 +14,11 @@ from sqlalchemy import Engine, update
 
 from domain.clock import Clock, utc_now
 from domain.costs import ledger as costs
+from domain.costs import reservations
+from domain.costs.prices import Prices
 from domain.db.models import run_steps
 from domain.errors import BudgetExceeded, RunCancelled, RunStopped, RunTimedOut
-from domain.runs import store as runstore
+from domain.runs import lines
 from domain.runs.store import Claim
 from domain.security.masking import NO_SECRETS, Masker
 from worker.masked_sink import MaskedSink
@@ -84,10 +86,10 @@ class TaskContext:
         sink: LineSink,
         clock: Clock = utc_now,
         params: dict[str, Any] | None = None,
-        prices: costs.Prices | None = None,
+        prices: Prices | None = None,
     ) -> None:
         self._claim = claim
-        self._prices = prices or costs.Prices({})
+        self._prices = prices or Prices({})
         self._engine = engine
         self._sink = sink
         self._clock = clock
@@ -150,7 +152,7 @@ class TaskContext:
         with self._lock:
             if self._step_seq is None:
                 with self._engine.connect() as conn:
-                    self._step_seq = runstore.next_seq(conn, run_steps, self.run_id)
+                    self._step_seq = lines.next_seq(conn, run_steps, self.run_id)
             seq = self._step_seq
             self._step_seq += 1
             return seq
@@ -320,7 +322,7 @@ class TaskContext:
         """Reserve headroom before an expensive call; released when the block ends (the actual
         spend is what `cost()` records inside it). Raises BudgetExceeded, stopping the run, when
         the run's budget or the project's monthly limit cannot cover it."""
-        reservation = costs.reserve(
+        reservation = reservations.reserve(
             self._engine,
             self.run_id,
             self.project,
@@ -335,7 +337,7 @@ class TaskContext:
         finally:
             with self._lock:
                 self._reservations.remove(reservation)
-            costs.release(self._engine, reservation, now=self._clock())
+            reservations.release(self._engine, reservation, now=self._clock())
 
     # -- cancellation -----------------------------------------------------------------------
     @property

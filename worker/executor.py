@@ -18,11 +18,12 @@ from sqlalchemy.exc import OperationalError
 
 from domain.clock import Clock, utc_now
 from domain.costs.admission import Refused
-from domain.costs.ledger import Prices
+from domain.costs.prices import Prices
 from domain.db.engine import uses_psycopg
 from domain.db.models import run_logs
 from domain.errors import InvalidInput, LeaseLost, RunStopped, UnknownTask
 from domain.pipelines import store as pipeline_store
+from domain.runs import lines
 from domain.runs import store as runstore
 from domain.runs import store_pg as runstore_pg
 from domain.runs.chains import chain_follow_up, chain_possible
@@ -119,7 +120,7 @@ class Executor:
         first_seq = 1  # a later attempt's lines follow the earlier attempts' lines
         if claim is not None and claim.attempt > 1:
             with self.engine.connect() as conn:
-                first_seq = runstore.next_seq(conn, run_logs, run_id)
+                first_seq = lines.next_seq(conn, run_logs, run_id)
         if claim is None:
             self.duplicates_dropped += 1
             log.info("run.duplicate_dropped", run_id=str(run_id), owner=self.owner)

@@ -16,9 +16,9 @@ import structlog
 from sqlalchemy import Engine
 
 from domain.clock import utc_now
-from domain.costs import ledger as costs
+from domain.costs import reservations
 from domain.db.models import workers
-from domain.runs import store as runstore
+from domain.runs import recovery
 from domain.runs.repository import dialect_insert
 from domain.tasks import catalog
 from domain.tasks.catalog import REFRESH_EVERY_S
@@ -110,8 +110,8 @@ def graceful_stop(engine: Engine, grace_s: float) -> threading.Thread:
         psutil.wait_procs(children, timeout=5)
         with engine.begin() as conn:
             now = utc_now()
-            released = runstore.release_owned(conn, owners, now=now)
-            costs.release_held(conn, released, now=now)
+            released = recovery.release_owned(conn, owners, now=now)
+            reservations.release_held(conn, released, now=now)
         log.warning(
             "worker.grace_expired",
             grace_s=grace_s,

@@ -14,7 +14,7 @@ import structlog
 from sqlalchemy import Engine
 
 from domain.clock import utc_now
-from domain.costs.ledger import Prices
+from domain.costs.prices import Prices
 from domain.db.engine import create_db_engine
 from domain.gc_pause import freeze_startup_heap
 from domain.pipelines.discovery import PipelineCatalog

@@ -24,9 +24,9 @@ from domain.callbacks.rules import Rule, rules, shown_url
 from domain.db.models import run_logs, runs
 from domain.db.models_platform import OutboundDelivery, SweepCursor, Webhook, WebhookDelivery
 from domain.errors import ConfigurationError
+from domain.runs.lines import next_seq
 from domain.runs.repository import dialect_insert
 from domain.runs.states import TERMINAL
-from domain.runs.store import next_seq
 from domain.runs.views import RunView, _jsonable
 from domain.security import crypto
 

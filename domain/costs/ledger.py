@@ -1,4 +1,6 @@
-"""The cost ledger beyond one run: prices, a project's monthly usage, reservations, reports.
+"""The cost ledger beyond one run: a project's monthly usage, and spend recorded against it.
+
+Prices are in prices.py, headroom taken before a call in reservations.py, sums in reports.py.
 
 Monthly limits are checked where the money is committed: `reserve()` takes headroom with one
 conditional UPDATE of the project's `project_usage` row (PostgreSQL re-checks the condition
@@ -22,21 +24,19 @@ that attempt's spend is counted but not checked (so it adds to the bound above).
 
 from __future__ import annotations
 
-import tomllib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import Connection, Engine, Join, Table, and_, bindparam, select, update
+from sqlalchemy import Connection, Join, Table, and_, bindparam, select, update
 
+from domain.costs import run_spend
 from domain.db.models import projects, runs
 from domain.db.models_platform import CostReservation, ProjectUsage
-from domain.errors import BudgetExceeded, ConfigurationError, Conflict, InvalidInput, NotFound
-from domain.runs import store as runstore
+from domain.errors import Conflict, InvalidInput, NotFound
 from domain.runs.repository import dialect_insert
 
 log = structlog.get_logger("conveyor.costs")
@@ -118,51 +118,6 @@ def as_label(value: Any, *, field: str, most: int) -> str:
     return value
 
 
-# -- prices -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Prices:
-    """USD per million input/output tokens per (provider, model), from prices.toml:
-
-    [openai."gpt-4o-mini"]
-    input_per_million = "0.15"
-    output_per_million = "0.60"
-    """
-
-    table: dict[tuple[str, str], tuple[Decimal, Decimal]]
-
-    @classmethod
-    def load(cls, path: Path | None) -> Prices:
-        if path is None or not path.exists():
-            return cls({})
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigurationError(f"{path}: not valid TOML: {exc}") from None
-        table: dict[tuple[str, str], tuple[Decimal, Decimal]] = {}
-        for provider, models in raw.items():
-            for model, entry in models.items():
-                where = f"{path}: [{provider}.{model}]"
-                currency = str(entry.get("currency", "USD"))
-                if currency.upper() != "USD":
-                    raise ConfigurationError(f"{where}: currency {currency!r}; prices are in USD")
-                try:
-                    table[(provider, model)] = (
-                        as_money(entry["input_per_million"], field="input_per_million"),
-                        as_money(entry["output_per_million"], field="output_per_million"),
-                    )
-                except KeyError as missing:
-                    raise ConfigurationError(f"{where}: missing {missing}") from None
-                except InvalidInput as exc:
-                    raise ConfigurationError(f"{where}: {exc}") from None
-        return cls(table)
-
-    def cost(self, provider: str, model: str, tokens_in: int, tokens_out: int) -> Decimal | None:
-        price = self.table.get((provider, model))
-        if price is None:
-            return None
-        return (price[0] * tokens_in + price[1] * tokens_out) / MILLION
-
-
 # -- monthly usage ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Limits:
@@ -196,7 +151,7 @@ def _ensure_usage(conn: Connection, project: str, month: date) -> None:
     )
 
 
-def _usage(conn: Connection, project: str, month: date) -> Any:
+def usage_of(conn: Connection, project: str, month: date) -> Any:
     return (
         conn.execute(select(usage).where(usage.c.project == project, usage.c.month == month))
         .mappings()
@@ -221,7 +176,7 @@ def add_usage(
     key = and_(usage.c.project == project, usage.c.month == month)
     if conn.dialect.name == "sqlite":
         # Money is text on SQLite; add in Python (writers are serialised there).
-        row = _usage(conn, project, month)
+        row = usage_of(conn, project, month)
         new = {
             "cost_usd": Decimal(row["cost_usd"]) + usd,
             "tokens": row["tokens"] + tokens,
@@ -231,7 +186,7 @@ def add_usage(
         if limits is not None and not _within(new, limits):
             return None
         conn.execute(update(usage).where(key).values(new))
-        return _usage(conn, project, month)
+        return usage_of(conn, project, month)
     condition = [key]
     if limits is not None and limits.cost_usd is not None:
         condition.append(
@@ -336,7 +291,7 @@ def add_to_run(
     attempt's last entries after that attempt wrote its final state (a database outage at the
     end), and spend that really happened belongs on the run.
     """
-    row = runstore.add_spend(
+    row = run_spend.add_spend(
         conn,
         and_(runs.c.id == run_id, runs.c.attempt == attempt),
         usd=usd,
@@ -356,7 +311,7 @@ def record(
     entry: dict[str, Any],
     *,
     reservation_id: int | None = None,
-) -> tuple[runstore.Totals, str | None]:
+) -> tuple[run_spend.Totals, str | None]:
     """The cost entry, the run's totals and the project's month, in the caller's transaction.
     Returns the run's totals and, when the project is now over a limit, why.
 
@@ -364,7 +319,7 @@ def record(
     in the same statement that adds the spend: the month never counts the same money as both
     spent and reserved, so a concurrent reservation is judged on what is really committed.
     """
-    totals = runstore.record_cost(conn, run_id, attempt, entry=entry)
+    totals = run_spend.record_cost(conn, run_id, attempt, entry=entry)
     month = month_of(entry["ts"])
     usd, tokens = Decimal(entry["cost_usd"]), entry["tokens_in"] + entry["tokens_out"]
     settled_usd, settled_tokens = (
@@ -394,54 +349,6 @@ def record(
     return totals, over
 
 
-def reserve(
-    engine: Engine, run_id: uuid.UUID, project: str, *, usd: Decimal, tokens: int, now: datetime
-) -> int:
-    """Reserve headroom before an expensive call; BudgetExceeded (which stops the run) when the
-    run's budget or the project's monthly limit does not have it."""
-    month = month_of(now)
-    with engine.begin() as conn:
-        run = conn.execute(
-            select(runs.c.cost_usd, runs.c.budget_usd).where(runs.c.id == run_id)
-        ).one()
-        if run.budget_usd is not None:
-            held = sum(
-                (
-                    Decimal(v)
-                    for v in conn.execute(
-                        select(reservations.c.usd).where(
-                            reservations.c.run_id == run_id, reservations.c.settled_at.is_(None)
-                        )
-                    ).scalars()
-                ),
-                ZERO,
-            )
-            remaining = Decimal(run.budget_usd) - Decimal(run.cost_usd) - held
-            if usd > remaining:
-                raise BudgetExceeded(
-                    f"reserving {usd} USD exceeds the run's remaining budget of {remaining} USD "
-                    f"(budget_usd {run.budget_usd})"
-                )
-        limits = limits_of(conn, project)
-        row = add_usage(conn, project, month, reserve_usd=usd, reserve_tokens=tokens, limits=limits)
-        if row is None:
-            current = _usage(conn, project, month)
-            raise BudgetExceeded(
-                f"reserving {usd} USD / {tokens} tokens would exceed project {project!r}'s "
-                f"monthly limit (cost {limits.cost_usd}, tokens {limits.tokens}; spent "
-                f"{current['cost_usd']} USD and {current['tokens']} tokens, reserved "
-                f"{current['reserved_usd']} USD and {current['reserved_tokens']} tokens)"
-            )
-        inserted = conn.execute(
-            reservations.insert()
-            .values(
-                run_id=run_id, project=project, month=month, usd=usd, tokens=tokens, created_at=now
-            )
-            .returning(reservations.c.id)
-        ).scalar_one()
-    return int(inserted)
-
-
 def _settle(
     conn: Connection, reservation_id: int, usd: Decimal, tokens: int
 ) -> tuple[Decimal, int]:
@@ -460,39 +367,3 @@ def _settle(
         .values(usd=Decimal(held.usd) - take_usd, tokens=int(held.tokens) - take_tokens)
     )
     return take_usd, take_tokens
-
-
-def release(engine: Engine, reservation_id: int, *, now: datetime) -> None:
-    """Give back what is left of the headroom (`record` settled what was spent inside it)."""
-    with engine.begin() as conn:
-        _give_back(conn, reservations.c.id == reservation_id, now=now)
-
-
-def release_held(conn: Connection, run_ids: list[uuid.UUID], *, now: datetime) -> None:
-    """Give back the open reservations of runs whose attempt is gone (its worker was killed or
-    its code ended inside `ctx.reserve()`, so the block never released them): in the
-    transaction that takes the runs back, else the headroom would stay held for the month."""
-    if run_ids:
-        _give_back(conn, reservations.c.run_id.in_(run_ids), now=now)
-
-
-def _give_back(conn: Connection, which: Any, *, now: datetime) -> None:
-    rows = conn.execute(
-        update(reservations)
-        .where(which, reservations.c.settled_at.is_(None))
-        .values(settled_at=now)
-        .returning(
-            reservations.c.project,
-            reservations.c.month,
-            reservations.c.usd,
-            reservations.c.tokens,
-        )
-    ).all()
-    for row in rows:
-        add_usage(
-            conn,
-            row.project,
-            row.month,
-            reserve_usd=-Decimal(row.usd),
-            reserve_tokens=-int(row.tokens),
-        )

@@ -180,7 +180,7 @@ class RunLog(Base):
     for log lines that check was two thirds of the database's work per line (migration 0009).
     Every writer instead locks the lines' runs once per batch (`FOR KEY SHARE`, the lock the
     key's check took per row) and drops lines of a run that no longer exists; deleting runs
-    goes through `runstore.delete_runs`, which takes their lines along.
+    goes through `domain.runs.lines.delete_runs`, which takes their lines along.
     """
 
     __tablename__ = "run_logs"

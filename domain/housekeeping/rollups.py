@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Engine, Table, and_, select
 
 from domain.db.models import run_logs, runs
 from domain.db.models_platform import RunStat, SweepCursor
-from domain.runs import store as runstore
+from domain.runs import lines
 from domain.runs.repository import dialect_insert
 from domain.runs.states import ALL_STATUSES, TERMINAL
 from domain.runs.views import _jsonable
@@ -197,7 +197,7 @@ def apply_retention(
                 conn.execute(
                     runs.update().where(runs.c.parent_run_id.in_(ids)).values(parent_run_id=None)
                 )
-                deleted += runstore.delete_runs(conn, list(ids))
+                deleted += lines.delete_runs(conn, list(ids))
     if deleted:
         log.info("retention.deleted", runs=deleted)
     return deleted
@@ -205,7 +205,7 @@ def apply_retention(
 
 def _read_committed(engine: Engine) -> Connection:
     """A connection whose transactions are READ COMMITTED whatever the defaults (server or
-    engine): `runstore.delete_runs` relies on a snapshot per statement."""
+    engine): `lines.delete_runs` relies on a snapshot per statement."""
     conn = engine.connect()
     if engine.dialect.name == "postgresql":
         conn.execution_options(isolation_level="READ COMMITTED")

@@ -8,15 +8,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine, Row, delete, or_, select
+from sqlalchemy import Connection, Engine, Row, and_, delete, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from domain.clock import Clock
-from domain.costs import ledger as costs
+from domain.costs import reservations
 from domain.db.models import runs, workers
 from domain.errors import BrokerUnavailable
 from domain.ports import Dispatch, Publisher
-from domain.runs import store as runstore
+from domain.runs import dispatch
 from domain.runs.states import Status
 
 log = structlog.get_logger("conveyor.recovery")
@@ -73,7 +73,7 @@ def relay_once(
         except BrokerUnavailable as exc:
             log.warning("relay.broker_unavailable", pending=len(due), reason=str(exc))
             return RelayResult(0, 0)
-        runstore.mark_dispatched(conn, [d.run_id for d in dispatches], now=now)
+        dispatch.mark_dispatched(conn, [d.run_id for d in dispatches], now=now)
     republished = sum(1 for r in due if r.dispatched_at is not None)
     if republished:
         log.warning("relay.republished", count=republished, hint="published but never claimed")
@@ -86,7 +86,7 @@ def hand_back(engine: Engine, run_ids: list[uuid.UUID], *, marked_at: datetime) 
     grace later. Best effort: should the database fail too, the grace still applies."""
     try:
         with engine.begin() as conn:
-            runstore.unmark_dispatched(conn, run_ids, marked_at=marked_at)
+            dispatch.unmark_dispatched(conn, run_ids, marked_at=marked_at)
     except SQLAlchemyError as exc:
         log.warning(
             "relay.hand_back_failed",
@@ -108,8 +108,8 @@ def reap_once(engine: Engine, *, clock: Clock) -> tuple[int, int]:
     """Runs whose lease expired: re-queued (attempts left) or failed as WorkerLost."""
     with engine.begin() as conn:
         now = clock()
-        requeued, failed = runstore.reap_expired(conn, now=now)
-        costs.release_held(conn, [*requeued, *failed], now=now)
+        requeued, failed = reap_expired(conn, now=now)
+        reservations.release_held(conn, [*requeued, *failed], now=now)
     for run_id in requeued:
         log.warning("run.lease_expired", run_id=str(run_id), action="requeued")
     for run_id in failed:
@@ -122,3 +122,69 @@ def forget_dead_workers(engine: Engine, *, clock: Clock, older_than_s: float = 8
     cutoff = clock() - timedelta(seconds=older_than_s)
     with engine.begin() as conn:
         return int(conn.execute(delete(workers).where(workers.c.heartbeat_at < cutoff)).rowcount)
+
+
+def reap_expired(conn: Connection, *, now: datetime) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+    """Runs whose worker stopped heartbeating: re-queue those with attempts left, fail the rest.
+
+    Returns (requeued, failed) run ids.
+    """
+    expired = and_(runs.c.status == Status.RUNNING, runs.c.lease_expires_at < now)
+    requeued = (
+        conn.execute(
+            update(runs)
+            .where(expired, runs.c.attempt < runs.c.max_attempts)
+            .values(
+                status=Status.PENDING,
+                not_before=now,
+                dispatched_at=None,
+                lease_owner=None,
+                lease_expires_at=None,
+                error_type="WorkerLost",
+                error="the worker stopped heartbeating; the run was queued again",
+            )
+            .returning(runs.c.id)
+        )
+        .scalars()
+        .all()
+    )
+    failed = (
+        conn.execute(
+            update(runs)
+            .where(expired, runs.c.attempt >= runs.c.max_attempts)
+            .values(
+                status=Status.FAILED,
+                finished_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+                error_type="WorkerLost",
+                error="the worker stopped heartbeating and no attempts are left",
+            )
+            .returning(runs.c.id)
+        )
+        .scalars()
+        .all()
+    )
+    return list(requeued), list(failed)
+
+
+def release_owned(conn: Connection, owners: list[str], *, now: datetime) -> list[uuid.UUID]:
+    """Give back every run these owners hold (their code was ended): pending and due now, the
+    interrupted attempt not counted, so another worker starts it at once."""
+    if not owners:
+        return []
+    return list(
+        conn.execute(
+            update(runs)
+            .where(runs.c.status == Status.RUNNING, runs.c.lease_owner.in_(owners))
+            .values(
+                status=Status.PENDING,
+                attempt=runs.c.attempt - 1,
+                not_before=now,
+                dispatched_at=None,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+            .returning(runs.c.id)
+        ).scalars()
+    )

@@ -57,7 +57,7 @@ RETURNING {_CLAIM_FIELDS}
 # The lines are inserted whether or not the fence holds: an attempt's lines are kept even when
 # it lost its lease (they are labelled with their attempt), exactly as the runstore path does.
 # They are inserted only while the run exists (run_logs has no foreign key): `done` holds the
-# run locked when the fence held; otherwise `owner` locks it as runstore.lock_for_lines does.
+# run locked when the fence held; otherwise `owner` locks it as lines.lock_for_lines does.
 # (When `done` updated the row, `owner` finds it changed by this very statement and returns
 # nothing; `done` answers for it then.)
 _FINISH_SQL = f"""

@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from domain.db.models import runs
 from domain.errors import ConveyorError
 from domain.ports import Catalog, Dispatch, OpenCatalog
-from domain.runs import store as runstore
+from domain.runs import lines
 from domain.runs.repository import ON_KEY_CONFLICT, copy_rows, dialect_insert
 from domain.runs.requests import EnqueueRequest, build_request
 from domain.runs.services import run_row
@@ -266,7 +266,7 @@ class _Batch:
         claimed = self._insert_fires(candidates)
         lost = [s.run["id"] for s in candidates if s.run is not None and _key(s) not in claimed]
         if lost:
-            runstore.delete_runs(self.conn, lost)
+            lines.delete_runs(self.conn, lost)
         out: list[Fired] = []
         for s in self.slots:
             if _key(s) not in claimed or (s.run is not None and s.run["id"] not in made):

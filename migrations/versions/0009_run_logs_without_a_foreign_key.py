@@ -9,7 +9,7 @@ For log lines, written by the hundred thousand per second, that check was two th
 database's work: a COPY of 300,000 lines took 6.3 us a line with the key and 2.3 us without it
 (on the same table and index). The writers now take the same lock (`FOR KEY SHARE` on the
 runs) once per batch and drop lines whose run no longer exists, and deleting runs deletes their
-lines in the same transaction (`runstore.delete_runs`), so no line outlives its run either way.
+lines in the same transaction (`domain.runs.lines.delete_runs`), so no line outlives its run either way.
 
 Upgrading only drops the constraint (a brief lock, no scan). Downgrading deletes any line whose
 run is gone, then puts the key back, which checks every line against runs while writes to both

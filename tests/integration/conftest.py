@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
-from domain.costs.ledger import Prices
+from domain.costs.prices import Prices
 from domain.db.models import run_logs
 from domain.db.unit_of_work import UnitOfWork
 from domain.runs import services

@@ -9,8 +9,7 @@ from domain.clock import utc_now
 from domain.db.models import runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import ConfigurationError, RunNotFound
-from domain.runs import services
-from domain.runs import store as runstore
+from domain.runs import dispatch, services
 from domain.runs.chains import check_chains, release_after
 from domain.runs.requests import build_request
 from domain.tasks.registry import Registry
@@ -124,7 +123,7 @@ def test_after_waits_for_the_parent(h: Harness) -> None:
     assert h.get(waits_bad).status == "cancelled"
     assert "ended as failed" in (h.get(waits_bad).error or "")
     with h.engine.connect() as conn:
-        due = {d[0] for d in runstore.due_for_dispatch(conn, now=utc_now(), grace_s=30)}
+        due = {d[0] for d in dispatch.due_for_dispatch(conn, now=utc_now(), grace_s=30)}
     assert waits_ok in due
     assert h.run(waits_ok) == "succeeded"
     with h.engine.connect() as conn:

@@ -13,8 +13,9 @@ from sqlalchemy import Engine, func, select, update
 
 from domain.clock import utc_now
 from domain.costs import ledger as costs
-from domain.costs import projects
+from domain.costs import projects, reservations
 from domain.costs import reports as cost_reports
+from domain.costs.prices import Prices
 from domain.db.models import cost_entries, runs
 from domain.errors import ConfigurationError, InvalidInput
 from domain.runs import recovery
@@ -26,7 +27,7 @@ def test_price_table_computes_cost_and_unknown_models_cost_zero(h: Harness, tmp_
     prices.write_text(
         '[openai."gpt-4o-mini"]\ninput_per_million = "0.15"\noutput_per_million = "0.60"\n'
     )
-    h.executor.prices = costs.Prices.load(prices)
+    h.executor.prices = Prices.load(prices)
 
     @h.registry.task()
     def call(ctx) -> None:  # type: ignore[no-untyped-def]
@@ -57,7 +58,7 @@ def test_bad_price_tables_are_clear(tmp_path: Path, content: str, message: str) 
     path = tmp_path / "prices.toml"
     path.write_text(content)
     with pytest.raises(ConfigurationError, match=message):
-        costs.Prices.load(path)
+        Prices.load(path)
 
 
 def test_bad_costs_fail_the_run_with_the_reason(h: Harness) -> None:
@@ -227,7 +228,7 @@ def test_the_reaper_gives_back_what_a_lost_attempt_had_reserved(h: Harness) -> N
     requeued, failed, alive = (h.enqueue("spends", project="held") for _ in range(3))
     now = utc_now()
     for run_id in (requeued, failed, alive):
-        costs.reserve(h.engine, run_id, "held", usd=Decimal("0.25"), tokens=10, now=now)
+        reservations.reserve(h.engine, run_id, "held", usd=Decimal("0.25"), tokens=10, now=now)
     expired = now - timedelta(seconds=1)
     with h.engine.begin() as conn:
         for run_id, attempt, lease in [(requeued, 1, expired), (failed, 2, expired),

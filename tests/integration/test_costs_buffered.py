@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from domain.clock import utc_now
 from domain.costs import ledger as costs
 from domain.costs import projects
+from domain.costs.prices import Prices
 from domain.db.models import cost_entries, run_steps, runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.runs import services
@@ -227,7 +228,7 @@ def test_price_table_warning_and_steps_work_through_the_buffer(h: Harness, tmp_p
     prices.write_text(
         '[openai."gpt-4o-mini"]\ninput_per_million = "0.15"\noutput_per_million = "0.60"\n'
     )
-    h.executor.prices = costs.Prices.load(prices)
+    h.executor.prices = Prices.load(prices)
 
     @h.registry.task()
     def agent(ctx) -> None:  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ from domain.db.models import runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, InvalidInput
 from domain.ports import Dispatch
-from domain.runs import services
+from domain.runs import dispatch, services
 from domain.runs import store as runstore
 from domain.runs.requests import build_request
 from tests.fakes import FakeClock, FakePublisher, PreparingPublisher
@@ -61,7 +61,7 @@ def test_a_broker_outage_loses_nothing(engine: Engine, uow: UnitOfWork, clock: F
     stored = services.get_run(uow, run.id)
     assert (stored.status, stored.dispatched_at, stored.dispatch_attempts) == ("pending", None, 0)
     with engine.connect() as conn:
-        due = runstore.due_for_dispatch(conn, now=clock(), grace_s=30)
+        due = dispatch.due_for_dispatch(conn, now=clock(), grace_s=30)
     assert [d[0] for d in due] == [run.id]
 
 
@@ -74,8 +74,8 @@ def test_deferred_run_waits_for_the_relay(
     assert run.not_before == clock() + timedelta(seconds=60)
     with engine.connect() as conn:
         assert runstore.claim(conn, run.id, owner="w", now=clock(), lease_s=30) is None
-        assert runstore.due_for_dispatch(conn, now=clock.advance(59), grace_s=30) == []
-        assert len(runstore.due_for_dispatch(conn, now=clock.advance(2), grace_s=30)) == 1
+        assert dispatch.due_for_dispatch(conn, now=clock.advance(59), grace_s=30) == []
+        assert len(dispatch.due_for_dispatch(conn, now=clock.advance(2), grace_s=30)) == 1
 
 
 def test_without_a_publisher_the_relay_delivers(
@@ -84,10 +84,10 @@ def test_without_a_publisher_the_relay_delivers(
     run = services.enqueue(uow, build_request(name="t")).run
     assert run.dispatched_at is None
     with engine.begin() as conn:
-        due = runstore.due_for_dispatch(conn, now=clock(), grace_s=30)
+        due = dispatch.due_for_dispatch(conn, now=clock(), grace_s=30)
         assert [d[0] for d in due] == [run.id]
-        runstore.mark_dispatched(conn, [run.id], now=clock())
-        assert runstore.due_for_dispatch(conn, now=clock(), grace_s=30) == []
+        dispatch.mark_dispatched(conn, [run.id], now=clock())
+        assert dispatch.due_for_dispatch(conn, now=clock(), grace_s=30) == []
 
 
 def test_idempotency_key_returns_the_same_run(engine: Engine, uow: UnitOfWork) -> None:

@@ -1,6 +1,6 @@
 """run_logs has no foreign key (migration 0009): a line still never outlives its run.
 
-Writers lock the runs of a batch `FOR KEY SHARE`; `runstore.delete_runs` deletes the runs, then
+Writers lock the runs of a batch `FOR KEY SHARE`; `lines.delete_runs` deletes the runs, then
 their lines. Each test holds one side's transaction open and lets the other run into it, in
 both orders, then checks that no line of the deleted run is left.
 """
@@ -21,8 +21,7 @@ from domain.db.engine import create_db_engine
 from domain.db.models import run_logs, runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.housekeeping.rollups import apply_retention
-from domain.runs import services
-from domain.runs import store as runstore
+from domain.runs import lines, services
 from domain.runs.requests import build_request
 from tests.polling import eventually
 from worker.batches import Batch, Written, write
@@ -88,7 +87,7 @@ def test_a_run_deleted_while_its_lines_are_written_takes_them_along(pg_engine: E
 
         def delete() -> int:
             with pg_engine.begin() as conn:
-                return runstore.delete_runs(conn, [run_id])
+                return lines.delete_runs(conn, [run_id])
 
         deleter, out = _in_thread(delete)
         eventually(_waits_on_a_lock(pg_engine), timeout=10, every=0.02)  # the writer's lock
@@ -103,7 +102,7 @@ def test_lines_of_a_run_being_deleted_wait_then_are_dropped(pg_engine: Engine) -
     run_id, other = _run(pg_engine), _run(pg_engine)
     with pg_engine.connect() as deleter:
         deleter.begin()
-        assert runstore.delete_runs(deleter, [run_id]) == 1
+        assert lines.delete_runs(deleter, [run_id]) == 1
 
         def write_lines() -> Written:
             batch = _lines(run_id, 3)

@@ -17,6 +17,7 @@ from domain.clock import utc_now
 from domain.db.engine import create_db_engine
 from domain.db.models import run_logs, runs
 from domain.db.unit_of_work import UnitOfWork
+from domain.runs import lines as run_lines
 from domain.runs import services
 from domain.runs import store as runstore
 from domain.runs.requests import build_request
@@ -177,7 +178,7 @@ def test_finish_of_a_deleted_run_writes_no_lines(pg: Engine, store: PgRunStore) 
     run_id = _enqueue(pg)
     assert store.claim(run_id, owner="w1", now=utc_now(), lease_s=30) is not None
     with pg.begin() as conn:
-        assert runstore.delete_runs(conn, [run_id]) == 1
+        assert run_lines.delete_runs(conn, [run_id]) == 1
     owned = store.finish(
         run_id,
         1,

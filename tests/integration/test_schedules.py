@@ -10,6 +10,7 @@ from sqlalchemy import Engine, func, select
 
 from domain.db.models import runs
 from domain.errors import Conflict, InvalidInput, UnknownTask
+from domain.runs import dispatch
 from domain.runs import store as runstore
 from domain.schedules import definitions as sched
 from domain.schedules.fires import fire_once_each
@@ -147,7 +148,7 @@ def test_overlap_skip_and_queue(engine: Engine, clock: FakeClock) -> None:
     assert [f.outcome for f in skipped] == ["skipped_overlap"]
     assert [f.outcome for f in held] == ["enqueued"] and held[0].dispatch is None
     with engine.connect() as conn:
-        due = {d[0] for d in runstore.due_for_dispatch(conn, now=s2, grace_s=30)}
+        due = {d[0] for d in dispatch.due_for_dispatch(conn, now=s2, grace_s=30)}
     assert held[0].run_id not in due  # held back while the first run is active
     # the first queued run starts and finishes; only then is the held one released
     with engine.begin() as conn:
@@ -162,7 +163,7 @@ def test_overlap_skip_and_queue(engine: Engine, clock: FakeClock) -> None:
         runstore.finish(conn, first, 1, status="succeeded", now=s2)
     assert sched.release_held(engine, now=s2) == 1
     with engine.connect() as conn:
-        due = {d[0] for d in runstore.due_for_dispatch(conn, now=s2, grace_s=30)}
+        due = {d[0] for d in dispatch.due_for_dispatch(conn, now=s2, grace_s=30)}
     assert held[0].run_id in due
 
 
