@@ -12,6 +12,8 @@ import structlog
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
+from domain.db.capabilities import capabilities
+
 log = structlog.get_logger("conveyor.scheduler")
 
 #: pg_advisory_lock key: "conveyor" in ASCII, so it does not collide with other apps by chance.
@@ -118,6 +120,6 @@ class FileLock:
 
 
 def leadership_for(engine: Engine, home: Path) -> Leadership:
-    if engine.dialect.name == "postgresql":
+    if capabilities(engine).advisory_locks:
         return AdvisoryLock(engine)
     return FileLock(home / "scheduler.lock")

@@ -19,6 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
 from domain.clock import Clock, utc_now
+from domain.db.capabilities import capabilities
 from domain.errors import BrokerUnavailable, ConveyorError
 from domain.ports import Catalog, Publisher, send_later
 from domain.runs.recovery import hand_back
@@ -84,7 +85,7 @@ class ScheduleRunner:
         self.clock = clock
         self.grace = timedelta(seconds=misfire_grace_s)
         if stage_s is None:  # SQLite has one writer: a transaction held open would stall it
-            stage_s = STAGE_S if engine.dialect.name == "postgresql" else 0.0
+            stage_s = STAGE_S if capabilities(engine).concurrent_writers else 0.0
         self.stage = timedelta(seconds=stage_s)
         self.aps: BackgroundScheduler | None = None
         self._known: dict[int, Any] = {}  # schedule id -> updated_at we planned with

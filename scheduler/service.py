@@ -9,6 +9,7 @@ import structlog
 from sqlalchemy import Engine
 
 from domain.clock import Clock, utc_now
+from domain.db.capabilities import capabilities
 from domain.gc_pause import freeze_startup_heap
 from domain.housekeeping.rollups import apply_retention, roll_up
 from domain.pipelines.discovery import PipelineDirectory, pipeline_settings
@@ -98,7 +99,7 @@ class SchedulerService:
             log.info("scheduler.stopped")
 
     def _lead(self) -> None:
-        if self.engine.dialect.name == "postgresql":
+        if capabilities(self.engine).notify:
             self.listener = ChangeListener(self.engine, self._schedule_changed)
             self.listener.start()
         try:

@@ -21,7 +21,8 @@ from sqlalchemy import Connection, Table
 from sqlalchemy import exc as sa_exc
 
 from domain.costs import ledger
-from domain.db.engine import uses_psycopg
+from domain.db.capabilities import capabilities
+from domain.db.copy import copy_tuples
 from domain.db.models import RunMetric, cost_entries, run_logs
 from domain.runs import lines as run_lines
 
@@ -36,19 +37,6 @@ COST_COLUMNS = (
     "run_id", "seq", "step_seq", "project", "ts", "provider", "model",
     "tokens_in", "tokens_out", "requests", "cost_usd",
 )  # fmt: skip
-_COPY_LOGS = f"COPY run_logs ({', '.join(LOG_COLUMNS)}) FROM STDIN"
-_COPY_METRICS = f"COPY run_metrics ({', '.join(METRIC_COLUMNS)}) FROM STDIN"
-# Binary: a cost row is mostly numbers, a uuid and a time, which PostgreSQL then need not parse
-# from text (measured: a third less CPU in the worker and less in the server than text).
-_COPY_COSTS = f"COPY cost_entries ({', '.join(COST_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
-# Declared column types let psycopg pick each dumper once per COPY, not once per value (and
-# dump dicts as jsonb without a wrapper per row).
-_LOG_TYPES = ["uuid", "int8", "int4", "timestamptz", "text", "text", "text", "jsonb"]
-_METRIC_TYPES = ["uuid", "timestamptz", "text", "float8", "jsonb"]
-_COST_TYPES = [
-    "uuid", "int8", "int4", "text", "timestamptz", "text", "text", "int8", "int8", "int4",
-    "numeric",
-]  # fmt: skip
 
 ZERO = Decimal(0)
 Row = tuple[Any, ...]
@@ -141,24 +129,15 @@ def write(conn: Connection, batch: Batch) -> Written:
     numbered, stale, months = _add_to_totals(conn, batch.costs) if batch.costs else ([], [], {})
     logs, orphans = _lines_of_live_runs(conn, batch.logs)
     metrics = batch.metrics
-    if uses_psycopg(conn):
-        raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
-        with raw.cursor() as cur:
-            if logs:
-                with cur.copy(_COPY_LOGS) as copy:
-                    copy.set_types(_LOG_TYPES)
-                    for row in logs:
-                        copy.write_row(row)
-            if metrics:
-                with cur.copy(_COPY_METRICS) as copy:
-                    copy.set_types(_METRIC_TYPES)
-                    for row in metrics:
-                        copy.write_row(row)
-            if numbered:
-                with cur.copy(_COPY_COSTS) as copy:
-                    copy.set_types(_COST_TYPES)
-                    for row in _numbered_rows(numbered):
-                        copy.write_row(row)
+    if capabilities(conn).copy:
+        if logs:
+            copy_tuples(conn, run_logs, LOG_COLUMNS, logs)
+        if metrics:
+            copy_tuples(conn, run_metrics, METRIC_COLUMNS, metrics)
+        if numbered:
+            # Binary: a cost row is mostly numbers, a uuid and a time, which PostgreSQL then
+            # need not parse from text.
+            copy_tuples(conn, cost_entries, COST_COLUMNS, _numbered_rows(numbered), binary=True)
     else:
         # SQLite (dev mode): Core executemany, so the column types store UUIDs, times and
         # money (as exact text) as usual.

@@ -17,9 +17,9 @@ from sqlalchemy import Engine
 
 from domain.clock import utc_now
 from domain.costs import reservations
+from domain.db import sql
 from domain.db.models import workers
 from domain.runs import recovery
-from domain.runs.repository import dialect_insert
 from domain.tasks import catalog
 from domain.tasks.catalog import REFRESH_EVERY_S
 from domain.tasks.registry import TaskSpec
@@ -78,7 +78,7 @@ class Registration:
         }
         with self.engine.begin() as conn:
             conn.execute(
-                dialect_insert(conn, workers)
+                sql.insert(conn, workers)
                 .values(id=self.owner, started_at=now, **values)
                 .on_conflict_do_update(index_elements=["id"], set_=values)
             )

@@ -21,11 +21,11 @@ from sqlalchemy import ColumnElement, Connection, Engine, Table, and_, or_, sele
 
 from domain.callbacks.messages import MAX_ERROR, encode, signing_key, slack_message, summary
 from domain.callbacks.rules import Rule, rules, shown_url
+from domain.db import sql
 from domain.db.models import run_logs, runs
 from domain.db.models_platform import OutboundDelivery, SweepCursor, Webhook, WebhookDelivery
 from domain.errors import ConfigurationError
 from domain.runs.lines import next_seq
-from domain.runs.repository import dialect_insert
 from domain.runs.states import TERMINAL
 from domain.runs.views import RunView, _jsonable
 from domain.security import crypto
@@ -149,7 +149,7 @@ def _insert_new(conn: Connection, rows: list[dict[str, Any]]) -> int:
     if not rows:
         return 0
     stmt = (
-        dialect_insert(conn, deliveries)
+        sql.insert(conn, deliveries)
         .values(rows)
         .on_conflict_do_nothing(index_elements=["run_id", "kind", "rule_id"])
         .returning(deliveries.c.id)
@@ -158,7 +158,7 @@ def _insert_new(conn: Connection, rows: list[dict[str, Any]]) -> int:
 
 
 def _move_cursor(conn: Connection, position: datetime, now: datetime) -> None:
-    stmt = dialect_insert(conn, cursors).values(name=CURSOR, position=position, updated_at=now)
+    stmt = sql.insert(conn, cursors).values(name=CURSOR, position=position, updated_at=now)
     conn.execute(
         stmt.on_conflict_do_update(
             index_elements=["name"], set_={"position": position, "updated_at": now}
@@ -342,8 +342,7 @@ def _add_event(
     # The run has ended, so no worker writes its logs any more; two deliveries of one run may be
     # recorded at once, though, and the run row's lock puts their seq numbers in order.
     locked = select(runs.c.id).where(runs.c.id == run.id)
-    if conn.dialect.name == "postgresql":
-        locked = locked.with_for_update()
+    locked = sql.for_update(conn, locked)
     if conn.execute(locked).first() is None:
         return  # the run was deleted meanwhile: its event has nowhere to go (no foreign key)
     conn.execute(

@@ -34,10 +34,11 @@ import structlog
 from sqlalchemy import Connection, Join, Table, and_, bindparam, select, update
 
 from domain.costs import run_spend
+from domain.db import sql
+from domain.db.capabilities import capabilities
 from domain.db.models import projects, runs
 from domain.db.models_platform import CostReservation, ProjectUsage
 from domain.errors import Conflict, InvalidInput, NotFound
-from domain.runs.repository import dialect_insert
 
 log = structlog.get_logger("conveyor.costs")
 
@@ -138,7 +139,7 @@ def limits_of(conn: Connection, project: str) -> Limits:
 
 def _ensure_usage(conn: Connection, project: str, month: date) -> None:
     conn.execute(
-        dialect_insert(conn, usage)
+        sql.insert(conn, usage)
         .values(
             project=project,
             month=month,
@@ -174,7 +175,7 @@ def add_usage(
     stays within them (one conditional UPDATE); returns the new row, or None when refused."""
     _ensure_usage(conn, project, month)
     key = and_(usage.c.project == project, usage.c.month == month)
-    if conn.dialect.name == "sqlite":
+    if not capabilities(conn).numeric_money:
         # Money is text on SQLite; add in Python (writers are serialised there).
         row = usage_of(conn, project, month)
         new = {

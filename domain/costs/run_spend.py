@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, select, update
 
+from domain.db.capabilities import capabilities
 from domain.db.models import runs
 from domain.errors import LeaseLost
 from domain.runs import fence
@@ -54,7 +55,7 @@ def add_spend(
     seq of the last entry added; the `entries` before it are theirs too), or None when no run
     matched (its attempt no longer owns it)."""
     new_cost: Any
-    if conn.dialect.name == "sqlite":
+    if not capabilities(conn).numeric_money:
         # Money is text on SQLite (exact); add in Python. Writers are serialised there anyway.
         current = conn.execute(select(runs.c.cost_usd).where(owned)).first()
         if current is None:

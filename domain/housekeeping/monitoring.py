@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import Connection, case, func, literal_column, select
 
+from domain.db import sql
 from domain.db.models import runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.runs.states import Status
@@ -90,14 +90,8 @@ def _aware(value: datetime, like: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=like.tzinfo)
 
 
-def _duration_expr(conn: Connection) -> Any:
-    if conn.dialect.name == "postgresql":
-        return func.extract("epoch", runs.c.finished_at - runs.c.started_at)
-    return (func.julianday(runs.c.finished_at) - func.julianday(runs.c.started_at)) * 86400.0
-
-
 def _durations(conn: Connection, since: datetime, buckets: Sequence[float]) -> dict[str, Durations]:
-    duration = _duration_expr(conn)
+    duration = sql.seconds_between(conn, runs.c.started_at, runs.c.finished_at)
     columns = [
         func.sum(case((duration <= bound, 1), else_=0)).label(f"b{i}")
         for i, bound in enumerate(buckets)

@@ -16,10 +16,11 @@ from typing import Any, cast
 import structlog
 from sqlalchemy import Connection, Engine, Table, and_, select
 
+from domain.db import sql
+from domain.db.capabilities import capabilities
 from domain.db.models import run_logs, runs
 from domain.db.models_platform import RunStat, SweepCursor
 from domain.runs import lines
-from domain.runs.repository import dialect_insert
 from domain.runs.states import ALL_STATUSES, TERMINAL
 from domain.runs.views import _jsonable
 
@@ -39,7 +40,7 @@ def read_cursor(conn: Connection, name: str) -> datetime | None:
 def set_cursor(conn: Connection, name: str, position: datetime, now: datetime) -> None:
     """Record where the sweep `name` stopped."""
     conn.execute(
-        dialect_insert(conn, cursors)
+        sql.insert(conn, cursors)
         .values(name=name, position=position, updated_at=now)
         .on_conflict_do_update(
             index_elements=["name"], set_={"position": position, "updated_at": now}
@@ -104,7 +105,7 @@ def _recompute(conn: Connection, period: str, start: datetime, now: datetime) ->
             "updated_at": now,
         }
         conn.execute(
-            dialect_insert(conn, stats)
+            sql.insert(conn, stats)
             .values(period=period, period_start=start, project=project, name=name, **values)
             .on_conflict_do_update(
                 index_elements=["period", "period_start", "project", "name"], set_=values
@@ -207,7 +208,7 @@ def _read_committed(engine: Engine) -> Connection:
     """A connection whose transactions are READ COMMITTED whatever the defaults (server or
     engine): `lines.delete_runs` relies on a snapshot per statement."""
     conn = engine.connect()
-    if engine.dialect.name == "postgresql":
+    if capabilities(engine).read_committed:
         conn.execution_options(isolation_level="READ COMMITTED")
     return conn
 

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 from sqlalchemy import ColumnElement, Select, Table, extract, func, select
 
+from domain.db.capabilities import capabilities
 from domain.db.models import runs
 from domain.db.models_platform import RunStat
 from domain.db.unit_of_work import UnitOfWork
@@ -120,7 +121,7 @@ def run_stats_for(
         source = "rollups"
         if not items:
             source = "runs"
-            if uow.conn.dialect.name == "postgresql":
+            if capabilities(uow.conn).server_stats:
                 items = _from_runs_pg(uow, period, start, end, project, name, limit + 1)
             else:
                 items = _from_runs_py(uow, period, start, end, project, name)

@@ -10,9 +10,9 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from domain.clock import Clock, utc_now
+from domain.db import sql
 from domain.db.models import RunArtifact
 from domain.db.models_platform import Pipeline
 from domain.pipelines.discovery import DiscoveredPipeline, PipelineDirectory
@@ -44,23 +44,11 @@ class SyncReport:
 
 def _upsert(conn: Connection, table: Table, keys: Sequence[str], values: dict[str, Any]) -> None:
     """INSERT … ON CONFLICT DO UPDATE on both databases (two workers may sync at once)."""
-    dialect = conn.dialect.name
-    if dialect == "postgresql":
-        pg_stmt = postgresql.insert(table).values(**values)
-        conn.execute(
-            pg_stmt.on_conflict_do_update(
-                index_elements=list(keys),
-                set_={k: pg_stmt.excluded[k] for k in values if k not in keys},
-            )
-        )
-        return
-    if dialect != "sqlite":  # pragma: no cover - conveyor supports these two
-        raise NotImplementedError(dialect)
-    lite_stmt = sqlite.insert(table).values(**values)
+    stmt = sql.insert(conn, table).values(**values)
     conn.execute(
-        lite_stmt.on_conflict_do_update(
+        stmt.on_conflict_do_update(
             index_elements=list(keys),
-            set_={k: lite_stmt.excluded[k] for k in values if k not in keys},
+            set_={k: stmt.excluded[k] for k in values if k not in keys},
         )
     )
 

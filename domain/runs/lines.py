@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, select
 
+from domain.db import sql
 from domain.db.models import run_logs, runs
 
 
@@ -19,8 +20,7 @@ def lock_for_lines(conn: Connection, run_ids: Sequence[uuid.UUID]) -> set[uuid.U
     if not run_ids:
         return set()
     query = select(runs.c.id).where(runs.c.id.in_(run_ids)).order_by(runs.c.id)
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(key_share=True, read=True)
+    query = sql.for_update(conn, query, key_share=True, read=True)
     return set(conn.execute(query).scalars())
 
 

@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from domain.clock import Clock
 from domain.costs import reservations
+from domain.db import sql
 from domain.db.models import runs, workers
 from domain.errors import BrokerUnavailable
 from domain.ports import Dispatch, Publisher
@@ -61,8 +62,7 @@ def relay_once(
         .limit(limit)
     )
     with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            stmt = stmt.with_for_update(skip_locked=True)
+        stmt = sql.for_update(conn, stmt, skip_locked=True)
         rows = conn.execute(stmt).all()
         due = [r for r in rows if r.dispatched_at is None or _backoff_over(r, now, grace_s)]
         if not due:

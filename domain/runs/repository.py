@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
-from psycopg.copy import LibpqWriter
-from psycopg.types.json import Jsonb
-from sqlalchemy import ColumnElement, Connection, Table, and_, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.sql import sqltypes
+from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, update
+from sqlalchemy.exc import DBAPIError
 
-from domain.db.engine import uses_psycopg
+from domain.db import sql
+from domain.db.capabilities import Capabilities, capabilities
+from domain.db.copy import copy_rows, driver_values
 from domain.db.models import audit_logs, projects, run_logs, run_steps, runs
 from domain.errors import InvalidInput, RunNotFound
 from domain.runs.states import ALL_STATUSES, TERMINAL, Status
@@ -35,73 +31,12 @@ MAX_PAGE = 1000
 T = TypeVar("T")
 
 
-def dialect_insert(conn: Connection, table: Table) -> Any:
-    """INSERT with ON CONFLICT support for the connection's dialect."""
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
-
-
 #: ON CONFLICT target of a run's idempotency key: the partial unique index on (project, key)
 #: is only inferred when the statement names its predicate too.
 ON_KEY_CONFLICT: dict[str, Any] = {
     "index_elements": ["project", "idempotency_key"],
     "index_where": runs.c.idempotency_key.is_not(None),
 }
-
-
-def copy_rows(
-    conn: Connection,
-    table: Table,
-    rows: list[dict[str, Any]],
-    *,
-    meanwhile: Callable[[], T] | None = None,
-) -> T | None:
-    """COPY `rows` (dicts with the same keys) into `table` inside the current transaction.
-
-    psycopg dumps UUIDs, aware datetimes and JSON itself; money becomes an exact Decimal.
-
-    `meanwhile` (optional) runs in this thread while PostgreSQL finishes the COPY, and its
-    result is returned. The end of a COPY is slow: the server inserts its last buffered rows
-    and runs every row's foreign-key checks then (about 10 us a run, measured), time the
-    caller would otherwise spend idle. A helper thread waits for the server instead (psycopg
-    releases the GIL while it waits); a refusal still raises here, after `meanwhile`.
-    """
-    columns = [table.c[name] for name in rows[0]]
-    kinds = [_COPY_TYPES[c.type._type_affinity] for c in columns]  # type: ignore[index]
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    names = ", ".join(f'"{c.name}"' for c in columns)
-    statement = f"COPY {table.name} ({names}) FROM STDIN"
-    writer = _FinishMeanwhile(cursor, meanwhile)
-    try:
-        with cursor.copy(statement, writer=writer) as copy:
-            copy.set_types(kinds)  # COPY declares its types: JSON needs no wrapper
-            for values in _driver_values(table, rows, wrap_json=False):
-                copy.write_row(values)
-    except psycopg.IntegrityError as exc:
-        # Same exception as the INSERT path, so callers handle one kind of constraint failure.
-        raise IntegrityError(statement, None, exc) from exc
-    return writer.result
-
-
-def _driver_values(
-    table: Table, rows: list[dict[str, Any]], *, wrap_json: bool
-) -> Iterator[list[Any]]:
-    """Each row's values (every row has the first one's keys, in that order) as psycopg takes
-    them for `table`: money as an exact Decimal, and JSON as jsonb when `wrap_json` (a
-    statement's parameters; a COPY declares its column types instead)."""
-    affinity = [table.c[name].type._type_affinity for name in rows[0]]
-    as_money = [i for i, kind in enumerate(affinity) if kind is sqltypes.Numeric]
-    as_json = [i for i, kind in enumerate(affinity) if kind is sqltypes.JSON] if wrap_json else []
-    for row in rows:
-        values = list(row.values())
-        for i in as_money:
-            if values[i] is not None:
-                values[i] = Decimal(values[i])
-        for i in as_json:
-            if values[i] is not None:
-                values[i] = Jsonb(values[i])
-        yield values
 
 
 _KEYED_SQL: dict[tuple[str, ...], str] = {}
@@ -112,7 +47,7 @@ def _insert_keyed_pg(conn: Connection, rows: list[dict[str, Any]]) -> set[uuid.U
     once per connection, executed for every row in one pipeline. (SQLAlchemy sends a
     multi-row INSERT whose text differs with the batch's size, which psycopg parses anew
     every time: 1.2 ms of CPU for 10 runs, against 0.55 ms this way, measured in-process.)
-    Values are passed as the COPY path passes them (`_driver_values`).
+    Values are passed as the COPY path passes them (`driver_values`).
     """
     names = tuple(rows[0])
     sql = _KEYED_SQL.get(names)
@@ -122,7 +57,7 @@ def _insert_keyed_pg(conn: Connection, rows: list[dict[str, Any]]) -> set[uuid.U
             " ON CONFLICT (project, idempotency_key) WHERE idempotency_key IS NOT NULL"
             " DO NOTHING RETURNING id"
         )
-    params = list(_driver_values(runs, rows, wrap_json=True))
+    params = list(driver_values(runs, rows, wrap_json=True))
     inserted: set[uuid.UUID] = set()
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
@@ -138,51 +73,6 @@ def _insert_keyed_pg(conn: Connection, rows: list[dict[str, Any]]) -> set[uuid.U
     finally:
         cursor.close()
     return inserted
-
-
-class _FinishMeanwhile(LibpqWriter, Generic[T]):
-    """psycopg's COPY writer, except that ending a COPY that went well waits for the server
-    in a helper thread while `meanwhile` runs in the caller's (psycopg releases the GIL while
-    it waits). What finishing raised is raised after `meanwhile`, in the caller's thread."""
-
-    def __init__(self, cursor: Any, meanwhile: Callable[[], T] | None) -> None:
-        super().__init__(cursor)
-        self.meanwhile = meanwhile
-        self.result: T | None = None
-
-    def finish(self, exc: BaseException | None = None) -> None:
-        if exc is not None or self.meanwhile is None:
-            super().finish(exc)
-            return
-        failure: list[BaseException] = []
-
-        def end() -> None:
-            try:
-                LibpqWriter.finish(self, None)
-            except BaseException as error:  # handed to the caller's thread below
-                failure.append(error)
-
-        finisher = threading.Thread(target=end, name="conveyor-copy-end", daemon=True)
-        finisher.start()
-        try:
-            self.result = self.meanwhile()
-        finally:
-            finisher.join()
-        if failure:
-            raise failure[0]
-
-
-#: psycopg dumper per SQLAlchemy type family (text COPY: the column's own type parses it).
-_COPY_TYPES: dict[type[Any], str] = {
-    sqltypes.Uuid: "uuid",
-    sqltypes.String: "text",
-    sqltypes.Integer: "int8",
-    sqltypes.Float: "float8",
-    sqltypes.Numeric: "numeric",
-    sqltypes.DateTime: "timestamptz",
-    sqltypes.Boolean: "bool",
-    sqltypes.JSON: "jsonb",
-}
 
 
 @dataclass(frozen=True)
@@ -238,7 +128,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         ) from None
 
 
-_INSERT_RETURNING_ID: dict[str, Any] = {}
+_INSERT_RETURNING_ID: dict[Capabilities, Any] = {}
 
 
 class RunRepository:
@@ -250,12 +140,12 @@ class RunRepository:
     # -- writes -----------------------------------------------------------------------------
     def _insert_returning_id(self) -> Any:
         """INSERT of a run, skipped when its idempotency key names a run already, RETURNING id.
-        Built once per dialect, not per call: building an INSERT of every column, and its
+        Built once per kind of database, not per call: building an INSERT of every column, and its
         cache key, cost more CPU than the round trip. A NULL key never conflicts."""
-        stmt = _INSERT_RETURNING_ID.get(self.conn.dialect.name)
+        stmt = _INSERT_RETURNING_ID.get(capabilities(self.conn))
         if stmt is None:
-            stmt = _INSERT_RETURNING_ID[self.conn.dialect.name] = (
-                dialect_insert(self.conn, runs)
+            stmt = _INSERT_RETURNING_ID[capabilities(self.conn)] = (
+                sql.insert(self.conn, runs)
                 .on_conflict_do_nothing(**ON_KEY_CONFLICT)
                 .returning(runs.c.id)
             )
@@ -276,12 +166,12 @@ class RunRepository:
         """
         if (
             rows
-            and self.conn.dialect.name == "postgresql"
+            and capabilities(self.conn).copy
             and all(row["idempotency_key"] is None for row in rows)
         ):
             return copy_rows(self.conn, runs, rows, meanwhile=meanwhile)
         if rows:
-            stmt = dialect_insert(self.conn, runs).on_conflict_do_nothing(**ON_KEY_CONFLICT)
+            stmt = sql.insert(self.conn, runs).on_conflict_do_nothing(**ON_KEY_CONFLICT)
             self.conn.execute(stmt, rows)
         return meanwhile() if meanwhile is not None else None
 
@@ -290,7 +180,7 @@ class RunRepository:
         already names a run is skipped), so only the skipped rows need reading back."""
         if not rows:
             return set()
-        if uses_psycopg(self.conn):
+        if capabilities(self.conn).copy:  # psycopg: one prepared INSERT, pipelined
             return _insert_keyed_pg(self.conn, rows)
         return set(self.conn.execute(self._insert_returning_id(), rows).scalars())
 

@@ -24,6 +24,7 @@ from sqlalchemy import Connection, Engine, Table, delete, func, or_, select, tex
 from sqlalchemy.exc import IntegrityError
 
 from domain import storable
+from domain.db.capabilities import capabilities
 from domain.db.models import runs
 from domain.db.models_platform import Schedule, ScheduleFire
 from domain.errors import Conflict, InvalidInput, NotFound
@@ -186,7 +187,7 @@ def _replace(conn: Connection, schedule_id: int, values: dict[str, Any], now: da
 def announce_change(conn: Connection) -> None:
     """Wake the leading scheduler (scheduler/changes.py) when this transaction commits; a
     rollback sends nothing. SQLite has no NOTIFY: the scheduler polls there."""
-    if conn.dialect.name == "postgresql":
+    if capabilities(conn).notify:
         conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANGES_CHANNEL})
 
 

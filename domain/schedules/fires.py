@@ -19,12 +19,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
-    ARRAY,
-    BigInteger,
     Connection,
     Engine,
-    any_,
-    bindparam,
     or_,
     select,
     text,
@@ -32,11 +28,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
+from domain.db import sql
+from domain.db.capabilities import capabilities
+from domain.db.copy import copy_rows
 from domain.db.models import runs
 from domain.errors import ConveyorError
 from domain.ports import Catalog, Dispatch, OpenCatalog
 from domain.runs import lines
-from domain.runs.repository import ON_KEY_CONFLICT, copy_rows, dialect_insert
+from domain.runs.repository import ON_KEY_CONFLICT
 from domain.runs.requests import EnqueueRequest, build_request
 from domain.runs.services import run_row
 from domain.runs.states import ACTIVE
@@ -125,7 +124,7 @@ def fire_many(
     if not dues:
         return []
     with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
+        if capabilities(conn).idle_timeouts:
             # A leader frozen (SIGSTOP) inside this transaction would hold the schedules'
             # locks, and the standby taking over would wait on them for as long as it stays
             # frozen: PostgreSQL ends the transaction after this much silence instead.
@@ -206,11 +205,10 @@ class _Batch:
         so that an edit, a pause or a manual fire waits for this batch."""
         query = (
             select(*(schedules.c[name] for name in _FIRING_COLUMNS))
-            .where(_id_in(self.conn, schedules.c.id, sorted(ids)))
+            .where(sql.any_of(self.conn, schedules.c.id, sorted(ids)))
             .order_by(schedules.c.id)
         )
-        if self.conn.dialect.name == "postgresql":
-            query = query.with_for_update()
+        query = sql.for_update(self.conn, query)
         found = {r["id"]: r for r in self.conn.execute(query).mappings() if r["enabled"]}
         guarded = [f"schedule:{i}" for i, r in found.items() if r["overlap_policy"] != "allow"]
         if guarded:
@@ -292,7 +290,7 @@ class _Batch:
         savepoint and inserted row by row with ON CONFLICT DO NOTHING."""
         if not rows:
             return set()
-        if self.conn.dialect.name == "postgresql":
+        if capabilities(self.conn).copy:
             savepoint = self.conn.begin_nested()
             try:
                 copy_rows(self.conn, runs, rows)
@@ -302,7 +300,7 @@ class _Batch:
                 savepoint.commit()
                 return {row["id"] for row in rows}
         stmt = (
-            dialect_insert(self.conn, runs)
+            sql.insert(self.conn, runs)
             .on_conflict_do_nothing(**ON_KEY_CONFLICT)
             .returning(runs.c.id)
         )
@@ -316,7 +314,7 @@ class _Batch:
         at = [s.slot for s in slots]
         outcomes = [s.outcome for s in slots]
         run_ids = [s.run["id"] if s.run is not None else None for s in slots]
-        if self.conn.dialect.name == "postgresql":
+        if capabilities(self.conn).arrays:
             # One statement with five array parameters: ON CONFLICT and RETURNING, without
             # the per-row parameters an executemany would carry.
             claimed = self.conn.execute(
@@ -331,7 +329,7 @@ class _Batch:
             )
         else:
             stmt = (
-                dialect_insert(self.conn, fires)
+                sql.insert(self.conn, fires)
                 .on_conflict_do_nothing(index_elements=["schedule_id", "fire_at"])
                 .returning(fires.c.schedule_id, fires.c.fire_at)
             )
@@ -349,13 +347,6 @@ class _Batch:
                 ],
             )
         return {(r[0], _utc(r[1])) for r in claimed}
-
-
-def _id_in(conn: Connection, column: Any, ids: list[int]) -> Any:
-    """`column IN ids`; on PostgreSQL as `= ANY(array)`, one parameter however many ids."""
-    if conn.dialect.name == "postgresql":
-        return column == any_(bindparam("ids", ids, type_=ARRAY(BigInteger)))
-    return column.in_(ids)
 
 
 def _key(s: _Slot) -> tuple[int, datetime]:
@@ -389,7 +380,7 @@ def advance_cursors(engine: Engine, dues: Sequence[Due], fired: Sequence[Fired])
             conn.execute(
                 update(schedules)
                 .where(
-                    _id_in(conn, schedules.c.id, ids),
+                    sql.any_of(conn, schedules.c.id, ids),
                     # never backwards: a late duplicate must not reopen slots already past
                     or_(schedules.c.last_fire_at.is_(None), schedules.c.last_fire_at < last),
                 )

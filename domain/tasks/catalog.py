@@ -21,13 +21,13 @@ from typing import Any, cast
 import structlog
 from sqlalchemy import Engine, Table, select, update
 
+from domain.db import sql
 from domain.db.models_platform import CatalogTask
 from domain.errors import UnknownTask
 from domain.pipelines.discovery import pipeline_catalog_for
 from domain.pipelines.reads import TableCatalog
 from domain.ports import Catalog, OpenCatalog, TargetDefaults
 from domain.runs.chains import check_chains
-from domain.runs.repository import dialect_insert
 from domain.settings import Settings
 from domain.tasks.params_schema import check_params, fingerprint
 from domain.tasks.registry import REGISTRY, Registry, RegistryCatalog, TaskSpec, import_task_modules
@@ -112,7 +112,7 @@ def publish(engine: Engine, specs: Iterable[TaskSpec], *, owner: str, now: datet
         changed = [r for r in rows if current.get(r["name"]) != r["version"]]
         for row in changed:
             values = {**row, "registered_by": owner, "updated_at": now, "last_seen_at": now}
-            insert = dialect_insert(conn, task_catalog).values(registered_at=now, **values)
+            insert = sql.insert(conn, task_catalog).values(registered_at=now, **values)
             conn.execute(insert.on_conflict_do_update(index_elements=["name"], set_=values))
         same = [r["name"] for r in rows if current.get(r["name"]) == r["version"]]
         if same:

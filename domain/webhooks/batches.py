@@ -11,11 +11,11 @@ from typing import Any, cast
 
 from sqlalchemy import Connection
 
+from domain.db import sql
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import ConveyorError, TransientError
 from domain.ports import Catalog, Publisher
 from domain.runs import services
-from domain.runs.repository import dialect_insert
 from domain.runs.requests import build_request
 from domain.webhooks.inbound import (
     Endpoint,
@@ -136,7 +136,7 @@ def _record_deliveries(items: list[_Checked], received: datetime) -> services.Re
             for item, result in zip(items, results, strict=True)
         }
         conn.execute(
-            dialect_insert(conn, deliveries).on_conflict_do_nothing(
+            sql.insert(conn, deliveries).on_conflict_do_nothing(
                 index_elements=["webhook_id", "delivery_id"]
             ),
             list(rows.values()),

@@ -15,12 +15,12 @@ from typing import Any, cast
 from sqlalchemy import Table, select
 from sqlalchemy.exc import IntegrityError
 
+from domain.db import sql
 from domain.db.models_platform import Pipeline, Webhook, WebhookDelivery
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, InvalidInput, NotFound
 from domain.ports import Catalog, Publisher, require_known
 from domain.runs import services
-from domain.runs.repository import dialect_insert
 from domain.runs.requests import build_request
 from domain.runs.views import _jsonable
 from domain.security import audit, crypto
@@ -255,7 +255,7 @@ class _DeliveryUnitOfWork(UnitOfWork):
             # The pipeline's webhook_runs moves with the run's outcome, in its final
             # transaction (pipeline_store.record_outcome), so it is not counted here.
             self.conn.execute(
-                dialect_insert(self.conn, deliveries)
+                sql.insert(self.conn, deliveries)
                 .values(
                     webhook_id=self.hook.id,
                     delivery_id=self.delivery_id,

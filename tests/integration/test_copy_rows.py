@@ -10,10 +10,10 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 
 from domain.clock import utc_now, uuid7_many
+from domain.db.copy import copy_rows
 from domain.db.models import runs
 from domain.ports import OpenCatalog
 from domain.runs import services
-from domain.runs.repository import copy_rows
 from domain.runs.requests import build_requests
 
 pytestmark = pytest.mark.postgres
