@@ -91,10 +91,7 @@ def list_runs(state: State, _: Reader, query: Annotated[RunQuery, Query()]) -> J
         created_after=query.created_after,
         created_before=query.created_before,
     )
-    if state.reads is not None:
-        page = state.reads.page(filters, limit=query.limit, cursor=query.cursor)
-    else:
-        page = services.list_runs(state.reader(), filters, limit=query.limit, cursor=query.cursor)
+    page = state.reads.page(filters, limit=query.limit, cursor=query.cursor)
     # A response, not a dict: FastAPI would validate the whole page against dict[str, Any]
     # before encoding it (6% of the API's CPU under the read benchmark, py-spy --gil); the
     # views go to orjson as they are (api/json_body.py).
@@ -152,9 +149,7 @@ def create_run(
 @router.get("/{run_id}", response_class=JSONBody)
 def get_run(state: State, _: Reader, run_id: RunId) -> JSONBody:
     """The run with its steps, totals (tokens, requests, log lines) and cost per model."""
-    if state.reads is not None:
-        return JSONBody(state.reads.detail(run_id).to_dict())
-    return JSONBody(queries.run_detail(state.reader(), run_id).to_dict())
+    return JSONBody(state.reads.detail(run_id).to_dict())
 
 
 @router.get("/{run_id}/logs", response_class=JSONBody)

@@ -16,9 +16,10 @@ from domain.clock import utc_now
 from domain.db.unit_of_work import UnitOfWork
 from domain.ports import Catalog, Publisher
 from domain.runs.delivery_checks import DeliveryCheck
-from domain.runs.reads_pg import PgReads
+from domain.runs.reads import RunReads
 from domain.security.crypto import secret_key_from
 from domain.settings import Settings
+from domain.storage import run_reads
 from domain.webhooks import inbound as webhooks
 from domain.webhooks.batches import Delivery, Outcome, accept_batch
 from domain.webhooks.inbound import Endpoint
@@ -92,8 +93,8 @@ class ApiState:
         self.head_revision: str | None = None
         #: /readyz counts a scheduler's absence from the last heartbeat or from here
         self.started_at = utc_now()
-        #: The runs page and run detail on the driver directly (PostgreSQL through psycopg).
-        self.reads: PgReads | None = None
+        #: The runs page, run detail and webhook lookup (domain/storage.py picks them).
+        self._reads: RunReads | None = None
         #: Warnings for runs just created (no live worker for the queue, ...).
         self.delivery: DeliveryCheck | None = None
 
@@ -102,6 +103,12 @@ class ApiState:
         if self._engine is None:
             raise RuntimeError("the API has not started (its lifespan creates the engine)")
         return self._engine
+
+    @property
+    def reads(self) -> RunReads:
+        if self._reads is None:
+            raise RuntimeError("the API has not started (its lifespan opens the reads)")
+        return self._reads
 
     def uow(self) -> UnitOfWork:
         return UnitOfWork(self.engine)
@@ -120,27 +127,25 @@ class ApiState:
             tolerance_s=self.options.webhook_tolerance_s,
             publisher=self.publisher,
             catalog=self.catalog,
-            lookup=self._endpoints if self.reads is not None else None,
+            lookup=self._endpoints,
         )
 
     def _endpoints(self, names: set[str]) -> dict[str, Endpoint]:
-        """The intake's endpoint lookup through the direct reads (one prepared statement,
-        no pool ping, no transaction): about a quarter of the CPU of `webhooks.endpoints`."""
-        assert self.reads is not None
+        """The intake's endpoint lookup through the run reads (on PostgreSQL one prepared
+        statement, no pool ping, no transaction)."""
         rows = self.reads.webhook_rows(sorted(names))
         return webhooks.endpoints_of(rows, secret_key=self.secret_key)
 
     def start(self) -> None:
         from conveyor.client import default_publisher
-        from domain.db.engine import create_db_engine, uses_psycopg
+        from domain.db.engine import create_db_engine
         from domain.db.migrate import head_revision
         from domain.tasks.catalog import producer_catalog
 
         url = self.settings.effective_database_url
         if self._engine is None:
             self._engine = create_db_engine(url, pool_size=10)
-        if uses_psycopg(self._engine):
-            self.reads = PgReads(self._engine.url.render_as_string(hide_password=False))
+        self._reads = run_reads(self._engine)
         if not self._publisher_given:
             self.publisher = default_publisher(self.settings)
         if not self._catalog_given:
@@ -157,9 +162,9 @@ class ApiState:
             log.warning("api.auth_disabled", reason="dev mode: only local clients are served")
 
     def stop(self) -> None:
-        if self.reads is not None:
-            self.reads.close()
-            self.reads = None
+        if self._reads is not None:
+            self._reads.close()
+            self._reads = None
         if self.redis is not None:
             self.redis.close()
             self.redis = None

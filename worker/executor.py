@@ -19,17 +19,15 @@ from sqlalchemy.exc import OperationalError
 from domain.clock import Clock, utc_now
 from domain.costs.admission import Refused
 from domain.costs.prices import Prices
-from domain.db.engine import uses_psycopg
 from domain.db.models import run_logs
 from domain.errors import InvalidInput, LeaseLost, RunStopped, UnknownTask
 from domain.pipelines import store as pipeline_store
 from domain.runs import lines
 from domain.runs import store as runstore
-from domain.runs import store_pg as runstore_pg
 from domain.runs.chains import chain_follow_up, chain_possible
-from domain.runs.store import Claim
-from domain.runs.store_pg import PgRunStore
+from domain.runs.store import Claim, RunStore
 from domain.security.masking import NO_SECRETS, Masker
+from domain.storage import run_store
 from domain.tasks.registry import Registry, RetryPolicy
 from worker import capture
 from worker.context import STOP_ERRORS, TaskContext, _safe_str
@@ -91,6 +89,7 @@ class Executor:
         clock: Clock = utc_now,
         pipelines: PipelineRunner | None = None,
         prices: Prices | None = None,
+        store: RunStore | None = None,
     ) -> None:
         self.engine = engine
         self.writer = writer
@@ -102,19 +101,11 @@ class Executor:
         self.pipelines = pipelines
         self.prices = prices
         self.duplicates_dropped = 0
-        #: Claim and finish as one prepared statement each (PostgreSQL); None elsewhere.
-        self.fast = PgRunStore(engine) if uses_psycopg(engine) else None
+        #: Claim, and finish with the last lines (domain/storage.py picks it for the database).
+        self.store = store if store is not None else run_store(engine)
 
     def execute(self, run_id: uuid.UUID) -> Outcome:
-        if self.fast is not None:
-            claim = self.fast.claim(
-                run_id, owner=self.owner, now=self.clock(), lease_s=self.lease_s
-            )
-        else:
-            with self.engine.begin() as conn:
-                claim = runstore.claim(
-                    conn, run_id, owner=self.owner, now=self.clock(), lease_s=self.lease_s
-                )
+        claim = self.store.claim(run_id, owner=self.owner, now=self.clock(), lease_s=self.lease_s)
         if isinstance(claim, Refused):
             return self._refused(claim)
         first_seq = 1  # a later attempt's lines follow the earlier attempts' lines
@@ -152,8 +143,7 @@ class Executor:
         )
 
     def close(self) -> None:
-        if self.fast is not None:
-            self.fast.close()
+        self.store.close()
 
     def _target(self, claim: Claim) -> tuple[Callable[[TaskContext], Any], RetryPolicy]:
         """What to call for this run: a registered task, or the pipeline runner."""
@@ -236,14 +226,15 @@ class Executor:
     ) -> str | None:
         """Write the attempt's last lines and its final state in one transaction.
 
-        `fast`, when given, does the same in one statement (runstore_pg) and says whether the
-        fence held; it is used when there is nothing but log lines to write with the state.
+        `fast`, when given, does the same through the run store (`RunStore.finish`) and says
+        whether the fence held; it is used when there is nothing but log lines to write with
+        the state.
         A database hiccup is retried with backoff for up to the lease; if it stays down the
         transaction never committed (no half-written run), the lease expires, and the reaper
         gives the run to another attempt. Returns None on success, else why it did not commit.
         """
         logs, metrics = self.writer.take_run(claim.run_id)
-        if metrics or len(logs) > runstore_pg.MAX_INLINE_LINES:
+        if metrics or len(logs) > self.store.max_inline_lines:
             fast = None
         delay, deadline = 0.1, time.monotonic() + self.lease_s
         while True:
@@ -314,8 +305,7 @@ class Executor:
             )
 
         def fast(lines: list[dict[str, Any]]) -> bool:
-            assert self.fast is not None
-            return self.fast.finish(
+            return self.store.finish(
                 claim.run_id,
                 claim.attempt,
                 status=status,
@@ -328,12 +318,8 @@ class Executor:
             )
 
         # Pipelines move their counters with the outcome, chains insert a follow-up: both need
-        # the general transaction; a plain task's state and last lines are one statement.
-        plain = (
-            self.fast is not None
-            and claim.kind == "task"
-            and not chain_possible(self.registry, claim)
-        )
+        # the general transaction; a plain task's state and last lines go to the run store.
+        plain = claim.kind == "task" and not chain_possible(self.registry, claim)
         problem = self._commit_final(claim, write, fast if plain else None)
         if problem is not None:
             return Outcome(claim.run_id, problem, claim.attempt)

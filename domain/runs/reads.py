@@ -6,18 +6,21 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, func, select
+from sqlalchemy import Engine, Table, func, select
 
 from domain.db.models import RunArtifact, RunMetric, Worker, cost_entries, run_logs, runs
+from domain.db.models_platform import Webhook
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, RunNotFound
+from domain.runs.repository import RunFilter
 from domain.runs.states import TERMINAL
-from domain.runs.views import LogLine, RunView, StepView, _jsonable
+from domain.runs.views import LogLine, Page, RunView, StepView, _jsonable
 
 run_metrics = cast(Table, RunMetric.__table__)
 run_artifacts = cast(Table, RunArtifact.__table__)
+webhooks = cast(Table, Webhook.__table__)
 workers = cast(Table, Worker.__table__)
 
 MAX_POINTS = 10_000
@@ -281,3 +284,50 @@ def list_workers(
         running = row["running"] if state == "alive" else None
         views.append(WorkerView(**{**row, "running": running, "state": state}))
     return views
+
+
+class RunReads(Protocol):
+    """The API's busiest reads: the runs page, a run's detail, and the webhook intake's
+    endpoint lookup. `domain.storage.run_reads` picks the implementation for a database, once;
+    tests/integration/test_run_reads_contract.py holds every one to the same answers."""
+
+    def page(self, filters: RunFilter, *, limit: int = 50, cursor: str | None = None) -> Page:
+        """Runs newest first, `limit` at most, after `cursor` (a page's `next_cursor`)."""
+        ...
+
+    def detail(self, run_id: uuid.UUID) -> RunDetail:
+        """The run with its steps, log line count and cost per model; RunNotFound if none."""
+        ...
+
+    def webhook_rows(self, names: list[str]) -> list[dict[str, Any]]:
+        """The enabled webhooks among `names`, each row by column name, secret still encrypted
+        (`domain.webhooks.inbound.endpoints_of` makes them endpoints)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections of its own."""
+        ...
+
+
+class SqlRunReads:
+    """RunReads over SQLAlchemy, each read without a transaction: every database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def page(self, filters: RunFilter, *, limit: int = 50, cursor: str | None = None) -> Page:
+        with UnitOfWork(self.engine, read_only=True) as uow:
+            return uow.runs.page(filters, limit=limit, cursor=cursor)
+
+    def detail(self, run_id: uuid.UUID) -> RunDetail:
+        return run_detail(UnitOfWork(self.engine, read_only=True), run_id)
+
+    def webhook_rows(self, names: list[str]) -> list[dict[str, Any]]:
+        with UnitOfWork(self.engine, read_only=True) as uow:
+            rows = uow.conn.execute(
+                select(webhooks).where(webhooks.c.name.in_(names), webhooks.c.enabled.is_(True))
+            ).mappings()
+            return [dict(row) for row in rows]
+
+    def close(self) -> None:
+        """Nothing of its own: the engine's pool belongs to whoever made the engine."""

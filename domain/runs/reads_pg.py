@@ -1,9 +1,9 @@
-"""The status API's busiest reads on PostgreSQL, on the driver directly: the runs page, a
-run's detail, and the webhook intake's endpoint lookup.
+"""RunReads on PostgreSQL, on the driver directly: the runs page, a run's detail, and the
+webhook intake's endpoint lookup.
 
-Dashboards poll these two. Through SQLAlchemy a page of 50 runs cost about 2.5 ms of the API's
-CPU: a pool checkout with its pre-ping round trip, a statement cache lookup, and a result
-processor for each of 36 columns of each row. Here the same page costs about 0.8 ms:
+Dashboards poll these. Through SQLAlchemy most of a page's CPU goes to a pool checkout with its
+pre-ping round trip, a statement cache lookup, and a result processor for each column of each
+row (bench/RESULTS.md has the figures). Here:
 - the SQL text is fixed per combination of filters and prepared once per connection;
 - rows come back as tuples in RunView's field order, timestamps already in UTC (the session's
   TimeZone), and become views positionally;
@@ -13,8 +13,8 @@ processor for each of 36 columns of each row. Here the same page costs about 0.8
   read that meets a connection the server dropped (a restart) empties the pool's idle
   connections and is tried once more on a new one.
 
-Same results as `RunRepository.page` and `queries.run_detail`, which SQLite and other drivers
-keep using (tests/integration/test_reads_pg.py compares the two on the same rows).
+Same results as the portable `SqlRunReads` (domain/runs/reads.py), which SQLite and other
+drivers use; tests/integration/test_run_reads_contract.py holds both to the same answers.
 """
 
 from __future__ import annotations

@@ -7,16 +7,18 @@ run (guarantee 2), and a worker that lost its lease cannot overwrite the attempt
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import Connection, and_, func, or_, tuple_, update
+from sqlalchemy import Connection, Engine, and_, func, or_, tuple_, update
 
 from domain.costs import admission
-from domain.db.models import runs
+from domain.db.models import run_logs, runs
 from domain.errors import LeaseLost
 from domain.runs import fence
+from domain.runs.lines import lock_for_lines
 from domain.runs.states import TERMINAL, Status
 
 _CLAIM_COLUMNS = (
@@ -244,3 +246,93 @@ def heartbeat_many(
         .returning(runs.c.id, runs.c.cancel_requested_at)
     ).all()
     return {row[0]: row[1] is not None for row in rows}
+
+
+class RunStore(Protocol):
+    """A worker's two writes per run: the claim, and the final state with the attempt's last
+    log lines. `domain.storage.run_store` picks the implementation for a database, once; the
+    contract tests (tests/integration/test_run_store_contract.py) hold every one to the same
+    behaviour. Heartbeats are one statement everywhere (`heartbeat_many`)."""
+
+    #: The most log lines `finish` writes with the state; the executor writes a longer tail
+    #: (and metric rows) in its general transaction instead.
+    max_inline_lines: int
+
+    def claim(
+        self, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float
+    ) -> Claim | admission.Refused | None:
+        """`claim` above: the run for a new attempt, Refused (ended or held at a limit), or
+        None when it is not claimable."""
+        ...
+
+    def finish(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        *,
+        status: str,
+        now: datetime,
+        result: Any,
+        error_type: str | None,
+        error: str | None,
+        exit_code: int | None,
+        lines: Sequence[dict[str, Any]],
+    ) -> bool:
+        """Write the final state and `lines` at once; False when `attempt` no longer owns the
+        run (the lines are written all the same, labelled with their attempt)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the store holds (connections of its own)."""
+        ...
+
+
+class SqlRunStore:
+    """RunStore over SQLAlchemy, one transaction per call: every database conveyor supports."""
+
+    max_inline_lines = 500
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def claim(
+        self, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float
+    ) -> Claim | admission.Refused | None:
+        with self.engine.begin() as conn:
+            return claim(conn, run_id, owner=owner, now=now, lease_s=lease_s)
+
+    def finish(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        *,
+        status: str,
+        now: datetime,
+        result: Any,
+        error_type: str | None,
+        error: str | None,
+        exit_code: int | None,
+        lines: Sequence[dict[str, Any]],
+    ) -> bool:
+        with self.engine.begin() as conn:
+            if lines and lock_for_lines(conn, [run_id]):
+                conn.execute(run_logs.insert(), list(lines))
+            try:
+                with conn.begin_nested():  # a lost fence undoes the state, not the lines
+                    finish(
+                        conn,
+                        run_id,
+                        attempt,
+                        status=status,
+                        now=now,
+                        result=result,
+                        error_type=error_type,
+                        error=error,
+                        exit_code=exit_code,
+                    )
+            except LeaseLost:
+                return False
+        return True
+
+    def close(self) -> None:
+        """Nothing of its own: the engine's pool belongs to whoever made the engine."""

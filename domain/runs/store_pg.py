@@ -1,7 +1,8 @@
-"""The worker's hot path on PostgreSQL: claim and finish as one prepared statement each.
+"""RunStore on PostgreSQL: claim and finish as one prepared statement each.
 
-`runstore.claim` and `runstore.finish` say what these do; this module does the same with fewer
-round trips and no statement building per call, because a worker runs them for every run:
+`store.claim` and `store.finish` (domain/runs/store.py) say what these do; this module does the
+same with fewer round trips and no statement building per call, because a worker runs them for
+every run:
 - each statement runs in autocommit mode: a single statement is its own transaction, so the
   explicit BEGIN and COMMIT round trips go away and the guarantees stay (a claim is still one
   conditional UPDATE; a finish is still fenced by `attempt`);
@@ -12,7 +13,7 @@ round trips and no statement building per call, because a worker runs them for e
 
 Only the plain case takes this path (a task run with no follow-up to chain and no metric or
 cost rows left to write; a claim with no limit to check, see domain/costs/admission.py); everything
-else goes through `runstore` and SQLAlchemy as before.
+else goes through domain/runs/store.py and SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class PgRunStore:
     breaks is dropped and the next call opens a new one; the error reaches the caller as
     SQLAlchemy's (OperationalError: retry later), as from any other database call.
     """
+
+    max_inline_lines = MAX_INLINE_LINES
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

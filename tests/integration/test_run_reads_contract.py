@@ -1,5 +1,7 @@
-"""The API's direct PostgreSQL reads give exactly what the SQLAlchemy path gives, in UTC, and
-survive a server that dropped their connections."""
+"""The RunReads contract, held against every implementation on every database it runs on: the
+portable reads on SQLite and PostgreSQL and the direct PostgreSQL reads give exactly what the
+repository and the queries give, in UTC. The direct reads also survive a server that dropped
+their connections."""
 
 from __future__ import annotations
 
@@ -16,25 +18,60 @@ from sqlalchemy import Engine, insert, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError
 
-from domain.db.models import cost_entries, run_logs, run_steps, runs
+from domain.db.engine import create_db_engine
+from domain.db.models import cost_entries, projects, run_logs, run_steps, runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import DatabaseUnavailable, RunNotFound
 from domain.runs import reads as queries
 from domain.runs import services
+from domain.runs.reads import RunReads, SqlRunReads
 from domain.runs.reads_pg import PgReads
 from domain.runs.repository import RunFilter
+from domain.storage import run_reads
 from domain.webhooks import inbound as webhooks
-
-pytestmark = pytest.mark.postgres
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 
+IMPLEMENTATIONS = [
+    "sql-sqlite",
+    pytest.param("sql-postgres", marks=pytest.mark.postgres),
+    pytest.param("pg-postgres", marks=pytest.mark.postgres),
+]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def reads(pg_url: str) -> Iterator[PgReads]:
+def db(kind: str, request: pytest.FixtureRequest) -> Iterator[Engine]:
+    url = request.getfixturevalue("sqlite_url" if kind.endswith("sqlite") else "pg_url")
+    engine = create_db_engine(url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def reads(kind: str, db: Engine) -> Iterator[RunReads]:
+    url = db.url.render_as_string(hide_password=False)
+    implementation: RunReads = PgReads(url) if kind.startswith("pg") else SqlRunReads(db)
+    yield implementation
+    implementation.close()
+
+
+@pytest.fixture
+def pg_reads(pg_url: str) -> Iterator[PgReads]:
     reads = PgReads(pg_url)
     yield reads
     reads.close()
+
+
+def test_storage_picks_the_direct_reads_on_postgresql(kind: str, db: Engine) -> None:
+    chosen = run_reads(db)
+    assert type(chosen) is (PgReads if kind.endswith("postgres") else SqlRunReads)
+    chosen.close()
 
 
 def seed(engine: Engine, n: int = 40) -> list[uuid.UUID]:
@@ -74,7 +111,7 @@ def seed(engine: Engine, n: int = 40) -> list[uuid.UUID]:
             }
         )
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO projects (name, created_at) VALUES ('research', now())"))
+        conn.execute(insert(projects).values(name="research", created_at=T0))
         conn.execute(insert(runs), rows)
     return [r["id"] for r in rows]
 
@@ -100,20 +137,20 @@ def all_pages(read: Any, filters: RunFilter, limit: int) -> list[tuple[list[dict
     ],
 )
 def test_pages_are_the_same_as_the_repositorys(
-    pg_engine: Engine, reads: PgReads, filters: RunFilter
+    db: Engine, reads: RunReads, filters: RunFilter
 ) -> None:
-    seed(pg_engine)
+    seed(db)
 
     def repository_page(filters: RunFilter, *, limit: int, cursor: str | None) -> Any:
-        return services.list_runs(UnitOfWork(pg_engine), filters, limit=limit, cursor=cursor)
+        return services.list_runs(UnitOfWork(db), filters, limit=limit, cursor=cursor)
 
     expected = all_pages(repository_page, filters, limit=7)
     assert sum(len(items) for items, _ in expected) > 0
     assert all_pages(reads.page, filters, limit=7) == expected
 
 
-def test_a_detail_is_the_same_as_the_querys(pg_engine: Engine, reads: PgReads) -> None:
-    run_id = seed(pg_engine, 3)[2]
+def test_a_detail_is_the_same_as_the_querys(db: Engine, reads: RunReads) -> None:
+    run_id = seed(db, 3)[2]
     ts = T0 + timedelta(minutes=1)
     spend = [
         ("openai", "gpt-4o-mini", "0.0001900000"),
@@ -122,7 +159,7 @@ def test_a_detail_is_the_same_as_the_querys(pg_engine: Engine, reads: PgReads) -
         ("Zeta", "b", "1"),  # first by code point (in en_US it would follow "anthropic")
         ("_local", "a", "0"),
     ]
-    with pg_engine.begin() as conn:
+    with db.begin() as conn:
         conn.execute(
             insert(run_steps),
             [
@@ -155,38 +192,35 @@ def test_a_detail_is_the_same_as_the_querys(pg_engine: Engine, reads: PgReads) -
                 for seq in range(1, 6)
             ],
         )
-    expected = queries.run_detail(UnitOfWork(pg_engine), run_id).to_dict()
+    expected = queries.run_detail(UnitOfWork(db), run_id).to_dict()
     got = reads.detail(run_id).to_dict()
     assert got == expected
     assert [c["provider"] for c in got["costs"]] == ["Zeta", "_local", "anthropic", "openai"]
     assert got["totals"]["log_lines"] == 5
 
 
-def test_webhook_endpoints_are_the_same_as_the_unit_of_works(
-    pg_engine: Engine, reads: PgReads
-) -> None:
+def test_webhook_endpoints_are_the_same_as_the_unit_of_works(db: Engine, reads: RunReads) -> None:
     """The intake's lookup: enabled endpoints only, secrets decrypted, views equal."""
     key = Fernet.generate_key().decode()
     for name in ("github", "stripe", "off"):
-        webhooks.add_webhook(
-            UnitOfWork(pg_engine), name, target="job", secret_key=key, actor="test"
-        )
-    with pg_engine.begin() as conn:
+        webhooks.add_webhook(UnitOfWork(db), name, target="job", secret_key=key, actor="test")
+    with db.begin() as conn:
         conn.execute(
             webhooks.webhooks.update().where(webhooks.webhooks.c.name == "off"), {"enabled": False}
         )
     names = {"github", "stripe", "off", "unknown"}
     direct = webhooks.endpoints_of(reads.webhook_rows(sorted(names)), secret_key=key)
-    assert direct == webhooks.endpoints(UnitOfWork(pg_engine), names, secret_key=key)
+    assert direct == webhooks.endpoints(UnitOfWork(db), names, secret_key=key)
     assert sorted(direct) == ["github", "stripe"]
     assert direct["github"].hook.created_at.utcoffset() == timedelta(0)
 
 
-def test_an_unknown_run_is_not_found(reads: PgReads) -> None:
+def test_an_unknown_run_is_not_found(reads: RunReads) -> None:
     with pytest.raises(RunNotFound):
         reads.detail(uuid.uuid4())
 
 
+@pytest.mark.postgres
 def test_timestamps_are_utc_whatever_the_sessions_zone(pg_url: str, pg_engine: Engine) -> None:
     seed(pg_engine, 2)
     options = {"options": "-c TimeZone=Asia/Kolkata -c statement_timeout=0"}
@@ -201,9 +235,10 @@ def test_timestamps_are_utc_whatever_the_sessions_zone(pg_url: str, pg_engine: E
         zoned.close()
 
 
-def test_a_connection_the_server_dropped_is_replaced(pg_engine: Engine, reads: PgReads) -> None:
+@pytest.mark.postgres
+def test_a_connection_the_server_dropped_is_replaced(pg_engine: Engine, pg_reads: PgReads) -> None:
     seed(pg_engine, 3)
-    assert len(reads.page(RunFilter()).items) == 3
+    assert len(pg_reads.page(RunFilter()).items) == 3
     with pg_engine.connect() as conn:  # what a server restart does to the pool's connections
         killed = conn.execute(
             text(
@@ -213,18 +248,20 @@ def test_a_connection_the_server_dropped_is_replaced(pg_engine: Engine, reads: P
             )
         ).all()
     assert killed
-    stale_pool = reads._pool
-    assert len(reads.page(RunFilter()).items) == 3  # tried again on a new connection
-    assert reads._pool is not stale_pool  # the idle ones went with the old pool
-    assert (reads._pool.checkedout(), stale_pool.checkedout()) == (0, 0)
+    stale_pool = pg_reads._pool
+    assert len(pg_reads.page(RunFilter()).items) == 3  # tried again on a new connection
+    assert pg_reads._pool is not stale_pool  # the idle ones went with the old pool
+    assert (pg_reads._pool.checkedout(), stale_pool.checkedout()) == (0, 0)
 
 
-def test_a_value_the_database_refuses_is_sqlalchemys_data_error(reads: PgReads) -> None:
+@pytest.mark.postgres
+def test_a_value_the_database_refuses_is_sqlalchemys_data_error(pg_reads: PgReads) -> None:
     with pytest.raises(DataError):  # the API answers it with a 400, as for every other read
-        reads.page(RunFilter(name="nul\x00byte"))
-    assert reads.page(RunFilter()).items == []  # the connection is still good
+        pg_reads.page(RunFilter(name="nul\x00byte"))
+    assert pg_reads.page(RunFilter()).items == []  # the connection is still good
 
 
+@pytest.mark.postgres
 def test_an_unreachable_database_is_a_clear_error() -> None:
     reads = PgReads("postgresql+psycopg://someone:hunter2@127.0.0.1:1/nowhere")
     try:

@@ -1,5 +1,7 @@
-"""The PostgreSQL hot path (claim and finish as one prepared statement each) against the
-general runstore path it stands in for: same claim, same fence, same stored rows."""
+"""The RunStore contract, held against every implementation on every database it runs on:
+the portable one on SQLite and PostgreSQL, and PostgreSQL's prepared statements (claim and
+finish as one statement each) against the general `store.claim` path. Same claim, same fence,
+same stored rows."""
 
 from __future__ import annotations
 
@@ -21,21 +23,42 @@ from domain.runs import lines as run_lines
 from domain.runs import services
 from domain.runs import store as runstore
 from domain.runs.requests import build_request
+from domain.runs.store import RunStore, SqlRunStore
 from domain.runs.store_pg import PgRunStore
+from domain.storage import run_store
+
+IMPLEMENTATIONS = [
+    "sql-sqlite",
+    pytest.param("sql-postgres", marks=pytest.mark.postgres),
+    pytest.param("pg-postgres", marks=pytest.mark.postgres),
+]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
-def pg(pg_url: str) -> Iterator[Engine]:
-    engine = create_db_engine(pg_url, pool_size=2, pre_ping=False)
+def db(kind: str, request: pytest.FixtureRequest) -> Iterator[Engine]:
+    url = request.getfixturevalue("sqlite_url" if kind.endswith("sqlite") else "pg_url")
+    engine = create_db_engine(url, pool_size=2, pre_ping=False)
     yield engine
     engine.dispose()
 
 
 @pytest.fixture
-def store(pg: Engine) -> Iterator[PgRunStore]:
-    hot = PgRunStore(pg)
-    yield hot
-    hot.close()
+def store(kind: str, db: Engine) -> Iterator[RunStore]:
+    implementation: RunStore = PgRunStore(db) if kind.startswith("pg") else SqlRunStore(db)
+    yield implementation
+    implementation.close()
+
+
+def test_storage_picks_the_prepared_statements_on_postgresql(kind: str, db: Engine) -> None:
+    chosen = run_store(db)
+    expected = PgRunStore if kind.endswith("postgres") else SqlRunStore
+    assert type(chosen) is expected
+    chosen.close()
 
 
 def _enqueue(engine: Engine, **fields: Any) -> uuid.UUID:
@@ -56,12 +79,12 @@ def _line(run_id: uuid.UUID, seq: int, attempt: int, message: str, fields: Any) 
     }
 
 
-def test_claim_matches_the_general_path_and_is_taken_once(pg: Engine, store: PgRunStore) -> None:
+def test_claim_matches_the_general_path_and_is_taken_once(db: Engine, store: RunStore) -> None:
     fields = {"params": {"a": 1}, "budget_usd": "1.25", "max_requests": 3, "priority": 7}
-    fast_id, general_id = _enqueue(pg, **fields), _enqueue(pg, **fields)
+    fast_id, general_id = _enqueue(db, **fields), _enqueue(db, **fields)
     now = utc_now()
     fast = store.claim(fast_id, owner="w1", now=now, lease_s=30)
-    with pg.begin() as conn:
+    with db.begin() as conn:
         general = runstore.claim(conn, general_id, owner="w1", now=now, lease_s=30)
     assert fast is not None and general is not None
     assert fast.run_id == fast_id
@@ -72,19 +95,19 @@ def test_claim_matches_the_general_path_and_is_taken_once(pg: Engine, store: PgR
     assert (fast.max_requests, fast.priority, fast.started_at) == (3, 7, now)
     # Owned now: a second delivery of the same message gets nothing.
     assert store.claim(fast_id, owner="w2", now=now, lease_s=30) is None
-    with pg.connect() as conn:
+    with db.connect() as conn:
         row = conn.execute(select(runs).where(runs.c.id == fast_id)).mappings().one()
     assert (row["status"], row["attempt"], row["lease_owner"]) == ("running", 1, "w1")
     assert row["lease_expires_at"] == now + timedelta(seconds=30)
 
 
-def test_claim_leaves_a_deferred_run_alone(pg: Engine, store: PgRunStore) -> None:
-    run_id = _enqueue(pg, delay_s=60)
+def test_claim_leaves_a_deferred_run_alone(db: Engine, store: RunStore) -> None:
+    run_id = _enqueue(db, delay_s=60)
     assert store.claim(run_id, owner="w1", now=utc_now(), lease_s=30) is None
 
 
-def test_finish_writes_state_and_lines_in_one_statement(pg: Engine, store: PgRunStore) -> None:
-    run_id = _enqueue(pg)
+def test_finish_writes_state_and_lines_at_once(db: Engine, store: RunStore) -> None:
+    run_id = _enqueue(db)
     claim = store.claim(run_id, owner="w1", now=utc_now(), lease_s=30)
     assert claim is not None
     lines = [
@@ -103,7 +126,7 @@ def test_finish_writes_state_and_lines_in_one_statement(pg: Engine, store: PgRun
         lines=lines,
     )
     assert owned
-    with pg.connect() as conn:
+    with db.connect() as conn:
         run = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().one()
         stored = conn.execute(
             select(run_logs.c.seq, run_logs.c.message, run_logs.c.fields)
@@ -124,8 +147,8 @@ def test_finish_writes_state_and_lines_in_one_statement(pg: Engine, store: PgRun
     ]
 
 
-def test_finish_with_no_lines_and_a_result(pg: Engine, store: PgRunStore) -> None:
-    run_id = _enqueue(pg)
+def test_finish_with_no_lines_and_a_result(db: Engine, store: RunStore) -> None:
+    run_id = _enqueue(db)
     assert store.claim(run_id, owner="w1", now=utc_now(), lease_s=30) is not None
     assert store.finish(
         run_id,
@@ -138,17 +161,15 @@ def test_finish_with_no_lines_and_a_result(pg: Engine, store: PgRunStore) -> Non
         exit_code=None,
         lines=[],
     )
-    assert services.get_run(UnitOfWork(pg), run_id).result == {"rows": [1, 2]}
+    assert services.get_run(UnitOfWork(db), run_id).result == {"rows": [1, 2]}
 
 
-def test_a_stale_attempt_cannot_finish_but_its_lines_are_kept(
-    pg: Engine, store: PgRunStore
-) -> None:
+def test_a_stale_attempt_cannot_finish_but_its_lines_are_kept(db: Engine, store: RunStore) -> None:
     """Fenced by attempt like runstore.finish; the lost attempt's lines stay, labelled."""
-    run_id = _enqueue(pg, max_attempts=2)
+    run_id = _enqueue(db, max_attempts=2)
     first = store.claim(run_id, owner="w1", now=utc_now(), lease_s=30)
     assert first is not None
-    with pg.begin() as conn:  # the lease expired, another worker took the run
+    with db.begin() as conn:  # the lease expired, another worker took the run
         conn.execute(runs.update().where(runs.c.id == run_id).values(lease_expires_at=utc_now()))
     second = store.claim(run_id, owner="w2", now=utc_now() + timedelta(seconds=1), lease_s=30)
     assert second is not None and second.attempt == 2
@@ -164,20 +185,20 @@ def test_a_stale_attempt_cannot_finish_but_its_lines_are_kept(
         lines=[_line(run_id, 1, 1, "from attempt 1", None)],
     )
     assert not owned
-    run = services.get_run(UnitOfWork(pg), run_id)
+    run = services.get_run(UnitOfWork(db), run_id)
     assert (run.status, run.attempt, run.lease_owner, run.result) == ("running", 2, "w2", None)
-    with pg.connect() as conn:
+    with db.connect() as conn:
         kept = conn.execute(
             select(run_logs.c.attempt, run_logs.c.message).where(run_logs.c.run_id == run_id)
         ).all()
     assert [tuple(r) for r in kept] == [(1, "from attempt 1")]
 
 
-def test_finish_of_a_deleted_run_writes_no_lines(pg: Engine, store: PgRunStore) -> None:
-    """run_logs has no foreign key: the statement itself keeps lines of a gone run out."""
-    run_id = _enqueue(pg)
+def test_finish_of_a_deleted_run_writes_no_lines(db: Engine, store: RunStore) -> None:
+    """run_logs has no foreign key: the store itself keeps lines of a gone run out."""
+    run_id = _enqueue(db)
     assert store.claim(run_id, owner="w1", now=utc_now(), lease_s=30) is not None
-    with pg.begin() as conn:
+    with db.begin() as conn:
         assert run_lines.delete_runs(conn, [run_id]) == 1
     owned = store.finish(
         run_id,
@@ -191,19 +212,21 @@ def test_finish_of_a_deleted_run_writes_no_lines(pg: Engine, store: PgRunStore) 
         lines=[_line(run_id, 1, 1, "too late", None)],
     )
     assert not owned
-    with pg.connect() as conn:
+    with db.connect() as conn:
         lines = conn.execute(select(func.count()).where(run_logs.c.run_id == run_id)).scalar()
     assert lines == 0
 
 
 def test_a_broken_connection_is_an_operational_error_then_replaced(
-    pg: Engine, store: PgRunStore
+    db: Engine, store: RunStore
 ) -> None:
     """The hot path keeps its own connection; when the server drops it, the caller sees the
     OperationalError it retries on, and the next call works on a new connection."""
-    first, second = _enqueue(pg), _enqueue(pg)
+    if not isinstance(store, PgRunStore):
+        pytest.skip("only the prepared-statement store keeps connections of its own")
+    first, second = _enqueue(db), _enqueue(db)
     assert store.claim(first, owner="w1", now=utc_now(), lease_s=30) is not None
-    with pg.begin() as conn:
+    with db.begin() as conn:
         conn.execute(
             text(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

@@ -1,0 +1,31 @@
+"""Which implementation of each storage seam runs on a database: chosen here, once per engine.
+
+PostgreSQL through psycopg gets the hot paths on the driver directly (domain/runs/store_pg.py,
+domain/runs/reads_pg.py: prepared statements, no pool checkout per call); any other database
+the portable SQLAlchemy ones (domain/runs/store.py, domain/runs/reads.py). Both kinds answer
+the same contract tests, so callers never ask which one they hold.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine
+
+from domain.db.engine import uses_psycopg
+from domain.runs.reads import RunReads, SqlRunReads
+from domain.runs.reads_pg import PgReads
+from domain.runs.store import RunStore, SqlRunStore
+from domain.runs.store_pg import PgRunStore
+
+
+def run_store(engine: Engine) -> RunStore:
+    """The worker's claim and finish for `engine`'s database."""
+    if uses_psycopg(engine):
+        return PgRunStore(engine)
+    return SqlRunStore(engine)
+
+
+def run_reads(engine: Engine, *, pool_size: int = 5) -> RunReads:
+    """The API's busiest reads for `engine`'s database."""
+    if uses_psycopg(engine):
+        return PgReads(engine.url.render_as_string(hide_password=False), pool_size=pool_size)
+    return SqlRunReads(engine)
