@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
-from worker.app import PRIORITY_LEVELS
+from worker.routing import PRIORITY_LEVELS
 
 # kombu's Redis transport keeps priority p (1-9) of queue q in the list "q:p", p=0 in "q".
 SEP = ":"

@@ -6,10 +6,7 @@ from celery import Celery
 from kombu import Queue
 
 from domain.settings import Settings
-
-EXECUTE = "conveyor.execute"
-SUBMIT = "conveyor.submit"
-PRIORITY_LEVELS = 10
+from worker.routing import PRIORITY_LEVELS, priority_for_broker
 
 
 def create_app(settings: Settings) -> Celery:
@@ -62,13 +59,3 @@ def create_app(settings: Settings) -> Celery:
     register(app, settings)
     watch_for_scheduler(app, settings)
     return app
-
-
-def priority_for_broker(broker_url: str, priority: int) -> int:
-    """conveyor's priority (9 = most urgent) in the broker's terms.
-
-    kombu's Redis transport serves priority 0 first, RabbitMQ serves the highest number first.
-    """
-    if broker_url.startswith(("redis", "rediss", "memory", "sentinel")):
-        return PRIORITY_LEVELS - 1 - priority
-    return priority

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import Engine, update
 
@@ -21,52 +21,13 @@ from domain.errors import BudgetExceeded, RunCancelled, RunStopped, RunTimedOut
 from domain.runs import lines
 from domain.runs.store import Claim
 from domain.security.masking import NO_SECRETS, Masker
-from worker.masked_sink import MaskedSink
+from worker.masked_sink import LineSink, MaskedSink
 
 STOP_ERRORS: dict[str, type[RunStopped]] = {
     "cancelled": RunCancelled,
     "timed_out": RunTimedOut,
     "budget_exceeded": BudgetExceeded,
 }
-
-
-class LineSink(Protocol):
-    def log(
-        self,
-        run_id: uuid.UUID,
-        attempt: int,
-        message: str,
-        *,
-        stream: str = "log",
-        level: str = "info",
-        fields: dict[str, Any] | None = None,
-        ts: Any = None,
-    ) -> int: ...
-
-    def metric(
-        self,
-        run_id: uuid.UUID,
-        name: str,
-        value: float,
-        labels: dict[str, Any] | None = None,
-        ts: Any = None,
-    ) -> None: ...
-
-    def cost(
-        self,
-        run_id: uuid.UUID,
-        attempt: int,
-        step_seq: int | None,
-        project: str,
-        ts: Any,
-        provider: str,
-        model: str,
-        tokens_in: int,
-        tokens_out: int,
-        requests: int,
-        cost_usd: Decimal,
-        /,
-    ) -> None: ...
 
 
 class TaskContext:

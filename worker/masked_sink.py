@@ -1,16 +1,55 @@
-"""A LineSink that masks secrets in everything written through it: messages, fields, metric
-names and labels, cost providers and models. A run that knows secrets records through one."""
+"""LineSink, what a run's lines, metrics and costs are written through, and MaskedSink, one that
+masks secrets in everything written through it: messages, fields, metric names and labels,
+cost providers and models. A run that knows secrets records through one."""
 
 from __future__ import annotations
 
 import uuid
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from domain.security.masking import Masker
 
-if TYPE_CHECKING:  # worker.context builds these; the protocol is only needed for checking
-    from worker.context import LineSink
+
+class LineSink(Protocol):
+    """The worker's log writer as a run's context sees it (worker/logwriter.py)."""
+
+    def log(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        message: str,
+        *,
+        stream: str = "log",
+        level: str = "info",
+        fields: dict[str, Any] | None = None,
+        ts: Any = None,
+    ) -> int: ...
+
+    def metric(
+        self,
+        run_id: uuid.UUID,
+        name: str,
+        value: float,
+        labels: dict[str, Any] | None = None,
+        ts: Any = None,
+    ) -> None: ...
+
+    def cost(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        step_seq: int | None,
+        project: str,
+        ts: Any,
+        provider: str,
+        model: str,
+        tokens_in: int,
+        tokens_out: int,
+        requests: int,
+        cost_usd: Decimal,
+        /,
+    ) -> None: ...
 
 
 class MaskedSink:

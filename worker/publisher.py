@@ -20,8 +20,8 @@ from domain.errors import BrokerUnavailable
 from domain.ports import Dispatch
 from domain.security.masking import NO_SECRETS, Masker
 from domain.settings import redact_url
-from worker.app import EXECUTE, priority_for_broker
 from worker.messages import display_headers
+from worker.routing import EXECUTE, priority_for_broker
 
 log = structlog.get_logger("conveyor.publisher")
 T = TypeVar("T")

@@ -40,8 +40,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 
-from worker.app import EXECUTE
 from worker.poison import envelope_problem, refused_envelope
+from worker.routing import EXECUTE
 
 log = structlog.get_logger("conveyor.worker")
 

@@ -1,4 +1,4 @@
-"""The database for one CLI command: opened from Settings, disposed when the command ends."""
+"""What one CLI command opens: the database (disposed when the command ends), or a Client."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import Engine
 
+from conveyor.client import Client
 from domain.db.unit_of_work import UnitOfWork
 from domain.settings import get_settings
 
@@ -26,3 +27,8 @@ def cli_engine() -> Iterator[Engine]:
 def cli_uow() -> Iterator[UnitOfWork]:
     with cli_engine() as engine:
         yield UnitOfWork(engine)
+
+
+def client() -> Client:
+    """The Client a command talks through: settings from CONVEYOR_* and `.env`."""
+    return Client(get_settings(), triggered_by="cli")

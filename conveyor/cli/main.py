@@ -14,7 +14,6 @@ from conveyor.cli import api_cli, notify_cli, pipelines_cli, processes, projects
 from conveyor.cli import runs as runs_cli
 from conveyor.cli.metavars import name_values
 from conveyor.cli.output import console, err_console, fail, print_json
-from conveyor.client import Client
 from domain.errors import ConveyorError
 from domain.logging import configure_logging
 from domain.settings import Settings, get_settings, redact_url
@@ -77,10 +76,6 @@ def migrate(
         print_json({"database": redact_url(url), "revision": revision})
     else:
         console.print(f"database {redact_url(url)} is at revision [bold]{revision}[/]")
-
-
-def client() -> Client:
-    return Client(settings(), triggered_by="cli")
 
 
 def explain_db_error(url: str, exc: DBAPIError) -> str:

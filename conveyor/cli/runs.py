@@ -38,7 +38,7 @@ Verbose = Annotated[
 
 
 def _client() -> Client:  # imported late: keeps `conveyor --help` free of engine work
-    from conveyor.cli.main import client
+    from conveyor.cli.db import client
 
     return client()
 

@@ -244,7 +244,7 @@ def rm(name: Name) -> None:
 @schedules_app.command("fire")
 def fire_now(name: Name, json_out: JsonFlag = False) -> None:
     """Run the schedule's target now (triggered_by=manual); its slots are unaffected."""
-    from conveyor.cli.main import client
+    from conveyor.cli.db import client
 
     with cli_engine() as engine:
         view = sched.get_schedule(engine, name)

@@ -98,7 +98,7 @@ def chain_follow_up(
         return None
     if target_name is None:
         return None
-    from domain.runs.services import run_row
+    from domain.runs.rows import run_row
 
     try:
         target = registry.get(target_name)

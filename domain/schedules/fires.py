@@ -37,7 +37,7 @@ from domain.ports import Catalog, Dispatch, OpenCatalog
 from domain.runs import lines
 from domain.runs.repository import ON_KEY_CONFLICT
 from domain.runs.requests import EnqueueRequest, build_request
-from domain.runs.services import run_row
+from domain.runs.rows import run_row
 from domain.runs.states import ACTIVE
 from domain.schedules.definitions import HELD, fires, schedules
 

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, select
 
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, UnknownTask
-from domain.runs import services
+from domain.runs import rows, services
 from domain.runs.delivery_checks import DeliveryCheck
 from domain.runs.requests import build_request
 from domain.runs.views import RunView
@@ -239,7 +239,7 @@ def _key() -> str:
 
 def _run(name: str, queue: str) -> RunView:
     return services._view(
-        services.run_row(
+        rows.run_row(
             build_request(name=name, queue=queue), permissive(CompositeCatalog()), T0, False
         )
     )

@@ -13,7 +13,7 @@ from domain.clock import utc_now, uuid7_many
 from domain.db.copy import copy_rows
 from domain.db.models import runs
 from domain.ports import OpenCatalog
-from domain.runs import services
+from domain.runs import rows
 from domain.runs.requests import build_requests
 
 pytestmark = pytest.mark.postgres
@@ -25,7 +25,7 @@ def _rows(n: int, project: str = "default") -> list[dict[str, object]]:
         [{"name": "t", "project": project, "params": {"i": i}} for i in range(n)]
     )
     return [
-        services.run_row(req, OpenCatalog(), now, True, run_id)
+        rows.run_row(req, OpenCatalog(), now, True, run_id)
         for req, run_id in zip(requests, uuid7_many(n), strict=True)
     ]
 

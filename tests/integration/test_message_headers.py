@@ -15,9 +15,10 @@ import redis
 from domain.ports import Dispatch
 from domain.security.masking import Masker
 from domain.settings import load_settings
-from worker.app import EXECUTE, create_app
+from worker.app import create_app
 from worker.messages import REPR_MAX_CHARS
 from worker.publisher import CeleryPublisher
+from worker.routing import EXECUTE
 
 PARAMS = {"to": "ops@example.com", "api_key": "sk-live-0123456789", "note": 'say "hi" 100%'}
 SHOWN = "{'to': 'ops@example.com', 'api_key': '***', 'note': 'say \"hi\" 100%'}"

@@ -15,7 +15,8 @@ from sqlalchemy import create_engine, select
 from domain.db.models import dead_letters, runs
 from domain.settings import load_settings
 from tests.polling import eventually
-from worker.app import SUBMIT, create_app
+from worker.app import create_app
+from worker.routing import SUBMIT
 from worker.runtime import close_runtime
 
 

@@ -12,8 +12,9 @@ import redis
 from kombu import Connection, Message, Queue
 
 from domain.settings import load_settings
-from worker.app import EXECUTE, create_app
+from worker.app import create_app
 from worker.redis_transport import Transport
+from worker.routing import EXECUTE
 
 pytestmark = pytest.mark.redis
 

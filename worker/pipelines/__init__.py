@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from domain.pipelines.discovery import PipelineDirectory, pipeline_settings
 from domain.ports import Publisher
 from domain.security.crypto import secret_key_from
-from worker.context import LineSink
+from worker.masked_sink import LineSink
 from worker.pipelines.envs import EnvManager, InterpreterNotFound, PipelineEnvError
 from worker.pipelines.events import EVENT_PREFIX
 from worker.pipelines.runner import (

@@ -20,7 +20,8 @@ import json
 from contextlib import AbstractContextManager
 from typing import Any
 
-from worker.context import LineSink, TaskContext
+from worker.context import TaskContext
+from worker.masked_sink import LineSink
 
 EVENT_PREFIX = "::conveyor::"
 _LEVELS = {"debug", "info", "warning", "error", "critical"}

@@ -31,7 +31,8 @@ from domain.security.masking import MASK, Masker
 from domain.security.secrets import SecretStore, SecretValue
 from domain.tasks.registry import RetryPolicy
 from worker import capture
-from worker.context import LineSink, TaskContext
+from worker.context import TaskContext
+from worker.masked_sink import LineSink
 from worker.pipelines.artifacts import collect_artifacts
 from worker.pipelines.envs import EnvInfo, EnvManager
 from worker.pipelines.events import EVENT_PREFIX, EventHandler
