@@ -28,7 +28,8 @@ from api import (
 )
 from api.auth import FailedAuthLimiter, TokenCache
 from api.limits import BodyLimit
-from api.state import ApiOptions, ApiState
+from api.options import ApiOptions
+from api.state import ApiState
 from domain.gc_pause import freeze_startup_heap
 from domain.ports import Catalog, Publisher
 from domain.settings import Settings
@@ -102,7 +103,6 @@ def create_api(
         routes_runs,
         sse,
         health,
-        metrics,
         routes_schedules,
         routes_pipelines,
         routes_stats,

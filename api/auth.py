@@ -17,7 +17,8 @@ from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import RateLimited
-from api.state import ApiOptions, get_state
+from api.options import ApiOptions
+from api.state import get_state
 from domain.security import tokens as auth
 from domain.security.tokens import Principal, Unauthorized
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from api import metrics
 from api.auth import Reader
 from api.broker import ping, queue_depths
 from api.errors import error_response
@@ -95,3 +96,9 @@ def queues(state: State, _: Reader) -> dict[str, Any] | JSONResponse:
     except OSError as exc:
         return error_response(503, "broker_unavailable", f"cannot reach the broker: {exc}")
     return {"items": [{"queue": q, "depth": n} for q, n in sorted(depths.items())]}
+
+
+@router.get("/metrics", response_class=Response)
+def prometheus(state: State) -> Response:
+    """Prometheus text format."""
+    return metrics.exposition(state.metrics)

@@ -6,30 +6,40 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
-from fastapi import APIRouter, Response
+from fastapi import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.broker import queue_depths
-from api.state import ApiState, State
+from api.options import ApiOptions
 from domain.clock import utc_now
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import ConveyorError
 from domain.housekeeping import monitoring as observability
+from domain.settings import Settings
 
 log = structlog.get_logger("conveyor.api.metrics")
 
-router = APIRouter(tags=["health"])
+
+class Observed(Protocol):
+    """What the collector reads from the API's state (api/state.py: ApiState)."""
+
+    settings: Settings
+    options: ApiOptions
+    redis: Any
+
+    def reader(self) -> UnitOfWork: ...
 
 
 class ApiMetrics:
     """One registry per app, so several apps in one process (tests) never collide."""
 
-    def __init__(self, state: ApiState) -> None:
+    def __init__(self, state: Observed) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "conveyor_http_requests",
@@ -62,7 +72,7 @@ class DatabaseCollector:
     """Reads the database and broker at scrape time, at most once per `metrics_cache_s`, so
     several scrapers (or a refreshing dashboard) cost one set of queries."""
 
-    def __init__(self, state: ApiState) -> None:
+    def __init__(self, state: Observed) -> None:
         self.state = state
         self._lock = threading.Lock()
         self._cached: list[Metric] = []
@@ -175,7 +185,6 @@ class RequestMetrics:
             self.metrics.latency.labels(template).observe(time.perf_counter() - started)
 
 
-@router.get("/metrics", response_class=Response)
-def metrics(state: State) -> Response:
-    """Prometheus text format."""
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+def exposition(metrics: ApiMetrics) -> Response:
+    """The registry in Prometheus text format."""
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -4,14 +4,14 @@ limits. Built without I/O in create_api; started and stopped by the app's lifesp
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import structlog
 from fastapi import Depends, Request
 from sqlalchemy import Engine
 
 from api.intake import WebhookIntake
+from api.options import ApiOptions
 from domain.clock import utc_now
 from domain.db.unit_of_work import UnitOfWork
 from domain.ports import Catalog, Publisher
@@ -24,48 +24,15 @@ from domain.webhooks import inbound as webhooks
 from domain.webhooks.batches import Delivery, Outcome, accept_batch
 from domain.webhooks.inbound import Endpoint
 
-if TYPE_CHECKING:
-    from api.metrics import ApiMetrics
-
 log = structlog.get_logger("conveyor.api")
-
-
-@dataclass(frozen=True)
-class ApiOptions:
-    """Limits and intervals; the defaults are what production runs with."""
-
-    webhook_max_bytes: int = 1 << 20
-    #: every other body (a run's params are at most 1 MB encoded, plus its options)
-    body_max_bytes: int = 2 << 20
-    webhook_tolerance_s: float = 300.0
-    sse_poll_s: float = 0.25
-    #: a comment line this often keeps proxies from closing an idle stream
-    sse_keepalive_s: float = 15.0
-    token_touch_s: float = 60.0
-    #: how long a token that authenticated is trusted without asking the database again
-    #: (so how long a token revoked by another process may still be accepted here)
-    token_cache_s: float = 2.0
-    auth_slow_after: int = 5
-    auth_block_after: int = 20
-    auth_window_s: float = 60.0
-    auth_block_s: float = 300.0
-    auth_max_delay_s: float = 2.0
-    metrics_window_s: float = 3600.0
-    metrics_cache_s: float = 5.0
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ApiOptions:
-        """Defaults, overridden by Settings fields of the same name where Settings has them
-        (e.g. `webhook_max_bytes` from CONVEYOR_WEBHOOK_MAX_BYTES)."""
-        names = cls.__dataclass_fields__
-        return cls(**{n: getattr(settings, n) for n in names if hasattr(settings, n)})
 
 
 class ApiState:
     """One per app. `start()` creates what the caller did not pass in; `stop()` releases
     only what `start()` created."""
 
-    metrics: ApiMetrics  # set by create_api (it needs the state for its collector)
+    #: set by create_api (api/metrics.py: ApiMetrics, whose collector reads this state)
+    metrics: Any
 
     def __init__(
         self,

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from structlog.testing import capture_logs
 
 from api.auth import FailedAuthLimiter, TokenCache
-from api.state import ApiOptions
+from api.options import ApiOptions
 from domain.security import tokens as auth
 from domain.security.tokens import api_tokens
 from tests.api.conftest import ApiClient, create_run, error_of, running_api

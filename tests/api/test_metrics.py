@@ -9,7 +9,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.state import ApiOptions
+from api.options import ApiOptions
 from domain.db.engine import create_db_engine
 from tests.api.conftest import ApiClient, create_run, running_api, set_status
 from tests.fakes import FakePublisher

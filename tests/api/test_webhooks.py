@@ -14,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import func, insert, select
 
-from api.state import ApiOptions
+from api.options import ApiOptions
 from domain.db.models import runs
 from domain.db.models_platform import Pipeline
 from domain.settings import Settings, load_settings
