@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from api.intake import WebhookIntake
 from api.options import ApiOptions
+from conveyor import bootstrap
 from domain.clock import utc_now
 from domain.db.unit_of_work import UnitOfWork
 from domain.ports import Catalog, Publisher
@@ -19,7 +20,6 @@ from domain.runs.delivery_checks import DeliveryCheck
 from domain.runs.reads import RunReads
 from domain.security.crypto import secret_key_from
 from domain.settings import Settings
-from domain.storage import run_reads
 from domain.webhooks import inbound as webhooks
 from domain.webhooks.batches import Delivery, Outcome, accept_batch
 from domain.webhooks.inbound import Endpoint
@@ -104,21 +104,17 @@ class ApiState:
         return webhooks.endpoints_of(rows, secret_key=self.secret_key)
 
     def start(self) -> None:
-        from conveyor.client import default_publisher
-        from domain.db.engine import create_db_engine
         from domain.db.migrate import head_revision
-        from domain.tasks.catalog import producer_catalog
 
-        url = self.settings.effective_database_url
         if self._engine is None:
-            self._engine = create_db_engine(url, pool_size=10)
-        self._reads = run_reads(self._engine)
+            self._engine = bootstrap.engine_for(self.settings, pool_size=10)
+        self._reads = bootstrap.reads_for(self._engine)
         if not self._publisher_given:
-            self.publisher = default_publisher(self.settings)
+            self.publisher = bootstrap.publisher_for(self.settings)
         if not self._catalog_given:
-            self.catalog = producer_catalog(self.settings, self._engine)
-        self.delivery = DeliveryCheck(self._engine)
-        self.head_revision = head_revision(url)
+            self.catalog = bootstrap.catalog_for(self.settings, self._engine)
+        self.delivery = bootstrap.delivery_checks_for(self._engine)
+        self.head_revision = head_revision(self.settings.effective_database_url)
         if is_redis(self.settings.broker_url):
             import redis
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from conveyor import bootstrap
 from domain.clock import utc_now
-from domain.db.engine import create_db_engine
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, WaitTimeout
 from domain.gc_pause import gc_paused
@@ -25,7 +25,7 @@ from domain.runs.requests import build_request, build_requests, parse_duration
 from domain.runs.states import TERMINAL
 from domain.runs.views import LogLine, Page, RunView, StepView
 from domain.settings import Settings, get_settings
-from domain.tasks.catalog import permissive, producer_catalog
+from domain.tasks.catalog import permissive
 
 
 def as_run_id(value: str | uuid.UUID) -> uuid.UUID:
@@ -36,17 +36,6 @@ def as_run_id(value: str | uuid.UUID) -> uuid.UUID:
         return uuid.UUID(str(value).strip())
     except ValueError:
         raise InvalidInput(f"run id: {value!r} is not a UUID", field="run_id") from None
-
-
-def default_publisher(settings: Settings) -> Publisher | None:
-    """Publish straight to a real broker; with the in-process broker of dev mode (which another
-    process cannot reach) leave delivery to the relay."""
-    if settings.broker_url.startswith("memory"):
-        return None
-    from worker.app import create_app
-    from worker.publisher import CeleryPublisher
-
-    return CeleryPublisher(create_app(settings))
 
 
 class Client:
@@ -69,7 +58,9 @@ class Client:
         self._engine = engine
         self._owns_engine = engine is None
         #: None: runs are delivered by the relay (`conveyor scheduler`/`dev`) instead of at once.
-        self.publisher = publisher if publisher is not None else default_publisher(self.settings)
+        self.publisher = (
+            publisher if publisher is not None else bootstrap.publisher_for(self.settings)
+        )
         self._catalog = catalog
         self._delivery: DeliveryCheck | None = None
         self.triggered_by = triggered_by
@@ -79,13 +70,13 @@ class Client:
         """What names and params are checked against: the tasks this process imports, else the
         catalog the workers published, else pipelines (domain/tasks/catalog.py)."""
         if self._catalog is None:
-            self._catalog = producer_catalog(self.settings, self.engine)
+            self._catalog = bootstrap.catalog_for(self.settings, self.engine)
         return self._catalog
 
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = create_db_engine(self.settings.effective_database_url)
+            self._engine = bootstrap.engine_for(self.settings)
         return self._engine
 
     def uow(self) -> UnitOfWork:
@@ -221,7 +212,7 @@ class Client:
 
     def _checks(self) -> DeliveryCheck:
         if self._delivery is None:
-            self._delivery = DeliveryCheck(self.engine)
+            self._delivery = bootstrap.delivery_checks_for(self.engine)
         return self._delivery
 
     # -- reading ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 
 from celery.exceptions import SecurityWarning
 
+from conveyor import bootstrap
 from conveyor.cli.output import console
 from domain.clock import utc_now
 from domain.db.engine import create_db_engine
@@ -21,7 +22,6 @@ from domain.logging import quiet_libraries
 from domain.pipelines.discovery import PipelineDirectory, pipeline_settings
 from domain.settings import Settings, redact_url
 from domain.tasks import catalog
-from domain.tasks.catalog import permissive, producer_catalog
 from domain.tasks.registry import REGISTRY, import_task_modules
 
 DEV_TASK_MODULES = "examples.hello"
@@ -143,7 +143,7 @@ def run_dev(settings: Settings, *, port: int = 8000, verbose: bool = False) -> N
         settings,
         engine,
         CeleryPublisher(app),
-        catalog=permissive(producer_catalog(settings, engine)),
+        catalog=bootstrap.catalog_for(settings, engine, allow_unknown=True),
         registry=REGISTRY,
     )
     sweeper = threading.Thread(target=service.run, name="conveyor-scheduler", daemon=True)

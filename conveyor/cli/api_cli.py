@@ -131,13 +131,13 @@ def webhooks_add(
     json_out: JsonFlag = False,
 ) -> None:
     """Create a webhook endpoint and print its signing secret once (stored encrypted)."""
+    from conveyor import bootstrap
     from domain.security.crypto import secret_key_from
-    from domain.tasks.catalog import producer_catalog
     from domain.webhooks import inbound as webhooks
 
     settings = get_settings()
     with cli_uow() as uow:
-        catalog = None if allow_unknown else producer_catalog(settings, uow.engine)
+        catalog = None if allow_unknown else bootstrap.catalog_for(settings, uow.engine)
         view, secret = webhooks.add_webhook(
             uow,
             name,

@@ -65,9 +65,9 @@ def worker_queues(settings: Settings, requested: str | None) -> str:
 def scheduler() -> None:
     """Run the scheduler: relay (re-publishes undelivered runs) and reaper (recovers runs whose
     worker died). Start one per deployment or more as standbys: only the leader sweeps."""
+    from conveyor import bootstrap
     from domain.db.engine import create_db_engine
     from domain.db.migrate import wait_for_schema
-    from domain.tasks.catalog import permissive, producer_catalog
     from domain.tasks.registry import REGISTRY
     from scheduler.service import SchedulerService
     from worker.app import create_app
@@ -78,7 +78,8 @@ def scheduler() -> None:
     engine = create_db_engine(settings.effective_database_url, pool_size=4, pre_ping=False)
     # Schedules were checked when they were added: a fire gets the task's defaults from the
     # catalog, and one for a task no worker published yet still fires (checked at its claim).
-    catalog = permissive(producer_catalog(settings, engine))  # imports CONVEYOR_TASK_MODULES
+    # (this imports CONVEYOR_TASK_MODULES)
+    catalog = bootstrap.catalog_for(settings, engine, allow_unknown=True)
     service = SchedulerService(
         settings,
         engine,

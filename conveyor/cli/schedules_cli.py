@@ -71,7 +71,7 @@ def add(
     json_out: JsonFlag = False,
 ) -> None:
     """Add a schedule. It takes effect within about a second, without a restart."""
-    from domain.tasks.catalog import permissive, producer_catalog
+    from conveyor import bootstrap
 
     kind, expression = _trigger(cron, every, at)
     policy, limit = sched.parse_misfire(misfire)
@@ -93,13 +93,13 @@ def add(
     )
     slots = _slots(kind, expression, tz, spec.start_at, spec.end_at)
     with cli_engine() as engine:
-        catalog = producer_catalog(get_settings(), engine)
+        catalog = bootstrap.catalog_for(get_settings(), engine, allow_unknown=allow_unknown)
         view = sched.add_schedule(
             engine,
             spec,
             slots,
             now=utc_now(),
-            catalog=permissive(catalog) if allow_unknown else catalog,
+            catalog=catalog,
         )
     _print(view, json_out)
 
