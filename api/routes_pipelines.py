@@ -22,7 +22,6 @@ from domain.runs.requests import (
     Usd,
     build_request,
 )
-from domain.security import audit
 
 router = APIRouter(prefix="/api/v1/pipelines", tags=["pipelines"])
 
@@ -81,23 +80,16 @@ def trigger(
     req = build_request(
         name=name, kind="pipeline", triggered_by="api", trigger_ref=who.name, **fields
     )
-    result = services.enqueue(
+    result = services.create_run(
         state.uow(),
         req,
+        actor=who.name,
+        ip=client_ip(request),
+        action="pipeline.trigger",
         publisher=state.publisher,
         catalog=TableCatalog(state.engine, state.catalog),
     )
     run = result.run
-    if result.created:
-        audit.write(
-            state.uow(),
-            actor=who.name,
-            action="pipeline.trigger",
-            target_type="run",
-            target_id=str(run.id),
-            details={"pipeline": name, "params": run.params},
-            ip=client_ip(request),
-        )
     return JSONResponse(
         run.to_dict(),
         status_code=201 if result.created else 200,

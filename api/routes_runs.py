@@ -28,7 +28,6 @@ from domain.runs.requests import (
     build_request,
 )
 from domain.runs.states import Status
-from domain.security import audit
 from domain.tasks.catalog import permissive
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
@@ -120,22 +119,15 @@ def create_run(
     fields.setdefault("project", state.settings.default_project)
     req = build_request(**fields, triggered_by="api", trigger_ref=who.name)
     catalog = permissive(state.catalog) if allow_unknown and state.catalog else state.catalog
-    result = services.enqueue(state.uow(), req, publisher=state.publisher, catalog=catalog)
+    result = services.create_run(
+        state.uow(),
+        req,
+        actor=who.name,
+        ip=client_ip(request),
+        publisher=state.publisher,
+        catalog=catalog,
+    )
     run = result.run
-    if result.created:
-        audit.write(
-            state.uow(),
-            actor=who.name,
-            action="run.create",
-            target_type="run",
-            target_id=str(run.id),
-            details={
-                "name": run.name,
-                "params": run.params,
-                "idempotency_key": req.idempotency_key,
-            },
-            ip=client_ip(request),
-        )
     warnings = state.delivery.warnings(run, utc_now()) if state.delivery is not None else []
     # JSONBody encodes any run the checks let through, so a committed run is never answered
     # with a 500 (which a client would retry into a duplicate).
@@ -209,14 +201,7 @@ def cancel_run(
 @router.post("/{run_id}/retry", status_code=201)
 def retry_run(state: State, who: Writer, request: Request, run_id: RunId) -> dict[str, Any]:
     """A finished run again, as a new run whose parent_run_id is this one."""
-    run = services.retry_run(state.uow(), run_id, actor=who.name, publisher=state.publisher)
-    audit.write(
-        state.uow(),
-        actor=who.name,
-        action="run.retry",
-        target_type="run",
-        target_id=str(run_id),
-        details={"new_run_id": str(run.id)},
-        ip=client_ip(request),
+    run = services.retry_run(
+        state.uow(), run_id, actor=who.name, ip=client_ip(request), publisher=state.publisher
     )
     return run.to_dict()

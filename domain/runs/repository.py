@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from domain.db import sql
 from domain.db.capabilities import Capabilities, capabilities
 from domain.db.copy import copy_rows, driver_values
-from domain.db.models import audit_logs, projects, run_logs, run_steps, runs
+from domain.db.models import projects, run_logs, run_steps, runs
 from domain.errors import InvalidInput, RunNotFound
 from domain.runs.states import ALL_STATUSES, TERMINAL, Status
 from domain.runs.views import LogLine, Page, RunView, StepView
@@ -183,29 +183,6 @@ class RunRepository:
         if capabilities(self.conn).copy:  # psycopg: one prepared INSERT, pipelined
             return _insert_keyed_pg(self.conn, rows)
         return set(self.conn.execute(self._insert_returning_id(), rows).scalars())
-
-    def add_audit(
-        self,
-        *,
-        actor: str,
-        action: str,
-        target_type: str,
-        target_id: str | None,
-        details: dict[str, Any] | None = None,
-        ip: str | None = None,
-        ts: datetime,
-    ) -> None:
-        self.conn.execute(
-            audit_logs.insert().values(
-                ts=ts,
-                actor=actor,
-                action=action,
-                target_type=target_type,
-                target_id=target_id,
-                details=details,
-                ip=ip,
-            )
-        )
 
     def set_cancelled(self, run_id: uuid.UUID, now: datetime, reason: str) -> bool:
         """Pending → cancelled at once. False when the run was no longer pending."""

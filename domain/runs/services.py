@@ -71,6 +71,44 @@ def enqueue(
     )[0]
 
 
+def create_run(
+    uow: UnitOfWork,
+    req: EnqueueRequest,
+    *,
+    actor: str,
+    ip: str | None = None,
+    action: str = "run.create",
+    publisher: Publisher | None = None,
+    catalog: Catalog | None = None,
+) -> Enqueued:
+    """`enqueue` on behalf of `actor`: a run it creates is audited (`action`, with its name,
+    params and idempotency key) in the run's own transaction, so no run exists unaudited and
+    no audit row names a run that was never made. A run an idempotency key found is not."""
+
+    def audit_created(conn: Connection, results: list[Enqueued]) -> None:
+        for made in results:
+            if made.created:
+                details = {
+                    "name": made.run.name,
+                    "params": made.run.params,
+                    "idempotency_key": req.idempotency_key,
+                }
+                if made.run.kind == "pipeline":
+                    details["pipeline"] = made.run.name
+                audit.add(
+                    conn,
+                    actor=actor,
+                    action=action,
+                    target_type="run",
+                    target_id=str(made.run.id),
+                    details=details,
+                    ip=ip,
+                    ts=uow.clock(),
+                )
+
+    return enqueue_many(uow, [req], publisher=publisher, catalog=catalog, record=audit_created)[0]
+
+
 def enqueue_many(
     uow: UnitOfWork,
     reqs: Sequence[EnqueueRequest],
@@ -304,9 +342,15 @@ def cancel_run(
 
 
 def retry_run(
-    uow: UnitOfWork, run_id: uuid.UUID, *, actor: str, publisher: Publisher | None = None
+    uow: UnitOfWork,
+    run_id: uuid.UUID,
+    *,
+    actor: str,
+    ip: str | None = None,
+    publisher: Publisher | None = None,
 ) -> RunView:
-    """A terminal run → a new pending run with the same target and params (`parent_run_id`)."""
+    """A terminal run → a new pending run with the same target and params (`parent_run_id`),
+    audited as `run.retry` of the old run in the new run's transaction."""
     with uow:
         old = uow.runs.get(run_id)
         if old.status not in TERMINAL:
@@ -330,6 +374,19 @@ def retry_run(
         trigger_ref=actor,
         parent_run_id=old.id,
     )
-    new = enqueue(uow, req, publisher=publisher).run
+
+    def audit_retry(conn: Connection, results: list[Enqueued]) -> None:
+        audit.add(
+            conn,
+            actor=actor,
+            action="run.retry",
+            target_type="run",
+            target_id=str(run_id),
+            details={"new_run_id": str(results[0].run.id)},
+            ip=ip,
+            ts=uow.clock(),
+        )
+
+    new = enqueue_many(uow, [req], publisher=publisher, record=audit_retry)[0].run
     log.info("run.retried", run_id=str(new.id), parent_run_id=str(old.id), actor=actor)
     return new

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from domain.db.models import audit_logs
 from domain.db.unit_of_work import UnitOfWork
@@ -64,14 +64,41 @@ def record(
     ip: str | None = None,
 ) -> None:
     """Add an audit row inside the caller's open transaction (it commits with the change)."""
-    uow.runs.add_audit(
+    add(
+        uow.conn,
         actor=actor,
         action=action,
         target_type=target_type,
         target_id=target_id,
-        details=_bounded(mask(details)) if details else None,
+        details=details,
         ip=ip,
         ts=uow.clock(),
+    )
+
+
+def add(
+    conn: Connection,
+    *,
+    actor: str,
+    action: str,
+    target_type: str,
+    target_id: str | None,
+    details: dict[str, Any] | None,
+    ip: str | None,
+    ts: datetime,
+) -> None:
+    """`record` on a bare connection, for writers that hold only the transaction's connection
+    (a use case's per-batch hook): details masked and bounded the same way."""
+    conn.execute(
+        audit_logs.insert().values(
+            ts=ts,
+            actor=actor,
+            action=action,
+            target_type=target_type,
+            target_id=target_id,
+            details=_bounded(mask(details)) if details else None,
+            ip=ip,
+        )
     )
 
 

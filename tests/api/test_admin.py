@@ -3,6 +3,9 @@ routes for tokens and webhook endpoints."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from sqlalchemy import text
 
 from domain.security.audit import mask
@@ -128,3 +131,58 @@ def test_mask_hides_secret_names_and_our_tokens_at_any_depth() -> None:
         "idempotency_key": "k",
         "count": 3,
     }
+
+
+@contextmanager
+def _audit_rows_refused(api: ApiClient) -> Iterator[None]:
+    """A database that refuses audit rows: what an audited change does then shows whether
+    its audit row shares the change's transaction. (The trigger goes at the end: the
+    PostgreSQL test database outlives the test.)"""
+    with api.state.engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.execute(
+                text(
+                    "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_logs "
+                    "BEGIN SELECT RAISE(ABORT, 'audit refused'); END"
+                )
+            )
+        else:
+            conn.execute(
+                text(
+                    "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE EXCEPTION 'audit refused'; END $$"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_logs "
+                    "FOR EACH ROW EXECUTE FUNCTION refuse_audit()"
+                )
+            )
+    try:
+        yield
+    finally:
+        with api.state.engine.begin() as conn:
+            if conn.dialect.name == "sqlite":
+                conn.execute(text("DROP TRIGGER refuse_audit"))
+            else:
+                conn.execute(text("DROP TRIGGER refuse_audit ON audit_logs"))
+                conn.execute(text("DROP FUNCTION refuse_audit()"))
+
+
+def _run_count(api: ApiClient) -> int:
+    with api.state.engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM runs")).scalar_one())
+
+
+def test_a_run_whose_audit_row_cannot_be_written_is_not_created(api: ApiClient) -> None:
+    """The audit row commits with the run or not at all: creating and retrying leave no run
+    behind when the audit row is refused."""
+    finished = create_run(api)
+    api.as_role("write", "POST", f"/api/v1/runs/{finished['id']}/cancel")
+    before = _run_count(api)
+    with _audit_rows_refused(api):
+        created = api.as_role("write", "POST", "/api/v1/runs", json={"name": "report"})
+        retried = api.as_role("write", "POST", f"/api/v1/runs/{finished['id']}/retry")
+    assert created.status_code >= 500 and retried.status_code >= 500
+    assert _run_count(api) == before
