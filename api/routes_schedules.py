@@ -15,10 +15,9 @@ from domain.clock import utc_now
 from domain.errors import ConveyorError, InvalidInput
 from domain.pipelines.reads import TableCatalog
 from domain.ports import Catalog
-from domain.runs import services
-from domain.runs.requests import Priority, build_request
+from domain.runs.requests import Priority
 from domain.schedules import definitions as sched
-from domain.security import audit
+from domain.schedules import manage
 from domain.tasks.catalog import permissive
 from scheduler.triggers import Slots, TriggerSpec
 
@@ -111,14 +110,14 @@ def _save(
             raise InvalidInput(f"project: no project named {spec.project!r}", field="project")
     slots = slots_for(spec, now=now)
     catalog = catalog_for(state, spec.target_kind, allow_unknown=body.allow_unknown)
-    view = sched.add_schedule(state.engine, spec, slots, now=now, catalog=catalog, replace=replace)
-    audit.write(
+    view = manage.add_schedule(
         state.uow(),
+        spec,
+        slots,
+        now=now,
+        catalog=catalog,
+        replace=replace,
         actor=who,
-        action="schedule.replace" if replace else "schedule.add",
-        target_type="schedule",
-        target_id=name,
-        details={"target": spec.target, "trigger": spec.trigger, "expression": spec.expression},
         ip=client_ip(request),
     )
     return view.to_dict()
@@ -127,7 +126,7 @@ def _save(
 @router.get("")
 def list_schedules(state: State, _: Reader) -> dict[str, Any]:
     """Every schedule with its next and last fire time."""
-    return {"items": [view.to_dict() for view in sched.list_schedules(state.engine)]}
+    return {"items": [view.to_dict() for view in manage.list_schedules(state.reader())]}
 
 
 @router.post("", status_code=201)
@@ -149,8 +148,8 @@ def preview_expression(state: State, _: Reader, body: PreviewRequest) -> dict[st
 @router.get("/{name}")
 def get_schedule(state: State, _: Reader, name: Name) -> dict[str, Any]:
     """The schedule and its 20 most recent fires with their outcomes."""
-    view = sched.get_schedule(state.engine, name)
-    return {**view.to_dict(), "fires": sched.recent_fires(state.engine, name)}
+    view = manage.get_schedule(state.reader(), name)
+    return {**view.to_dict(), "fires": manage.recent_fires(state.reader(), name)}
 
 
 @router.put("/{name}")
@@ -159,30 +158,31 @@ def replace_schedule(
 ) -> dict[str, Any]:
     """Replace a schedule's definition. A new trigger starts counting from now: slots of the
     old one are not fired as missed."""
-    sched.get_schedule(state.engine, name)  # 404 before anything else
+    manage.get_schedule(state.reader(), name)  # 404 before anything else
     return _save(state, who.name, request, name, body, replace=True)
 
 
 @router.delete("/{name}", status_code=204)
 def delete_schedule(state: State, who: Admin, request: Request, name: Name) -> Response:
     """Delete a schedule and its fire history (the runs it made stay)."""
-    sched.remove_schedule(state.engine, name)
-    _audit(state, who.name, request, "schedule.remove", name)
+    manage.remove_schedule(state.uow(), name, actor=who.name, ip=client_ip(request))
     return Response(status_code=204)
 
 
 @router.post("/{name}/pause")
 def pause_schedule(state: State, who: Admin, request: Request, name: Name) -> dict[str, Any]:
     """Stop firing; on resume, missed slots follow the misfire policy."""
-    view = sched.set_enabled(state.engine, name, False, now=utc_now())
-    _audit(state, who.name, request, "schedule.pause", name)
+    view = manage.set_enabled(
+        state.uow(), name, False, now=utc_now(), actor=who.name, ip=client_ip(request)
+    )
     return view.to_dict()
 
 
 @router.post("/{name}/resume")
 def resume_schedule(state: State, who: Admin, request: Request, name: Name) -> dict[str, Any]:
-    view = sched.set_enabled(state.engine, name, True, now=utc_now())
-    _audit(state, who.name, request, "schedule.resume", name)
+    view = manage.set_enabled(
+        state.uow(), name, True, now=utc_now(), actor=who.name, ip=client_ip(request)
+    )
     return view.to_dict()
 
 
@@ -194,7 +194,7 @@ def preview_schedule(
     count: Annotated[int, Query(ge=1, le=MAX_PREVIEW)] = 10,
 ) -> dict[str, Any]:
     """The schedule's next `count` fire times (UTC)."""
-    view = sched.get_schedule(state.engine, name)
+    view = manage.get_schedule(state.reader(), name)
     now = utc_now()
     return {"items": [t.isoformat() for t in slots_for(view, now=now).preview(now, count)]}
 
@@ -202,37 +202,12 @@ def preview_schedule(
 @router.post("/{name}/fire", status_code=201)
 def fire_schedule(state: State, who: Writer, request: Request, name: Name) -> dict[str, Any]:
     """Run the schedule's target now (triggered_by=manual); its own slots are unaffected."""
-    view = sched.get_schedule(state.engine, name)
-    req = build_request(
-        name=view.target_name,
-        params=view.params,
-        project=view.project,
-        queue=view.queue,
-        priority=view.priority,
-        kind=view.target_kind,
-        triggered_by="manual",
-        trigger_ref=f"schedule:{view.id}",
-    )
-    catalog = catalog_for(state, view.target_kind)
-    run = services.enqueue(state.uow(), req, publisher=state.publisher, catalog=catalog).run
-    _audit(state, who.name, request, "schedule.fire", name, {"run_id": str(run.id)})
-    return run.to_dict()
-
-
-def _audit(
-    state: ApiState,
-    actor: str,
-    request: Request,
-    action: str,
-    name: str,
-    details: dict[str, Any] | None = None,
-) -> None:
-    audit.write(
+    run = manage.fire_now(
         state.uow(),
-        actor=actor,
-        action=action,
-        target_type="schedule",
-        target_id=name,
-        details=details,
+        name,
+        actor=who.name,
         ip=client_ip(request),
+        publisher=state.publisher,
+        catalog=lambda kind: catalog_for(state, kind),
     )
+    return run.to_dict()

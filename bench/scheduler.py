@@ -67,8 +67,10 @@ from bench.common import (
 )
 from domain.clock import utc_now
 from domain.db.engine import create_db_engine
+from domain.db.unit_of_work import UnitOfWork
 from domain.logging import configure_logging
 from domain.schedules import definitions as sched
+from domain.schedules import manage
 from domain.tasks.registry import REGISTRY, RegistryCatalog, import_task_modules
 from scheduler.triggers import Slots, TriggerSpec
 
@@ -184,7 +186,7 @@ def add_schedules(engine: Engine, count: int) -> None:
             name=f"bench-{k}", target="bench_noop", params={"i": k}, trigger="interval",
             expression="1s",
         )  # fmt: skip
-        sched.add_schedule(engine, spec, slots, now=utc_now(), catalog=catalog)
+        manage.add_schedule(UnitOfWork(engine), spec, slots, now=utc_now(), catalog=catalog)
 
 
 def run_conveyor(procs: Processes, url: str, k: int, d: int) -> Outcome:

@@ -7,9 +7,11 @@ import structlog
 from sqlalchemy import Engine
 
 from domain.clock import Clock, utc_now
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import ConveyorError
 from domain.pipelines.discovery import PipelineDirectory
 from domain.schedules import definitions as sched
+from domain.schedules import manage
 from domain.tasks.registry import Registry, RegistryCatalog
 from scheduler.triggers import Slots, TriggerSpec
 
@@ -42,7 +44,9 @@ def sync_code_schedules(engine: Engine, registry: Registry, *, clock: Clock = ut
             source="code",
         )
         slots = Slots(TriggerSpec(spec.trigger, spec.expression, spec.timezone))
-        sched.add_schedule(engine, spec, slots, now=clock(), catalog=catalog, replace=True)
+        manage.add_schedule(
+            UnitOfWork(engine), spec, slots, now=clock(), catalog=catalog, replace=True
+        )
         keep.add(name)
     gone = sched.disable_missing(engine, "code", keep, now=clock())
     for name in gone:
@@ -81,7 +85,7 @@ def sync_pipeline_schedules(
                     schedule.end_at,
                 )
             )
-            sched.add_schedule(engine, schedule, slots, now=clock(), replace=True)
+            manage.add_schedule(UnitOfWork(engine), schedule, slots, now=clock(), replace=True)
         except ConveyorError as exc:  # e.g. a run_once_at in the past: say so, keep going
             log.warning("schedule.not_declared", schedule=name, reason=str(exc))
             continue

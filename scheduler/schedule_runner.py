@@ -20,10 +20,12 @@ from sqlalchemy import Engine
 
 from domain.clock import Clock, utc_now
 from domain.db.capabilities import capabilities
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import BrokerUnavailable, ConveyorError
 from domain.ports import Catalog, Publisher, send_later
 from domain.runs.recovery import hand_back
 from domain.schedules import definitions as sched
+from domain.schedules import manage
 from domain.schedules.fires import (
     Due,
     Fired,
@@ -142,7 +144,7 @@ class ScheduleRunner:
             stale = set(self._stale)
         if marker == self._marker and not stale and not force:
             return
-        rows = {s.id: s for s in sched.list_schedules(self.engine)}
+        rows = {s.id: s for s in manage.list_schedules(UnitOfWork(self.engine))}
         dues: list[Due] = []
         with self._lock:
             self._stale -= stale

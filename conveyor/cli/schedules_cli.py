@@ -11,9 +11,11 @@ from conveyor.cli.db import cli_engine
 from conveyor.cli.output import console, key_values, print_json
 from conveyor.cli.params import AllowUnknown, parse_params
 from domain.clock import utc_now
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput
 from domain.runs.requests import parse_duration
 from domain.schedules import definitions as sched
+from domain.schedules import manage
 from domain.settings import get_settings
 
 if TYPE_CHECKING:
@@ -94,8 +96,8 @@ def add(
     slots = _slots(kind, expression, tz, spec.start_at, spec.end_at)
     with cli_engine() as engine:
         catalog = bootstrap.catalog_for(get_settings(), engine, allow_unknown=allow_unknown)
-        view = sched.add_schedule(
-            engine,
+        view = manage.add_schedule(
+            UnitOfWork(engine),
             spec,
             slots,
             now=utc_now(),
@@ -152,7 +154,7 @@ def list_(json_out: JsonFlag = False) -> None:
     from rich.table import Table
 
     with cli_engine() as engine:
-        views = sched.list_schedules(engine)
+        views = manage.list_schedules(UnitOfWork(engine))
     if json_out:
         print_json([v.to_dict() for v in views])
         return
@@ -175,8 +177,8 @@ def list_(json_out: JsonFlag = False) -> None:
 def show(name: Name, json_out: JsonFlag = False) -> None:
     """One schedule and its recent fires with their outcomes."""
     with cli_engine() as engine:
-        view = sched.get_schedule(engine, name)
-        fired = sched.recent_fires(engine, name)
+        view = manage.get_schedule(UnitOfWork(engine), name)
+        fired = manage.recent_fires(UnitOfWork(engine), name)
     if json_out:
         print_json(view.to_dict() | {"fires": fired})
         return
@@ -199,7 +201,7 @@ def preview(
     """The next fire times of a schedule or an expression."""
     if name:
         with cli_engine() as engine:
-            view = sched.get_schedule(engine, name)
+            view = manage.get_schedule(UnitOfWork(engine), name)
         kind, expression, tz = view.trigger, view.expression, view.timezone
         slots = _slots(kind, expression, tz, view.start_at, view.end_at)
     else:
@@ -229,7 +231,7 @@ def resume(name: Name) -> None:
 
 def _set(name: str, enabled: bool) -> None:
     with cli_engine() as engine:
-        view = sched.set_enabled(engine, name, enabled, now=utc_now())
+        view = manage.set_enabled(UnitOfWork(engine), name, enabled, now=utc_now())
     console.print(f"{view.name}: {'enabled' if view.enabled else 'paused'}")
 
 
@@ -237,7 +239,7 @@ def _set(name: str, enabled: bool) -> None:
 def rm(name: Name) -> None:
     """Delete a schedule and its fire history."""
     with cli_engine() as engine:
-        sched.remove_schedule(engine, name)
+        manage.remove_schedule(UnitOfWork(engine), name)
     console.print(f"{name}: removed")
 
 
@@ -247,7 +249,7 @@ def fire_now(name: Name, json_out: JsonFlag = False) -> None:
     from conveyor.cli.db import client
 
     with cli_engine() as engine:
-        view = sched.get_schedule(engine, name)
+        view = manage.get_schedule(UnitOfWork(engine), name)
     with client() as c:
         run = c.enqueue(
             view.target_name,

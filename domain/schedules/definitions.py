@@ -20,15 +20,13 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-from sqlalchemy import Connection, Engine, Table, delete, func, or_, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, Table, func, or_, select, text, update
 
 from domain import storable
 from domain.db.capabilities import capabilities
 from domain.db.models import runs
 from domain.db.models_platform import Schedule, ScheduleFire
-from domain.errors import Conflict, InvalidInput, NotFound
-from domain.ports import Catalog, OpenCatalog
+from domain.errors import InvalidInput
 from domain.runs.requests import NAME_PATTERN, Priority, invalid_from
 
 schedules = cast(Table, Schedule.__table__)
@@ -124,121 +122,11 @@ class ScheduleView:
         return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in self.row.items()}
 
 
-def add_schedule(
-    engine: Engine,
-    spec: ScheduleInput,
-    slots: SlotSource,
-    *,
-    now: datetime,
-    catalog: Catalog | None = None,
-    replace: bool = False,
-) -> ScheduleView:
-    """Validate the target and params, then store the schedule with its first fire time.
-
-    A duplicate name is a Conflict unless `replace` (declared schedules are re-synced)."""
-    _, params = (catalog or OpenCatalog()).resolve(spec.target, spec.params)
-    next_fire = slots.next_after(now)
-    if next_fire is None and spec.trigger == "once":
-        raise InvalidInput(f"at: {spec.expression} is in the past", field="at")
-    values = spec.model_dump(exclude={"target"}) | {
-        "target_name": spec.target,
-        "params": params,
-        "next_fire_at": next_fire,
-        "updated_at": now,
-    }
-    with engine.begin() as conn:
-        existing = conn.execute(select(schedules.c.id).where(schedules.c.name == spec.name)).first()
-        if existing is not None and not replace:
-            raise Conflict(f"name: a schedule named {spec.name!r} already exists", field="name")
-        try:
-            if existing is None:
-                conn.execute(schedules.insert().values(created_at=now, **values))
-                announce_change(conn)
-            elif _replace(conn, existing[0], values, now):
-                announce_change(conn)
-        except IntegrityError:
-            raise Conflict(f"name: a schedule named {spec.name!r} already exists") from None
-        return _get(conn, spec.name)
-
-
-TIMING = ("trigger", "expression", "timezone", "start_at", "end_at")
-
-
-def _replace(conn: Connection, schedule_id: int, values: dict[str, Any], now: datetime) -> bool:
-    """Re-declare a schedule; say whether anything changed. Unchanged: nothing is written
-    (syncs on every start are free). New timing: slots of the old definition are not
-    "missed", so the cursor moves to now."""
-    current = conn.execute(select(schedules).where(schedules.c.id == schedule_id)).mappings().one()
-    changed = {
-        k: v
-        for k, v in values.items()
-        if k not in {"updated_at", "next_fire_at"} and current[k] != v
-    }
-    if not changed:
-        return False
-    if any(k in changed for k in TIMING):
-        values = values | {"last_fire_at": now}
-    else:
-        values = {k: v for k, v in values.items() if k != "next_fire_at"}
-    conn.execute(update(schedules).where(schedules.c.id == schedule_id).values(values))
-    return True
-
-
 def announce_change(conn: Connection) -> None:
     """Wake the leading scheduler (scheduler/changes.py) when this transaction commits; a
     rollback sends nothing. SQLite has no NOTIFY: the scheduler polls there."""
     if capabilities(conn).notify:
         conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANGES_CHANNEL})
-
-
-def _get(conn: Connection, name: str) -> ScheduleView:
-    row = conn.execute(select(schedules).where(schedules.c.name == name)).mappings().first()
-    if row is None:
-        raise NotFound(f"no schedule named {name!r}", name=name)
-    return ScheduleView(dict(row))
-
-
-def get_schedule(engine: Engine, name: str) -> ScheduleView:
-    with engine.connect() as conn:
-        return _get(conn, name)
-
-
-def list_schedules(engine: Engine) -> list[ScheduleView]:
-    with engine.connect() as conn:
-        rows = conn.execute(select(schedules).order_by(schedules.c.name)).mappings()
-        return [ScheduleView(dict(r)) for r in rows]
-
-
-def recent_fires(engine: Engine, name: str, limit: int = 20) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        schedule = _get(conn, name)
-        rows = conn.execute(
-            select(fires.c.fire_at, fires.c.outcome, fires.c.run_id, fires.c.recorded_at)
-            .where(fires.c.schedule_id == schedule.id)
-            .order_by(fires.c.fire_at.desc())
-            .limit(limit)
-        ).mappings()
-        return [dict(r) for r in rows]
-
-
-def set_enabled(engine: Engine, name: str, enabled: bool, *, now: datetime) -> ScheduleView:
-    with engine.begin() as conn:
-        found = conn.execute(
-            update(schedules)
-            .where(schedules.c.name == name)
-            .values(enabled=enabled, updated_at=now)
-        ).rowcount
-        if not found:
-            raise NotFound(f"no schedule named {name!r}", name=name)
-        announce_change(conn)
-        return _get(conn, name)
-
-
-def remove_schedule(engine: Engine, name: str) -> None:
-    with engine.begin() as conn:
-        if not conn.execute(delete(schedules).where(schedules.c.name == name)).rowcount:
-            raise NotFound(f"no schedule named {name!r}", name=name)
-        announce_change(conn)
 
 
 def disable_missing(engine: Engine, source: str, keep: set[str], *, now: datetime) -> list[str]:

@@ -15,6 +15,7 @@ from conveyor import Client
 from domain.clock import utc_now
 from domain.db.unit_of_work import UnitOfWork
 from domain.schedules import definitions as schedules
+from domain.schedules import manage
 from domain.webhooks.inbound import add_webhook, signature
 from scheduler.triggers import Slots, TriggerSpec
 
@@ -68,6 +69,6 @@ def every_second(client: Client, *, name: str = "greeting-every-second") -> Any:
         trigger="interval",
         expression="1s",
     )
-    return schedules.add_schedule(
-        client.engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now()
+    return manage.add_schedule(
+        UnitOfWork(client.engine), spec, Slots(TriggerSpec("interval", "1s")), now=utc_now()
     )

@@ -18,7 +18,9 @@ from sqlalchemy import Engine, func, select, text
 
 from domain.clock import utc_now
 from domain.db.engine import create_db_engine
+from domain.db.unit_of_work import UnitOfWork
 from domain.schedules import definitions as sched
+from domain.schedules import manage
 from scheduler.leader import ADVISORY_KEY
 from scheduler.triggers import Slots, TriggerSpec
 from tests.e2e.stack import Stack
@@ -93,7 +95,7 @@ def test_a_frozen_leader_cannot_double_fire_when_it_wakes(
     resumed_at = _count(engine, first)
     eventually(lambda: _count(engine, first) >= resumed_at + 2, timeout=30)
     for view in views:
-        sched.set_enabled(engine, view.name, False, now=utc_now())
+        manage.set_enabled(UnitOfWork(engine), view.name, False, now=utc_now())
     time.sleep(1.5)
     stack.kill(standby, signal.SIGTERM)
     stack.kill(leader, signal.SIGTERM)
@@ -132,7 +134,7 @@ def test_a_leader_that_loses_its_database_connection_hands_over(
 def _pause_and_check_every_slot_once(engine: Engine, stack: Stack, view: Any) -> None:
     """Pause the schedule, stop the schedulers, and check its slots: one a second with no gap
     and no repeat, each enqueued (late slots were within the grace) with a run of its own."""
-    sched.set_enabled(engine, view.name, False, now=utc_now())
+    manage.set_enabled(UnitOfWork(engine), view.name, False, now=utc_now())
     time.sleep(1.5)
     stack.stop_all()
     slots, made = fires_and_runs(engine, view.id)
@@ -156,7 +158,7 @@ def _add(
         name=name, target="noop", trigger=trigger, expression=expression, **fields
     )
     slots = Slots(TriggerSpec(trigger, expression))
-    return sched.add_schedule(engine, spec, slots, now=utc_now())
+    return manage.add_schedule(UnitOfWork(engine), spec, slots, now=utc_now())
 
 
 def _lock_holder(engine: Engine) -> int | None:
@@ -191,14 +193,16 @@ def test_edits_take_effect_without_a_restart(scheduler_stack: tuple[Stack, Engin
     spec = sched.ScheduleInput.parse(
         name="late", target="noop", trigger="interval", expression="1s"
     )
-    view = sched.add_schedule(engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now())
+    view = manage.add_schedule(
+        UnitOfWork(engine), spec, Slots(TriggerSpec("interval", "1s")), now=utc_now()
+    )
     eventually(lambda: _count(engine, view.id) >= 1, timeout=5)  # added: fires
-    sched.set_enabled(engine, "late", False, now=utc_now())
+    manage.set_enabled(UnitOfWork(engine), "late", False, now=utc_now())
     time.sleep(2.5)  # the pause reaches the scheduler within ~1 s
     paused_at = _count(engine, view.id)
     time.sleep(2)
     assert _count(engine, view.id) == paused_at  # paused: no new slot
-    sched.remove_schedule(engine, "late")
+    manage.remove_schedule(UnitOfWork(engine), "late")
 
 
 def test_schedules_added_in_the_half_second_before_an_instant_fire_every_slot(
@@ -282,7 +286,7 @@ def _sleep_until_before(ahead_s: float, *, every_s: int) -> None:
 
 def _pause_all(engine: Engine, stack: Stack, views: list[Any]) -> None:
     for view in views:
-        sched.set_enabled(engine, view.name, False, now=utc_now())
+        manage.set_enabled(UnitOfWork(engine), view.name, False, now=utc_now())
     time.sleep(1.5)
     stack.stop_all()
 

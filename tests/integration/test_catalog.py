@@ -18,6 +18,7 @@ from domain.runs import rows, services
 from domain.runs.delivery_checks import DeliveryCheck
 from domain.runs.requests import build_request
 from domain.runs.views import RunView
+from domain.schedules import manage
 from domain.schedules.definitions import HELD
 from domain.tasks import catalog
 from domain.tasks.catalog import CompositeCatalog, TaskTableCatalog, permissive, task_catalog
@@ -284,13 +285,13 @@ def test_a_schedule_naming_a_misspelled_task_is_refused_when_added(
         spec = sched.ScheduleInput.parse(
             name=name, target=target, trigger="interval", expression="1m"
         )
-        sched.add_schedule(engine, spec, slots, now=T0, catalog=producer)
+        manage.add_schedule(UnitOfWork(engine), spec, slots, now=T0, catalog=producer)
 
     with pytest.raises(UnknownTask, match="did you mean 'hello'"):
         add("helo", "greet")
-    assert sched.list_schedules(engine) == []
+    assert manage.list_schedules(UnitOfWork(engine)) == []
     add("hello", "greet")
-    assert [s.target_name for s in sched.list_schedules(engine)] == ["hello"]
+    assert [s.target_name for s in manage.list_schedules(UnitOfWork(engine))] == ["hello"]
 
 
 def test_a_pending_run_s_reason_names_what_it_waits_for(

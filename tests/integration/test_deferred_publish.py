@@ -19,6 +19,7 @@ from domain.runs import services
 from domain.runs.recovery import relay_once
 from domain.runs.requests import build_request
 from domain.schedules import definitions as sched
+from domain.schedules import manage
 from domain.settings import load_settings
 from scheduler.schedule_runner import ScheduleRunner
 from scheduler.triggers import Slots, TriggerSpec
@@ -87,7 +88,9 @@ def test_a_scheduled_run_published_while_redis_is_down_is_relayed_once_it_is_bac
     engine: Engine, publisher: CeleryPublisher, redis_down: PrivateRedis, redis_url: str
 ) -> None:
     spec = sched.ScheduleInput.parse(name="tick", target="t", trigger="interval", expression="1s")
-    view = sched.add_schedule(engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now())
+    view = manage.add_schedule(
+        UnitOfWork(engine), spec, Slots(TriggerSpec("interval", "1s")), now=utc_now()
+    )
     runner = ScheduleRunner(engine, publisher, misfire_grace_s=60)
     runner.start()
     try:

@@ -14,7 +14,9 @@ from sqlalchemy import Engine, delete, func, select
 
 from domain.db.engine import create_db_engine
 from domain.db.models import runs
+from domain.db.unit_of_work import UnitOfWork
 from domain.schedules import definitions as sched
+from domain.schedules import manage
 from domain.schedules.fires import Due, Fired, RequestCache, advance_cursors, fire_many
 from domain.tasks.registry import Registry, RegistryCatalog
 from scheduler.schedule_runner import ScheduleRunner
@@ -36,8 +38,8 @@ def add_many(engine: Engine, count: int, *, now: datetime = T0, **fields: object
             "expression": "1s",
         }
         values.update(fields)
-        view = sched.add_schedule(
-            engine, sched.ScheduleInput.parse(**values), EVERY_SECOND, now=now
+        view = manage.add_schedule(
+            UnitOfWork(engine), sched.ScheduleInput.parse(**values), EVERY_SECOND, now=now
         )
         ids.append(view.id)
     return ids
@@ -92,9 +94,11 @@ def test_one_batch_records_every_schedule_with_its_run(engine: Engine) -> None:
     made = scheduled_runs(engine)
     assert {made[r[3]] for r in rows} == {f"schedule:{i}" for i in ids}  # its own run each
     assert len(made) == 30
-    assert {v.last_fire_at for v in sched.list_schedules(engine)} == {None}  # not yet moved
+    assert {v.last_fire_at for v in manage.list_schedules(UnitOfWork(engine))} == {
+        None
+    }  # not yet moved
     advance_cursors(engine, dues, fired)
-    views = {v.id: v for v in sched.list_schedules(engine)}
+    views = {v.id: v for v in manage.list_schedules(UnitOfWork(engine))}
     assert {(views[i].last_fire_at, views[i].next_fire_at) for i in ids} == {
         (slot, slot + timedelta(seconds=1))
     }
@@ -192,13 +196,13 @@ def test_a_slot_that_cannot_be_made_leaves_the_batch_alone(engine: Engine) -> No
     assert "ghost" in next(f.error or "" for f in fired if f.outcome == "failed")
     assert sorted(r[0] for r in recorded(engine)) == ids  # the failed slot is not recorded
     # and its cursor stays put, so a restart sees that slot as missed
-    assert sched.get_schedule(engine, "ghost").last_fire_at is None
-    assert sched.get_schedule(engine, "s0").last_fire_at == slot
+    assert manage.get_schedule(UnitOfWork(engine), "ghost").last_fire_at is None
+    assert manage.get_schedule(UnitOfWork(engine), "s0").last_fire_at == slot
 
 
 def test_paused_schedules_in_a_batch_record_nothing(engine: Engine) -> None:
     ids = add_many(engine, 3)
-    sched.set_enabled(engine, "s1", False, now=T0)
+    manage.set_enabled(UnitOfWork(engine), "s1", False, now=T0)
     slot = T0 + timedelta(seconds=1)
     fired = fire_many(engine, every_slot(ids, slot), now=slot)
     assert sorted(f.schedule_id for f in fired) == [ids[0], ids[2]]
@@ -233,7 +237,9 @@ def test_an_edited_schedule_fires_with_its_new_params(engine: Engine) -> None:
     spec = sched.ScheduleInput.parse(
         name="s0", target="t", params={"k": 99}, trigger="interval", expression="1s"
     )
-    sched.add_schedule(engine, spec, EVERY_SECOND, now=s1 + timedelta(milliseconds=1), replace=True)
+    manage.add_schedule(
+        UnitOfWork(engine), spec, EVERY_SECOND, now=s1 + timedelta(milliseconds=1), replace=True
+    )
     second = fire_many(engine, every_slot([only], s2), now=s2, requests=cache)
     with engine.connect() as conn:
         params = dict(conn.execute(select(runs.c.id, runs.c.params)).all())

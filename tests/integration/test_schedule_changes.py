@@ -13,7 +13,9 @@ from sqlalchemy import Engine
 
 from domain.clock import utc_now
 from domain.db.engine import create_db_engine
+from domain.db.unit_of_work import UnitOfWork
 from domain.schedules import definitions as sched
+from domain.schedules import manage
 from domain.settings import Settings
 from scheduler import service as service_module
 from scheduler.changes import ChangeListener
@@ -39,7 +41,7 @@ def add(
         name=name, target="t", trigger="cron", expression=expression, source=source
     )
     slots = Slots(TriggerSpec(spec.trigger, spec.expression))
-    sched.add_schedule(engine, spec, slots, now=now, replace=True)
+    manage.add_schedule(UnitOfWork(engine), spec, slots, now=now, replace=True)
 
 
 class Heard:
@@ -79,15 +81,15 @@ def test_every_kind_of_edit_is_announced_at_commit(pg_engine: Engine, heard: Hea
     heard.next()
     add(pg_engine, "a", "*/5 * * * *")  # edited
     heard.next()
-    sched.set_enabled(pg_engine, "a", False, now=T0 + timedelta(minutes=1))
+    manage.set_enabled(UnitOfWork(pg_engine), "a", False, now=T0 + timedelta(minutes=1))
     heard.next()
-    sched.set_enabled(pg_engine, "a", True, now=T0 + timedelta(minutes=2))
+    manage.set_enabled(UnitOfWork(pg_engine), "a", True, now=T0 + timedelta(minutes=2))
     heard.next()
     add(pg_engine, "b", source="code")
     heard.next()
     assert sched.disable_missing(pg_engine, "code", set(), now=T0) == ["b"]
     heard.next()
-    sched.remove_schedule(pg_engine, "a")
+    manage.remove_schedule(UnitOfWork(pg_engine), "a")
     heard.next()
     _committed_marker(pg_engine)
     heard.next()
@@ -135,12 +137,12 @@ def test_a_leading_scheduler_plans_an_added_schedule_from_the_notification(
         # the sync made when LISTEN was in place may see "first"; nothing but a notification
         # can make a later one, so "late" reaches the plan only through its notification
         add(engine, "first", now=utc_now())
-        first = sched.get_schedule(engine, "first")
+        first = manage.get_schedule(UnitOfWork(engine), "first")
         eventually(lambda: first.id in service.schedules._waiting, timeout=10)
         add(engine, "late", now=utc_now())
-        late = sched.get_schedule(engine, "late")
+        late = manage.get_schedule(UnitOfWork(engine), "late")
         eventually(lambda: late.id in service.schedules._waiting, timeout=10)
-        sched.set_enabled(engine, "late", False, now=utc_now())
+        manage.set_enabled(UnitOfWork(engine), "late", False, now=utc_now())
         eventually(lambda: late.id not in service.schedules._waiting, timeout=10)
     finally:
         service.stop()

@@ -16,8 +16,10 @@ from sqlalchemy import Engine
 from structlog.testing import capture_logs
 
 from domain.clock import utc_now
+from domain.db.unit_of_work import UnitOfWork
 from domain.ports import Dispatch
 from domain.schedules import definitions as sched
+from domain.schedules import manage
 from domain.settings import Settings
 from scheduler import service as service_module
 from scheduler.schedule_runner import ScheduleRunner
@@ -51,7 +53,7 @@ def every_second(engine: Engine, name: str, **fields: Any) -> sched.ScheduleView
     spec = sched.ScheduleInput.parse(
         name=name, target="t", trigger="interval", expression="1s", **fields
     )
-    return sched.add_schedule(engine, spec, EVERY_SECOND, now=utc_now())
+    return manage.add_schedule(UnitOfWork(engine), spec, EVERY_SECOND, now=utc_now())
 
 
 def fires_of(engine: Engine, schedule_id: int) -> list[tuple[datetime, str, Any]]:
@@ -130,7 +132,7 @@ def test_the_watchdog_repairs_a_plan_whose_instant_has_no_job(
         eventually(lambda: _overdue(events, "tick"), timeout=20)
         behind = len(fires_of(engine, tick.id))
         eventually(lambda: _on_time(engine, tick.id, behind + 3), timeout=20)
-        sched.set_enabled(engine, "tick", False, now=utc_now())
+        manage.set_enabled(UnitOfWork(engine), "tick", False, now=utc_now())
     (first, *_) = _overdue(events, "tick")
     assert first["seen_in"] == "plan" and first["late_s"] > 0
     outcomes = assert_every_slot_once(engine, tick)
@@ -153,7 +155,7 @@ def test_the_watchdog_repairs_a_schedule_the_plan_lost(
         eventually(lambda: _overdue(events, "tick"), timeout=20)
         behind = len(fires_of(engine, tick.id))
         eventually(lambda: _on_time(engine, tick.id, behind + 3), timeout=20)
-        sched.set_enabled(engine, "tick", False, now=utc_now())
+        manage.set_enabled(UnitOfWork(engine), "tick", False, now=utc_now())
     reports = _overdue(events, "tick")
     assert [r["seen_in"] for r in reports] == ["cursor"]
     outcomes = assert_every_slot_once(engine, tick)
@@ -168,7 +170,7 @@ def test_with_no_misfire_grace_a_slot_fired_on_time_still_runs(
     tick = every_second(engine, "tick")
     with leading(db_url, engine, tmp_path, FakePublisher(), grace_s=0):
         eventually(lambda: len(fires_of(engine, tick.id)) >= 4, timeout=20)
-        sched.set_enabled(engine, "tick", False, now=utc_now())
+        manage.set_enabled(UnitOfWork(engine), "tick", False, now=utc_now())
     outcomes = assert_every_slot_once(engine, tick)
     assert outcomes[-3:] == ["enqueued"] * 3  # the first may have passed while it started
 

@@ -9,10 +9,12 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from domain.db.models import runs
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, InvalidInput, UnknownTask
 from domain.runs import dispatch
 from domain.runs import store as runstore
 from domain.schedules import definitions as sched
+from domain.schedules import manage
 from domain.schedules.fires import fire_once_each
 from domain.tasks.registry import Registry, RegistryCatalog
 from scheduler.schedule_runner import ScheduleRunner, slots_for
@@ -36,7 +38,7 @@ def add(
     slots = Slots(
         TriggerSpec(spec.trigger, spec.expression, spec.timezone, spec.start_at, spec.end_at)
     )
-    return sched.add_schedule(engine, spec, slots, now=clock())
+    return manage.add_schedule(UnitOfWork(engine), spec, slots, now=clock())
 
 
 def fire_rows(engine: Engine) -> list[tuple[datetime, str]]:
@@ -126,11 +128,11 @@ def test_pause_then_resume_applies_the_policy_to_the_paused_slots(
     add(engine, clock, misfire_policy="run_once")
     runner = ScheduleRunner(engine, FakePublisher(), clock=clock, misfire_grace_s=0)
     runner.sync()
-    sched.set_enabled(engine, "every-minute", False, now=clock())
+    manage.set_enabled(UnitOfWork(engine), "every-minute", False, now=clock())
     clock.now = T0 + timedelta(minutes=5, seconds=1)
     runner.sync()
     assert fire_rows(engine) == []  # paused: nothing fires
-    sched.set_enabled(engine, "every-minute", True, now=clock())
+    manage.set_enabled(UnitOfWork(engine), "every-minute", True, now=clock())
     runner.sync()
     assert [o for _, o in fire_rows(engine)] == ["skipped_misfire"] * 4 + ["enqueued"]
 
@@ -182,21 +184,29 @@ def test_bad_schedules_are_refused_and_nothing_is_saved(engine: Engine, clock: F
         name="x", target="ghost", trigger="cron", expression="* * * * *"
     )
     with pytest.raises(UnknownTask):
-        sched.add_schedule(
-            engine, spec, slots_for(_row(spec)), now=T0, catalog=RegistryCatalog(registry)
+        manage.add_schedule(
+            UnitOfWork(engine),
+            spec,
+            slots_for(_row(spec)),
+            now=T0,
+            catalog=RegistryCatalog(registry),
         )
     spec = sched.ScheduleInput.parse(
         name="x", target="real", params={"n": "x"}, trigger="cron", expression="* * * * *"
     )
     with pytest.raises(InvalidInput, match=r"params\.n"):
-        sched.add_schedule(
-            engine, spec, slots_for(_row(spec)), now=T0, catalog=RegistryCatalog(registry)
+        manage.add_schedule(
+            UnitOfWork(engine),
+            spec,
+            slots_for(_row(spec)),
+            now=T0,
+            catalog=RegistryCatalog(registry),
         )
     with pytest.raises(InvalidInput, match="in the past"):
         add(engine, clock, name="once", trigger="once", expression="2020-01-01T00:00:00Z")
     with pytest.raises(InvalidInput, match="catch_up needs a limit"):
         add(engine, clock, name="c", misfire_policy="catch_up")
-    assert [s.name for s in sched.list_schedules(engine)] == ["every-minute"]
+    assert [s.name for s in manage.list_schedules(UnitOfWork(engine))] == ["every-minute"]
 
 
 def test_declared_schedules_removed_from_code_are_disabled(
@@ -207,7 +217,7 @@ def test_declared_schedules_removed_from_code_are_disabled(
     add(engine, clock, name="b", source="code")
     add(engine, clock, name="by-hand")
     assert sched.disable_missing(engine, "code", {"a"}, now=T0) == ["b"]
-    enabled = {s.name: s.enabled for s in sched.list_schedules(engine)}
+    enabled = {s.name: s.enabled for s in manage.list_schedules(UnitOfWork(engine))}
     assert enabled == {"a": True, "b": False, "by-hand": True}
 
 
@@ -235,17 +245,19 @@ def test_schedules_declared_in_code_sync_and_disappear(engine: Engine, clock: Fa
         pass
 
     assert sync_code_schedules(engine, registry, clock=clock) == []
-    views = {s.name: s for s in sched.list_schedules(engine)}
+    views = {s.name: s for s in manage.list_schedules(UnitOfWork(engine))}
     assert set(views) == {"task:report", "task:ping"}
     assert (views["task:report"].timezone, views["task:ping"].params) == ("Europe/Berlin", {"n": 1})
     stamp = views["task:report"].updated_at
     assert sync_code_schedules(engine, registry, clock=FakeClock(T0 + timedelta(hours=1))) == []
-    assert sched.get_schedule(engine, "task:report").updated_at == stamp  # unchanged: no write
+    assert (
+        manage.get_schedule(UnitOfWork(engine), "task:report").updated_at == stamp
+    )  # unchanged: no write
 
     smaller = Registry()
     smaller.add(registry.get("ping"))
     assert sync_code_schedules(engine, smaller, clock=clock) == ["task:report"]
-    assert sched.get_schedule(engine, "task:report").enabled is False
+    assert manage.get_schedule(UnitOfWork(engine), "task:report").enabled is False
 
 
 def test_schedules_declared_in_pipeline_json(engine: Engine, clock: FakeClock, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -264,7 +276,7 @@ def test_schedules_declared_in_pipeline_json(engine: Engine, clock: FakeClock, t
         (tmp_path / name / "main.py").write_text("print('hi')\n")
         (tmp_path / name / "pipeline.json").write_text(json.dumps(config))
     assert sync_pipeline_schedules(engine, PipelineDirectory(tmp_path), clock=clock) == []
-    views = {s.name: s for s in sched.list_schedules(engine)}
+    views = {s.name: s for s in manage.list_schedules(UnitOfWork(engine))}
     assert set(views) == {"pipeline:nightly", "pipeline:often"}
     nightly = views["pipeline:nightly"]
     assert (nightly.target_kind, nightly.target_name, nightly.trigger, nightly.timezone) == (
@@ -278,4 +290,4 @@ def test_schedules_declared_in_pipeline_json(engine: Engine, clock: FakeClock, t
     assert sync_pipeline_schedules(engine, PipelineDirectory(tmp_path), clock=clock) == [
         "pipeline:often"
     ]
-    assert sched.get_schedule(engine, "pipeline:often").enabled is False
+    assert manage.get_schedule(UnitOfWork(engine), "pipeline:often").enabled is False

@@ -32,8 +32,10 @@ from domain.costs.projects import add_project
 from domain.db.engine import create_db_engine
 from domain.db.migrate import upgrade
 from domain.db.models import dead_letters, runs
+from domain.db.unit_of_work import UnitOfWork
 from domain.runs.states import TERMINAL
 from domain.schedules import definitions as sched
+from domain.schedules import manage
 from domain.security.secrets import SecretStore
 from scheduler.triggers import Slots, TriggerSpec
 from tests.e2e.stack import ROOT, Stack
@@ -160,7 +162,9 @@ def every_second(engine: Any, name: str, **fields: Any) -> sched.ScheduleView:
     spec = sched.ScheduleInput.parse(
         name=name, target="soak_short", trigger="interval", expression="1s", **fields
     )
-    return sched.add_schedule(engine, spec, Slots(TriggerSpec("interval", "1s")), now=utc_now())
+    return manage.add_schedule(
+        UnitOfWork(engine), spec, Slots(TriggerSpec("interval", "1s")), now=utc_now()
+    )
 
 
 def unfinished(engine: Any) -> int:
@@ -213,7 +217,7 @@ def settle(soak: Faults, views: list[sched.ScheduleView]) -> datetime:
     """Pause the schedules and wait for every run to end; returns when they were paused. A
     run that never ends is left for the invariant checker to report."""
     for view in views:
-        sched.set_enabled(soak.engine, view.name, False, now=utc_now())
+        manage.set_enabled(UnitOfWork(soak.engine), view.name, False, now=utc_now())
     paused_at = datetime.now(UTC)
     time.sleep(1.5)  # a slot staged before the pause still fires
     with contextlib.suppress(AssertionError):
