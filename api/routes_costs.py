@@ -28,7 +28,7 @@ class CostsQuery(BaseModel):
 def costs(state: State, _: Reader, query: Annotated[CostsQuery, Query()]) -> dict[str, Any]:
     """One item per group with its USD, tokens, requests and number of entries, and the total;
     the items sum to the total exactly."""
-    rows = report(state.engine, project=query.project, since=query.since, by=query.by)
+    rows = report(state.reader(), project=query.project, since=query.since, by=query.by)
     total = sum((r["cost_usd"] for r in rows), ZERO)
     return {
         "by": query.by,

@@ -14,6 +14,7 @@ from domain.clock import utc_now
 from domain.costs import ledger as costs
 from domain.costs import projects
 from domain.costs import reports as cost_reports
+from domain.db.unit_of_work import UnitOfWork
 
 projects_app = typer.Typer(help="Projects and their monthly limits.", no_args_is_help=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -71,7 +72,7 @@ def add(
     cost, tokens = _limit(monthly_cost_usd, tokens=False), _limit(monthly_tokens, tokens=True)
     with cli_engine() as engine:
         project = projects.add_project(
-            engine,
+            UnitOfWork(engine),
             name,
             now=utc_now(),
             monthly_cost_usd=None if cost is projects.UNSET else cost,
@@ -93,7 +94,7 @@ def set_limits(
     runs are refused and queued runs do not start."""
     with cli_engine() as engine:
         project = projects.set_limits(
-            engine,
+            UnitOfWork(engine),
             name,
             now=utc_now(),
             monthly_cost_usd=_limit(monthly_cost_usd, tokens=False),
@@ -107,7 +108,7 @@ def set_limits(
 def list_(json_out: JsonFlag = False) -> None:
     """Projects with this month's spend against their limits."""
     with cli_engine() as engine:
-        rows = projects.list_projects(engine, now=utc_now())
+        rows = projects.list_projects(UnitOfWork(engine), now=utc_now())
     if json_out:
         print_json(rows)
         return
@@ -133,7 +134,7 @@ def list_(json_out: JsonFlag = False) -> None:
 def show(name: Name, json_out: JsonFlag = False) -> None:
     """One project: limits, spend and reservations this month."""
     with cli_engine() as engine:
-        project = projects.show_project(engine, name, now=utc_now())
+        project = projects.show_project(UnitOfWork(engine), name, now=utc_now())
     _show(project, json_out)
 
 
@@ -153,7 +154,7 @@ def costs_report(
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     with cli_engine() as engine:
-        rows = cost_reports.report(engine, project=project, since=since, by=by)
+        rows = cost_reports.report(UnitOfWork(engine), project=project, since=since, by=by)
     total = sum((r["cost_usd"] for r in rows), costs.ZERO)
     if json_out:
         print_json(

@@ -8,13 +8,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from domain import storable
 from domain.costs.admission import ON_LIMIT
 from domain.costs.ledger import LIMITS_AND_USAGE, as_money, month_of, usage, with_month_usage
 from domain.db.models import projects
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, InvalidInput, NotFound
 from domain.runs.requests import NAME_PATTERN
 
@@ -59,7 +60,7 @@ def _on_limit(value: Any) -> str:
 
 
 def add_project(
-    engine: Engine,
+    uow: UnitOfWork,
     name: str,
     *,
     monthly_cost_usd: Any = None,
@@ -79,15 +80,16 @@ def add_project(
         "created_at": now,
     }
     try:
-        with engine.begin() as conn:
-            conn.execute(projects.insert().values(values))
+        with uow:
+            uow.conn.execute(projects.insert().values(values))
+            uow.commit()
     except IntegrityError:
         raise Conflict(f"name: a project named {name!r} already exists", field="name") from None
-    return show_project(engine, name, now=now)
+    return show_project(uow, name, now=now)
 
 
 def set_limits(
-    engine: Engine,
+    uow: UnitOfWork,
     name: str,
     *,
     monthly_cost_usd: Any = UNSET,
@@ -108,23 +110,24 @@ def set_limits(
         raise InvalidInput(
             "give --monthly-cost-usd, --monthly-tokens and/or --on-limit", field="limits"
         )
-    with engine.begin() as conn:
-        if not conn.execute(
+    with uow:
+        if not uow.conn.execute(
             update(projects).where(projects.c.name == name).values(values)
         ).rowcount:
             raise NotFound(f"no project named {name!r}", name=name)
-    return show_project(engine, name, now=now)
+        uow.commit()
+    return show_project(uow, name, now=now)
 
 
-def list_projects(engine: Engine, *, now: datetime) -> list[dict[str, Any]]:
+def list_projects(uow: UnitOfWork, *, now: datetime) -> list[dict[str, Any]]:
     month = month_of(now)
     query = (
         select(*LIMITS_AND_USAGE, usage.c.reserved_usd, projects.c.on_limit)
         .select_from(with_month_usage(month))
         .order_by(projects.c.name)
     )
-    with engine.connect() as conn:
-        rows = conn.execute(query).mappings().all()
+    with uow:
+        rows = uow.conn.execute(query).mappings().all()
     return [
         {
             "name": r["name"],
@@ -140,8 +143,8 @@ def list_projects(engine: Engine, *, now: datetime) -> list[dict[str, Any]]:
     ]
 
 
-def show_project(engine: Engine, name: str, *, now: datetime) -> dict[str, Any]:
-    for project in list_projects(engine, now=now):
+def show_project(uow: UnitOfWork, name: str, *, now: datetime) -> dict[str, Any]:
+    for project in list_projects(uow, now=now):
         if project["name"] == name:
             return project
     raise NotFound(f"no project named {name!r}", name=name)

@@ -9,17 +9,18 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 
 from domain.costs.ledger import ZERO
 from domain.db.models import cost_entries, runs
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput
 
 GROUPS = ("provider", "model", "name", "day", "project")
 
 
 def report(
-    engine: Engine,
+    uow: UnitOfWork,
     *,
     project: str | None = None,
     since: datetime | None = None,
@@ -46,7 +47,8 @@ def report(
     groups: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"cost_usd": ZERO, "tokens_in": 0, "tokens_out": 0, "requests": 0, "entries": 0}
     )
-    with engine.connect() as conn:
+    with uow:
+        conn = uow.conn
         for row in conn.execute(query).mappings():
             key = f"{row['ts']:%Y-%m-%d}" if by == "day" else str(row[by])
             group = groups[key]

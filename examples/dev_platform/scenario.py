@@ -11,12 +11,13 @@ from domain.clock import utc_now
 from domain.costs import projects
 from domain.costs.ledger import MonthlyLimitReached
 from domain.db.models import workers
+from domain.db.unit_of_work import UnitOfWork
 
 
 def run(client: Client, *, project: str = "acme", turns: int = 8) -> dict[str, Any]:
     # 5 words a message = 750 tokens a turn: a 3750-token month holds exactly five turns;
     # then the project is at its limit and the next turn is refused before it is queued.
-    projects.add_project(client.engine, project, monthly_tokens=3750, now=utc_now())
+    projects.add_project(UnitOfWork(client.engine), project, monthly_tokens=3750, now=utc_now())
     finished, refused_at = [], None
     for turn in range(turns):
         try:
@@ -38,5 +39,5 @@ def run(client: Client, *, project: str = "acme", turns: int = 8) -> dict[str, A
         "runs": finished,
         "refused_at": refused_at,
         "agents": agents,
-        "usage": projects.show_project(client.engine, project, now=utc_now()),
+        "usage": projects.show_project(UnitOfWork(client.engine), project, now=utc_now()),
     }

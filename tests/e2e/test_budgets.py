@@ -15,6 +15,7 @@ from sqlalchemy import Engine, func, select
 from domain.clock import utc_now
 from domain.costs import projects
 from domain.db.models import cost_entries, runs
+from domain.db.unit_of_work import UnitOfWork
 from tests.e2e.stack import Stack
 from tests.polling import eventually
 from tests.services import PrivateRedis
@@ -52,7 +53,7 @@ def _runs(engine: Engine, ids: list[Any]) -> list[Any]:
 def test_queued_runs_stop_at_the_monthly_limit_before_spending(stack: Stack) -> None:
     with stack.client() as client:
         projects.add_project(
-            client.engine, "capped", monthly_cost_usd=str(LIMIT_USD), now=utc_now()
+            UnitOfWork(client.engine), "capped", monthly_cost_usd=str(LIMIT_USD), now=utc_now()
         )
         item = {"name": "llm_calls", "params": {"calls": CALLS}, "project": "capped"}
         ids = [r.id for r in client.enqueue_many(item for _ in range(RUNS))]

@@ -23,6 +23,7 @@ from domain.clock import utc_now
 from domain.costs.ledger import usage
 from domain.costs.projects import add_project
 from domain.db.models import dead_letters, run_logs, run_steps, runs
+from domain.db.unit_of_work import UnitOfWork
 from domain.ports import Dispatch
 from tests.e2e.stack import Stack
 from tests.polling import eventually
@@ -118,7 +119,7 @@ def test_kill_9_inside_a_reservation_gives_its_headroom_back(
     """A worker killed inside ctx.reserve() never releases it; the reaper does when it takes
     the run back, else the held headroom would count against the project's month for good
     (here the next attempt could not reserve again, and ended budget_exceeded)."""
-    add_project(client.engine, "capped", monthly_cost_usd="1.00", now=utc_now())
+    add_project(UnitOfWork(client.engine), "capped", monthly_cost_usd="1.00", now=utc_now())
     marks_file = tmp_path / "marks"
     victim = stack.worker("fragile", name="victim")
     params = {"marks": str(marks_file), "usd": "0.60", "seconds": 4}

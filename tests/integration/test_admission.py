@@ -21,6 +21,7 @@ from domain.costs.admission import HOLD_RECHECK_S
 from domain.db.engine import create_db_engine
 from domain.db.models import cost_entries
 from domain.db.models_platform import Pipeline
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput
 from domain.pipelines import store as pipeline_store
 from domain.runs import store as runstore
@@ -52,7 +53,7 @@ def _entries(engine: Engine, run_id: uuid.UUID) -> int:
 
 def test_a_queued_run_of_a_project_at_its_limit_ends_without_starting(h: Harness) -> None:
     started = _tasks(h)
-    projects.add_project(h.engine, "acme", monthly_cost_usd="0.05", now=utc_now())
+    projects.add_project(UnitOfWork(h.engine), "acme", monthly_cost_usd="0.05", now=utc_now())
     first = h.enqueue("spend", params={"usd": "0.05"}, project="acme")
     queued = h.enqueue("spend", params={"usd": "0.01"}, project="acme")  # before the limit
     assert h.run(first) == "succeeded"
@@ -72,7 +73,7 @@ def test_a_queued_run_of_a_project_at_its_limit_ends_without_starting(h: Harness
         in (run.error or "")
     )
     assert _entries(h.engine, queued) == 0
-    assert projects.show_project(h.engine, "acme", now=utc_now())["spent_usd"] == "0.05"
+    assert projects.show_project(UnitOfWork(h.engine), "acme", now=utc_now())["spent_usd"] == "0.05"
     assert h.run(queued) == "dropped"  # a redelivery finds it ended
 
 
@@ -81,7 +82,7 @@ def test_the_token_limit_stops_a_queued_run_too(h: Harness) -> None:
     def chat(ctx) -> None:  # type: ignore[no-untyped-def]
         ctx.cost(provider="p", model="m", tokens_in=60, tokens_out=40, usd="0")
 
-    projects.add_project(h.engine, "words", monthly_tokens=100, now=utc_now())
+    projects.add_project(UnitOfWork(h.engine), "words", monthly_tokens=100, now=utc_now())
     first, queued = (h.enqueue("chat", project="words") for _ in range(2))
     assert h.run(first) == "succeeded"
     assert h.run(queued) == "budget_exceeded"
@@ -90,7 +91,7 @@ def test_the_token_limit_stops_a_queued_run_too(h: Harness) -> None:
 
 def test_a_project_below_its_limit_and_one_without_limits_start_as_before(h: Harness) -> None:
     started = _tasks(h)
-    projects.add_project(h.engine, "roomy", monthly_cost_usd="1.00", now=utc_now())
+    projects.add_project(UnitOfWork(h.engine), "roomy", monthly_cost_usd="1.00", now=utc_now())
     limited = h.enqueue("spend", params={"usd": "0.99"}, project="roomy")
     free = h.enqueue("spend", params={"usd": "5"})
     assert (h.run(limited), h.run(free)) == ("succeeded", "succeeded")
@@ -100,7 +101,7 @@ def test_a_project_below_its_limit_and_one_without_limits_start_as_before(h: Har
 def test_hold_keeps_the_run_queued_until_the_limit_is_raised(h: Harness) -> None:
     started = _tasks(h)
     projects.add_project(
-        h.engine, "patient", monthly_cost_usd="0.05", on_limit="hold", now=utc_now()
+        UnitOfWork(h.engine), "patient", monthly_cost_usd="0.05", on_limit="hold", now=utc_now()
     )
     first = h.enqueue("spend", params={"usd": "0.05"}, project="patient")
     queued = h.enqueue("spend", params={"usd": "0.01"}, project="patient")
@@ -118,7 +119,7 @@ def test_hold_keeps_the_run_queued_until_the_limit_is_raised(h: Harness) -> None
 
     clock.advance(HOLD_RECHECK_S)
     assert h.run(queued) == "held"  # due again, still at the limit: held again
-    projects.set_limits(h.engine, "patient", monthly_cost_usd="0.10", now=clock())
+    projects.set_limits(UnitOfWork(h.engine), "patient", monthly_cost_usd="0.10", now=clock())
     clock.advance(HOLD_RECHECK_S)
     assert h.run(queued) == "succeeded"
     assert started == [first, queued]
@@ -131,8 +132,8 @@ def test_hold_lets_the_run_start_when_the_month_changes(h: Harness) -> None:
     next_month = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
     clock = FakeClock(next_month - timedelta(seconds=10))  # the month's last seconds
     h.executor.clock = clock
-    projects.add_project(h.engine, "monthly", monthly_cost_usd="0.05", now=now)
-    projects.set_limits(h.engine, "monthly", on_limit="hold", now=now)
+    projects.add_project(UnitOfWork(h.engine), "monthly", monthly_cost_usd="0.05", now=now)
+    projects.set_limits(UnitOfWork(h.engine), "monthly", on_limit="hold", now=now)
     first = h.enqueue("spend", params={"usd": "0.05"}, project="monthly")
     queued = h.enqueue("spend", params={"usd": "0.01"}, project="monthly")
     assert h.run(first) == "succeeded"
@@ -142,7 +143,10 @@ def test_hold_lets_the_run_start_when_the_month_changes(h: Harness) -> None:
     clock.now = next_month
     assert h.run(queued) == "succeeded"
     assert started == [first, queued]
-    assert projects.show_project(h.engine, "monthly", now=next_month)["spent_usd"] == "0.01"
+    assert (
+        projects.show_project(UnitOfWork(h.engine), "monthly", now=next_month)["spent_usd"]
+        == "0.01"
+    )
 
 
 def test_a_parent_that_spent_its_budget_stops_its_child(h: Harness) -> None:
@@ -169,7 +173,7 @@ def test_a_run_whose_lease_expired_is_checked_again_when_reclaimed(h: Harness) -
     """A worker died mid-run and the month reached its limit meanwhile: the next claim of the
     run does not start it again."""
     _tasks(h)
-    projects.add_project(h.engine, "crash", monthly_cost_usd="0.05", now=utc_now())
+    projects.add_project(UnitOfWork(h.engine), "crash", monthly_cost_usd="0.05", now=utc_now())
     lost = h.enqueue("spend", params={"usd": "0.01"}, project="crash", max_attempts=2)
     first = h.enqueue("spend", params={"usd": "0.05"}, project="crash")
     now = utc_now()
@@ -185,13 +189,20 @@ def test_a_run_whose_lease_expired_is_checked_again_when_reclaimed(h: Harness) -
 
 def test_on_limit_is_stop_by_default_and_shown(engine: Engine) -> None:
     now = utc_now()
-    made = projects.add_project(engine, "p", monthly_cost_usd="1", now=now)
+    made = projects.add_project(UnitOfWork(engine), "p", monthly_cost_usd="1", now=now)
     assert made["on_limit"] == "stop"
-    assert projects.set_limits(engine, "p", on_limit="hold", now=now)["on_limit"] == "hold"
-    assert [p["on_limit"] for p in projects.list_projects(engine, now=now)] == ["stop", "hold"]
+    assert (
+        projects.set_limits(UnitOfWork(engine), "p", on_limit="hold", now=now)["on_limit"] == "hold"
+    )
+    assert [p["on_limit"] for p in projects.list_projects(UnitOfWork(engine), now=now)] == [
+        "stop",
+        "hold",
+    ]
     with pytest.raises(InvalidInput, match=r"on_limit: must be one of stop, hold \(got 'wait'\)"):
-        projects.set_limits(engine, "p", on_limit="wait", now=now)
-    assert projects.show_project(engine, "p", now=now)["on_limit"] == "hold"  # nothing written
+        projects.set_limits(UnitOfWork(engine), "p", on_limit="wait", now=now)
+    assert (
+        projects.show_project(UnitOfWork(engine), "p", now=now)["on_limit"] == "hold"
+    )  # nothing written
 
 
 def test_a_pipeline_run_refused_at_claim_counts_as_its_pipelines_failure(
@@ -203,7 +214,7 @@ def test_a_pipeline_run_refused_at_claim_counts_as_its_pipelines_failure(
         with pipeline_harness(engine, tmp_path / "p", cache, tmp_path / "a") as h:
             copy_fixtures(h.root, "test_simple")
             pipeline_store.sync(engine, h.runner.directory)  # as a worker does at start
-            projects.add_project(engine, "acme", monthly_cost_usd="0.05", now=utc_now())
+            projects.add_project(UnitOfWork(engine), "acme", monthly_cost_usd="0.05", now=utc_now())
             run_id = h.enqueue("test_simple", project="acme")
             with engine.begin() as conn:  # the month reaches its limit while the run is queued
                 costs.add_usage(conn, "acme", costs.month_of(utc_now()), usd=Decimal("0.05"))

@@ -17,6 +17,7 @@ from domain.costs import projects, reservations
 from domain.costs import reports as cost_reports
 from domain.costs.prices import Prices
 from domain.db.models import cost_entries, runs
+from domain.db.unit_of_work import UnitOfWork
 from domain.errors import ConfigurationError, InvalidInput
 from domain.runs import recovery
 from tests.integration.conftest import Harness
@@ -79,7 +80,7 @@ def test_bad_costs_fail_the_run_with_the_reason(h: Harness) -> None:
 
 
 def test_project_limits_stop_runs_and_refuse_new_ones(h: Harness) -> None:
-    projects.add_project(h.engine, "acme", monthly_cost_usd="1.00", now=utc_now())
+    projects.add_project(UnitOfWork(h.engine), "acme", monthly_cost_usd="1.00", now=utc_now())
 
     @h.registry.task()
     def spend(ctx, usd: str) -> None:  # type: ignore[no-untyped-def]
@@ -94,7 +95,7 @@ def test_project_limits_stop_runs_and_refuse_new_ones(h: Harness) -> None:
     with pytest.raises(costs.MonthlyLimitReached, match="new runs are refused"):
         h.enqueue("spend", params={"usd": "0.01"}, project="acme")
     assert h.enqueue("spend", params={"usd": "0.01"})  # other projects are unaffected
-    assert projects.show_project(h.engine, "acme", now=utc_now())["spent_usd"] == "1.25"
+    assert projects.show_project(UnitOfWork(h.engine), "acme", now=utc_now())["spent_usd"] == "1.25"
 
 
 def test_reserving_more_than_the_run_has_left_is_refused(h: Harness) -> None:
@@ -115,7 +116,7 @@ def test_reserving_more_than_the_run_has_left_is_refused(h: Harness) -> None:
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_twenty_runs_racing_never_exceed_the_monthly_limit(h: Harness) -> None:
     """Each run reserves 0.10 before spending 0.10; the limit fits exactly ten of them."""
-    projects.add_project(h.engine, "racing", monthly_cost_usd="1.00", now=utc_now())
+    projects.add_project(UnitOfWork(h.engine), "racing", monthly_cost_usd="1.00", now=utc_now())
     barrier = threading.Barrier(20)
 
     @h.registry.task()
@@ -137,14 +138,14 @@ def test_twenty_runs_racing_never_exceed_the_monthly_limit(h: Harness) -> None:
             select(func.sum(cost_entries.c.cost_usd)).where(cost_entries.c.project == "racing")
         ).scalar_one()
     assert Decimal(spent) == Decimal("1.00")  # exactly the limit, never more
-    usage = projects.show_project(h.engine, "racing", now=utc_now())
+    usage = projects.show_project(UnitOfWork(h.engine), "racing", now=utc_now())
     assert (usage["spent_usd"], usage["reserved_usd"], usage["tokens"]) == ("1", "0", 10_000)
 
 
 def test_spend_inside_a_reservation_settles_it_at_once(h: Harness) -> None:
     """Money spent inside reserve() stops counting as reserved in the same transaction, so a
     run reserving meanwhile is judged on what is really committed (was: counted twice)."""
-    projects.add_project(h.engine, "settle", monthly_cost_usd="1.00", now=utc_now())
+    projects.add_project(UnitOfWork(h.engine), "settle", monthly_cost_usd="1.00", now=utc_now())
     spent, go_on = threading.Event(), threading.Event()
 
     @h.registry.task()
@@ -164,13 +165,13 @@ def test_spend_inside_a_reservation_settles_it_at_once(h: Harness) -> None:
     runner = threading.Thread(target=lambda: outcome.append(h.run(a)))
     runner.start()
     assert spent.wait(10)
-    usage = projects.show_project(h.engine, "settle", now=utc_now())
+    usage = projects.show_project(UnitOfWork(h.engine), "settle", now=utc_now())
     assert (usage["spent_usd"], usage["reserved_usd"]) == ("0.1", "0.2")
     assert h.run(h.enqueue("second", project="settle")) == "succeeded"
     go_on.set()
     runner.join(10)
     assert outcome == ["succeeded"]
-    usage = projects.show_project(h.engine, "settle", now=utc_now())
+    usage = projects.show_project(UnitOfWork(h.engine), "settle", now=utc_now())
     assert (usage["spent_usd"], usage["reserved_usd"], usage["tokens"]) == ("0.8", "0", 62)
 
 
@@ -189,37 +190,41 @@ def test_reports_sum_exactly_to_the_ledger(h: Harness) -> None:
     for n in (7, 13):
         assert h.run(h.enqueue("many", params={"n": n})) == "succeeded"
     for by in ("provider", "model", "name", "day", "project"):
-        rows = cost_reports.report(h.engine, by=by)
+        rows = cost_reports.report(UnitOfWork(h.engine), by=by)
         assert sum((r["cost_usd"] for r in rows), Decimal(0)) == Decimal("0.0000020")
         assert sum(r["entries"] for r in rows) == 20
     by_provider = {
-        r["provider"]: r["cost_usd"] for r in cost_reports.report(h.engine, by="provider")
+        r["provider"]: r["cost_usd"]
+        for r in cost_reports.report(UnitOfWork(h.engine), by="provider")
     }
     assert by_provider == {"anthropic": Decimal("0.0000011"), "openai": Decimal("0.0000009")}
     with pytest.raises(InvalidInput, match="by: expected one of"):
-        cost_reports.report(h.engine, by="colour")
+        cost_reports.report(UnitOfWork(h.engine), by="colour")
 
 
 def test_project_input_errors(engine: Engine) -> None:
     now = utc_now()
     with pytest.raises(InvalidInput, match="a limit of zero would refuse all work"):
-        projects.add_project(engine, "z", monthly_cost_usd="0", now=now)
+        projects.add_project(UnitOfWork(engine), "z", monthly_cost_usd="0", now=now)
     with pytest.raises(InvalidInput, match="monthly_tokens: a positive whole number"):
-        projects.add_project(engine, "z", monthly_tokens=-5, now=now)
+        projects.add_project(UnitOfWork(engine), "z", monthly_tokens=-5, now=now)
     with pytest.raises(InvalidInput, match="name: "):
-        projects.add_project(engine, "a/b", now=now)
-    projects.add_project(engine, "z", now=now)
+        projects.add_project(UnitOfWork(engine), "a/b", now=now)
+    projects.add_project(UnitOfWork(engine), "z", now=now)
     from domain.errors import Conflict
 
     with pytest.raises(Conflict, match="already exists"):
-        projects.add_project(engine, "z", now=now)
-    assert [p["name"] for p in projects.list_projects(engine, now=now)] == ["default", "z"]
+        projects.add_project(UnitOfWork(engine), "z", now=now)
+    assert [p["name"] for p in projects.list_projects(UnitOfWork(engine), now=now)] == [
+        "default",
+        "z",
+    ]
 
 
 def test_the_reaper_gives_back_what_a_lost_attempt_had_reserved(h: Harness) -> None:
     """An attempt whose worker died inside reserve() never released it: the reaper settles it
     when it takes the run back (re-queued or failed), and leaves a live run's reservation."""
-    projects.add_project(h.engine, "held", monthly_cost_usd="1.00", now=utc_now())
+    projects.add_project(UnitOfWork(h.engine), "held", monthly_cost_usd="1.00", now=utc_now())
 
     @h.registry.task(max_attempts=2)
     def spends(ctx) -> None:  # type: ignore[no-untyped-def]
@@ -238,8 +243,8 @@ def test_the_reaper_gives_back_what_a_lost_attempt_had_reserved(h: Harness) -> N
                 .where(runs.c.id == run_id)
                 .values(status="running", attempt=attempt, lease_owner="w", lease_expires_at=lease)
             )
-    assert projects.show_project(h.engine, "held", now=now)["reserved_usd"] == "0.75"
+    assert projects.show_project(UnitOfWork(h.engine), "held", now=now)["reserved_usd"] == "0.75"
     assert recovery.reap_once(h.engine, clock=lambda: now) == (1, 1)
-    usage = projects.show_project(h.engine, "held", now=now)
+    usage = projects.show_project(UnitOfWork(h.engine), "held", now=now)
     assert (usage["reserved_usd"], usage["spent_usd"]) == ("0.25", "0")  # the live run's only
     assert h.get(requeued).status == "pending" and h.get(failed).status == "failed"

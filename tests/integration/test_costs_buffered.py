@@ -97,7 +97,7 @@ def test_buffered_entries_land_with_totals_equal_to_their_exact_sum(h: Harness) 
     assert got["entries"] == 300
     assert got["totals"] == got["sums"] == (expected, sum(range(300)), 600, 300)
     assert h.writer.stats["costs_written"] == 300  # they went through the writer
-    usage = projects.show_project(h.engine, "default", now=utc_now())
+    usage = projects.show_project(UnitOfWork(h.engine), "default", now=utc_now())
     assert Decimal(usage["spent_usd"]) == expected
     assert usage["tokens"] == sum(range(300)) + 600
 
@@ -193,7 +193,7 @@ def test_runs_with_a_budget_record_each_cost_at_once_and_stop(h: Harness) -> Non
 
 
 def test_a_project_limit_or_an_open_reservation_records_at_once(h: Harness) -> None:
-    projects.add_project(h.engine, "capped", monthly_tokens=1_000, now=utc_now())
+    projects.add_project(UnitOfWork(h.engine), "capped", monthly_tokens=1_000, now=utc_now())
     seen: list[int] = []
 
     @h.registry.task()
@@ -332,19 +332,19 @@ def test_bad_names_and_request_counts_are_refused_before_anything_is_written(
 
 
 def test_a_limit_set_mid_run_is_checked_from_the_next_run(h: Harness) -> None:
-    projects.add_project(h.engine, "late", now=utc_now())
+    projects.add_project(UnitOfWork(h.engine), "late", now=utc_now())
 
     @h.registry.task()
     def spend(ctx, set_limit: bool) -> None:  # type: ignore[no-untyped-def]
         ctx.cost(provider="p", model="m", tokens_in=600, usd="0.01")
         if set_limit:
-            projects.set_limits(h.engine, "late", monthly_tokens=1_000, now=utc_now())
+            projects.set_limits(UnitOfWork(h.engine), "late", monthly_tokens=1_000, now=utc_now())
         ctx.cost(provider="p", model="m", tokens_in=600, usd="0.01")
 
     first = h.enqueue("spend", params={"set_limit": True}, project="late")
     assert h.run(first) == "succeeded"  # decided at its first cost: no limit then
     assert h.writer.stats["costs_written"] == 2
-    usage = projects.show_project(h.engine, "late", now=utc_now())
+    usage = projects.show_project(UnitOfWork(h.engine), "late", now=utc_now())
     assert usage["tokens"] == 1_200  # counted all the same
     with pytest.raises(costs.MonthlyLimitReached):
         h.enqueue("spend", params={"set_limit": False}, project="late")

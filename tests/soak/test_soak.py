@@ -98,7 +98,7 @@ def soak(tmp_path: Path) -> Iterator[Faults]:
         stack.env["SOAK_MARKS_DIR"] = str(tmp_path / "marks")
         engine = create_db_engine(postgres.url())
         SecretStore(engine, key).set("API_TOKEN", SECRET)  # before the workers check the key
-        add_project(engine, PROJECT, monthly_cost_usd=str(LIMIT_USD), now=utc_now())
+        add_project(UnitOfWork(engine), PROJECT, monthly_cost_usd=str(LIMIT_USD), now=utc_now())
         faults = Faults(stack, postgres, redis, engine)
         yield faults
     finally:
