@@ -5,12 +5,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlalchemy import Engine
 
 from conveyor.cli.output import console, key_values, print_json
 from domain.errors import InvalidInput
@@ -32,45 +30,12 @@ def register(app: typer.Typer) -> None:
     app.add_typer(secrets_app, name="secrets")
 
 
-@dataclass
-class _Env:
-    settings: Any
-    engine: Engine
-
-    @property
-    def paths(self) -> Any:
-        from domain.pipelines.discovery import pipeline_settings
-
-        return pipeline_settings(self.settings)
-
-    def directory(self) -> Any:
-        from domain.pipelines.discovery import PipelineDirectory
-
-        return PipelineDirectory(self.paths.pipelines_dir)
-
-    def envs(self) -> Any:
-        from worker.pipelines.envs import EnvManager
-
-        return EnvManager(self.paths.cache_dir, timeout_s=self.paths.setup_timeout_s)
-
-    def secrets(self) -> Any:
-        from domain.security.crypto import secret_key_from
-        from domain.security.secrets import SecretStore
-
-        return SecretStore(self.engine, secret_key_from(self.settings))
-
-
 @contextmanager
-def _env() -> Iterator[_Env]:
-    from domain.db.engine import create_db_engine
-    from domain.settings import get_settings
+def _tools() -> Iterator[Any]:
+    from worker.pipelines.tools import pipeline_tools  # uv and the worker's pipeline code
 
-    settings = get_settings()
-    engine = create_db_engine(settings.effective_database_url, pool_size=1)
-    try:
-        yield _Env(settings, engine)
-    finally:
-        engine.dispose()
+    with pipeline_tools() as tools:
+        yield tools
 
 
 # -- pipelines ------------------------------------------------------------------------------
@@ -80,16 +45,8 @@ def list_pipelines(
     json_out: JsonFlag = False,
 ) -> None:
     """Every pipeline with its state; a disabled one shows exactly why."""
-    from domain.pipelines import store as pipeline_store
-
-    with _env() as env:
-        if sync:
-            pipeline_store.sync(env.engine, env.directory())
-        rows = pipeline_store.list_rows(env.engine)
-        found = {p.name: p for p in env.directory().all()}
-        for row in rows:
-            row["status"] = _status(row)
-            row["environment"] = _env_state(env, found.get(row["name"]))
+    with _tools() as tools:
+        rows = tools.listing(sync=sync)
     if json_out:
         print_json(rows)
         return
@@ -117,51 +74,22 @@ def show(
     json_out: JsonFlag = False,
 ) -> None:
     """One pipeline: where it is, its pipeline.json, environment, secrets and counters."""
-    from domain.pipelines import store as pipeline_store
-
-    with _env() as env:
-        directory = env.directory()
-        pipeline_store.sync(env.engine, directory)
-        pipeline = directory.get(name)  # UnknownTask names the pipelines there are
-        row = pipeline_store.list_rows(env.engine, name)[0]
-        config = pipeline.config
-        stored = {s.name for s in env.secrets().list_all()}
-        data = {
-            "name": name,
-            "path": str(pipeline.path),
-            "status": pipeline.status,
-            "error": pipeline.error,
-            "warnings": list(pipeline.warnings),
-            "requirements": pipeline.requirements.name if pipeline.requirements else None,
-            "requirements_hash": pipeline.requirements_hash,
-            "environment": _env_state(env, pipeline),
-            "secrets": {s: s in stored for s in (config.secrets if config else [])},
-            "schedule": config.schedule_spec() if config else None,
-            "config": config.model_dump(mode="json") if config else None,
-            **{k: row[k] for k in ("total_runs", "successful_runs", "failed_runs", "webhook_runs")},
-            "last_cache_warmup": row["last_cache_warmup"],
-            "setup_duration_s": row["setup_duration_s"],
-        }
+    with _tools() as tools:
+        data = tools.describe(name)
     if json_out:
         print_json(data)
         return
     shown = {**data, "secrets": _secret_list(data["secrets"]), "config": None}
     console.print(key_values([(k, v) for k, v in shown.items() if k != "config"]))
-    if config is not None:
+    if data["config"] is not None:
         console.print_json(data=data["config"])
 
 
 @pipelines_app.command("sync")
 def sync_pipelines(json_out: JsonFlag = False) -> None:
     """Re-read CONVEYOR_PIPELINES_DIR into the pipelines table (workers also do on start)."""
-    from domain.pipelines import store as pipeline_store
-
-    with _env() as env:
-        directory = env.directory()
-        report = pipeline_store.sync(env.engine, directory)
-        from scheduler.declared import sync_pipeline_schedules
-
-        disabled = sync_pipeline_schedules(env.engine, directory)
+    with _tools() as tools:
+        directory, report, disabled = tools.sync()
     if json_out:
         print_json(report.to_dict())
         return
@@ -181,48 +109,13 @@ def warm(
     json_out: JsonFlag = False,
 ) -> None:
     """Build environments ahead of the first run; records last_cache_warmup and setup time."""
-    from domain.clock import utc_now
-    from domain.errors import ConveyorError
-    from domain.pipelines import store as pipeline_store
 
-    results: list[dict[str, Any]] = []
-    with _env() as env:
-        directory, envs = env.directory(), env.envs()
-        pipeline_store.sync(env.engine, directory)
-        targets = [directory.get(name)] if name else directory.all()
-        for pipeline in targets:
-            if not pipeline.runnable:
-                if name:
-                    pipeline.require_runnable()  # the error, naming why
-                continue
-            config = pipeline.require_runnable()
+    def say(message: str, level: str, label: str) -> None:
+        if not json_out:
+            console.print(f"[dim]{label}:[/] {message}", markup=True)
 
-            def say(message: str, level: str = "info", label: str = pipeline.name) -> None:
-                if not json_out:
-                    console.print(f"[dim]{label}:[/] {message}", markup=True)
-
-            try:
-                info = envs.ensure(pipeline.requirements, config.python_version, log=say)
-            except ConveyorError as exc:
-                results.append({"name": pipeline.name, "ok": False, "error": str(exc)})
-                continue
-            pipeline_store.record_env(
-                env.engine,
-                pipeline.name,
-                env_hash=info.env_hash,
-                setup_s=info.setup_s,
-                now=utc_now(),
-                warmup=True,
-            )
-            results.append(
-                {
-                    "name": pipeline.name,
-                    "ok": True,
-                    "environment": "bare interpreter" if info.env_hash is None else "uv venv",
-                    "built": info.built,
-                    "setup_s": round(info.setup_s, 3),
-                }
-            )
+    with _tools() as tools:
+        results = tools.warm(name, say)
     if json_out:
         print_json(results)
     else:
@@ -235,26 +128,6 @@ def warm(
             console.print(f"{r['name']}: {state}")
     if any(not r["ok"] for r in results):
         raise typer.Exit(1)
-
-
-def _status(row: dict[str, Any]) -> str:
-    if row["error"]:
-        return "invalid"
-    return "enabled" if row["enabled"] else "disabled"
-
-
-def _env_state(env: _Env, pipeline: Any) -> str:
-    if pipeline is None or pipeline.config is None:
-        return "-"
-    if pipeline.requirements is None:
-        return "bare"
-    from domain.errors import ConveyorError
-
-    try:
-        ready = env.envs().is_ready(pipeline.requirements, pipeline.config.python_version)
-    except ConveyorError as exc:
-        return f"unavailable: {exc}"
-    return "ready" if ready else "not built"
 
 
 def _secret_list(secrets: dict[str, bool]) -> str:
@@ -274,8 +147,8 @@ def set_secret(
 
     check_name(name)
     value = _read_value(name)
-    with _env() as env:
-        created = env.secrets().set(name, value, is_parameter=parameter)
+    with _tools() as tools:
+        created = tools.secrets().set(name, value, is_parameter=parameter)
     kind = "parameter" if parameter else "secret"
     console.print(f"{kind} {name} {'stored' if created else 'updated'}")
 
@@ -295,8 +168,8 @@ def _read_value(name: str) -> str:
 @secrets_app.command("list")
 def list_secrets(json_out: JsonFlag = False) -> None:
     """Names only (and whether each is a parameter): values are never shown."""
-    with _env() as env:
-        items = env.secrets().list_all()
+    with _tools() as tools:
+        items = tools.secrets().list_all()
     if json_out:
         print_json([item.to_dict() for item in items])
         return
@@ -312,8 +185,8 @@ def list_secrets(json_out: JsonFlag = False) -> None:
 @secrets_app.command("rm")
 def remove_secret(name: Annotated[str, typer.Argument(help="The secret to delete.")]) -> None:
     """Delete a secret (pipelines that name it then fail with a clear error)."""
-    with _env() as env:
-        env.secrets().remove(name)
+    with _tools() as tools:
+        tools.secrets().remove(name)
     console.print(f"secret {name} removed")
 
 
@@ -321,8 +194,8 @@ def remove_secret(name: Annotated[str, typer.Argument(help="The secret to delete
 def rotate() -> None:
     """Re-encrypt every secret with the first key of CONVEYOR_SECRET_KEY (new key first, old
     key after it, comma-separated; drop the old one once this has run)."""
-    with _env() as env:
-        count = env.secrets().rotate()
+    with _tools() as tools:
+        count = tools.secrets().rotate()
     console.print(f"{count} secret(s) re-encrypted with the current key")
 
 
