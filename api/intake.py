@@ -11,7 +11,7 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from domain.runs.services import Enqueued
+from domain.runs.enqueue import Enqueued
 from domain.webhooks.batches import Delivery, Outcome
 
 

@@ -11,7 +11,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from api.auth import Reader, Writer, client_ip
 from api.state import State
 from domain.pipelines.reads import TableCatalog, get_pipeline, list_pipelines, pipeline_detail
-from domain.runs import services
+from domain.runs import enqueue
 from domain.runs.requests import (
     Attempts,
     Count,
@@ -80,7 +80,7 @@ def trigger(
     req = build_request(
         name=name, kind="pipeline", triggered_by="api", trigger_ref=who.name, **fields
     )
-    result = services.create_run(
+    result = enqueue.create_run(
         state.uow(),
         req,
         actor=who.name,

@@ -14,8 +14,8 @@ from api.json_body import JSONBody
 from api.state import State
 from domain.clock import utc_now
 from domain.errors import InvalidInput
+from domain.runs import control, enqueue
 from domain.runs import reads as queries
-from domain.runs import services
 from domain.runs.repository import RunFilter
 from domain.runs.requests import (
     Attempts,
@@ -119,7 +119,7 @@ def create_run(
     fields.setdefault("project", state.settings.default_project)
     req = build_request(**fields, triggered_by="api", trigger_ref=who.name)
     catalog = permissive(state.catalog) if allow_unknown and state.catalog else state.catalog
-    result = services.create_run(
+    result = enqueue.create_run(
         state.uow(),
         req,
         actor=who.name,
@@ -153,7 +153,7 @@ def get_logs(
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
 ) -> JSONBody:
     """Log lines after `after_seq`; pass `next_after_seq` back to read on."""
-    lines = services.run_logs(state.reader(), run_id, after_seq=after_seq, limit=limit)
+    lines = control.run_logs(state.reader(), run_id, after_seq=after_seq, limit=limit)
     return JSONBody({"items": lines, "next_after_seq": lines[-1].seq if lines else after_seq})
 
 
@@ -193,7 +193,7 @@ def cancel_run(
     """A pending run ends at once; a running one is asked to stop (409 when already ended)."""
     reason = body.reason if body else ""
     # cancel_run writes its own audit row (actor = this token) in the cancel's transaction.
-    return services.cancel_run(
+    return control.cancel_run(
         state.uow(), run_id, actor=who.name, reason=reason, ip=client_ip(request)
     ).to_dict()
 
@@ -201,7 +201,7 @@ def cancel_run(
 @router.post("/{run_id}/retry", status_code=201)
 def retry_run(state: State, who: Writer, request: Request, run_id: RunId) -> dict[str, Any]:
     """A finished run again, as a new run whose parent_run_id is this one."""
-    run = services.retry_run(
+    run = control.retry_run(
         state.uow(), run_id, actor=who.name, ip=client_ip(request), publisher=state.publisher
     )
     return run.to_dict()

@@ -17,8 +17,8 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import Reader
 from api.state import ApiState, State
 from domain.errors import ConveyorError
+from domain.runs import control
 from domain.runs import reads as queries
-from domain.runs import services
 from domain.runs.views import LogLine
 
 log = structlog.get_logger("conveyor.api.sse")
@@ -94,7 +94,7 @@ async def stream_logs(
     if last_event_id and last_event_id.isdigit():
         after_seq = max(after_seq, int(last_event_id))
     # 404 now, while a status code can still be sent.
-    await run_in_threadpool(services.get_run, state.reader(), run_id)
+    await run_in_threadpool(control.get_run, state.reader(), run_id)
     return StreamingResponse(
         follow(state, run_id, after_seq),
         media_type="text/event-stream",

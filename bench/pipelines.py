@@ -28,7 +28,7 @@ from bench.common import fresh_database
 from domain.db.engine import create_db_engine
 from domain.db.unit_of_work import UnitOfWork
 from domain.pipelines.discovery import PipelineCatalog
-from domain.runs import services
+from domain.runs import control, enqueue
 from domain.runs.requests import build_request
 from domain.settings import load_settings
 from domain.tasks.registry import Registry
@@ -81,7 +81,7 @@ def main() -> None:
 
     def through_conveyor(name: str) -> float:
         started = time.perf_counter()
-        run_id = services.enqueue(
+        run_id = enqueue.enqueue(
             UnitOfWork(engine), build_request(name=name, kind="pipeline"), catalog=catalog
         ).run.id
         outcome = executor.execute(run_id)
@@ -102,11 +102,11 @@ def main() -> None:
     p50_direct, p50_conveyor = statistics.median(direct), statistics.median(conveyed)
     added_ms = (p50_conveyor - p50_direct) * 1000
 
-    run_id = services.enqueue(
+    run_id = enqueue.enqueue(
         UnitOfWork(engine), build_request(name="chatty", kind="pipeline"), catalog=catalog
     ).run.id
     executor.execute(run_id)
-    run = services.get_run(UnitOfWork(engine), run_id)
+    run = control.get_run(UnitOfWork(engine), run_id)
     assert run.status == "succeeded" and run.duration_s, run.status
     rate = args.lines / run.duration_s
 

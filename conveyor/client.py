@@ -18,7 +18,7 @@ from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, WaitTimeout
 from domain.gc_pause import gc_paused
 from domain.ports import Catalog, Publisher
-from domain.runs import services
+from domain.runs import control, enqueue
 from domain.runs.delivery_checks import DeliveryCheck
 from domain.runs.repository import RunFilter
 from domain.runs.requests import build_request, build_requests, parse_duration
@@ -137,7 +137,7 @@ class Client:
             max_minutes=max_minutes,
             **extra,
         )
-        return services.enqueue(
+        return enqueue.enqueue(
             self.uow(),
             request,
             publisher=self.publisher,
@@ -171,7 +171,7 @@ class Client:
                     raise InvalidInput(f"items[{index}].{exc}", field=exc.field) from None
             requests = build_requests(loose)  # one validation pass for the whole batch
             catalog = permissive(self.catalog) if allow_unknown else self.catalog
-            results = services.enqueue_many(
+            results = enqueue.enqueue_many(
                 self.uow(), requests, publisher=self.publisher, catalog=catalog
             )
             return [r.run for r in results]
@@ -217,7 +217,7 @@ class Client:
 
     # -- reading ----------------------------------------------------------------------------
     def get(self, run_id: str | uuid.UUID) -> RunView:
-        return services.get_run(self.uow(), as_run_id(run_id))
+        return control.get_run(self.uow(), as_run_id(run_id))
 
     def list(
         self,
@@ -239,12 +239,12 @@ class Client:
             created_after=created_after,
             created_before=created_before,
         )
-        return services.list_runs(self.uow(), filters, limit=limit, cursor=cursor)
+        return control.list_runs(self.uow(), filters, limit=limit, cursor=cursor)
 
     def logs(
         self, run_id: str | uuid.UUID, after_seq: int = 0, limit: int = 1000
     ) -> builtins.list[LogLine]:
-        return services.run_logs(self.uow(), as_run_id(run_id), after_seq=after_seq, limit=limit)
+        return control.run_logs(self.uow(), as_run_id(run_id), after_seq=after_seq, limit=limit)
 
     def steps(self, run_id: str | uuid.UUID) -> builtins.list[StepView]:
         with self.uow() as uow:
@@ -279,9 +279,9 @@ class Client:
     def cancel(
         self, run_id: str | uuid.UUID, *, actor: str = "client", reason: str = ""
     ) -> RunView:
-        return services.cancel_run(self.uow(), as_run_id(run_id), actor=actor, reason=reason)
+        return control.cancel_run(self.uow(), as_run_id(run_id), actor=actor, reason=reason)
 
     def retry(self, run_id: str | uuid.UUID, *, actor: str = "client") -> RunView:
-        return services.retry_run(
+        return control.retry_run(
             self.uow(), as_run_id(run_id), actor=actor, publisher=self.publisher
         )

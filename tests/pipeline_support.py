@@ -19,7 +19,7 @@ from domain.db.models import RunMetric, run_logs, run_steps
 from domain.db.unit_of_work import UnitOfWork
 from domain.pipelines.discovery import PipelineCatalog, PipelineDirectory
 from domain.pipelines.store import artifacts_of
-from domain.runs import services
+from domain.runs import control, enqueue
 from domain.runs.requests import build_request
 from domain.runs.views import RunView
 from domain.tasks.catalog import CompositeCatalog
@@ -82,7 +82,7 @@ class PipelineHarness:
 
     def enqueue(self, name: str, params: dict[str, Any] | None = None, **fields: Any) -> uuid.UUID:
         request = build_request(name=name, params=params or {}, **fields)
-        return services.enqueue(UnitOfWork(self.engine), request, catalog=self.catalog).run.id
+        return enqueue.enqueue(UnitOfWork(self.engine), request, catalog=self.catalog).run.id
 
     def run(self, run_id: uuid.UUID, *, until_final: bool = True, timeout: float = 60) -> str:
         """Execute deliveries (as a worker would) until the run ends or, with `until_final`
@@ -100,7 +100,7 @@ class PipelineHarness:
         raise AssertionError(f"run {run_id} did not finish within {timeout}s: {statuses}")
 
     def get(self, run_id: uuid.UUID) -> RunView:
-        return services.get_run(UnitOfWork(self.engine), run_id)
+        return control.get_run(UnitOfWork(self.engine), run_id)
 
     def lines(self, run_id: uuid.UUID, stream: str | None = None) -> list[str]:
         return [m for s, m, _ in self.logs(run_id) if stream is None or s == stream]

@@ -1,4 +1,4 @@
-"""The Celery tasks conveyor registers: thin entry points into the executor and services."""
+"""The Celery tasks conveyor registers: thin entry points into the executor and the use cases."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from domain import storable
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import ConveyorError, InvalidInput, TransientError
-from domain.runs import services
+from domain.runs import enqueue
 from domain.runs.requests import build_request
 from domain.settings import Settings
 from domain.tasks.registry import RetryPolicy
@@ -178,6 +178,6 @@ def _enqueue(
     # A redelivered message must not create a second run.
     fields.setdefault("idempotency_key", f"celery:{request.id}")
     req = build_request(triggered_by="celery", trigger_ref=request.id, **fields)
-    return services.enqueue(
+    return enqueue.enqueue(
         UnitOfWork(runtime.engine), req, catalog=runtime.catalog, inline=True
     ).run.id

@@ -1,4 +1,4 @@
-"""Validated inputs to the services: what a caller may ask for, with precise errors."""
+"""Validated inputs to the use cases: what a caller may ask for, with precise errors."""
 
 from __future__ import annotations
 

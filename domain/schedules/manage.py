@@ -18,9 +18,9 @@ from sqlalchemy.exc import IntegrityError
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, InvalidInput, NotFound
 from domain.ports import Catalog, OpenCatalog, Publisher
-from domain.runs import services
+from domain.runs import enqueue
+from domain.runs.enqueue import Enqueued
 from domain.runs.requests import build_request
-from domain.runs.services import Enqueued
 from domain.runs.views import RunView
 from domain.schedules.definitions import (
     ScheduleInput,
@@ -216,7 +216,7 @@ def fire_now(
             ts=uow.clock(),
         )
 
-    enqueued = services.enqueue_many(
+    enqueued = enqueue.enqueue_many(
         uow, [req], publisher=publisher, catalog=catalog(view.target_kind), record=audit_fire
     )
     return enqueued[0].run

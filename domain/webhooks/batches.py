@@ -15,7 +15,7 @@ from domain.db import sql
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import ConveyorError, TransientError
 from domain.ports import Catalog, Publisher
-from domain.runs import services
+from domain.runs import enqueue
 from domain.runs.requests import build_request
 from domain.webhooks.inbound import (
     Endpoint,
@@ -32,7 +32,7 @@ from domain.webhooks.inbound import (
 )
 
 #: What a delivery came to: its run (created or found again), or why it was refused.
-Outcome = services.Enqueued | ConveyorError
+Outcome = enqueue.Enqueued | ConveyorError
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +122,10 @@ def _accept_alone(
         return exc
 
 
-def _record_deliveries(items: list[_Checked], received: datetime) -> services.Recorder:
+def _record_deliveries(items: list[_Checked], received: datetime) -> enqueue.Recorder:
     """Writes each delivery's row, pointing at the run it was given, in the runs' transaction."""
 
-    def record(conn: Connection, results: list[services.Enqueued]) -> None:
+    def record(conn: Connection, results: list[enqueue.Enqueued]) -> None:
         rows = {  # one row per (webhook, delivery id): a repeat inside the batch is the same
             (item.hook.id, item.delivery_id): {
                 "webhook_id": item.hook.id,
@@ -164,7 +164,7 @@ def _accept_together(
         for item in items
     ]
     return list(
-        services.enqueue_many(
+        enqueue.enqueue_many(
             uow,
             requests,
             publisher=publisher,

@@ -14,7 +14,7 @@ from domain.db.unit_of_work import UnitOfWork
 from domain.errors import NotFound
 from domain.pipelines.discovery import PipelineDirectory
 from domain.ports import Catalog, Publisher
-from domain.runs import services
+from domain.runs import enqueue
 from domain.runs.requests import build_request
 
 
@@ -32,7 +32,7 @@ def accept(
     delivery_id: str | None,
     publisher: Publisher | None,
     catalog: Catalog | None,
-) -> services.Enqueued:
+) -> enqueue.Enqueued:
     """The pipeline's run for this call; with a delivery id, one run per id."""
     found = directory.find(name)
     expected = found.config.webhook_key if found and found.runnable and found.config else None
@@ -46,4 +46,4 @@ def accept(
         trigger_ref="legacy-webhook",
         idempotency_key=f"legacy-webhook:{name}:{delivery_id}" if delivery_id else None,
     )
-    return services.enqueue(uow, request, publisher=publisher, catalog=catalog)
+    return enqueue.enqueue(uow, request, publisher=publisher, catalog=catalog)

@@ -20,7 +20,7 @@ from domain.db.models_platform import Pipeline, Webhook, WebhookDelivery
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, InvalidInput, NotFound
 from domain.ports import Catalog, Publisher, require_known
-from domain.runs import services
+from domain.runs import enqueue
 from domain.runs.requests import build_request
 from domain.runs.views import _jsonable
 from domain.security import audit, crypto
@@ -242,7 +242,7 @@ def parse_payload(body: bytes) -> dict[str, Any]:
 
 # -- accepting a delivery ---------------------------------------------------------------------
 class _DeliveryUnitOfWork(UnitOfWork):
-    """services.enqueue's unit of work, with the delivery row written just before its commit:
+    """enqueue.enqueue's unit of work, with the delivery row written just before its commit:
     one transaction with the run."""
 
     def __init__(self, uow: UnitOfWork, hook: WebhookView, delivery_id: str, key: str) -> None:
@@ -281,7 +281,7 @@ def accept(
     *,
     publisher: Publisher | None = None,
     catalog: Catalog | None = None,
-) -> services.Enqueued:
+) -> enqueue.Enqueued:
     """The run for this delivery: created now (created=True) or the one an earlier delivery
     with the same id created. The same id with a different body is a Conflict."""
     key = idempotency_key(hook, delivery_id)
@@ -295,7 +295,7 @@ def accept(
         trigger_ref=f"{hook.name}:{delivery_id}"[:255],
     )
     try:
-        return services.enqueue(
+        return enqueue.enqueue(
             _DeliveryUnitOfWork(uow, hook, delivery_id, key),
             request,
             publisher=publisher,

@@ -14,7 +14,7 @@ from domain.clock import utc_now
 from domain.db.models import runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict
-from domain.runs.services import Enqueued
+from domain.runs.enqueue import Enqueued
 from domain.webhooks import inbound as webhooks
 from domain.webhooks.batches import Delivery, accept_batch
 from domain.webhooks.inbound import BadSignature, MalformedPayload, StaleTimestamp, WebhookNotFound

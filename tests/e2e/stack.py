@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class Stack:
     """Starts and stops conveyor processes sharing one database and one broker (a database of
-    the test session's private Redis, see tests/services.py)."""
+    the test session's private Redis, see tests/enqueue.py)."""
 
     def __init__(self, database_url: str, logs: Path, broker_url: str, **overrides: str) -> None:
         self.broker_url = broker_url

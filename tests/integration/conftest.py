@@ -14,7 +14,7 @@ from sqlalchemy import Engine, select
 from domain.costs.prices import Prices
 from domain.db.models import run_logs
 from domain.db.unit_of_work import UnitOfWork
-from domain.runs import services
+from domain.runs import control, enqueue
 from domain.runs.requests import build_request
 from domain.runs.views import RunView
 from domain.tasks.registry import Registry, RegistryCatalog
@@ -34,13 +34,13 @@ class Harness:
     def enqueue(self, name: str, validate: bool = True, **fields: Any) -> uuid.UUID:
         catalog = RegistryCatalog(self.registry) if validate else None
         request = build_request(name=name, **fields)
-        return services.enqueue(UnitOfWork(self.engine), request, catalog=catalog).run.id
+        return enqueue.enqueue(UnitOfWork(self.engine), request, catalog=catalog).run.id
 
     def run(self, run_id: uuid.UUID) -> str:
         return self.executor.execute(run_id).status
 
     def get(self, run_id: uuid.UUID) -> RunView:
-        return services.get_run(UnitOfWork(self.engine), run_id)
+        return control.get_run(UnitOfWork(self.engine), run_id)
 
     def messages(self, run_id: uuid.UUID) -> list[tuple[str, str]]:
         self.writer.flush()

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, select
 
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, UnknownTask
-from domain.runs import rows, services
+from domain.runs import enqueue, rows
 from domain.runs.delivery_checks import DeliveryCheck
 from domain.runs.requests import build_request
 from domain.runs.views import RunView
@@ -99,7 +99,7 @@ def test_a_producer_without_the_code_applies_the_task_defaults(
         7,
     )
     assert params == {"customer_id": 7, "mode": "a"}  # the default is stored, as pydantic does
-    run = services.enqueue(
+    run = enqueue.enqueue(
         UnitOfWork(engine), build_request(name="flaky", params={"customer_id": 7}), catalog=table
     ).run
     assert (run.max_attempts, run.queue, run.timeout_s, run.priority) == (3, "slow", 20, 7)
@@ -239,7 +239,7 @@ def _key() -> str:
 
 
 def _run(name: str, queue: str) -> RunView:
-    return services._view(
+    return enqueue._view(
         rows.run_row(
             build_request(name=name, queue=queue), permissive(CompositeCatalog()), T0, False
         )

@@ -9,7 +9,7 @@ from domain.clock import utc_now
 from domain.db.models import runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import ConfigurationError, RunNotFound
-from domain.runs import dispatch, services
+from domain.runs import dispatch, enqueue
 from domain.runs.chains import check_chains, release_after
 from domain.runs.requests import build_request
 from domain.tasks.registry import Registry
@@ -112,10 +112,10 @@ def test_after_waits_for_the_parent(h: Harness) -> None:
     uow = UnitOfWork(h.engine)
     ok_parent = h.enqueue("step")
     bad_parent = h.enqueue("step", params={"fail": True})
-    waits_ok = services.enqueue(uow, build_request(name="step"), after=ok_parent).run.id
-    waits_bad = services.enqueue(uow, build_request(name="step"), after=bad_parent).run.id
+    waits_ok = enqueue.enqueue(uow, build_request(name="step"), after=ok_parent).run.id
+    waits_bad = enqueue.enqueue(uow, build_request(name="step"), after=bad_parent).run.id
     with pytest.raises(RunNotFound):
-        services.enqueue(uow, build_request(name="step"), after=waits_ok.__class__(int=1))
+        enqueue.enqueue(uow, build_request(name="step"), after=waits_ok.__class__(int=1))
     assert release_after(h.engine, now=utc_now()) == (0, 0)  # parents still pending
     assert h.run(waits_ok) == "dropped"  # held: not due
     assert (h.run(ok_parent), h.run(bad_parent)) == ("succeeded", "failed")

@@ -19,7 +19,7 @@ from domain.costs import projects
 from domain.costs.prices import Prices
 from domain.db.models import cost_entries, run_steps, runs
 from domain.db.unit_of_work import UnitOfWork
-from domain.runs import services
+from domain.runs import enqueue
 from domain.runs import store as runstore
 from domain.runs.requests import build_request
 from tests.fakes import FakeClock
@@ -142,7 +142,7 @@ def test_a_retried_attempt_keeps_the_spend_of_the_first(slow_flush: Harness) -> 
 def test_entries_of_an_attempt_that_lost_the_run_are_dropped_with_a_warning(
     engine: Engine, clock: FakeClock
 ) -> None:
-    run_id = services.enqueue(UnitOfWork(engine, clock=clock), build_request(name="t")).run.id
+    run_id = enqueue.enqueue(UnitOfWork(engine, clock=clock), build_request(name="t")).run.id
     with engine.begin() as conn:
         claim = runstore.claim(conn, run_id, owner="w1", now=clock(), lease_s=30)
     assert claim is not None and claim.attempt == 1
@@ -256,7 +256,7 @@ def test_price_table_warning_and_steps_work_through_the_buffer(h: Harness, tmp_p
 def test_a_full_buffer_of_costs_makes_callers_wait_instead_of_dropping(
     engine: Engine, clock: FakeClock
 ) -> None:
-    run_id = services.enqueue(UnitOfWork(engine, clock=clock), build_request(name="t")).run.id
+    run_id = enqueue.enqueue(UnitOfWork(engine, clock=clock), build_request(name="t")).run.id
     writer = LogWriter(engine, flush_interval_s=60, max_buffered=10, clock=clock)
     writer.start()
     peak = 0
@@ -289,7 +289,7 @@ def test_a_database_outage_at_the_end_keeps_the_costs_buffered() -> None:
 def test_a_refused_entry_costs_only_itself_and_totals_still_match(
     engine: Engine, clock: FakeClock
 ) -> None:
-    run_id = services.enqueue(UnitOfWork(engine, clock=clock), build_request(name="t")).run.id
+    run_id = enqueue.enqueue(UnitOfWork(engine, clock=clock), build_request(name="t")).run.id
     writer = LogWriter(engine, clock=clock)
     for i, provider in enumerate(["p", "p", "x" * 101, "p"]):  # varchar(100) refuses one
         spend(writer, run_id, 0, "0.1", tokens_in=i, provider=provider)

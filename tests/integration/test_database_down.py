@@ -7,7 +7,7 @@ import pytest
 from domain.db.engine import create_db_engine, wait_for_database
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import DatabaseUnavailable
-from domain.runs import services
+from domain.runs import enqueue
 from domain.runs.requests import build_request
 
 DOWN_URL = "postgresql+psycopg://conveyor:s3cret-pw@127.0.0.1:1/conveyor"
@@ -16,7 +16,7 @@ DOWN_URL = "postgresql+psycopg://conveyor:s3cret-pw@127.0.0.1:1/conveyor"
 def test_enqueue_against_a_down_database_is_a_clear_error() -> None:
     engine = create_db_engine(DOWN_URL)
     with pytest.raises(DatabaseUnavailable) as info:
-        services.enqueue(UnitOfWork(engine), build_request(name="t"))
+        enqueue.enqueue(UnitOfWork(engine), build_request(name="t"))
     message = str(info.value)
     assert (
         "cannot reach the database postgresql+psycopg://conveyor:***@127.0.0.1:1/conveyor"

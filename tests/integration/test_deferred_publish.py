@@ -15,7 +15,7 @@ from sqlalchemy import Engine, select
 from domain.clock import utc_now
 from domain.db.models import runs
 from domain.db.unit_of_work import UnitOfWork
-from domain.runs import services
+from domain.runs import enqueue
 from domain.runs.recovery import relay_once
 from domain.runs.requests import build_request
 from domain.schedules import definitions as sched
@@ -72,7 +72,7 @@ def dispatch_state(engine: Engine, run_id: object) -> tuple[datetime | None, int
 def test_an_enqueue_published_while_redis_is_down_is_relayed_once_it_is_back(
     engine: Engine, publisher: CeleryPublisher, redis_down: PrivateRedis, redis_url: str
 ) -> None:
-    run = services.enqueue(UnitOfWork(engine), build_request(name="t"), publisher=publisher).run
+    run = enqueue.enqueue(UnitOfWork(engine), build_request(name="t"), publisher=publisher).run
     assert dispatch_state(engine, run.id) == (None, 0)  # the relay's to publish
     down = relay_once(engine, publisher, clock=utc_now, grace_s=GRACE_S)
     assert down.published == 0  # still down: nothing is marked

@@ -14,7 +14,7 @@ from domain.db.models import runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, InvalidInput
 from domain.ports import Dispatch
-from domain.runs import dispatch, services
+from domain.runs import control, dispatch, enqueue
 from domain.runs import store as runstore
 from domain.runs.requests import build_request
 from tests.fakes import FakeClock, FakePublisher, PreparingPublisher
@@ -39,14 +39,14 @@ def test_enqueue_writes_the_run_then_publishes_after_commit(
         seen_from_another_connection.append(status)
 
     publisher = FakePublisher(on_publish=look)
-    run = services.enqueue(
+    run = enqueue.enqueue(
         uow,
         build_request(name="send_report", params={"customer_id": 7}, priority=8, queue="mail"),
         publisher=publisher,
     ).run
     assert seen_from_another_connection == ["pending"]
     assert publisher.published == [Dispatch(run.id, "send_report", "mail", 8, {"customer_id": 7})]
-    stored = services.get_run(uow, run.id)
+    stored = control.get_run(uow, run.id)
     assert stored.params == {"customer_id": 7}
     assert stored.status == "pending" and stored.attempt == 0
     assert stored.dispatched_at == uow.clock() and stored.dispatch_attempts == 1
@@ -56,9 +56,9 @@ def test_a_broker_outage_loses_nothing(engine: Engine, uow: UnitOfWork, clock: F
     """The publish failed: the run is the relay's at once, not a dispatch grace later."""
     publisher = FakePublisher()
     publisher.down = True
-    run = services.enqueue(uow, build_request(name="t"), publisher=publisher).run
+    run = enqueue.enqueue(uow, build_request(name="t"), publisher=publisher).run
     assert publisher.published == []
-    stored = services.get_run(uow, run.id)
+    stored = control.get_run(uow, run.id)
     assert (stored.status, stored.dispatched_at, stored.dispatch_attempts) == ("pending", None, 0)
     with engine.connect() as conn:
         due = dispatch.due_for_dispatch(conn, now=clock(), grace_s=30)
@@ -69,7 +69,7 @@ def test_deferred_run_waits_for_the_relay(
     engine: Engine, uow: UnitOfWork, clock: FakeClock
 ) -> None:
     publisher = FakePublisher()
-    run = services.enqueue(uow, build_request(name="t", delay_s=60), publisher=publisher).run
+    run = enqueue.enqueue(uow, build_request(name="t", delay_s=60), publisher=publisher).run
     assert publisher.published == []  # no broker-side eta: the database holds it
     assert run.not_before == clock() + timedelta(seconds=60)
     with engine.connect() as conn:
@@ -81,7 +81,7 @@ def test_deferred_run_waits_for_the_relay(
 def test_without_a_publisher_the_relay_delivers(
     engine: Engine, uow: UnitOfWork, clock: FakeClock
 ) -> None:
-    run = services.enqueue(uow, build_request(name="t")).run
+    run = enqueue.enqueue(uow, build_request(name="t")).run
     assert run.dispatched_at is None
     with engine.begin() as conn:
         due = dispatch.due_for_dispatch(conn, now=clock(), grace_s=30)
@@ -92,10 +92,10 @@ def test_without_a_publisher_the_relay_delivers(
 
 def test_idempotency_key_returns_the_same_run(engine: Engine, uow: UnitOfWork) -> None:
     publisher = FakePublisher()
-    first = services.enqueue(
+    first = enqueue.enqueue(
         uow, build_request(name="t", params={"a": 1}, idempotency_key="k"), publisher=publisher
     )
-    again = services.enqueue(
+    again = enqueue.enqueue(
         uow, build_request(name="t", params={"a": 1}, idempotency_key="k"), publisher=publisher
     )
     assert first.created and not again.created
@@ -109,15 +109,15 @@ def test_idempotency_key_is_per_project(engine: Engine, uow: UnitOfWork) -> None
         conn.execute(
             runs.metadata.tables["projects"].insert().values(name="other", created_at=uow.clock())
         )
-    a = services.enqueue(uow, build_request(name="t", idempotency_key="k")).run
-    b = services.enqueue(uow, build_request(name="t", idempotency_key="k", project="other")).run
+    a = enqueue.enqueue(uow, build_request(name="t", idempotency_key="k")).run
+    b = enqueue.enqueue(uow, build_request(name="t", idempotency_key="k", project="other")).run
     assert a.id != b.id
 
 
 def test_reusing_a_key_for_different_work_is_a_conflict(engine: Engine, uow: UnitOfWork) -> None:
-    services.enqueue(uow, build_request(name="t", params={"a": 1}, idempotency_key="k"))
+    enqueue.enqueue(uow, build_request(name="t", params={"a": 1}, idempotency_key="k"))
     with pytest.raises(Conflict, match="already used for a different request"):
-        services.enqueue(uow, build_request(name="t", params={"a": 2}, idempotency_key="k"))
+        enqueue.enqueue(uow, build_request(name="t", params={"a": 2}, idempotency_key="k"))
     assert count_runs(engine) == 1
 
 
@@ -129,7 +129,7 @@ def test_eight_threads_racing_on_one_key_make_one_run(engine: Engine, clock: Fak
     def producer() -> None:
         try:
             barrier.wait()
-            result = services.enqueue(
+            result = enqueue.enqueue(
                 UnitOfWork(engine, clock=clock),
                 build_request(name="t", params={"x": 1}, idempotency_key="race"),
             )
@@ -150,7 +150,7 @@ def test_eight_threads_racing_on_one_key_make_one_run(engine: Engine, clock: Fak
 def test_unknown_project_is_refused_and_writes_nothing(engine: Engine, uow: UnitOfWork) -> None:
     publisher = FakePublisher()
     with pytest.raises(InvalidInput, match="project: no project named 'ghost'"):
-        services.enqueue(uow, build_request(name="t", project="ghost"), publisher=publisher)
+        enqueue.enqueue(uow, build_request(name="t", project="ghost"), publisher=publisher)
     assert count_runs(engine) == 0
     assert publisher.published == []
 
@@ -158,7 +158,7 @@ def test_unknown_project_is_refused_and_writes_nothing(engine: Engine, uow: Unit
 def test_enqueue_many_is_one_transaction_and_one_publish(engine: Engine, uow: UnitOfWork) -> None:
     publisher = FakePublisher()
     requests = [build_request(name="resize", params={"i": i}) for i in range(2500)]
-    results = services.enqueue_many(uow, requests, publisher=publisher)
+    results = enqueue.enqueue_many(uow, requests, publisher=publisher)
     assert len(results) == 2500 and all(r.created for r in results)
     assert len(publisher.batches) == 1 and len(publisher.batches[0]) == 2500
     assert count_runs(engine) == 2500
@@ -166,9 +166,9 @@ def test_enqueue_many_is_one_transaction_and_one_publish(engine: Engine, uow: Un
 
 
 def test_enqueue_many_collapses_duplicate_keys(engine: Engine, uow: UnitOfWork) -> None:
-    existing = services.enqueue(uow, build_request(name="t", idempotency_key="old")).run
+    existing = enqueue.enqueue(uow, build_request(name="t", idempotency_key="old")).run
     publisher = FakePublisher()
-    results = services.enqueue_many(
+    results = enqueue.enqueue_many(
         uow,
         [
             build_request(name="t", idempotency_key="old"),
@@ -194,7 +194,7 @@ def test_enqueue_many_with_a_bad_project_writes_nothing(
         build_request(name="t", project="ghost", idempotency_key=key),
     ]
     with pytest.raises(InvalidInput, match="ghost"):
-        services.enqueue_many(uow, requests, publisher=FakePublisher())
+        enqueue.enqueue_many(uow, requests, publisher=FakePublisher())
     assert count_runs(engine) == 0
 
 
@@ -205,7 +205,7 @@ def test_messages_are_prepared_before_commit_and_sent_after(pg_url: str, size: i
     try:
         publisher = PreparingPublisher(engine)
         requests = [build_request(name="t", params={"i": i}) for i in range(size)]
-        services.enqueue_many(UnitOfWork(engine), requests, publisher=publisher)
+        enqueue.enqueue_many(UnitOfWork(engine), requests, publisher=publisher)
         assert publisher.seen == [("prepare", size, 0), ("send", size, size)]
     finally:
         engine.dispose()

@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 from domain.clock import utc_now
 from domain.db.models import CostEntry, Run, run_logs, run_steps
 from domain.db.unit_of_work import UnitOfWork
-from domain.runs import services
+from domain.runs import control
 from domain.runs import store as runstore
 from tests.integration.conftest import Harness
 
@@ -142,7 +142,7 @@ def test_cancel_a_running_run(h: Harness) -> None:
     runner = threading.Thread(target=lambda: outcome.append(h.run(run_id)))
     runner.start()
     assert started.wait(5)
-    services.cancel_run(UnitOfWork(h.engine), run_id, actor="test")
+    control.cancel_run(UnitOfWork(h.engine), run_id, actor="test")
     runner.join(10)
     assert outcome == ["cancelled"]
     run = h.get(run_id)

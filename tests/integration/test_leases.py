@@ -10,14 +10,14 @@ from sqlalchemy import Engine
 
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import LeaseLost
-from domain.runs import services
+from domain.runs import control, enqueue
 from domain.runs import store as runstore
 from domain.runs.requests import build_request
 from tests.fakes import FakeClock
 
 
 def pending(uow: UnitOfWork, **fields: object) -> uuid.UUID:
-    return services.enqueue(uow, build_request(name="t", **fields)).run.id
+    return enqueue.enqueue(uow, build_request(name="t", **fields)).run.id
 
 
 def test_claim_bumps_attempt_and_sets_a_lease(
@@ -30,7 +30,7 @@ def test_claim_bumps_attempt_and_sets_a_lease(
         assert (claim.attempt, claim.params, claim.max_attempts) == (1, {"x": 1}, 2)
         # the same message delivered twice: the second claim is refused
         assert runstore.claim(conn, run_id, owner="w2", now=clock(), lease_s=30) is None
-    run = services.get_run(uow, run_id)
+    run = control.get_run(uow, run_id)
     assert run.status == "running" and run.lease_owner == "w1"
     assert run.lease_expires_at is not None
     assert (run.lease_expires_at - clock()).total_seconds() == 30
@@ -54,7 +54,7 @@ def test_expired_lease_is_claimed_again_and_the_old_attempt_is_fenced(
         runstore.finish(conn, run_id, 2, status="succeeded", now=clock(), result={"v": 2})
         with pytest.raises(LeaseLost):  # terminal states never change again
             runstore.finish(conn, run_id, 2, status="failed", now=clock())
-    run = services.get_run(uow, run_id)
+    run = control.get_run(uow, run_id)
     assert (run.status, run.attempt, run.result) == ("succeeded", 2, {"v": 2})
     assert run.lease_owner is None and run.finished_at == clock()
 
@@ -116,7 +116,7 @@ def test_concurrent_claimers_one_winner(
     for t in threads:
         t.join()
     assert len(winners) == 1
-    assert services.get_run(uow, run_id).attempt == 1
+    assert control.get_run(uow, run_id).attempt == 1
 
 
 def _s(seconds: float):  # type: ignore[no-untyped-def]

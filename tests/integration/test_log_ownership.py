@@ -21,7 +21,7 @@ from domain.db.engine import create_db_engine
 from domain.db.models import run_logs, runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.housekeeping.rollups import apply_retention
-from domain.runs import lines, services
+from domain.runs import enqueue, lines
 from domain.runs.requests import build_request
 from tests.polling import eventually
 from worker.batches import Batch, Written, write
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.postgres
 
 
 def _run(engine: Engine) -> uuid.UUID:
-    return services.enqueue(UnitOfWork(engine), build_request(name="t")).run.id
+    return enqueue.enqueue(UnitOfWork(engine), build_request(name="t")).run.id
 
 
 def _lines(run_id: uuid.UUID, n: int) -> Batch:

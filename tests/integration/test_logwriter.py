@@ -16,7 +16,7 @@ from domain.db.engine import create_db_engine
 from domain.db.models import RunLog, RunMetric
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import DatabaseUnavailable
-from domain.runs import services
+from domain.runs import enqueue
 from domain.runs.requests import build_request
 from tests.fakes import FakeClock
 from tests.polling import eventually
@@ -27,7 +27,7 @@ DOWN_URL = "postgresql+psycopg://u@127.0.0.1:1/x"
 
 @pytest.fixture
 def run_id(engine: Engine, clock: FakeClock) -> uuid.UUID:
-    return services.enqueue(UnitOfWork(engine, clock=clock), build_request(name="t")).run.id
+    return enqueue.enqueue(UnitOfWork(engine, clock=clock), build_request(name="t")).run.id
 
 
 @pytest.fixture

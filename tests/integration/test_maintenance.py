@@ -13,7 +13,7 @@ from sqlalchemy import Engine, func, insert, select
 from domain.db.models import run_logs, runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.housekeeping.rollups import apply_retention, roll_up, stats_for
-from domain.runs import services
+from domain.runs import enqueue
 from domain.runs import store as runstore
 from domain.runs.requests import build_request
 from tests.fakes import FakeClock
@@ -30,7 +30,7 @@ def finished(
     project: str = "default",
     usd: str = "0",
 ) -> uuid.UUID:
-    run_id = services.enqueue(
+    run_id = enqueue.enqueue(
         UnitOfWork(engine, clock=clock), build_request(name=name, project=project)
     ).run.id
     with engine.begin() as conn:
@@ -82,7 +82,7 @@ def test_retention_deletes_in_batches_with_rules_and_archives(
     old_failed = finished(engine, clock, "job", "failed", 1)
     clock.now = T0 + timedelta(days=40)
     recent = finished(engine, clock, "job", "succeeded", 1)
-    pending = services.enqueue(UnitOfWork(engine, clock=clock), build_request(name="job")).run.id
+    pending = enqueue.enqueue(UnitOfWork(engine, clock=clock), build_request(name="job")).run.id
     deleted = apply_retention(
         engine,
         now=clock.now,

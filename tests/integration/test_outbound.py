@@ -24,7 +24,7 @@ from domain.db.models import run_logs, runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput
 from domain.ports import OpenCatalog
-from domain.runs import services
+from domain.runs import enqueue
 from domain.runs.requests import build_request
 from domain.security import crypto
 from domain.settings import Settings, load_settings
@@ -72,7 +72,7 @@ def finished_run(
 ) -> uuid.UUID:
     """A run as a worker leaves it: ended now (the fake clock's now)."""
     req = build_request(name=name, callback_url=callback_url)
-    run = services.enqueue(UnitOfWork(engine, clock=clock), req, catalog=OpenCatalog()).run
+    run = enqueue.enqueue(UnitOfWork(engine, clock=clock), req, catalog=OpenCatalog()).run
     fields = {"error_type": "ValueError", "error": "boom"} if status != "succeeded" else {}
     with engine.begin() as conn:
         conn.execute(
@@ -346,7 +346,7 @@ def test_the_scheduler_leader_sends_callbacks_without_blocking_its_loop(
         eventually(lambda: len(outbound.deliveries_of(engine, [stuck])) == 1, timeout=20)
         # The leader's outbound pass now waits on the silent receiver; its loop goes on: the
         # relay publishes a new run while that POST is still open.
-        pending = services.enqueue(
+        pending = enqueue.enqueue(
             UnitOfWork(engine), build_request(name="later"), catalog=OpenCatalog()
         ).run
         eventually(lambda: pending.id in {d.run_id for d in publisher.published}, timeout=20)

@@ -20,7 +20,7 @@ from domain.pipelines.discovery import (
     pipeline_settings,
 )
 from domain.pipelines.store import list_rows, record_outcome, sync
-from domain.runs import services
+from domain.runs import enqueue
 from domain.runs.requests import build_request
 from domain.tasks.catalog import CompositeCatalog
 from domain.tasks.registry import Registry, RegistryCatalog
@@ -142,7 +142,7 @@ def test_catalog_resolves_pipelines_for_enqueue(engine: Engine, root: Path) -> N
     with pytest.raises(InvalidInput, match=r"params\._env"):
         catalog.resolve("test_simple", {"_env": "A=1"})
 
-    run = services.enqueue(
+    run = enqueue.enqueue(
         UnitOfWork(engine), build_request(name="test_simple", params={"x": 1}), catalog=catalog
     ).run
     assert (run.kind, run.max_attempts, run.timeout_s, run.queue) == ("pipeline", 3, 60, "default")
@@ -151,10 +151,10 @@ def test_catalog_resolves_pipelines_for_enqueue(engine: Engine, root: Path) -> N
 def test_max_instances_refuses_a_new_run(engine: Engine, tmp_path: Path) -> None:
     make_pipeline(tmp_path, "single", "print(1)\n", {"max_instances": 1, "queue": "etl"})
     catalog = PipelineCatalog(PipelineDirectory(tmp_path), engine)
-    first = services.enqueue(UnitOfWork(engine), build_request(name="single"), catalog=catalog)
+    first = enqueue.enqueue(UnitOfWork(engine), build_request(name="single"), catalog=catalog)
     assert first.run.queue == "etl"
     with pytest.raises(Conflict, match="max_instances is 1"):
-        services.enqueue(UnitOfWork(engine), build_request(name="single"), catalog=catalog)
+        enqueue.enqueue(UnitOfWork(engine), build_request(name="single"), catalog=catalog)
 
 
 def test_directory_notices_changes(tmp_path: Path) -> None:

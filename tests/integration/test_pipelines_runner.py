@@ -262,7 +262,7 @@ def test_timeout_kills_the_whole_process_tree(h1: PipelineHarness, tmp_path: Pat
 
 def test_cancel_kills_the_whole_process_tree(h1: PipelineHarness, tmp_path: Path) -> None:
     from domain.db.unit_of_work import UnitOfWork
-    from domain.runs import services
+    from domain.runs import control
 
     stubborn_tree(h1.root, timeout=None)
     pids = tmp_path / "pids"
@@ -271,7 +271,7 @@ def test_cancel_kills_the_whole_process_tree(h1: PipelineHarness, tmp_path: Path
     worker = threading.Thread(target=lambda: result.append(h1.run(run_id)))
     worker.start()
     eventually(lambda: len(pids_in(pids)) == 3, timeout=20, every=0.05)
-    services.cancel_run(UnitOfWork(h1.engine), run_id, actor="test")
+    control.cancel_run(UnitOfWork(h1.engine), run_id, actor="test")
     worker.join(timeout=30)
     assert result == ["cancelled"]
     assert_all_dead(pids_in(pids))

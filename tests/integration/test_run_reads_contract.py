@@ -22,8 +22,8 @@ from domain.db.engine import create_db_engine
 from domain.db.models import cost_entries, projects, run_logs, run_steps, runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import DatabaseUnavailable, RunNotFound
+from domain.runs import control
 from domain.runs import reads as queries
-from domain.runs import services
 from domain.runs.reads import RunReads, SqlRunReads
 from domain.runs.reads_pg import PgReads
 from domain.runs.repository import RunFilter
@@ -142,7 +142,7 @@ def test_pages_are_the_same_as_the_repositorys(
     seed(db)
 
     def repository_page(filters: RunFilter, *, limit: int, cursor: str | None) -> Any:
-        return services.list_runs(UnitOfWork(db), filters, limit=limit, cursor=cursor)
+        return control.list_runs(UnitOfWork(db), filters, limit=limit, cursor=cursor)
 
     expected = all_pages(repository_page, filters, limit=7)
     assert sum(len(items) for items, _ in expected) > 0

@@ -19,8 +19,8 @@ from domain.clock import utc_now
 from domain.db.engine import create_db_engine
 from domain.db.models import run_logs, runs
 from domain.db.unit_of_work import UnitOfWork
+from domain.runs import control, enqueue
 from domain.runs import lines as run_lines
-from domain.runs import services
 from domain.runs import store as runstore
 from domain.runs.requests import build_request
 from domain.runs.store import RunStore, SqlRunStore
@@ -63,7 +63,7 @@ def test_storage_picks_the_prepared_statements_on_postgresql(kind: str, db: Engi
 
 def _enqueue(engine: Engine, **fields: Any) -> uuid.UUID:
     request = build_request(name="job", **fields)
-    return services.enqueue(UnitOfWork(engine), request).run.id
+    return enqueue.enqueue(UnitOfWork(engine), request).run.id
 
 
 def _line(run_id: uuid.UUID, seq: int, attempt: int, message: str, fields: Any) -> dict[str, Any]:
@@ -161,7 +161,7 @@ def test_finish_with_no_lines_and_a_result(db: Engine, store: RunStore) -> None:
         exit_code=None,
         lines=[],
     )
-    assert services.get_run(UnitOfWork(db), run_id).result == {"rows": [1, 2]}
+    assert control.get_run(UnitOfWork(db), run_id).result == {"rows": [1, 2]}
 
 
 def test_a_stale_attempt_cannot_finish_but_its_lines_are_kept(db: Engine, store: RunStore) -> None:
@@ -185,7 +185,7 @@ def test_a_stale_attempt_cannot_finish_but_its_lines_are_kept(db: Engine, store:
         lines=[_line(run_id, 1, 1, "from attempt 1", None)],
     )
     assert not owned
-    run = services.get_run(UnitOfWork(db), run_id)
+    run = control.get_run(UnitOfWork(db), run_id)
     assert (run.status, run.attempt, run.lease_owner, run.result) == ("running", 2, "w2", None)
     with db.connect() as conn:
         kept = conn.execute(

@@ -25,7 +25,7 @@ from domain.pipelines.config import PipelineConfig
 from domain.pipelines.discovery import DiscoveredPipeline, PipelineCatalog, PipelineDirectory
 from domain.pipelines.env import compose_env, params_env, pipeline_params, run_env_overrides
 from domain.ports import Publisher
-from domain.runs import services
+from domain.runs import enqueue
 from domain.runs.requests import build_request
 from domain.security.masking import MASK, Masker
 from domain.security.secrets import SecretStore, SecretValue
@@ -354,7 +354,7 @@ class SubprocessPipelineRunner:
                 idempotency_key=f"chain:{ctx.run_id}:{trigger.pipeline}",
             )
             try:
-                done = services.enqueue(
+                done = enqueue.enqueue(
                     UnitOfWork(self.engine, clock=self.clock),
                     request,
                     catalog=catalog,

@@ -1,4 +1,5 @@
-"""Use cases on runs: each takes a unit of work and plain values, and returns views."""
+"""Creating runs: one or a batch, on behalf of an actor with its audit row. A run's row (its
+delivery intent) commits before its message is published (guarantee 1)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,12 @@ from sqlalchemy.exc import IntegrityError
 from domain.clock import uuid7_many
 from domain.costs import ledger as costs
 from domain.db.unit_of_work import UnitOfWork
-from domain.errors import BrokerUnavailable, Conflict, InvalidInput, InvalidTransition
+from domain.errors import BrokerUnavailable, Conflict, InvalidInput
 from domain.ports import Catalog, Dispatch, OpenCatalog, Publisher, send_later
 from domain.runs.recovery import hand_back
-from domain.runs.repository import RunFilter
 from domain.runs.requests import EnqueueRequest
 from domain.runs.rows import run_row
-from domain.runs.states import TERMINAL
-from domain.runs.views import LogLine, Page, RunView
+from domain.runs.views import RunView
 from domain.security import audit
 
 log = structlog.get_logger("conveyor.runs")
@@ -283,110 +282,3 @@ def _publish(
         # The runs are committed: the relay publishes them as soon as it reaches the broker.
         log.warning("run.publish_deferred", count=len(run_ids), reason=str(exc))
         hand_back(engine, run_ids, marked_at=marked_at)
-
-
-def get_run(uow: UnitOfWork, run_id: uuid.UUID) -> RunView:
-    with uow:
-        return uow.runs.get(run_id)
-
-
-def list_runs(
-    uow: UnitOfWork, filters: RunFilter, *, limit: int = 50, cursor: str | None = None
-) -> Page:
-    with uow:
-        return uow.runs.page(filters, limit=limit, cursor=cursor)
-
-
-def run_logs(
-    uow: UnitOfWork, run_id: uuid.UUID, *, after_seq: int = 0, limit: int = 1000
-) -> list[LogLine]:
-    if after_seq < 0:
-        raise InvalidInput(f"after_seq: must not be negative (got {after_seq})", field="after_seq")
-    with uow:
-        uow.runs.get(run_id)  # a clear RunNotFound rather than an empty list
-        return uow.runs.logs(run_id, after_seq=after_seq, limit=limit)
-
-
-def cancel_run(
-    uow: UnitOfWork, run_id: uuid.UUID, *, actor: str, reason: str = "", ip: str | None = None
-) -> RunView:
-    """A pending run ends `cancelled` at once; a running one is asked to stop.
-
-    Cancelling a run that already finished is a Conflict naming its state.
-    """
-    with uow:
-        now = uow.clock()
-        why = reason or f"cancelled by {actor}"
-        if not uow.runs.set_cancelled(run_id, now, why) and not uow.runs.request_cancel(
-            run_id, now
-        ):
-            run = uow.runs.get(run_id)  # RunNotFound if it never existed
-            raise InvalidTransition(
-                f"run {run_id} already ended as {run.status}; there is nothing to cancel",
-                status=run.status,
-            )
-        # Through audit.record, like every other audited change: details are masked and bounded.
-        audit.record(
-            uow,
-            actor=actor,
-            action="run.cancel",
-            target_type="run",
-            target_id=str(run_id),
-            details={"reason": why},
-            ip=ip,
-        )
-        run = uow.runs.get(run_id)
-        uow.commit()
-    log.info("run.cancel_requested", run_id=str(run_id), status=run.status, actor=actor)
-    return run
-
-
-def retry_run(
-    uow: UnitOfWork,
-    run_id: uuid.UUID,
-    *,
-    actor: str,
-    ip: str | None = None,
-    publisher: Publisher | None = None,
-) -> RunView:
-    """A terminal run → a new pending run with the same target and params (`parent_run_id`),
-    audited as `run.retry` of the old run in the new run's transaction."""
-    with uow:
-        old = uow.runs.get(run_id)
-        if old.status not in TERMINAL:
-            raise InvalidTransition(
-                f"run {run_id} is {old.status}; only a finished run can be retried",
-                status=old.status,
-            )
-    req = EnqueueRequest(
-        name=old.name,
-        params=old.params,
-        project=old.project,
-        queue=old.queue,
-        priority=old.priority,
-        max_attempts=old.max_attempts,
-        timeout_s=old.timeout_s,
-        budget_usd=old.budget_usd,
-        max_requests=old.max_requests,
-        max_minutes=old.max_minutes,
-        kind=old.kind,
-        triggered_by="retry",
-        trigger_ref=actor,
-        parent_run_id=old.id,
-    )
-
-    def audit_retry(conn: Connection, results: list[Enqueued]) -> None:
-        audit.add(
-            conn,
-            actor=actor,
-            action="run.retry",
-            target_type="run",
-            target_id=str(run_id),
-            details={"new_run_id": str(results[0].run.id)},
-            ip=ip,
-            ts=uow.clock(),
-        )
-
-    new = enqueue_many(uow, [req], publisher=publisher, record=audit_retry)[0].run
-    log.info("run.retried", run_id=str(new.id), parent_run_id=str(old.id), actor=actor)
-    return new
