@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 
 import psutil
 
-#: Longer lines are cut (the rest of the line is counted, not kept): one runaway line must
-#: neither fill the worker's memory nor become a row nobody can display.
-MAX_LINE_BYTES = 64 * 1024
-CUT_MARK = " …[truncated "
+from worker.pipelines.lines import LineSplitter
+from worker.pipelines.tree import ProcessTree, Sample
+
 READ_CHUNK = 256 * 1024
 STDERR_TAIL = 20
 
@@ -44,13 +43,6 @@ class Limits:
     mem_hard: int | None = None
     cpu_soft: float | None = None
     mem_soft: int | None = None
-
-
-@dataclass(frozen=True)
-class Sample:
-    cpu_percent: float
-    rss_bytes: int
-    processes: int
 
 
 @dataclass
@@ -66,143 +58,6 @@ class ProcessOutcome:
     def exit_code(self) -> int:
         """Shell convention: 128 + signal number when a signal ended it (137 = SIGKILL)."""
         return 128 - self.returncode if self.returncode < 0 else self.returncode
-
-
-class LineSplitter:
-    """Bytes in, complete lines out; a line longer than `cap` is cut and the rest counted."""
-
-    def __init__(self, cap: int = MAX_LINE_BYTES) -> None:
-        self.cap = cap
-        self._partial = bytearray()
-        self._dropped = 0
-
-    def feed(self, data: bytes) -> list[str]:
-        parts = data.split(b"\n")
-        out: list[str] = []
-        if len(parts) > 1:
-            self._add(parts[0])
-            out.append(self._take())
-            for part in parts[1:-1]:
-                if len(part) <= self.cap:
-                    out.append(_decode(part))
-                else:
-                    out.append(_decode(part[: self.cap], len(part) - self.cap))
-        self._add(parts[-1])
-        return out
-
-    def close(self) -> list[str]:
-        return [self._take()] if self._partial or self._dropped else []
-
-    def _add(self, chunk: bytes) -> None:
-        room = self.cap - len(self._partial)
-        if len(chunk) <= room:
-            self._partial += chunk
-        else:
-            self._partial += chunk[: max(room, 0)]
-            self._dropped += len(chunk) - max(room, 0)
-
-    def _take(self) -> str:
-        line = _decode(bytes(self._partial), self._dropped)
-        self._partial.clear()
-        self._dropped = 0
-        return line
-
-
-def _decode(raw: bytes, dropped: int = 0) -> str:
-    text = raw.decode("utf-8", "replace")
-    if text.endswith("\r"):
-        text = text[:-1]
-    return f"{text}{CUT_MARK}{dropped} bytes]" if dropped else text
-
-
-def split_cut(line: str) -> tuple[str, str]:
-    """(what is left of a line the splitter cut, the note saying so); the note is "" when the
-    line is whole."""
-    text, mark, rest = line.rpartition(CUT_MARK)
-    if not mark or not rest.endswith(" bytes]") or not rest[: -len(" bytes]")].isdigit():
-        return line, ""
-    return text, mark + rest
-
-
-class _Tree:
-    """The pipeline's processes: its session, plus every descendant ever seen."""
-
-    def __init__(self, pid: int) -> None:
-        self.sid = pid  # start_new_session: the child leads its own session and group
-        self.main = psutil.Process(pid)
-        self.known: dict[int, psutil.Process] = {pid: self.main}
-        self.last_seen: list[psutil.Process] = [self.main]
-        self._cpu_prev: tuple[float, float] | None = None
-
-    def members(self) -> list[psutil.Process]:
-        """The live processes of the tree (a walk of the whole process table: not cheap)."""
-        try:
-            for child in self.main.children(recursive=True):
-                self.known.setdefault(child.pid, child)
-        except psutil.Error:
-            pass
-        return self.alive_known()
-
-    def alive_known(self) -> list[psutil.Process]:
-        return [proc for proc in list(self.known.values()) if _alive(proc)]
-
-    def collect(self, *, walk: bool = True) -> list[psutil.Process]:
-        """Everything to signal: the tree (`walk`: found afresh, else as last seen) and every
-        process still in the session, even one whose parent already exited."""
-        targets = {p.pid: p for p in (self.members() if walk else self.alive_known())}
-        for pid in psutil.pids():
-            if pid not in targets:
-                try:
-                    if os.getsid(pid) == self.sid:
-                        targets[pid] = psutil.Process(pid)
-                except (OSError, psutil.Error):
-                    continue
-        for proc in targets.values():
-            self.known.setdefault(proc.pid, proc)
-        return list(targets.values())
-
-    def sample(self) -> tuple[Sample, float]:
-        """(sample, cpu seconds used since the previous call)."""
-        rss, cpu, count = 0, 0.0, 0
-        self.last_seen = self.members()
-        for proc in self.last_seen:
-            try:
-                with proc.oneshot():
-                    rss += proc.memory_info().rss
-                    times = proc.cpu_times()
-                    cpu += times.user + times.system + times.children_user + times.children_system
-                    count += 1
-            except psutil.Error:
-                continue
-        now = time.monotonic()
-        used, percent = 0.0, 0.0
-        if self._cpu_prev is not None:
-            used = max(0.0, cpu - self._cpu_prev[1])
-            elapsed = now - self._cpu_prev[0]
-            percent = used / elapsed * 100 if elapsed > 0 else 0.0
-        self._cpu_prev = (now, cpu)
-        return Sample(round(percent, 1), rss, count), used
-
-    def signal(self, sig: int, targets: list[psutil.Process]) -> int:
-        """Send `sig` to `targets` and the session's process group; how many were targeted.
-
-        Callers gather targets once and reuse them: while a run is being stopped, walking the
-        process table again would only delay the SIGKILL."""
-        for proc in targets:
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(sig)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.sid, sig)
-        return len(targets)
-
-    def wait_gone(self, timeout: float) -> None:
-        """Wait until every known process is dead (a zombie waiting for its new parent to reap
-        it counts as dead: it runs nothing and holds no memory)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not any(_alive(p) for p in self.known.values()):
-                return
-            time.sleep(0.01)
 
 
 class PipelineProcess:
@@ -266,7 +121,7 @@ class PipelineProcess:
 
     def _supervise(self, proc: subprocess.Popen[bytes]) -> ProcessOutcome:
         try:
-            tree = _Tree(proc.pid)
+            tree = ProcessTree(proc.pid)
         except psutil.NoSuchProcess:
             proc.wait()
             return ProcessOutcome(proc.returncode, None)
@@ -276,7 +131,9 @@ class PipelineProcess:
 class _Supervision:
     """The state of one supervised process: the select loop and what it decides each turn."""
 
-    def __init__(self, spec: PipelineProcess, proc: subprocess.Popen[bytes], tree: _Tree) -> None:
+    def __init__(
+        self, spec: PipelineProcess, proc: subprocess.Popen[bytes], tree: ProcessTree
+    ) -> None:
         assert proc.stdin and proc.stdout and proc.stderr
         self.spec, self.proc, self.tree = spec, proc, tree
         self.sel = selectors.DefaultSelector()
@@ -423,13 +280,6 @@ class _Supervision:
                 self.tree.signal(signal.SIGSTOP, self.tree.last_seen)
                 self.outcome.throttled_s += pause
                 self.resume_at = now + pause
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
 
 
 def _pidfd(pid: int) -> int | None:

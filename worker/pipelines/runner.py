@@ -36,14 +36,13 @@ from worker.masked_sink import LineSink
 from worker.pipelines.artifacts import collect_artifacts
 from worker.pipelines.envs import EnvInfo, EnvManager
 from worker.pipelines.events import EVENT_PREFIX, EventHandler
+from worker.pipelines.lines import CUT_MARK, split_cut
 from worker.pipelines.process import (
-    CUT_MARK,
     Limits,
     PipelineProcess,
     ProcessOutcome,
-    Sample,
-    split_cut,
 )
+from worker.pipelines.tree import Sample
 
 log = structlog.get_logger("conveyor.pipelines")
 
