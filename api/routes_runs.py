@@ -92,7 +92,7 @@ def list_runs(state: State, _: Reader, query: Annotated[RunQuery, Query()]) -> J
     )
     page = state.reads.page(filters, limit=query.limit, cursor=query.cursor)
     # A response, not a dict: FastAPI would validate the whole page against dict[str, Any]
-    # before encoding it (6% of the API's CPU under the read benchmark, py-spy --gil); the
+    # before encoding it, a visible share of the API's CPU under the read benchmark; the
     # views go to orjson as they are (api/json_body.py).
     return JSONBody({"items": page.items, "next_cursor": page.next_cursor})
 

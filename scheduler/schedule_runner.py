@@ -41,7 +41,7 @@ log = structlog.get_logger("conveyor.scheduler")
 #: On PostgreSQL an instant's transaction starts this long before it and commits at it
 #: (fire_many's `before_commit`): what is left at the slot is the commit and sending the
 #: messages, built before it.
-#: Writing 1,000 fires takes 60-300 ms here, depending on what else the machine runs.
+#: Half a second leaves room for a thousand fires on a busy machine (bench/scheduler.py).
 STAGE_S = 0.5
 #: A job this late is not late yet, whatever the misfire grace (0 included): APScheduler's own
 #: wake-up, and a job waiting for the one before it, take that long on a busy machine.

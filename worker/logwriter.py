@@ -78,8 +78,7 @@ class LogWriter:
         *,
         flush_interval_s: float = 0.2,
         # 20k, not more: one flush writes the whole buffer, so a big buffer makes lines appear
-        # in large late batches (bench/logs.py: p99 visibility 771 ms at 100k, 300 ms at 20k,
-        # the same lines/s).
+        # in large late batches at the same lines/s (bench/logs.py measures the visibility).
         max_buffered: int = 20_000,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:

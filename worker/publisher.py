@@ -37,8 +37,8 @@ class CeleryPublisher:
 
     On Redis a batch is one pipeline with one LPUSH per queue key, and each message is filled
     into a template that Celery itself built (`as_task_v2`, protocol 2 in kombu's Redis
-    envelope): building a message through `send_task` costs about 100 µs, which would make the
-    broker, not PostgreSQL, the limit of enqueue_many. Other brokers go through kombu's own
+    envelope): building each message through `send_task` would make building messages, not
+    PostgreSQL, the limit of enqueue_many. Other brokers go through kombu's own
     batch publishing. Messages use the default exchange, straight to the queue.
 
     A broker that cannot be reached raises BrokerUnavailable: the runs are already committed,

@@ -93,9 +93,9 @@ class WorkerRuntime:
                 pipelines=self.pipelines,
             )
             started.pop_all()
-        # Celery, kombu, SQLAlchemy, the task modules: about 190,000 objects, walked by every
-        # full collection a task's allocations trigger (60-80 ms each, two or three per
-        # 100,000 buffered log lines or cost entries, measured in a prefork child).
+        # Celery, kombu, SQLAlchemy, the task modules: a large heap of long-lived objects,
+        # walked by every full collection a task's allocations trigger (buffering many log
+        # lines or cost entries triggers several).
         freeze_startup_heap()
 
     def _abandon(self, ctx: TaskContext) -> None:

@@ -31,8 +31,8 @@ def copy_rows(
 
     `meanwhile` (optional) runs in this thread while PostgreSQL finishes the COPY, and its
     result is returned. The end of a COPY is slow: the server inserts its last buffered rows
-    and runs every row's foreign-key checks then (about 10 us a run, measured), time the
-    caller would otherwise spend idle. A helper thread waits for the server instead (psycopg
+    and runs every row's foreign-key checks then, time the caller would otherwise spend
+    idle. A helper thread waits for the server instead (psycopg
     releases the GIL while it waits); a refusal still raises here, after `meanwhile`.
     """
     columns = [table.c[name] for name in rows[0]]

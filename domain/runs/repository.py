@@ -123,8 +123,8 @@ class RunRepository:
     ) -> T | None:
         """Insert a batch; rows whose idempotency key already exists are skipped.
 
-        On PostgreSQL a batch without keys goes through COPY (about 3x faster than pipelined
-        INSERTs here), and `meanwhile` runs while the server finishes it (see copy_rows); keys
+        On PostgreSQL a batch without keys goes through COPY (several times faster than
+        pipelined INSERTs), and `meanwhile` runs while the server finishes it (see copy_rows); keys
         need ON CONFLICT, which COPY cannot do. Returns what `meanwhile` returned.
         """
         if (
