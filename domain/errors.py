@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 
 class ConveyorError(Exception):
     """Something went wrong in conveyor."""
@@ -76,6 +78,10 @@ class WaitTimeout(ConveyorError):
     """The run did not finish in time."""
 
 
+class NonDeterministicStep(ConveyorError):
+    """The task reached its steps in another order than the run's recorded history."""
+
+
 class UnknownTask(NotFound):
     """No task or pipeline is registered under this name."""
 
@@ -96,3 +102,11 @@ class RunTimedOut(RunStopped):
 
 class BudgetExceeded(RunStopped):
     """The run went over its budget."""
+
+
+def safe_str(exc: BaseException) -> str:
+    """str(exc), even for exceptions whose __str__ itself raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return "".join(traceback.format_exception_only(type(exc), None)).strip()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import traceback
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from datetime import timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy import Engine, update
 
@@ -17,11 +17,19 @@ from domain.costs import ledger as costs
 from domain.costs import reservations
 from domain.costs.prices import Prices
 from domain.db.models import run_steps
-from domain.errors import BudgetExceeded, RunCancelled, RunStopped, RunTimedOut
+from domain.errors import (
+    BudgetExceeded,
+    InvalidInput,
+    RunCancelled,
+    RunStopped,
+    RunTimedOut,
+    safe_str,
+)
 from domain.runs import lines
 from domain.runs.store import Claim
 from domain.security.masking import NO_SECRETS, Masker
 from worker.masked_sink import LineSink, MaskedSink
+from worker.steps import StepRunner
 
 STOP_ERRORS: dict[str, type[RunStopped]] = {
     "cancelled": RunCancelled,
@@ -69,6 +77,9 @@ class TaskContext:
         #: (never buffered) and settle it.
         self._reservations: list[int] = []
         self._masker = NO_SECRETS
+        #: The step running now (its seq): costs recorded inside it carry it.
+        self._current_step: int | None = None
+        self._steps = StepRunner(self)
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -122,7 +133,10 @@ class TaskContext:
         """Record steps ahead as `planned`, so watchers see the road; `step(name)` later moves
         the planned row through running to completed or failed."""
         rows = []
+        recorded = self._steps.history().names if self.attempt > 1 else frozenset()
         for name in map(self._masker, names):
+            if name in recorded:  # a checkpointed step an earlier attempt already has a row for
+                continue
             seq = self._take_seq()
             self._planned[name] = seq
             rows.append(
@@ -139,8 +153,68 @@ class TaskContext:
             with self._engine.begin() as conn:
                 conn.execute(run_steps.insert(), rows)
 
+    @overload
+    def step(self, name: str, /, *, step_type: str = "step") -> AbstractContextManager[None]: ...
+
+    @overload
+    def step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        retries: int = 0,
+        backoff: str | float | timedelta = 1.0,
+        step_type: str = "step",
+        **kwargs: Any,
+    ) -> Any: ...
+
+    def step(
+        self,
+        name: str,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *args: Any,
+        retries: int = 0,
+        backoff: str | float | timedelta = 1.0,
+        step_type: str = "step",
+        **kwargs: Any,
+    ) -> Any:
+        """`ctx.step(name, fn, *args, **kwargs)`: a checkpointed step. The first time the run
+        gets here `fn(*args, **kwargs)` runs and its JSON result is stored with the step; a
+        later attempt gets the stored result back without calling `fn`. `retries` tries it
+        again in place (waiting `backoff`, doubling) before the attempt fails. See
+        worker/steps.py for the rules (same order on every attempt; at least once).
+
+        `with ctx.step(name):` is a visible step only: shown running, then completed or
+        failed, and run again by every attempt."""
+        if fn is None:
+            if args or kwargs:
+                raise InvalidInput(f"step {name!r}: arguments without a function to call")
+            return self._visible_step(name, step_type)
+        if not callable(fn):
+            raise InvalidInput(f"step {name!r}: {fn!r} is not a function to call", field="step")
+        return self._steps.run(
+            name, fn, args, kwargs, retries=retries, backoff=backoff, step_type=step_type
+        )
+
+    @property
+    def step_key(self) -> str:
+        """Inside a checkpointed step, `<run id>:<step name>:<n>`: the same on every attempt
+        that runs the step, to hand an external API as its idempotency key."""
+        if self._steps.key is None:
+            raise InvalidInput("ctx.step_key: only inside a checkpointed step (ctx.step(name, fn))")
+        return self._steps.key
+
+    def _enter_step(self, seq: int) -> int | None:
+        outer, self._current_step = self._current_step, seq
+        return outer
+
+    def _leave_step(self, outer: int | None) -> None:
+        self._current_step = outer
+
     @contextmanager
-    def step(self, name: str, step_type: str = "step") -> Iterator[None]:
+    def _visible_step(self, name: str, step_type: str) -> Iterator[None]:
         """A visible step: running while the block runs, then completed or failed (with why)."""
         name = self._masker(name)
         planned = self._planned.pop(name, None)
@@ -167,12 +241,14 @@ class TaskContext:
                     )
                 )
         status, detail = "completed", None
+        outer = self._enter_step(seq)
         try:
             yield
         except BaseException as exc:
-            status, detail = "failed", self._masker(f"{type(exc).__name__}: {_safe_str(exc)}")
+            status, detail = "failed", self._masker(f"{type(exc).__name__}: {safe_str(exc)}")
             raise
         finally:
+            self._leave_step(outer)
             with self._engine.begin() as conn:
                 conn.execute(
                     update(run_steps)
@@ -226,7 +302,7 @@ class TaskContext:
             amount = costs.as_entry_usd(priced if priced is not None else Decimal(0))
         else:
             amount = costs.as_entry_usd(usd)
-        step = self._step_seq - 1 if self._step_seq else None
+        step = self._current_step
         if self._buffer_costs is None:
             self._buffer_costs = self._nothing_to_enforce()
         if self._buffer_costs and not self._reservations:
@@ -325,11 +401,3 @@ class TaskContext:
     def wait(self, seconds: float) -> bool:
         """Sleep up to `seconds`, waking early when the run is asked to stop; True if it was."""
         return self._stop.wait(seconds)
-
-
-def _safe_str(exc: BaseException) -> str:
-    """str(exc), even for exceptions whose __str__ itself raises."""
-    try:
-        return str(exc)
-    except Exception:
-        return "".join(traceback.format_exception_only(type(exc), None)).strip()

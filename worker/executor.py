@@ -20,7 +20,14 @@ from domain.clock import Clock, utc_now
 from domain.costs.admission import Refused
 from domain.costs.prices import Prices
 from domain.db.models import run_logs
-from domain.errors import InvalidInput, LeaseLost, RunStopped, UnknownTask
+from domain.errors import (
+    InvalidInput,
+    LeaseLost,
+    NonDeterministicStep,
+    RunStopped,
+    UnknownTask,
+    safe_str,
+)
 from domain.pipelines import store as pipeline_store
 from domain.runs import lines
 from domain.runs import store as runstore
@@ -30,7 +37,7 @@ from domain.security.masking import NO_SECRETS, Masker
 from domain.storage import run_store
 from domain.tasks.registry import Registry, RetryPolicy
 from worker import capture
-from worker.context import STOP_ERRORS, TaskContext, _safe_str
+from worker.context import STOP_ERRORS, TaskContext
 from worker.logwriter import LogWriter
 from worker.monitor import RunMonitor
 
@@ -188,10 +195,11 @@ class Executor:
             return self._finish_stopped(claim, ctx.stop_reason, mask(ctx.stop_detail), exit_code)
         if isinstance(error, RunStopped):
             reason = next(r for r, cls in STOP_ERRORS.items() if isinstance(error, cls))
-            return self._finish_stopped(claim, reason, mask(_safe_str(error)), exit_code)
+            return self._finish_stopped(claim, reason, mask(safe_str(error)), exit_code)
         if error is not None:
             failure = _describe(error, mask)
-            if claim.attempt < claim.max_attempts:
+            # Not retryable: the next attempt would reach the same steps in the same order.
+            if claim.attempt < claim.max_attempts and not isinstance(error, NonDeterministicStep):
                 return self._retry(claim, retry_policy, failure)
             return self._finish(claim, "failed", failure=failure, exit_code=exit_code)
         try:
@@ -383,7 +391,7 @@ def backoff_s(policy: RetryPolicy, attempt: int) -> float:
 
 def _describe(error: BaseException, mask: Masker = NO_SECRETS) -> Failure:
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    message = _safe_str(error)
+    message = safe_str(error)
     detail = mask(f"{message}\n\n{text}" if message else text)  # before it is cut short
     if len(detail) > MAX_ERROR_CHARS:
         detail = detail[:MAX_ERROR_CHARS] + f"\n…[truncated {len(detail) - MAX_ERROR_CHARS} chars]"

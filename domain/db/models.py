@@ -155,10 +155,23 @@ def _run_fk() -> Mapped[uuid.UUID]:
 
 
 class RunStep(Base):
+    """A step of a run, as people watch it; a checkpointed step (`ctx.step(name, fn)`) also
+    has its `occurrence` (the n-th step of that name in the run) and, once completed, its
+    `result`, which later attempts return instead of running the step again."""
+
     __tablename__ = "run_steps"
     __table_args__ = (
         CheckConstraint(
             "status IN ('planned', 'running', 'completed', 'failed', 'skipped')", name="status"
+        ),
+        # A checkpointed step is one row per run, name and occurrence, whatever the attempt.
+        _partial_index(
+            "uq_run_steps_occurrence",
+            "run_id",
+            "name",
+            "occurrence",
+            where="occurrence IS NOT NULL",
+            unique=True,
         ),
     )
 
@@ -171,6 +184,10 @@ class RunStep(Base):
     detail: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    occurrence: Mapped[int | None] = mapped_column(Integer)
+    result: Mapped[Any | None] = mapped_column(JSONType)
+    #: How many times the step's function was called (in-place retries and later attempts).
+    tries: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class RunLog(Base):

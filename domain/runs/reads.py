@@ -58,7 +58,14 @@ class RunDetail:
         run = self.run
         data = run.to_dict()
         data["duration_s"] = run.duration_s
-        data["steps"] = [step.to_dict() for step in self.steps]
+        data["steps"] = [
+            {
+                **step.to_dict(),
+                "duration_s": step.duration_s,
+                "replayed": step.replayed(run.attempt),
+            }
+            for step in self.steps
+        ]
         data["totals"] = {
             "cost_usd": str(run.cost_usd),
             "tokens_in": run.tokens_in,

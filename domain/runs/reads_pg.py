@@ -49,8 +49,10 @@ FROM runs r WHERE r.id = %s
 """
 
 _DETAIL_STEPS_SQL = """
-SELECT seq, attempt, name, step_type, status, detail, started_at, finished_at
-FROM run_steps WHERE run_id = %s ORDER BY seq
+SELECT seq, attempt, name, step_type, status, detail, started_at, finished_at, occurrence, tries,
+  (SELECT coalesce(sum(c.cost_usd), 0) FROM cost_entries c
+   WHERE c.run_id = s.run_id AND c.step_seq = s.seq)
+FROM run_steps s WHERE run_id = %s ORDER BY seq
 """
 
 # Sorted as Python sorts (provider, model) tuples: by code point, whatever the database's

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, update
@@ -15,7 +16,7 @@ from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, updat
 from domain.db import sql
 from domain.db.capabilities import Capabilities, capabilities
 from domain.db.copy import copy_rows
-from domain.db.models import projects, run_logs, run_steps, runs
+from domain.db.models import cost_entries, projects, run_logs, run_steps, runs
 from domain.errors import InvalidInput, RunNotFound
 from domain.runs import insert_pg
 from domain.runs.states import ALL_STATUSES, TERMINAL, Status
@@ -251,11 +252,24 @@ class RunRepository:
                 run_steps.c.detail,
                 run_steps.c.started_at,
                 run_steps.c.finished_at,
+                run_steps.c.occurrence,
+                run_steps.c.tries,
             )
             .where(run_steps.c.run_id == run_id)
             .order_by(run_steps.c.seq)
         )
-        return [StepView(**row) for row in self.conn.execute(stmt).mappings()]
+        rows = self.conn.execute(stmt).mappings().all()
+        if not rows:
+            return []
+        # Summed here, exactly: SQLite keeps money as text and would sum it as floats.
+        spent: dict[int, Decimal] = {}
+        for step_seq, usd in self.conn.execute(
+            select(cost_entries.c.step_seq, cost_entries.c.cost_usd).where(
+                cost_entries.c.run_id == run_id, cost_entries.c.step_seq.is_not(None)
+            )
+        ):
+            spent[step_seq] = spent.get(step_seq, Decimal(0)) + Decimal(usd)
+        return [StepView(**row, cost_usd=spent.get(row["seq"], Decimal(0))) for row in rows]
 
 
 def is_finished(view: RunView) -> bool:

@@ -107,6 +107,26 @@ class StepView:
     detail: str | None
     started_at: datetime | None
     finished_at: datetime | None
+    #: A checkpointed step's n-th occurrence of its name in the run (None: a visible step).
+    occurrence: int | None = None
+    tries: int = 1
+    #: What the cost entries recorded inside the step add up to.
+    cost_usd: Decimal = Decimal(0)
+
+    def replayed(self, run_attempt: int) -> bool:
+        """Completed by an earlier attempt than the run's current one, which returned its
+        stored result instead of running it."""
+        return (
+            self.occurrence is not None
+            and self.status == "completed"
+            and (self.attempt < run_attempt)
+        )
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self, _STEP_FIELDS)

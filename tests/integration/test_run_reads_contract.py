@@ -181,6 +181,7 @@ def test_a_detail_is_the_same_as_the_querys(db: Engine, reads: RunReads) -> None
                     "tokens_out": seq,
                     "requests": 1,
                     "cost_usd": Decimal(usd),
+                    "step_seq": 1 if seq <= 2 else None,  # spent inside step 1
                 }
                 for seq, (provider, model, usd) in enumerate(spend, 1)
             ],
@@ -197,6 +198,9 @@ def test_a_detail_is_the_same_as_the_querys(db: Engine, reads: RunReads) -> None
     assert got == expected
     assert [c["provider"] for c in got["costs"]] == ["Zeta", "_local", "anthropic", "openai"]
     assert got["totals"]["log_lines"] == 5
+    by_seq = {step["seq"]: step for step in got["steps"]}
+    assert Decimal(by_seq[1]["cost_usd"]) == Decimal("0.25019")  # exact, on SQLite too
+    assert Decimal(by_seq[2]["cost_usd"]) == 0
 
 
 def test_webhook_endpoints_are_the_same_as_the_unit_of_works(db: Engine, reads: RunReads) -> None:

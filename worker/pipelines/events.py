@@ -81,7 +81,7 @@ class EventHandler:
         step_type = _text(payload, "type") or "step"
         if self._step is not None:
             self._end_step("completed", None)
-        step = self.ctx.step(name[:200], step_type[:50])
+        step = self.ctx.step(name[:200], step_type=step_type[:50])
         step.__enter__()
         self._step, self._step_name = step, name
         self._event(f"step {name} started", payload)

@@ -1,0 +1,218 @@
+"""Checkpointed steps as a task calls them: `ctx.step(name, fn, *args, **kwargs)`.
+
+The first time a run reaches a step, `fn` runs and its JSON result is stored with the step,
+fenced by attempt, as the step is marked completed. A later attempt of the run (after a worker
+died, or the task raised further on) reaches the same step and gets the stored result back
+without `fn` being called. Rules (the README's "Checkpointed steps"):
+- determinism: an attempt must reach the run's completed steps in the order they completed;
+  reaching another step where the history has one is NonDeterministicStep, which fails the
+  run (retrying would meet the same code);
+- at least once: a step interrupted before its completion was recorded runs again, with the
+  same `ctx.step_key`, which is what to hand an external API as its idempotency key;
+- a step's result is what the database keeps: JSON, with the run's secrets masked; the value a
+  first call returns is the same JSON (tuples come back as lists), secrets unmasked;
+- steps do not nest: a checkpointed step inside another one is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import Engine
+
+from domain.errors import InvalidInput, LeaseLost, NonDeterministicStep, RunStopped, safe_str
+from domain.runs import steps
+from domain.runs.requests import parse_duration
+from domain.security.masking import Masker
+
+#: The longest pause between two tries of a step retried in place.
+MAX_BACKOFF_S = 300.0
+
+
+class StepHost(Protocol):
+    """What the runner needs of the task's context (worker/context.py: TaskContext)."""
+
+    _engine: Engine
+    _clock: Callable[[], datetime]
+    _planned: dict[str, int]
+
+    @property
+    def run_id(self) -> uuid.UUID: ...
+
+    @property
+    def attempt(self) -> int: ...
+
+    @property
+    def masker(self) -> Masker: ...
+
+    @property
+    def cancelled(self) -> bool: ...
+
+    def _take_seq(self) -> int: ...
+
+    def _enter_step(self, seq: int) -> int | None: ...
+
+    def _leave_step(self, outer: int | None) -> None: ...
+
+    def wait(self, seconds: float) -> bool: ...
+
+    def check_cancel(self) -> None: ...
+
+    def stop(self, reason: str, detail: str = "") -> None: ...
+
+
+class StepRunner:
+    """One attempt's checkpointed steps: its position in the run's history, and the step
+    running now."""
+
+    def __init__(self, ctx: StepHost) -> None:
+        self.ctx = ctx
+        self._history: steps.History | None = None
+        self._position = 0  # how many of the history's completed steps this attempt reached
+        self._occurrences: dict[str, int] = {}
+        self.key: str | None = None  # the running step's step_key
+
+    def history(self) -> steps.History:
+        if self._history is None:
+            with self.ctx._engine.connect() as conn:
+                self._history = steps.history(conn, self.ctx.run_id)
+        return self._history
+
+    def run(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        retries: int,
+        backoff: str | float | timedelta,
+        step_type: str,
+    ) -> Any:
+        ctx = self.ctx
+        if self.key is not None:
+            raise InvalidInput(
+                f"step {name!r}: checkpointed steps cannot be nested (inside {self.key!r}); "
+                "call it after the enclosing step, or use `with ctx.step(...)` inside",
+                field="step",
+            )
+        if type(retries) is not int or not 0 <= retries <= 100:
+            raise InvalidInput(f"retries: a whole number from 0 to 100 (got {retries!r})")
+        base_s = parse_duration(backoff, field="backoff").total_seconds()
+        name = ctx.masker(str(name))
+        occurrence = self._occurrences[name] = self._occurrences.get(name, 0) + 1
+        history = self.history()
+        if self._position < len(history.done):
+            return self._replay(history.done[self._position], name, occurrence)
+
+        seq, reuse = self._row_for(history, name, occurrence)
+        with ctx._engine.begin() as conn:
+            steps.start(
+                conn,
+                ctx.run_id,
+                ctx.attempt,
+                seq=seq,
+                name=name,
+                occurrence=occurrence,
+                step_type=step_type,
+                now=ctx._clock(),
+                reuse=reuse,
+            )
+        self.key = f"{ctx.run_id}:{name}:{occurrence}"
+        outer = ctx._enter_step(seq)
+        try:
+            result = self._call(seq, fn, args, kwargs, retries=retries, base_s=base_s)
+        finally:
+            ctx._leave_step(outer)
+            self.key = None
+        return self._complete(seq, name, result)
+
+    def _replay(self, done: steps.Done, name: str, occurrence: int) -> Any:
+        if (done.name, done.occurrence) != (name, occurrence):
+            raise NonDeterministicStep(
+                f"step {name!r} (occurrence {occurrence}) was reached where the run's history "
+                f"has step {done.name!r} (occurrence {done.occurrence}): an attempt must reach "
+                "completed steps in the order they completed",
+                expected=done.name,
+                reached=name,
+            )
+        self._position += 1
+        return done.result
+
+    def _row_for(
+        self, history: steps.History, name: str, occurrence: int
+    ) -> tuple[int, str | None]:
+        """The step's row: the one an earlier attempt left unfinished, else a planned one,
+        else a new one."""
+        planned = self.ctx._planned.pop(name, None)
+        unfinished = history.unfinished.get((name, occurrence))
+        if unfinished is not None:
+            return unfinished, "unfinished"
+        if planned is not None:
+            return planned, "planned"
+        return self.ctx._take_seq(), None
+
+    def _call(
+        self,
+        seq: int,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        retries: int,
+        base_s: float,
+    ) -> Any:
+        ctx, tries = self.ctx, 1
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except (RunStopped, LeaseLost, NonDeterministicStep) as exc:
+                self._fail(seq, exc)
+                raise
+            except Exception as exc:
+                if tries > retries or ctx.cancelled:
+                    self._fail(seq, exc)
+                    raise
+                with ctx._engine.begin() as conn:
+                    steps.tried_again(conn, ctx.run_id, seq, detail=self._describe(exc))
+                delay = min(base_s * 2 ** (tries - 1), MAX_BACKOFF_S)
+                tries += 1
+                if ctx.wait(delay):
+                    ctx.check_cancel()
+            except BaseException as exc:
+                self._fail(seq, exc)
+                raise
+
+    def _complete(self, seq: int, name: str, result: Any) -> Any:
+        ctx = self.ctx
+        try:
+            plain = None if result is None else json.loads(json.dumps(result, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            problem = InvalidInput(
+                f"step {name!r} returned {type(result).__name__}, which is not JSON ({exc}); "
+                "return dicts, lists, strings, numbers, booleans or None",
+                field="step",
+            )
+            self._fail(seq, problem)
+            raise problem from None
+        with ctx._engine.begin() as conn:
+            owned = steps.complete(
+                conn, ctx.run_id, ctx.attempt, seq, result=ctx.masker.data(plain), now=ctx._clock()
+            )
+        if not owned:
+            ctx.stop("lease_lost", "another attempt owns this run now")
+            raise LeaseLost(f"run {ctx.run_id} attempt {ctx.attempt}: step {name!r} not recorded")
+        return plain
+
+    def _fail(self, seq: int, exc: BaseException) -> None:
+        with self.ctx._engine.begin() as conn:
+            steps.fail(
+                conn, self.ctx.run_id, seq, detail=self._describe(exc), now=self.ctx._clock()
+            )
+
+    def _describe(self, exc: BaseException) -> str:
+        return self.ctx.masker(f"{type(exc).__name__}: {safe_str(exc)}")
