@@ -305,7 +305,10 @@ class TaskContext:
         step = self._current_step
         if self._buffer_costs is None:
             self._buffer_costs = self._nothing_to_enforce()
-        if self._buffer_costs and not self._reservations:
+        # Inside a checkpointed step the entry is written at once: the step's completion may
+        # commit before the buffer is flushed, and a worker killed then would lose what the
+        # step spent, which no later attempt records again (it replays the step).
+        if self._buffer_costs and not self._reservations and self._steps.key is None:
             claim = self._claim
             self._sink.cost(
                 claim.run_id, claim.attempt, step, claim.project, self._clock(),

@@ -102,3 +102,27 @@ def llm_calls(ctx, calls: int = 2, usd: str = "0.01", pause: float = 0.05) -> in
         time.sleep(pause)
         ctx.cost(provider="llm", model="small", tokens_in=10, tokens_out=10, usd=usd)
     return calls
+
+
+def _paid_step(ctx, marks: str, n: int, hold: float) -> str:  # type: ignore[no-untyped-def]
+    """One paid step: its call is marked, its model call costs, and after step 2 it holds on
+    (long enough for a test to kill the worker there)."""
+    with Path(marks).open("a") as f:
+        f.write(f"call {n} attempt {ctx.attempt} key {ctx.step_key}\n")
+    ctx.cost(provider="llm", model="small", tokens_in=10 * n, tokens_out=1, usd="0.01")
+    return f"output {n}"
+
+
+@task(max_attempts=3)
+def four_paid_steps(ctx, marks: str, hold: float = 0.0) -> list[str]:  # type: ignore[no-untyped-def]
+    """Four checkpointed steps; after step 2 completed the first attempt waits `hold` s."""
+    outputs = []
+    for n in (1, 2, 3, 4):
+        outputs.append(ctx.step("call", _paid_step, ctx, marks, n, hold))
+        if n == 2 and ctx.attempt == 1:
+            with Path(marks).open("a") as f:
+                f.write("after step 2\n")
+            deadline = time.monotonic() + hold
+            while time.monotonic() < deadline:
+                ctx.wait(0.05)
+    return outputs

@@ -1,0 +1,78 @@
+"""Checkpointed steps with real worker processes on PostgreSQL + Redis: a worker killed with -9
+after step 2 of 4 completed leaves steps 1-2 done; the next attempt runs only 3-4, and the
+ledger holds exactly one cost entry per step."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from domain.db.models import cost_entries, run_steps
+from tests.e2e.stack import Stack
+from tests.polling import eventually
+from tests.services import PrivateRedis
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
+
+
+@pytest.fixture
+def stack(pg_url: str, redis_server: PrivateRedis, tmp_path: Path) -> Iterator[Stack]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    s = Stack(pg_url, logs, redis_server.url(12))
+    s.redis.flushdb()
+    s.scheduler()  # its reaper gives the killed worker's run back
+    yield s
+    s.stop_all()
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_kill_9_after_step_2_of_4_runs_only_steps_3_and_4_again(
+    stack: Stack, tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks"
+    victim = stack.worker("steps", name="victim", concurrency=1)
+    with stack.client() as client:
+        run = client.enqueue("four_paid_steps", {"marks": str(marks), "hold": 30}, queue="steps")
+        eventually(lambda: "after step 2" in _lines(marks), timeout=60)
+        stack.kill(victim, signal.SIGKILL)  # the worker and its child, between steps 2 and 3
+        rescuer = stack.worker("steps", name="rescuer", concurrency=1)
+        try:
+            final = client.wait(run.id, timeout=90)
+        finally:
+            stack.kill(rescuer, signal.SIGTERM)
+        assert (final.status, final.attempt) == ("succeeded", 2)
+        assert final.result == ["output 1", "output 2", "output 3", "output 4"]
+        key = f"{run.id}:call"
+        assert _lines(marks) == [
+            f"call 1 attempt 1 key {key}:1",
+            f"call 2 attempt 1 key {key}:2",
+            "after step 2",
+            f"call 3 attempt 2 key {key}:3",
+            f"call 4 attempt 2 key {key}:4",
+        ]
+        with client.engine.connect() as conn:
+            entries = conn.execute(
+                select(cost_entries.c.tokens_in).where(cost_entries.c.run_id == run.id)
+            ).scalars()
+            steps = conn.execute(
+                select(run_steps.c.occurrence, run_steps.c.status, run_steps.c.attempt)
+                .where(run_steps.c.run_id == run.id)
+                .order_by(run_steps.c.seq)
+            ).all()
+        assert sorted(entries) == [10, 20, 30, 40]  # one paid call per step, never twice
+        assert [tuple(s) for s in steps] == [
+            (1, "completed", 1),
+            (2, "completed", 1),
+            (3, "completed", 2),
+            (4, "completed", 2),
+        ]
+        assert client.get(run.id).cost_usd == Decimal("0.04")
