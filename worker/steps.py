@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import Engine
 
+from domain.db.engine import single_statement
 from domain.errors import InvalidInput, LeaseLost, NonDeterministicStep, RunStopped, safe_str
 from domain.runs import steps
 from domain.runs.requests import parse_duration
@@ -109,27 +111,17 @@ class StepRunner:
         if self._position < len(history.done):
             return self._replay(history.done[self._position], name, occurrence)
 
-        seq, reuse = self._row_for(history, name, occurrence)
-        with ctx._engine.begin() as conn:
-            steps.start(
-                conn,
-                ctx.run_id,
-                ctx.attempt,
-                seq=seq,
-                name=name,
-                occurrence=occurrence,
-                step_type=step_type,
-                now=ctx._clock(),
-                reuse=reuse,
-            )
+        seq, earlier = self._row_for(history, name, occurrence)
+        started = ctx._clock()
         self.key = f"{ctx.run_id}:{name}:{occurrence}"
         outer = ctx._enter_step(seq)
+        call = _Call(seq, name, occurrence, step_type, started, earlier)
         try:
-            result = self._call(seq, fn, args, kwargs, retries=retries, base_s=base_s)
+            result = self._call(call, fn, args, kwargs, retries=retries, base_s=base_s)
         finally:
             ctx._leave_step(outer)
             self.key = None
-        return self._complete(seq, name, result)
+        return self._complete(call, result)
 
     def _replay(self, done: steps.Done, name: str, occurrence: int) -> Any:
         if (done.name, done.occurrence) != (name, occurrence):
@@ -145,20 +137,20 @@ class StepRunner:
 
     def _row_for(
         self, history: steps.History, name: str, occurrence: int
-    ) -> tuple[int, str | None]:
-        """The step's row: the one an earlier attempt left unfinished, else a planned one,
-        else a new one."""
+    ) -> tuple[int, steps.Earlier | None]:
+        """The step's row: the one an earlier attempt left failed, else a planned one, else
+        a new one (its seq taken now, so the run's steps keep the order they were reached)."""
         planned = self.ctx._planned.pop(name, None)
-        unfinished = history.unfinished.get((name, occurrence))
-        if unfinished is not None:
-            return unfinished, "unfinished"
+        failed = history.failed.get((name, occurrence))
+        if failed is not None:
+            return failed.seq, failed
         if planned is not None:
-            return planned, "planned"
+            return planned, steps.Earlier(planned, 0)
         return self.ctx._take_seq(), None
 
     def _call(
         self,
-        seq: int,
+        call: _Call,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -166,53 +158,79 @@ class StepRunner:
         retries: int,
         base_s: float,
     ) -> Any:
-        ctx, tries = self.ctx, 1
+        ctx = self.ctx
         while True:
+            call.tries += 1
             try:
                 return fn(*args, **kwargs)
             except (RunStopped, LeaseLost, NonDeterministicStep) as exc:
-                self._fail(seq, exc)
+                self._fail(call, exc)
                 raise
             except Exception as exc:
-                if tries > retries or ctx.cancelled:
-                    self._fail(seq, exc)
+                if call.tries > retries or ctx.cancelled:
+                    self._fail(call, exc)
                     raise
-                with ctx._engine.begin() as conn:
-                    steps.tried_again(conn, ctx.run_id, seq, detail=self._describe(exc))
-                delay = min(base_s * 2 ** (tries - 1), MAX_BACKOFF_S)
-                tries += 1
+                delay = min(base_s * 2 ** (call.tries - 1), MAX_BACKOFF_S)
                 if ctx.wait(delay):
                     ctx.check_cancel()
             except BaseException as exc:
-                self._fail(seq, exc)
+                self._fail(call, exc)
                 raise
 
-    def _complete(self, seq: int, name: str, result: Any) -> Any:
+    def _complete(self, call: _Call, result: Any) -> Any:
         ctx = self.ctx
         try:
             plain = None if result is None else json.loads(json.dumps(result, allow_nan=False))
         except (TypeError, ValueError) as exc:
             problem = InvalidInput(
-                f"step {name!r} returned {type(result).__name__}, which is not JSON ({exc}); "
-                "return dicts, lists, strings, numbers, booleans or None",
+                f"step {call.name!r} returned {type(result).__name__}, which is not JSON "
+                f"({exc}); return dicts, lists, strings, numbers, booleans or None",
                 field="step",
             )
-            self._fail(seq, problem)
+            self._fail(call, problem)
             raise problem from None
-        with ctx._engine.begin() as conn:
-            owned = steps.complete(
-                conn, ctx.run_id, ctx.attempt, seq, result=ctx.masker.data(plain), now=ctx._clock()
-            )
-        if not owned:
+        if not self._write(call, "completed", result=ctx.masker.data(plain)):
             ctx.stop("lease_lost", "another attempt owns this run now")
-            raise LeaseLost(f"run {ctx.run_id} attempt {ctx.attempt}: step {name!r} not recorded")
+            raise LeaseLost(
+                f"run {ctx.run_id} attempt {ctx.attempt}: step {call.name!r} not recorded"
+            )
         return plain
 
-    def _fail(self, seq: int, exc: BaseException) -> None:
-        with self.ctx._engine.begin() as conn:
-            steps.fail(
-                conn, self.ctx.run_id, seq, detail=self._describe(exc), now=self.ctx._clock()
-            )
+    def _fail(self, call: _Call, exc: BaseException) -> None:
+        self._write(call, "failed", detail=self._describe(exc))
+
+    def _write(
+        self, call: _Call, status: str, *, result: Any = None, detail: str | None = None
+    ) -> bool:
+        ctx = self.ctx
+        earlier = call.earlier
+        outcome = steps.Outcome(
+            seq=call.seq,
+            name=call.name,
+            occurrence=call.occurrence,
+            step_type=call.step_type,
+            started_at=call.started,
+            finished_at=ctx._clock(),
+            tries=call.tries + (earlier.tries if earlier else 0),
+            status=status,
+            result=result,
+            detail=detail,
+        )
+        with single_statement(ctx._engine) as conn:
+            return steps.record(conn, ctx.run_id, ctx.attempt, outcome, reuse=earlier is not None)
 
     def _describe(self, exc: BaseException) -> str:
         return self.ctx.masker(f"{type(exc).__name__}: {safe_str(exc)}")
+
+
+@dataclass
+class _Call:
+    """One attempt's call of a checkpointed step, until its row is written."""
+
+    seq: int
+    name: str
+    occurrence: int
+    step_type: str
+    started: datetime
+    earlier: steps.Earlier | None
+    tries: int = 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,17 @@ def wait_for_database(
             log.info("db.waiting", attempt=attempt, reason=message, retry_in=round(delay, 2))
             sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
+
+
+@contextmanager
+def single_statement(engine: Engine) -> Iterator[Connection]:
+    """A connection for one statement that is its own transaction. On PostgreSQL it runs in
+    autocommit mode: no BEGIN and COMMIT round trips around it. On SQLite (one writer, a local
+    file) it is an ordinary transaction, which takes the write lock up front."""
+    if engine.dialect.name == "sqlite":
+        with engine.begin() as conn:
+            yield conn
+        return
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield conn

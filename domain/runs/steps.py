@@ -6,6 +6,10 @@ run reached), so a loop of steps works. The run's history is its completed check
 in the order it reached them; an attempt must reach them in that order (worker/steps.py checks
 it). Completing a step is fenced by attempt, like every write of a running run: an attempt
 that lost its lease cannot record a result over the attempt that replaced it.
+
+A checkpointed step's row is written once, when it completed or failed, in one statement (one
+round trip on PostgreSQL): its start is kept in memory meanwhile. So a step interrupted with
+its worker leaves no row, and the next attempt runs it as if for the first time.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, exists, select, update
+from sqlalchemy import Connection, and_, exists, literal, select, update
 
 from domain.db.models import run_steps, runs
 from domain.runs.states import Status
@@ -32,12 +36,20 @@ class Done:
 
 
 @dataclass(frozen=True, slots=True)
+class Earlier:
+    """A row the step already has: a plan's, or a failed try of an earlier attempt."""
+
+    seq: int
+    tries: int  # 0 for a planned row: its function was never called
+
+
+@dataclass(frozen=True, slots=True)
 class History:
     #: Completed checkpointed steps, in the order the run reached them.
     done: list[Done] = field(default_factory=list)
-    #: (name, occurrence) -> seq of a checkpointed step that started but never completed
-    #: (its attempt was interrupted, or it failed): run again, it keeps its row.
-    unfinished: dict[tuple[str, int], int] = field(default_factory=dict)
+    #: (name, occurrence) -> a checkpointed step that failed in an earlier attempt: it runs
+    #: again and keeps its row, adding its tries.
+    failed: dict[tuple[str, int], Earlier] = field(default_factory=dict)
     #: Names of every checkpointed step the run has a row for (not planned again).
     names: frozenset[str] = frozenset()
 
@@ -51,94 +63,76 @@ def history(conn: Connection, run_id: uuid.UUID) -> History:
             run_steps.c.occurrence,
             run_steps.c.status,
             run_steps.c.result,
+            run_steps.c.tries,
         )
         .where(run_steps.c.run_id == run_id, run_steps.c.occurrence.is_not(None))
         .order_by(run_steps.c.seq)
     ).all()
     done = [Done(r.seq, r.name, r.occurrence, r.result) for r in rows if r.status == "completed"]
-    unfinished = {(r.name, r.occurrence): r.seq for r in rows if r.status != "completed"}
-    return History(done, unfinished, frozenset(r.name for r in rows))
+    failed = {
+        (r.name, r.occurrence): Earlier(r.seq, r.tries) for r in rows if r.status != "completed"
+    }
+    return History(done, failed, frozenset(r.name for r in rows))
 
 
-def start(
-    conn: Connection,
-    run_id: uuid.UUID,
-    attempt: int,
-    *,
-    seq: int,
-    name: str,
-    occurrence: int,
-    step_type: str,
-    now: datetime,
-    reuse: str | None = None,
-) -> None:
-    """Mark the step running for `attempt`: a new row, or the row a plan left (`reuse` =
-    "planned", its first try) or an earlier attempt left unfinished ("unfinished", one more
-    try)."""
-    if reuse is not None:
-        conn.execute(
-            update(run_steps)
-            .where(run_steps.c.run_id == run_id, run_steps.c.seq == seq)
-            .values(
-                attempt=attempt,
-                occurrence=occurrence,
-                status="running",
-                detail=None,
-                started_at=now,
-                finished_at=None,
-                tries=run_steps.c.tries + 1 if reuse == "unfinished" else 1,
-            )
-        )
-        return
-    conn.execute(
-        run_steps.insert().values(
-            run_id=run_id,
-            seq=seq,
-            attempt=attempt,
-            name=name,
-            step_type=step_type,
-            status="running",
-            started_at=now,
-            occurrence=occurrence,
-            tries=1,
-        )
-    )
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt's call of a checkpointed step ended, to be written as its row."""
+
+    seq: int
+    name: str
+    occurrence: int
+    step_type: str
+    started_at: datetime
+    finished_at: datetime
+    tries: int  # with the tries of the row it reuses
+    status: str  # completed or failed
+    result: Any = None
+    detail: str | None = None
 
 
-def tried_again(conn: Connection, run_id: uuid.UUID, seq: int, *, detail: str) -> None:
-    """The step raised and is retried in place: one more try, and why the last one failed."""
-    conn.execute(
-        update(run_steps)
-        .where(run_steps.c.run_id == run_id, run_steps.c.seq == seq)
-        .values(tries=run_steps.c.tries + 1, detail=detail)
-    )
-
-
-def complete(
-    conn: Connection,
-    run_id: uuid.UUID,
-    attempt: int,
-    seq: int,
-    *,
-    result: Any,
-    now: datetime,
+def record(
+    conn: Connection, run_id: uuid.UUID, attempt: int, outcome: Outcome, *, reuse: bool
 ) -> bool:
-    """Store the result and mark the step completed, only while `attempt` owns the run;
-    False when it does not (nothing is written)."""
+    """Write the step's row as `outcome` says, in one statement, only while `attempt` owns
+    the run (a completed step's result is fenced; so is a failure, which no later attempt
+    would want to read over its own). `reuse`: the step has a row already (planned, or failed
+    before) to update. False when the attempt no longer owns the run: nothing is written."""
     owned = exists().where(
         and_(runs.c.id == run_id, runs.c.attempt == attempt, runs.c.status == Status.RUNNING)
     )
-    updated = conn.execute(
-        update(run_steps)
-        .where(run_steps.c.run_id == run_id, run_steps.c.seq == seq, owned)
-        .values(status="completed", result=result, detail=None, finished_at=now)
-    ).rowcount
-    return bool(updated == 1)
-
-
-def fail(conn: Connection, run_id: uuid.UUID, seq: int, *, detail: str, now: datetime) -> None:
-    conn.execute(
-        update(run_steps)
-        .where(run_steps.c.run_id == run_id, run_steps.c.seq == seq)
-        .values(status="failed", detail=detail, finished_at=now)
-    )
+    values = {
+        "attempt": attempt,
+        "occurrence": outcome.occurrence,
+        "status": outcome.status,
+        "result": outcome.result,
+        "detail": outcome.detail,
+        "started_at": outcome.started_at,
+        "finished_at": outcome.finished_at,
+        "tries": outcome.tries,
+    }
+    if reuse:
+        stmt: Any = (
+            update(run_steps)
+            .where(run_steps.c.run_id == run_id, run_steps.c.seq == outcome.seq, owned)
+            .values(values)
+            .returning(run_steps.c.seq)
+        )
+    else:
+        row = {
+            "run_id": run_id,
+            "seq": outcome.seq,
+            "name": outcome.name,
+            "step_type": outcome.step_type,
+            **values,
+        }
+        columns = list(row)
+        stmt = (
+            run_steps.insert()
+            .from_select(
+                columns,
+                select(*[literal(row[c], type_=run_steps.c[c].type) for c in columns]).where(owned),
+            )
+            .returning(run_steps.c.seq)
+        )
+    return conn.execute(stmt).first() is not None
