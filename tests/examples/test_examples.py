@@ -12,7 +12,9 @@ import pytest
 
 from conveyor import Client
 from domain.clock import utc_now
+from domain.db.unit_of_work import UnitOfWork
 from domain.housekeeping.rollups import apply_retention, roll_up, stats_for
+from domain.schedules import manage
 from tests.e2e.stack import ROOT, Stack
 from tests.polling import eventually
 from tests.services import PrivateRedis
@@ -74,9 +76,7 @@ def test_agent_tasks(client: Client, tmp_path: Path) -> None:
     assert archived >= 4 and list(tmp_path.glob("runs-*.jsonl.gz"))
     standup = [
         s
-        for s in __import__("domain.schedules.definitions", fromlist=["x"]).list_schedules(
-            client.engine
-        )
+        for s in manage.list_schedules(UnitOfWork(client.engine))
         if s.name == "task:agent_tasks.standup"
     ]
     assert standup and standup[0].trigger == "interval"
