@@ -23,7 +23,7 @@ from conveyor.cli.params import AllowUnknown, parse_params, wait_seconds
 from domain.errors import WaitTimeout
 from domain.runs.requests import parse_duration
 from domain.runs.states import TERMINAL, Status
-from domain.runs.views import LogLine, RunView
+from domain.runs.views import LogLine, RunView, StepView
 
 if TYPE_CHECKING:
     from conveyor.client import Client
@@ -146,13 +146,16 @@ def show(run_id: RunId, verbose: Verbose = False, json_out: JsonFlag = False) ->
             artifacts = artifacts_of(conn, run.id)
     if json_out:
         data = run.to_dict()
-        data["steps"] = [s.to_dict() for s in steps]
+        data["steps"] = [
+            {**s.to_dict(), "duration_s": s.duration_s, "replayed": s.replayed(run.attempt)}
+            for s in steps
+        ]
         data["artifacts"] = artifacts
         print_json(data)
         return
     _show(run, lines[-20:], False, verbose=verbose)
     for step in steps:
-        console.print(f"  step {step.seq} {step.name}: {step.status}")
+        console.print(f"  step {step.seq} {_step_line(step, run.attempt)}", markup=False)
     for artifact in artifacts:
         console.print(
             f"  artifact {artifact['name']} ({artifact['size_bytes']} bytes, "
@@ -260,3 +263,19 @@ def retry(run_id: RunId, json_out: JsonFlag = False) -> None:
         print_json(run.to_dict())
     else:
         console.print(f"{run.id} {status_text(run.status)} {run.name} (retry of {run_id})")
+
+
+def _step_line(step: StepView, run_attempt: int) -> str:
+    """`name: status`, and for a checkpointed step its occurrence, tries, cost and whether
+    this attempt replayed it (`call #2: completed (2 tries, 0.01 USD, replayed)`)."""
+    if step.occurrence is None:
+        return f"{step.name}: {step.status}"
+    notes = []
+    if step.tries > 1:
+        notes.append(f"{step.tries} tries")
+    if step.cost_usd:
+        notes.append(f"{step.cost_usd.normalize():f} USD")
+    if step.replayed(run_attempt):
+        notes.append("replayed")
+    extra = f" ({', '.join(notes)})" if notes else ""
+    return f"{step.name} #{step.occurrence}: {step.status}{extra}"
