@@ -6,7 +6,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, overload
 
@@ -26,6 +26,7 @@ from domain.errors import (
     safe_str,
 )
 from domain.runs import lines
+from domain.runs.requests import parse_duration
 from domain.runs.store import Claim
 from domain.security.masking import NO_SECRETS, Masker
 from worker.masked_sink import LineSink, MaskedSink
@@ -197,6 +198,19 @@ class TaskContext:
         return self._steps.run(
             name, fn, args, kwargs, retries=retries, backoff=backoff, step_type=step_type
         )
+
+    def sleep(self, duration: str | float | timedelta) -> None:
+        """Sleep without holding a worker: `ctx.sleep("10m")` ends this execution here, the run
+        waits (`waiting`, reason `sleep`) until the time has passed, then runs again from the
+        top, its completed checkpointed steps returning their results, and goes on after this
+        call. A restart of workers or schedulers meanwhile changes nothing."""
+        self.sleep_until(self._clock() + parse_duration(duration, field="sleep"))
+
+    def sleep_until(self, when: datetime) -> None:
+        """`sleep` until `when` (an aware datetime)."""
+        if not isinstance(when, datetime) or when.tzinfo is None:
+            raise InvalidInput(f"sleep_until: an aware datetime (got {when!r})", field="when")
+        self._steps.sleep_until(when)
 
     @property
     def step_key(self) -> str:

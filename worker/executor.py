@@ -40,6 +40,7 @@ from worker import capture
 from worker.context import STOP_ERRORS, TaskContext
 from worker.logwriter import LogWriter
 from worker.monitor import RunMonitor
+from worker.steps import Suspend
 
 log = structlog.get_logger("conveyor.executor")
 
@@ -176,8 +177,11 @@ class Executor:
         capture.bind(self.writer, claim.run_id, claim.attempt)
         result: Any = None
         error: BaseException | None = None
+        pause: Suspend | None = None
         try:
             result = call(ctx)
+        except Suspend as suspended:
+            pause = suspended
         except Exception as exc:
             error = exc
         finally:
@@ -193,6 +197,8 @@ class Executor:
             return Outcome(claim.run_id, "lease_lost", claim.attempt)
         if ctx.stop_reason is not None:
             return self._finish_stopped(claim, ctx.stop_reason, mask(ctx.stop_detail), exit_code)
+        if pause is not None:
+            return self._suspend(claim, pause)
         if isinstance(error, RunStopped):
             reason = next(r for r, cls in STOP_ERRORS.items() if isinstance(error, cls))
             return self._finish_stopped(claim, reason, mask(safe_str(error)), exit_code)
@@ -340,6 +346,21 @@ class Executor:
             error_type=error_type,
         )
         return Outcome(claim.run_id, status, claim.attempt, error_type, error)
+
+    def _suspend(self, claim: Claim, pause: Suspend) -> Outcome:
+        """The task paused (ctx.sleep): the run waits, holding no worker, until it is due."""
+
+        def write(conn: Connection) -> None:
+            runstore.suspend(
+                conn, claim.run_id, claim.attempt, until=pause.until, reason=pause.reason
+            )
+
+        problem = self._commit_final(claim, write)
+        if problem is not None:
+            return Outcome(claim.run_id, problem, claim.attempt)
+        wait_s = max(0.0, (pause.until - self.clock()).total_seconds())
+        log.info("run.waiting", run_id=str(claim.run_id), reason=pause.reason, wake_in_s=wait_s)
+        return Outcome(claim.run_id, "waiting", claim.attempt, pause.reason, retry_in_s=wait_s)
 
     def _retry(self, claim: Claim, policy: RetryPolicy, failure: Failure) -> Outcome:
         delay = backoff_s(policy, claim.attempt)

@@ -35,6 +35,16 @@ from domain.security.masking import Masker
 MAX_BACKOFF_S = 300.0
 
 
+class Suspend(BaseException):
+    """Raised by `ctx.sleep`: this execution stops, and the run waits (holding no worker)
+    until `until`, then runs again from the top, replaying its completed steps. A
+    BaseException, so that a task's `except Exception` does not swallow it."""
+
+    def __init__(self, until: datetime, reason: str) -> None:
+        super().__init__(f"{reason} until {until.isoformat()}")
+        self.until, self.reason = until, reason
+
+
 class StepHost(Protocol):
     """What the runner needs of the task's context (worker/context.py: TaskContext)."""
 
@@ -122,6 +132,28 @@ class StepRunner:
             ctx._leave_step(outer)
             self.key = None
         return self._complete(call, result)
+
+    def sleep_until(self, when: datetime) -> None:
+        """A durable sleep: a checkpointed step that records when it ends, then Suspend. The
+        run reaches it again when it wakes, and goes on once that time has come."""
+        ctx = self.ctx
+        if self.key is not None:
+            raise InvalidInput(f"ctx.sleep: not inside a checkpointed step ({self.key!r})")
+        occurrence = self._occurrences["sleep"] = self._occurrences.get("sleep", 0) + 1
+        history = self.history()
+        if self._position < len(history.done):
+            until = datetime.fromisoformat(
+                self._replay(history.done[self._position], "sleep", occurrence)["until"]
+            )
+        else:
+            seq, earlier = self._row_for(history, "sleep", occurrence)
+            call = _Call(seq, "sleep", occurrence, "sleep", ctx._clock(), earlier, tries=1)
+            until = when
+            if not self._write(call, "completed", result={"until": until.isoformat()}):
+                ctx.stop("lease_lost", "another attempt owns this run now")
+                raise LeaseLost(f"run {ctx.run_id} attempt {ctx.attempt}: sleep not recorded")
+        if until > ctx._clock():
+            raise Suspend(until, "sleep")
 
     def _replay(self, done: steps.Done, name: str, occurrence: int) -> Any:
         if (done.name, done.occurrence) != (name, occurrence):

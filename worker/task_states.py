@@ -45,6 +45,9 @@ def task_result(outcome: Outcome) -> str:
     if outcome.status == "retrying":
         delay = round(outcome.retry_in_s or 0.0, 1)
         raise Retry(f"attempt {outcome.attempt} failed, next in {delay}s", exc=error, when=delay)
+    if outcome.status == "waiting":
+        delay = round(outcome.retry_in_s or 0.0, 1)
+        raise Retry(f"waiting ({outcome.error_type}), wakes in {delay}s", when=delay)
     if outcome.status == "held":
         delay = round(outcome.retry_in_s or 0.0, 1)
         raise Retry(f"held at a limit, checked again in {delay}s", exc=error, when=delay)

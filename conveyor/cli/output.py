@@ -23,6 +23,7 @@ err_console = Console(stderr=True, highlight=False)
 
 STATUS_STYLE = {
     "pending": "yellow",
+    "waiting": "cyan",
     "running": "cyan",
     "succeeded": "green",
     "failed": "red",

@@ -77,7 +77,7 @@ class Run(Base):
         CheckConstraint("priority BETWEEN 0 AND 9", name="priority_range"),
         CheckConstraint("kind IN ('task', 'pipeline')", name="kind"),
         CheckConstraint(
-            "status IN ('pending', 'running', 'succeeded', 'failed', 'cancelled', "
+            "status IN ('pending', 'running', 'waiting', 'succeeded', 'failed', 'cancelled', "
             "'timed_out', 'budget_exceeded')",
             name="status",
         ),
@@ -93,6 +93,8 @@ class Run(Base):
         ),
         # The relay's sweep: pending runs due for (re-)publishing.
         _partial_index("ix_runs_pending_due", "not_before", where="status = 'pending'"),
+        # The relay's sweep for waiting runs: those whose wake time has come.
+        _partial_index("ix_runs_waiting_due", "not_before", where="status = 'waiting'"),
         # The reaper's sweep: running runs by lease expiry.
         _partial_index("ix_runs_running_lease", "lease_expires_at", where="status = 'running'"),
         Index("ix_runs_created", "created_at", "id"),
@@ -148,6 +150,8 @@ class Run(Base):
     )
     #: POSTed a signed summary when the run ends (issue: callbacks out)
     callback_url: Mapped[str | None] = mapped_column(Text)
+    #: While `waiting`: what the run waits for (`sleep`), until `not_before`.
+    wait_reason: Mapped[str | None] = mapped_column(String(100))
 
 
 def _run_fk() -> Mapped[uuid.UUID]:

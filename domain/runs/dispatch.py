@@ -20,7 +20,7 @@ def due_for_dispatch(
     stmt = (
         select(runs.c.id, runs.c.name, runs.c.queue, runs.c.priority)
         .where(
-            runs.c.status == Status.PENDING,
+            runs.c.status.in_((Status.PENDING, Status.WAITING)),
             runs.c.not_before <= now,
             or_(runs.c.dispatched_at.is_(None), runs.c.dispatched_at < stale),
         )
@@ -34,7 +34,7 @@ def mark_dispatched(conn: Connection, run_ids: list[uuid.UUID], *, now: datetime
     if run_ids:
         conn.execute(
             update(runs)
-            .where(runs.c.id.in_(run_ids), runs.c.status == Status.PENDING)
+            .where(runs.c.id.in_(run_ids), runs.c.status.in_((Status.PENDING, Status.WAITING)))
             .values(dispatched_at=now, dispatch_attempts=runs.c.dispatch_attempts + 1)
         )
 

@@ -54,7 +54,7 @@ def relay_once(
             runs.c.dispatch_attempts,
         )
         .where(
-            runs.c.status == Status.PENDING,
+            or_(runs.c.status == Status.PENDING, runs.c.status == Status.WAITING),
             runs.c.not_before <= now,
             or_(runs.c.dispatched_at.is_(None), runs.c.dispatched_at < stale),
         )

@@ -149,10 +149,10 @@ class RunRepository:
         return set(self.conn.execute(self._insert_returning_id(), rows).scalars())
 
     def set_cancelled(self, run_id: uuid.UUID, now: datetime, reason: str) -> bool:
-        """Pending → cancelled at once. False when the run was no longer pending."""
+        """Pending or waiting → cancelled at once. False when the run was neither."""
         result = self.conn.execute(
             update(runs)
-            .where(runs.c.id == run_id, runs.c.status == Status.PENDING)
+            .where(runs.c.id == run_id, runs.c.status.in_((Status.PENDING, Status.WAITING)))
             .values(
                 status=Status.CANCELLED,
                 cancel_requested_at=now,

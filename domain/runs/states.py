@@ -8,6 +8,8 @@ from enum import StrEnum
 class Status(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    #: Between two executions, holding no worker: asleep (`ctx.sleep`) until `not_before`.
+    WAITING = "waiting"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -18,7 +20,7 @@ class Status(StrEnum):
 TERMINAL: frozenset[str] = frozenset(
     {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT, Status.BUDGET_EXCEEDED}
 )
-ACTIVE: frozenset[str] = frozenset({Status.PENDING, Status.RUNNING})
+ACTIVE: frozenset[str] = frozenset({Status.PENDING, Status.RUNNING, Status.WAITING})
 ALL_STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
 
 TRIGGERS: tuple[str, ...] = (

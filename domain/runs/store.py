@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine, and_, func, or_, tuple_, update
+from sqlalchemy import Connection, Engine, and_, case, func, or_, tuple_, update
 
 from domain.costs import admission
 from domain.db.models import run_logs, runs
@@ -63,7 +63,7 @@ class Claim:
 
 def _claimable(now: datetime) -> Any:
     return or_(
-        and_(runs.c.status == Status.PENDING, runs.c.not_before <= now),
+        and_(runs.c.status.in_((Status.PENDING, Status.WAITING)), runs.c.not_before <= now),
         and_(
             runs.c.status == Status.RUNNING,
             runs.c.lease_expires_at < now,
@@ -106,7 +106,11 @@ def _take(
         .where(runs.c.id == run_id, claimable)
         .values(
             status=Status.RUNNING,
-            attempt=runs.c.attempt + 1,
+            # A waiting run goes on with the attempt it slept in; anything else starts one.
+            attempt=case(
+                (runs.c.status == Status.WAITING, runs.c.attempt), else_=runs.c.attempt + 1
+            ),
+            wait_reason=None,
             lease_owner=owner,
             lease_expires_at=now + timedelta(seconds=lease_s),
             started_at=func.coalesce(runs.c.started_at, now),
@@ -175,6 +179,32 @@ def finish(
             error=error,
             exit_code=exit_code,
             finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    ).rowcount
+    if updated != 1:
+        raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")
+
+
+def suspend(
+    conn: Connection,
+    run_id: uuid.UUID,
+    attempt: int,
+    *,
+    until: datetime,
+    reason: str,
+) -> None:
+    """The attempt stops executing without ending: the run waits (no lease, no worker) until
+    `until`, when the relay delivers it again and a claim goes on with the same attempt."""
+    updated = conn.execute(
+        update(runs)
+        .where(fence.owned(run_id, attempt))
+        .values(
+            status=Status.WAITING,
+            wait_reason=reason,
+            not_before=until,
+            dispatched_at=None,
             lease_owner=None,
             lease_expires_at=None,
         )

@@ -45,11 +45,12 @@ _CLAIM_FIELDS = (
 )
 
 _CLAIM_SQL = f"""
-UPDATE runs SET status = '{Status.RUNNING}', attempt = attempt + 1,
-  lease_owner = %(owner)s, lease_expires_at = %(lease)s,
+UPDATE runs SET status = '{Status.RUNNING}',
+  attempt = CASE WHEN status = '{Status.WAITING}' THEN attempt ELSE attempt + 1 END,
+  wait_reason = NULL, lease_owner = %(owner)s, lease_expires_at = %(lease)s,
   started_at = coalesce(started_at, %(now)s)
 WHERE id = %(id)s AND (
-  (status = '{Status.PENDING}' AND not_before <= %(now)s)
+  (status IN ('{Status.PENDING}', '{Status.WAITING}') AND not_before <= %(now)s)
   OR (status = '{Status.RUNNING}' AND lease_expires_at < %(now)s AND attempt < max_attempts)
 ) AND {NOTHING_TO_CHECK_SQL}
 RETURNING {_CLAIM_FIELDS}

@@ -55,6 +55,8 @@ class RunView:
     finished_at: datetime | None
     parent_run_id: uuid.UUID | None
     callback_url: str | None
+    #: While `waiting`: what for (`sleep`); the wake time is `not_before`.
+    wait_reason: str | None = None
 
     @classmethod
     def from_row(cls, row: RowMapping) -> RunView:

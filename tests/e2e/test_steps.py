@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from domain.db.models import cost_entries, run_steps
+from domain.db.models import cost_entries, run_steps, runs
 from tests.e2e.stack import Stack
 from tests.polling import eventually
 from tests.services import PrivateRedis
@@ -76,3 +76,34 @@ def test_kill_9_after_step_2_of_4_runs_only_steps_3_and_4_again(
             (4, "completed", 2),
         ]
         assert client.get(run.id).cost_usd == Decimal("0.04")
+
+
+def test_200_runs_sleeping_2_s_each_share_2_worker_slots(stack: Stack) -> None:
+    """Held workers would need 200 x 2 s / 2 slots = 200 s; asleep, the runs hold none and
+    all finish within a minute."""
+    worker = stack.worker("naps", name="nappers", concurrency=2)
+    try:
+        with stack.client() as client:
+            made = client.enqueue_many(
+                {"name": "naps", "params": {"seconds": 2}, "queue": "naps"} for _ in range(200)
+            )
+            ids = [r.id for r in made]
+
+            def finished() -> int:
+                with client.engine.connect() as conn:
+                    done = conn.execute(
+                        select(runs.c.id).where(runs.c.id.in_(ids), runs.c.status == "succeeded")
+                    ).all()
+                return len(done)
+
+            eventually(lambda: finished() == 200, timeout=60)
+            with client.engine.connect() as conn:
+                rows = conn.execute(
+                    select(runs.c.attempt, runs.c.started_at, runs.c.finished_at).where(
+                        runs.c.id.in_(ids)
+                    )
+                ).all()
+        assert {r.attempt for r in rows} == {1}
+        assert min((r.finished_at - r.started_at).total_seconds() for r in rows) >= 2.0
+    finally:
+        stack.kill(worker, signal.SIGTERM)

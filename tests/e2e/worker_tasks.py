@@ -126,3 +126,10 @@ def four_paid_steps(ctx, marks: str, hold: float = 0.0) -> list[str]:  # type: i
             while time.monotonic() < deadline:
                 ctx.wait(0.05)
     return outputs
+
+
+@task(max_attempts=1)
+def naps(ctx, seconds: float = 2.0) -> str:  # type: ignore[no-untyped-def]
+    """Sleeps without holding its worker, then finishes."""
+    ctx.sleep(seconds)
+    return "rested"
