@@ -77,12 +77,13 @@ def _items(name: str, item: Any, *, cursor: bool = False, **extra: Any) -> type[
 Run = _view(RunView, "Run")
 CreatedRun = _view(RunView, "CreatedRun", warnings=(list[str], ...))
 Step = _view(StepView, "Step")
+DetailStep = _view(StepView, "DetailStep", duration_s=(float | None, ...), replayed=(bool, ...))
 Cost = _view(CostLine, "Cost")
 RunDetail = _view(
     RunView,
     "RunDetail",
     duration_s=(float | None, ...),
-    steps=(list[Step], ...),  # type: ignore[valid-type]
+    steps=(list[DetailStep], ...),  # type: ignore[valid-type]
     totals=(dict[str, Any], ...),
     costs=(list[dict[str, Any]], ...),
 )

@@ -66,3 +66,10 @@ def test_a_run_held_at_its_projects_limit_is_a_retry_saying_why() -> None:
         task_result(Outcome(RUN, "held", 0, "MonthlyLimitReached", reason, retry_in_s=30.0))
     assert str(raised.value.exc) == f"held: MonthlyLimitReached: {reason}"
     assert raised.value.when == 30.0 and raised.value.sig is None
+
+
+def test_a_waiting_run_is_a_retry_with_its_wake_time() -> None:
+    with pytest.raises(Retry) as raised:
+        task_result(Outcome(RUN, "waiting", 1, "sleep", retry_in_s=600.0))
+    assert raised.value.when == 600.0
+    assert "waiting (sleep), wakes in 600.0s" in str(raised.value)
