@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi import APIRouter, Body, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -14,7 +14,7 @@ from api.json_body import JSONBody
 from api.state import State
 from domain.clock import utc_now
 from domain.errors import InvalidInput
-from domain.runs import control, enqueue
+from domain.runs import control, enqueue, signals
 from domain.runs import reads as queries
 from domain.runs.repository import RunFilter
 from domain.runs.requests import (
@@ -195,6 +195,36 @@ def cancel_run(
     # cancel_run writes its own audit row (actor = this token) in the cancel's transaction.
     return control.cancel_run(
         state.uow(), run_id, actor=who.name, reason=reason, ip=client_ip(request)
+    ).to_dict()
+
+
+class SendSignal(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    payload: Any = Field(None, description="Any JSON value; ctx.wait_for returns it")
+    key: str | None = Field(None, min_length=1, max_length=255, description="Sent once per key")
+
+
+@router.post("/{run_id}/signals/{name}", status_code=202)
+def send_signal(
+    state: State,
+    who: Writer,
+    request: Request,
+    run_id: RunId,
+    name: Annotated[str, Path(min_length=1, max_length=200)],
+    body: Annotated[SendSignal | None, Body()] = None,
+) -> dict[str, Any]:
+    """Send a signal to a run; a ctx.wait_for of its name receives the payload (409 when the
+    run has ended; a repeated key answers the signal sent first, `new`: false)."""
+    body = body or SendSignal()
+    return signals.send(
+        state.uow(),
+        run_id,
+        name,
+        body.payload,
+        key=body.key,
+        actor=who.name,
+        ip=client_ip(request),
     ).to_dict()
 
 

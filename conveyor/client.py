@@ -18,10 +18,11 @@ from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, WaitTimeout
 from domain.gc_pause import gc_paused
 from domain.ports import Catalog, Publisher
-from domain.runs import control, enqueue
+from domain.runs import control, enqueue, signals
 from domain.runs.delivery_checks import DeliveryCheck
 from domain.runs.repository import RunFilter
 from domain.runs.requests import build_request, build_requests, parse_duration
+from domain.runs.signals import SignalView
 from domain.runs.states import TERMINAL
 from domain.runs.views import LogLine, Page, RunView, StepView
 from domain.settings import Settings, get_settings
@@ -280,6 +281,20 @@ class Client:
         self, run_id: str | uuid.UUID, *, actor: str = "client", reason: str = ""
     ) -> RunView:
         return control.cancel_run(self.uow(), as_run_id(run_id), actor=actor, reason=reason)
+
+    def signal(
+        self,
+        run_id: str | uuid.UUID,
+        name: str,
+        payload: Any = None,
+        *,
+        key: str | None = None,
+        actor: str = "client",
+    ) -> SignalView:
+        """Send the signal `name` with a JSON `payload` to a run: a `ctx.wait_for(name)` there
+        returns it (one sent before the run waits is kept for it). A repeated `key` is the
+        same signal, kept once; a run that has ended is a Conflict."""
+        return signals.send(self.uow(), as_run_id(run_id), name, payload, key=key, actor=actor)
 
     def retry(self, run_id: str | uuid.UUID, *, actor: str = "client") -> RunView:
         return control.retry_run(

@@ -212,6 +212,15 @@ class TaskContext:
             raise InvalidInput(f"sleep_until: an aware datetime (got {when!r})", field="when")
         self._steps.sleep_until(when)
 
+    def wait_for(self, name: str, timeout: str | float | timedelta | None = None) -> Any:
+        """Wait for the signal `name` (`client.signal(run_id, name, payload)`, the API or
+        `conveyor runs signal`) and return its payload, holding no worker meanwhile: the run
+        waits (reason `signal:<name>`) and runs again from the top when the signal comes. A
+        signal sent before the run gets here is kept and returned at once. After `timeout`
+        (none: wait for ever) it raises WaitTimeout."""
+        limit = None if timeout is None else parse_duration(timeout, field="timeout")
+        return self._steps.wait_for(name, limit)
+
     @property
     def step_key(self) -> str:
         """Inside a checkpointed step, `<run id>:<step name>:<n>`: the same on every attempt

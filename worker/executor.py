@@ -29,7 +29,7 @@ from domain.errors import (
     safe_str,
 )
 from domain.pipelines import store as pipeline_store
-from domain.runs import lines
+from domain.runs import lines, signals
 from domain.runs import store as runstore
 from domain.runs.chains import chain_follow_up, chain_possible
 from domain.runs.store import Claim, RunStore
@@ -354,6 +354,7 @@ class Executor:
             runstore.suspend(
                 conn, claim.run_id, claim.attempt, until=pause.until, reason=pause.reason
             )
+            signals.wake_if_sent(conn, claim.run_id, pause.reason, now=self.clock())
 
         problem = self._commit_final(claim, write)
         if problem is not None:

@@ -26,8 +26,15 @@ from typing import Any, Protocol
 from sqlalchemy import Engine
 
 from domain.db.engine import single_statement
-from domain.errors import InvalidInput, LeaseLost, NonDeterministicStep, RunStopped, safe_str
-from domain.runs import steps
+from domain.errors import (
+    InvalidInput,
+    LeaseLost,
+    NonDeterministicStep,
+    RunStopped,
+    WaitTimeout,
+    safe_str,
+)
+from domain.runs import signals, steps
 from domain.runs.requests import parse_duration
 from domain.security.masking import Masker
 
@@ -155,6 +162,48 @@ class StepRunner:
         if until > ctx._clock():
             raise Suspend(until, "sleep")
 
+    def wait_for(self, name: str, timeout: timedelta | None) -> Any:
+        """Wait for the signal `name`: a checkpointed step that records its deadline, then
+        consumes the oldest such signal the run has (storing its payload in the step, so
+        later attempts get the same one), or suspends until one comes or the deadline."""
+        ctx = self.ctx
+        if self.key is not None:
+            raise InvalidInput(f"ctx.wait_for: not inside a checkpointed step ({self.key!r})")
+        signals.check_name(name)
+        step_name = f"wait_for:{name}"
+        occurrence = self._occurrences[step_name] = self._occurrences.get(step_name, 0) + 1
+        history, now = self.history(), ctx._clock()
+        if self._position < len(history.done):
+            done = history.done[self._position]
+            recorded = self._replay(done, step_name, occurrence) or {}
+            if "payload" in recorded:
+                return recorded["payload"]
+            seq, deadline = done.seq, _when(recorded.get("deadline"))
+        else:
+            seq, earlier = self._row_for(history, step_name, occurrence)
+            deadline = now + timeout if timeout is not None else None
+            call = _Call(seq, step_name, occurrence, "wait", now, earlier, tries=1)
+            shown = deadline.isoformat() if deadline else None
+            if not self._write(call, "completed", result={"deadline": shown}):
+                self._lost(step_name)
+        with ctx._engine.begin() as conn:
+            got = signals.take(conn, ctx.run_id, name, now=now)
+            if got is not None:
+                stored = {"deadline": deadline.isoformat() if deadline else None}
+                stored["payload"] = ctx.masker.data(got[0])
+                if not steps.set_result(conn, ctx.run_id, ctx.attempt, seq, result=stored):
+                    self._lost(step_name)  # leaving the block rolls the consumption back
+        if got is not None:
+            return got[0]
+        if deadline is not None and now >= deadline:
+            raise WaitTimeout(f"no signal {name!r} came before {deadline.isoformat()}")
+        raise Suspend(deadline or signals.NEVER, signals.PREFIX + name)
+
+    def _lost(self, step_name: str) -> None:
+        ctx = self.ctx
+        ctx.stop("lease_lost", "another attempt owns this run now")
+        raise LeaseLost(f"run {ctx.run_id} attempt {ctx.attempt}: {step_name} not recorded")
+
     def _replay(self, done: steps.Done, name: str, occurrence: int) -> Any:
         if (done.name, done.occurrence) != (name, occurrence):
             raise NonDeterministicStep(
@@ -266,3 +315,7 @@ class _Call:
     started: datetime
     earlier: steps.Earlier | None
     tries: int = 0
+
+
+def _when(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.text import Text
@@ -20,7 +21,7 @@ from conveyor.cli.output import (
     status_text,
 )
 from conveyor.cli.params import AllowUnknown, parse_params, wait_seconds
-from domain.errors import WaitTimeout
+from domain.errors import InvalidInput, WaitTimeout
 from domain.runs.requests import parse_duration
 from domain.runs.states import TERMINAL, Status
 from domain.runs.views import LogLine, RunView, StepView
@@ -48,6 +49,7 @@ def register_top_level(app: typer.Typer) -> None:
     app.command()(logs)
     app.command()(cancel)
     app.command()(retry)
+    runs_app.command("signal")(signal)
 
 
 def enqueue(
@@ -263,6 +265,34 @@ def retry(run_id: RunId, json_out: JsonFlag = False) -> None:
         print_json(run.to_dict())
     else:
         console.print(f"{run.id} {status_text(run.status)} {run.name} (retry of {run_id})")
+
+
+def signal(
+    run_id: RunId,
+    name: Annotated[str, typer.Argument(help="The signal's name (what ctx.wait_for waits on).")],
+    payload_json: Annotated[
+        str | None, typer.Option("--payload-json", metavar="JSON", help="Any JSON value.")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option(metavar="KEY", help="Sent once per key: repeats are no-ops.")
+    ] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Send a signal to a run: a ctx.wait_for(NAME) there returns its payload."""
+    payload: Any = None
+    if payload_json is not None:
+        try:
+            payload = json.loads(payload_json)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"--payload-json: not valid JSON: {exc}", field="payload") from None
+    with _client() as c:
+        sent = c.signal(run_id, name, payload, key=key, actor="cli")
+    if json_out:
+        print_json(sent.to_dict())
+    elif sent.new:
+        console.print(f"signal {name} sent to {run_id}")
+    else:
+        console.print(f"signal {name} with key {key} was sent to {run_id} already")
 
 
 def _step_line(step: StepView, run_attempt: int) -> str:

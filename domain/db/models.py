@@ -194,6 +194,29 @@ class RunStep(Base):
     tries: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
+class RunSignal(Base):
+    """A signal sent to a run (`client.signal`, the API, `conveyor runs signal`), kept until a
+    `ctx.wait_for` of its name consumes it; a repeated `key` is the same signal, kept once."""
+
+    __tablename__ = "run_signals"
+    __table_args__ = (
+        _partial_index(
+            "uq_run_signals_key", "run_id", "name", "key", where="key IS NOT NULL", unique=True
+        ),
+        Index("ix_run_signals_run_name", "run_id", "name", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    key: Mapped[str | None] = mapped_column(String(255))
+    payload: Mapped[Any | None] = mapped_column(JSONType)
+    sent_at: Mapped[datetime] = mapped_column(default=utc_now)
+    consumed_at: Mapped[datetime | None]
+
+
 class RunLog(Base):
     """A log line; `seq` orders a run's lines across attempts and is the `after_seq` cursor.
 
@@ -312,6 +335,7 @@ class DeadLetter(Base):
 runs = cast(Table, Run.__table__)
 run_logs = cast(Table, RunLog.__table__)
 run_steps = cast(Table, RunStep.__table__)
+run_signals = cast(Table, RunSignal.__table__)
 projects = cast(Table, Project.__table__)
 audit_logs = cast(Table, AuditLog.__table__)
 cost_entries = cast(Table, CostEntry.__table__)

@@ -136,3 +136,20 @@ def record(
             .returning(run_steps.c.seq)
         )
     return conn.execute(stmt).first() is not None
+
+
+def set_result(conn: Connection, run_id: uuid.UUID, attempt: int, seq: int, *, result: Any) -> bool:
+    """Replace a completed step's result (a wait that has now received its signal), only
+    while `attempt` owns the run; False when it does not."""
+    owned = exists().where(
+        and_(runs.c.id == run_id, runs.c.attempt == attempt, runs.c.status == Status.RUNNING)
+    )
+    return (
+        conn.execute(
+            update(run_steps)
+            .where(run_steps.c.run_id == run_id, run_steps.c.seq == seq, owned)
+            .values(result=result)
+            .returning(run_steps.c.seq)
+        ).first()
+        is not None
+    )

@@ -283,3 +283,19 @@ def test_projects_and_costs_commands(sqlite_url: str, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "a limit of zero would refuse all work" in bad.stderr
     bad = conveyor("costs", "--by", "colour", db=sqlite_url, cwd=tmp_path)
     assert bad.returncode == 2 and "by: expected one of" in bad.stderr
+
+
+def test_runs_signal_sends_a_payload_once_per_key(db_url: str, tmp_path: Path) -> None:
+    run = json.loads(
+        ok(conveyor("enqueue", "job", "--allow-unknown", "--json", db=db_url, cwd=tmp_path))
+    )
+    args = ("runs", "signal", run["id"], "approval", "--payload-json", '{"ok": true}')
+    sent = ok(conveyor(*args, "--key", "k1", db=db_url, cwd=tmp_path))
+    assert sent.strip() == f"signal approval sent to {run['id']}"
+    again = ok(conveyor(*args, "--key", "k1", db=db_url, cwd=tmp_path))
+    assert "was sent to" in again and "already" in again
+    bad = conveyor(
+        "runs", "signal", run["id"], "approval", "--payload-json", "{", db=db_url, cwd=tmp_path
+    )
+    assert bad.returncode == 2 and "--payload-json: not valid JSON" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
