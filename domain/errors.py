@@ -82,6 +82,10 @@ class NonDeterministicStep(ConveyorError):
     """The task reached its steps in another order than the run's recorded history."""
 
 
+class ChildFailed(ConveyorError):
+    """One or more child runs did not succeed."""
+
+
 class UnknownTask(NotFound):
     """No task or pipeline is registered under this name."""
 

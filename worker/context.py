@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -25,10 +25,12 @@ from domain.errors import (
     RunTimedOut,
     safe_str,
 )
+from domain.ports import Catalog
 from domain.runs import lines
 from domain.runs.requests import parse_duration
 from domain.runs.store import Claim
 from domain.security.masking import NO_SECRETS, Masker
+from worker.children import Child, gather, spawn_many
 from worker.masked_sink import LineSink, MaskedSink
 from worker.steps import StepRunner
 
@@ -57,8 +59,11 @@ class TaskContext:
         clock: Clock = utc_now,
         params: dict[str, Any] | None = None,
         prices: Prices | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         self._claim = claim
+        #: What the names and params of the children this run spawns are checked against.
+        self.catalog = catalog
         self._prices = prices or Prices({})
         self._engine = engine
         self._sink = sink
@@ -220,6 +225,28 @@ class TaskContext:
         (none: wait for ever) it raises WaitTimeout."""
         limit = None if timeout is None else parse_duration(timeout, field="timeout")
         return self._steps.wait_for(name, limit)
+
+    def spawn(self, name: str, params: dict[str, Any] | None = None, **options: Any) -> Child:
+        """Create a child run (`parent_run_id` = this run, this run's project unless
+        `project=` says otherwise; other options as for `Client.enqueue`), once per spawning
+        step: a replay returns the same child. `ctx.gather([child])` waits for it."""
+        (child,) = spawn_many(
+            self._steps,
+            self,
+            self.catalog,
+            [{"name": name, "params": params or {}, **options}],
+            step_name=f"spawn:{name}",
+        )
+        return child
+
+    def spawn_many(self, items: Iterable[Mapping[str, Any]]) -> list[Child]:
+        """Create many children in one batch (each item: `name`, `params`, options)."""
+        return spawn_many(self._steps, self, self.catalog, list(items), step_name="spawn_many")
+
+    def gather(self, children: Iterable[Child | uuid.UUID | str]) -> list[Any]:
+        """Wait, holding no worker, until every child has ended; their results in order, or
+        ChildFailed naming the children that did not succeed."""
+        return gather(self._steps, self, children)
 
     @property
     def step_key(self) -> str:

@@ -35,7 +35,8 @@ from domain.runs.chains import chain_follow_up, chain_possible
 from domain.runs.store import Claim, RunStore
 from domain.security.masking import NO_SECRETS, Masker
 from domain.storage import run_store
-from domain.tasks.registry import Registry, RetryPolicy
+from domain.tasks.catalog import permissive
+from domain.tasks.registry import Registry, RegistryCatalog, RetryPolicy
 from worker import capture
 from worker.context import STOP_ERRORS, TaskContext
 from worker.logwriter import LogWriter
@@ -171,7 +172,12 @@ class Executor:
             return self._finish(claim, "failed", failure=Failure(type(exc).__name__, str(exc)))
 
         ctx = TaskContext(
-            claim, engine=self.engine, sink=self.writer, clock=self.clock, prices=self.prices
+            claim,
+            engine=self.engine,
+            sink=self.writer,
+            clock=self.clock,
+            prices=self.prices,
+            catalog=permissive(RegistryCatalog(self.registry)),
         )
         self.monitor.watch(ctx, timeout_s=claim.timeout_s, max_minutes=claim.max_minutes)
         capture.bind(self.writer, claim.run_id, claim.attempt)

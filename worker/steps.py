@@ -66,6 +66,9 @@ class StepHost(Protocol):
     def attempt(self) -> int: ...
 
     @property
+    def project(self) -> str: ...
+
+    @property
     def masker(self) -> Masker: ...
 
     @property
@@ -198,6 +201,37 @@ class StepRunner:
         if deadline is not None and now >= deadline:
             raise WaitTimeout(f"no signal {name!r} came before {deadline.isoformat()}")
         raise Suspend(deadline or signals.NEVER, signals.PREFIX + name)
+
+    # -- for other kinds of checkpointed step (worker/children.py) ---------------------------
+    def reach(self, name: str) -> tuple[int, steps.Done | None]:
+        """Reach the next step named `name`: its occurrence, and what the history recorded
+        for it (None: it runs for the first time)."""
+        if self.key is not None:
+            raise InvalidInput(f"{name}: not inside a checkpointed step ({self.key!r})")
+        occurrence = self._occurrences[name] = self._occurrences.get(name, 0) + 1
+        history = self.history()
+        if self._position < len(history.done):
+            done = history.done[self._position]
+            self._replay(done, name, occurrence)
+            return occurrence, done
+        return occurrence, None
+
+    def settle(
+        self,
+        name: str,
+        occurrence: int,
+        step_type: str,
+        *,
+        status: str,
+        result: Any = None,
+        detail: str | None = None,
+    ) -> None:
+        """Write a step `reach` found new as completed (with `result`) or failed."""
+        ctx = self.ctx
+        seq, earlier = self._row_for(self.history(), name, occurrence)
+        call = _Call(seq, name, occurrence, step_type, ctx._clock(), earlier, tries=1)
+        if not self._write(call, status, result=result, detail=detail):
+            self._lost(name)
 
     def _lost(self, step_name: str) -> None:
         ctx = self.ctx

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 import structlog
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 
+from domain.db.models import runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, InvalidTransition
 from domain.ports import Publisher
@@ -45,7 +47,8 @@ def run_logs(
 def cancel_run(
     uow: UnitOfWork, run_id: uuid.UUID, *, actor: str, reason: str = "", ip: str | None = None
 ) -> RunView:
-    """A pending run ends `cancelled` at once; a running one is asked to stop.
+    """A pending or waiting run ends `cancelled` at once; a running one is asked to stop.
+    Its unfinished children (and theirs) are cancelled with it.
 
     Cancelling a run that already finished is a Conflict naming its state.
     """
@@ -60,6 +63,7 @@ def cancel_run(
                 f"run {run_id} already ended as {run.status}; there is nothing to cancel",
                 status=run.status,
             )
+        _cancel_descendants(uow, run_id, now, f"its parent run {run_id} was cancelled")
         # Through audit.record, like every other audited change: details are masked and bounded.
         audit.record(
             uow,
@@ -125,3 +129,24 @@ def retry_run(
     new = enqueue_many(uow, [req], publisher=publisher, record=audit_retry)[0].run
     log.info("run.retried", run_id=str(new.id), parent_run_id=str(old.id), actor=actor)
     return new
+
+
+def _cancel_descendants(uow: UnitOfWork, run_id: uuid.UUID, now: datetime, why: str) -> None:
+    """Cancel the unfinished runs spawned by `run_id`, and theirs, in the caller's transaction."""
+    frontier = [run_id]
+    while frontier:
+        children = (
+            uow.conn.execute(
+                select(runs.c.id).where(
+                    runs.c.parent_run_id.in_(frontier),
+                    runs.c.triggered_by == "spawn",
+                    runs.c.status.not_in(TERMINAL),
+                )
+            )
+            .scalars()
+            .all()
+        )
+        for child in children:
+            if not uow.runs.set_cancelled(child, now, why):
+                uow.runs.request_cancel(child, now)
+        frontier = list(children)

@@ -33,6 +33,7 @@ TRIGGERS: tuple[str, ...] = (
     "retry",
     "chain",
     "manual",
+    "spawn",
 )
 
 
