@@ -162,12 +162,14 @@ def _add(
 
 
 def _lock_holder(engine: Engine) -> int | None:
-    """The backend pid holding the schedulers' advisory lock, if any."""
+    """The backend pid holding the schedulers' advisory lock in this test's database, if any
+    (another suite's schedulers on the same server hold the same key in their own)."""
     with engine.connect() as conn:
         pid = conn.execute(
             text(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                "AND objid = (CAST(:k AS bigint) & 4294967295)"
+                "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                "WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database() "
+                "AND l.objid = (CAST(:k AS bigint) & 4294967295)"
             ),
             {"k": ADVISORY_KEY},
         ).scalar()
