@@ -115,7 +115,8 @@ def test_the_listener_comes_back_after_its_connection_is_killed(
     with pg_engine.begin() as conn:
         conn.exec_driver_sql(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE query LIKE 'LISTEN %%' AND pid <> pg_backend_pid()"
+            "WHERE datname = current_database() AND query LIKE 'LISTEN %%' "
+            "AND pid <> pg_backend_pid()"
         )
     heard.next()  # reconnected: one call for whatever was missed meanwhile
     add(pg_engine, "a")
