@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from domain.runs.requests import build_request
 from domain.runs.views import RunView
 from domain.tasks.catalog import CompositeCatalog
 from domain.tasks.registry import Registry, RegistryCatalog
+from tests.polling import eventually
 from worker import capture
 from worker.executor import Executor
 from worker.logwriter import LogWriter
@@ -87,17 +87,19 @@ class PipelineHarness:
     def run(self, run_id: uuid.UUID, *, until_final: bool = True, timeout: float = 60) -> str:
         """Execute deliveries (as a worker would) until the run ends or, with `until_final`
         off, after the first attempt; backoff waits are served by retrying the delivery."""
-        deadline = time.monotonic() + timeout
         statuses: list[str] = []
-        while time.monotonic() < deadline:
+
+        def delivered() -> str | None:
             status = self.executor.execute(run_id).status
-            if status == "dropped":
-                time.sleep(0.05)
-                continue
+            if status == "dropped":  # not due yet (a backoff): deliver it again shortly
+                return None
             statuses.append(status)
-            if status != "retrying" or not until_final:
-                return status
-        raise AssertionError(f"run {run_id} did not finish within {timeout}s: {statuses}")
+            return status if status != "retrying" or not until_final else None
+
+        try:
+            return eventually(delivered, timeout, every=0.05, what=f"run {run_id} to finish")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; attempts ended: {statuses}") from None
 
     def get(self, run_id: uuid.UUID) -> RunView:
         return control.get_run(UnitOfWork(self.engine), run_id)

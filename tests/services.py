@@ -14,12 +14,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.polling import eventually
 
 PG_ADMIN_URL = os.environ.get("CONVEYOR_TEST_PG_URL", "postgresql+psycopg://127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -92,12 +93,15 @@ class PrivateRedis:
             start_new_session=True,
         )  # fmt: skip
         log.close()
-        deadline = time.monotonic() + timeout
-        while not _port_open("127.0.0.1", self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+        proc = self.proc
+
+        def listening() -> bool:
+            if proc.poll() is not None:
                 text = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"private redis-server did not start: {text}")
-            time.sleep(0.02)
+                raise RuntimeError(f"private redis-server exited at start: {text}")
+            return _port_open("127.0.0.1", self.port)
+
+        eventually(listening, timeout, every=0.02, what="the private redis-server listening")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -24,7 +24,7 @@ from domain.schedules import manage
 from scheduler.leader import ADVISORY_KEY
 from scheduler.triggers import Slots, TriggerSpec
 from tests.e2e.stack import Stack
-from tests.polling import eventually
+from tests.polling import consistently, eventually
 from tests.schedule_slots import assert_every_slot_once, fires_and_runs
 from tests.services import PrivateRedis
 
@@ -62,12 +62,17 @@ def test_leader_killed_and_restarted_no_duplicate_no_gap(
     leader = stack.scheduler()
     eventually(lambda: _count(engine, view.id) >= 2, timeout=30)
     standby = stack.scheduler()
-    time.sleep(1.5)
+    eventually(lambda: _a_standby_waits(engine), timeout=30, what="the standby trying the lock")
     stack.kill(leader, signal.SIGKILL)  # mid-stream: the standby must take over
     before = _count(engine, view.id)
     eventually(lambda: _count(engine, view.id) >= before + 3, timeout=30)
     stack.kill(standby, signal.SIGTERM)  # a restart across fire times
-    time.sleep(2.5)
+    stopped_at = _count(engine, view.id)
+    # The length of the outage is the point (slots come due while no scheduler runs), and
+    # with none running nothing may be recorded.
+    consistently(
+        lambda: _count(engine, view.id) == stopped_at, 2.5, what="no fire while none leads"
+    )
     stack.scheduler()
     after_restart = _count(engine, view.id)
     eventually(lambda: _count(engine, view.id) >= after_restart + 4, timeout=30)
@@ -86,17 +91,17 @@ def test_a_frozen_leader_cannot_double_fire_when_it_wakes(
     leader = stack.scheduler()
     eventually(lambda: _count(engine, first) >= 2, timeout=30)
     standby = stack.scheduler()
-    time.sleep(1.3)
+    eventually(lambda: _a_standby_waits(engine), timeout=30, what="the standby trying the lock")
+    _sleep_until_before(0.3, every_s=1)  # frozen inside the staged transaction of a slot
     os.killpg(leader.pid, signal.SIGSTOP)
     frozen_at = _count(engine, first)
     eventually(lambda: _count(engine, first) >= frozen_at + 3, timeout=40)  # standby leads
     os.killpg(leader.pid, signal.SIGCONT)
-    time.sleep(3)  # the old leader wakes up, finds its sessions gone, and stands by
+    # the old leader wakes up, finds its sessions gone, and stands by
+    eventually(lambda: _a_standby_waits(engine), timeout=30, what="the old leader standing by")
     resumed_at = _count(engine, first)
     eventually(lambda: _count(engine, first) >= resumed_at + 2, timeout=30)
-    for view in views:
-        manage.set_enabled(UnitOfWork(engine), view.name, False, now=utc_now())
-    time.sleep(1.5)
+    _pause(engine, views)
     stack.kill(standby, signal.SIGTERM)
     stack.kill(leader, signal.SIGTERM)
 
@@ -120,7 +125,7 @@ def test_a_leader_that_loses_its_database_connection_hands_over(
     stack.scheduler()
     eventually(lambda: _count(engine, view.id) >= 2, timeout=30)
     stack.scheduler()
-    time.sleep(1.5)
+    eventually(lambda: _a_standby_waits(engine), timeout=30, what="the standby trying the lock")
     holder = _lock_holder(engine)
     assert holder is not None
     with engine.begin() as conn:
@@ -134,8 +139,7 @@ def test_a_leader_that_loses_its_database_connection_hands_over(
 def _pause_and_check_every_slot_once(engine: Engine, stack: Stack, view: Any) -> None:
     """Pause the schedule, stop the schedulers, and check its slots: one a second with no gap
     and no repeat, each enqueued (late slots were within the grace) with a run of its own."""
-    manage.set_enabled(UnitOfWork(engine), view.name, False, now=utc_now())
-    time.sleep(1.5)
+    _pause(engine, [view])
     stack.stop_all()
     slots, made = fires_and_runs(engine, view.id)
     times = [s[0] for s in slots]
@@ -162,16 +166,44 @@ def _add(
 
 
 def _lock_holder(engine: Engine) -> int | None:
-    """The backend pid holding the schedulers' advisory lock, if any."""
+    """The backend pid holding the schedulers' advisory lock in this test's database, if any
+    (another suite's schedulers on the same server hold the same key in their own)."""
     with engine.connect() as conn:
         pid = conn.execute(
             text(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                "AND objid = (CAST(:k AS bigint) & 4294967295)"
+                "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                "WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database() "
+                "AND l.objid = (CAST(:k AS bigint) & 4294967295)"
             ),
             {"k": ADVISORY_KEY},
         ).scalar()
         return int(pid) if pid is not None else None
+
+
+def _a_standby_waits(engine: Engine) -> bool:
+    """A scheduler not leading has tried the advisory lock: its session's last statement is
+    that try, and it is not the session holding the lock."""
+    holder = _lock_holder(engine)
+    with engine.connect() as conn:
+        pids = conn.execute(
+            text(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND query LIKE 'SELECT pg_try_advisory_lock(%'"
+            )
+        ).scalars()
+        return any(pid != holder for pid in pids)
+
+
+def _listening(engine: Engine) -> bool:
+    """The leader listens for schedule edits (its LISTEN session is in the database)."""
+    with engine.connect() as conn:
+        found = conn.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND query ILIKE 'LISTEN %'"
+            )
+        ).scalar_one()
+        return bool(found)
 
 
 def _count(engine: Engine, schedule_id: int) -> int:
@@ -189,7 +221,7 @@ def test_edits_take_effect_without_a_restart(scheduler_stack: tuple[Stack, Engin
     """Added, paused, resumed and removed while the scheduler runs: each within ~2 s."""
     stack, engine = scheduler_stack
     stack.scheduler()
-    time.sleep(2)  # leading, with nothing to fire
+    eventually(lambda: _listening(engine), timeout=30, what="the leader listening for edits")
     spec = sched.ScheduleInput.parse(
         name="late", target="noop", trigger="interval", expression="1s"
     )
@@ -197,11 +229,7 @@ def test_edits_take_effect_without_a_restart(scheduler_stack: tuple[Stack, Engin
         UnitOfWork(engine), spec, Slots(TriggerSpec("interval", "1s")), now=utc_now()
     )
     eventually(lambda: _count(engine, view.id) >= 1, timeout=5)  # added: fires
-    manage.set_enabled(UnitOfWork(engine), "late", False, now=utc_now())
-    time.sleep(2.5)  # the pause reaches the scheduler within ~1 s
-    paused_at = _count(engine, view.id)
-    time.sleep(2)
-    assert _count(engine, view.id) == paused_at  # paused: no new slot
+    _pause(engine, [view], hold_s=2)  # paused: no new slot
     manage.remove_schedule(UnitOfWork(engine), "late")
 
 
@@ -250,7 +278,7 @@ def test_a_leader_frozen_below_the_lock_timeout_keeps_every_slot(
         eventually(lambda: all(_count(engine, v.id) >= 3 for v in views), timeout=30)
         holder = _lock_holder(engine)
         os.killpg(leader.pid, signal.SIGSTOP)
-        time.sleep(8)
+        time.sleep(8)  # the freeze's length is what is tested: under the lock's 10 s
         os.killpg(leader.pid, signal.SIGCONT)
         resumed = {v.id: _count(engine, v.id) for v in views}
         eventually(lambda: all(_on_time_again(engine, v.id, resumed[v.id]) for v in views), 40)
@@ -276,7 +304,8 @@ def _on_time_again(engine: Engine, schedule_id: int, recorded_before: int) -> bo
 
 def _sleep_until_before(ahead_s: float, *, every_s: int) -> None:
     """Sleep until `ahead_s` before the next multiple of `every_s` seconds (UTC): one-second
-    intervals fire on whole seconds, a `*/5` second cron on every fifth."""
+    intervals fire on whole seconds, a `*/5` second cron on every fifth. A sleep on purpose:
+    where in the second something happens is what the callers test, not how long it takes."""
     now = time.time()
     target = (int(now // every_s) + 1) * every_s - ahead_s
     if target <= now:
@@ -285,10 +314,22 @@ def _sleep_until_before(ahead_s: float, *, every_s: int) -> None:
 
 
 def _pause_all(engine: Engine, stack: Stack, views: list[Any]) -> None:
+    _pause(engine, views)
+    stack.stop_all()
+
+
+def _pause(engine: Engine, views: list[Any], *, hold_s: float = 1.0) -> None:
+    """Pause the schedules and check that they fire nothing more for `hold_s` (one instant's
+    staging at least). A fire locks its schedules' rows from staging to commit, so a pause
+    waits for a slot staged before it: once the pause has returned, the counts are final."""
     for view in views:
         manage.set_enabled(UnitOfWork(engine), view.name, False, now=utc_now())
-    time.sleep(1.5)
-    stack.stop_all()
+    paused_at = {v.id: _count(engine, v.id) for v in views}
+    consistently(
+        lambda: {v.id: _count(engine, v.id) for v in views} == paused_at,
+        hold_s,
+        what="paused schedules firing nothing",
+    )
 
 
 def _slots_with(engine: Engine, view: Any, outcome: str) -> list[Any]:

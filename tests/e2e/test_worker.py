@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -365,25 +364,28 @@ def test_task_events_reach_monitors_complete_and_batched(stack: Stack, client: C
         events: dict[str, set[str]] = {}  # celery task id -> event types
         run_of: dict[str, str] = {}  # celery task id -> run id
         messages = 0
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            message = pubsub.get_message(timeout=0.2)
-            if message is None or message["type"] != "pmessage":
-                continue
-            envelope = json.loads(message["data"])
-            body = json.loads(base64.b64decode(envelope["body"]))
-            batch = body if isinstance(body, list) else [body]
-            ours = False
-            for event in batch:
-                if event.get("type") == "task-received":
-                    run_of[event["uuid"]] = ast.literal_eval(event["args"])[0]
-                events.setdefault(event["uuid"], set()).add(event["type"])
-                ours = ours or event["uuid"] in run_of
-            messages += ours
+        every_event = {"task-received", "task-started", "task-succeeded"}
+
+        def read_all_of_ours() -> bool:
+            """Take the messages waiting; True once every run's three events were read."""
+            nonlocal messages
+            while (message := pubsub.get_message(timeout=0.05)) is not None:
+                if message["type"] != "pmessage":
+                    continue
+                envelope = json.loads(message["data"])
+                body = json.loads(base64.b64decode(envelope["body"]))
+                batch = body if isinstance(body, list) else [body]
+                ours = False
+                for event in batch:
+                    if event.get("type") == "task-received":
+                        run_of[event["uuid"]] = ast.literal_eval(event["args"])[0]
+                    events.setdefault(event["uuid"], set()).add(event["type"])
+                    ours = ours or event["uuid"] in run_of
+                messages += ours
+            by_run = {run_of[t]: types for t, types in events.items() if t in run_of}
+            return all(by_run.get(str(i), set()) >= every_event for i in ids)
+
+        eventually(read_all_of_ours, timeout=10, what="every run's task events")
     finally:
         pubsub.close()
-    by_run = {run_of[t]: types for t, types in events.items() if t in run_of}
-    assert set(by_run) >= {str(i) for i in ids}
-    for run_id in ids:
-        assert by_run[str(run_id)] >= {"task-received", "task-started", "task-succeeded"}
     assert messages <= 60 * 3 / 4, f"{messages} messages for 180 events: not batched"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 
 from sqlalchemy import func, select, update
@@ -15,6 +14,7 @@ from domain.db.unit_of_work import UnitOfWork
 from domain.runs import control
 from domain.runs import store as runstore
 from tests.integration.conftest import Harness
+from tests.polling import eventually
 
 
 def test_success_records_result_logs_steps_and_metrics(h: Harness) -> None:
@@ -171,9 +171,12 @@ def test_timeout_cooperative_and_stuck(h: Harness) -> None:
     outcome: list[str] = []
     runner = threading.Thread(target=lambda: outcome.append(h.run(b)))
     runner.start()
-    deadline = time.monotonic() + 5
-    while h.get(b).status in {"pending", "running"} and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(
+        lambda: h.get(b).status not in {"pending", "running"},
+        timeout=5,
+        every=0.05,
+        what="the stuck run's end recorded",
+    )
     run = h.get(b)
     assert run.status == "timed_out"  # recorded while the code is still stuck
     assert "grace period" in (run.error or "")
@@ -221,8 +224,12 @@ def test_a_stale_attempt_cannot_finish(h: Harness) -> None:
     outcome: list[str] = []
     runner = threading.Thread(target=lambda: outcome.append(h.run(run_id)))
     runner.start()
-    while h.get(run_id).status != "running":
-        time.sleep(0.01)
+    eventually(
+        lambda: h.get(run_id).status == "running",
+        timeout=10,
+        every=0.01,
+        what="the first attempt running",
+    )
     started = h.get(run_id).started_at
     with h.engine.begin() as conn:  # the reaper's view: lease gone, another worker claims
         conn.execute(

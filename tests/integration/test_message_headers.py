@@ -34,6 +34,7 @@ def published_on_redis(redis_url: str, dispatch: Dispatch, masker: Masker | None
     [raw] = client.lrange(key, 0, -1)
     client.delete(key)
     client.close()
+    # A publisher lives as long as its process and has no close(); the test shuts its client.
     assert publisher._redis is not None
     publisher._redis.close()
     return raw.decode()

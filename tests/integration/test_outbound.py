@@ -350,7 +350,8 @@ def test_the_scheduler_leader_sends_callbacks_without_blocking_its_loop(
             UnitOfWork(engine), build_request(name="later"), catalog=OpenCatalog()
         ).run
         eventually(lambda: pending.id in {d.run_id for d in publisher.published}, timeout=20)
-        assert service.outbound._thread is not None and service.outbound._thread.is_alive()
+        # the stuck POST is still open: no attempt at it has ended
+        assert [d.attempts for d in outbound.deliveries_of(engine, [stuck])] == [0]
         ok = finished_run(engine, FakeClock(utc_now()), callback_url=receiver.url)
         silent.close()  # the open POST fails; the next pass delivers the new callback
         eventually(lambda: len(receiver.posts()) == 1, timeout=20)

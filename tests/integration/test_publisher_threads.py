@@ -51,6 +51,7 @@ def test_threads_publishing_first_together_all_get_through(redis_url: str) -> No
     for key in client.keys("threads-q*"):
         client.delete(key)
     client.close()
+    # A publisher lives as long as its process and has no close(); the test shuts its client.
     assert publisher._redis is not None
     publisher._redis.close()
 

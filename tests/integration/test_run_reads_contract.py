@@ -29,6 +29,7 @@ from domain.runs.reads_pg import PgReads
 from domain.runs.repository import RunFilter
 from domain.storage import run_reads
 from domain.webhooks import inbound as webhooks
+from tests.polling import eventually
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
@@ -243,19 +244,30 @@ def test_timestamps_are_utc_whatever_the_sessions_zone(pg_url: str, pg_engine: E
 def test_a_connection_the_server_dropped_is_replaced(pg_engine: Engine, pg_reads: PgReads) -> None:
     seed(pg_engine, 3)
     assert len(pg_reads.page(RunFilter()).items) == 3
+    [dropped] = _reads_sessions(pg_engine)
     with pg_engine.connect() as conn:  # what a server restart does to the pool's connections
-        killed = conn.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "AND application_name = 'conveyor' AND query LIKE '%FROM runs%'"
-            )
-        ).all()
-    assert killed
-    stale_pool = pg_reads._pool
+        conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": dropped})
     assert len(pg_reads.page(RunFilter()).items) == 3  # tried again on a new connection
-    assert pg_reads._pool is not stale_pool  # the idle ones went with the old pool
-    assert (pg_reads._pool.checkedout(), stale_pool.checkedout()) == (0, 0)
+    assert len(pg_reads.page(RunFilter()).items) == 3  # and the reads go on from there
+    eventually(lambda: dropped not in _reads_sessions(pg_engine), timeout=10)
+    assert len(_reads_sessions(pg_engine)) == 1  # one new connection serves them
+    pg_reads.close()  # no connection of either pool is left checked out, so none stays open
+    eventually(lambda: _reads_sessions(pg_engine) == [], timeout=10, what="reads' sessions gone")
+
+
+def _reads_sessions(engine: Engine) -> list[int]:
+    """The server's sessions that PgReads opened (they have read runs), by backend pid."""
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                text(
+                    "SELECT pid FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND application_name = 'conveyor' AND query LIKE '%FROM runs%' "
+                    "AND query NOT LIKE '%pg_stat_activity%'"
+                )
+            ).scalars()
+        )
 
 
 @pytest.mark.postgres

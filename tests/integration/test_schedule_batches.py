@@ -5,7 +5,6 @@ and a slot that cannot be made does not take the batch down with it."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -22,6 +21,7 @@ from domain.tasks.registry import Registry, RegistryCatalog
 from scheduler.schedule_runner import ScheduleRunner
 from scheduler.triggers import Slots, TriggerSpec
 from tests.fakes import FakePublisher, PreparingPublisher
+from tests.polling import eventually
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 EVERY_SECOND = Slots(TriggerSpec("interval", "1s"))
@@ -68,12 +68,10 @@ def scheduled_runs(engine: Engine) -> dict[object, str]:
 
 
 def run_until(runner: ScheduleRunner, done: Callable[[], bool], timeout: float = 30) -> None:
-    """Let the runner fire until `done()` holds (or `timeout` passes), then stop it."""
+    """Let the runner fire until `done()` holds (failing after `timeout`), then stop it."""
     runner.start()
     try:
-        deadline = time.monotonic() + timeout
-        while not done() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(done, timeout, every=0.05, what="the runner's fires")
     finally:
         runner.stop()
 

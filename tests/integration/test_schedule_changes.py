@@ -115,7 +115,8 @@ def test_the_listener_comes_back_after_its_connection_is_killed(
     with pg_engine.begin() as conn:
         conn.exec_driver_sql(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE query LIKE 'LISTEN %%' AND pid <> pg_backend_pid()"
+            "WHERE datname = current_database() AND query LIKE 'LISTEN %%' "
+            "AND pid <> pg_backend_pid()"
         )
     heard.next()  # reconnected: one call for whatever was missed meanwhile
     add(pg_engine, "a")
@@ -138,12 +139,12 @@ def test_a_leading_scheduler_plans_an_added_schedule_from_the_notification(
         # can make a later one, so "late" reaches the plan only through its notification
         add(engine, "first", now=utc_now())
         first = manage.get_schedule(UnitOfWork(engine), "first")
-        eventually(lambda: first.id in service.schedules._waiting, timeout=10)
+        eventually(lambda: first.id in service.schedules.planned(), timeout=10)
         add(engine, "late", now=utc_now())
         late = manage.get_schedule(UnitOfWork(engine), "late")
-        eventually(lambda: late.id in service.schedules._waiting, timeout=10)
+        eventually(lambda: late.id in service.schedules.planned(), timeout=10)
         manage.set_enabled(UnitOfWork(engine), "late", False, now=utc_now())
-        eventually(lambda: late.id not in service.schedules._waiting, timeout=10)
+        eventually(lambda: late.id not in service.schedules.planned(), timeout=10)
     finally:
         service.stop()
         thread.join(timeout=30)

@@ -104,6 +104,7 @@ class Faults:
                 text(
                     "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
                     "WHERE l.locktype = 'advisory' AND l.granted "
+                    "AND a.datname = current_database() "
                     "AND l.objid = (CAST(:k AS bigint) & 4294967295)"
                 ),
                 {"k": ADVISORY_KEY},
