@@ -107,3 +107,29 @@ def test_200_runs_sleeping_2_s_each_share_2_worker_slots(stack: Stack) -> None:
         assert min((r.finished_at - r.started_at).total_seconds() for r in rows) >= 2.0
     finally:
         stack.kill(worker, signal.SIGTERM)
+
+
+def test_500_children_survive_a_kill_9_with_no_duplicate_and_one_parent_result(
+    stack: Stack, tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks"
+    victim = stack.worker("kids", name="victim", concurrency=2)
+    with stack.client() as client:
+        parent = client.enqueue("parent_of_many", {"marks": str(marks), "n": 500}, queue="kids")
+        eventually(lambda: _lines(marks), timeout=60)  # spawned; children are running
+        stack.kill(victim, signal.SIGKILL)
+        rescuer = stack.worker("kids", name="rescuer", concurrency=2)
+        try:
+            final = client.wait(parent.id, timeout=120)
+        finally:
+            stack.kill(rescuer, signal.SIGTERM)
+        assert final.status == "succeeded"
+        assert final.result == sum(i * i for i in range(500))
+        with client.engine.connect() as conn:
+            kids = conn.execute(
+                select(runs.c.status, runs.c.idempotency_key).where(
+                    runs.c.parent_run_id == parent.id
+                )
+            ).all()
+        assert len(kids) == 500 and len({k.idempotency_key for k in kids}) == 500
+        assert {k.status for k in kids} == {"succeeded"}

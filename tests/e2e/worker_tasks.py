@@ -133,3 +133,19 @@ def naps(ctx, seconds: float = 2.0) -> str:  # type: ignore[no-untyped-def]
     """Sleeps without holding its worker, then finishes."""
     ctx.sleep(seconds)
     return "rested"
+
+
+@task(max_attempts=1)
+def child_square(ctx, n: int) -> int:  # type: ignore[no-untyped-def]
+    return n * n
+
+
+@task(max_attempts=3)
+def parent_of_many(ctx, marks: str, n: int) -> int:  # type: ignore[no-untyped-def]
+    """Spawns `n` children in one batch, notes it, and gathers them."""
+    children = ctx.spawn_many(
+        {"name": "child_square", "params": {"n": i}, "queue": "kids"} for i in range(n)
+    )
+    with Path(marks).open("a") as f:
+        f.write(f"spawned attempt {ctx.attempt}\n")
+    return sum(ctx.gather(children))
