@@ -28,7 +28,7 @@ from domain.errors import (
 from domain.ports import Catalog
 from domain.runs import lines
 from domain.runs.requests import parse_duration
-from domain.runs.store import Claim
+from domain.runs.store import Claim, RunStore, SqlRunStore
 from domain.security.masking import NO_SECRETS, Masker
 from worker.children import Child, gather, spawn_many
 from worker.masked_sink import LineSink, MaskedSink
@@ -60,8 +60,11 @@ class TaskContext:
         params: dict[str, Any] | None = None,
         prices: Prices | None = None,
         catalog: Catalog | None = None,
+        store: RunStore | None = None,
     ) -> None:
         self._claim = claim
+        #: Where checkpointed steps are written (the executor's run store).
+        self._store: RunStore = store if store is not None else SqlRunStore(engine)
         #: What the names and params of the children this run spawns are checked against.
         self.catalog = catalog
         self._prices = prices or Prices({})

@@ -178,6 +178,7 @@ class Executor:
             clock=self.clock,
             prices=self.prices,
             catalog=permissive(RegistryCatalog(self.registry)),
+            store=self.store,
         )
         self.monitor.watch(ctx, timeout_s=claim.timeout_s, max_minutes=claim.max_minutes)
         capture.bind(self.writer, claim.run_id, claim.attempt)

@@ -25,7 +25,6 @@ from typing import Any, Protocol
 
 from sqlalchemy import Engine
 
-from domain.db.engine import single_statement
 from domain.errors import (
     InvalidInput,
     LeaseLost,
@@ -36,6 +35,7 @@ from domain.errors import (
 )
 from domain.runs import signals, steps
 from domain.runs.requests import parse_duration
+from domain.runs.store import RunStore
 from domain.security.masking import Masker
 
 #: The longest pause between two tries of a step retried in place.
@@ -56,6 +56,7 @@ class StepHost(Protocol):
     """What the runner needs of the task's context (worker/context.py: TaskContext)."""
 
     _engine: Engine
+    _store: RunStore
     _clock: Callable[[], datetime]
     _planned: dict[str, int]
 
@@ -331,8 +332,7 @@ class StepRunner:
             result=result,
             detail=detail,
         )
-        with single_statement(ctx._engine) as conn:
-            return steps.record(conn, ctx.run_id, ctx.attempt, outcome, reuse=earlier is not None)
+        return ctx._store.record_step(ctx.run_id, ctx.attempt, outcome, reuse=earlier is not None)
 
     def _describe(self, exc: BaseException) -> str:
         return self.ctx.masker(f"{type(exc).__name__}: {safe_str(exc)}")

@@ -15,9 +15,10 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, and_, case, func, or_, tuple_, update
 
 from domain.costs import admission
+from domain.db.engine import single_statement
 from domain.db.models import run_logs, runs
 from domain.errors import LeaseLost
-from domain.runs import fence
+from domain.runs import fence, steps
 from domain.runs.lines import lock_for_lines
 from domain.runs.states import TERMINAL, Status
 
@@ -312,6 +313,13 @@ class RunStore(Protocol):
         run (the lines are written all the same, labelled with their attempt)."""
         ...
 
+    def record_step(
+        self, run_id: uuid.UUID, attempt: int, outcome: steps.Outcome, *, reuse: bool
+    ) -> bool:
+        """`steps.record`: write a checkpointed step's row as it completed or failed, in one
+        statement, while `attempt` owns the run; False when it does not."""
+        ...
+
     def close(self) -> None:
         """Release what the store holds (connections of its own)."""
         ...
@@ -363,6 +371,12 @@ class SqlRunStore:
             except LeaseLost:
                 return False
         return True
+
+    def record_step(
+        self, run_id: uuid.UUID, attempt: int, outcome: steps.Outcome, *, reuse: bool
+    ) -> bool:
+        with single_statement(self.engine) as conn:
+            return steps.record(conn, run_id, attempt, outcome, reuse=reuse)
 
     def close(self) -> None:
         """Nothing of its own: the engine's pool belongs to whoever made the engine."""

@@ -32,6 +32,7 @@ from sqlalchemy.exc import DBAPIError
 
 from domain.costs.admission import NOTHING_TO_CHECK_SQL, Refused
 from domain.db.engine import libpq_conninfo
+from domain.runs import steps
 from domain.runs import store as runstore
 from domain.runs.states import Status
 from domain.runs.store import Claim
@@ -78,6 +79,30 @@ WITH done AS (
   WHERE EXISTS (SELECT 1 FROM done) OR EXISTS (SELECT 1 FROM owner)
 )
 SELECT count(*) FROM done
+"""
+
+
+_STEP_COLUMNS = (
+    "run_id, seq, name, step_type, attempt, occurrence, status, result, detail, started_at, "
+    "finished_at, tries"
+)
+_STEP_OWNED = (
+    f"EXISTS (SELECT 1 FROM runs WHERE id = %(run_id)s AND attempt = %(attempt)s "
+    f"AND status = '{Status.RUNNING}')"
+)
+_STEP_INSERT_SQL = f"""
+INSERT INTO run_steps ({_STEP_COLUMNS})
+SELECT %(run_id)s, %(seq)s, %(name)s, %(step_type)s, %(attempt)s, %(occurrence)s, %(status)s,
+  %(result)s, %(detail)s, %(started_at)s, %(finished_at)s, %(tries)s
+WHERE {_STEP_OWNED}
+RETURNING seq
+"""
+_STEP_UPDATE_SQL = f"""
+UPDATE run_steps SET attempt = %(attempt)s, occurrence = %(occurrence)s, status = %(status)s,
+  result = %(result)s, detail = %(detail)s, started_at = %(started_at)s,
+  finished_at = %(finished_at)s, tries = %(tries)s
+WHERE run_id = %(run_id)s AND seq = %(seq)s AND {_STEP_OWNED}
+RETURNING seq
 """
 
 
@@ -175,6 +200,28 @@ class PgRunStore:
             priority=row[13],
             triggered_by=row[14],
         )
+
+    def record_step(
+        self, run_id: uuid.UUID, attempt: int, outcome: steps.Outcome, *, reuse: bool
+    ) -> bool:
+        """`steps.record` as one prepared statement on this thread's connection."""
+        params = {
+            "run_id": run_id,
+            "attempt": attempt,
+            "seq": outcome.seq,
+            "name": outcome.name,
+            "step_type": outcome.step_type,
+            "occurrence": outcome.occurrence,
+            "status": outcome.status,
+            "result": None if outcome.result is None else Jsonb(outcome.result),
+            "detail": outcome.detail,
+            "started_at": outcome.started_at,
+            "finished_at": outcome.finished_at,
+            "tries": outcome.tries,
+        }
+        sql = _STEP_UPDATE_SQL if reuse else _STEP_INSERT_SQL
+        with self._connection() as raw:
+            return raw.execute(sql, params, prepare=True).fetchone() is not None
 
     def finish(
         self,

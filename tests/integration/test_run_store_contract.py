@@ -17,9 +17,9 @@ from sqlalchemy.exc import OperationalError
 
 from domain.clock import utc_now
 from domain.db.engine import create_db_engine
-from domain.db.models import run_logs, runs
+from domain.db.models import run_logs, run_steps, runs
 from domain.db.unit_of_work import UnitOfWork
-from domain.runs import control, enqueue
+from domain.runs import control, enqueue, steps
 from domain.runs import lines as run_lines
 from domain.runs import store as runstore
 from domain.runs.requests import build_request
@@ -238,3 +238,40 @@ def test_a_broken_connection_is_an_operational_error_then_replaced(
         store.claim(second, owner="w1", now=utc_now(), lease_s=30)
     claim = store.claim(second, owner="w1", now=utc_now(), lease_s=30)
     assert claim is not None and claim.run_id == second
+
+
+def _outcome(seq: int, status: str = "completed", result: Any = None) -> steps.Outcome:
+    now = utc_now()
+    return steps.Outcome(
+        seq=seq,
+        name="call",
+        occurrence=seq,
+        step_type="step",
+        started_at=now,
+        finished_at=now,
+        tries=seq,
+        status=status,
+        result=result,
+    )
+
+
+def test_a_step_is_recorded_only_while_its_attempt_owns_the_run(
+    db: Engine, store: RunStore
+) -> None:
+    run_id = _enqueue(db, max_attempts=2)
+    assert store.claim(run_id, owner="w1", now=utc_now(), lease_s=30) is not None
+    assert store.record_step(run_id, 1, _outcome(1, result={"n": [1, "x"]}), reuse=False)
+    assert store.record_step(run_id, 1, _outcome(2, status="failed"), reuse=False)
+    # the failed step runs again and completes: the same row
+    assert store.record_step(run_id, 1, _outcome(2, result="done"), reuse=True)
+    assert not store.record_step(run_id, 2, _outcome(3), reuse=False)  # not attempt 2's run
+    with db.connect() as conn:
+        rows = conn.execute(
+            select(run_steps.c.seq, run_steps.c.status, run_steps.c.result, run_steps.c.tries)
+            .where(run_steps.c.run_id == run_id)
+            .order_by(run_steps.c.seq)
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        (1, "completed", {"n": [1, "x"]}, 1),
+        (2, "completed", "done", 2),
+    ]
