@@ -142,9 +142,13 @@ class TaskContext:
         """Record steps ahead as `planned`, so watchers see the road; `step(name)` later moves
         the planned row through running to completed or failed."""
         rows = []
-        recorded = self._steps.history().names if self.attempt > 1 else frozenset()
+        # What an earlier execution of the run left (after a retry, or a wake from a wait).
+        history = self._steps.history()
         for name in map(self._masker, names):
-            if name in recorded:  # a checkpointed step an earlier attempt already has a row for
+            if name in history.names:
+                continue  # a checkpointed step an earlier execution already has a row for
+            if name in history.planned:
+                self._planned[name] = history.planned[name]  # its plan stands
                 continue
             seq = self._take_seq()
             self._planned[name] = seq

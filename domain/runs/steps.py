@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, exists, literal, select, update
+from sqlalchemy import Connection, and_, exists, literal, or_, select, update
 
 from domain.db.models import run_steps, runs
 from domain.runs.states import Status
@@ -52,6 +52,9 @@ class History:
     failed: dict[tuple[str, int], Earlier] = field(default_factory=dict)
     #: Names of every checkpointed step the run has a row for (not planned again).
     names: frozenset[str] = frozenset()
+    #: name -> seq of a step an earlier attempt planned and never reached (planned again, it
+    #: keeps that row).
+    planned: dict[str, int] = field(default_factory=dict)
 
 
 def history(conn: Connection, run_id: uuid.UUID) -> History:
@@ -65,14 +68,19 @@ def history(conn: Connection, run_id: uuid.UUID) -> History:
             run_steps.c.result,
             run_steps.c.tries,
         )
-        .where(run_steps.c.run_id == run_id, run_steps.c.occurrence.is_not(None))
+        .where(
+            run_steps.c.run_id == run_id,
+            or_(run_steps.c.occurrence.is_not(None), run_steps.c.status == "planned"),
+        )
         .order_by(run_steps.c.seq)
     ).all()
+    planned = {r.name: r.seq for r in rows if r.occurrence is None}
+    rows = [r for r in rows if r.occurrence is not None]
     done = [Done(r.seq, r.name, r.occurrence, r.result) for r in rows if r.status == "completed"]
     failed = {
         (r.name, r.occurrence): Earlier(r.seq, r.tries) for r in rows if r.status != "completed"
     }
-    return History(done, failed, frozenset(r.name for r in rows))
+    return History(done, failed, frozenset(r.name for r in rows), planned)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""Three jobs: one within budget, one stopped by its budget, one cancelled mid-way."""
+"""Four jobs: one within budget, one that crashes after its second step and resumes without
+paying for the first two again, one stopped by its budget, one cancelled mid-way."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def run(client: Client) -> dict[str, Any]:
     tight = client.enqueue(
         "llm_jobs.job", {"task_text": "add tests", "repo": "acme/api"}, budget_usd="0.0003"
     )
+    resumed = client.enqueue(
+        "llm_jobs.job", {"task_text": "add tests", "repo": "acme/api", "crash_after": "code"}
+    )
     slow = client.enqueue(
         "llm_jobs.job", {"task_text": "rewrite everything", "repo": "acme/api", "pause_s": 5}
     )
@@ -32,5 +36,7 @@ def run(client: Client) -> dict[str, Any]:
         "ok": client.wait(ok.id, timeout=60),
         "ok_steps": client.steps(ok.id),
         "tight": client.wait(tight.id, timeout=60),
+        "resumed": client.wait(resumed.id, timeout=60),
+        "resumed_steps": client.steps(resumed.id),
         "cancelled": client.wait(slow.id, timeout=60),
     }

@@ -1,6 +1,7 @@
-"""An LLM coding job: planned steps (analyze, code, review) run in order, each an LLM call
-recorded in the cost ledger; budget_usd, max_requests and max_minutes stop it; it can be
-cancelled at any step."""
+"""An LLM coding job: planned steps (analyze, code, review), each a checkpointed LLM call
+recorded in the cost ledger, so an attempt that fails after a step resumes after it without
+paying for it again; budget_usd, max_requests and max_minutes stop it; it can be cancelled at
+any step."""
 
 from __future__ import annotations
 
@@ -12,15 +13,23 @@ from examples import fake_llm
 STEPS = ("analyze", "code", "review")
 
 
-@task(name="llm_jobs.job")
-def job(ctx, task_text: str, repo: str, pause_s: float = 0.0) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def _answer(ctx, step: str, prompt: str) -> str:  # type: ignore[no-untyped-def]
+    ctx.log(f"{step}: calling the model", step=step)
+    return fake_llm.call(ctx, prompt).text
+
+
+@task(name="llm_jobs.job", max_attempts=2, retry_backoff=0.2)
+def job(  # type: ignore[no-untyped-def]
+    ctx, task_text: str, repo: str, pause_s: float = 0.0, crash_after: str = ""
+) -> dict[str, Any]:
     ctx.plan(*STEPS, step_type="llm_call")
     answers = {}
     for step in STEPS:
         ctx.check_cancel()
-        with ctx.step(step):
-            answers[step] = fake_llm.call(ctx, f"{step} {task_text} in {repo}").text
-            ctx.log(f"{step} done", step=step)
+        prompt = f"{step} {task_text} in {repo}"
+        answers[step] = ctx.step(step, _answer, ctx, step, prompt, step_type="llm_call")
+        if step == crash_after and ctx.attempt == 1:
+            raise ConnectionError(f"the job's machine went away after {step}")
         if pause_s:
             ctx.wait(pause_s)
     return {"repo": repo, "review": answers["review"]}
