@@ -407,8 +407,12 @@ class TaskContext:
         self.check_cancel()
 
     def _nothing_to_enforce(self) -> bool:
-        """True when no run budget and no project limit applies (one query per run)."""
-        if self._claim.budget_usd is not None or self._claim.max_requests is not None:
+        """True when no run budget and no project limit applies (one query per run). A spawned
+        run's spend counts toward its parent's budget, so it is always checked."""
+        claim = self._claim
+        if claim.budget_usd is not None or claim.max_requests is not None:
+            return False
+        if claim.triggered_by == "spawn":
             return False
         with self._engine.connect() as conn:
             limits = costs.limits_of(conn, self.project)

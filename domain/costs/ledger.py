@@ -314,13 +314,15 @@ def record(
     reservation_id: int | None = None,
 ) -> tuple[run_spend.Totals, str | None]:
     """The cost entry, the run's totals and the project's month, in the caller's transaction.
-    Returns the run's totals and, when the project is now over a limit, why.
+    Returns the run's totals and, when the project is now over a limit (or an ancestor of a
+    spawned run over its budget, which the run's spend also counts toward), why.
 
     Spent inside `reserve()` (`reservation_id`), the entry settles that much of the reservation
     in the same statement that adds the spend: the month never counts the same money as both
     spent and reserved, so a concurrent reservation is judged on what is really committed.
     """
     totals = run_spend.record_cost(conn, run_id, attempt, entry=entry)
+    ancestor_over = run_spend.add_to_ancestors(conn, run_id, Decimal(entry["cost_usd"]))
     month = month_of(entry["ts"])
     usd, tokens = Decimal(entry["cost_usd"]), entry["tokens_in"] + entry["tokens_out"]
     settled_usd, settled_tokens = (
@@ -347,7 +349,7 @@ def record(
             f"project {project!r} monthly token limit {limits.tokens} exceeded by "
             f"{row['tokens'] - limits.tokens} tokens"
         )
-    return totals, over
+    return totals, over or ancestor_over
 
 
 def _settle(

@@ -97,3 +97,48 @@ def record_cost(
         raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")
     conn.execute(cost_entries.insert().values(run_id=run_id, seq=row[-1], **entry))
     return Totals(*tuple(row)[:-1])
+
+
+def add_to_ancestors(conn: Connection, run_id: uuid.UUID, usd: Decimal) -> str | None:
+    """A spawned run's spend counts toward its parent's budget, and the parent's toward its
+    own: add `usd` to each ancestor's cost_usd, nearest first, in the caller's transaction.
+    Why the run must stop (an ancestor is now over its budget_usd), or None."""
+    over = None
+    child = run_id
+    for _ in range(MAX_DEPTH):
+        parent_id = conn.execute(
+            select(runs.c.parent_run_id).where(runs.c.id == child, runs.c.triggered_by == "spawn")
+        ).scalar()
+        if parent_id is None:
+            return over
+        row = add_spend(
+            conn,
+            runs.c.id == parent_id,
+            usd=usd,
+            tokens_in=0,
+            tokens_out=0,
+            requests=0,
+            entries=0,
+            returning=(runs.c.cost_usd, runs.c.budget_usd),
+        )
+        if row is None:
+            return over
+        values = tuple(row)
+        cost, budget = Decimal(values[0]), values[1]
+        if over is None and budget is not None and cost > Decimal(budget):
+            limit = Decimal(budget)
+            over = (
+                f"parent run {parent_id} budget_usd {_plain(limit)} exceeded by "
+                f"{_plain(cost - limit)} (its children's spend counts toward it)"
+            )
+        child = parent_id
+    return over
+
+
+#: How far up a chain of spawned runs spend is counted (a guard against a cycle of parents).
+MAX_DEPTH = 32
+
+
+def _plain(amount: Decimal) -> str:
+    """1.0000000000 and 1.00 alike as 1; 0.2000000000 as 0.2."""
+    return f"{amount.normalize():f}"

@@ -5,6 +5,7 @@ their results in order or ChildFailed, and cancelling the parent cancels its chi
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -117,3 +118,28 @@ def test_cancelling_a_waiting_parent_cancels_its_unfinished_children(h: Harness)
             select(func.min(runs.c.error)).where(runs.c.id == kids[1].id)
         ).scalar_one()
     assert why == f"its parent run {parent} was cancelled"
+
+
+def test_a_childs_spend_counts_toward_its_parents_budget(h: Harness) -> None:
+    @h.registry.task(max_attempts=1)
+    def spender(ctx: Any, usd: str) -> None:
+        ctx.cost("llm", "small", tokens_in=1, usd=usd)
+
+    @h.registry.task(max_attempts=1)
+    def manager(ctx: Any) -> list[Any]:
+        kids = ctx.spawn_many({"name": "spender", "params": {"usd": "0.40"}} for _ in range(4))
+        return ctx.gather(kids)
+
+    parent = h.enqueue("manager", budget_usd="1.00")
+    assert h.run(parent) == "waiting"
+    kids = [k.id for k in _children(h, parent)]
+    assert [h.run(k) for k in kids[:2]] == ["succeeded", "succeeded"]
+    assert h.get(parent).cost_usd == Decimal("0.80")  # its children's 0.40 + 0.40
+    # The third child spends past the parent's budget: it stops, as a run over its own would.
+    assert h.run(kids[2]) == "budget_exceeded"
+    child = h.get(kids[2])
+    assert f"parent run {parent} budget_usd 1 exceeded by 0.2 " in str(child.error)
+    assert h.get(parent).cost_usd == Decimal("1.20")
+    # and a child not started yet does not start: its parent has spent its budget
+    assert h.run(kids[3]) == "budget_exceeded"
+    assert h.get(kids[3]).started_at is None
