@@ -15,6 +15,7 @@ from domain.housekeeping.rollups import apply_retention, roll_up
 from domain.pipelines.discovery import PipelineDirectory, pipeline_settings
 from domain.ports import Catalog, Publisher
 from domain.runs.chains import release_after
+from domain.runs.dispatch import next_due
 from domain.runs.recovery import forget_dead_workers, reap_once, relay_once
 from domain.schedules.definitions import release_held
 from domain.schedules.leader import beat, beat_every
@@ -165,20 +166,27 @@ class SchedulerService:
                     )
                     next_retention = now_m + self.settings.retention_interval_s
                 if now_m >= next_relay:
-                    release_held(self.engine, now=self.clock())
-                    release_after(self.engine, now=self.clock())
-                    relay_once(
-                        self.engine,
-                        self.publisher,
-                        clock=self.clock,
-                        grace_s=self.settings.dispatch_grace_s,
-                    )
-                    next_relay = now_m + self.settings.relay_interval_s
+                    next_relay = time.monotonic() + self._relay()
             except Exception as exc:  # a sweep failing must not end the process
                 log.error("scheduler.sweep_failed", error=f"{type(exc).__name__}: {exc}")
                 self.stop_event.wait(STANDBY_RETRY_S)
             self._wake.wait(max(0.0, min(next_relay, next_reap, next_check) - time.monotonic()))
             self._wake.clear()
+
+    def _relay(self) -> float:
+        """Release held and chained runs, publish what is due; the seconds until the next
+        sweep: the relay interval, or less when a run falls due before then (a sleep ending,
+        a delay), so it is sent at its time."""
+        release_held(self.engine, now=self.clock())
+        release_after(self.engine, now=self.clock())
+        relay_once(
+            self.engine, self.publisher, clock=self.clock, grace_s=self.settings.dispatch_grace_s
+        )
+        every = self.settings.relay_interval_s
+        due = next_due(self.engine, now=self.clock(), within_s=every)
+        if due is None:
+            return every
+        return min(every, max(0.0, (due - self.clock()).total_seconds()))
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, or_, select, update
+from sqlalchemy import Connection, Engine, func, or_, select, update
 
 from domain.db.models import runs
 from domain.runs.states import Status
@@ -56,3 +56,20 @@ def unmark_dispatched(conn: Connection, run_ids: list[uuid.UUID], *, marked_at: 
             .values(dispatched_at=None, dispatch_attempts=runs.c.dispatch_attempts - 1)
         ).rowcount
     )
+
+
+def next_due(engine: Engine, *, now: datetime, within_s: float) -> datetime | None:
+    """The earliest time, within the next `within_s`, at which an unpublished pending or
+    waiting run falls due (a delay ending, a sleep or a wait's deadline), or None: the relay
+    sweeps again right then instead of at its next interval."""
+    horizon = now + timedelta(seconds=within_s)
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(func.min(runs.c.not_before)).where(
+                runs.c.status.in_((Status.PENDING, Status.WAITING)),
+                runs.c.not_before > now,
+                runs.c.not_before < horizon,
+                runs.c.dispatched_at.is_(None),
+            )
+        ).scalar()
+    return found if isinstance(found, datetime) else None

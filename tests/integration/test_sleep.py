@@ -120,3 +120,22 @@ def test_a_waiting_run_is_listed_as_waiting(h: Harness) -> None:
     view = h.get(run_id)
     assert (view.status, view.wait_reason) == ("waiting", "sleep")
     assert view.to_dict()["wait_reason"] == "sleep"
+
+
+def test_the_relay_knows_when_the_next_sleeper_falls_due(h: Harness) -> None:
+    from domain.runs.dispatch import next_due
+
+    @h.registry.task(max_attempts=1)
+    def sleeper(ctx: Any, seconds: float) -> None:
+        ctx.sleep(seconds)
+
+    short, long_ = (
+        h.enqueue("sleeper", params={"seconds": 30}),
+        h.enqueue("sleeper", params={"seconds": 3600}),
+    )
+    now = utc_now()
+    assert next_due(h.engine, now=now, within_s=60) is None  # pending and due: nothing ahead
+    assert h.run(short) == "waiting" and h.run(long_) == "waiting"
+    due = next_due(h.engine, now=utc_now(), within_s=60)
+    assert due is not None and due == h.get(short).not_before
+    assert next_due(h.engine, now=utc_now(), within_s=10) is None  # none within 10 s
