@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import redis
@@ -354,3 +355,27 @@ __all__ = [
     "timed",
     "wait_for",
 ]
+
+
+def in_process_executor(engine: Any, writer: Any, registry: Any, **options: Any) -> Any:
+    """The worker's executor in this process, with its monitor (bench/pipelines.py, steps.py):
+    the worker's code path without the broker hop. Close it with `close_executor`."""
+    from worker.executor import Executor
+    from worker.monitor import RunMonitor
+
+    holder: list[Executor] = []
+    monitor = RunMonitor(
+        engine,
+        lease_s=30,
+        tick_s=1.0,
+        kill_grace_s=5,
+        on_abandon=lambda ctx: holder[0].abandon(ctx),  # noqa: PLW0108 - bound later
+    )
+    executor = Executor(engine, writer, registry, monitor, owner="bench", lease_s=30, **options)
+    holder.append(executor)
+    return executor
+
+
+def close_executor(executor: Any) -> None:
+    executor.monitor.close()
+    executor.close()

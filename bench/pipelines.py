@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import fresh_database
+from bench.common import close_executor, fresh_database, in_process_executor
 from domain.db.engine import create_db_engine
 from domain.db.unit_of_work import UnitOfWork
 from domain.pipelines.discovery import PipelineCatalog
@@ -33,9 +33,7 @@ from domain.runs.requests import build_request
 from domain.settings import load_settings
 from domain.tasks.registry import Registry
 from worker import capture
-from worker.executor import Executor
 from worker.logwriter import LogWriter
-from worker.monitor import RunMonitor
 from worker.pipelines import build_pipeline_runner
 
 ONE_LINE = "print('done')\n"
@@ -65,18 +63,7 @@ def main() -> None:
     writer.start()
     capture.install()
     runner = build_pipeline_runner(settings, engine, writer)
-    holder: list[Executor] = []
-    monitor = RunMonitor(
-        engine,
-        lease_s=30,
-        tick_s=1.0,
-        kill_grace_s=5,
-        on_abandon=lambda ctx: holder[0].abandon(ctx),  # noqa: PLW0108 - bound later
-    )
-    executor = Executor(
-        engine, writer, Registry(), monitor, owner="bench", lease_s=30, pipelines=runner
-    )
-    holder.append(executor)
+    executor = in_process_executor(engine, writer, Registry(), pipelines=runner)
     catalog = PipelineCatalog(runner.directory, engine)
 
     def through_conveyor(name: str) -> float:
@@ -122,8 +109,7 @@ def main() -> None:
         f"streaming: {args.lines:,} lines in {run.duration_s:.2f} s = {rate:,.0f} lines/s "
         f"stored (target >= 50,000): {'met' if rate >= 50_000 else 'MISSED'}"
     )
-    monitor.close()
-    executor.close()
+    close_executor(executor)
     writer.close()
     engine.dispose()
 

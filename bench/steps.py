@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import update
 
-from bench.common import fresh_database
+from bench.common import close_executor, fresh_database, in_process_executor
 from domain.clock import utc_now
 from domain.db.engine import create_db_engine
 from domain.db.models import Run
@@ -31,9 +31,7 @@ from domain.runs import enqueue
 from domain.runs.requests import build_request
 from domain.tasks.registry import Registry, RegistryCatalog
 from worker import capture
-from worker.executor import Executor
 from worker.logwriter import LogWriter
-from worker.monitor import RunMonitor
 
 
 def noop(i: int) -> int:
@@ -72,16 +70,7 @@ def main() -> None:
         replay_s.append(time.perf_counter() - started)
         return total
 
-    holder: list[Executor] = []
-    monitor = RunMonitor(
-        engine,
-        lease_s=30,
-        tick_s=1.0,
-        kill_grace_s=5,
-        on_abandon=lambda ctx: holder[0].abandon(ctx),  # noqa: PLW0108 - bound later
-    )
-    executor = Executor(engine, writer, registry, monitor, owner="bench", lease_s=30)
-    holder.append(executor)
+    executor = in_process_executor(engine, writer, registry)
 
     catalog = RegistryCatalog(registry)
 
@@ -112,8 +101,7 @@ def main() -> None:
     for _ in range(args.runs):
         replay_once()
     report(args.runs, k, without, with_steps, replay_s)
-    monitor.close()
-    executor.close()
+    close_executor(executor)
     writer.close()
     engine.dispose()
 

@@ -170,22 +170,19 @@ def finish(
     """Write the terminal state of this attempt; LeaseLost when another attempt owns the run."""
     if status not in TERMINAL:
         raise ValueError(f"finish() needs a terminal status, got {status!r}")
-    updated = conn.execute(
-        update(runs)
-        .where(fence.owned(run_id, attempt))
-        .values(
-            status=status,
-            result=result,
-            error_type=error_type,
-            error=error,
-            exit_code=exit_code,
-            finished_at=now,
-            lease_owner=None,
-            lease_expires_at=None,
-        )
-    ).rowcount
-    if updated != 1:
-        raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")
+    _write_owned(
+        conn,
+        run_id,
+        attempt,
+        status=status,
+        result=result,
+        error_type=error_type,
+        error=error,
+        exit_code=exit_code,
+        finished_at=now,
+        lease_owner=None,
+        lease_expires_at=None,
+    )
 
 
 def suspend(
@@ -198,20 +195,17 @@ def suspend(
 ) -> None:
     """The attempt stops executing without ending: the run waits (no lease, no worker) until
     `until`, when the relay delivers it again and a claim goes on with the same attempt."""
-    updated = conn.execute(
-        update(runs)
-        .where(fence.owned(run_id, attempt))
-        .values(
-            status=Status.WAITING,
-            wait_reason=reason,
-            not_before=until,
-            dispatched_at=None,
-            lease_owner=None,
-            lease_expires_at=None,
-        )
-    ).rowcount
-    if updated != 1:
-        raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")
+    _write_owned(
+        conn,
+        run_id,
+        attempt,
+        status=Status.WAITING,
+        wait_reason=reason,
+        not_before=until,
+        dispatched_at=None,
+        lease_owner=None,
+        lease_expires_at=None,
+    )
 
 
 def retry_later(
@@ -225,21 +219,18 @@ def retry_later(
     error: str | None,
 ) -> None:
     """Back to pending until `not_before` (backoff); the relay publishes it when due."""
-    updated = conn.execute(
-        update(runs)
-        .where(fence.owned(run_id, attempt))
-        .values(
-            status=Status.PENDING,
-            not_before=not_before,
-            dispatched_at=None,
-            lease_owner=None,
-            lease_expires_at=None,
-            error_type=error_type,
-            error=error,
-        )
-    ).rowcount
-    if updated != 1:
-        raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")
+    _write_owned(
+        conn,
+        run_id,
+        attempt,
+        status=Status.PENDING,
+        not_before=not_before,
+        dispatched_at=None,
+        lease_owner=None,
+        lease_expires_at=None,
+        error_type=error_type,
+        error=error,
+    )
 
 
 def release(conn: Connection, run_id: uuid.UUID, attempt: int, *, now: datetime) -> bool:
@@ -380,3 +371,10 @@ class SqlRunStore:
 
     def close(self) -> None:
         """Nothing of its own: the engine's pool belongs to whoever made the engine."""
+
+
+def _write_owned(conn: Connection, run_id: uuid.UUID, attempt: int, **values: Any) -> None:
+    """Write `values` to the run while `attempt` owns it; LeaseLost when it does not."""
+    updated = conn.execute(update(runs).where(fence.owned(run_id, attempt)).values(**values))
+    if updated.rowcount != 1:
+        raise LeaseLost(f"run {run_id} attempt {attempt} no longer owns its lease")

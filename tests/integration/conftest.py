@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import Engine, select
 
 from domain.costs.prices import Prices
+from domain.db.engine import create_db_engine
 from domain.db.models import run_logs
 from domain.db.unit_of_work import UnitOfWork
 from domain.runs import control, enqueue
@@ -90,3 +91,26 @@ def harness(
 def h(engine: Engine, request: pytest.FixtureRequest) -> Iterator[Harness]:
     with harness(engine, prices=getattr(request, "param", None)) as made:
         yield made
+
+
+# The contract suites (test_run_store_contract.py, test_run_reads_contract.py): each storage
+# seam's implementations, on each database they run on. `kind` is "<implementation>-<db>".
+IMPLEMENTATIONS = [
+    "sql-sqlite",
+    pytest.param("sql-postgres", marks=pytest.mark.postgres),
+    pytest.param("pg-postgres", marks=pytest.mark.postgres),
+]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def db(kind: str, request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """An engine on the emptied database `kind` names."""
+    url = request.getfixturevalue("sqlite_url" if kind.endswith("sqlite") else "pg_url")
+    engine = create_db_engine(url, pool_size=2, pre_ping=False)
+    yield engine
+    engine.dispose()

@@ -18,7 +18,6 @@ from sqlalchemy import Engine, insert, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError
 
-from domain.db.engine import create_db_engine
 from domain.db.models import cost_entries, projects, run_logs, run_steps, runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import DatabaseUnavailable, RunNotFound
@@ -32,26 +31,6 @@ from domain.webhooks import inbound as webhooks
 from tests.polling import eventually
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-
-
-IMPLEMENTATIONS = [
-    "sql-sqlite",
-    pytest.param("sql-postgres", marks=pytest.mark.postgres),
-    pytest.param("pg-postgres", marks=pytest.mark.postgres),
-]
-
-
-@pytest.fixture(params=IMPLEMENTATIONS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def db(kind: str, request: pytest.FixtureRequest) -> Iterator[Engine]:
-    url = request.getfixturevalue("sqlite_url" if kind.endswith("sqlite") else "pg_url")
-    engine = create_db_engine(url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

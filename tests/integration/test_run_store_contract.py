@@ -16,7 +16,6 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import OperationalError
 
 from domain.clock import utc_now
-from domain.db.engine import create_db_engine
 from domain.db.models import run_logs, run_steps, runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.runs import control, enqueue, steps
@@ -26,25 +25,6 @@ from domain.runs.requests import build_request
 from domain.runs.store import RunStore, SqlRunStore
 from domain.runs.store_pg import PgRunStore
 from domain.storage import run_store
-
-IMPLEMENTATIONS = [
-    "sql-sqlite",
-    pytest.param("sql-postgres", marks=pytest.mark.postgres),
-    pytest.param("pg-postgres", marks=pytest.mark.postgres),
-]
-
-
-@pytest.fixture(params=IMPLEMENTATIONS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def db(kind: str, request: pytest.FixtureRequest) -> Iterator[Engine]:
-    url = request.getfixturevalue("sqlite_url" if kind.endswith("sqlite") else "pg_url")
-    engine = create_db_engine(url, pool_size=2, pre_ping=False)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture
