@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import random
 import time
-import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -33,7 +29,6 @@ from domain.runs import lines, signals
 from domain.runs import store as runstore
 from domain.runs.chains import chain_follow_up, chain_possible
 from domain.runs.store import Claim, RunStore
-from domain.security.masking import NO_SECRETS, Masker
 from domain.storage import run_store
 from domain.tasks.catalog import permissive
 from domain.tasks.registry import Registry, RegistryCatalog, RetryPolicy
@@ -41,11 +36,10 @@ from worker import capture
 from worker.context import STOP_ERRORS, TaskContext
 from worker.logwriter import LogWriter
 from worker.monitor import RunMonitor
+from worker.outcomes import Failure, Outcome, backoff_s, describe_failure, json_result
 from worker.steps import Suspend
 
 log = structlog.get_logger("conveyor.executor")
-
-MAX_ERROR_CHARS = 20_000
 
 
 class PipelineRunner(Protocol):
@@ -58,28 +52,6 @@ class PipelineRunner(Protocol):
     def retry_policy(self, name: str) -> RetryPolicy:
         """Backoff between attempts for this pipeline (pipeline.json retry_strategy)."""
         ...
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one delivery did: `dropped` (not ours), `lease_lost`, `retrying`, `held` (its project
-    is at a monthly limit and holds runs; still pending), or a final status.
-
-    A failed attempt carries its error (masked, as recorded) and, when it is retried, the
-    delay before the next one: the Celery task's state tells them (worker/task_states.py)."""
-
-    run_id: uuid.UUID
-    status: str
-    attempt: int = 0
-    error_type: str | None = None
-    error: str | None = None
-    retry_in_s: float | None = None
-
-
-@dataclass
-class Failure:
-    error_type: str
-    error: str
 
 
 class Executor:
@@ -210,13 +182,13 @@ class Executor:
             reason = next(r for r, cls in STOP_ERRORS.items() if isinstance(error, cls))
             return self._finish_stopped(claim, reason, mask(safe_str(error)), exit_code)
         if error is not None:
-            failure = _describe(error, mask)
+            failure = describe_failure(error, mask)
             # Not retryable: the next attempt would reach the same steps in the same order.
             if claim.attempt < claim.max_attempts and not isinstance(error, NonDeterministicStep):
                 return self._retry(claim, retry_policy, failure)
             return self._finish(claim, "failed", failure=failure, exit_code=exit_code)
         try:
-            stored = mask.data(_json_result(result))
+            stored = mask.data(json_result(result))
         except TypeError as exc:
             return self._finish(
                 claim,
@@ -406,35 +378,3 @@ class Executor:
         if logs or metrics:
             with self.engine.begin() as conn:
                 LogWriter.write_rows(conn, logs, metrics)
-
-
-def backoff_s(policy: RetryPolicy, attempt: int) -> float:
-    """base · 2^(attempt-1) capped at max, then "equal jitter": half fixed, half random, so
-    retries of many runs that failed together spread out but never come back at once."""
-    exact = getattr(policy, "delay_s", None)  # a pipeline's fixed or custom delays
-    if exact is not None:
-        return float(exact(attempt))
-    ceiling = min(policy.max_s, policy.base_s * 2.0 ** (attempt - 1))
-    return float(ceiling / 2 + random.uniform(0, ceiling / 2))
-
-
-def _describe(error: BaseException, mask: Masker = NO_SECRETS) -> Failure:
-    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    message = safe_str(error)
-    detail = mask(f"{message}\n\n{text}" if message else text)  # before it is cut short
-    if len(detail) > MAX_ERROR_CHARS:
-        detail = detail[:MAX_ERROR_CHARS] + f"\n…[truncated {len(detail) - MAX_ERROR_CHARS} chars]"
-    return Failure(type(error).__qualname__, detail)
-
-
-def _json_result(result: Any) -> Any:
-    """The task's return value as stored JSON; anything JSON cannot hold is a clear error."""
-    if result is None:
-        return None
-    try:
-        return json.loads(json.dumps(result, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"the task returned {type(result).__name__}, which is not JSON ({exc}); "
-            "return dicts, lists, strings, numbers, booleans or None"
-        ) from None

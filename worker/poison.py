@@ -32,7 +32,7 @@ from domain.db.engine import create_db_engine
 from domain.errors import DatabaseUnavailable
 from domain.tasks.registry import RetryPolicy
 from worker import deadletter
-from worker.executor import backoff_s
+from worker.outcomes import backoff_s
 
 log = structlog.get_logger("conveyor.worker")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from celery.exceptions import Ignore, Retry
 
-from worker.executor import Outcome
+from worker.outcomes import Outcome
 
 #: Long enough for an error's first line; Flower keeps every task's exception text.
 MAX_SHOWN_CHARS = 500

@@ -24,7 +24,7 @@ from domain.runs.requests import build_request
 from domain.settings import Settings
 from domain.tasks.registry import RetryPolicy
 from worker.deadletter import dead_letter
-from worker.executor import backoff_s
+from worker.outcomes import backoff_s
 from worker.routing import EXECUTE, SUBMIT
 from worker.runtime import WorkerRuntime, close_runtime, get_runtime, publish_catalog
 from worker.task_states import RunFailed, task_result

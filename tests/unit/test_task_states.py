@@ -8,7 +8,7 @@ import uuid
 import pytest
 from celery.exceptions import Ignore, Retry
 
-from worker.executor import Outcome
+from worker.outcomes import Outcome
 from worker.task_states import MAX_SHOWN_CHARS, RunFailed, task_result
 
 RUN = uuid.uuid4()
