@@ -133,3 +133,26 @@ def test_500_children_survive_a_kill_9_with_no_duplicate_and_one_parent_result(
             ).all()
         assert len(kids) == 500 and len({k.idempotency_key for k in kids}) == 500
         assert {k.status for k in kids} == {"succeeded"}
+
+
+def test_killing_the_worker_and_the_scheduler_during_a_sleep_changes_nothing(
+    stack: Stack,
+) -> None:
+    worker = stack.worker("naps", name="napper", concurrency=1)
+    with stack.client() as client:
+        run = client.enqueue("naps", {"seconds": 4}, queue="naps")
+        eventually(lambda: client.get(run.id).status == "waiting", timeout=30)
+        leader = next(p for p in stack.procs if "scheduler" in map(str, p.args))
+        stack.kill(worker, signal.SIGKILL)
+        stack.kill(leader, signal.SIGKILL)
+        stack.scheduler()
+        rescuer = stack.worker("naps", name="napper2", concurrency=1)
+        try:
+            final = client.wait(run.id, timeout=60)
+        finally:
+            stack.kill(rescuer, signal.SIGTERM)
+        assert (final.status, final.attempt, final.result) == ("succeeded", 1, "rested")
+        assert final.finished_at is not None and final.started_at is not None
+        assert (final.finished_at - final.started_at).total_seconds() >= 4
+        steps = client.steps(run.id)
+        assert [(s.name, s.status) for s in steps] == [("sleep", "completed")]
