@@ -331,32 +331,6 @@ class Processes:
             self.stop(proc)
 
 
-__all__ = [
-    "LOG_DIR",
-    "CpuMeter",
-    "Disturbed",
-    "Processes",
-    "RedisGuard",
-    "Result",
-    "broker_url",
-    "celery_env",
-    "celery_worker_argv",
-    "conveyor_env",
-    "conveyor_worker_argv",
-    "flush_redis",
-    "fresh_database",
-    "libpq_dsn",
-    "percentile",
-    "pg_backends",
-    "process_tree",
-    "report",
-    "statistics",
-    "table",
-    "timed",
-    "wait_for",
-]
-
-
 def in_process_executor(engine: Any, writer: Any, registry: Any, **options: Any) -> Any:
     """The worker's executor in this process, with its monitor (bench/pipelines.py, steps.py):
     the worker's code path without the broker hop. Close it with `close_executor`."""
@@ -379,3 +353,31 @@ def in_process_executor(engine: Any, writer: Any, registry: Any, **options: Any)
 def close_executor(executor: Any) -> None:
     executor.monitor.close()
     executor.close()
+
+
+__all__ = [
+    "LOG_DIR",
+    "CpuMeter",
+    "Disturbed",
+    "Processes",
+    "RedisGuard",
+    "Result",
+    "broker_url",
+    "celery_env",
+    "celery_worker_argv",
+    "close_executor",
+    "conveyor_env",
+    "conveyor_worker_argv",
+    "flush_redis",
+    "fresh_database",
+    "in_process_executor",
+    "libpq_dsn",
+    "percentile",
+    "pg_backends",
+    "process_tree",
+    "report",
+    "statistics",
+    "table",
+    "timed",
+    "wait_for",
+]

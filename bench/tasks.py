@@ -26,3 +26,18 @@ def bench_log_lines(ctx, n: int) -> int:  # type: ignore[no-untyped-def]
 def bench_parked(ctx, i: int) -> None:  # type: ignore[no-untyped-def]
     """bench.api --park-hook-runs: webhook runs land on a queue the bench worker does not
     consume, so the worker keeps running exactly the feeder's rate."""
+
+
+@task
+def bench_wake(ctx, at: float) -> float:  # type: ignore[no-untyped-def]
+    """Sleeps (ctx.sleep_until, holding no worker) until the unix time `at`; how late it woke."""
+    from datetime import UTC, datetime
+
+    ctx.sleep_until(datetime.fromtimestamp(at, UTC))
+    return time.time() - at
+
+
+@task
+def bench_delayed(ctx, at: float) -> float:  # type: ignore[no-untyped-def]
+    """The baseline: a run enqueued with not_before = `at`; how late it started."""
+    return time.time() - at
