@@ -22,6 +22,7 @@ from sqlalchemy import Table
 from domain.db.models_platform import Schedule
 from domain.housekeeping.stats import Bucket, Stats
 from domain.runs.reads import ArtifactView, CostLine, MetricPoint, WorkerView
+from domain.runs.signals import SignalView
 from domain.runs.views import LogLine, RunView, StepView
 from domain.security.audit import AuditEntry
 from domain.security.tokens import TokenView
@@ -160,6 +161,7 @@ RESPONSES: dict[str, type[BaseModel]] = {
     "GET /api/v1/runs/{run_id}/artifacts": _items("Artifacts", _view(ArtifactView, "Artifact")),
     "POST /api/v1/runs/{run_id}/cancel": Run,
     "POST /api/v1/runs/{run_id}/retry": Run,
+    "POST /api/v1/runs/{run_id}/signals/{name}": _view(SignalView, "Signal"),
     "GET /healthz": Health,
     "GET /readyz": Ready,
     "GET /api/v1/queues": Queues,

@@ -42,6 +42,7 @@ def test_computed_from_runs_before_any_rollup(api: ApiClient) -> None:
     assert bucket["counts"] == {
         "pending": 0,
         "running": 0,
+        "waiting": 0,
         "succeeded": 2,
         "failed": 1,
         "cancelled": 0,
