@@ -5,8 +5,9 @@ A real `conveyor scheduler` (its relay delivers due runs) and `conveyor worker -
 PostgreSQL and a private Redis. For each kind in turn, N runs are given wake times spread at
 --rate per second, starting --lead seconds ahead: time enough for every sleeper to reach its
 sleep and park, holding no worker (with less, the parking overlaps the wakes and is measured
-with them). `bench_wake` sleeps until its time, `bench_delayed` is enqueued with not_before
-at it. Each returns `time.time() - its time` when it runs again (or starts). Target: a sleeper starts within 100 ms of its wake time at 200 wakes/s (p50; p99 shown).
+with them). `bench_wake` sleeps until its time, `bench_delayed` is enqueued with not_before at
+it. Each returns `time.time() - its time` when it runs again (or starts). Target: a sleeper
+starts within 100 ms of its wake time at 200 wakes/s (p50; p99 shown).
 
 Run: `python -m bench.wakes [--runs 1000] [--rate 200]`.
 """
