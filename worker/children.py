@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select
 
@@ -27,9 +27,6 @@ from domain.runs.enqueue import enqueue_many
 from domain.runs.requests import build_request
 from domain.runs.states import TERMINAL, Status
 from worker.steps import StepHost, StepRunner, Suspend
-
-if TYPE_CHECKING:
-    from domain.security.masking import Masker
 
 #: How often a gathering run looks at its children while it waits.
 GATHER_POLL_S = 1.0
@@ -108,7 +105,8 @@ def gather(
         runner.settle("gather", occurrence, "gather", status="failed", detail=_cut(str(problem)))
         raise problem
     results = [rows[i].result for i in ids]
-    runner.settle("gather", occurrence, "gather", status="completed", result=_masked(host, results))
+    masked = host.masker.data(results)
+    runner.settle("gather", occurrence, "gather", status="completed", result=masked)
     return results
 
 
@@ -138,11 +136,6 @@ def _run_id(child: Child | uuid.UUID | str) -> uuid.UUID:
         return child if isinstance(child, uuid.UUID) else uuid.UUID(str(child))
     except ValueError:
         raise InvalidInput(f"gather: {child!r} is not a child run", field="children") from None
-
-
-def _masked(host: StepHost, results: list[Any]) -> list[Any]:
-    masker: Masker = host.masker
-    return list(masker.data(results))
 
 
 def _cut(text: str, most: int = 2000) -> str:

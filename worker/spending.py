@@ -123,6 +123,7 @@ class Spending:
                 self._claim.project,
                 entry,
                 reservation_id=self._reservations[-1] if self._reservations else None,
+                spawned=self._claim.triggered_by == "spawn",
             )
         if totals.budget_usd is not None and Decimal(totals.cost_usd) > Decimal(totals.budget_usd):
             over = Decimal(totals.cost_usd) - Decimal(totals.budget_usd)

@@ -117,22 +117,15 @@ class StepRunner:
         step_type: str,
     ) -> Any:
         ctx = self.ctx
-        if self.key is not None:
-            raise InvalidInput(
-                f"step {name!r}: checkpointed steps cannot be nested (inside {self.key!r}); "
-                "call it after the enclosing step, or use `with ctx.step(...)` inside",
-                field="step",
-            )
         if type(retries) is not int or not 0 <= retries <= 100:
             raise InvalidInput(f"retries: a whole number from 0 to 100 (got {retries!r})")
         base_s = parse_duration(backoff, field="backoff").total_seconds()
         name = ctx.masker(str(name))
-        occurrence = self._occurrences[name] = self._occurrences.get(name, 0) + 1
-        history = self.history()
-        if self._position < len(history.done):
-            return self._replay(history.done[self._position], name, occurrence)
+        occurrence, done = self.reach(name)
+        if done is not None:
+            return done.result
 
-        seq, earlier = self._row_for(history, name, occurrence)
+        seq, earlier = self._row_for(self.history(), name, occurrence)
         started = ctx._clock()
         self.key = f"{ctx.run_id}:{name}:{occurrence}"
         outer = ctx._enter_step(seq)
@@ -148,21 +141,18 @@ class StepRunner:
         """A durable sleep: a checkpointed step that records when it ends, then Suspend. The
         run reaches it again when it wakes, and goes on once that time has come."""
         ctx = self.ctx
-        if self.key is not None:
-            raise InvalidInput(f"ctx.sleep: not inside a checkpointed step ({self.key!r})")
-        occurrence = self._occurrences["sleep"] = self._occurrences.get("sleep", 0) + 1
-        history = self.history()
-        if self._position < len(history.done):
-            until = datetime.fromisoformat(
-                self._replay(history.done[self._position], "sleep", occurrence)["until"]
-            )
+        occurrence, done = self.reach("sleep")
+        if done is not None:
+            until = datetime.fromisoformat(done.result["until"])
         else:
-            seq, earlier = self._row_for(history, "sleep", occurrence)
-            call = _Call(seq, "sleep", occurrence, "sleep", ctx._clock(), earlier, tries=1)
             until = when
-            if not self._write(call, "completed", result={"until": until.isoformat()}):
-                ctx.stop("lease_lost", "another attempt owns this run now")
-                raise LeaseLost(f"run {ctx.run_id} attempt {ctx.attempt}: sleep not recorded")
+            self.settle(
+                "sleep",
+                occurrence,
+                "sleep",
+                status="completed",
+                result={"until": until.isoformat()},
+            )
         if until > ctx._clock():
             raise Suspend(until, "sleep")
 
@@ -171,25 +161,21 @@ class StepRunner:
         consumes the oldest such signal the run has (storing its payload in the step, so
         later attempts get the same one), or suspends until one comes or the deadline."""
         ctx = self.ctx
-        if self.key is not None:
-            raise InvalidInput(f"ctx.wait_for: not inside a checkpointed step ({self.key!r})")
         signals.check_name(name)
         step_name = f"wait_for:{name}"
-        occurrence = self._occurrences[step_name] = self._occurrences.get(step_name, 0) + 1
-        history, now = self.history(), ctx._clock()
-        if self._position < len(history.done):
-            done = history.done[self._position]
-            recorded = self._replay(done, step_name, occurrence) or {}
+        now = ctx._clock()
+        occurrence, done = self.reach(step_name)
+        if done is not None:
+            recorded = done.result or {}
             if "payload" in recorded:
                 return recorded["payload"]
             seq, deadline = done.seq, _when(recorded.get("deadline"))
         else:
-            seq, earlier = self._row_for(history, step_name, occurrence)
             deadline = now + timeout if timeout is not None else None
-            call = _Call(seq, step_name, occurrence, "wait", now, earlier, tries=1)
             shown = deadline.isoformat() if deadline else None
-            if not self._write(call, "completed", result={"deadline": shown}):
-                self._lost(step_name)
+            seq = self.settle(
+                step_name, occurrence, "wait", status="completed", result={"deadline": shown}
+            )
         with ctx._engine.begin() as conn:
             got = signals.take(conn, ctx.run_id, name, now=now)
             if got is not None:
@@ -203,12 +189,16 @@ class StepRunner:
             raise WaitTimeout(f"no signal {name!r} came before {deadline.isoformat()}")
         raise Suspend(deadline or signals.NEVER, signals.PREFIX + name)
 
-    # -- for other kinds of checkpointed step (worker/children.py) ---------------------------
+    # -- what every kind of checkpointed step goes through ----------------------------------
     def reach(self, name: str) -> tuple[int, steps.Done | None]:
         """Reach the next step named `name`: its occurrence, and what the history recorded
         for it (None: it runs for the first time)."""
         if self.key is not None:
-            raise InvalidInput(f"{name}: not inside a checkpointed step ({self.key!r})")
+            raise InvalidInput(
+                f"{name}: checkpointed steps cannot be nested (inside {self.key!r}); reach it "
+                "after the enclosing step, or use `with ctx.step(...)` inside",
+                field="step",
+            )
         occurrence = self._occurrences[name] = self._occurrences.get(name, 0) + 1
         history = self.history()
         if self._position < len(history.done):
@@ -226,13 +216,15 @@ class StepRunner:
         status: str,
         result: Any = None,
         detail: str | None = None,
-    ) -> None:
-        """Write a step `reach` found new as completed (with `result`) or failed."""
+    ) -> int:
+        """Write a step `reach` found new as completed (with `result`) or failed, in one try;
+        its seq."""
         ctx = self.ctx
         seq, earlier = self._row_for(self.history(), name, occurrence)
         call = _Call(seq, name, occurrence, step_type, ctx._clock(), earlier, tries=1)
         if not self._write(call, status, result=result, detail=detail):
             self._lost(name)
+        return seq
 
     def _lost(self, step_name: str) -> None:
         ctx = self.ctx
@@ -306,10 +298,7 @@ class StepRunner:
             self._fail(call, problem)
             raise problem from None
         if not self._write(call, "completed", result=ctx.masker.data(plain)):
-            ctx.stop("lease_lost", "another attempt owns this run now")
-            raise LeaseLost(
-                f"run {ctx.run_id} attempt {ctx.attempt}: step {call.name!r} not recorded"
-            )
+            self._lost(f"step {call.name!r}")
         return plain
 
     def _fail(self, call: _Call, exc: BaseException) -> None:

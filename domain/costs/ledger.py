@@ -312,17 +312,20 @@ def record(
     entry: dict[str, Any],
     *,
     reservation_id: int | None = None,
+    spawned: bool = False,
 ) -> tuple[run_spend.Totals, str | None]:
     """The cost entry, the run's totals and the project's month, in the caller's transaction.
-    Returns the run's totals and, when the project is now over a limit (or an ancestor of a
-    spawned run over its budget, which the run's spend also counts toward), why.
+    Returns the run's totals and, when the project is now over a limit (or, for a `spawned`
+    run, an ancestor over its budget, which the run's spend also counts toward), why.
 
     Spent inside `reserve()` (`reservation_id`), the entry settles that much of the reservation
     in the same statement that adds the spend: the month never counts the same money as both
     spent and reserved, so a concurrent reservation is judged on what is really committed.
     """
     totals = run_spend.record_cost(conn, run_id, attempt, entry=entry)
-    ancestor_over = run_spend.add_to_ancestors(conn, run_id, Decimal(entry["cost_usd"]))
+    ancestor_over = (
+        run_spend.add_to_ancestors(conn, run_id, Decimal(entry["cost_usd"])) if spawned else None
+    )
     month = month_of(entry["ts"])
     usd, tokens = Decimal(entry["cost_usd"]), entry["tokens_in"] + entry["tokens_out"]
     settled_usd, settled_tokens = (

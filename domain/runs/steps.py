@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, exists, literal, or_, select, update
+from sqlalchemy import Connection, exists, literal, or_, select, update
 
-from domain.db.models import run_steps, runs
-from domain.runs.states import Status
+from domain.db.models import run_steps
+from domain.runs import fence
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +106,7 @@ def record(
     the run (a completed step's result is fenced; so is a failure, which no later attempt
     would want to read over its own). `reuse`: the step has a row already (planned, or failed
     before) to update. False when the attempt no longer owns the run: nothing is written."""
-    owned = exists().where(
-        and_(runs.c.id == run_id, runs.c.attempt == attempt, runs.c.status == Status.RUNNING)
-    )
+    owned = exists().where(fence.owned(run_id, attempt))
     values = {
         "attempt": attempt,
         "occurrence": outcome.occurrence,
@@ -149,9 +147,7 @@ def record(
 def set_result(conn: Connection, run_id: uuid.UUID, attempt: int, seq: int, *, result: Any) -> bool:
     """Replace a completed step's result (a wait that has now received its signal), only
     while `attempt` owns the run; False when it does not."""
-    owned = exists().where(
-        and_(runs.c.id == run_id, runs.c.attempt == attempt, runs.c.status == Status.RUNNING)
-    )
+    owned = exists().where(fence.owned(run_id, attempt))
     return (
         conn.execute(
             update(run_steps)

@@ -68,6 +68,8 @@ class Faults:
         self.start_worker()
 
     def flushall(self) -> None:
+        """FLUSHALL on the soak's own redis-server (started for it on a free port, see
+        test_soak.py): no other test's data lives there."""
         self.stack.redis.flushall()
 
     def restart_redis(self) -> None:
