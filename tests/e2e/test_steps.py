@@ -1,30 +1,35 @@
-"""Checkpointed steps with real worker processes on PostgreSQL + Redis: a worker killed with -9
-after step 2 of 4 completed leaves steps 1-2 done; the next attempt runs only 3-4, and the
-ledger holds exactly one cost entry per step."""
+"""Durable steps with real worker processes on each database (SQLite and PostgreSQL) and Redis: a
+worker killed with -9 after step 2 of 4 completed leaves steps 1-2 done, and the next attempt runs
+only 3-4, with exactly one cost entry per step; sleepers hold no slot; children survive a kill."""
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from domain.db.models import cost_entries, run_steps, runs
+from conveyor import Client
+from domain.db.models import cost_entries, run_signals, run_steps, runs
 from tests.e2e.stack import Stack
-from tests.polling import eventually
+from tests.polling import consistently, eventually
 from tests.services import PrivateRedis
 
-pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 @pytest.fixture
-def stack(pg_url: str, redis_server: PrivateRedis, tmp_path: Path) -> Iterator[Stack]:
+def stack(db_url: str, redis_server: PrivateRedis, tmp_path: Path) -> Iterator[Stack]:
     logs = tmp_path / "logs"
     logs.mkdir()
-    s = Stack(pg_url, logs, redis_server.url(12))
+    s = Stack(db_url, logs, redis_server.url(12))
     s.redis.flushdb()
     s.scheduler()  # its reaper gives the killed worker's run back
     yield s
@@ -156,3 +161,96 @@ def test_killing_the_worker_and_the_scheduler_during_a_sleep_changes_nothing(
         assert (final.finished_at - final.started_at).total_seconds() >= 4
         steps = client.steps(run.id)
         assert [(s.name, s.status) for s in steps] == [("sleep", "completed")]
+
+
+def test_a_step_that_raises_twice_succeeds_on_its_third_try_in_attempt_1(
+    stack: Stack, tmp_path: Path
+) -> None:
+    marks = tmp_path / "tries"
+    stack.worker("steps", name="worker", concurrency=1)
+    with stack.client() as client:
+        run = client.enqueue("flaky_step", {"marks": str(marks)}, queue="steps")
+        final = client.wait(run.id, timeout=60)
+        assert (final.status, final.attempt, final.result) == ("succeeded", 1, "answer")
+        assert _lines(marks) == ["try 1", "try 2", "try 3"]
+        [step] = client.steps(run.id)
+        assert (step.name, step.status, step.tries, step.occurrence) == ("call", "completed", 3, 1)
+
+
+def test_a_retry_that_reaches_another_step_fails_naming_both(stack: Stack) -> None:
+    stack.worker("steps", name="worker", concurrency=1)
+    with stack.client() as client:
+        run = client.enqueue("changes_course", queue="steps")
+        final = client.wait(run.id, timeout=60)
+        assert (final.status, final.attempt, final.error_type) == (
+            "failed",
+            2,
+            "NonDeterministicStep",
+        )
+        assert final.error is not None
+        assert "plan" in final.error and "draft" in final.error
+
+
+def test_signals_before_and_after_the_wait_once_per_key_and_a_wait_that_times_out(
+    stack: Stack, tmp_path: Path
+) -> None:
+    with stack.client() as client:
+        early = client.enqueue("awaits_approval", queue="steps")
+        client.signal(early.id, "approval", {"by": "ann"}, key="k1")  # before any worker
+        assert not client.signal(early.id, "approval", {"by": "ann"}, key="k1").new
+        stack.worker("steps", name="worker", concurrency=1)
+        eventually(lambda: _waits_again(client, early.id), timeout=60)
+        sent = subprocess.run(
+            [sys.executable, "-m", "conveyor", "runs", "signal", str(early.id), "approval",
+             "--payload-json", '{"by": "bob"}', "--key", "k2"],
+            env=stack.env, capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        assert sent.stdout.strip() == f"signal approval sent to {early.id}"
+        final = client.wait(early.id, timeout=60)
+        assert (final.status, final.attempt) == ("succeeded", 1)
+        assert final.result == [{"by": "ann"}, {"by": "bob"}]
+        refused = subprocess.run(
+            [sys.executable, "-m", "conveyor", "runs", "signal", str(early.id), "approval"],
+            env=stack.env, capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode != 0
+        assert "already ended as succeeded" in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+        late = client.enqueue("awaits_approval", {"timeout": 1.5}, queue="steps")
+        final = client.wait(late.id, timeout=60)
+        assert (final.status, final.error_type) == ("failed", "WaitTimeout")
+
+
+def _waits_again(client: Client, run_id: uuid.UUID) -> bool:
+    """The run took the first approval and now waits for the second."""
+    with client.engine.connect() as conn:
+        taken = conn.execute(
+            select(run_signals.c.consumed_at).where(run_signals.c.run_id == run_id)
+        ).scalar_one()
+    return taken is not None and client.get(run_id).status == "waiting"
+
+
+def test_cancelling_a_waiting_parent_ends_it_and_its_unfinished_children(stack: Stack) -> None:
+    stack.worker("steps,kids", name="worker", concurrency=2)
+    with stack.client() as client:
+        parent = client.enqueue("parent_of_slow", {"n": 5}, queue="steps")
+
+        def kids() -> list[Any]:
+            with client.engine.connect() as conn:
+                return list(
+                    conn.execute(select(runs.c.status).where(runs.c.parent_run_id == parent.id))
+                )
+
+        eventually(
+            lambda: (
+                client.get(parent.id).status == "waiting"
+                and [k.status for k in kids()] == ["waiting"] * 5
+            ),
+            timeout=60,
+        )
+        client.cancel(parent.id, reason="plan rejected")
+        assert client.get(parent.id).status == "cancelled"  # at once, no worker involved
+        assert [k.status for k in kids()] == ["cancelled"] * 5
+        consistently(lambda: client.get(parent.id).status == "cancelled", 2)

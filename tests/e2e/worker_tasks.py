@@ -149,3 +149,53 @@ def parent_of_many(ctx, marks: str, n: int) -> int:  # type: ignore[no-untyped-d
     with Path(marks).open("a") as f:
         f.write(f"spawned attempt {ctx.attempt}\n")
     return sum(ctx.gather(children))
+
+
+def _flaky_call(marks: str) -> str:
+    """Fails on its first two tries (counted in the marks file), then answers."""
+    path = Path(marks)
+    tries = len(path.read_text().splitlines()) + 1 if path.exists() else 1
+    with path.open("a") as f:
+        f.write(f"try {tries}\n")
+    if tries <= 2:
+        raise ConnectionError(f"provider hiccup {tries}")
+    return "answer"
+
+
+@task(max_attempts=1)
+def flaky_step(ctx, marks: str) -> str:  # type: ignore[no-untyped-def]
+    """One step that raises twice, then succeeds, inside retries=2."""
+    return ctx.step("call", _flaky_call, marks, retries=2, backoff=0.05)  # type: ignore[no-any-return]
+
+
+@task(max_attempts=2)
+def changes_course(ctx) -> str:  # type: ignore[no-untyped-def]
+    """Attempt 1 checkpoints "plan" then fails; attempt 2 reaches "draft" first."""
+    if ctx.attempt == 1:
+        ctx.step("plan", lambda: "planned")
+        raise RuntimeError("first attempt fails after its step")
+    ctx.step("draft", lambda: "drafted")
+    return "unreachable"
+
+
+@task(max_attempts=1)
+def awaits_approval(ctx, timeout: float = 60.0) -> object:  # type: ignore[no-untyped-def]
+    """Waits for two approvals in turn (no worker held) and returns their payloads."""
+    first = ctx.wait_for("approval", timeout=timeout)
+    second = ctx.wait_for("approval", timeout=timeout)
+    return [first, second]
+
+
+@task(max_attempts=1)
+def slow_child(ctx, seconds: float) -> str:  # type: ignore[no-untyped-def]
+    ctx.sleep(seconds)
+    return "late"
+
+
+@task(max_attempts=1)
+def parent_of_slow(ctx, n: int) -> object:  # type: ignore[no-untyped-def]
+    """Spawns `n` children that sleep a minute and gathers them."""
+    kids = ctx.spawn_many(
+        {"name": "slow_child", "params": {"seconds": 60}, "queue": "kids"} for _ in range(n)
+    )
+    return ctx.gather(kids)
