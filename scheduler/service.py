@@ -16,6 +16,7 @@ from domain.pipelines.discovery import PipelineDirectory, pipeline_settings
 from domain.ports import Catalog, Publisher
 from domain.runs.chains import release_after
 from domain.runs.dispatch import next_due
+from domain.runs.gathering import wake_gatherers
 from domain.runs.recovery import forget_dead_workers, reap_once, relay_once
 from domain.schedules.definitions import release_held
 from domain.schedules.leader import beat, beat_every
@@ -174,11 +175,12 @@ class SchedulerService:
             self._wake.clear()
 
     def _relay(self) -> float:
-        """Release held and chained runs, publish what is due; the seconds until the next
-        sweep: the relay interval, or less when a run falls due before then (a sleep ending,
-        a delay), so it is sent at its time."""
+        """Release held and chained runs, wake gatherers whose children ended, publish what is
+        due; the seconds until the next sweep: the relay interval, or less when a run falls due
+        before then (a sleep ending, a delay), so it is sent at its time."""
         release_held(self.engine, now=self.clock())
         release_after(self.engine, now=self.clock())
+        wake_gatherers(self.engine, now=self.clock())
         relay_once(
             self.engine, self.publisher, clock=self.clock, grace_s=self.settings.dispatch_grace_s
         )

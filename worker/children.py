@@ -4,8 +4,9 @@ Spawning is a checkpointed step: a replay returns the children it made, and each
 idempotency key comes from the step's key, so a step interrupted after its children were
 committed makes no second set. A child belongs to the parent's project unless told otherwise,
 and names it as its parent. Gathering waits holding no worker: while a child is unfinished the
-run is `waiting` (reason `children`) and looks again every GATHER_POLL_S; once all have ended
-it returns their results in order, or raises ChildFailed naming those that did not succeed.
+run is `waiting` (reason `children`) until the relay wakes it (domain/runs/gathering.py); once
+all have ended it returns their results in order, or raises ChildFailed naming those that did
+not succeed.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ from domain.db.models import runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import ChildFailed, InvalidInput
 from domain.ports import Catalog
+from domain.runs import gathering
 from domain.runs.enqueue import enqueue_many
 from domain.runs.requests import build_request
 from domain.runs.states import TERMINAL, Status
 from worker.steps import StepHost, StepRunner, Suspend
 
-#: How often a gathering run looks at its children while it waits.
-GATHER_POLL_S = 1.0
 MAX_KEY = 255
 
 
@@ -97,7 +97,10 @@ def gather(
     if missing:
         raise InvalidInput(f"gather: no run with id {', '.join(missing)}", field="children")
     if any(rows[i].status not in TERMINAL for i in ids):
-        raise Suspend(host._clock() + timedelta(seconds=GATHER_POLL_S), "children")
+        with host._engine.connect() as conn:
+            swept = gathering.woken_by_sweep(conn, host.run_id, ids)
+        wait_s = gathering.GATHER_NET_S if swept else gathering.GATHER_POLL_S
+        raise Suspend(host._clock() + timedelta(seconds=wait_s), gathering.REASON)
     failed = [rows[i] for i in ids if rows[i].status != Status.SUCCEEDED]
     if failed:
         named = ", ".join(f"{r.id} ({r.name}: {r.status}, {r.error_type})" for r in failed)

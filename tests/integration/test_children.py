@@ -13,7 +13,8 @@ from sqlalchemy import func, select, update
 from domain.clock import utc_now
 from domain.db.models import Run, runs
 from domain.db.unit_of_work import UnitOfWork
-from domain.runs import control
+from domain.runs import control, gathering
+from domain.runs.gathering import wake_gatherers
 from tests.integration.conftest import Harness
 
 
@@ -67,6 +68,45 @@ def test_a_parent_waits_for_its_children_and_gets_their_results_in_order(h: Harn
     assert h.run(parent) == "succeeded"
     assert h.get(parent).result == [9, 1, 4, 100]
     assert len(_children(h, parent)) == 4  # gathering again spawned nothing
+
+
+def _wait_s(h: Harness, run_id: uuid.UUID) -> float:
+    return (h.get(run_id).not_before - utc_now()).total_seconds()
+
+
+def test_the_relay_wakes_a_gatherer_once_its_last_child_ended(h: Harness) -> None:
+    """Gathering all its unfinished children, a parent does not poll: its wake time is only
+    a net, and the sweep makes it due when (and not before) the last child ended."""
+
+    @h.registry.task(max_attempts=1)
+    def square(ctx: Any, n: int) -> int:
+        return n * n
+
+    @h.registry.task(max_attempts=1)
+    def all_at_once(ctx: Any) -> list[int]:
+        return ctx.gather(ctx.spawn_many({"name": "square", "params": {"n": n}} for n in (2, 3)))
+
+    parent = h.enqueue("all_at_once")
+    assert h.run(parent) == "waiting"
+    assert gathering.GATHER_NET_S - 5 < _wait_s(h, parent) <= gathering.GATHER_NET_S
+    kids = _children(h, parent)
+    _run_all(h, [kids[0].id])
+    assert wake_gatherers(h.engine, now=utc_now()) == 0  # one child is still pending
+    _run_all(h, [kids[1].id])
+    assert wake_gatherers(h.engine, now=utc_now()) == 1
+    assert _wait_s(h, parent) <= 0 and h.get(parent).dispatched_at is None
+    assert wake_gatherers(h.engine, now=utc_now()) == 0  # due already: not woken twice
+    assert h.run(parent) == "succeeded"
+    assert h.get(parent).result == [4, 9]
+
+
+def test_a_gather_of_some_children_while_others_go_on_looks_again_each_second(
+    h: Harness,
+) -> None:
+    _tasks(h)
+    parent = h.enqueue("fan_out", params={"numbers": [1, 2]})
+    assert h.run(parent) == "waiting"  # gathers two of its three children
+    assert _wait_s(h, parent) <= gathering.GATHER_POLL_S
 
 
 def test_a_replayed_spawn_makes_no_second_set_of_children(h: Harness) -> None:
