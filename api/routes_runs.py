@@ -24,6 +24,7 @@ from domain.runs.requests import (
     Minutes,
     Priority,
     Seconds,
+    Slots,
     Usd,
     build_request,
 )
@@ -67,6 +68,13 @@ class CreateRun(BaseModel):
     budget_usd: Usd | None = None
     max_requests: Count | None = None
     max_minutes: Minutes | None = None
+    concurrency_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="At most concurrency_max runs with this key run at once",
+    )
+    concurrency_max: Slots | None = None
     kind: Literal["task", "pipeline"] = "task"
     callback_url: str | None = Field(None, max_length=2000)
     allow_unknown: bool = Field(

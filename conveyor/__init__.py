@@ -10,6 +10,7 @@ from domain.errors import (
     UnknownTask,
     WaitTimeout,
 )
+from domain.flow.concurrency import Limit
 from domain.runs.views import RunView
 from domain.tasks.registry import cron, every, task
 
@@ -18,6 +19,7 @@ __all__ = [
     "Conflict",
     "ConveyorError",
     "InvalidInput",
+    "Limit",
     "NotFound",
     "RunNotFound",
     "RunView",

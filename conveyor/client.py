@@ -111,6 +111,8 @@ class Client:
         budget_usd: Decimal | str | float | None = None,
         max_requests: int | None = None,
         max_minutes: float | None = None,
+        concurrency_key: str | None = None,
+        concurrency_max: int | None = None,
         after: str | uuid.UUID | None = None,
         allow_unknown: bool = False,
         **extra: Any,
@@ -120,7 +122,9 @@ class Client:
         A name no worker has published (and this process does not import) is an UnknownTask
         listing the names that exist, unless `allow_unknown`: then the run waits, unchecked,
         for a worker that has it. With `after`, the run waits until that run ends: it starts
-        if the parent succeeded and is cancelled (saying why) if not.
+        if the parent succeeded and is cancelled (saying why) if not. `concurrency_key` (and
+        `concurrency_max`, default the task's or 1): at most that many runs with the key run
+        at once, the others wait holding no worker.
         """
         request = self._request(
             name,
@@ -136,6 +140,8 @@ class Client:
             budget_usd=budget_usd,
             max_requests=max_requests,
             max_minutes=max_minutes,
+            concurrency_key=concurrency_key,
+            concurrency_max=concurrency_max,
             **extra,
         )
         return enqueue.enqueue(

@@ -53,6 +53,10 @@ class TargetDefaults:
     priority: int | None = None
     max_attempts: int | None = None
     timeout_s: float | None = None
+    #: Keyed concurrency (domain/flow/concurrency.py): set when the target has a limit; the
+    #: key a template over params, a function of them, or None when only code can compute it.
+    concurrency_max: int | None = None
+    concurrency_key: str | Callable[..., str] | None = None
 
 
 class Catalog(Protocol):

@@ -17,6 +17,7 @@ from domain.costs.admission import Refused
 from domain.costs.prices import Prices
 from domain.db.models import run_logs
 from domain.errors import (
+    BrokerUnavailable,
     InvalidInput,
     LeaseLost,
     NonDeterministicStep,
@@ -24,7 +25,9 @@ from domain.errors import (
     UnknownTask,
     safe_str,
 )
+from domain.flow import concurrency
 from domain.pipelines import store as pipeline_store
+from domain.ports import Dispatch, Publisher
 from domain.runs import lines, signals
 from domain.runs import store as runstore
 from domain.runs.chains import chain_follow_up, chain_possible
@@ -71,6 +74,7 @@ class Executor:
         pipelines: PipelineRunner | None = None,
         prices: Prices | None = None,
         store: RunStore | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
         self.engine = engine
         self.writer = writer
@@ -84,6 +88,8 @@ class Executor:
         self.duplicates_dropped = 0
         #: Claim, and finish with the last lines (domain/storage.py picks it for the database).
         self.store = store if store is not None else run_store(engine)
+        #: Sends the runs a finishing keyed run hands its slot to (else the relay does).
+        self.publisher = publisher
 
     def execute(self, run_id: uuid.UUID) -> Outcome:
         claim = self.store.claim(run_id, owner=self.owner, now=self.clock(), lease_s=self.lease_s)
@@ -105,12 +111,16 @@ class Executor:
             self.writer.end_run(run_id)
 
     def _refused(self, refused: Refused) -> Outcome:
-        """The claim found the run over a limit and ended or held it without starting it."""
+        """The claim found the run over a limit and ended or held it without starting it, or
+        made it wait (for a concurrency slot)."""
+        wait_s = None
+        if refused.recheck_at is not None:
+            wait_s = max(0.0, (refused.recheck_at - utc_now()).total_seconds())
+        if refused.waits is not None:
+            log.info("run.waiting", run_id=str(refused.run_id), reason=refused.waits)
+            return Outcome(refused.run_id, "waiting", error_type=refused.waits, retry_in_s=wait_s)
         if refused.held:
             log.info("run.held", run_id=str(refused.run_id), reason=refused.reason)
-            wait_s = None
-            if refused.recheck_at is not None:
-                wait_s = max(0.0, (refused.recheck_at - utc_now()).total_seconds())
             return Outcome(
                 refused.run_id,
                 "held",
@@ -227,8 +237,9 @@ class Executor:
         gives the run to another attempt. Returns None on success, else why it did not commit.
         """
         logs, metrics = self.writer.take_run(claim.run_id)
-        if metrics or len(logs) > self.store.max_inline_lines:
+        if metrics or len(logs) > self.store.max_inline_lines or claim.concurrency_key:
             fast = None
+        handed: list[Dispatch] = []
         delay, deadline = 0.1, time.monotonic() + self.lease_s
         while True:
             try:
@@ -239,6 +250,8 @@ class Executor:
                 with self.engine.begin() as conn:
                     LogWriter.write_rows(conn, logs, metrics)
                     write(conn)
+                    handed = self._hand_on_slot(conn, claim)
+                self._publish(handed)
                 return None
             except LeaseLost:
                 if fast is None:
@@ -258,6 +271,27 @@ class Executor:
                     return "finish_failed"
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def _hand_on_slot(self, conn: Connection, claim: Claim) -> list[Dispatch]:
+        """This attempt stops holding its key's slot (in its final transaction): the oldest
+        waiters of the key are due now, to be published once it commits."""
+        if claim.concurrency_key is None:
+            return []
+        return concurrency.refill(
+            conn,
+            claim.concurrency_key,
+            claim.concurrency_max or 1,
+            now=self.clock(),
+            publishing=self.publisher is not None,
+        )
+
+    def _publish(self, dispatches: list[Dispatch]) -> None:
+        if not dispatches or self.publisher is None:
+            return
+        try:
+            self.publisher.publish(dispatches)
+        except BrokerUnavailable as exc:  # marked dispatched: the relay sends them again
+            log.warning("run.hand_on_unpublished", runs=len(dispatches), reason=str(exc))
 
     def _finish(
         self,

@@ -25,6 +25,7 @@ from domain.settings import Settings
 from domain.tasks.registry import RetryPolicy
 from worker.deadletter import dead_letter
 from worker.outcomes import backoff_s
+from worker.publisher import CeleryPublisher
 from worker.routing import EXECUTE, SUBMIT
 from worker.runtime import WorkerRuntime, close_runtime, get_runtime, publish_catalog
 from worker.task_states import RunFailed, task_result
@@ -44,6 +45,8 @@ SUBMIT_FIELDS = {
     "max_requests",
     "max_minutes",
     "delay_s",
+    "concurrency_key",
+    "concurrency_max",
 }
 #: Between attempts of a submit while the database cannot be reached (Celery retries it).
 SUBMIT_BACKOFF = RetryPolicy(base_s=1.0, max_s=30.0)
@@ -51,6 +54,14 @@ SUBMIT_BACKOFF = RetryPolicy(base_s=1.0, max_s=30.0)
 
 def register(app: Celery, settings: Settings) -> None:
     """Attach conveyor's tasks and per-process hooks to `app`."""
+
+    def runtime() -> WorkerRuntime:
+        """This process's runtime, publishing (the runs a keyed run hands its slot to) through
+        this app's broker connection."""
+        current = get_runtime(settings)
+        if current.executor.publisher is None:
+            current.executor.publisher = CeleryPublisher(app)
+        return current
 
     # shared=False: the tasks belong to this app only (a shared task would be added to every
     # app made later in the process, bound to this one's settings).
@@ -66,7 +77,7 @@ def register(app: Celery, settings: Settings) -> None:
             reason = f"malformed conveyor.execute message: {exc}"
             dead_letter(get_runtime(settings).engine, EXECUTE, self.request, reason)
             raise RunFailed(reason) from None
-        return task_result(get_runtime(settings).executor.execute(rid))
+        return task_result(runtime().executor.execute(rid))
 
     @app.task(
         name=SUBMIT,
@@ -83,11 +94,11 @@ def register(app: Celery, settings: Settings) -> None:
         (same id, so its idempotency key names one run, and the claim runs it at most once);
         a submit that is refused is a dead letter with the reason."""
         try:
-            runtime = get_runtime(settings)
-            run_id = _accept(runtime, self.request, args, kwargs)
+            current = runtime()
+            run_id = _accept(current, self.request, args, kwargs)
             if run_id is None:
                 raise RunFailed("conveyor.submit refused: see its dead letter")
-            return task_result(runtime.executor.execute(run_id))
+            return task_result(current.executor.execute(run_id))
         except (TransientError, OperationalError, InterfaceError) as exc:
             countdown = backoff_s(SUBMIT_BACKOFF, self.request.retries + 1)
             log.warning(

@@ -63,13 +63,15 @@ NOTHING_TO_CHECK_SQL = """(parent_run_id IS NULL OR triggered_by = 'retry')
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """A claim that found the run over a limit: ended `budget_exceeded` (`held` False), or
-    left pending until `recheck_at` (`held` True). Either way it did not start."""
+    """A claim that did not start the run: ended `budget_exceeded` (`held` False), or left
+    pending until `recheck_at` (`held` True), or made to wait (`waits`: its wait reason, as
+    for a run waiting for a concurrency slot)."""
 
     run_id: uuid.UUID
     held: bool
     reason: str
     recheck_at: datetime | None = None
+    waits: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -104,6 +104,14 @@ class Run(Base):
         _partial_index("ix_runs_finished_at", "finished_at", where="finished_at IS NOT NULL"),
         # Children of a run (retries, chains), and ON DELETE SET NULL when a parent goes.
         _partial_index("ix_runs_parent_run_id", "parent_run_id", where="parent_run_id IS NOT NULL"),
+        # Keyed concurrency: a key's holders and waiters (domain/flow/concurrency.py).
+        _partial_index(
+            "ix_runs_concurrency_key",
+            "concurrency_key",
+            "status",
+            "created_at",
+            where="concurrency_key IS NOT NULL",
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
@@ -151,7 +159,10 @@ class Run(Base):
     #: POSTed a signed summary when the run ends (issue: callbacks out)
     callback_url: Mapped[str | None] = mapped_column(Text)
     #: While `waiting`: what the run waits for (`sleep`), until `not_before`.
-    wait_reason: Mapped[str | None] = mapped_column(String(100))
+    wait_reason: Mapped[str | None] = mapped_column(String(255))
+    #: At most concurrency_max runs with this key run at once (domain/flow/concurrency.py).
+    concurrency_key: Mapped[str | None] = mapped_column(String(200))
+    concurrency_max: Mapped[int | None] = mapped_column(Integer)
 
 
 def _run_fk() -> Mapped[uuid.UUID]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from sqlalchemy import ARRAY, BigInteger, Connection, Select, Table, any_, bindparam, func
+from sqlalchemy import ARRAY, BigInteger, Connection, Select, Table, any_, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from domain.db.capabilities import capabilities
@@ -41,3 +41,10 @@ def seconds_between(conn: Connection, start: Any, end: Any) -> Any:
     if capabilities(conn).server_stats:
         return func.extract("epoch", end - start)
     return (func.julianday(end) - func.julianday(start)) * 86400.0
+
+
+def lock_key(conn: Connection, key: str) -> None:
+    """Hold a lock named `key` until the transaction ends (a transaction-scoped advisory lock
+    on PostgreSQL); on SQLite every write transaction already holds the one writer lock."""
+    if capabilities(conn).advisory_locks:
+        conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(key, 0))))

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, select
 from domain.db.models import runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, InvalidTransition
+from domain.flow import concurrency
 from domain.ports import Publisher
 from domain.runs.enqueue import Enqueued, enqueue_many
 from domain.runs.repository import RunFilter
@@ -64,6 +65,9 @@ def cancel_run(
                 status=run.status,
             )
         _cancel_descendants(uow, run_id, now, f"its parent run {run_id} was cancelled")
+        # A cancelled waiter may have been handed a slot it will not take now.
+        keys = concurrency.keys_of(uow.conn, [run_id])
+        concurrency.refill_keys(uow.conn, keys, now=now, publishing=False)
         # Through audit.record, like every other audited change: details are masked and bounded.
         audit.record(
             uow,

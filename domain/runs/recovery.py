@@ -16,6 +16,7 @@ from domain.costs import reservations
 from domain.db import sql
 from domain.db.models import runs, workers
 from domain.errors import BrokerUnavailable
+from domain.flow import concurrency
 from domain.ports import Dispatch, Publisher
 from domain.runs import dispatch
 from domain.runs.states import Status
@@ -110,6 +111,9 @@ def reap_once(engine: Engine, *, clock: Clock) -> tuple[int, int]:
         now = clock()
         requeued, failed = reap_expired(conn, now=now)
         reservations.release_held(conn, [*requeued, *failed], now=now)
+        # Their slots are free now: the keys' waiters are due, and the relay sends them.
+        keys = concurrency.keys_of(conn, [*requeued, *failed])
+        concurrency.refill_keys(conn, keys, now=now, publishing=False)
     for run_id in requeued:
         log.warning("run.lease_expired", run_id=str(run_id), action="requeued")
     for run_id in failed:

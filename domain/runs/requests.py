@@ -86,6 +86,7 @@ Count = Annotated[int, _NUMBER, Field(gt=0, le=storable.INT32_MAX)]
 Delay = Annotated[float, _NUMBER, Field(ge=0, le=storable.MAX_SECONDS, allow_inf_nan=False)]
 Seconds = Annotated[float, _NUMBER, Field(gt=0, le=storable.MAX_SECONDS, allow_inf_nan=False)]
 Minutes = Annotated[float, _NUMBER, Field(gt=0, le=storable.MAX_SECONDS // 60, allow_inf_nan=False)]
+Slots = Annotated[int, _NUMBER, Field(ge=1, le=10_000)]
 Usd = Annotated[
     Decimal,
     _NUMBER,
@@ -116,6 +117,10 @@ class EnqueueRequest(BaseModel):
     trigger_ref: str | None = Field(None, max_length=255)
     parent_run_id: uuid.UUID | None = None
     callback_url: str | None = None
+    #: At most concurrency_max runs with this key at once (domain/flow/concurrency.py); a
+    #: task's own Limit gives both unless told here.
+    concurrency_key: str | None = Field(None, min_length=1, max_length=200)
+    concurrency_max: Slots | None = None
 
     @field_validator("params", mode="before")
     @classmethod
@@ -133,7 +138,7 @@ class EnqueueRequest(BaseModel):
             raise ValueError(f"is {len(encoded)} bytes encoded; the limit is {MAX_PARAMS_BYTES}")
         return value
 
-    @field_validator("idempotency_key", "trigger_ref", "callback_url")
+    @field_validator("idempotency_key", "trigger_ref", "callback_url", "concurrency_key")
     @classmethod
     def _text(cls, value: str | None) -> str | None:
         return storable.refuse_unstorable(value, "text")

@@ -7,7 +7,9 @@ from datetime import datetime
 from typing import Any
 
 from domain.clock import uuid7
-from domain.ports import Catalog
+from domain.errors import InvalidInput
+from domain.flow import concurrency
+from domain.ports import Catalog, TargetDefaults
 from domain.runs.requests import EnqueueRequest
 from domain.runs.states import Status
 
@@ -24,6 +26,14 @@ def run_row(
     inline by the caller), so the relay leaves it alone for the grace period."""
     defaults, params = catalog.resolve(req.name, req.params)
     due = req.due_at(now)
+    key = most = None
+    if req.concurrency_key is not None or defaults.concurrency_max is not None:
+        key, most = _concurrency(req, defaults, params)
+    elif req.concurrency_max is not None:
+        raise InvalidInput(
+            f"concurrency_max: task {req.name!r} has no concurrency key; pass concurrency_key",
+            field="concurrency_max",
+        )
     return {
         "id": run_id or uuid7(),
         "project": req.project,
@@ -53,7 +63,19 @@ def run_row(
         "created_at": now,
         "parent_run_id": req.parent_run_id,
         "callback_url": req.callback_url,
+        "concurrency_key": key,
+        "concurrency_max": most,
     }
+
+
+def _concurrency(
+    req: EnqueueRequest, defaults: TargetDefaults, params: dict[str, Any]
+) -> tuple[str, int]:
+    """The run's concurrency key and max: as asked, else from its task's Limit."""
+    key = req.concurrency_key
+    if key is None:
+        key = concurrency.render(defaults.concurrency_key, params, task=req.name)
+    return key, req.concurrency_max or defaults.concurrency_max or 1
 
 
 DEFAULT_PRIORITY = 5

@@ -14,10 +14,12 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, and_, case, func, or_, tuple_, update
 
+from domain.clock import utc_now
 from domain.costs import admission
 from domain.db.engine import single_statement
 from domain.db.models import run_logs, runs
 from domain.errors import LeaseLost
+from domain.flow import concurrency
 from domain.runs import fence, steps
 from domain.runs.lines import lock_for_lines
 from domain.runs.states import TERMINAL, Status
@@ -38,6 +40,8 @@ _CLAIM_COLUMNS = (
     runs.c.queue,
     runs.c.priority,
     runs.c.triggered_by,
+    runs.c.concurrency_key,
+    runs.c.concurrency_max,
 )
 
 
@@ -60,6 +64,15 @@ class Claim:
     queue: str
     priority: int
     triggered_by: str = "api"
+    #: Keyed concurrency (domain/flow/concurrency.py): the slot this attempt holds.
+    concurrency_key: str | None = None
+    concurrency_max: int | None = None
+
+
+#: Runs the first claim statement takes at once: nothing to admit (domain/costs/admission.py)
+#: and no concurrency key to pass (domain/flow/concurrency.py). The others take the checks.
+NOTHING_TO_CHECK = and_(admission.NOTHING_TO_CHECK, runs.c.concurrency_key.is_(None))
+NOTHING_TO_CHECK_SQL = f"{admission.NOTHING_TO_CHECK_SQL}\n  AND concurrency_key IS NULL"
 
 
 def _claimable(now: datetime) -> Any:
@@ -82,20 +95,30 @@ def claim(
     A run whose project is at a monthly limit, or whose parent spent its budget, is not taken:
     `Refused` says it was ended or held instead (domain/costs/admission.py). Runs with nothing to
     check are claimed by the first statement; only the others read their limits."""
-    return _take(
-        conn, run_id, and_(_claimable(now), admission.NOTHING_TO_CHECK), owner, now, lease_s
-    ) or (claim_checked(conn, run_id, owner=owner, now=now, lease_s=lease_s))
+    return _take(conn, run_id, and_(_claimable(now), NOTHING_TO_CHECK), owner, now, lease_s) or (
+        claim_checked(conn, run_id, owner=owner, now=now, lease_s=lease_s)
+    )
 
 
 def claim_checked(
     conn: Connection, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float
 ) -> Claim | admission.Refused | None:
-    """`claim` for a run that may have limits to check: admit it, then take it."""
+    """`claim` for a run that may have limits to check: admit it (spend), let it through its
+    key's gate (a slot free, or it waits), then take it."""
     admitted = admission.admit(conn, run_id, _claimable(now), now=now)
     if isinstance(admitted, admission.Refused):
         return admitted
     if not admitted:
         return None
+    wait = concurrency.gate(conn, run_id, _claimable(now), now=now)
+    if isinstance(wait, concurrency.Wait):
+        return admission.Refused(
+            run_id, held=True, reason=wait.detail, recheck_at=wait.wake_at, waits=wait.reason
+        )
+    if wait is concurrency.PASSED:
+        # The key's lock may have been waited for: the run starts now, not when the claim was
+        # asked (else its started_at could precede the end of the run it waited for).
+        now = max(now, utc_now())
     return _take(conn, run_id, _claimable(now), owner, now, lease_s)
 
 
@@ -137,6 +160,8 @@ def _take(
         queue=row["queue"],
         priority=row["priority"],
         triggered_by=row["triggered_by"],
+        concurrency_key=row["concurrency_key"],
+        concurrency_max=row["concurrency_max"],
     )
 
 

@@ -30,12 +30,12 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from domain.costs.admission import NOTHING_TO_CHECK_SQL, Refused
+from domain.costs.admission import Refused
 from domain.db.engine import libpq_conninfo
 from domain.runs import steps
 from domain.runs import store as runstore
 from domain.runs.states import Status
-from domain.runs.store import Claim
+from domain.runs.store import NOTHING_TO_CHECK_SQL, Claim
 
 #: Above this many lines the finish writes them with COPY (the runstore path) instead.
 MAX_INLINE_LINES = 500

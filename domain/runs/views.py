@@ -55,8 +55,11 @@ class RunView:
     finished_at: datetime | None
     parent_run_id: uuid.UUID | None
     callback_url: str | None
-    #: While `waiting`: what for (`sleep`); the wake time is `not_before`.
+    #: While `waiting`: what for (`sleep`, `concurrency:<key>`); the wake time is `not_before`.
     wait_reason: str | None = None
+    #: At most concurrency_max runs with this key run at once (domain/flow/concurrency.py).
+    concurrency_key: str | None = None
+    concurrency_max: int | None = None
 
     @classmethod
     def from_row(cls, row: RowMapping) -> RunView:

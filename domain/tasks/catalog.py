@@ -63,6 +63,8 @@ class CatalogEntry:
             priority=o.get("priority"),
             max_attempts=o.get("max_attempts"),
             timeout_s=o.get("timeout_s"),
+            concurrency_max=(o.get("concurrency") or {}).get("max"),
+            concurrency_key=(o.get("concurrency") or {}).get("key"),
         )
 
     def stale(self, now: datetime) -> bool:
@@ -81,6 +83,8 @@ def row_for(spec: TaskSpec) -> dict[str, Any]:
         "on_success": spec.on_success,
         "on_failure": spec.on_failure,
     }
+    if spec.concurrency is not None:  # only then: other tasks keep the version they had
+        options["concurrency"] = spec.concurrency.to_dict()
     schema = spec.params_schema
     return {
         "name": spec.name,

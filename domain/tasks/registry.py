@@ -13,6 +13,7 @@ from typing import Any, TypeVar, overload
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from domain.errors import ConfigurationError, InvalidInput, UnknownTask
+from domain.flow.concurrency import Limit
 from domain.ports import Catalog, TargetDefaults
 from domain.runs.requests import NAME_PATTERN, invalid_from
 from domain.tasks.params_schema import check_params, schema_of
@@ -79,6 +80,7 @@ class TaskSpec:
     schedule: Declared | None = None
     on_success: str | None = None
     on_failure: str | None = None
+    concurrency: Limit | None = None
 
     @cached_property
     def params_schema(self) -> dict[str, Any]:
@@ -111,6 +113,8 @@ class TaskSpec:
             priority=self.priority,
             max_attempts=self.max_attempts,
             timeout_s=self.timeout_s,
+            concurrency_max=None if self.concurrency is None else self.concurrency.max,
+            concurrency_key=None if self.concurrency is None else self.concurrency.key,
         )
 
 
@@ -184,15 +188,24 @@ class Registry:
         schedule: Declared | None = None,
         on_success: str | None = None,
         on_failure: str | None = None,
+        concurrency: Limit | None = None,
     ) -> Callable[[F], F]:
         def register(fn: F) -> F:
             task_name = name or fn.__name__
             _check_options(task_name, queue, max_attempts, timeout, priority)
+            params_model = params_model_for(task_name, fn)
+            if concurrency is not None:
+                if not isinstance(concurrency, Limit):
+                    raise ConfigurationError(
+                        f"task {task_name!r}: concurrency takes a Limit(key=..., max=...), "
+                        f"got {concurrency!r}"
+                    )
+                concurrency.check_params(task_name, params_model.model_fields)
             self.add(
                 TaskSpec(
                     name=task_name,
                     fn=fn,
-                    params_model=params_model_for(task_name, fn),
+                    params_model=params_model,
                     queue=queue,
                     max_attempts=max_attempts,
                     retry=RetryPolicy(retry_backoff, retry_backoff_max),
@@ -201,6 +214,7 @@ class Registry:
                     schedule=schedule,
                     on_success=on_success,
                     on_failure=on_failure,
+                    concurrency=concurrency,
                 )
             )
             fn.conveyor_task = task_name  # type: ignore[attr-defined]
@@ -244,6 +258,7 @@ def task(
     schedule: Declared | None = None,
     on_success: str | None = None,
     on_failure: str | None = None,
+    concurrency: Limit | None = None,
 ) -> Callable[[F], F]: ...
 def task(*args: Any, **kwargs: Any) -> Any:
     """Register a task: `@task` or `@task(name=..., queue=..., max_attempts=..., timeout=...)`."""

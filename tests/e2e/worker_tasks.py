@@ -6,7 +6,7 @@ import threading
 import time
 from pathlib import Path
 
-from conveyor import task
+from conveyor import Limit, task
 
 
 @task
@@ -199,3 +199,18 @@ def parent_of_slow(ctx, n: int) -> object:  # type: ignore[no-untyped-def]
         {"name": "slow_child", "params": {"seconds": 60}, "queue": "kids"} for _ in range(n)
     )
     return ctx.gather(kids)
+
+
+@task(max_attempts=1, concurrency=Limit(key="{key}", max=1))
+def one_per_key(ctx, key: str, seconds: float = 0.05, marks: str = "") -> str:  # type: ignore[no-untyped-def]
+    """At most one run per key at once; notes its start (and end) in `marks` when given."""
+    if marks:
+        with Path(marks).open("a") as f:
+            f.write(f"start {ctx.run_id}\n")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ctx.wait(0.01)
+    if marks:
+        with Path(marks).open("a") as f:
+            f.write(f"done {ctx.run_id}\n")
+    return key
