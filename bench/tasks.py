@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from conveyor import task
+from conveyor import Limit, task
 
 
 @task
@@ -41,3 +41,15 @@ def bench_wake(ctx, at: float) -> float:  # type: ignore[no-untyped-def]
 def bench_delayed(ctx, at: float) -> float:  # type: ignore[no-untyped-def]
     """The baseline: a run enqueued with not_before = `at`; how late it started."""
     return time.time() - at
+
+
+@task(concurrency=Limit(key="{key}", max=1))
+def bench_keyed(ctx, key: str, seconds: float = 0.005) -> None:  # type: ignore[no-untyped-def]
+    """A short run holding its key's one slot (bench/limits.py)."""
+    time.sleep(seconds)
+
+
+@task
+def bench_unkeyed(ctx, key: str, seconds: float = 0.005) -> None:  # type: ignore[no-untyped-def]
+    """The same run without a key: the baseline of bench/limits.py."""
+    time.sleep(seconds)

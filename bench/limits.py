@@ -1,0 +1,170 @@
+"""Keyed concurrency: what a key adds to a run's claim and finish, and how soon a freed slot
+starts the next waiting run, each beside the same work without a key, in the same run.
+
+- overhead: R runs of a no-op task with a concurrency key (never contended: the point is the
+  gate's cost), against R runs of the same task without one; the executor in this process on
+  PostgreSQL (claim, task, finish), p50 per run. Target: <= 0.3 ms added per run.
+- hand-over: a real `conveyor worker -c 2` and `conveyor scheduler` on PostgreSQL and a private
+  Redis; N runs of one key (max=1) enqueued at once, so each starts when the one before frees
+  the slot: the gap from one's finished_at to the next one's started_at (the hand-over, the
+  publish, the broker hop, the claim). Baseline: the same N runs without a key on a worker with
+  one slot, where the gap is the worker's own turn between runs. Target: p99 <= 100 ms.
+
+Run: `python -m bench.limits [--runs 2000] [--chain 300]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+from typing import Any
+
+from sqlalchemy import create_engine, func, select
+
+from bench.common import (
+    Processes,
+    close_executor,
+    conveyor_env,
+    conveyor_worker_argv,
+    fresh_database,
+    in_process_executor,
+    percentile,
+    table,
+    wait_for,
+)
+from conveyor import Client, Limit
+from domain.db.engine import create_db_engine
+from domain.db.models import runs
+from domain.db.unit_of_work import UnitOfWork
+from domain.logging import configure_logging
+from domain.runs import enqueue
+from domain.runs.requests import build_request
+from domain.settings import load_settings
+from domain.tasks.registry import Registry, RegistryCatalog
+from worker import capture
+from worker.logwriter import LogWriter
+
+
+def overhead(url: str, n: int) -> tuple[float, float]:
+    """p50 seconds per run (claim + task + finish) without and with a key."""
+    engine = create_db_engine(url, pool_size=3, pre_ping=False)
+    writer = LogWriter(engine)
+    writer.start()
+    capture.install()
+    registry = Registry()
+
+    @registry.task()
+    def plain(ctx: Any, key: str) -> None:
+        return None
+
+    @registry.task(concurrency=Limit(key="{key}", max=1))
+    def keyed(ctx: Any, key: str) -> None:
+        return None
+
+    executor = in_process_executor(engine, writer, registry)
+    catalog = RegistryCatalog(registry)
+
+    def timed(name: str) -> list[float]:
+        requests = [build_request(name=name, params={"key": f"k{i % 50}"}) for i in range(n)]
+        made = enqueue.enqueue_many(UnitOfWork(engine), requests, catalog=catalog)
+        took = []
+        for m in made:
+            started = time.perf_counter()
+            if executor.execute(m.run.id).status != "succeeded":
+                raise SystemExit(f"{name} did not succeed")
+            took.append(time.perf_counter() - started)
+        return took
+
+    timed("plain")  # warm: prepared statements, caches
+    timed("keyed")
+    without, with_key = [], []
+    for _ in range(3):  # interleaved, so a slow minute of the machine hits both
+        without += timed("plain")
+        with_key += timed("keyed")
+    close_executor(executor)
+    writer.close()
+    engine.dispose()
+    return statistics.median(without), statistics.median(with_key)
+
+
+def gaps(client: Client, url: str, name: str, queue: str, n: int) -> list[float]:
+    made = [
+        r.id
+        for r in client.enqueue_many(
+            {"name": name, "params": {"key": "one"}, "queue": queue} for _ in range(n)
+        )
+    ]
+    engine = create_engine(url)
+
+    def done() -> bool:
+        with engine.connect() as conn:
+            finished = conn.execute(
+                select(func.count()).where(runs.c.id.in_(made), runs.c.status == "succeeded")
+            ).scalar_one()
+        return int(finished) == n
+
+    wait_for(done, timeout=n * 0.5 + 60, every=0.5, what=f"{n} {name} runs")
+    with engine.connect() as conn:
+        spans = conn.execute(
+            select(runs.c.started_at, runs.c.finished_at)
+            .where(runs.c.id.in_(made))
+            .order_by(runs.c.started_at)
+        ).all()
+    engine.dispose()
+    return [(b.started_at - a.finished_at).total_seconds() for a, b in itertools.pairwise(spans)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=2000, help="runs per overhead measurement")
+    parser.add_argument("--chain", type=int, default=300, help="runs of one key (hand-over)")
+    args = parser.parse_args()
+    configure_logging("console", "WARNING")
+    url = fresh_database("conveyor_bench_limits")
+    p50_without, p50_with = overhead(url, args.runs)
+    env = conveyor_env(url)
+    with Processes() as procs:
+        procs.start(["-m", "conveyor", "scheduler"], env, "limits-scheduler")
+        procs.start([*conveyor_worker_argv("keyed", 2), "-Q", "keyed"], env, "limits-keyed")
+        procs.start([*conveyor_worker_argv("serial", 1), "-Q", "serial"], env, "limits-serial")
+        settings = load_settings(
+            database_url=url, broker_url=env["CONVEYOR_BROKER_URL"], task_modules="bench.tasks"
+        )
+        with Client(settings) as client:
+            base = gaps(client, url, "bench_unkeyed", "serial", args.chain)
+            keyed = gaps(client, url, "bench_keyed", "keyed", args.chain)
+
+    added_ms = (p50_with - p50_without) * 1000
+    print("\nlimits: keyed concurrency, PostgreSQL, this machine\n")
+    table(
+        ["what", "p50 ms", "p99 ms"],
+        [
+            ["a run without a key: claim + task + finish", f"{p50_without * 1000:.3f}", ""],
+            ["the same run with a key", f"{p50_with * 1000:.3f}", ""],
+            [
+                "gap between runs, one slot, no key (baseline)",
+                f"{percentile(base, 50) * 1000:.1f}",
+                f"{percentile(base, 99) * 1000:.1f}",
+            ],
+            [
+                "gap from a freed slot to the next run of its key",
+                f"{percentile(keyed, 50) * 1000:.1f}",
+                f"{percentile(keyed, 99) * 1000:.1f}",
+            ],
+        ],
+    )
+    print(f"\nratio (with key / without, per run): {p50_with / p50_without:.2f}x")
+    ratio = percentile(keyed, 50) / percentile(base, 50)
+    print(f"ratio (hand-over gap / one-slot gap, p50): {ratio:.2f}x")
+    print(
+        f"added per run: {added_ms:.3f} ms (target <= 0.3 ms): "
+        f"{'met' if added_ms <= 0.3 else 'MISSED'}"
+    )
+    p99 = percentile(keyed, 99) * 1000
+    print(f"hand-over p99: {p99:.1f} ms (target <= 100 ms): {'met' if p99 <= 100 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
