@@ -25,11 +25,12 @@ from typing import Any
 
 import psutil
 import redis
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from domain.db.migrate import upgrade
+from domain.db.models import runs
 from tests.services import PrivateRedis
 
 PG_ADMIN = os.environ.get("CONVEYOR_BENCH_PG", "postgresql+psycopg://127.0.0.1:5432/test")
@@ -381,3 +382,20 @@ __all__ = [
     "timed",
     "wait_for",
 ]
+
+
+def wait_succeeded(url: str, ids: list[Any], *, timeout: float, what: str) -> None:
+    """Wait until every run of `ids` has succeeded (polled every half second)."""
+    engine = create_engine(url)
+
+    def done() -> bool:
+        with engine.connect() as conn:
+            finished = conn.execute(
+                select(func.count()).where(runs.c.id.in_(ids), runs.c.status == "succeeded")
+            ).scalar_one()
+        return int(finished) == len(ids)
+
+    try:
+        wait_for(done, timeout=timeout, every=0.5, what=what)
+    finally:
+        engine.dispose()

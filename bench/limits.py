@@ -21,7 +21,7 @@ import statistics
 import time
 from typing import Any
 
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, select
 
 from bench.common import (
     Processes,
@@ -32,7 +32,7 @@ from bench.common import (
     in_process_executor,
     percentile,
     table,
-    wait_for,
+    wait_succeeded,
 )
 from conveyor import Client, Limit
 from domain.db.engine import create_db_engine
@@ -96,16 +96,8 @@ def gaps(client: Client, url: str, name: str, queue: str, n: int) -> list[float]
             {"name": name, "params": {"key": "one"}, "queue": queue} for _ in range(n)
         )
     ]
+    wait_succeeded(url, made, timeout=n * 0.5 + 60, what=f"{n} {name} runs")
     engine = create_engine(url)
-
-    def done() -> bool:
-        with engine.connect() as conn:
-            finished = conn.execute(
-                select(func.count()).where(runs.c.id.in_(made), runs.c.status == "succeeded")
-            ).scalar_one()
-        return int(finished) == n
-
-    wait_for(done, timeout=n * 0.5 + 60, every=0.5, what=f"{n} {name} runs")
     with engine.connect() as conn:
         spans = conn.execute(
             select(runs.c.started_at, runs.c.finished_at)

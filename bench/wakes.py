@@ -18,7 +18,7 @@ import argparse
 import time
 from datetime import UTC, datetime
 
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, select
 
 from bench.common import (
     Processes,
@@ -27,7 +27,7 @@ from bench.common import (
     fresh_database,
     percentile,
     table,
-    wait_for,
+    wait_succeeded,
 )
 from conveyor import Client
 from domain.db.models import runs
@@ -46,16 +46,8 @@ def measure(client: Client, url: str, name: str, n: int, rate: float, lead: floa
             for t in times
         ]
     made = [r.id for r in client.enqueue_many(items)]
+    wait_succeeded(url, made, timeout=lead + n / rate + 120, what=f"{n} {name} runs")
     engine = create_engine(url)
-
-    def done() -> bool:
-        with engine.connect() as conn:
-            finished = conn.execute(
-                select(func.count()).where(runs.c.id.in_(made), runs.c.status == "succeeded")
-            ).scalar_one()
-        return int(finished) == n
-
-    wait_for(done, timeout=lead + n / rate + 120, every=0.5, what=f"{n} {name} runs")
     with engine.connect() as conn:
         late = conn.execute(select(runs.c.result).where(runs.c.id.in_(made))).scalars().all()
     engine.dispose()

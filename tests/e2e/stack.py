@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -132,3 +133,18 @@ class Stack:
             if proc.poll() is None:
                 self.kill(proc, signal.SIGTERM)
         self.procs.clear()
+
+
+@contextlib.contextmanager
+def with_scheduler(database_url: str, broker_url: str, tmp_path: Path) -> Iterator[Stack]:
+    """A Stack on an emptied broker database with a scheduler running (its relay and reaper),
+    every process stopped afterwards."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    stack = Stack(database_url, logs, broker_url)
+    stack.redis.flushdb()
+    stack.scheduler()
+    try:
+        yield stack
+    finally:
+        stack.stop_all()

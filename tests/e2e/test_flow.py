@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from domain.db.models import runs
-from tests.e2e.stack import Stack
+from tests.e2e.stack import Stack, with_scheduler
 from tests.polling import eventually
 from tests.services import PrivateRedis
 
@@ -24,13 +24,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
 @pytest.fixture
 def stack(pg_url: str, redis_server: PrivateRedis, tmp_path: Path) -> Iterator[Stack]:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    s = Stack(pg_url, logs, redis_server.url(13))
-    s.redis.flushdb()
-    s.scheduler()  # the relay and the reaper
-    yield s
-    s.stop_all()
+    with with_scheduler(pg_url, redis_server.url(13), tmp_path) as s:  # its reaper recovers
+        yield s
 
 
 def _finished(stack: Stack, ids: list[uuid.UUID]) -> list[tuple[str, str, object, object]]:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from conveyor import Client
 from domain.db.models import cost_entries, run_signals, run_steps, runs
-from tests.e2e.stack import Stack
+from tests.e2e.stack import Stack, with_scheduler
 from tests.polling import consistently, eventually
 from tests.services import PrivateRedis
 
@@ -27,13 +27,8 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 @pytest.fixture
 def stack(db_url: str, redis_server: PrivateRedis, tmp_path: Path) -> Iterator[Stack]:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    s = Stack(db_url, logs, redis_server.url(12))
-    s.redis.flushdb()
-    s.scheduler()  # its reaper gives the killed worker's run back
-    yield s
-    s.stop_all()
+    with with_scheduler(db_url, redis_server.url(12), tmp_path) as s:  # its reaper recovers
+        yield s
 
 
 def _lines(path: Path) -> list[str]:
