@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
@@ -17,7 +17,6 @@ from domain.costs.admission import Refused
 from domain.costs.prices import Prices
 from domain.db.models import run_logs
 from domain.errors import (
-    BrokerUnavailable,
     InvalidInput,
     LeaseLost,
     NonDeterministicStep,
@@ -31,6 +30,7 @@ from domain.ports import Dispatch, Publisher
 from domain.runs import lines, signals
 from domain.runs import store as runstore
 from domain.runs.chains import chain_follow_up, chain_possible
+from domain.runs.recovery import send_or_hand_back
 from domain.runs.store import Claim, RunStore
 from domain.storage import run_store
 from domain.tasks.catalog import permissive
@@ -239,7 +239,6 @@ class Executor:
         logs, metrics = self.writer.take_run(claim.run_id)
         if metrics or len(logs) > self.store.max_inline_lines or claim.concurrency_key:
             fast = None
-        handed: list[Dispatch] = []
         delay, deadline = 0.1, time.monotonic() + self.lease_s
         while True:
             try:
@@ -250,8 +249,9 @@ class Executor:
                 with self.engine.begin() as conn:
                     LogWriter.write_rows(conn, logs, metrics)
                     write(conn)
-                    handed = self._hand_on_slot(conn, claim)
-                self._publish(handed)
+                    handed_at = self.clock()
+                    woken = self._hand_on_slot(conn, claim, handed_at)
+                self._publish(woken, handed_at)
                 return None
             except LeaseLost:
                 if fast is None:
@@ -272,26 +272,22 @@ class Executor:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _hand_on_slot(self, conn: Connection, claim: Claim) -> list[Dispatch]:
+    def _hand_on_slot(self, conn: Connection, claim: Claim, now: datetime) -> list[Dispatch]:
         """This attempt stops holding its key's slot (in its final transaction): the oldest
         waiters of the key are due now, to be published once it commits."""
         if claim.concurrency_key is None:
             return []
-        return concurrency.refill(
-            conn,
-            claim.concurrency_key,
-            claim.concurrency_max or 1,
-            now=self.clock(),
-            publishing=self.publisher is not None,
-        )
+        most = claim.concurrency_max or 1
+        publishing = self.publisher is not None
+        return concurrency.refill(conn, claim.concurrency_key, most, now=now, publishing=publishing)
 
-    def _publish(self, dispatches: list[Dispatch]) -> None:
-        if not dispatches or self.publisher is None:
-            return
-        try:
-            self.publisher.publish(dispatches)
-        except BrokerUnavailable as exc:  # marked dispatched: the relay sends them again
-            log.warning("run.hand_on_unpublished", runs=len(dispatches), reason=str(exc))
+    def _publish(self, woken: list[Dispatch], marked_at: datetime) -> None:
+        if woken and self.publisher is not None:
+            publisher = self.publisher
+            ids = [d.run_id for d in woken]
+            send_or_hand_back(
+                lambda: publisher.publish(woken), self.engine, ids, marked_at=marked_at
+            )
 
     def _finish(
         self,

@@ -241,31 +241,20 @@ def refill(
     return [Dispatch(r.id, r.name, r.queue, r.priority, r.params) for r in woken]
 
 
-def refill_keys(
-    conn: Connection,
-    keys: Iterable[tuple[str | None, int | None]],
-    *,
-    now: datetime,
-    publishing: bool,
+def hand_on(
+    conn: Connection, run_ids: Iterable[uuid.UUID], *, now: datetime, publishing: bool
 ) -> list[Dispatch]:
-    """`refill` for each distinct key of runs that stopped holding (None keys skipped), in
-    key order, so two callers lock keys in the same order."""
-    woken: list[Dispatch] = []
-    for key, most in sorted({(k, m or 1) for k, m in keys if k is not None}):
-        woken.extend(refill(conn, key, most, now=now, publishing=publishing))
-    return woken
-
-
-def keys_of(conn: Connection, run_ids: Iterable[uuid.UUID]) -> list[tuple[str | None, int | None]]:
-    """The keys (and their max) of those of `run_ids` that have one."""
+    """`refill` each key held by one of `run_ids` (runs that stopped holding, or waiters that
+    will not take the slot they were handed), keys in order so two callers lock them alike."""
     ids = list(run_ids)
     if not ids:
         return []
-    return [
-        (r.concurrency_key, r.concurrency_max)
-        for r in conn.execute(
-            select(runs.c.concurrency_key, runs.c.concurrency_max).where(
-                runs.c.id.in_(ids), runs.c.concurrency_key.is_not(None)
-            )
-        )
-    ]
+    keys = conn.execute(
+        select(runs.c.concurrency_key, runs.c.concurrency_max)
+        .where(runs.c.id.in_(ids), runs.c.concurrency_key.is_not(None))
+        .distinct()
+    ).all()
+    woken: list[Dispatch] = []
+    for key, most in sorted(keys):
+        woken.extend(refill(conn, key, most or 1, now=now, publishing=publishing))
+    return woken

@@ -66,8 +66,7 @@ def cancel_run(
             )
         _cancel_descendants(uow, run_id, now, f"its parent run {run_id} was cancelled")
         # A cancelled waiter may have been handed a slot it will not take now.
-        keys = concurrency.keys_of(uow.conn, [run_id])
-        concurrency.refill_keys(uow.conn, keys, now=now, publishing=False)
+        concurrency.hand_on(uow.conn, [run_id], now=now, publishing=False)
         # Through audit.record, like every other audited change: details are masked and bounded.
         audit.record(
             uow,

@@ -16,9 +16,9 @@ from sqlalchemy.exc import IntegrityError
 from domain.clock import uuid7_many
 from domain.costs import ledger as costs
 from domain.db.unit_of_work import UnitOfWork
-from domain.errors import BrokerUnavailable, Conflict, InvalidInput
+from domain.errors import Conflict, InvalidInput
 from domain.ports import Catalog, Dispatch, OpenCatalog, Publisher, send_later
-from domain.runs.recovery import hand_back
+from domain.runs.recovery import send_or_hand_back
 from domain.runs.requests import EnqueueRequest
 from domain.runs.rows import run_row
 from domain.runs.views import RunView
@@ -177,7 +177,7 @@ def _prepare_publish(
     if not dispatches:
         return None
     send = send_later(publisher, dispatches)
-    return lambda: _publish(send, engine, [d.run_id for d in dispatches], now)
+    return lambda: send_or_hand_back(send, engine, [d.run_id for d in dispatches], marked_at=now)
 
 
 def _insert(
@@ -271,14 +271,3 @@ def _explain_integrity_error(uow: UnitOfWork, rows: list[dict[str, Any]]) -> Non
             raise InvalidInput(
                 f"project: no project named {project!r} (create it first)", field="project"
             )
-
-
-def _publish(
-    send: Callable[[], None], engine: Engine, run_ids: list[uuid.UUID], marked_at: datetime
-) -> None:
-    try:
-        send()
-    except BrokerUnavailable as exc:
-        # The runs are committed: the relay publishes them as soon as it reaches the broker.
-        log.warning("run.publish_deferred", count=len(run_ids), reason=str(exc))
-        hand_back(engine, run_ids, marked_at=marked_at)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -81,6 +82,19 @@ def relay_once(
     return RelayResult(len(due), republished)
 
 
+def send_or_hand_back(
+    send: Callable[[], None], engine: Engine, run_ids: list[uuid.UUID], *, marked_at: datetime
+) -> None:
+    """Send runs marked dispatched at `marked_at` after their commit; if the broker cannot be
+    reached, hand them back to the relay (`hand_back`)."""
+    try:
+        send()
+    except BrokerUnavailable as exc:
+        # The runs are committed: the relay publishes them as soon as it reaches the broker.
+        log.warning("run.publish_deferred", count=len(run_ids), reason=str(exc))
+        hand_back(engine, run_ids, marked_at=marked_at)
+
+
 def hand_back(engine: Engine, run_ids: list[uuid.UUID], *, marked_at: datetime) -> None:
     """Runs whose publish right after commit failed (the broker is down) go back to the relay,
     which publishes them at its first sweep that reaches the broker, rather than a dispatch
@@ -112,8 +126,7 @@ def reap_once(engine: Engine, *, clock: Clock) -> tuple[int, int]:
         requeued, failed = reap_expired(conn, now=now)
         reservations.release_held(conn, [*requeued, *failed], now=now)
         # Their slots are free now: the keys' waiters are due, and the relay sends them.
-        keys = concurrency.keys_of(conn, [*requeued, *failed])
-        concurrency.refill_keys(conn, keys, now=now, publishing=False)
+        concurrency.hand_on(conn, [*requeued, *failed], now=now, publishing=False)
     for run_id in requeued:
         log.warning("run.lease_expired", run_id=str(run_id), action="requeued")
     for run_id in failed:
