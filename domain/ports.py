@@ -57,6 +57,8 @@ class TargetDefaults:
     #: key a template over params, a function of them, or None when only code can compute it.
     concurrency_max: int | None = None
     concurrency_key: str | Callable[..., str] | None = None
+    #: The named rate limit a run takes one request of as it starts (domain/flow/rates.py).
+    rate_limit: str | None = None
 
 
 class Catalog(Protocol):

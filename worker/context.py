@@ -29,6 +29,7 @@ from domain.runs.store import Claim, RunStore, SqlRunStore
 from domain.security.masking import NO_SECRETS, Masker
 from worker.children import Child, gather, spawn_many
 from worker.masked_sink import LineSink, MaskedSink
+from worker.rates import Grant, RateLimits
 from worker.spending import Spending
 from worker.steps import StepRunner
 
@@ -39,7 +40,7 @@ STOP_ERRORS: dict[str, type[RunStopped]] = {
 }
 
 
-class TaskContext(Spending):
+class TaskContext(Spending, RateLimits):
     """Handed to every task as its first argument.
 
     Logs and metrics are buffered (cheap); steps are written at once, since people watch them
@@ -87,6 +88,8 @@ class TaskContext(Spending):
         #: The step running now (its seq): costs recorded inside it carry it.
         self._current_step: int | None = None
         self._steps = StepRunner(self)
+        #: Room taken with ctx.acquire: the oldest open one is settled by the next ctx.cost.
+        self._grants: list[Grant] = []
 
     # -- identity ---------------------------------------------------------------------------
     @property

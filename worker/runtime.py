@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from domain.clock import utc_now
 from domain.costs.prices import Prices
 from domain.db.engine import create_db_engine
+from domain.flow import rates
 from domain.gc_pause import freeze_startup_heap
 from domain.pipelines.discovery import PipelineCatalog
 from domain.runs.chains import check_chains
@@ -72,7 +73,7 @@ class WorkerRuntime:
                 on_abandon=self._abandon,
             )
             queues = [q for q in os.environ.get("CONVEYOR_WORKER_QUEUES", "").split(",") if q]
-            task_catalog.publish(self.engine, registry.specs(), owner=self.owner, now=utc_now())
+            publish_definitions(self.engine, registry, owner=self.owner)
             self.registration = Registration(
                 self.engine,
                 self.owner,
@@ -138,11 +139,21 @@ def publish_catalog(settings: Settings, registry: Registry = REGISTRY) -> None:
     engine = create_db_engine(settings.effective_database_url, null_pool=True)
     try:
         owner = f"{socket.gethostname()}:{os.getpid()}"
-        task_catalog.publish(engine, registry.specs(), owner=owner, now=utc_now())
+        publish_definitions(engine, registry, owner=owner)
     except Exception as exc:  # each pool process publishes again when it starts
         log.warning("catalog.publish_failed", reason=str(exc), next="when a pool process starts")
     finally:
         engine.dispose()
+
+
+def publish_definitions(engine: Engine, registry: Registry, *, owner: str) -> None:
+    """What this process's code defines, for everyone: its tasks (the catalog) and its rate
+    limits (domain/flow/rates.py)."""
+    task_catalog.publish(engine, registry.specs(), owner=owner, now=utc_now())
+    with engine.begin() as conn:
+        written = rates.sync(conn, now=utc_now())
+    if written:
+        log.info("rate_limits.defined", owner=owner, names=written)
 
 
 _lock = threading.Lock()

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
@@ -20,6 +21,9 @@ from domain.runs.store import Claim
 from domain.security.masking import Masker
 from worker.masked_sink import LineSink
 from worker.steps import StepRunner
+
+if TYPE_CHECKING:
+    from worker.rates import Grant
 
 
 class Spending:
@@ -42,6 +46,8 @@ class Spending:
     log: Callable[..., None]
     stop: Callable[[str, str], None]
     check_cancel: Callable[[], None]
+    _grants: list[Grant]
+    _settle_grant: Callable[[int], None]
 
     def cost(
         self,
@@ -62,6 +68,9 @@ class Spending:
         A run with no budget, in a project with no monthly limit, outside `reserve()`, has
         nothing to check per call: its entries are buffered like log lines and written in
         batches with its totals, all before its final state.
+
+        After `ctx.acquire(..., tokens=estimate)`, the tokens given here settle the oldest
+        grant still open (the estimate corrected to the actual, domain/flow/rates.py).
         """
         # The usual values are checked inline (this runs per LLM call, sometimes in tight
         # loops); anything else goes through the validators, which raise with the reason.
@@ -75,6 +84,8 @@ class Spending:
             tokens_out = costs.as_tokens(tokens_out, field="tokens_out")
         if type(requests) is not int or not 0 <= requests <= costs.MAX_INT32:
             requests = costs.as_tokens(requests, field="requests", most=costs.MAX_INT32)
+        if self._grants:
+            self._settle_grant(tokens_in + tokens_out)
         if self._masker:
             provider, model = self._masker(provider), self._masker(model)
         if usd is None:

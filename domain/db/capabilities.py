@@ -37,6 +37,9 @@ class Capabilities:
     read_committed: bool
     #: date_trunc and percentile aggregates: statistics computed by the server.
     server_stats: bool
+    #: conveyor's own SQL functions (migration 0016's conveyor_rate_take): a rate limit's take
+    #: in one round trip; else the same steps one statement at a time.
+    stored_functions: bool
 
 
 POSTGRESQL = Capabilities(
@@ -50,6 +53,7 @@ POSTGRESQL = Capabilities(
     idle_timeouts=True,
     read_committed=True,
     server_stats=True,
+    stored_functions=True,
 )
 SQLITE = Capabilities(
     row_locks=False,
@@ -62,6 +66,7 @@ SQLITE = Capabilities(
     idle_timeouts=False,
     read_committed=False,
     server_stats=False,
+    stored_functions=False,
 )
 
 

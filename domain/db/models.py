@@ -163,6 +163,9 @@ class Run(Base):
     #: At most concurrency_max runs with this key run at once (domain/flow/concurrency.py).
     concurrency_key: Mapped[str | None] = mapped_column(String(200))
     concurrency_max: Mapped[int | None] = mapped_column(Integer)
+    #: The named rate limit one request of which the run takes as it starts
+    #: (domain/flow/rates.py).
+    rate_limit: Mapped[str | None] = mapped_column(String(100))
 
 
 def _run_fk() -> Mapped[uuid.UUID]:

@@ -300,3 +300,38 @@ class CostReservation(Base):
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
     settled_at: Mapped[datetime | None]
+
+
+class RateLimitRow(Base):
+    """A named rate limit shared by all workers (domain/flow/rates.py): requests and tokens per
+    minute, either or both. Defined in code (synced when a worker starts), by the CLI or the API."""
+
+    __tablename__ = "rate_limits"
+    __table_args__ = (
+        CheckConstraint(
+            "requests_per_minute IS NOT NULL OR tokens_per_minute IS NOT NULL", name="some_limit"
+        ),
+        CheckConstraint("requests_per_minute IS NULL OR requests_per_minute > 0", name="rpm"),
+        CheckConstraint("tokens_per_minute IS NULL OR tokens_per_minute > 0", name="tpm"),
+    )
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    requests_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    #: Where it was defined last: code, cli or api.
+    defined_in: Mapped[str] = mapped_column(String(10))
+    updated_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class RateUsage(Base):
+    """What a rate limit gave out in one second (Unix seconds, the database's clock): the
+    window a take checks is the last 61 of these rows."""
+
+    __tablename__ = "rate_usage"
+
+    limit_name: Mapped[str] = mapped_column(
+        String(100), ForeignKey("rate_limits.name", ondelete="CASCADE"), primary_key=True
+    )
+    second: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -43,6 +43,11 @@ def seconds_between(conn: Connection, start: Any, end: Any) -> Any:
     return (func.julianday(end) - func.julianday(start)) * 86400.0
 
 
+def greatest(conn: Connection, *values: Any) -> Any:
+    """The largest of `values` (SQLite's two-argument max is its GREATEST)."""
+    return func.max(*values) if conn.dialect.name == "sqlite" else func.greatest(*values)
+
+
 def lock_key(conn: Connection, key: str) -> None:
     """Hold a lock named `key` until the transaction ends (a transaction-scoped advisory lock
     on PostgreSQL); on SQLite every write transaction already holds the one writer lock."""

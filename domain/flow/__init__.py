@@ -2,4 +2,7 @@
 
 concurrency.py: at most N runs per key at once (`@task(concurrency=Limit(...))`), the others
 waiting without a worker and handed a slot as one frees.
+rates.py: named limits in requests and tokens per minute (`@task(rate_limit=...)`,
+`ctx.acquire`), counted per second in PostgreSQL, the same for every worker.
+parking.py: how a gate makes a run wait at its claim, without holding a worker.
 """

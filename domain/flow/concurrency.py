@@ -31,6 +31,7 @@ from sqlalchemy import Connection, and_, func, select, tuple_, update
 from domain.db import sql
 from domain.db.models import runs
 from domain.errors import ConfigurationError, InvalidInput
+from domain.flow.parking import Wait, park
 from domain.ports import Dispatch
 from domain.runs.states import Status
 
@@ -128,15 +129,6 @@ def check_key(value: Any) -> str:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class Wait:
-    """The gate's answer for a run that may not start: it now waits, until `wake_at` at most."""
-
-    reason: str
-    wake_at: datetime
-    detail: str
-
-
 def _holding(key: str, now: datetime) -> Any:
     return and_(
         runs.c.concurrency_key == key,
@@ -188,18 +180,8 @@ def gate(
     if holders + ahead < most:
         return PASSED
     wake_at = now + timedelta(seconds=NET_S)
-    values: dict[str, Any] = {
-        "status": Status.WAITING,
-        "wait_reason": PREFIX + key,
-        "not_before": wake_at,
-        "dispatched_at": None,
-        "lease_owner": None,
-        "lease_expires_at": None,
-    }
-    if row.status != Status.WAITING:
-        # The attempt opens here, waiting: the claim that starts it goes on with it.
-        values["attempt"] = runs.c.attempt + 1
-    conn.execute(update(runs).where(runs.c.id == run_id, claimable).values(**values))
+    opened = row.status == Status.WAITING
+    park(conn, run_id, claimable, opened=opened, reason=PREFIX + key, wake_at=wake_at)
     if holders < most:
         # A slot is free but older runs wait for it: one of them may have come to the gate
         # after the slot's hand-over went to a younger one (deliveries are not in creation

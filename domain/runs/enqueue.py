@@ -17,6 +17,7 @@ from domain.clock import uuid7_many
 from domain.costs import ledger as costs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, InvalidInput
+from domain.flow import rates
 from domain.ports import Catalog, Dispatch, OpenCatalog, Publisher, send_later
 from domain.runs.recovery import send_or_hand_back
 from domain.runs.requests import EnqueueRequest
@@ -140,6 +141,7 @@ def enqueue_many(
         rows = [hold_after(row, after) for row in rows]
     with uow:
         costs.check_can_enqueue(uow.conn, {row["project"] for row in rows}, now)
+        rates.check_known(uow.conn, {row["rate_limit"] for row in rows})
         if after is not None:
             uow.runs.get(after)  # RunNotFound: a run cannot wait for one that does not exist
         try:

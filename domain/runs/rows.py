@@ -65,6 +65,7 @@ def run_row(
         "callback_url": req.callback_url,
         "concurrency_key": key,
         "concurrency_max": most,
+        "rate_limit": defaults.rate_limit,
     }
 
 

@@ -19,7 +19,8 @@ from domain.costs import admission
 from domain.db.engine import single_statement
 from domain.db.models import run_logs, runs
 from domain.errors import LeaseLost
-from domain.flow import concurrency
+from domain.flow import concurrency, rates
+from domain.flow.parking import Wait
 from domain.runs import fence, steps
 from domain.runs.lines import lock_for_lines
 from domain.runs.states import TERMINAL, Status
@@ -71,8 +72,12 @@ class Claim:
 
 #: Runs the first claim statement takes at once: nothing to admit (domain/costs/admission.py)
 #: and no concurrency key to pass (domain/flow/concurrency.py). The others take the checks.
-NOTHING_TO_CHECK = and_(admission.NOTHING_TO_CHECK, runs.c.concurrency_key.is_(None))
-NOTHING_TO_CHECK_SQL = f"{admission.NOTHING_TO_CHECK_SQL}\n  AND concurrency_key IS NULL"
+NOTHING_TO_CHECK = and_(
+    admission.NOTHING_TO_CHECK, runs.c.concurrency_key.is_(None), runs.c.rate_limit.is_(None)
+)
+NOTHING_TO_CHECK_SQL = (
+    f"{admission.NOTHING_TO_CHECK_SQL}\n  AND concurrency_key IS NULL AND rate_limit IS NULL"
+)
 
 
 def _claimable(now: datetime) -> Any:
@@ -104,22 +109,30 @@ def claim_checked(
     conn: Connection, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float
 ) -> Claim | admission.Refused | None:
     """`claim` for a run that may have limits to check: admit it (spend), let it through its
-    key's gate (a slot free, or it waits), then take it."""
+    key's gate (a slot free, or it waits) and its rate limit's (one request, or it waits),
+    then take it."""
     admitted = admission.admit(conn, run_id, _claimable(now), now=now)
     if isinstance(admitted, admission.Refused):
         return admitted
     if not admitted:
         return None
-    wait = concurrency.gate(conn, run_id, _claimable(now), now=now)
-    if isinstance(wait, concurrency.Wait):
-        return admission.Refused(
-            run_id, held=True, reason=wait.detail, recheck_at=wait.wake_at, waits=wait.reason
-        )
-    if wait is concurrency.PASSED:
-        # The key's lock may have been waited for: the run starts now, not when the claim was
-        # asked (else its started_at could precede the end of the run it waited for).
+    keyed = concurrency.gate(conn, run_id, _claimable(now), now=now)
+    if isinstance(keyed, Wait):
+        return _waits(run_id, keyed)
+    rated = rates.gate(conn, run_id, _claimable(now), now=now)
+    if isinstance(rated, Wait):
+        return _waits(run_id, rated)
+    if keyed is concurrency.PASSED or rated is rates.PASSED:
+        # A lock may have been waited for: the run starts now, not when the claim was asked
+        # (else its started_at could precede the end of the run it waited for).
         now = max(now, utc_now())
     return _take(conn, run_id, _claimable(now), owner, now, lease_s)
+
+
+def _waits(run_id: uuid.UUID, wait: Wait) -> admission.Refused:
+    return admission.Refused(
+        run_id, held=True, reason=wait.detail, recheck_at=wait.wake_at, waits=wait.reason
+    )
 
 
 def _take(

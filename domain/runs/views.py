@@ -60,6 +60,8 @@ class RunView:
     #: At most concurrency_max runs with this key run at once (domain/flow/concurrency.py).
     concurrency_key: str | None = None
     concurrency_max: int | None = None
+    #: The rate limit it takes one request of as it starts (domain/flow/rates.py).
+    rate_limit: str | None = None
 
     @classmethod
     def from_row(cls, row: RowMapping) -> RunView:

@@ -65,6 +65,7 @@ class CatalogEntry:
             timeout_s=o.get("timeout_s"),
             concurrency_max=(o.get("concurrency") or {}).get("max"),
             concurrency_key=(o.get("concurrency") or {}).get("key"),
+            rate_limit=o.get("rate_limit"),
         )
 
     def stale(self, now: datetime) -> bool:
@@ -85,6 +86,8 @@ def row_for(spec: TaskSpec) -> dict[str, Any]:
     }
     if spec.concurrency is not None:  # only then: other tasks keep the version they had
         options["concurrency"] = spec.concurrency.to_dict()
+    if spec.rate_limit is not None:
+        options["rate_limit"] = spec.rate_limit
     schema = spec.params_schema
     return {
         "name": spec.name,

@@ -13,6 +13,7 @@ from typing import Any, TypeVar, overload
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from domain.errors import ConfigurationError, InvalidInput, UnknownTask
+from domain.flow import rates
 from domain.flow.concurrency import Limit
 from domain.ports import Catalog, TargetDefaults
 from domain.runs.requests import NAME_PATTERN, invalid_from
@@ -81,6 +82,7 @@ class TaskSpec:
     on_success: str | None = None
     on_failure: str | None = None
     concurrency: Limit | None = None
+    rate_limit: str | None = None
 
     @cached_property
     def params_schema(self) -> dict[str, Any]:
@@ -115,6 +117,7 @@ class TaskSpec:
             timeout_s=self.timeout_s,
             concurrency_max=None if self.concurrency is None else self.concurrency.max,
             concurrency_key=None if self.concurrency is None else self.concurrency.key,
+            rate_limit=self.rate_limit,
         )
 
 
@@ -189,6 +192,7 @@ class Registry:
         on_success: str | None = None,
         on_failure: str | None = None,
         concurrency: Limit | None = None,
+        rate_limit: str | None = None,
     ) -> Callable[[F], F]:
         def register(fn: F) -> F:
             task_name = name or fn.__name__
@@ -201,6 +205,11 @@ class Registry:
                         f"got {concurrency!r}"
                     )
                 concurrency.check_params(task_name, params_model.model_fields)
+            if rate_limit is not None:
+                try:
+                    rates.check_name(rate_limit, field="rate_limit")
+                except InvalidInput as exc:
+                    raise ConfigurationError(f"task {task_name!r}: {exc}") from None
             self.add(
                 TaskSpec(
                     name=task_name,
@@ -215,6 +224,7 @@ class Registry:
                     on_success=on_success,
                     on_failure=on_failure,
                     concurrency=concurrency,
+                    rate_limit=rate_limit,
                 )
             )
             fn.conveyor_task = task_name  # type: ignore[attr-defined]
@@ -259,6 +269,7 @@ def task(
     on_success: str | None = None,
     on_failure: str | None = None,
     concurrency: Limit | None = None,
+    rate_limit: str | None = None,
 ) -> Callable[[F], F]: ...
 def task(*args: Any, **kwargs: Any) -> Any:
     """Register a task: `@task` or `@task(name=..., queue=..., max_attempts=..., timeout=...)`."""
