@@ -19,6 +19,7 @@ from api import (
     openapi,
     routes_admin,
     routes_costs,
+    routes_limits,
     routes_pipelines,
     routes_runs,
     routes_schedules,
@@ -107,6 +108,7 @@ def create_api(
         routes_pipelines,
         routes_stats,
         routes_costs,
+        routes_limits,
         routes_admin,
     ):
         app.include_router(module.router)

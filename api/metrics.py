@@ -20,6 +20,7 @@ from api.options import ApiOptions
 from domain.clock import utc_now
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import ConveyorError
+from domain.flow import manage as limits
 from domain.housekeeping import monitoring as observability
 from domain.settings import Settings
 
@@ -130,7 +131,19 @@ class DatabaseCollector:
             "Age of the oldest pending run that is due (0 when none waits): the outbox lag.",
             value=snap.oldest_due_age_s,
         )
+        yield from self._limits()
         yield from self._queues(snap.pending_queues)
+
+    def _limits(self) -> Iterator[Metric]:
+        waiting = GaugeMetricFamily(
+            "conveyor_limit_waiting",
+            "Runs waiting for a limit: kind rate (per rate limit, at start or in ctx.acquire) "
+            f"or concurrency (per key, the busiest {limits.MAX_KEYS_MEASURED}).",
+            labels=["kind", "name"],
+        )
+        for kind, name, count in limits.waiting_per_limit(self.state.reader(), now=utc_now()):
+            waiting.add_metric([kind, name], count)
+        yield waiting
 
     def _queues(self, pending: list[str]) -> Iterator[Metric]:
         state = self.state

@@ -10,7 +10,15 @@ import typer
 import typer.main
 from sqlalchemy.exc import DBAPIError
 
-from conveyor.cli import api_cli, notify_cli, pipelines_cli, processes, projects_cli, schedules_cli
+from conveyor.cli import (
+    api_cli,
+    limits_cli,
+    notify_cli,
+    pipelines_cli,
+    processes,
+    projects_cli,
+    schedules_cli,
+)
 from conveyor.cli import runs as runs_cli
 from conveyor.cli.metavars import name_values
 from conveyor.cli.output import console, err_console, fail, print_json
@@ -31,6 +39,7 @@ runs_cli.register_top_level(app)
 processes.register(app)
 schedules_cli.register(app)
 projects_cli.register(app)
+limits_cli.register(app)
 api_cli.register(app)
 pipelines_cli.register(app)
 notify_cli.register(app)

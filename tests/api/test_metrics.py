@@ -120,3 +120,32 @@ def test_readiness_fails_when_the_broker_is_down(db_url: str) -> None:
         assert "cannot reach the broker" in response.json()["error"]["message"]
         found = samples(api)
         assert found[("conveyor_broker_up", ())] == 0
+
+
+def test_runs_waiting_per_limit(db_url: str) -> None:
+    from domain.flow import manage, rates
+
+    with running_api(db_url, options=NO_CACHE) as api:
+        engine = api.state.engine
+        with engine.begin() as conn:
+            rates.save(conn, rates.RateLimit("openai", 5), defined_in="api", now=datetime.now(UTC))
+            rates.save(conn, rates.RateLimit("quiet", 5), defined_in="api", now=datetime.now(UTC))
+        for _ in range(2):
+            rid = create_run(api)["id"]
+            set_status(engine, rid, "waiting", wait_reason="rate:openai")
+        keys = [f"repo:{i:02d}" for i in range(manage.MAX_KEYS_MEASURED + 3)]
+        for key in keys:
+            rid = create_run(api, concurrency_key=key)["id"]
+            set_status(engine, rid, "waiting", wait_reason=f"concurrency:{key}")
+        found = samples(api)
+        assert found[("conveyor_limit_waiting", (("kind", "rate"), ("name", "openai")))] == 2
+        assert found[("conveyor_limit_waiting", (("kind", "rate"), ("name", "quiet")))] == 0
+        per_key = {
+            labels: value
+            for (name, labels), value in found.items()
+            if name == "conveyor_limit_waiting" and ("kind", "concurrency") in labels
+        }
+        # The busiest keys each get a series; the rest are summed into one.
+        assert len(per_key) == manage.MAX_KEYS_MEASURED + 1
+        other = (("kind", "concurrency"), ("name", manage.OTHER_KEYS))
+        assert per_key[other] == 3 and sum(per_key.values()) == len(keys)
