@@ -364,9 +364,15 @@ def gate(conn: Connection, run_id: Any, claimable: Any, *, now: datetime) -> Wai
     """For a claimable run: None if it names no rate limit, PASSED once it took its one
     request; otherwise the run is written waiting for the limit, here, and the Wait says so.
     A limit that no longer exists lets the run start, with a warning."""
+    # The run's row is locked first: a second delivery of the same run, claiming at the same
+    # moment, waits here and then finds it no longer claimable, instead of taking a request
+    # for a claim that cannot happen.
     row = conn.execute(
-        select(runs.c.rate_limit, runs.c.status, runs.c.created_at).where(
-            runs.c.id == run_id, claimable
+        sql.for_update(
+            conn,
+            select(runs.c.rate_limit, runs.c.status, runs.c.created_at).where(
+                runs.c.id == run_id, claimable
+            ),
         )
     ).first()
     if row is None or row.rate_limit is None:

@@ -305,3 +305,39 @@ def test_a_cancel_ends_an_acquire_that_waits(h: Harness) -> None:
     thread.join(15)
     assert not thread.is_alive()
     assert _row(h.engine, run_id)["status"] == "cancelled"
+
+
+@pytest.mark.postgres
+def test_two_deliveries_of_one_run_claiming_at_once_take_one_request(pg_engine: Engine) -> None:
+    from domain.runs import store
+    from tests.integration.conftest import harness
+
+    with harness(pg_engine) as h:
+
+        @h.registry.task(rate_limit="api")
+        def call(ctx: Any) -> None:
+            return None
+
+        _define(pg_engine, "api", rpm=10)
+        run_id = h.enqueue("call")
+    now = utc_now()
+    first = pg_engine.connect()
+    first.begin()
+    claimed = store.claim(first, run_id, owner="a", now=now, lease_s=30)
+    assert isinstance(claimed, store.Claim)
+    second: list[Any] = []
+
+    def other_delivery() -> None:
+        with pg_engine.begin() as conn:
+            second.append(store.claim(conn, run_id, owner="b", now=now, lease_s=30))
+
+    thread = threading.Thread(target=other_delivery)
+    thread.start()
+    time.sleep(0.3)  # it waits for the first claim's lock on the run
+    assert thread.is_alive()
+    first.commit()
+    first.close()
+    thread.join(10)
+    assert second == [None]
+    with pg_engine.connect() as conn:
+        assert conn.execute(select(func.sum(rates.usage.c.requests))).scalar_one() == 1
