@@ -110,7 +110,8 @@ class PipelineConfig(_Strict):
     description: str | None = None
     tags: list[str] = Field(default_factory=list)
     type: Literal["script", "notebook"] = "script"
-    python_version: str | None = Field(None, pattern=r"^3\.\d{1,2}(\.\d{1,3})?$")
+    # Any major.minor[.patch]: whether this worker has it is the environment's question (uv's).
+    python_version: str | None = Field(None, pattern=r"^\d{1,2}\.\d{1,3}(\.\d{1,3})?$")
     timeout: float = Field(0, ge=0)
     retry_attempts: int = Field(0, ge=0, le=99)
     retry_strategy: RetryStrategy | None = None

@@ -260,3 +260,11 @@ def test_uv_honours_pip_configuration(tmp_path: Path) -> None:
     assert uv["UV_PYTHON_DOWNLOADS"] == "never"
     explicit = uv_environment({**env, "UV_FIND_LINKS": "/mine"}, home=tmp_path, prefix=tmp_path)
     assert "UV_FIND_LINKS" not in explicit  # an explicit UV_* setting wins
+
+
+@pytest.mark.parametrize("version", ["3.11", "3.11.2", "2.1", "3.14"])
+def test_any_python_version_parses_whether_a_worker_has_it_is_asked_at_run_time(
+    version: str,
+) -> None:
+    config, error, _ = parse({"python_version": version})
+    assert error is None and config.python_version == version  # type: ignore[attr-defined]
