@@ -39,15 +39,28 @@ from domain.security.masking import MASK
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
-#: Fast-Flow keys that conveyor reads but does not act on: a warning, never a failure.
+#: Fast-Flow keys that conveyor reads but does not act on: a warning, never a failure. The
+#: compatibility table in pipelines/README.md quotes these reasons (a test holds them equal).
 FASTFLOW_UNSUPPORTED = {
     "schedules": "one schedule per pipeline: use the top-level schedule_* keys",
     "restart_on_crash": "daemon restarts are not supported",
     "restart_cooldown": "daemon restarts are not supported",
     "restart_interval": "daemon restarts are not supported",
-    "cells": "notebook pipelines are not supported",
+    "cells": "notebook pipelines are not supported yet (planned)",
 }
-_TRIGGER_UNSUPPORTED = {"on_route", "run_config_id"}
+_TRIGGER_UNSUPPORTED = {
+    "on_route": "route-based triggers (FASTFLOW_ROUTE_FILE) are not supported; "
+    "use on_success and on_failure",
+    "run_config_id": "run configurations (Fast-Flow's `schedules`) are not supported",
+}
+#: Names people bring from other schedulers (Airflow's retries/retry_delay, a notebook cell's
+#: delay_seconds), pointed at Fast-Flow's own key.
+_MISTAKEN = {
+    "retries": "retry_attempts",
+    "max_retries": "retry_attempts",
+    "retry_delay": "retry_strategy",
+    "delay_seconds": "retry_strategy",
+}
 
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -249,7 +262,8 @@ def parse_config(text: str | bytes | None, *, source: str) -> ParsedConfig:
     if config.type == "notebook":
         return ParsedConfig(
             None,
-            f"{source}: key 'type': \"notebook\" pipelines are not supported by conveyor; "
+            f"{source}: key 'type': \"notebook\" pipelines are not supported by conveyor yet "
+            "(planned); "
             'convert main.ipynb to main.py and use "script"',
             tuple(warnings),
         )
@@ -270,10 +284,11 @@ def _split_unknown(data: dict[str, Any], source: str) -> tuple[dict[str, Any], l
             kept[key] = value
         elif key in FASTFLOW_UNSUPPORTED:
             warnings.append(
-                f"{source}: key {key!r} is ignored: {FASTFLOW_UNSUPPORTED[key]} in conveyor"
+                f"{source}: key {key!r} is ignored by conveyor: {FASTFLOW_UNSUPPORTED[key]}"
             )
         else:
-            hint = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = [_MISTAKEN[key]] if key in _MISTAKEN else []
+            hint = hint or difflib.get_close_matches(key, sorted(known), n=1)
             also = f" (did you mean {hint[0]!r}?)" if hint else ""
             warnings.append(f"{source}: unknown key {key!r} is ignored{also}")
     triggers = kept.get("downstream_triggers")
@@ -281,10 +296,10 @@ def _split_unknown(data: dict[str, Any], source: str) -> tuple[dict[str, Any], l
         cleaned = []
         for i, item in enumerate(triggers):
             if isinstance(item, dict):
-                for key in sorted(_TRIGGER_UNSUPPORTED & item.keys()):
+                for key in sorted(_TRIGGER_UNSUPPORTED.keys() & item.keys()):
                     warnings.append(
-                        f"{source}: key 'downstream_triggers[{i}].{key}' is ignored: "
-                        "not supported by conveyor"
+                        f"{source}: key 'downstream_triggers[{i}].{key}' is ignored by "
+                        f"conveyor: {_TRIGGER_UNSUPPORTED[key]}"
                     )
                 cleaned.append({k: v for k, v in item.items() if k not in _TRIGGER_UNSUPPORTED})
             else:
