@@ -89,7 +89,7 @@ async def legacy_pipeline_hook(
     """Fast-Flow's `webhook_key` trigger, only when CONVEYOR_PIPELINE_LEGACY_WEBHOOKS is on
     (the key travels in the URL; prefer signed webhooks). The JSON object body, if any,
     becomes the run's params; an optional `X-Conveyor-Delivery` makes repeats one run."""
-    from domain.pipelines.discovery import PipelineDirectory, pipeline_settings
+    from domain.pipelines.discovery import pipeline_directory_for
     from domain.webhooks import fastflow_keys as legacy_hooks
 
     with _outcome(state) as outcome:
@@ -97,7 +97,7 @@ async def legacy_pipeline_hook(
             raise legacy_hooks.LegacyHookNotFound()
         body = await request.body()
         params = webhooks.parse_payload(body) if body.strip() else {}
-        directory = PipelineDirectory(pipeline_settings(state.settings).pipelines_dir)
+        directory = pipeline_directory_for(state.settings)
         result = await run_in_threadpool(
             legacy_hooks.accept,
             state.uow(),

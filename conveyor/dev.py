@@ -19,7 +19,7 @@ from domain.db.engine import create_db_engine
 from domain.db.migrate import ensure_schema
 from domain.errors import ConveyorError, InvalidInput, PortInUse
 from domain.logging import quiet_libraries
-from domain.pipelines.discovery import PipelineDirectory, pipeline_settings
+from domain.pipelines.discovery import pipeline_directory_for
 from domain.settings import Settings, redact_url
 from domain.tasks import catalog
 from domain.tasks.registry import REGISTRY, import_task_modules
@@ -149,9 +149,7 @@ def run_dev(settings: Settings, *, port: int = 8000, verbose: bool = False) -> N
     sweeper = threading.Thread(target=service.run, name="conveyor-scheduler", daemon=True)
     sweeper.start()
     pipelines = [
-        p
-        for p in PipelineDirectory(pipeline_settings(settings).pipelines_dir).all()
-        if p.runnable and p.config is not None
+        p for p in pipeline_directory_for(settings).all() if p.runnable and p.config is not None
     ]
     queues = sorted(
         {

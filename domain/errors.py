@@ -10,6 +10,9 @@ class ConveyorError(Exception):
 
     #: exit code the CLI uses for this error (2 = the caller's input, 1 = the system).
     exit_code = 1
+    #: True when the message says all there is (a setup problem, not a bug): a run that fails
+    #: with it stores the message alone, without the traceback of where it was noticed.
+    self_explanatory = False
 
     def __init__(self, message: str | None = None, **context: object) -> None:
         super().__init__(message or (self.__doc__ or "").strip())

@@ -12,7 +12,7 @@ from domain.clock import Clock, utc_now
 from domain.db.capabilities import capabilities
 from domain.gc_pause import freeze_startup_heap
 from domain.housekeeping.rollups import apply_retention, roll_up
-from domain.pipelines.discovery import PipelineDirectory, pipeline_settings
+from domain.pipelines.discovery import pipeline_directory_for
 from domain.ports import Catalog, Publisher
 from domain.runs.chains import release_after
 from domain.runs.dispatch import next_due
@@ -87,9 +87,8 @@ class SchedulerService:
                 try:
                     if self.registry is not None:
                         sync_code_schedules(self.engine, self.registry, clock=self.clock)
-                    pipelines_dir = pipeline_settings(self.settings).pipelines_dir
                     sync_pipeline_schedules(
-                        self.engine, PipelineDirectory(pipelines_dir), clock=self.clock
+                        self.engine, pipeline_directory_for(self.settings), clock=self.clock
                     )
                     self.schedules.start()
                     self._lead()

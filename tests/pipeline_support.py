@@ -169,7 +169,7 @@ def pipeline_harness(
     runner = SubprocessPipelineRunner(
         engine,
         writer,
-        PipelineDirectory(root),
+        PipelineDirectory(root, secret_key=secret_key),
         EnvManager(cache, timeout_s=120),
         artifacts_root=artifacts,
         secret_key=secret_key,

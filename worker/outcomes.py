@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from domain.errors import (
+    ConveyorError,
     safe_str,
 )
 from domain.security.masking import NO_SECRETS, Masker
@@ -52,8 +53,10 @@ def backoff_s(policy: RetryPolicy, attempt: int) -> float:
 
 
 def describe_failure(error: BaseException, mask: Masker = NO_SECRETS) -> Failure:
-    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     message = safe_str(error)
+    if isinstance(error, ConveyorError) and error.self_explanatory and message:
+        return Failure(type(error).__qualname__, mask(message)[:MAX_ERROR_CHARS])
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     detail = mask(f"{message}\n\n{text}" if message else text)  # before it is cut short
     if len(detail) > MAX_ERROR_CHARS:
         detail = detail[:MAX_ERROR_CHARS] + f"\n…[truncated {len(detail) - MAX_ERROR_CHARS} chars]"

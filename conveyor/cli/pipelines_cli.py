@@ -1,4 +1,4 @@
-"""`conveyor pipelines list|show|sync|warm` and `conveyor secrets set|list|rm|rotate`."""
+"""`conveyor pipelines list|show|sync|warm` and `conveyor secrets set|list|rm|rotate|encrypt`."""
 
 from __future__ import annotations
 
@@ -153,13 +153,15 @@ def set_secret(
     console.print(f"{kind} {name} {'stored' if created else 'updated'}")
 
 
-def _read_value(name: str) -> str:
+def _read_value(name: str, *, prompt: str | None = None) -> str:
     if sys.stdin is not None and not sys.stdin.isatty():
         value = sys.stdin.read()
         value = value[:-1] if value.endswith("\n") else value
         value = value[:-1] if value.endswith("\r") else value
     else:
-        value = typer.prompt(f"value of {name}", hide_input=True, confirmation_prompt=True)
+        value = typer.prompt(
+            prompt or f"value of {name}", hide_input=True, confirmation_prompt=True
+        )
     if not value:
         raise InvalidInput("secret value: empty (pipe it on stdin or type it at the prompt)")
     return value
@@ -197,6 +199,28 @@ def rotate() -> None:
     with _tools() as tools:
         count = tools.secrets().rotate()
     console.print(f"{count} secret(s) re-encrypted with the current key")
+
+
+@secrets_app.command()
+def encrypt() -> None:
+    """Encrypt a value for pipeline.json's `encrypted_env` with CONVEYOR_SECRET_KEY: the value
+    is read from stdin, or asked for without echo; only the token is printed."""
+    from domain.security.crypto import encrypt as seal
+    from domain.security.crypto import fernet_for, secret_key_from
+    from domain.security.masking import MIN_SECRET_CHARS
+    from domain.security.secrets import check_value
+    from domain.settings import get_settings
+
+    key = secret_key_from(get_settings())
+    fernet_for(key)  # no key, or a bad one: say so before asking for the value
+    value = _read_value("value", prompt="value to encrypt")
+    if len(value) < MIN_SECRET_CHARS:
+        raise InvalidInput(
+            f"value: at least {MIN_SECRET_CHARS} characters (shorter values cannot be masked "
+            "in logs); put plain settings in default_env",
+            field="value",
+        )
+    typer.echo(seal(key, check_value(value, is_parameter=True)))
 
 
 __all__ = ["pipelines_app", "register", "secrets_app"]

@@ -19,23 +19,48 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
+from domain.pipelines.retry import (
+    CustomSchedule,
+    ExponentialBackoff,
+    FixedDelay,
+    RetryStrategy,
+    StrategyRetryPolicy,
+    Strict,
+)
 from domain.runs.requests import NAME_PATTERN
-from domain.tasks.registry import RetryPolicy
+from domain.security.masking import MASK
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
-#: Fast-Flow keys that conveyor reads but does not act on: a warning, never a failure.
+#: Fast-Flow keys that conveyor reads but does not act on: a warning, never a failure. The
+#: compatibility table in pipelines/README.md quotes these reasons (a test holds them equal).
 FASTFLOW_UNSUPPORTED = {
-    "encrypted_env": "use `conveyor secrets set` and list the names under `secrets`",
     "schedules": "one schedule per pipeline: use the top-level schedule_* keys",
     "restart_on_crash": "daemon restarts are not supported",
     "restart_cooldown": "daemon restarts are not supported",
     "restart_interval": "daemon restarts are not supported",
-    "cells": "notebook pipelines are not supported",
+    "cells": "notebook pipelines are not supported yet (planned)",
 }
-_TRIGGER_UNSUPPORTED = {"on_route", "run_config_id"}
+_TRIGGER_UNSUPPORTED = {
+    "on_route": "route-based triggers (FASTFLOW_ROUTE_FILE) are not supported; "
+    "use on_success and on_failure",
+    "run_config_id": "run configurations (Fast-Flow's `schedules`) are not supported",
+}
+#: Names people bring from other schedulers (Airflow's retries/retry_delay, a notebook cell's
+#: delay_seconds), pointed at Fast-Flow's own key.
+_MISTAKEN = {
+    "retries": "retry_attempts",
+    "max_retries": "retry_attempts",
+    "retry_delay": "retry_strategy",
+    "delay_seconds": "retry_strategy",
+}
 
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -71,46 +96,21 @@ def _iso(value: Any) -> Any:
     return datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class ExponentialBackoff(_Strict):
-    type: Literal["exponential_backoff"]
-    initial_delay: float = Field(60.0, ge=0)
-    max_delay: float = Field(3600.0, ge=0)
-    multiplier: float = Field(2.0, ge=1)
-
-
-class FixedDelay(_Strict):
-    type: Literal["fixed_delay"]
-    delay: float = Field(60.0, ge=0)
-
-
-class CustomSchedule(_Strict):
-    type: Literal["custom_schedule"]
-    delays: list[Annotated[float, Field(ge=0)]] = Field(min_length=1)
-
-
-RetryStrategy = Annotated[
-    ExponentialBackoff | FixedDelay | CustomSchedule, Field(discriminator="type")
-]
-
-
-class DownstreamTrigger(_Strict):
+class DownstreamTrigger(Strict):
     pipeline: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN)
     on_success: bool = True
     on_failure: bool = False
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(Strict):
     """pipeline.json, every key optional. Defaults are Fast-Flow's."""
 
     enabled: bool = True
     description: str | None = None
     tags: list[str] = Field(default_factory=list)
     type: Literal["script", "notebook"] = "script"
-    python_version: str | None = Field(None, pattern=r"^3\.\d{1,2}(\.\d{1,3})?$")
+    # Any major.minor[.patch]: whether this worker has it is the environment's question (uv's).
+    python_version: str | None = Field(None, pattern=r"^\d{1,2}\.\d{1,3}(\.\d{1,3})?$")
     timeout: float = Field(0, ge=0)
     retry_attempts: int = Field(0, ge=0, le=99)
     retry_strategy: RetryStrategy | None = None
@@ -122,6 +122,11 @@ class PipelineConfig(_Strict):
     secrets: list[Annotated[str, Field(pattern=ENV_NAME, max_length=200)]] = Field(
         default_factory=list
     )
+    # Fernet tokens, opened at discovery (domain/pipelines/encrypted_env.py); never in a repr,
+    # and serialized as names only, so no stored copy of the config holds a token.
+    encrypted_env: dict[
+        Annotated[str, Field(pattern=ENV_NAME)], Annotated[str, Field(min_length=1)]
+    ] = Field(default_factory=dict, repr=False)
     max_instances: int | None = Field(None, ge=1)
     schedule_cron: str | None = None
     schedule_interval_seconds: int | None = Field(None, gt=0)
@@ -145,6 +150,10 @@ class PipelineConfig(_Strict):
         if not isinstance(value, dict):
             return value
         return {k: env_text(v) if is_scalar(v) else v for k, v in value.items()}
+
+    @field_serializer("encrypted_env")
+    def _names_only(self, value: dict[str, str]) -> dict[str, str]:
+        return dict.fromkeys(value, MASK)
 
     @field_validator("schedule_cron")
     @classmethod
@@ -192,38 +201,6 @@ class PipelineConfig(_Strict):
 
 
 @dataclass(frozen=True)
-class StrategyRetryPolicy(RetryPolicy):
-    """A RetryPolicy that also knows Fast-Flow's strategies. `base_s`/`max_s` approximate the
-    strategy for executors that only know exponential backoff; `delay_s` is exact."""
-
-    strategy: str = "exponential_backoff"
-    multiplier: float = 2.0
-    delays: tuple[float, ...] = ()
-
-    @classmethod
-    def from_strategy(
-        cls, strategy: ExponentialBackoff | FixedDelay | CustomSchedule | None
-    ) -> StrategyRetryPolicy:
-        if isinstance(strategy, ExponentialBackoff):
-            return cls(strategy.initial_delay, strategy.max_delay, multiplier=strategy.multiplier)
-        if isinstance(strategy, FixedDelay):
-            return cls(strategy.delay, strategy.delay, strategy="fixed_delay", multiplier=1.0)
-        if isinstance(strategy, CustomSchedule):
-            delays = tuple(strategy.delays)
-            return cls(delays[0], max(delays), strategy="custom_schedule", delays=delays)
-        return cls()  # conveyor's default backoff (2 s doubling, capped at 300 s)
-
-    def delay_s(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt `attempt` (1 = the first try) before the next."""
-        retry = max(1, attempt)
-        if self.strategy == "fixed_delay":
-            return self.base_s
-        if self.strategy == "custom_schedule":
-            return self.delays[min(retry, len(self.delays)) - 1]
-        return float(min(self.max_s, self.base_s * self.multiplier ** (retry - 1)))
-
-
-@dataclass(frozen=True)
 class ParsedConfig:
     config: PipelineConfig | None
     error: str | None = None
@@ -246,6 +223,8 @@ EXPECTED = {
     "mem_soft_limit": 'a size like "512M", "1G" or "1.5g" (at least 1M)',
     "default_env": "an object of environment variable names to strings",
     "secrets": "a list of secret names (letters, digits, _; not starting with a digit)",
+    "encrypted_env": "an object of environment variable names to Fernet tokens "
+    "(made by `conveyor secrets encrypt`)",
     "max_instances": "a whole number >= 1",
     "schedule_cron": 'a 5-field cron expression such as "0 9 * * *"',
     "schedule_interval_seconds": "a whole number of seconds > 0",
@@ -283,7 +262,8 @@ def parse_config(text: str | bytes | None, *, source: str) -> ParsedConfig:
     if config.type == "notebook":
         return ParsedConfig(
             None,
-            f"{source}: key 'type': \"notebook\" pipelines are not supported by conveyor; "
+            f"{source}: key 'type': \"notebook\" pipelines are not supported by conveyor yet "
+            "(planned); "
             'convert main.ipynb to main.py and use "script"',
             tuple(warnings),
         )
@@ -304,10 +284,11 @@ def _split_unknown(data: dict[str, Any], source: str) -> tuple[dict[str, Any], l
             kept[key] = value
         elif key in FASTFLOW_UNSUPPORTED:
             warnings.append(
-                f"{source}: key {key!r} is ignored: {FASTFLOW_UNSUPPORTED[key]} in conveyor"
+                f"{source}: key {key!r} is ignored by conveyor: {FASTFLOW_UNSUPPORTED[key]}"
             )
         else:
-            hint = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = [_MISTAKEN[key]] if key in _MISTAKEN else []
+            hint = hint or difflib.get_close_matches(key, sorted(known), n=1)
             also = f" (did you mean {hint[0]!r}?)" if hint else ""
             warnings.append(f"{source}: unknown key {key!r} is ignored{also}")
     triggers = kept.get("downstream_triggers")
@@ -315,10 +296,10 @@ def _split_unknown(data: dict[str, Any], source: str) -> tuple[dict[str, Any], l
         cleaned = []
         for i, item in enumerate(triggers):
             if isinstance(item, dict):
-                for key in sorted(_TRIGGER_UNSUPPORTED & item.keys()):
+                for key in sorted(_TRIGGER_UNSUPPORTED.keys() & item.keys()):
                     warnings.append(
-                        f"{source}: key 'downstream_triggers[{i}].{key}' is ignored: "
-                        "not supported by conveyor"
+                        f"{source}: key 'downstream_triggers[{i}].{key}' is ignored by "
+                        f"conveyor: {_TRIGGER_UNSUPPORTED[key]}"
                     )
                 cleaned.append({k: v for k, v in item.items() if k not in _TRIGGER_UNSUPPORTED})
             else:
@@ -341,7 +322,8 @@ def describe_errors(exc: ValidationError, source: str) -> str:
         expected = EXPECTED.get(top, "a valid value")
         if top in _NESTED_MODELS and len(loc) > 1:
             expected = _nested_expected(err, top)
-        got = _short(err.get("input"))
+        # An encrypted_env value is never quoted, not even a malformed one: it may be a secret.
+        got = _kind(err.get("input")) if top == "encrypted_env" else _short(err.get("input"))
         if err["type"] == "extra_forbidden":
             clauses.append(f"{source}: key {key!r}: not allowed here ({expected})")
         else:
@@ -397,6 +379,11 @@ def _allowed_keys(top: str) -> str:
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _kind(value: Any) -> str:
+    names = {str: "a string", bool: "true or false", dict: "an object", list: "a list"}
+    return names.get(type(value), "null" if value is None else "a number")
 
 
 def is_scalar(value: Any) -> bool:

@@ -4,8 +4,10 @@ pipeline name into run defaults.
 Every folder with a `main.py` is a pipeline named after the folder; `requirements.txt` (or
 `requirements.txt.lock`, which wins) and `pipeline.json` (or Fast-Flow's `<name>.json`) are
 optional. A folder whose pipeline.json is invalid is still listed, disabled, with the exact
-error; the others keep working. Lookups go through the discovered list only, never by joining
-a requested name onto a path, so no name can reach outside the directory.
+error; the others keep working. `encrypted_env` is decrypted here, with the directory's
+secret key, so a value that does not open disables its pipeline at once (see
+domain/pipelines/encrypted_env.py). Lookups go through the discovered list only, never by
+joining a requested name onto a path, so no name can reach outside the directory.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from sqlalchemy import Engine, func, select
 
 from domain.db.models import runs
 from domain.errors import Conflict, InvalidInput, UnknownTask
-from domain.pipelines.config import ParsedConfig, PipelineConfig, StrategyRetryPolicy, parse_config
+from domain.pipelines.config import ParsedConfig, PipelineConfig, parse_config
+from domain.pipelines.encrypted_env import NOTHING, EncryptedEnvError, OpenedEnv, open_env
 from domain.pipelines.env import run_env_overrides
+from domain.pipelines.retry import StrategyRetryPolicy
 from domain.ports import Catalog, TargetDefaults
 from domain.runs.requests import NAME_PATTERN
 from domain.runs.states import ACTIVE
+from domain.security.crypto import secret_key_from
 
 ENTRYPOINT = "main.py"
 CONFIG_FILE = "pipeline.json"
@@ -87,6 +92,8 @@ class DiscoveredPipeline:
     requirements: Path | None = None
     requirements_hash: str | None = None
     config_file: Path | None = field(default=None, compare=False)
+    #: encrypted_env, decrypted (its repr shows names only)
+    opened_env: OpenedEnv = field(default=NOTHING, compare=False, repr=False)
 
     @property
     def runnable(self) -> bool:
@@ -129,21 +136,22 @@ class DiscoveredPipeline:
         return self.require_runnable().retry_policy
 
 
-def discover(root: Path) -> list[DiscoveredPipeline]:
-    """Every pipeline folder under `root`, sorted by name (a missing root has none)."""
+def discover(root: Path, *, secret_key: str = "") -> list[DiscoveredPipeline]:
+    """Every pipeline folder under `root`, sorted by name (a missing root has none);
+    `secret_key` (CONVEYOR_SECRET_KEY) opens their encrypted_env."""
     if not root.is_dir():
         return []
     found = []
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
         if entry.name.startswith(".") or entry.name in _SKIPPED_DIRS or not entry.is_dir():
             continue
-        pipeline = inspect_folder(root, entry)
+        pipeline = inspect_folder(root, entry, secret_key=secret_key)
         if pipeline is not None:
             found.append(pipeline)
     return found
 
 
-def inspect_folder(root: Path, folder: Path) -> DiscoveredPipeline | None:
+def inspect_folder(root: Path, folder: Path, *, secret_key: str = "") -> DiscoveredPipeline | None:
     """The pipeline in `folder`, or None when the folder does not look like one at all."""
     name = folder.name
     label = f"{root.name}/{name}"
@@ -164,6 +172,13 @@ def inspect_folder(root: Path, folder: Path) -> DiscoveredPipeline | None:
             f"{label}: the folder name is not a valid pipeline name (letters, digits, _ . : -)",
         )
     parsed = _parse(config_file, label)
+    opened = NOTHING
+    if parsed.config is not None and parsed.config.encrypted_env:
+        source = f"{label}/{config_file.name if config_file else CONFIG_FILE}"
+        try:
+            opened = open_env(parsed.config.encrypted_env, secret_key, source=source)
+        except EncryptedEnvError as exc:
+            parsed = ParsedConfig(None, str(exc), parsed.warnings)
     req_hash = None
     if requirements is not None:
         text = requirements.read_bytes()
@@ -180,6 +195,7 @@ def inspect_folder(root: Path, folder: Path) -> DiscoveredPipeline | None:
         requirements,
         req_hash,
         config_file,
+        opened,
     )
 
 
@@ -221,10 +237,11 @@ class PipelineDirectory:
     Each lookup stats a few files per pipeline (cheap) rather than re-reading every JSON file.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, secret_key: str = "") -> None:
         # Absolute once: a pipeline runs with its own folder as working directory, where a
         # relative root (the default ./pipelines) would point somewhere else.
         self.root = Path(root).resolve()
+        self._secret_key = secret_key
         self._lock = threading.Lock()
         self._fingerprint: tuple[Any, ...] | None = None
         self._items: dict[str, DiscoveredPipeline] = {}
@@ -233,7 +250,8 @@ class PipelineDirectory:
         with self._lock:
             fingerprint = self._scan_fingerprint()
             if fingerprint != self._fingerprint:
-                self._items = {p.name: p for p in discover(self.root)}
+                found = discover(self.root, secret_key=self._secret_key)
+                self._items = {p.name: p for p in found}
                 self._fingerprint = fingerprint
             return list(self._items.values())
 
@@ -315,6 +333,14 @@ def count_active_runs(engine: Engine, name: str) -> int:
         )
 
 
+def pipeline_directory_for(settings: Any) -> PipelineDirectory:
+    """The configured pipelines directory, opening encrypted_env with the configured key: what
+    every process uses, so all of them agree on which pipelines can run."""
+    return PipelineDirectory(
+        pipeline_settings(settings).pipelines_dir, secret_key=secret_key_from(settings)
+    )
+
+
 def pipeline_catalog_for(settings: Any, engine: Engine | None = None) -> PipelineCatalog:
     """The catalog of the configured pipelines directory (an empty one if it does not exist)."""
-    return PipelineCatalog(PipelineDirectory(pipeline_settings(settings).pipelines_dir), engine)
+    return PipelineCatalog(pipeline_directory_for(settings), engine)

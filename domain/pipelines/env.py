@@ -1,6 +1,6 @@
 """The environment of a pipeline run, and the order its layers are applied in (later wins):
 
-    defaults < pipeline env (`default_env`) < secrets (named in `secrets`)
+    defaults < pipeline env (`default_env`, then `encrypted_env`) < secrets (named in `secrets`)
              < per-run env overrides (params key `_env`) < parameters (scalar params)
 
 then conveyor's own `CONVEYOR_*` run variables, which nothing overrides. "defaults" are the few

@@ -113,3 +113,47 @@ def test_secrets_set_list_rm_rotate(env: dict[str, str]) -> None:
     assert conveyor("secrets", "rm", "REGION", env=env).returncode == 0
     gone = conveyor("secrets", "rm", "REGION", env=env)
     assert gone.returncode == 1 and "no secret named 'REGION'" in gone.stderr
+
+
+def test_secrets_encrypt_makes_a_token_for_encrypted_env(env: dict[str, str]) -> None:
+    value = "crm-token-e2e-41f7"
+    made = conveyor("secrets", "encrypt", env=env, stdin=value + "\n")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert "\n" not in token and value not in made.stdout + made.stderr
+    assert Fernet(KEY.encode()).decrypt(token.encode()).decode() == value  # newline dropped
+    root = Path(env["CONVEYOR_PIPELINES_DIR"])
+    make_pipeline(root, "sealed", "print(1)\n", {"encrypted_env": {"CRM_TOKEN": token}})
+    shown = conveyor("pipelines", "show", "sealed", "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["status"] == "enabled"
+    assert data["config"]["encrypted_env"] == {"CRM_TOKEN": "***"}
+    assert token not in shown.stdout and value not in shown.stdout
+
+    # Another key cannot open it: disabled, saying where and why, quoting nothing.
+    other = {**env, "CONVEYOR_SECRET_KEY": Fernet.generate_key().decode()}
+    listed = conveyor("pipelines", "list", "--json", env=other)
+    row = next(r for r in json.loads(listed.stdout) if r["name"] == "sealed")
+    assert row["status"] == "invalid"
+    assert "sealed/pipeline.json: key 'encrypted_env.CRM_TOKEN': no key" in row["error"]
+    assert token not in listed.stdout and value not in listed.stdout
+
+
+@pytest.mark.parametrize(
+    ("key", "stdin", "message"),
+    [
+        ("", "long-enough", "CONVEYOR_SECRET_KEY is not set"),
+        ("not-a-fernet-key", "long-enough", "key #1 is not a Fernet key"),
+        (KEY, "abc", "value: at least 4 characters"),
+        (KEY, "", "secret value: empty"),
+    ],
+    ids=["no-key", "bad-key", "short", "empty"],  # not the random key: xdist compares ids
+)
+def test_secrets_encrypt_refuses_in_one_line(
+    env: dict[str, str], key: str, stdin: str, message: str
+) -> None:
+    done = conveyor("secrets", "encrypt", env={**env, "CONVEYOR_SECRET_KEY": key}, stdin=stdin)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and message in done.stderr
+    assert "not-a-fernet-key" not in done.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -129,6 +130,90 @@ def test_python_versions(tmp_path: Path) -> None:
     assert manager.interpreter(own).version.startswith(own)
     with pytest.raises(InterpreterNotFound, match=r"python_version '3\.2': no such interpreter"):
         manager.interpreter("3.2")
+
+
+SHOW_VERSION_AND_PREFIX = "import platform, sys; print(platform.python_version(), sys.prefix)"
+
+
+def system_python311() -> tuple[Path, str]:
+    """The machine's python3.11 (not this venv's interpreter) and its exact version."""
+    found = shutil.which("python3.11", path="/usr/bin:/usr/local/bin")
+    if found is None:
+        pytest.skip("no python3.11 in /usr/bin or /usr/local/bin")
+    version = subprocess.run(
+        [found, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return Path(found), version
+
+
+def test_python_version_is_found_by_uv_among_the_machines_interpreters(tmp_path: Path) -> None:
+    path, version = system_python311()
+    own = ".".join(map(str, sys.version_info[:3]))
+    manager = EnvManager(tmp_path)
+    found = manager.interpreter(version)  # exact: uv's answer, unless the worker's own matches
+    assert found.version == version
+    if version != own:
+        assert found.path.resolve() == path.resolve()
+    assert version in manager.installed_versions()
+    # A venv on it runs that interpreter, not the worker's.
+    info = manager.ensure(REQUIREMENTS, version, log=quiet)
+    out = subprocess.run(
+        [
+            str(info.python),
+            "-c",
+            "import platform, sys; print(platform.python_version(), sys.prefix)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == [version, str(info.location)]
+
+
+def test_a_python_version_nobody_has_fails_in_one_line_naming_what_there_is(
+    tmp_path: Path,
+) -> None:
+    manager = EnvManager(tmp_path)
+    with pytest.raises(InterpreterNotFound) as caught:
+        manager.ensure(None, "2.1", log=quiet)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("python_version '2.1': no such interpreter on this worker")
+    own = ".".join(map(str, sys.version_info[:3]))
+    assert f"it has Python {own}" in message or f", {own}" in message
+    assert "Python 2.1" not in message
+
+
+def test_a_lock_wins_over_requirements_and_is_installed_exactly(tmp_path: Path) -> None:
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    # requirements.txt would not resolve at all: only the lock can have built this.
+    (folder / "requirements.txt").write_text("conveyor-no-such-package-xyz==1.0\n")
+    lock = folder / "requirements.txt.lock"
+    lock.write_text("six==1.17.0\n")
+    manager = EnvManager(tmp_path / "envs")
+    info = manager.ensure(lock, None, log=quiet)
+    assert info.built
+    ready = json.loads((info.location / READY).read_text())  # type: ignore[operator]
+    assert ready["requirements"] == "requirements.txt.lock"
+    out = subprocess.run(
+        [str(info.python), "-c", "import six; print(six.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert out == "1.17.0"
+    # The same pins as a plain requirements.txt are another environment (resolved, not synced).
+    plain = manager.env_hash(lock.read_bytes(), manager.interpreter(None))
+    assert info.env_hash != plain
+    # Part of the hash: a changed lock is a new environment, an unchanged one is reused.
+    assert manager.ensure(lock, None, log=quiet).built is False
+    lock.write_text("six==1.17.0\n# recompiled\n")
+    changed = manager.ensure(lock, None, log=quiet)
+    assert changed.built and changed.env_hash != info.env_hash
 
 
 def test_uv_sees_the_pip_configuration(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -370,12 +371,15 @@ def test_disabled_invalid_and_unknown_pipelines_fail_without_retry(h: PipelineHa
 
 
 def test_missing_interpreter_is_a_clear_error(h1: PipelineHarness) -> None:
-    make_pipeline(h1.root, "old_python", "print(1)\n", {"python_version": "3.2"})
+    make_pipeline(h1.root, "old_python", "print(1)\n", {"python_version": "2.1"})
     run_id = h1.enqueue("old_python")
     assert h1.run(run_id) == "failed"
     run = h1.get(run_id)
     assert run.error_type == "InterpreterNotFound"
-    assert "python_version '3.2': no such interpreter on this worker" in (run.error or "")
+    error = run.error or ""
+    assert "\n" not in error  # one line: what was asked, and what this worker has
+    assert error.startswith("python_version '2.1': no such interpreter on this worker")
+    assert f"it has Python {'.'.join(map(str, sys.version_info[:2]))}." in error
 
 
 def test_a_pipeline_with_requirements_runs_in_its_uv_environment(h: PipelineHarness) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from domain.errors import InvalidInput
-from domain.pipelines.config import StrategyRetryPolicy, parse_config, parse_memory
+from domain.pipelines.config import parse_config, parse_memory
 from domain.pipelines.env import (
     RUN_ENV_KEY,
     compose_env,
@@ -17,6 +17,7 @@ from domain.pipelines.env import (
     pipeline_params,
     run_env_overrides,
 )
+from domain.pipelines.retry import StrategyRetryPolicy
 from domain.security.masking import MASK, Masker, mask
 from domain.security.secrets import check_name, check_value
 from worker.pipelines.uvconfig import uv_environment
@@ -127,13 +128,13 @@ def test_unknown_and_unsupported_keys_are_warnings() -> None:
     config, error, warnings = parse(
         {
             "timout": 5,
-            "encrypted_env": {"A": "gAAA"},
+            "restart_on_crash": True,
             "downstream_triggers": [{"pipeline": "b", "on_route": "full"}],
         }
     )
     assert error is None and config is not None
     assert any("unknown key 'timout' is ignored (did you mean 'timeout'?)" in w for w in warnings)
-    assert any("'encrypted_env' is ignored" in w for w in warnings)
+    assert any("'restart_on_crash' is ignored" in w for w in warnings)
     assert any("downstream_triggers[0].on_route" in w for w in warnings)
 
 
@@ -260,3 +261,11 @@ def test_uv_honours_pip_configuration(tmp_path: Path) -> None:
     assert uv["UV_PYTHON_DOWNLOADS"] == "never"
     explicit = uv_environment({**env, "UV_FIND_LINKS": "/mine"}, home=tmp_path, prefix=tmp_path)
     assert "UV_FIND_LINKS" not in explicit  # an explicit UV_* setting wins
+
+
+@pytest.mark.parametrize("version", ["3.11", "3.11.2", "2.1", "3.14"])
+def test_any_python_version_parses_whether_a_worker_has_it_is_asked_at_run_time(
+    version: str,
+) -> None:
+    config, error, _ = parse({"python_version": version})
+    assert error is None and config.python_version == version  # type: ignore[attr-defined]

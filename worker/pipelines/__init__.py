@@ -37,7 +37,7 @@ def build_pipeline_runner(
     runner = SubprocessPipelineRunner(
         engine,
         writer,
-        PipelineDirectory(ps.pipelines_dir),
+        PipelineDirectory(ps.pipelines_dir, secret_key=secret_key_from(settings)),
         EnvManager(ps.cache_dir, timeout_s=ps.setup_timeout_s),
         artifacts_root=ps.artifacts_root,
         secret_key=secret_key_from(settings),

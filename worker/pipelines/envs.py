@@ -5,6 +5,10 @@ Layout under the cache dir: `<hash>/` is the venv, `<hash>/.conveyor-ready` is w
 makes concurrent first runs, in any number of processes, wait for one build, and `uv-cache/`
 is uv's download cache shared by all builds. A build is bounded by a timeout and by the run's
 stop request, so a resolver that hangs can never hang a worker.
+
+A `requirements.txt.lock` is installed exactly (`uv pip sync`), a `requirements.txt` resolved
+(`uv pip install -r`). `python_version` is found by uv among the managed and system interpreters
+(`uv python find --system`); none is downloaded unless UV_PYTHON_DOWNLOADS says so.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class PipelineEnvError(ConveyorError):
 
 class InterpreterNotFound(PipelineEnvError):
     """The Python version the pipeline asks for is not installed on this worker."""
+
+    self_explanatory = True
 
 
 @dataclass(frozen=True)
@@ -89,25 +95,56 @@ class EnvManager:
         own = Interpreter(_base_executable(), ".".join(map(str, sys.version_info[:3])))
         if wanted is None or _matches(own.version, wanted):
             return own
-        minor = ".".join(wanted.split(".")[:2])
-        seen: list[str] = [own.version]
-        for candidate in _candidates(minor):
-            version = _probe_version(candidate)
-            if version is None:
-                continue
-            seen.append(version)
-            if _matches(version, wanted):
-                return Interpreter(candidate, version)
+        found = self._uv_find(wanted)
+        version = _probe_version(found) if found is not None else None
+        if found is not None and version is not None and _matches(version, wanted):
+            return Interpreter(found, version)
+        have = ", ".join(self.installed_versions(also=own.version))
         raise InterpreterNotFound(
-            f"python_version {wanted!r}: no such interpreter on this worker "
-            f"(found: {', '.join(sorted(set(seen)))}); install it or change pipeline.json"
+            f"python_version {wanted!r}: no such interpreter on this worker (it has Python "
+            f"{have}); install it (e.g. `uv python install`) or change pipeline.json"
         )
+
+    def _uv_find(self, wanted: str) -> Path | None:
+        """uv's answer for `wanted`: a managed or a system interpreter, never a virtualenv's
+        (--system) and never a download (UV_PYTHON_DOWNLOADS=never unless set otherwise)."""
+        code, out = self._uv_query(["python", "find", "--system", wanted])
+        lines = out.strip().splitlines()
+        return Path(lines[-1]) if code == 0 and lines else None
+
+    def installed_versions(self, *, also: str | None = None) -> list[str]:
+        """The Python versions uv can see on this worker (managed and system), oldest first."""
+        code, out = self._uv_query(
+            ["python", "list", "--only-installed", "--output-format", "json"]
+        )
+        versions = {also} if also else set()
+        # An older uv without JSON output: the worker's own version still shows.
+        if code == 0:
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                versions |= {str(item["version"]) for item in json.loads(out)}
+        return sorted(versions, key=_version_key)
+
+    def _uv_query(self, args: list[str]) -> tuple[int, str]:
+        """A quick uv command's exit code and stdout. Run from / so that no project file
+        (.python-version, pyproject.toml) of the worker's directory changes the answer."""
+        env = {**os.environ, **self.uv_env(), "NO_COLOR": "1"}
+        try:
+            done = subprocess.run(
+                [self.uv, *args], cwd="/", env=env, capture_output=True, timeout=60, check=False
+            )
+        except (OSError, subprocess.SubprocessError):
+            return 1, ""
+        return done.returncode, done.stdout.decode("utf-8", "replace")
 
     # -- environments ------------------------------------------------------------------------
     @staticmethod
-    def env_hash(requirements: bytes, interpreter: Interpreter) -> str:
+    def env_hash(requirements: bytes, interpreter: Interpreter, *, locked: bool = False) -> str:
+        """The environment's identity: interpreter version, platform, the requirements text,
+        and whether it is a lock (installed exactly with `uv pip sync`, not resolved)."""
         digest = hashlib.sha256()
         digest.update(f"python={interpreter.version};{sys.platform}\n".encode())
+        if locked:
+            digest.update(b"lock\n")
         digest.update(requirements)
         return digest.hexdigest()
 
@@ -123,7 +160,9 @@ class EnvManager:
         interpreter = self.interpreter(python_version)
         if requirements is None:
             return EnvInfo(interpreter.path, None, False, 0.0, None)
-        env_hash = self.env_hash(requirements.read_bytes(), interpreter)
+        env_hash = self.env_hash(
+            requirements.read_bytes(), interpreter, locked=is_lock(requirements)
+        )
         location = self.cache_dir / env_hash[:32]
         python = location / "bin" / "python"
         if (location / READY).is_file():
@@ -161,17 +200,14 @@ class EnvManager:
     ) -> None:
         if location.exists():
             shutil.rmtree(location)  # an unfinished build of a process that died
+        install = (
+            ["pip", "sync", str(requirements)]
+            if is_lock(requirements)
+            else ["pip", "install", "-r", str(requirements)]
+        )
         steps = [
             ["venv", "--no-project", "--python", str(interpreter.path), str(location)],
-            [
-                "pip",
-                "install",
-                "--no-progress",
-                "--python",
-                str(location / "bin" / "python"),
-                "-r",
-                str(requirements),
-            ],
+            [*install, "--no-progress", "--python", str(location / "bin" / "python")],
         ]
         for args in steps:
             code, output = self._run_uv(args, deadline, should_stop)
@@ -268,8 +304,9 @@ class EnvManager:
         if requirements is None:
             return True
         interpreter = self.interpreter(python_version)
-        location = self.cache_dir / self.env_hash(requirements.read_bytes(), interpreter)[:32]
-        return (location / READY).is_file()
+        text = requirements.read_bytes()
+        env_hash = self.env_hash(text, interpreter, locked=is_lock(requirements))
+        return (self.cache_dir / env_hash[:32] / READY).is_file()
 
 
 def _base_executable() -> Path:
@@ -278,22 +315,17 @@ def _base_executable() -> Path:
     return Path(base)
 
 
+def is_lock(requirements: Path) -> bool:
+    """A `requirements.txt.lock` (discovery prefers it to requirements.txt): exact pins."""
+    return requirements.name.endswith(".lock")
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) if part.isdigit() else 0 for part in version.split("."))
+
+
 def _matches(version: str, wanted: str) -> bool:
     return version == wanted or version.startswith(wanted + ".")
-
-
-def _candidates(minor: str) -> list[Path]:
-    names = [f"python{minor}"]
-    found: list[Path] = []
-    for name in names:
-        hit = shutil.which(name)
-        if hit:
-            found.append(Path(hit))
-    for folder in ("/usr/local/bin", "/usr/bin"):
-        path = Path(folder) / f"python{minor}"
-        if path.is_file() and path not in found:
-            found.append(path)
-    return found
 
 
 def _probe_version(path: Path) -> str | None:

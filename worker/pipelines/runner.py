@@ -134,7 +134,9 @@ class SubprocessPipelineRunner:
         pipeline = self.directory.get(ctx.name)
         config = pipeline.require_runnable()
         secret_values = self.secrets.values(config.secrets)
-        masker = Masker(v.value for v in secret_values.values() if not v.is_parameter)
+        hidden = [v.value for v in secret_values.values() if not v.is_parameter]
+        # encrypted_env: its plaintexts, and its tokens too (main.py may print pipeline.json).
+        masker = Masker([*hidden, *pipeline.opened_env.masked()])
         # Everything the run records from here on (lines, events, steps, costs, its result and
         # error in the executor) passes the masker, the worker's own prints during it included.
         sink = ctx.mask_secrets(masker)
@@ -205,7 +207,7 @@ class SubprocessPipelineRunner:
         secrets_env = {name: v.value for name, v in secret_values.items()}
         params = pipeline_params(ctx.params)
         layers = {
-            "pipeline_env": dict(config.default_env),
+            "pipeline_env": {**config.default_env, **pipeline.opened_env.values},
             "secrets": secrets_env,
             "overrides": run_env_overrides(ctx.params),
             "params": params_env(ctx.params),
@@ -221,6 +223,7 @@ class SubprocessPipelineRunner:
         env = compose_env(defaults=defaults, reserved=reserved, **layers)
         named = {k for layer in layers.values() for k in layer} | set(reserved)
         hidden = {n for n, v in secret_values.items() if not v.is_parameter}
+        hidden |= set(pipeline.opened_env.values)
         shown = {k: (MASK if k in hidden else env[k]) for k in sorted(named) if k in env}
         return env, shown
 

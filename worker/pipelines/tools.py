@@ -16,7 +16,12 @@ from domain.clock import utc_now
 from domain.db.engine import create_db_engine
 from domain.errors import ConveyorError
 from domain.pipelines import store as pipeline_store
-from domain.pipelines.discovery import DiscoveredPipeline, PipelineDirectory, pipeline_settings
+from domain.pipelines.discovery import (
+    DiscoveredPipeline,
+    PipelineDirectory,
+    pipeline_directory_for,
+    pipeline_settings,
+)
 from domain.security.crypto import secret_key_from
 from domain.security.secrets import SecretStore
 from domain.settings import Settings, get_settings
@@ -36,7 +41,7 @@ class PipelineTools:
         return pipeline_settings(self.settings)
 
     def directory(self) -> PipelineDirectory:
-        return PipelineDirectory(self.paths.pipelines_dir)
+        return pipeline_directory_for(self.settings)
 
     def envs(self) -> EnvManager:
         return EnvManager(self.paths.cache_dir, timeout_s=self.paths.setup_timeout_s)
