@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from pathlib import Path
 
-from conveyor import Limit, task
+from conveyor import Limit, limits, task
 
 
 @task
@@ -214,3 +216,42 @@ def one_per_key(ctx, key: str, seconds: float = 0.05, marks: str = "") -> str:  
         with Path(marks).open("a") as f:
             f.write(f"done {ctx.run_id}\n")
     return key
+
+
+#: Shared by every worker of tests/e2e/test_rate_limits.py (written to the database at start).
+limits.define("e2e-llm", requests_per_minute=20, tokens_per_minute=5_000)
+
+
+def _note_call(marks: str, grant: object, actual: int) -> None:
+    """One line per model call: the second the limit counted it in, its estimate and actual."""
+    line = json.dumps(
+        {
+            "second": grant.second,  # type: ignore[attr-defined]
+            "requests": grant.requests,  # type: ignore[attr-defined]
+            "estimate": grant.tokens,  # type: ignore[attr-defined]
+            "actual": actual,
+            "pid": os.getpid(),
+            "t": time.time(),
+        }
+    )
+    with Path(marks).open("a") as f:  # one write of one short line: appends do not interleave
+        f.write(line + "\n")
+
+
+@task(queue="rated", rate_limit="e2e-llm")
+def rated_call(ctx, marks: str, actual: int, estimate: int) -> int:  # type: ignore[no-untyped-def]
+    """One request as it starts (its rate_limit), then the tokens of one model call."""
+    grant = ctx.acquire("e2e-llm", tokens=estimate, requests=0)
+    _note_call(marks, grant, actual)  # before cost, which raises once a cancel came
+    ctx.cost("e2e", "model", tokens_in=actual, usd="0")
+    return actual
+
+
+@task(queue="rated")
+def rated_agent(ctx, marks: str, calls: list[int], margin: int) -> int:  # type: ignore[no-untyped-def]
+    """Several model calls in one run, each a request and an estimate of its tokens."""
+    for actual in calls:
+        grant = ctx.acquire("e2e-llm", tokens=actual + margin, timeout="10m")
+        _note_call(marks, grant, actual)
+        ctx.cost("e2e", "model", tokens_in=actual // 2, tokens_out=actual - actual // 2, usd="0")
+    return len(calls)
