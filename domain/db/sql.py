@@ -8,7 +8,19 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from sqlalchemy import ARRAY, BigInteger, Connection, Select, Table, any_, bindparam, func, select
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Connection,
+    Integer,
+    Select,
+    Table,
+    any_,
+    bindparam,
+    cast,
+    func,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from domain.db.capabilities import capabilities
@@ -41,6 +53,15 @@ def seconds_between(conn: Connection, start: Any, end: Any) -> Any:
     if capabilities(conn).server_stats:
         return func.extract("epoch", end - start)
     return (func.julianday(end) - func.julianday(start)) * 86400.0
+
+
+def epoch_minute(conn: Connection, column: Any) -> Any:
+    """The whole minutes from the Unix epoch to `column` (a UTC timestamp), as an integer: a
+    bucket key that groups rows by the minute they fall in."""
+    if capabilities(conn).server_stats:
+        return cast(func.floor(func.extract("epoch", column) / 60), BigInteger)
+    # SQLite keeps naive UTC text; strftime('%s') reads it as UTC, in whole seconds.
+    return cast(func.strftime("%s", column), Integer) // 60
 
 
 def lock_key(conn: Connection, key: str) -> None:
