@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from api import (
+    dashboard,
     docs,
     errors,
     health,
@@ -114,6 +115,7 @@ def create_api(
         routes_admin,
     ):
         app.include_router(module.router)
+    dashboard.install(app)  # last: its pages share no path with the routes above
 
     def limit_for(path: str) -> int:
         return opts.webhook_max_bytes if path.startswith("/hooks/") else opts.body_max_bytes
