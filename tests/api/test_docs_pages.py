@@ -38,6 +38,9 @@ def test_docs_pages_reference_only_local_urls_that_answer(
         assert fetched.status_code == 200, url
         assert fetched.content, url
     assert "fonts.googleapis" not in response.text
+    # What the bundles themselves would fetch from elsewhere (ReDoc's logo) the browser stops.
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "img-src 'self' data:" in policy
 
 
 def test_the_url_reader_sees_external_references() -> None:
