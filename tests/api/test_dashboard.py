@@ -12,7 +12,14 @@ import pytest
 from sqlalchemy import select
 
 from domain.db.models import audit_logs, runs
-from tests.api.conftest import ApiClient, add_logs, create_run, running_api, set_status
+from tests.api.conftest import (
+    ApiClient,
+    add_logs,
+    add_records,
+    create_run,
+    running_api,
+    set_status,
+)
 from tests.api.pages import csrf_of, is_local, table, urls_in
 from tests.runs_seed import insert_run, insert_worker
 
@@ -234,8 +241,15 @@ def test_run_detail_masks_secrets_and_shows_the_last_log_lines(pg_api: ApiClient
         pg_api, params={"api_key": "sk-live-123", "nested": {"password": "hunter2"}, "n": 7}
     )["id"]
     add_logs(pg_api.state.engine, run_id, range(1, 251))
+    add_records(pg_api.state.engine, run_id)
     with browser(pg_api, "readonly") as reader:
         html = reader.get(f"/runs/{run_id}").text
+        steps = [cells[1:4] for _, cells in table(html, "steps")]
+        assert steps == [["fetch", "step", "completed"], ["llm", "step", "running"]]
+        # Summed per model, exactly.
+        assert [cells for _, cells in table(html, "costs")] == [
+            ["openai", "gpt-4o-mini", "1800", "160", "2", "0.0004"]
+        ]
         assert "sk-live-123" not in html and "hunter2" not in html
         assert "&#34;api_key&#34;: &#34;***&#34;" in html and "&#34;n&#34;: 7" in html
         assert "The last 200 of 250 lines" in html
