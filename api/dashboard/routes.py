@@ -69,6 +69,7 @@ def runs(
         chosen=set(chosen),
         filters={"name": name, "project": project, "queue": queue},
         kept=kept,
+        paged=bool(cursor),
     )
 
 

@@ -151,6 +151,8 @@ def test_runs_list_filters_and_pages_by_keyset(pg_api: ApiClient) -> None:
         second = reader.get(link.replace("&amp;", "&"))
         rest = [attrs["data-run"] for attrs, _ in table(second.text, "runs")]
         assert rest == [str(run_id) for run_id in older[50:]]
+        assert 'rel="next"' not in second.text  # the last page
+        assert 'href="/runs?name=bulk&amp;project=default">← Newest' in second.text
 
         bad = reader.get("/runs?status=bogus")
         assert bad.status_code == 422 and "unknown status" in bad.text

@@ -45,6 +45,13 @@ document.addEventListener("DOMContentLoaded", () => {
     box.scrollTop = box.scrollHeight;
     followLogs(box);
   }
+  const refresh = document.querySelector("[data-refresh-s]");
+  if (refresh) {
+    // The overview is a snapshot: read it again, unless the tab is in the background.
+    window.setInterval(() => {
+      if (document.visibilityState === "visible") window.location.reload();
+    }, 1000 * Number(refresh.dataset.refreshS));
+  }
   for (const form of document.querySelectorAll("form[data-confirm]")) {
     form.addEventListener("submit", (event) => {
       if (!window.confirm(form.dataset.confirm)) event.preventDefault();
