@@ -49,12 +49,13 @@ class CsrfRefused(Exception):
 async def viewer(request: Request) -> Principal:
     """The principal behind the session cookie (everyone local is an admin in dev mode)."""
     token = request.cookies.get(SESSION_COOKIE)
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     if not token and not get_state(request).auth_disabled:
-        raise LoginRequired(request.url.path)
+        raise LoginRequired(here)
     try:
         return await principal_for(request, token)
     except Unauthorized:  # revoked, or never valid: ask again, and forget the stale cookie
-        raise LoginRequired(request.url.path, clear=True) from None
+        raise LoginRequired(here, clear=True) from None
 
 
 Viewer = Annotated[Principal, Depends(viewer)]
@@ -111,7 +112,11 @@ def login_url(next_path: str) -> str:
 
 
 def safe_next(path: str | None) -> str:
-    """Where to go after logging in: a path on this server, never another site."""
-    if not path or not path.startswith("/") or path.startswith("//") or "\\" in path:
+    """Where to go after logging in: a path on this server, never another site. Browsers
+    drop tabs and newlines from URLs and read a backslash as a slash, so "/<tab>/evil.example"
+    would leave the site: any of them, or whitespace, and the answer is the overview."""
+    if not path or not path.startswith("/") or path.startswith("//"):
+        return "/"
+    if any(c == "\\" or c.isspace() or not c.isprintable() for c in path):
         return "/"
     return path

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
+from api.dashboard.session import safe_next
 from domain.db.models import audit_logs, runs
 from tests.api.conftest import (
     ApiClient,
@@ -52,7 +53,7 @@ def test_pages_ask_for_a_login_and_keep_the_token_in_a_strict_httponly_cookie(
     with browser(pg_api) as anonymous:
         first = anonymous.get("/runs?name=x")
         assert first.status_code == 303
-        assert first.headers["location"] == "/login?next=/runs"
+        assert first.headers["location"] == "/login?next=/runs%3Fname%3Dx"
         page = anonymous.get(first.headers["location"])
         assert page.status_code == 200 and 'name="token"' in page.text
         assert "HttpOnly" in page.headers["set-cookie"]  # the CSRF key, before any login
@@ -64,15 +65,16 @@ def test_pages_ask_for_a_login_and_keep_the_token_in_a_strict_httponly_cookie(
         assert "invalid or revoked API token" in wrong.text
         assert "conveyor_session" not in wrong.headers.get("set-cookie", "")
 
+        assert 'name="next" value="/runs?name=x"' in page.text
         right = anonymous.post(
             "/login",
             data={
                 "csrf_token": csrf_of(page.text),
                 "token": pg_api.tokens["readonly"],
-                "next": "https://evil.example/",  # never sent to another site
+                "next": "/runs?name=x",
             },
         )
-        assert right.status_code == 303 and right.headers["location"] == "/"
+        assert right.status_code == 303 and right.headers["location"] == "/runs?name=x"
         cookie = right.headers["set-cookie"]
         assert cookie.startswith("conveyor_session=cvy_")
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie
@@ -83,6 +85,15 @@ def test_pages_ask_for_a_login_and_keep_the_token_in_a_strict_httponly_cookie(
         again = anonymous.get("/")
         assert again.status_code == 303 and again.headers["location"].startswith("/login")
         assert 'conveyor_session=""' in again.headers["set-cookie"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["https://evil.example/", "//evil.example/", "/\\evil.example", "/\t/evil.example", "runs", ""],
+)
+def test_after_login_only_paths_on_this_server_are_followed(target: str) -> None:
+    assert safe_next(target) == "/"
+    assert safe_next("/runs/1?status=failed") == "/runs/1?status=failed"
 
 
 def test_overview_counts_match_the_seeded_runs(pg_api: ApiClient) -> None:
