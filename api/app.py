@@ -13,6 +13,8 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from api import (
+    dashboard,
+    docs,
     errors,
     health,
     metrics,
@@ -90,6 +92,8 @@ def create_api(
         # OpenTelemetry, left on, asks OpenTelemetry for its three global providers on every
         # request only to find none configured (a visible share of a read's CPU).
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        docs_url=None,  # /docs and /redoc come from api/docs.py, with no CDN
+        redoc_url=None,
     )
     state.metrics = metrics.ApiMetrics(state)
     app.state.api = state
@@ -97,6 +101,7 @@ def create_api(
     app.state.tokens = TokenCache(opts.token_cache_s)
     errors.install(app)
     openapi.install(app)
+    docs.install(app)
     # Routes are matched in this order, one pattern after another: the busiest go first
     # (no two of these routers' paths overlap, so the order changes nothing else).
     for module in (
@@ -112,6 +117,7 @@ def create_api(
         routes_admin,
     ):
         app.include_router(module.router)
+    dashboard.install(app)  # last: its pages share no path with the routes above
 
     def limit_for(path: str) -> int:
         return opts.webhook_max_bytes if path.startswith("/hooks/") else opts.body_max_bytes

@@ -177,13 +177,19 @@ def bearer_token(request: Request) -> str | None:
 
 async def principal(request: Request) -> Principal:
     """Who is calling; 401 for a missing, unknown or revoked token, 429 while blocked."""
+    return await principal_for(request, bearer_token(request))
+
+
+async def principal_for(request: Request, token: str | None) -> Principal:
+    """Who presents `token` (from a header, or the dashboard's cookie): the one check every
+    caller goes through, with its cache and its brake on failures. With auth disabled (dev
+    mode) every local caller is an admin, whatever it presents."""
     state = get_state(request)
     ip = client_ip(request)
     if state.auth_disabled:
         if not is_loopback(ip):
             raise auth.Forbidden("authentication is disabled (dev mode): only local clients")
         return DEV_PRINCIPAL
-    token = bearer_token(request)
     cache: TokenCache = request.app.state.tokens
     digest = auth.hash_token(token) if token is not None else ""
     cached = cache.get(digest)

@@ -244,8 +244,9 @@ def _document(app: FastAPI) -> dict[str, Any]:
     schemas.update(made)
     error_ref = refs[(ErrorBody, "serialization")]
     for context in routing.iter_route_contexts(app.routes):
-        if not isinstance(context.original_route, APIRoute):
-            continue
+        original = context.original_route
+        if not isinstance(original, APIRoute) or not original.include_in_schema:
+            continue  # pages (/docs, the dashboard) are not part of the document
         route: Any = context  # an APIRoute as included: prefix, dependencies and all
         for method in route.methods:
             operation = doc["paths"][route.path_format][method.lower()]

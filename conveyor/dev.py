@@ -104,6 +104,7 @@ def banner(url: str, port: int, *, pipelines: list[str]) -> list[str]:
         lines += [
             f"  API      {base}/api/v1/runs  (no token: served to localhost only)",
             f"  docs     {base}/docs",
+            f"  dashboard {base}/",
         ]
     lines.append(f"  tasks    {', '.join(REGISTRY.names())}")
     if pipelines:

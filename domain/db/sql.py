@@ -8,7 +8,19 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from sqlalchemy import ARRAY, BigInteger, Connection, Select, Table, any_, bindparam, func, select
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Connection,
+    Integer,
+    Select,
+    Table,
+    any_,
+    bindparam,
+    cast,
+    func,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from domain.db.capabilities import capabilities
@@ -46,6 +58,15 @@ def seconds_between(conn: Connection, start: Any, end: Any) -> Any:
 def greatest(conn: Connection, *values: Any) -> Any:
     """The largest of `values` (SQLite's two-argument max is its GREATEST)."""
     return func.max(*values) if conn.dialect.name == "sqlite" else func.greatest(*values)
+
+
+def epoch_minute(conn: Connection, column: Any) -> Any:
+    """The whole minutes from the Unix epoch to `column` (a UTC timestamp), as an integer: a
+    bucket key that groups rows by the minute they fall in."""
+    if capabilities(conn).server_stats:
+        return cast(func.floor(func.extract("epoch", column) / 60), BigInteger)
+    # SQLite keeps naive UTC text; strftime('%s') reads it as UTC, in whole seconds.
+    return cast(func.strftime("%s", column), Integer) // 60
 
 
 def lock_key(conn: Connection, key: str) -> None:

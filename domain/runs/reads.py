@@ -244,6 +244,40 @@ def tail(uow: UnitOfWork, run_id: uuid.UUID, *, after_seq: int, limit: int = 500
         return Tail(uow.runs.logs(run_id, after_seq=after_seq, limit=limit), status)
 
 
+def last_logs(uow: UnitOfWork, run_id: uuid.UUID, *, limit: int = 200) -> list[LogLine]:
+    """The run's last `limit` log lines, oldest first (RunNotFound if there is no run)."""
+    stmt = (
+        select(
+            run_logs.c.seq,
+            run_logs.c.attempt,
+            run_logs.c.ts,
+            run_logs.c.stream,
+            run_logs.c.level,
+            run_logs.c.message,
+            run_logs.c.fields,
+        )
+        .where(run_logs.c.run_id == run_id)
+        .order_by(run_logs.c.seq.desc())
+        .limit(limit)
+    )
+    with uow:
+        uow.runs.get(run_id)
+        lines = [LogLine(**row) for row in uow.conn.execute(stmt).mappings()]
+    return lines[::-1]
+
+
+def child_runs(uow: UnitOfWork, run_id: uuid.UUID, *, limit: int = 100) -> list[RunView]:
+    """Runs whose parent is `run_id` (spawned children, retries), oldest first."""
+    stmt = (
+        select(*[runs.c[name] for name in RunView.field_names()])
+        .where(runs.c.parent_run_id == run_id)
+        .order_by(runs.c.created_at, runs.c.id)
+        .limit(limit)
+    )
+    with uow:
+        return [RunView(*row) for row in uow.conn.execute(stmt)]
+
+
 #: A worker writes its row every 5 s (worker/lifecycle.py); three missed beats: lost.
 WORKER_LOST_AFTER_S = 15.0
 

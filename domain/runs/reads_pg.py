@@ -80,6 +80,7 @@ def page_query(filters: RunFilter, limit: int, cursor: str | None) -> tuple[str,
         ("status", list(filters.status), "status = ANY(%(status)s)"),
         ("name", filters.name, "name = %(name)s"),
         ("project", filters.project, "project = %(project)s"),
+        ("queue", filters.queue, "queue = %(queue)s"),
         ("after", filters.created_after, "created_at >= %(after)s"),
         ("before", filters.created_before, "created_at < %(before)s"),
     ):

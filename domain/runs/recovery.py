@@ -9,7 +9,17 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, Row, and_, delete, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Row,
+    and_,
+    delete,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from domain.clock import Clock
@@ -141,12 +151,18 @@ def forget_dead_workers(engine: Engine, *, clock: Clock, older_than_s: float = 8
         return int(conn.execute(delete(workers).where(workers.c.heartbeat_at < cutoff)).rowcount)
 
 
+def lease_expired(now: datetime) -> ColumnElement[bool]:
+    """Running runs whose lease ended before `now`: their worker is gone, and the next sweep
+    of the reaper recovers them (until then they are stuck)."""
+    return and_(runs.c.status == Status.RUNNING, runs.c.lease_expires_at < now)
+
+
 def reap_expired(conn: Connection, *, now: datetime) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
     """Runs whose worker stopped heartbeating: re-queue those with attempts left, fail the rest.
 
     Returns (requeued, failed) run ids.
     """
-    expired = and_(runs.c.status == Status.RUNNING, runs.c.lease_expires_at < now)
+    expired = lease_expired(now)
     requeued = (
         conn.execute(
             update(runs)

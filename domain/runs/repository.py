@@ -46,6 +46,7 @@ class RunFilter:
     status: Sequence[str] = ()
     name: str | None = None
     project: str | None = None
+    queue: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
 
@@ -206,6 +207,8 @@ class RunRepository:
             conditions.append(runs.c.name == filters.name)
         if filters.project:
             conditions.append(runs.c.project == filters.project)
+        if filters.queue:
+            conditions.append(runs.c.queue == filters.queue)
         if filters.created_after:
             conditions.append(runs.c.created_at >= filters.created_after)
         if filters.created_before:

@@ -46,6 +46,7 @@ def test_dev_runs_work_enqueued_from_another_process(tmp_path: Path) -> None:
         banner = out.read_text()
         assert f"API      http://127.0.0.1:{port}/api/v1/runs  (no token: served to local" in banner
         assert f"docs     http://127.0.0.1:{port}/docs" in banner
+        assert f"dashboard http://127.0.0.1:{port}/" in banner
         assert "tasks    flaky, heartbeat, hello, sleepy, summarize" in banner
         result = subprocess.run(
             [

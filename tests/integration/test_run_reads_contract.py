@@ -67,7 +67,7 @@ def seed(engine: Engine, n: int = 40) -> list[uuid.UUID]:
                 "id": uuid.uuid4(),
                 "project": ["default", "research"][i % 2],
                 "name": ["report", "embed", "ünïcode"][i % 3],
-                "queue": "default",
+                "queue": "gpu" if i % 4 == 1 else "default",
                 "priority": i % 10,
                 "params": {"i": i, "nested": {"big": 2**70, "list": [1.5, None, "x"]}},
                 "status": status,
@@ -113,6 +113,7 @@ def all_pages(read: Any, filters: RunFilter, limit: int) -> list[tuple[list[dict
         RunFilter(status=["failed", "succeeded"]),
         RunFilter(name="ünïcode"),
         RunFilter(project="research", status=["running"]),
+        RunFilter(queue="gpu", status=["pending", "running"]),
         RunFilter(created_after=T0 + timedelta(seconds=3), created_before=T0 + timedelta(hours=1)),
     ],
 )

@@ -1,0 +1,14 @@
+"""The dashboard `conveyor api` serves at /: server-rendered pages (overview, runs, a run),
+with the API's tokens and roles, and every asset served from this package (no CDN)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from api.dashboard import pages, routes
+
+
+def install(app: FastAPI) -> None:
+    app.mount(pages.ASSETS, StaticFiles(directory=pages.STATIC), name="dashboard-assets")
+    app.include_router(routes.router)
