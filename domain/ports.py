@@ -30,9 +30,16 @@ class Publisher(Protocol):
     A publisher may also offer `prepare(dispatches) -> send`: it builds the messages (sending
     nothing), and calling `send()` after commit sends them, raising as `publish` would. Batch
     enqueues prepare while the database is still busy with their transaction (`send_later`).
+    And `in_flight_limit`: how many published runs a queue may have unclaimed before new runs
+    go out in turns between projects (domain/flow/fair.py); absent or 0, they never wait.
     """
 
     def publish(self, dispatches: Sequence[Dispatch]) -> None: ...
+
+
+def in_flight_limit(publisher: Publisher) -> int:
+    """The publisher's fair-share limit per queue (0: none)."""
+    return int(getattr(publisher, "in_flight_limit", 0) or 0)
 
 
 def send_later(publisher: Publisher, dispatches: Sequence[Dispatch]) -> Callable[[], None]:

@@ -85,6 +85,13 @@ class Settings(BaseSettings):
         30.0, gt=0, description="How long a claimed run is owned without heartbeat."
     )
     heartbeat_s: float = Field(10.0, gt=0, description="How often a running run extends its lease.")
+    dispatch_in_flight: int = Field(
+        100,
+        ge=0,
+        le=100_000,
+        description="Per queue, how many published runs may wait unclaimed; past that, new runs "
+        "are published in turns between projects, weighted (fair share); 0 turns it off.",
+    )
     dispatch_grace_s: float = Field(
         30.0, gt=0, description="How long a published run may stay unclaimed before re-publishing."
     )

@@ -181,7 +181,11 @@ class SchedulerService:
         release_after(self.engine, now=self.clock())
         wake_gatherers(self.engine, now=self.clock())
         relay_once(
-            self.engine, self.publisher, clock=self.clock, grace_s=self.settings.dispatch_grace_s
+            self.engine,
+            self.publisher,
+            clock=self.clock,
+            grace_s=self.settings.dispatch_grace_s,
+            in_flight=self.settings.dispatch_in_flight,
         )
         every = self.settings.relay_interval_s
         due = next_due(self.engine, now=self.clock(), within_s=every)

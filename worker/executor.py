@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import structlog
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from domain.clock import Clock, utc_now
 from domain.costs.admission import Refused
@@ -26,11 +26,11 @@ from domain.errors import (
 )
 from domain.flow import concurrency
 from domain.pipelines import store as pipeline_store
-from domain.ports import Dispatch, Publisher
+from domain.ports import Dispatch, Publisher, in_flight_limit
 from domain.runs import lines, signals
 from domain.runs import store as runstore
 from domain.runs.chains import chain_follow_up, chain_possible
-from domain.runs.recovery import send_or_hand_back
+from domain.runs.recovery import publish_turns, send_or_hand_back
 from domain.runs.store import Claim, RunStore
 from domain.storage import run_store
 from domain.tasks.catalog import permissive
@@ -105,6 +105,8 @@ class Executor:
             return Outcome(run_id, "dropped")
         self.writer.begin_run(run_id, claim.attempt, first_seq)
         log.debug("run.claimed", run_id=str(run_id), name=claim.name, attempt=claim.attempt)
+        if claim.paced:
+            self._next_turns(claim.queue)
         try:
             return self._run(claim)
         finally:
@@ -271,6 +273,25 @@ class Executor:
                     return "finish_failed"
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def _next_turns(self, queue: str) -> None:
+        """A run that waited for its project's turn was claimed: a place in its queue is free.
+        Once a quarter of the places are, the next turns are published (domain/flow/fair.py);
+        should this fail, the relay's sweep gives them."""
+        limit = in_flight_limit(self.publisher) if self.publisher is not None else 0
+        if not limit or self.publisher is None:
+            return
+        try:
+            publish_turns(
+                self.engine,
+                self.publisher,
+                limit=limit,
+                now=self.clock(),
+                queues=[queue],
+                at_least=max(1, limit // 4),
+            )
+        except SQLAlchemyError as exc:
+            log.warning("run.turns_failed", queue=queue, reason=str(exc), next="the relay")
 
     def _hand_on_slot(self, conn: Connection, claim: Claim, now: datetime) -> list[Dispatch]:
         """This attempt stops holding its key's slot (in its final transaction): the oldest

@@ -49,6 +49,9 @@ class CeleryPublisher:
         self.app = app
         self.batch_size = batch_size
         self.masker = masker  # secret values the shown params must not carry
+        settings = getattr(app, "conveyor_settings", None)
+        #: Fair share (domain/flow/fair.py): the published, unclaimed runs a queue may have.
+        self.in_flight_limit: int = settings.dispatch_in_flight if settings is not None else 0
         self._broker = str(app.conf.broker_url or "")
         self._redis: redis.Redis | None = None
         self._setup_lock = threading.Lock()

@@ -31,6 +31,15 @@ OnLimit = Annotated[
 ]
 
 
+Weight = Annotated[
+    int | None,
+    typer.Option(
+        "--weight",
+        help="Its share of a busy queue's starts against other projects' (1-1000, default 1).",
+    ),
+]
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(projects_app, name="projects")
     app.command(name="costs")(costs_report)
@@ -66,9 +75,10 @@ def add(
     monthly_cost_usd: CostLimit = None,
     monthly_tokens: TokenLimit = None,
     on_limit: OnLimit = None,
+    weight: Weight = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Create a project (optionally with monthly limits)."""
+    """Create a project (optionally with monthly limits and a weight)."""
     cost, tokens = _limit(monthly_cost_usd, tokens=False), _limit(monthly_tokens, tokens=True)
     with cli_engine() as engine:
         project = projects.add_project(
@@ -78,6 +88,7 @@ def add(
             monthly_cost_usd=None if cost is projects.UNSET else cost,
             monthly_tokens=None if tokens is projects.UNSET else tokens,
             on_limit=on_limit or "stop",
+            weight=1 if weight is None else weight,
         )
     _show(project, json_out)
 
@@ -88,10 +99,11 @@ def set_limits(
     monthly_cost_usd: CostLimit = None,
     monthly_tokens: TokenLimit = None,
     on_limit: OnLimit = None,
+    weight: Weight = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Change a project's monthly limits, or what runs do at one; once one is reached new
-    runs are refused and queued runs do not start."""
+    """Change a project's monthly limits, or what runs do at one (once one is reached new
+    runs are refused and queued runs do not start), or its weight in a busy queue."""
     with cli_engine() as engine:
         project = projects.set_limits(
             UnitOfWork(engine),
@@ -100,6 +112,7 @@ def set_limits(
             monthly_cost_usd=_limit(monthly_cost_usd, tokens=False),
             monthly_tokens=_limit(monthly_tokens, tokens=True),
             on_limit=projects.UNSET if on_limit is None else on_limit,
+            weight=projects.UNSET if weight is None else weight,
         )
     _show(project, json_out)
 
@@ -115,6 +128,7 @@ def list_(json_out: JsonFlag = False) -> None:
     table = Table(box=None, pad_edge=False)
     for column in (
         "PROJECT", "MONTH", "SPENT USD", "COST LIMIT", "TOKENS", "TOKEN LIMIT", "ON LIMIT",
+        "WEIGHT",
     ):  # fmt: skip
         table.add_column(column)
     for r in rows:
@@ -126,6 +140,7 @@ def list_(json_out: JsonFlag = False) -> None:
             str(r["tokens"]),
             str(r["monthly_token_limit"] or "-"),
             r["on_limit"],
+            str(r["weight"]),
         )
     console.print(table)
 

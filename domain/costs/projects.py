@@ -59,6 +59,18 @@ def _on_limit(value: Any) -> str:
     return str(value)
 
 
+def _weight(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WEIGHT:
+        raise InvalidInput(
+            f"weight: a whole number from 1 to {MAX_WEIGHT} (got {value!r})", field="weight"
+        )
+    return value
+
+
+#: A project's share of a busy queue's starts is its weight over the others' (fair share).
+MAX_WEIGHT = 1000
+
+
 def add_project(
     uow: UnitOfWork,
     name: str,
@@ -66,6 +78,7 @@ def add_project(
     monthly_cost_usd: Any = None,
     monthly_tokens: Any = None,
     on_limit: Any = "stop",
+    weight: Any = 1,
     now: datetime,
 ) -> dict[str, Any]:
     if not re.match(NAME_PATTERN, name) or len(name) > 100:
@@ -77,6 +90,7 @@ def add_project(
         "monthly_cost_limit_usd": _limit_usd(monthly_cost_usd),
         "monthly_token_limit": _limit_tokens(monthly_tokens),
         "on_limit": _on_limit(on_limit),
+        "weight": _weight(weight),
         "created_at": now,
     }
     try:
@@ -95,10 +109,11 @@ def set_limits(
     monthly_cost_usd: Any = UNSET,
     monthly_tokens: Any = UNSET,
     on_limit: Any = UNSET,
+    weight: Any = UNSET,
     now: datetime,
 ) -> dict[str, Any]:
-    """Change limits, or what a run does at one (`on_limit`: stop or hold); pass None to clear
-    a limit, leave it out to keep it."""
+    """Change limits, or what a run does at one (`on_limit`: stop or hold), or the project's
+    weight in a busy queue; pass None to clear a limit, leave it out to keep it."""
     values: dict[str, Any] = {}
     if monthly_cost_usd is not UNSET:
         values["monthly_cost_limit_usd"] = _limit_usd(monthly_cost_usd)
@@ -106,9 +121,12 @@ def set_limits(
         values["monthly_token_limit"] = _limit_tokens(monthly_tokens)
     if on_limit is not UNSET:
         values["on_limit"] = _on_limit(on_limit)
+    if weight is not UNSET:
+        values["weight"] = _weight(weight)
     if not values:
         raise InvalidInput(
-            "give --monthly-cost-usd, --monthly-tokens and/or --on-limit", field="limits"
+            "give --monthly-cost-usd, --monthly-tokens, --on-limit and/or --weight",
+            field="limits",
         )
     with uow:
         if not uow.conn.execute(
@@ -122,7 +140,7 @@ def set_limits(
 def list_projects(uow: UnitOfWork, *, now: datetime) -> list[dict[str, Any]]:
     month = month_of(now)
     query = (
-        select(*LIMITS_AND_USAGE, usage.c.reserved_usd, projects.c.on_limit)
+        select(*LIMITS_AND_USAGE, usage.c.reserved_usd, projects.c.on_limit, projects.c.weight)
         .select_from(with_month_usage(month))
         .order_by(projects.c.name)
     )
@@ -135,6 +153,7 @@ def list_projects(uow: UnitOfWork, *, now: datetime) -> list[dict[str, Any]]:
             "monthly_cost_limit_usd": _text(r["monthly_cost_limit_usd"]),
             "monthly_token_limit": r["monthly_token_limit"],
             "on_limit": r["on_limit"],
+            "weight": r["weight"],
             "spent_usd": _text(Decimal(r["cost_usd"] or 0)),
             "tokens": int(r["tokens"] or 0),
             "reserved_usd": _text(Decimal(r["reserved_usd"] or 0)),

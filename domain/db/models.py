@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     Uuid,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -52,7 +53,10 @@ class Base(DeclarativeBase):
 
 class Project(Base):
     __tablename__ = "projects"
-    __table_args__ = (CheckConstraint("on_limit IN ('stop', 'hold')", name="on_limit"),)
+    __table_args__ = (
+        CheckConstraint("on_limit IN ('stop', 'hold')", name="on_limit"),
+        CheckConstraint("weight BETWEEN 1 AND 1000", name="weight"),
+    )
 
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     monthly_cost_limit_usd: Mapped[Decimal | None]
@@ -60,6 +64,8 @@ class Project(Base):
     #: What a run does when its project is at a monthly limit as it is claimed: `stop` ends it
     #: `budget_exceeded` before it starts; `hold` keeps it pending until the limit allows it.
     on_limit: Mapped[str] = mapped_column(String(8), default="stop", server_default="stop")
+    #: Its share of a busy queue's starts against other projects' (domain/flow/fair.py).
+    weight: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
 
 
@@ -104,6 +110,21 @@ class Run(Base):
         _partial_index("ix_runs_finished_at", "finished_at", where="finished_at IS NOT NULL"),
         # Children of a run (retries, chains), and ON DELETE SET NULL when a parent goes.
         _partial_index("ix_runs_parent_run_id", "parent_run_id", where="parent_run_id IS NOT NULL"),
+        # Fair share (domain/flow/fair.py): a busy queue's runs waiting for their project's
+        # turn, oldest first per project; and the published runs not yet claimed, per queue.
+        _partial_index(
+            "ix_runs_paced",
+            "queue",
+            "project",
+            "created_at",
+            where="paced AND dispatched_at IS NULL AND status = 'pending'",
+        ),
+        _partial_index(
+            "ix_runs_in_flight",
+            "queue",
+            "project",
+            where="status = 'pending' AND dispatched_at IS NOT NULL",
+        ),
         # Keyed concurrency: a key's holders and waiters (domain/flow/concurrency.py).
         _partial_index(
             "ix_runs_concurrency_key",
@@ -132,6 +153,8 @@ class Run(Base):
     not_before: Mapped[datetime] = mapped_column(default=utc_now)
     dispatched_at: Mapped[datetime | None]
     dispatch_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Created while its queue was busy: published in its project's turn (domain/flow/fair.py).
+    paced: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     timeout_s: Mapped[float | None] = mapped_column(Float)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]

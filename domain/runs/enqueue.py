@@ -17,9 +17,16 @@ from domain.clock import uuid7_many
 from domain.costs import ledger as costs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, InvalidInput
-from domain.flow import rates
-from domain.ports import Catalog, Dispatch, OpenCatalog, Publisher, send_later
-from domain.runs.recovery import send_or_hand_back
+from domain.flow import fair, rates
+from domain.ports import (
+    Catalog,
+    Dispatch,
+    OpenCatalog,
+    Publisher,
+    in_flight_limit,
+    send_later,
+)
+from domain.runs.recovery import publish_turns, send_or_hand_back
 from domain.runs.requests import EnqueueRequest
 from domain.runs.rows import run_row
 from domain.runs.views import RunView
@@ -142,6 +149,8 @@ def enqueue_many(
     with uow:
         costs.check_can_enqueue(uow.conn, {row["project"] for row in rows}, now)
         rates.check_known(uow.conn, {row["rate_limit"] for row in rows})
+        in_flight = 0 if publisher is None or inline else in_flight_limit(publisher)
+        busy = fair.pace(uow.conn, rows, limit=in_flight) if in_flight else set()
         if after is not None:
             uow.runs.get(after)  # RunNotFound: a run cannot wait for one that does not exist
         try:
@@ -156,6 +165,14 @@ def enqueue_many(
             record(uow.conn, results)
         if send is not None:
             uow.after_commit(send)
+        if busy:
+            assert publisher is not None
+            turns = sorted(busy)
+
+            def take_turns() -> None:
+                publish_turns(uow.engine, publisher, limit=in_flight, now=uow.clock(), queues=turns)
+
+            uow.after_commit(take_turns)
         uow.commit()
     created = [r.run for r in results if r.created]
     if len(created) == 1:

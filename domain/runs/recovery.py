@@ -27,7 +27,7 @@ from domain.costs import reservations
 from domain.db import sql
 from domain.db.models import runs, workers
 from domain.errors import BrokerUnavailable
-from domain.flow import concurrency
+from domain.flow import concurrency, fair
 from domain.ports import Dispatch, Publisher
 from domain.runs import dispatch
 from domain.runs.states import Status
@@ -46,15 +46,26 @@ class RelayResult:
 
 
 def relay_once(
-    engine: Engine, publisher: Publisher, *, clock: Clock, grace_s: float, limit: int = 1000
+    engine: Engine,
+    publisher: Publisher,
+    *,
+    clock: Clock,
+    grace_s: float,
+    limit: int = 1000,
+    in_flight: int = 0,
 ) -> RelayResult:
     """Publish pending runs that are due and unpublished, or published but still unclaimed.
 
     The rows are locked while publishing (SKIP LOCKED on PostgreSQL), so two relays never send
     the same run twice in one sweep; a broker failure marks nothing and the next sweep retries.
+    With fair share on (`in_flight`, domain/flow/fair.py), runs waiting for their project's turn
+    are left to the turns, which the sweep then tops up: the net for a top-up a worker lost.
     """
     now = clock()
     stale = now - timedelta(seconds=grace_s)
+    unpublished: ColumnElement[bool] = runs.c.dispatched_at.is_(None)
+    if in_flight:
+        unpublished = and_(unpublished, or_(~runs.c.paced, runs.c.status != Status.PENDING))
     stmt = (
         select(
             runs.c.id,
@@ -68,17 +79,18 @@ def relay_once(
         .where(
             or_(runs.c.status == Status.PENDING, runs.c.status == Status.WAITING),
             runs.c.not_before <= now,
-            or_(runs.c.dispatched_at.is_(None), runs.c.dispatched_at < stale),
+            or_(unpublished, runs.c.dispatched_at < stale),
         )
         .order_by(runs.c.not_before)
         .limit(limit)
     )
+    turns = publish_turns(engine, publisher, limit=in_flight, now=now) if in_flight else 0
     with engine.begin() as conn:
         stmt = sql.for_update(conn, stmt, skip_locked=True)
         rows = conn.execute(stmt).all()
         due = [r for r in rows if r.dispatched_at is None or _backoff_over(r, now, grace_s)]
         if not due:
-            return RelayResult(0, 0)
+            return RelayResult(turns, 0)
         dispatches = [Dispatch(r.id, r.name, r.queue, r.priority, r.params) for r in due]
         try:
             publisher.publish(dispatches)
@@ -89,7 +101,31 @@ def relay_once(
     republished = sum(1 for r in due if r.dispatched_at is not None)
     if republished:
         log.warning("relay.republished", count=republished, hint="published but never claimed")
-    return RelayResult(len(due), republished)
+    return RelayResult(turns + len(due), republished)
+
+
+def publish_turns(
+    engine: Engine,
+    publisher: Publisher,
+    *,
+    limit: int,
+    now: datetime,
+    queues: list[str] | None = None,
+    at_least: int = 1,
+) -> int:
+    """Top up `queues` (None: every queue with runs waiting for a turn) in turns between
+    projects (domain/flow/fair.py) and publish what got a place; how many were published."""
+    with engine.begin() as conn:
+        if queues is None:
+            queues = fair.queues_waiting(conn, now=now)
+        sent = (
+            fair.top_up_all(conn, queues, limit=limit, now=now, at_least=at_least) if queues else []
+        )
+    if sent:
+        send_or_hand_back(
+            lambda: publisher.publish(sent), engine, [d.run_id for d in sent], marked_at=now
+        )
+    return len(sent)
 
 
 def send_or_hand_back(

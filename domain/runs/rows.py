@@ -66,6 +66,7 @@ def run_row(
         "concurrency_key": key,
         "concurrency_max": most,
         "rate_limit": defaults.rate_limit,
+        "paced": False,
     }
 
 

@@ -43,6 +43,7 @@ _CLAIM_COLUMNS = (
     runs.c.triggered_by,
     runs.c.concurrency_key,
     runs.c.concurrency_max,
+    runs.c.paced,
 )
 
 
@@ -68,6 +69,8 @@ class Claim:
     #: Keyed concurrency (domain/flow/concurrency.py): the slot this attempt holds.
     concurrency_key: str | None = None
     concurrency_max: int | None = None
+    #: It waited for its project's turn in a busy queue: claiming it frees a place there.
+    paced: bool = False
 
 
 #: Runs the first claim statement takes at once: nothing to admit (domain/costs/admission.py)
@@ -175,6 +178,7 @@ def _take(
         triggered_by=row["triggered_by"],
         concurrency_key=row["concurrency_key"],
         concurrency_max=row["concurrency_max"],
+        paced=row["paced"],
     )
 
 

@@ -42,7 +42,7 @@ MAX_INLINE_LINES = 500
 
 _CLAIM_FIELDS = (
     "id, name, kind, project, params, attempt, max_attempts, timeout_s, budget_usd, "
-    "max_requests, max_minutes, started_at, queue, priority, triggered_by"
+    "max_requests, max_minutes, started_at, queue, priority, triggered_by, paced"
 )
 
 _CLAIM_SQL = f"""
@@ -199,6 +199,7 @@ class PgRunStore:
             queue=row[12],
             priority=row[13],
             triggered_by=row[14],
+            paced=row[15],
         )
 
     def record_step(

@@ -62,6 +62,8 @@ class RunView:
     concurrency_max: int | None = None
     #: The rate limit it takes one request of as it starts (domain/flow/rates.py).
     rate_limit: str | None = None
+    #: Created while its queue was busy: published in its project's turn (domain/flow/fair.py).
+    paced: bool = False
 
     @classmethod
     def from_row(cls, row: RowMapping) -> RunView:

@@ -255,3 +255,10 @@ def rated_agent(ctx, marks: str, calls: list[int], margin: int) -> int:  # type:
         _note_call(marks, grant, actual)
         ctx.cost("e2e", "model", tokens_in=actual // 2, tokens_out=actual - actual // 2, usd="0")
     return len(calls)
+
+
+@task(queue="fair")
+def fair_job(ctx, i: int) -> int:  # type: ignore[no-untyped-def]
+    """A short run of tests/e2e/test_fair_share.py."""
+    time.sleep(0.005)
+    return i

@@ -1,0 +1,168 @@
+"""Fair share between projects on a busy queue: starts rotate between projects, by weight.
+
+Celery's queues are FIFO: had project A's 5,000 runs all been published, project B's 10 would
+start after them. So a queue keeps at most `dispatch_in_flight` runs published and unclaimed
+(in the broker or prefetched by a worker); past that, a new run is written `paced`, unpublished,
+and waits for its project's turn. PostgreSQL remains the one queue of record (guarantee 1: the
+run is committed before anything is sent, and nothing depends on the broker keeping it).
+
+Turns (`top_up`): with the queue's lock held, count the runs in flight per project, then give
+the free places one at a time to the project with the fewest in flight for its weight
+(`(in_flight + given + 1) / weight`, the oldest waiting run breaking ties), each project's own
+runs in priority order, then oldest first. A project with nothing in flight goes first, so B's
+10 go out before A's next ones; with both busy, places alternate in the ratio of the weights.
+
+Who calls it: the enqueue that made paced runs (after its commit), a worker claiming a paced
+run (one place freed: it tops the queue up once a quarter of the places are free, so one
+query serves several claims), and the relay on each sweep as the net for a top-up that was
+lost with its worker.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, select, update
+
+from domain.db import sql
+from domain.db.models import projects, runs
+from domain.ports import Dispatch
+from domain.runs.states import Status
+
+#: The lock (per queue) under which turns are given.
+LOCK = "pace:"
+
+
+def _in_flight(queue: str) -> Any:
+    return and_(
+        runs.c.queue == queue, runs.c.status == Status.PENDING, runs.c.dispatched_at.is_not(None)
+    )
+
+
+def _waiting_turn(queue: str | None = None) -> Any:
+    waiting = and_(runs.c.paced, runs.c.dispatched_at.is_(None), runs.c.status == Status.PENDING)
+    return waiting if queue is None else and_(runs.c.queue == queue, waiting)
+
+
+def in_flight(conn: Connection, queue: str, *, most: int) -> dict[str, int]:
+    """Runs of `queue` published and not yet claimed, per project (counting at most `most` + 1:
+    past the limit the exact number does not matter)."""
+    some = select(runs.c.project).where(_in_flight(queue)).limit(most + 1).subquery()
+    counted = select(some.c.project, func.count()).group_by(some.c.project)
+    return {project: n for project, n in conn.execute(counted)}
+
+
+def pace(conn: Connection, rows: list[dict[str, Any]], *, limit: int) -> set[str]:
+    """At enqueue, in its transaction: the rows about to be published whose queue is busy (its
+    in-flight runs and these past `limit`, or runs already waiting for a turn there) are made
+    paced instead, to go out in turns. Returns those queues (to top up after commit)."""
+    adding = Counter(row["queue"] for row in rows if row["dispatched_at"] is not None)
+    busy = set()
+    for queue, n in adding.items():
+        flying = (
+            select(func.count())
+            .select_from(select(runs.c.id).where(_in_flight(queue)).limit(limit + 1).subquery())
+            .scalar_subquery()
+        )
+        waiting = select(runs.c.id).where(_waiting_turn(queue)).limit(1).exists()
+        count, queued = conn.execute(select(flying, waiting)).one()
+        if queued or count + n > limit:
+            busy.add(queue)
+    for row in rows:
+        if row["queue"] in busy and row["dispatched_at"] is not None:
+            row.update(paced=True, dispatched_at=None, dispatch_attempts=0)
+    return busy
+
+
+def top_up(
+    conn: Connection, queue: str, *, limit: int, now: datetime, at_least: int = 1
+) -> list[Dispatch]:
+    """Give the queue's free places (`limit` minus its runs in flight) to the runs waiting for
+    a turn, in turns between projects; marks them published (the caller publishes them after
+    commit) and returns them. Nothing when fewer than `at_least` places are free."""
+    sql.lock_key(conn, LOCK + queue)
+    flying = in_flight(conn, queue, most=limit)
+    free = limit - sum(flying.values())
+    if free < max(at_least, 1):
+        return []
+    order = (runs.c.priority.desc(), runs.c.created_at, runs.c.id)
+    ranked = (
+        select(
+            runs.c.id,
+            runs.c.project,
+            runs.c.name,
+            runs.c.priority,
+            runs.c.params,
+            runs.c.created_at,
+            func.row_number().over(partition_by=runs.c.project, order_by=order).label("rn"),
+        )
+        .where(_waiting_turn(queue), runs.c.not_before <= now)
+        .subquery()
+    )
+    waiting = conn.execute(
+        select(ranked).where(ranked.c.rn <= free).order_by(ranked.c.project, ranked.c.rn)
+    ).all()
+    if not waiting:
+        return []
+    by_project: dict[str, list[Any]] = {}
+    for row in waiting:
+        by_project.setdefault(row.project, []).append(row)
+    weights = dict(
+        conn.execute(
+            select(projects.c.name, projects.c.weight).where(projects.c.name.in_(by_project))
+        ).all()
+    )
+    chosen = turns(by_project, flying, weights, free)
+    conn.execute(
+        update(runs)
+        .where(runs.c.id.in_([r.id for r in chosen]))
+        .values(dispatched_at=now, dispatch_attempts=runs.c.dispatch_attempts + 1)
+    )
+    return [Dispatch(r.id, r.name, queue, r.priority, r.params) for r in chosen]
+
+
+def turns(
+    waiting: dict[str, list[Any]], flying: dict[str, int], weights: dict[str, int], places: int
+) -> list[Any]:
+    """Up to `places` of the waiting runs (per project, in the order they go), each place to
+    the project with the fewest in flight for its weight; ties to the oldest waiting run."""
+    given: Counter[str] = Counter()
+    heads = {project: 0 for project in waiting}
+    chosen: list[Any] = []
+    while len(chosen) < places and heads:
+        project = min(
+            heads,
+            key=lambda p: (
+                (flying.get(p, 0) + given[p] + 1) / max(weights.get(p, 1), 1),
+                waiting[p][heads[p]].created_at,
+                p,
+            ),
+        )
+        chosen.append(waiting[project][heads[project]])
+        given[project] += 1
+        heads[project] += 1
+        if heads[project] >= len(waiting[project]):
+            del heads[project]
+    return chosen
+
+
+def queues_waiting(conn: Connection, *, now: datetime) -> list[str]:
+    """Queues with runs waiting for a turn that are due (for the relay's sweep)."""
+    return list(
+        conn.execute(
+            select(runs.c.queue).where(_waiting_turn(), runs.c.not_before <= now).distinct()
+        ).scalars()
+    )
+
+
+def top_up_all(
+    conn: Connection, queues: Iterable[str], *, limit: int, now: datetime, at_least: int = 1
+) -> list[Dispatch]:
+    """`top_up` each queue, in order (so two callers lock them alike)."""
+    sent: list[Dispatch] = []
+    for queue in sorted(set(queues)):
+        sent.extend(top_up(conn, queue, limit=limit, now=now, at_least=at_least))
+    return sent
