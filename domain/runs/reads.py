@@ -14,7 +14,7 @@ from domain.db.models import RunArtifact, RunMetric, Worker, cost_entries, run_l
 from domain.db.models_platform import Webhook
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, RunNotFound
-from domain.runs.repository import RunFilter
+from domain.runs.repository import LOG_LINE_COLUMNS, RunFilter
 from domain.runs.states import TERMINAL
 from domain.runs.views import LogLine, Page, RunView, StepView, _jsonable
 
@@ -247,15 +247,7 @@ def tail(uow: UnitOfWork, run_id: uuid.UUID, *, after_seq: int, limit: int = 500
 def last_logs(uow: UnitOfWork, run_id: uuid.UUID, *, limit: int = 200) -> list[LogLine]:
     """The run's last `limit` log lines, oldest first (RunNotFound if there is no run)."""
     stmt = (
-        select(
-            run_logs.c.seq,
-            run_logs.c.attempt,
-            run_logs.c.ts,
-            run_logs.c.stream,
-            run_logs.c.level,
-            run_logs.c.message,
-            run_logs.c.fields,
-        )
+        select(*LOG_LINE_COLUMNS)
         .where(run_logs.c.run_id == run_id)
         .order_by(run_logs.c.seq.desc())
         .limit(limit)

@@ -39,6 +39,18 @@ ON_KEY_CONFLICT: dict[str, Any] = {
 }
 
 
+#: A log line as LogLine holds it.
+LOG_LINE_COLUMNS = (
+    run_logs.c.seq,
+    run_logs.c.attempt,
+    run_logs.c.ts,
+    run_logs.c.stream,
+    run_logs.c.level,
+    run_logs.c.message,
+    run_logs.c.fields,
+)
+
+
 @dataclass(frozen=True)
 class RunFilter:
     """Filters for listing runs; every field is optional."""
@@ -229,15 +241,7 @@ class RunRepository:
 
     def logs(self, run_id: uuid.UUID, *, after_seq: int = 0, limit: int = 1000) -> list[LogLine]:
         stmt = (
-            select(
-                run_logs.c.seq,
-                run_logs.c.attempt,
-                run_logs.c.ts,
-                run_logs.c.stream,
-                run_logs.c.level,
-                run_logs.c.message,
-                run_logs.c.fields,
-            )
+            select(*LOG_LINE_COLUMNS)
             .where(run_logs.c.run_id == run_id, run_logs.c.seq > after_seq)
             .order_by(run_logs.c.seq)
             .limit(limit)
