@@ -177,6 +177,7 @@ def _show(run: RunView, lines: list[LogLine], json_out: bool, *, verbose: bool =
                 ("id", run.id),
                 ("name", f"{run.name} ({run.kind})"),
                 ("status", status_text(run.status)),
+                *([("waits for", run.waits_for())] if run.waits_for() else []),
                 ("attempt", f"{run.attempt}/{run.max_attempts}"),
                 ("queue", f"{run.queue} (priority {run.priority})"),
                 ("project", run.project),

@@ -85,6 +85,24 @@ class RunView:
         """JSON-ready: UUIDs and datetimes as strings, money as a decimal string."""
         return _plain(self, _RUN_FIELDS)
 
+    def waits_for(self) -> str | None:
+        """What the run waits for, in words (None: it waits for nothing but a worker)."""
+        reason = self.wait_reason
+        if self.status == "pending" and self.paced and self.dispatched_at is None:
+            return f"its project's turn in the busy queue {self.queue!r} (fair share)"
+        if self.status not in ("waiting", "running") or not reason:
+            return None
+        kind, _, what = reason.partition(":")
+        until = f", next look {self.not_before:%H:%M:%S} UTC" if self.status == "waiting" else ""
+        described = {
+            "rate": f"room in the rate limit {what!r}{until}",
+            "concurrency": f"a free slot of the concurrency key {what!r}",
+            "signal": f"the signal {what!r}",
+            "sleep": f"the end of its sleep at {self.not_before:%H:%M:%S} UTC",
+            "children": "its children to end",
+        }
+        return described.get(kind, reason)
+
 
 _RUN_FIELDS = tuple(f.name for f in fields(RunView))
 

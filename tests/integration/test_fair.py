@@ -20,7 +20,7 @@ from domain.db.models import runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput
 from domain.flow import fair
-from domain.runs import enqueue
+from domain.runs import control, enqueue
 from domain.runs.recovery import relay_once
 from domain.runs.requests import build_request
 from tests.fakes import FakePublisher
@@ -93,6 +93,9 @@ def test_a_busy_queue_keeps_its_limit_in_flight_and_a_late_project_goes_first(
     b = _enqueue(engine, publisher, "b", 3)
     assert len(publisher.published) == LIMIT  # no place free: B waits too, not in the broker
     assert _waiting(engine) == 18
+    waits = control.get_run(UnitOfWork(engine), b[0]).waits_for()
+    assert waits == "its project's turn in the busy queue 'default' (fair share)"
+    assert control.get_run(UnitOfWork(engine), a[0]).waits_for() is None  # in the broker
 
     _claim(engine, a[:4])
     with engine.begin() as conn:

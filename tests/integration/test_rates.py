@@ -341,3 +341,15 @@ def test_two_deliveries_of_one_run_claiming_at_once_take_one_request(pg_engine: 
     assert second == [None]
     with pg_engine.connect() as conn:
         assert conn.execute(select(func.sum(rates.usage.c.requests))).scalar_one() == 1
+
+
+def test_a_run_says_in_words_what_it_waits_for(h: Harness) -> None:
+    @h.registry.task(rate_limit="slow-api")
+    def call(ctx: Any) -> None:
+        return None
+
+    _define(h.engine, "slow-api", rpm=1)
+    first, second = h.enqueue("call"), h.enqueue("call")
+    assert h.get(first).waits_for() is None
+    assert h.run(first) == "succeeded" and h.run(second) == "waiting"
+    assert h.get(second).waits_for().startswith("room in the rate limit 'slow-api', next look")
