@@ -86,6 +86,8 @@ class Executor:
         self.pipelines = pipelines
         self.prices = prices
         self.duplicates_dropped = 0
+        #: Claims of runs that waited for a turn (every few, the next turns go out).
+        self.paced_claims = 0
         #: Claim, and finish with the last lines (domain/storage.py picks it for the database).
         self.store = store if store is not None else run_store(engine)
         #: Sends the runs a finishing keyed run hands its slot to (else the relay does).
@@ -276,19 +278,17 @@ class Executor:
 
     def _next_turns(self, queue: str) -> None:
         """A run that waited for its project's turn was claimed: a place in its queue is free.
-        Once a quarter of the places are, the next turns are published (domain/flow/fair.py);
-        should this fail, the relay's sweep gives them."""
+        Every `limit // 8`-th such claim publishes the next turns (domain/flow/fair.py), so
+        one top-up serves several claims; should this fail, the relay's sweep gives them."""
         limit = in_flight_limit(self.publisher) if self.publisher is not None else 0
         if not limit or self.publisher is None:
             return
+        self.paced_claims += 1
+        if self.paced_claims % max(1, limit // 8):
+            return
         try:
             publish_turns(
-                self.engine,
-                self.publisher,
-                limit=limit,
-                now=self.clock(),
-                queues=[queue],
-                at_least=max(1, limit // 4),
+                self.engine, self.publisher, limit=limit, now=self.clock(), queues=[queue]
             )
         except SQLAlchemyError as exc:
             log.warning("run.turns_failed", queue=queue, reason=str(exc), next="the relay")

@@ -9,13 +9,14 @@ run is committed before anything is sent, and nothing depends on the broker keep
 Turns (`top_up`): with the queue's lock held, count the runs in flight per project, then give
 the free places one at a time to the project with the fewest in flight for its weight
 (`(in_flight + given + 1) / weight`, the oldest waiting run breaking ties), each project's own
-runs in priority order, then oldest first. A project with nothing in flight goes first, so B's
-10 go out before A's next ones; with both busy, places alternate in the ratio of the weights.
+runs oldest first (priorities order runs once they are published, as without pacing). A
+project with nothing in flight goes first, so B's 10 go out before A's next ones; with both
+busy, places alternate in the ratio of the weights.
 
-Who calls it: the enqueue that made paced runs (after its commit), a worker claiming a paced
-run (one place freed: it tops the queue up once a quarter of the places are free, so one
-query serves several claims), and the relay on each sweep as the net for a top-up that was
-lost with its worker.
+Who calls it: the enqueue that made paced runs (after its commit), a worker claiming paced
+runs (each of its claims frees a place: every `limit // 8`-th of them it tops the queue up, so
+one top-up serves several claims and most claims pay nothing), and the relay on each sweep as
+the net for a top-up lost with its worker.
 """
 
 from __future__ import annotations
@@ -88,28 +89,24 @@ def top_up(
     free = limit - sum(flying.values())
     if free < max(at_least, 1):
         return []
-    order = (runs.c.priority.desc(), runs.c.created_at, runs.c.id)
-    ranked = (
-        select(
-            runs.c.id,
-            runs.c.project,
-            runs.c.name,
-            runs.c.priority,
-            runs.c.params,
-            runs.c.created_at,
-            func.row_number().over(partition_by=runs.c.project, order_by=order).label("rn"),
-        )
-        .where(_waiting_turn(queue), runs.c.not_before <= now)
-        .subquery()
-    )
-    waiting = conn.execute(
-        select(ranked).where(ranked.c.rn <= free).order_by(ranked.c.project, ranked.c.rn)
-    ).all()
-    if not waiting:
-        return []
+    due = and_(_waiting_turn(queue), runs.c.not_before <= now)
+    names = conn.execute(select(runs.c.project).where(due).group_by(runs.c.project)).scalars()
     by_project: dict[str, list[Any]] = {}
-    for row in waiting:
-        by_project.setdefault(row.project, []).append(row)
+    for project in names:  # each project's oldest, by the index: never the whole backlog
+        by_project[project] = conn.execute(
+            select(
+                runs.c.id,
+                runs.c.name,
+                runs.c.priority,
+                runs.c.params,
+                runs.c.created_at,
+            )
+            .where(due, runs.c.project == project)
+            .order_by(runs.c.created_at, runs.c.id)
+            .limit(free)
+        ).all()
+    if not by_project:
+        return []
     weights = dict(
         conn.execute(
             select(projects.c.name, projects.c.weight).where(projects.c.name.in_(by_project))
