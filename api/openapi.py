@@ -143,6 +143,31 @@ class CostReport(BaseModel):
     total_usd: str = Field(description="Exact decimal, as a string")
 
 
+class RateLimitUsage(BaseModel):
+    name: str
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    defined_in: str = Field(description="Where it was defined last: code, cli or api")
+    updated_at: datetime
+    requests_used: int = Field(description="Taken in the last 60 s (all workers)")
+    tokens_used: int
+    requests_left: int | None = Field(description="None: requests are not limited")
+    tokens_left: int | None
+    waiting: int = Field(description="Runs waiting for room: to start, or in ctx.acquire")
+
+
+class ConcurrencyKey(BaseModel):
+    key: str
+    max: int
+    running: int
+    waiting: int
+
+
+class Limits(BaseModel):
+    rate_limits: list[RateLimitUsage]
+    concurrency: list[ConcurrencyKey] = Field(description="Keys held or waited for, busiest")
+
+
 Token = _view(TokenView, "Token")
 Webhook = _view(WebhookView, "Webhook", path=(str, ...))
 
@@ -179,6 +204,8 @@ RESPONSES: dict[str, type[BaseModel]] = {
     "POST /api/v1/pipelines/{name}/trigger": Run,
     "GET /api/v1/stats": _view(Stats, "Stats", items=(list[_view(Bucket, total=(int, ...))], ...)),  # type: ignore[misc]
     "GET /api/v1/costs": CostReport,
+    "GET /api/v1/limits": Limits,
+    "PUT /api/v1/limits/{name}": RateLimitUsage,
     "GET /api/v1/audit": _items("AuditPage", _view(AuditEntry, "AuditEntry"), cursor=True),
     "GET /api/v1/workers": _items("Workers", _view(WorkerView, "Worker")),
     "GET /api/v1/tokens": _items("Tokens", Token),

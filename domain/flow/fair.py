@@ -92,19 +92,21 @@ def top_up(
     due = and_(_waiting_turn(queue), runs.c.not_before <= now)
     names = conn.execute(select(runs.c.project).where(due).group_by(runs.c.project)).scalars()
     by_project: dict[str, list[Any]] = {}
-    for project in names:  # each project's oldest, by the index: never the whole backlog
-        by_project[project] = conn.execute(
-            select(
-                runs.c.id,
-                runs.c.name,
-                runs.c.priority,
-                runs.c.params,
-                runs.c.created_at,
+    for project in names.all():  # each project's oldest, by the index: never the whole backlog
+        by_project[project] = list(
+            conn.execute(
+                select(
+                    runs.c.id,
+                    runs.c.name,
+                    runs.c.priority,
+                    runs.c.params,
+                    runs.c.created_at,
+                )
+                .where(due, runs.c.project == project)
+                .order_by(runs.c.created_at, runs.c.id)
+                .limit(free)
             )
-            .where(due, runs.c.project == project)
-            .order_by(runs.c.created_at, runs.c.id)
-            .limit(free)
-        ).all()
+        )
     if not by_project:
         return []
     weights = dict(

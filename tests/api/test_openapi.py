@@ -100,7 +100,13 @@ def test_the_documented_models_are_what_the_routes_send(api: ApiClient) -> None:
         "GET /api/v1/costs": api.as_role("readonly", "GET", "/api/v1/costs").json(),
         "GET /api/v1/audit": api.as_role("admin", "GET", "/api/v1/audit").json(),
         "GET /api/v1/tokens": api.as_role("admin", "GET", "/api/v1/tokens").json(),
+        "PUT /api/v1/limits/{name}": api.as_role(
+            "admin", "PUT", "/api/v1/limits/llm", json={"tokens_per_minute": 9}
+        ).json(),
+        "GET /api/v1/limits": api.as_role("readonly", "GET", "/api/v1/limits").json(),
     }
+    (limit,) = bodies["GET /api/v1/limits"]["rate_limits"]
+    assert set(limit) == set(RESPONSES["PUT /api/v1/limits/{name}"].model_fields)
     for label, body in bodies.items():
         model = RESPONSES[label]
         assert set(body) == set(model.model_fields), label
