@@ -5,6 +5,7 @@ the kernel killed with the run."""
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from sqlalchemy import Engine
 from domain.db.engine import create_db_engine
 from tests.integration.test_pipelines_runner import assert_all_dead, pids_in
 from tests.pipeline_support import (
+    ROOT,
     PipelineHarness,
     make_notebook,
     pipeline_harness,
@@ -202,6 +204,18 @@ def test_a_cell_that_keeps_failing_fails_the_run_naming_the_cell(h: PipelineHarn
     assert outputs(cells[1]) == ["loaded\n"]  # type: ignore[index]
     assert outputs(cells[2]) == ["ValueError: bad input 7"]  # type: ignore[index]
     assert outputs(cells[3]) == []  # type: ignore[index]
+
+
+def test_the_example_notebook_runs(h1: PipelineHarness) -> None:
+    shutil.copytree(ROOT / "pipelines" / "notebook_cells", h1.root / "notebook_cells")
+    run_id = h1.enqueue("notebook_cells", {"text": "to be or not to be"})
+    assert h1.run(run_id) == "succeeded"
+    assert h1.lines(run_id, "stdout") == [
+        "[cell 0] 6 words",
+        "[cell 1] [('to', 2), ('be', 2), ('or', 1)]",
+        "[cell 2] wrote counts.json",
+    ]
+    assert sorted(a["name"] for a in h1.artifacts(run_id)) == ["counts.json", "main.ipynb"]
 
 
 def test_bad_cell_metadata_fails_before_any_cell_runs(h1: PipelineHarness) -> None:
