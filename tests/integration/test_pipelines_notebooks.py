@@ -218,6 +218,23 @@ def test_the_example_notebook_runs(h1: PipelineHarness) -> None:
     assert sorted(a["name"] for a in h1.artifacts(run_id)) == ["counts.json", "main.ipynb"]
 
 
+def test_requirements_and_the_kernel_share_one_environment(h1: PipelineHarness) -> None:
+    folder = make_notebook(h1.root, "with_six", ["import six\nprint('six', six.__version__)"])
+    (folder / "requirements.txt").write_text("six==1.17.0\n")
+    run_id = h1.enqueue("with_six")
+    assert h1.run(run_id) == "succeeded"
+    assert h1.lines(run_id, "stdout") == ["[cell 0] six 1.17.0"]
+
+
+def test_a_kernel_that_dies_fails_the_run_naming_the_cell(h1: PipelineHarness) -> None:
+    make_notebook(h1.root, "dies", ["print('alive')", "import os\nos._exit(3)", "print('after')"])
+    run_id = h1.enqueue("dies")
+    assert h1.run(run_id) == "failed"
+    error = h1.get(run_id).error or ""
+    assert error.startswith("main.ipynb: the kernel died in code cell 1 (cell 1 of the notebook)")
+    assert h1.lines(run_id, "stdout") == ["[cell 0] alive"]
+
+
 def test_bad_cell_metadata_fails_before_any_cell_runs(h1: PipelineHarness) -> None:
     make_notebook(
         h1.root,
