@@ -60,6 +60,41 @@ def make_pipeline(
     return folder
 
 
+#: A notebook cell: code as text, or (cell_type, source[, metadata]).
+Cell = str | tuple[str, str] | tuple[str, str, dict[str, Any]]
+
+
+def notebook_json(cells: list[Cell]) -> str:
+    """An nbformat 4.5 notebook, written out by hand (conveyor's own venv has no nbformat)."""
+    out = []
+    for n, cell in enumerate(cells):
+        kind, source, meta = ("code", cell, {}) if isinstance(cell, str) else (*cell, {})[:3]
+        item: dict[str, Any] = {
+            "cell_type": kind,
+            "id": f"cell-{n}",
+            "metadata": meta,
+            "source": source,
+        }
+        if kind == "code":
+            item.update(execution_count=None, outputs=[])
+        out.append(item)
+    kernel = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return json.dumps(
+        {"cells": out, "metadata": {"kernelspec": kernel}, "nbformat": 4, "nbformat_minor": 5}
+    )
+
+
+def make_notebook(
+    root: Path, name: str, cells: list[Cell], config: dict[str, Any] | None = None
+) -> Path:
+    """A notebook pipeline: main.ipynb, and pipeline.json with "type": "notebook"."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "main.ipynb").write_text(notebook_json(cells))
+    (folder / "pipeline.json").write_text(json.dumps({"type": "notebook", **(config or {})}))
+    return folder
+
+
 def copy_fixtures(root: Path, *names: str) -> None:
     for name in names:
         shutil.copytree(FIXTURES / name, root / name)

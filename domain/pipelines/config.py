@@ -46,7 +46,6 @@ FASTFLOW_UNSUPPORTED = {
     "restart_on_crash": "daemon restarts are not supported",
     "restart_cooldown": "daemon restarts are not supported",
     "restart_interval": "daemon restarts are not supported",
-    "cells": "notebook pipelines are not supported yet (planned)",
 }
 _TRIGGER_UNSUPPORTED = {
     "on_route": "route-based triggers (FASTFLOW_ROUTE_FILE) are not supported; "
@@ -102,6 +101,13 @@ class DownstreamTrigger(Strict):
     on_failure: bool = False
 
 
+class CellRetry(Strict):
+    """One item of `cells`: how a notebook's code cell is retried in place, in the same kernel."""
+
+    retries: int = Field(0, ge=0, le=99)  # tries after the first
+    delay_seconds: float = Field(1.0, ge=0, le=3600)
+
+
 class PipelineConfig(Strict):
     """pipeline.json, every key optional. Defaults are Fast-Flow's."""
 
@@ -109,6 +115,8 @@ class PipelineConfig(Strict):
     description: str | None = None
     tags: list[str] = Field(default_factory=list)
     type: Literal["script", "notebook"] = "script"
+    #: notebook pipelines: item i is for the i-th *code* cell (markdown cells are not counted)
+    cells: list[CellRetry] = Field(default_factory=list)
     # Any major.minor[.patch]: whether this worker has it is the environment's question (uv's).
     python_version: str | None = Field(None, pattern=r"^\d{1,2}\.\d{1,3}(\.\d{1,3})?$")
     timeout: float = Field(0, ge=0)
@@ -177,7 +185,8 @@ class PipelineConfig(Strict):
     # -- what the rest of conveyor reads ---------------------------------------------------
     @property
     def max_attempts(self) -> int:
-        return self.retry_attempts + 1
+        # As in Fast-Flow, a notebook is retried cell by cell (`cells`), never as a whole run.
+        return 1 if self.type == "notebook" else self.retry_attempts + 1
 
     @property
     def timeout_s(self) -> float | None:
@@ -212,7 +221,9 @@ EXPECTED = {
     "enabled": "true or false",
     "description": "a string",
     "tags": "a list of strings",
-    "type": '"script" ("notebook" is not supported)',
+    "type": '"script" or "notebook"',
+    "cells": 'a list of {"retries": whole number 0-99, "delay_seconds": seconds >= 0}, '
+    "one per code cell",
     "python_version": 'a Python version such as "3.11"',
     "timeout": "a number of seconds >= 0 (0 = no timeout)",
     "retry_attempts": "a whole number from 0 to 99",
@@ -259,20 +270,30 @@ def parse_config(text: str | bytes | None, *, source: str) -> ParsedConfig:
         config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
         return ParsedConfig(None, describe_errors(exc, source), tuple(warnings))
-    if config.type == "notebook":
-        return ParsedConfig(
-            None,
-            f"{source}: key 'type': \"notebook\" pipelines are not supported by conveyor yet "
-            "(planned); "
-            'convert main.ipynb to main.py and use "script"',
-            tuple(warnings),
-        )
+    warnings.extend(_notebook_warnings(config, source))
     if config.webhook_key:
         warnings.append(
             f"{source}: key 'webhook_key' is a legacy trigger (the key travels in the URL); "
             "it is used only when CONVEYOR_PIPELINE_LEGACY_WEBHOOKS is enabled"
         )
     return ParsedConfig(config, None, tuple(warnings))
+
+
+def _notebook_warnings(config: PipelineConfig, source: str) -> list[str]:
+    """Keys that mean nothing for this pipeline's type (Fast-Flow ignores them the same way)."""
+    if config.type != "notebook":
+        if "cells" in config.model_fields_set:
+            return [
+                f"{source}: key 'cells' is ignored: it applies to notebook pipelines only "
+                '("type": "notebook")'
+            ]
+        return []
+    return [
+        f"{source}: key {key!r} is ignored: notebook pipelines are retried cell by cell "
+        "(use 'cells' or a cell's metadata.fastflow)"
+        for key in ("retry_attempts", "retry_strategy")
+        if key in config.model_fields_set
+    ]
 
 
 def _split_unknown(data: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
@@ -332,7 +353,7 @@ def describe_errors(exc: ValidationError, source: str) -> str:
 
 
 _UNION_TAGS = {"exponential_backoff", "fixed_delay", "custom_schedule"}
-_NESTED_MODELS = {"retry_strategy", "downstream_triggers"}
+_NESTED_MODELS = {"retry_strategy", "downstream_triggers", "cells"}
 
 
 def _key_path(loc: Iterable[Any]) -> str:
@@ -368,6 +389,8 @@ def _nested_expected(err: Any, top: str) -> str:
 def _allowed_keys(top: str) -> str:
     if top == "downstream_triggers":
         return ", ".join(DownstreamTrigger.model_fields)
+    if top == "cells":
+        return ", ".join(CellRetry.model_fields)
     if top == "retry_strategy":
         names = {
             n for m in (ExponentialBackoff, FixedDelay, CustomSchedule) for n in m.model_fields

@@ -1,7 +1,8 @@
 """Directory pipelines: discovery under CONVEYOR_PIPELINES_DIR, and the catalog that turns a
 pipeline name into run defaults.
 
-Every folder with a `main.py` is a pipeline named after the folder; `requirements.txt` (or
+Every folder with a `main.py` is a pipeline named after the folder (a `main.ipynb`, run cell by
+cell, when pipeline.json says `"type": "notebook"`); `requirements.txt` (or
 `requirements.txt.lock`, which wins) and `pipeline.json` (or Fast-Flow's `<name>.json`) are
 optional. A folder whose pipeline.json is invalid is still listed, disabled, with the exact
 error; the others keep working. `encrypted_env` is decrypted here, with the directory's
@@ -13,6 +14,7 @@ joining a requested name onto a path, so no name can reach outside the directory
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import threading
@@ -35,9 +37,11 @@ from domain.runs.states import ACTIVE
 from domain.security.crypto import secret_key_from
 
 ENTRYPOINT = "main.py"
+NOTEBOOK = "main.ipynb"
 CONFIG_FILE = "pipeline.json"
 REQUIREMENTS = "requirements.txt"
 LOCKFILE = "requirements.txt.lock"
+_DEPS = (REQUIREMENTS, LOCKFILE)
 _SKIPPED_DIRS = {"__pycache__", "node_modules"}
 
 
@@ -107,8 +111,13 @@ class DiscoveredPipeline:
         return "enabled" if self.runnable else "disabled"
 
     @property
+    def is_notebook(self) -> bool:
+        return self.config is not None and self.config.type == "notebook"
+
+    @property
     def entrypoint(self) -> Path:
-        return self.path / ENTRYPOINT
+        """main.py, or main.ipynb for a notebook pipeline."""
+        return self.path / (NOTEBOOK if self.is_notebook else ENTRYPOINT)
 
     def require_runnable(self) -> PipelineConfig:
         """The config of a runnable pipeline; PipelineDisabled naming why otherwise."""
@@ -157,13 +166,9 @@ def inspect_folder(root: Path, folder: Path, *, secret_key: str = "") -> Discove
     label = f"{root.name}/{name}"
     config_file = _config_file(folder)
     requirements = _requirements(folder)
-    if not (folder / ENTRYPOINT).is_file():
-        if config_file is None and requirements is None and not (folder / "main.ipynb").exists():
-            return None  # a data or helper folder, not an attempt at a pipeline
-        hint = " (notebook pipelines are not supported)" if (folder / "main.ipynb").exists() else ""
-        return DiscoveredPipeline(
-            name, folder, None, f"{label}: no main.py in the folder{hint}", config_file=config_file
-        )
+    script, notebook = (folder / ENTRYPOINT).is_file(), (folder / NOTEBOOK).exists()
+    if not script and not notebook and config_file is None and requirements is None:
+        return None  # a data or helper folder, not an attempt at a pipeline
     if not re.match(NAME_PATTERN, name) or len(name) > 200:
         return DiscoveredPipeline(
             name,
@@ -172,6 +177,11 @@ def inspect_folder(root: Path, folder: Path, *, secret_key: str = "") -> Discove
             f"{label}: the folder name is not a valid pipeline name (letters, digits, _ . : -)",
         )
     parsed = _parse(config_file, label)
+    missing = _missing_entrypoint(folder, parsed.config, label, config_file)
+    if missing is not None:
+        return DiscoveredPipeline(
+            name, folder, None, missing, parsed.warnings, config_file=config_file
+        )
     opened = NOTHING
     if parsed.config is not None and parsed.config.encrypted_env:
         source = f"{label}/{config_file.name if config_file else CONFIG_FILE}"
@@ -197,6 +207,39 @@ def inspect_folder(root: Path, folder: Path, *, secret_key: str = "") -> Discove
         config_file,
         opened,
     )
+
+
+def _missing_entrypoint(
+    folder: Path, config: PipelineConfig | None, label: str, config_file: Path | None
+) -> str | None:
+    """Why the file the pipeline runs is not there (or is not a notebook); None when it is."""
+    if config is not None and config.type == "notebook":
+        named = config_file.name if config_file else CONFIG_FILE
+        path = folder / NOTEBOOK
+        if not path.is_file():
+            return f'{label}: no {NOTEBOOK} in the folder ("type": "notebook" in {named})'
+        return _not_a_notebook(path, label)
+    if (folder / ENTRYPOINT).is_file():
+        return None
+    if config is None and config_file is not None:
+        return None  # the config's own error says more
+    hint = ' (to run main.ipynb, set "type": "notebook" in pipeline.json)'
+    return f"{label}: no {ENTRYPOINT} in the folder{hint if (folder / NOTEBOOK).exists() else ''}"
+
+
+def _not_a_notebook(path: Path, label: str) -> str | None:
+    """A cheap look at main.ipynb: a JSON object with a list of cells (nbformat 4)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        return f"{label}/{NOTEBOOK}: cannot be read ({exc.strerror})"
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        return f"{label}/{NOTEBOOK}: not a notebook (invalid JSON: {exc})"
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), list):
+        return f'{label}/{NOTEBOOK}: not a notebook (no "cells" list; nbformat 4 is expected)'
+    if data.get("nbformat", 4) < 4:
+        return f"{label}/{NOTEBOOK}: nbformat {data['nbformat']} is too old (4 is expected)"
+    return None
 
 
 def _config_file(folder: Path) -> Path | None:
@@ -280,7 +323,7 @@ class PipelineDirectory:
             if not entry.is_dir():
                 continue
             parts.append((entry.name, _mtime(entry.path)))
-            for fname in (ENTRYPOINT, CONFIG_FILE, f"{entry.name}.json", REQUIREMENTS, LOCKFILE):
+            for fname in (ENTRYPOINT, NOTEBOOK, CONFIG_FILE, f"{entry.name}.json", *_DEPS):
                 parts.append(_mtime(os.path.join(entry.path, fname)))
         return tuple(parts)
 

@@ -93,6 +93,34 @@ def test_discovery_lists_good_and_bad_folders(root: Path) -> None:
     assert p["comments_only"].requirements is None
 
 
+def test_notebook_folders_need_their_main_ipynb(tmp_path: Path) -> None:
+    root = tmp_path / "pipelines"
+    notebook = json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5})
+    for name, files in {
+        "nb": {"main.ipynb": notebook, "pipeline.json": '{"type": "notebook"}'},
+        "nb_missing": {"main.py": "print(1)\n", "pipeline.json": '{"type": "notebook"}'},
+        "nb_broken": {"main.ipynb": "{not json", "pipeline.json": '{"type": "notebook"}'},
+        "nb_untyped": {"main.ipynb": notebook},
+    }.items():
+        (root / name).mkdir(parents=True)
+        for fname, text in files.items():
+            (root / name / fname).write_text(text)
+    p = {x.name: x for x in discover(root)}
+    assert p["nb"].runnable and p["nb"].is_notebook
+    assert p["nb"].entrypoint == root / "nb" / "main.ipynb"
+    assert p["nb"].defaults.max_attempts == 1
+    assert p["nb_missing"].error == (
+        'pipelines/nb_missing: no main.ipynb in the folder ("type": "notebook" in pipeline.json)'
+    )
+    assert (p["nb_broken"].error or "").startswith(
+        "pipelines/nb_broken/main.ipynb: not a notebook (invalid JSON"
+    )
+    assert p["nb_untyped"].error == (
+        "pipelines/nb_untyped: no main.py in the folder "
+        '(to run main.ipynb, set "type": "notebook" in pipeline.json)'
+    )
+
+
 def test_sync_on_both_databases(engine: Engine, root: Path) -> None:
     directory = PipelineDirectory(root)
     first = sync(engine, directory)

@@ -231,3 +231,28 @@ def test_uv_sees_the_pip_configuration(tmp_path: Path) -> None:
         check=True,
     ).stdout
     assert str(tmp_path / "wheels") in out
+
+
+def test_packages_conveyor_adds_are_installed_and_part_of_the_hash(tmp_path: Path) -> None:
+    lock = tmp_path / "requirements.txt.lock"
+    lock.write_text("six==1.17.0\n")
+    manager = EnvManager(tmp_path / "envs")
+    interpreter = manager.interpreter(None)
+    added = ("humanize",)
+    info = manager.ensure(lock, None, log=quiet, packages=added)
+    assert info.built
+    # After the exact lock, the added package: both are there.
+    subprocess.run([str(info.python), "-c", "import six, humanize"], check=True)
+    ready = json.loads((info.location / READY).read_text())  # type: ignore[operator]
+    assert ready["packages"] == ["humanize"]
+    plain = manager.env_hash(lock.read_bytes(), interpreter, locked=True)
+    assert info.env_hash != plain  # the lock without them is another environment
+    assert info.env_hash == manager.env_hash(
+        lock.read_bytes(), interpreter, locked=True, packages=added
+    )
+    assert manager.is_ready(lock, None, packages=added)
+    assert not manager.is_ready(lock, None)
+    # No requirements at all: still a uv environment, because conveyor adds packages.
+    bare = manager.ensure(None, None, log=quiet, packages=added)
+    assert bare.built and bare.env_hash not in {None, info.env_hash}
+    subprocess.run([str(bare.python), "-c", "import humanize"], check=True)

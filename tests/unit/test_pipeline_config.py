@@ -138,9 +138,44 @@ def test_unknown_and_unsupported_keys_are_warnings() -> None:
     assert any("downstream_triggers[0].on_route" in w for w in warnings)
 
 
-def test_notebook_type_is_a_clear_error_and_webhook_key_a_warning() -> None:
-    _, error, _ = parse({"type": "notebook"})
-    assert error is not None and "not supported by conveyor" in error
+def test_notebook_cells_are_parsed_with_fast_flows_defaults() -> None:
+    parsed = parse_config(
+        json.dumps({"type": "notebook", "cells": [{"retries": 2, "delay_seconds": 0.5}, {}]}),
+        source=SRC,
+    )
+    config = parsed.config
+    assert config is not None and parsed.warnings == ()
+    assert [(c.retries, c.delay_seconds) for c in config.cells] == [(2, 0.5), (0, 1.0)]
+    assert config.max_attempts == 1  # cells are retried, never the whole notebook run
+
+
+def test_notebook_run_retries_and_script_cells_are_warned_about() -> None:
+    config, error, warnings = parse({"type": "notebook", "retry_attempts": 3})
+    assert error is None and config is not None and config.max_attempts == 1  # type: ignore[attr-defined]
+    assert warnings == (
+        f"{SRC}: key 'retry_attempts' is ignored: notebook pipelines are retried cell by cell "
+        "(use 'cells' or a cell's metadata.fastflow)",
+    )
+    config, error, warnings = parse({"cells": [{"retries": 1}], "retry_attempts": 3})
+    assert error is None and config.max_attempts == 4  # type: ignore[attr-defined]
+    assert any("'cells' is ignored: it applies to notebook pipelines only" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    ("cells", "expected"),
+    [
+        ({"retries": 1}, "key 'cells': expected a list"),
+        ([{"retries": -1}], "key 'cells[0].retries': expected a number >= 0; got -1"),
+        ([{}, {"delay_seconds": "2"}], "key 'cells[1].delay_seconds': expected a number"),
+        ([{"retry": 1}], "key 'cells[0].retry': not allowed here (cells takes: retries,"),
+    ],
+)
+def test_bad_cells_name_the_item_and_key(cells: object, expected: str) -> None:
+    _, error, _ = parse({"type": "notebook", "cells": cells})
+    assert error is not None and expected in error, error
+
+
+def test_webhook_key_is_a_warning() -> None:
     config, error, warnings = parse({"webhook_key": "abc"})
     assert error is None and config is not None
     assert any("legacy trigger" in w for w in warnings)

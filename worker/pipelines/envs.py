@@ -7,8 +7,11 @@ is uv's download cache shared by all builds. A build is bounded by a timeout and
 stop request, so a resolver that hangs can never hang a worker.
 
 A `requirements.txt.lock` is installed exactly (`uv pip sync`), a `requirements.txt` resolved
-(`uv pip install -r`). `python_version` is found by uv among the managed and system interpreters
-(`uv python find --system`); none is downloaded unless UV_PYTHON_DOWNLOADS says so.
+(`uv pip install -r`). `packages` are what conveyor itself needs in the environment (a notebook
+pipeline's kernel and notebook client): resolved together with requirements.txt, installed
+after a lock, and part of the hash. `python_version` is found by uv among the managed and
+system interpreters (`uv python find --system`); none is downloaded unless UV_PYTHON_DOWNLOADS
+says so.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,15 +141,31 @@ class EnvManager:
 
     # -- environments ------------------------------------------------------------------------
     @staticmethod
-    def env_hash(requirements: bytes, interpreter: Interpreter, *, locked: bool = False) -> str:
+    def env_hash(
+        requirements: bytes,
+        interpreter: Interpreter,
+        *,
+        locked: bool = False,
+        packages: Sequence[str] = (),
+    ) -> str:
         """The environment's identity: interpreter version, platform, the requirements text,
-        and whether it is a lock (installed exactly with `uv pip sync`, not resolved)."""
+        whether it is a lock (installed exactly with `uv pip sync`, not resolved), and the
+        packages conveyor adds (none: the hash an environment without them always had)."""
         digest = hashlib.sha256()
         digest.update(f"python={interpreter.version};{sys.platform}\n".encode())
         if locked:
             digest.update(b"lock\n")
+        if packages:
+            digest.update(f"packages={' '.join(sorted(packages))}\n".encode())
         digest.update(requirements)
         return digest.hexdigest()
+
+    def _identity(
+        self, requirements: Path | None, interpreter: Interpreter, packages: Sequence[str]
+    ) -> str:
+        text = requirements.read_bytes() if requirements is not None else b""
+        locked = requirements is not None and is_lock(requirements)
+        return self.env_hash(text, interpreter, locked=locked, packages=packages)
 
     def ensure(
         self,
@@ -155,14 +174,14 @@ class EnvManager:
         *,
         log: LogFn,
         should_stop: Callable[[], bool] = lambda: False,
+        packages: Sequence[str] = (),
     ) -> EnvInfo:
-        """The environment for these requirements, building it if no process has yet."""
+        """The environment for these requirements and packages, building it if no process has
+        yet (neither: the bare interpreter)."""
         interpreter = self.interpreter(python_version)
-        if requirements is None:
+        if requirements is None and not packages:
             return EnvInfo(interpreter.path, None, False, 0.0, None)
-        env_hash = self.env_hash(
-            requirements.read_bytes(), interpreter, locked=is_lock(requirements)
-        )
+        env_hash = self._identity(requirements, interpreter, packages)
         location = self.cache_dir / env_hash[:32]
         python = location / "bin" / "python"
         if (location / READY).is_file():
@@ -174,12 +193,14 @@ class EnvManager:
                 waited = time.monotonic() - started
                 log(f"environment {env_hash[:12]} was built by another run ({waited:.1f}s)", "info")
                 return EnvInfo(python, env_hash, False, waited, location)
-            log(f"building environment {env_hash[:12]} from {requirements.name} with uv", "info")
-            self._build(location, requirements, interpreter, deadline, should_stop, log)
+            source = _describe(requirements, packages)
+            log(f"building environment {env_hash[:12]} from {source} with uv", "info")
+            self._build(location, requirements, packages, interpreter, deadline, should_stop, log)
             setup_s = time.monotonic() - started
             info = {
                 "hash": env_hash,
-                "requirements": requirements.name,
+                "requirements": requirements.name if requirements is not None else None,
+                "packages": list(packages),
                 "python": interpreter.version,
                 "uv": self.uv_version(),
                 "built_at": utc_now().isoformat(),
@@ -192,7 +213,8 @@ class EnvManager:
     def _build(
         self,
         location: Path,
-        requirements: Path,
+        requirements: Path | None,
+        packages: Sequence[str],
         interpreter: Interpreter,
         deadline: float,
         should_stop: Callable[[], bool],
@@ -200,15 +222,20 @@ class EnvManager:
     ) -> None:
         if location.exists():
             shutil.rmtree(location)  # an unfinished build of a process that died
-        install = (
-            ["pip", "sync", str(requirements)]
-            if is_lock(requirements)
-            else ["pip", "install", "-r", str(requirements)]
-        )
-        steps = [
-            ["venv", "--no-project", "--python", str(interpreter.path), str(location)],
-            [*install, "--no-progress", "--python", str(location / "bin" / "python")],
-        ]
+        installs: list[list[str]] = []
+        if requirements is not None and is_lock(requirements):
+            # A lock is installed exactly; what conveyor adds comes after (a no-op when the
+            # lock already pins it).
+            installs.append(["pip", "sync", str(requirements)])
+            installs.append(["pip", "install", *packages] if packages else [])
+        elif requirements is not None:
+            installs.append(["pip", "install", "-r", str(requirements), *packages])
+        else:
+            installs.append(["pip", "install", *packages])
+        target = ["--no-progress", "--python", str(location / "bin" / "python")]
+        steps = [["venv", "--no-project", "--python", str(interpreter.path), str(location)]]
+        steps += [[*args, *target] for args in installs if args]
+        source = _describe(requirements, packages)
         for args in steps:
             code, output = self._run_uv(args, deadline, should_stop)
             if code != 0:
@@ -217,9 +244,7 @@ class EnvManager:
                 for line in lines:
                     log(f"uv: {line}", "error")
                 why = "\n".join(lines) or f"uv exited with code {code}"
-                raise PipelineEnvError(
-                    f"uv could not build the environment from {requirements.name}:\n{why}"
-                )
+                raise PipelineEnvError(f"uv could not build the environment from {source}:\n{why}")
 
     def _run_uv(
         self, args: list[str], deadline: float, should_stop: Callable[[], bool]
@@ -299,13 +324,17 @@ class EnvManager:
                 self._uv_version = "unknown"
         return self._uv_version
 
-    def is_ready(self, requirements: Path | None, python_version: str | None) -> bool:
+    def is_ready(
+        self,
+        requirements: Path | None,
+        python_version: str | None,
+        *,
+        packages: Sequence[str] = (),
+    ) -> bool:
         """True when the environment exists (or none is needed): for `pipelines list`."""
-        if requirements is None:
+        if requirements is None and not packages:
             return True
-        interpreter = self.interpreter(python_version)
-        text = requirements.read_bytes()
-        env_hash = self.env_hash(text, interpreter, locked=is_lock(requirements))
+        env_hash = self._identity(requirements, self.interpreter(python_version), packages)
         return (self.cache_dir / env_hash[:32] / READY).is_file()
 
 
@@ -313,6 +342,14 @@ def _base_executable() -> Path:
     """The interpreter under this worker's venv: pipelines must not see conveyor's packages."""
     base = getattr(sys, "_base_executable", None) or sys.executable
     return Path(base)
+
+
+def _describe(requirements: Path | None, packages: Sequence[str]) -> str:
+    """What an environment is built from, for its log lines and errors."""
+    parts = [requirements.name] if requirements is not None else []
+    if packages:
+        parts.append(" ".join(packages))
+    return " + ".join(parts)
 
 
 def is_lock(requirements: Path) -> bool:

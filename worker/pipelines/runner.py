@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,6 +39,7 @@ from worker.pipelines.artifacts import collect_artifacts
 from worker.pipelines.envs import EnvInfo, EnvManager
 from worker.pipelines.events import EVENT_PREFIX, EventHandler
 from worker.pipelines.lines import CUT_MARK, split_cut
+from worker.pipelines.notebooks import env_packages, launch
 from worker.pipelines.process import (
     Limits,
     PipelineProcess,
@@ -82,6 +85,12 @@ class PipelineFailed(ConveyorError):
     def __init__(self, message: str | None = None, *, exit_code: int, **context: object) -> None:
         super().__init__(message, exit_code=exit_code, **context)
         self.exit_code = exit_code
+
+
+class NotebookFailed(PipelineFailed):
+    """A notebook pipeline failed: its report names the cell and holds the traceback."""
+
+    self_explanatory = True  # the worker's own traceback would only hide the cell's
 
 
 class PipelineMemoryExceeded(PipelineFailed):
@@ -147,6 +156,7 @@ class SubprocessPipelineRunner:
             config.python_version,
             log=system,
             should_stop=lambda: ctx.cancelled,
+            packages=env_packages(pipeline),
         )
         if env_info.built:
             pipeline_store.record_env(
@@ -171,7 +181,13 @@ class SubprocessPipelineRunner:
             },
         )
         events = EventHandler(ctx, sink)
-        outcome = self._spawn(ctx, pipeline, config, env, env_info, sink, masker, events)
+        scratch = Path(tempfile.mkdtemp(prefix="conveyor-run-"))
+        try:
+            start = launch(pipeline, config, env_info.python, artifacts=artifacts, scratch=scratch)
+            outcome = self._spawn(ctx, pipeline, config, start.argv, env, sink, masker, events)
+            failure = start.failure()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         # Read by the executor when it writes runs.exit_code (an attribute TaskContext may not
         # declare yet, hence the cast).
         cast(Any, ctx).exit_code = outcome.exit_code
@@ -183,7 +199,7 @@ class SubprocessPipelineRunner:
         if outcome.throttled_s:
             self.writer.metric(ctx.run_id, "cpu_throttled_s", round(outcome.throttled_s, 3))
         try:
-            return self._outcome(ctx, config, outcome, events, names)
+            return self._outcome(ctx, config, outcome, events, names, start.entry, failure)
         finally:
             self._follow_ups(ctx, config, ok, system)
 
@@ -232,8 +248,8 @@ class SubprocessPipelineRunner:
         ctx: TaskContext,
         pipeline: DiscoveredPipeline,
         config: PipelineConfig,
+        argv: list[str],
         env: dict[str, str],
-        env_info: EnvInfo,
         sink: LineSink,
         masker: Masker,
         events: EventHandler,
@@ -267,7 +283,7 @@ class SubprocessPipelineRunner:
             self.writer.metric(run_id, "soft_limit_exceeded", value, {"resource": resource})
 
         process = PipelineProcess(
-            [str(env_info.python), str(pipeline.entrypoint)],
+            argv,
             cwd=str(pipeline.path.absolute()),
             env=env,
             stdin=json.dumps(pipeline_params(ctx.params)).encode(),
@@ -292,23 +308,27 @@ class SubprocessPipelineRunner:
         outcome: ProcessOutcome,
         events: EventHandler,
         artifacts: list[str],
+        entry: str,
+        failure: str | None,
     ) -> Any:
         code = outcome.exit_code
         if outcome.killed_for == "stop" or (ctx.cancelled and code != 0):
             raise PipelineStopped(
-                f"main.py was stopped ({ctx.stop_reason or 'stop requested'}); exit code {code}"
+                f"{entry} was stopped ({ctx.stop_reason or 'stop requested'}); exit code {code}"
             )
         # Masked with the rest of the error by the executor; a cut line's end only here.
         tail = "\n".join(_mask_cut(ctx.masker, line) for line in outcome.stderr_tail)
         detail = f"\nlast lines on stderr:\n{tail}" if tail else ""
         if outcome.killed_for == "memory":
             raise PipelineMemoryExceeded(
-                f"main.py used {outcome.peak_rss / 2**20:.0f} MiB, over its mem_hard_limit of "
+                f"{entry} used {outcome.peak_rss / 2**20:.0f} MiB, over its mem_hard_limit of "
                 f"{(config.mem_hard_limit or 0) / 2**20:.0f} MiB, and was killed{detail}",
                 exit_code=code,
             )
+        if outcome.returncode != 0 and failure is not None:  # a notebook: which cell, and why
+            raise NotebookFailed(failure, exit_code=code)
         if outcome.returncode != 0:
-            raise PipelineFailed(f"main.py exited with code {code}{detail}", exit_code=code)
+            raise PipelineFailed(f"{entry} exited with code {code}{detail}", exit_code=code)
         return {
             "exit_code": 0,
             "result": events.result if events.has_result else None,
@@ -390,6 +410,7 @@ class _SystemLog:
 
 
 __all__ = [
+    "NotebookFailed",
     "PipelineFailed",
     "PipelineMemoryExceeded",
     "PipelineStopped",

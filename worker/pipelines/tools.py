@@ -26,6 +26,7 @@ from domain.security.crypto import secret_key_from
 from domain.security.secrets import SecretStore
 from domain.settings import Settings, get_settings
 from worker.pipelines.envs import EnvManager
+from worker.pipelines.notebooks import env_packages
 
 #: How warming reports progress: (message, level, pipeline name).
 Say = Callable[[str, str, str], None]
@@ -118,7 +119,12 @@ class PipelineTools:
             say(message, level, pipeline.name)
 
         try:
-            info = envs.ensure(pipeline.requirements, config.python_version, log=log)
+            info = envs.ensure(
+                pipeline.requirements,
+                config.python_version,
+                log=log,
+                packages=env_packages(pipeline),
+            )
         except ConveyorError as exc:
             return {"name": pipeline.name, "ok": False, "error": str(exc)}
         pipeline_store.record_env(
@@ -140,10 +146,13 @@ class PipelineTools:
     def env_state(self, pipeline: DiscoveredPipeline | None) -> str:
         if pipeline is None or pipeline.config is None:
             return "-"
-        if pipeline.requirements is None:
+        packages = env_packages(pipeline)
+        if pipeline.requirements is None and not packages:
             return "bare"
         try:
-            ready = self.envs().is_ready(pipeline.requirements, pipeline.config.python_version)
+            ready = self.envs().is_ready(
+                pipeline.requirements, pipeline.config.python_version, packages=packages
+            )
         except ConveyorError as exc:
             return f"unavailable: {exc}"
         return "ready" if ready else "not built"
