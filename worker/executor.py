@@ -120,6 +120,8 @@ class Executor:
         wait_s = None
         if refused.recheck_at is not None:
             wait_s = max(0.0, (refused.recheck_at - utc_now()).total_seconds())
+        if refused.turn_queue is not None:
+            self._next_turns(refused.turn_queue)
         if refused.waits is not None:
             log.info("run.waiting", run_id=str(refused.run_id), reason=refused.waits)
             return Outcome(refused.run_id, "waiting", error_type=refused.waits, retry_in_s=wait_s)

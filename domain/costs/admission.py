@@ -72,6 +72,9 @@ class Refused:
     reason: str
     recheck_at: datetime | None = None
     waits: str | None = None
+    #: It had waited for its project's turn in this queue: waiting now, it frees its place
+    #: there (domain/flow/fair.py), as a claim would.
+    turn_queue: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -181,14 +181,14 @@ def gate(
         return PASSED
     wake_at = now + timedelta(seconds=NET_S)
     opened = row.status == Status.WAITING
-    park(conn, run_id, claimable, opened=opened, reason=PREFIX + key, wake_at=wake_at)
+    turn = park(conn, run_id, claimable, opened=opened, reason=PREFIX + key, wake_at=wake_at)
     if holders < most:
         # A slot is free but older runs wait for it: one of them may have come to the gate
         # after the slot's hand-over went to a younger one (deliveries are not in creation
         # order). Wake them now, or no one would until their net; the relay sends them.
         refill(conn, key, most, now=now, publishing=False)
     detail = f"waits for concurrency key {key!r}: {holders} of {most} running, {ahead} ahead"
-    return Wait(PREFIX + key, wake_at, detail)
+    return Wait(PREFIX + key, wake_at, detail, turn_queue=turn)
 
 
 def refill(

@@ -20,6 +20,9 @@ class Wait:
     reason: str
     wake_at: datetime
     detail: str
+    #: The run's queue, when it had waited for its project's turn there (domain/flow/fair.py):
+    #: parked, it no longer holds that queue's place.
+    turn_queue: str | None = None
 
 
 def park(
@@ -30,10 +33,11 @@ def park(
     opened: bool,
     reason: str,
     wake_at: datetime,
-) -> None:
+) -> str | None:
     """Write the claimable run `waiting` for `reason` until `wake_at` (the relay delivers it
     then). `opened`: it already waits in an attempt; otherwise its attempt opens here, waiting,
-    and the claim that starts it goes on with it."""
+    and the claim that starts it goes on with it. Returns the run's queue if it had waited
+    for its project's turn there (its place in the queue is free now), else None."""
     values: dict[str, Any] = {
         "status": Status.WAITING,
         "wait_reason": reason,
@@ -44,4 +48,10 @@ def park(
     }
     if not opened:
         values["attempt"] = runs.c.attempt + 1
-    conn.execute(update(runs).where(runs.c.id == run_id, claimable).values(**values))
+    row = conn.execute(
+        update(runs)
+        .where(runs.c.id == run_id, claimable)
+        .values(**values)
+        .returning(runs.c.paced, runs.c.queue)
+    ).first()
+    return row.queue if row is not None and row.paced else None

@@ -397,7 +397,7 @@ def gate(conn: Connection, run_id: Any, claimable: Any, *, now: datetime) -> Wai
     rpm = taken.limit.requests_per_minute
     spacing = 60.0 / rpm if rpm else 0.05
     wake_at = now + timedelta(seconds=max(taken.wait_s, 0.0) + ahead * spacing)
-    park(
+    turn = park(
         conn,
         run_id,
         claimable,
@@ -409,7 +409,7 @@ def gate(conn: Connection, run_id: Any, claimable: Any, *, now: datetime) -> Wai
         f"waits for rate limit {name!r}: no room in the last minute, "
         f"{ahead} waiting ahead, next look at {wake_at:%H:%M:%S} UTC"
     )
-    return Wait(PREFIX + name, wake_at, detail)
+    return Wait(PREFIX + name, wake_at, detail, turn_queue=turn)
 
 
 # -- what it looks like -----------------------------------------------------------------------

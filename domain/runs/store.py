@@ -134,7 +134,12 @@ def claim_checked(
 
 def _waits(run_id: uuid.UUID, wait: Wait) -> admission.Refused:
     return admission.Refused(
-        run_id, held=True, reason=wait.detail, recheck_at=wait.wake_at, waits=wait.reason
+        run_id,
+        held=True,
+        reason=wait.detail,
+        recheck_at=wait.wake_at,
+        waits=wait.reason,
+        turn_queue=wait.turn_queue,
     )
 
 

@@ -23,6 +23,7 @@ from domain.flow import fair
 from domain.runs import control, enqueue
 from domain.runs.recovery import relay_once
 from domain.runs.requests import build_request
+from domain.tasks.registry import RegistryCatalog
 from tests.fakes import FakePublisher
 from tests.integration.conftest import Harness
 
@@ -156,3 +157,24 @@ def test_a_weight_out_of_range_is_refused(engine: Engine, weight: Any) -> None:
     assert projects.show_project(UnitOfWork(engine), "w2", now=utc_now())["weight"] == 7
     with pytest.raises(InvalidInput, match="weight"):
         projects.set_limits(UnitOfWork(engine), "w2", weight=weight, now=utc_now())
+
+
+def test_a_paced_run_parked_at_its_claim_frees_its_place(h: Harness) -> None:
+    from domain.flow import rates
+
+    @h.registry.task(rate_limit="one-a-minute")
+    def limited(ctx: Any, i: int) -> int:
+        return i
+
+    with h.engine.begin() as conn:
+        rates.save(conn, rates.RateLimit("one-a-minute", 1), defined_in="api", now=utc_now())
+    _project(h.engine, "a")
+    publisher = LimitedPublisher()
+    h.executor.publisher = publisher
+    reqs = [build_request(name="limited", project="a", params={"i": i}) for i in range(12)]
+    catalog = RegistryCatalog(h.registry)
+    made = enqueue.enqueue_many(UnitOfWork(h.engine), reqs, publisher=publisher, catalog=catalog)
+    a = [m.run.id for m in made]
+    assert h.run(a[0]) == "succeeded"
+    assert h.run(a[1]) == "waiting"  # no room in the minute: parked, out of the broker
+    assert [d.run_id for d in publisher.published][LIMIT:] == [a[5], a[6]]
