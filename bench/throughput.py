@@ -21,7 +21,10 @@ best round is reported. CPU columns: seconds of CPU per 1,000 tasks used by the 
 processes (consumer + children) and by the PostgreSQL backends serving that system, averaged
 over the rounds: unlike wall time, they hardly move when the machine is shared.
 
-Run: `python -m bench.throughput [--tasks 5000] [--rounds 3]`.
+Every enqueue here is past CONVEYOR_DISPATCH_IN_FLIGHT (100), so conveyor's runs go out in turns
+(fair share, domain/flow/fair.py); `--in-flight 0` turns that off, for its cost.
+
+Run: `python -m bench.throughput [--tasks 5000] [--rounds 3] [--in-flight 100]`.
 """
 
 from __future__ import annotations
@@ -148,7 +151,9 @@ def celery_system(label: str, backend_url: str, queue: str, done: Callable[[], i
     return System(label, send, done, database)
 
 
-def build_systems(url: str, celery_url: str, batch: int) -> tuple[list[System], Client]:
+def build_systems(
+    url: str, celery_url: str, batch: int, in_flight: int
+) -> tuple[list[System], Client]:
     r = redis.Redis.from_url(broker_url())
     conveyor_db = create_engine(url, pool_size=1)
     celery_db = create_engine(celery_url, pool_size=1)
@@ -158,7 +163,12 @@ def build_systems(url: str, celery_url: str, batch: int) -> tuple[list[System], 
             return count(celery_db, "SELECT count(*) FROM celery_taskmeta WHERE status='SUCCESS'")
         return 0
 
-    settings = load_settings(database_url=url, broker_url=broker_url(), task_modules="bench.tasks")
+    settings = load_settings(
+        database_url=url,
+        broker_url=broker_url(),
+        task_modules="bench.tasks",
+        dispatch_in_flight=in_flight,
+    )
     client = Client(settings)
 
     def conveyor_send(n: int) -> None:
@@ -187,7 +197,9 @@ def build_systems(url: str, celery_url: str, batch: int) -> tuple[list[System], 
     return systems, client
 
 
-def start_workers(procs: Processes, systems: list[System], url: str, celery_url: str) -> None:
+def start_workers(
+    procs: Processes, systems: list[System], url: str, celery_url: str, in_flight: int
+) -> None:
     bare, db, conveyor = systems
     bare.worker = procs.start(
         celery_worker_argv("bench-bare", CONCURRENCY, "bench_bare"),
@@ -201,7 +213,7 @@ def start_workers(procs: Processes, systems: list[System], url: str, celery_url:
     )
     conveyor.worker = procs.start(
         conveyor_worker_argv("bench-conveyor", CONCURRENCY),
-        conveyor_env(url),
+        conveyor_env(url, CONVEYOR_DISPATCH_IN_FLIGHT=str(in_flight)),
         "throughput-conveyor",
     )
 
@@ -269,17 +281,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best counts")
     parser.add_argument("--batch", type=int, default=500, help="conveyor enqueue_many batch size")
     parser.add_argument("--timeout", type=float, default=300, help="per-round limit, seconds")
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        default=100,
+        help="CONVEYOR_DISPATCH_IN_FLIGHT: each batch past it goes out in turns (0: never)",
+    )
     args = parser.parse_args()
     configure_logging(level="WARNING")
 
     url = fresh_database("conveyor_bench_throughput")
     celery_url = fresh_database("conveyor_bench_celery", migrate=False)
     flush_redis()
-    systems, client = build_systems(url, celery_url, args.batch)
+    systems, client = build_systems(url, celery_url, args.batch, args.in_flight)
     guard = RedisGuard()
     try:
         with Processes() as procs:
-            start_workers(procs, systems, url, celery_url)
+            start_workers(procs, systems, url, celery_url, args.in_flight)
             for system in systems:  # workers up, both pool children warm, connections made
                 system.run(WARMUP, timeout=120, guard=guard)
                 system.reset()

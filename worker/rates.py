@@ -94,8 +94,7 @@ class RateLimits:
         try:
             while True:
                 self.check_cancel()
-                with self._engine.begin() as conn:
-                    taken = rates.take(conn, name, requests=requests, tokens=tokens)
+                taken = rates.take_alone(self._engine, name, requests=requests, tokens=tokens)
                 if taken.granted:
                     grant = Grant(name, taken.second, requests, tokens, self._engine)
                     self._grants.append(grant)

@@ -39,6 +39,7 @@ import structlog
 from sqlalchemy import (
     Connection,
     DateTime,
+    Engine,
     Table,
     bindparam,
     delete,
@@ -271,6 +272,31 @@ def take(
             return Taken(False, 0, 0.0, None)
         return Taken(row.granted, row.second, row.wait_s, RateLimit(name, row.rpm, row.tpm))
     return _take_here(conn, name, requests, tokens, now)
+
+
+def take_alone(engine: Engine, name: str, *, requests: int = 1, tokens: int = 0) -> Taken:
+    """`take` in a transaction of its own (ctx.acquire). On PostgreSQL that is one statement in
+    autocommit that also turns synchronous_commit off for its own commit: the take does not
+    wait for the WAL to reach the disk (half of its time here, bench/limits.py). What that
+    risks: a PostgreSQL crash may forget the takes of its last fraction of a second (at most
+    three wal_writer_delay, 600 ms by default), which the runs may then take again; a crashed
+    worker or a restarted Redis forgets nothing. A run's start request is not taken this way:
+    it commits with the claim."""
+    if not capabilities(engine).stored_functions:
+        with engine.begin() as conn:
+            return take(conn, name, requests=requests, tokens=tokens)
+    # The FROM runs first; set_config (local to this statement's transaction) is in effect
+    # when it commits.
+    call = text(
+        "SELECT t.found, t.granted, t.second, t.wait_s, t.rpm, t.tpm, "
+        "set_config('synchronous_commit', 'off', true) "
+        "FROM conveyor_rate_take(:name, :requests, :tokens, NULL) AS t"
+    )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        row = conn.execute(call, {"name": name, "requests": requests, "tokens": tokens}).one()
+    if not row.found:
+        return Taken(False, 0, 0.0, None)
+    return Taken(row.granted, row.second, row.wait_s, RateLimit(name, row.rpm, row.tpm))
 
 
 def _take_here(
