@@ -27,7 +27,7 @@ from domain.errors import (
 from domain.flow import concurrency
 from domain.pipelines import store as pipeline_store
 from domain.ports import Dispatch, Publisher, in_flight_limit
-from domain.runs import lines, signals
+from domain.runs import dispatch, lines, signals
 from domain.runs import store as runstore
 from domain.runs.chains import chain_follow_up, chain_possible
 from domain.runs.recovery import publish_turns, send_or_hand_back
@@ -122,6 +122,8 @@ class Executor:
             wait_s = max(0.0, (refused.recheck_at - utc_now()).total_seconds())
         if refused.turn_queue is not None:
             self._next_turns(refused.turn_queue)
+        if refused.woken and self.publisher is not None:
+            self._send_woken(list(refused.woken))
         if refused.waits is not None:
             log.info("run.waiting", run_id=str(refused.run_id), reason=refused.waits)
             return Outcome(refused.run_id, "waiting", error_type=refused.waits, retry_in_s=wait_s)
@@ -277,6 +279,17 @@ class Executor:
                     return "finish_failed"
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def _send_woken(self, woken: list[Dispatch]) -> None:
+        """Publish the runs a refused claim made due (marked first, so the relay leaves them)."""
+        now = self.clock()
+        try:
+            with self.engine.begin() as conn:
+                dispatch.mark_dispatched(conn, [d.run_id for d in woken], now=now)
+        except SQLAlchemyError as exc:
+            log.warning("run.wake_failed", count=len(woken), reason=str(exc), next="the relay")
+            return
+        self._publish(woken, now)
 
     def _next_turns(self, queue: str) -> None:
         """A run that waited for its project's turn was claimed: a place in its queue is free.

@@ -34,6 +34,7 @@ from sqlalchemy import Connection, and_, exists, or_, select, update
 from domain.costs import ledger as costs
 from domain.db.models import projects, runs
 from domain.pipelines import store as pipeline_store
+from domain.ports import Dispatch
 from domain.runs.states import Status
 
 #: How long a held run waits before it is delivered and checked again.
@@ -75,6 +76,8 @@ class Refused:
     #: It had waited for its project's turn in this queue: waiting now, it frees its place
     #: there (domain/flow/fair.py), as a claim would.
     turn_queue: str | None = None
+    #: Runs the claim made due (a key's older waiters), unpublished: the worker sends them.
+    woken: tuple[Dispatch, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,8 @@ MAX_KEY = 200
 MAX_SLOTS = 10_000
 #: A waiter looks again this long after it began to wait, should its hand-over be lost.
 NET_S = 300.0
+#: The message priority of a run handed a slot (its stored priority is unchanged).
+HANDED_ON_PRIORITY = 9
 
 KeyFn = Callable[[Mapping[str, Any]], str]
 
@@ -182,13 +184,15 @@ def gate(
     wake_at = now + timedelta(seconds=NET_S)
     opened = row.status == Status.WAITING
     turn = park(conn, run_id, claimable, opened=opened, reason=PREFIX + key, wake_at=wake_at)
+    woken: list[Dispatch] = []
     if holders < most:
         # A slot is free but older runs wait for it: one of them may have come to the gate
         # after the slot's hand-over went to a younger one (deliveries are not in creation
-        # order). Wake them now, or no one would until their net; the relay sends them.
-        refill(conn, key, most, now=now, publishing=False)
+        # order). Wake them now, or no one would until their net: the worker publishes them
+        # (the relay, should it not).
+        woken = refill(conn, key, most, now=now, publishing=False)
     detail = f"waits for concurrency key {key!r}: {holders} of {most} running, {ahead} ahead"
-    return Wait(PREFIX + key, wake_at, detail, turn_queue=turn)
+    return Wait(PREFIX + key, wake_at, detail, turn_queue=turn, woken=tuple(woken))
 
 
 def refill(
@@ -220,7 +224,9 @@ def refill(
         .values(not_before=now, **sent)
         .returning(runs.c.id, runs.c.name, runs.c.queue, runs.c.priority, runs.c.params)
     ).all()
-    return [Dispatch(r.id, r.name, r.queue, r.priority, r.params) for r in woken]
+    # Sent at the top priority: the slot is kept for this run, and a message behind the
+    # queue's other work (up to a fair-share window of it) would leave the key idle meanwhile.
+    return [Dispatch(r.id, r.name, r.queue, HANDED_ON_PRIORITY, r.params) for r in woken]
 
 
 def hand_on(

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, update
 
 from domain.db.models import runs
+from domain.ports import Dispatch
 from domain.runs.states import Status
 
 
@@ -23,6 +24,9 @@ class Wait:
     #: The run's queue, when it had waited for its project's turn there (domain/flow/fair.py):
     #: parked, it no longer holds that queue's place.
     turn_queue: str | None = None
+    #: Runs the gate made due (older waiters it yielded to), for the worker to publish at once
+    #: rather than leave to the relay's next sweep.
+    woken: tuple[Dispatch, ...] = ()
 
 
 def park(

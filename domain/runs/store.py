@@ -140,6 +140,7 @@ def _waits(run_id: uuid.UUID, wait: Wait) -> admission.Refused:
         recheck_at=wait.wake_at,
         waits=wait.reason,
         turn_queue=wait.turn_queue,
+        woken=wait.woken,
     )
 
 

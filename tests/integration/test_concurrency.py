@@ -23,6 +23,7 @@ from domain.flow.concurrency import Limit
 from domain.runs import control
 from domain.runs.recovery import reap_once
 from domain.tasks.registry import Registry
+from tests.fakes import FakePublisher
 from tests.integration.conftest import Harness, harness
 from tests.polling import eventually
 
@@ -268,8 +269,13 @@ def test_a_free_slot_is_never_left_to_the_net_when_an_older_run_came_late(
                     not_before=utc_now() + wake,
                 )
             )
+    publisher = FakePublisher()
+    b.executor.publisher = publisher
     assert b.run(younger) == "waiting"  # the older one is ahead of it
     assert not _due(b, younger) and _due(b, older)
+    # Sent at once, not left to the relay, at the top priority: the slot is kept for it.
+    assert [(d.run_id, d.priority) for d in publisher.published] == [(older, 9)]
+    assert _row(b, older)["dispatched_at"] is not None
     assert b.run(older) == "succeeded"
     assert _due(b, younger)
     assert b.run(younger) == "succeeded"
