@@ -293,13 +293,13 @@ class Executor:
 
     def _next_turns(self, queue: str) -> None:
         """A run that waited for its project's turn was claimed: a place in its queue is free.
-        Every `limit // 8`-th such claim publishes the next turns (domain/flow/fair.py), so
+        Every `limit // 4`-th such claim publishes the next turns (domain/flow/fair.py), so
         one top-up serves several claims; should this fail, the relay's sweep gives them."""
         limit = in_flight_limit(self.publisher) if self.publisher is not None else 0
         if not limit or self.publisher is None:
             return
         self.paced_claims += 1
-        if self.paced_claims % max(1, limit // 8):
+        if self.paced_claims % max(1, limit // 4):
             return
         try:
             publish_turns(
