@@ -137,8 +137,10 @@ def naps(ctx, seconds: float = 2.0) -> str:  # type: ignore[no-untyped-def]
     return "rested"
 
 
-@task(max_attempts=1)
+@task(max_attempts=2)
 def child_square(ctx, n: int) -> int:  # type: ignore[no-untyped-def]
+    """A child of parent_of_many. Two attempts: one the test's kill -9 ends mid-run goes on in
+    its second (with one, a child caught running by the kill fails its parent)."""
     return n * n
 
 
