@@ -225,3 +225,22 @@ def pipeline_harness(
         if thread is not None:
             thread.join(timeout=10)
         writer.close()
+
+
+@contextmanager
+def sqlite_pipeline_harness(
+    sqlite_url: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PipelineHarness]:
+    """A pipeline harness on a SQLite database of its own: for tests about processes rather
+    than the database."""
+    from domain.db.engine import create_db_engine
+
+    engine = create_db_engine(sqlite_url)
+    cache = shared_env_cache(tmp_path_factory)
+    try:
+        with pipeline_harness(
+            engine, tmp_path / "pipelines", cache, tmp_path / "artifacts"
+        ) as harness:
+            yield harness
+    finally:
+        engine.dispose()

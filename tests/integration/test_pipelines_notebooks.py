@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from domain.db.engine import create_db_engine
 from tests.integration.test_pipelines_runner import assert_all_dead, pids_in
 from tests.pipeline_support import (
     ROOT,
@@ -22,6 +21,7 @@ from tests.pipeline_support import (
     make_notebook,
     pipeline_harness,
     shared_env_cache,
+    sqlite_pipeline_harness,
 )
 from tests.polling import eventually
 from worker.pipelines.envs import EnvManager, PipelineEnvError
@@ -66,15 +66,8 @@ def h1(
     sqlite_url: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, notebook_env: None
 ) -> Iterator[PipelineHarness]:
     """SQLite only: for tests about processes rather than the database."""
-    engine = create_db_engine(sqlite_url)
-    cache = shared_env_cache(tmp_path_factory)
-    try:
-        with pipeline_harness(
-            engine, tmp_path / "pipelines", cache, tmp_path / "artifacts"
-        ) as harness:
-            yield harness
-    finally:
-        engine.dispose()
+    with sqlite_pipeline_harness(sqlite_url, tmp_path, tmp_path_factory) as harness:
+        yield harness
 
 
 def executed(h: PipelineHarness, run_id: object) -> dict[str, object]:

@@ -16,7 +16,6 @@ import psutil
 import pytest
 from sqlalchemy import Engine, select
 
-from domain.db.engine import create_db_engine
 from domain.db.models import CostEntry, runs
 from domain.errors import InvalidInput, UnknownTask
 from domain.pipelines.store import sync
@@ -27,6 +26,7 @@ from tests.pipeline_support import (
     make_pipeline,
     pipeline_harness,
     shared_env_cache,
+    sqlite_pipeline_harness,
 )
 from tests.polling import eventually
 
@@ -48,15 +48,8 @@ def h1(
     sqlite_url: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PipelineHarness]:
     """SQLite only: for tests about processes rather than the database."""
-    engine = create_db_engine(sqlite_url)
-    cache = shared_env_cache(tmp_path_factory)
-    try:
-        with pipeline_harness(
-            engine, tmp_path / "pipelines", cache, tmp_path / "artifacts"
-        ) as harness:
-            yield harness
-    finally:
-        engine.dispose()
+    with sqlite_pipeline_harness(sqlite_url, tmp_path, tmp_path_factory) as harness:
+        yield harness
 
 
 def test_fast_flow_test_simple_runs_unchanged(h: PipelineHarness) -> None:
