@@ -3,11 +3,14 @@ they hold and who waits, define a rate limit, remove one. Changes are audited.""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, case, func, or_, select
 
+from domain.clock import utc_now
 from domain.db.models import runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import NotFound
@@ -24,13 +27,96 @@ class RateLimitNotFound(NotFound):
     """No rate limit has that name."""
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A limit as `conveyor limits list` and GET /api/v1/limits show it."""
+
+    limit: RateLimit
+    defined_in: str
+    updated_at: datetime
+    requests_used: int
+    tokens_used: int
+    #: Runs waiting to start for it (reason rate:<name>), and running runs waiting in
+    #: ctx.acquire for it.
+    waiting: int
+
+    @property
+    def requests_left(self) -> int | None:
+        rpm = self.limit.requests_per_minute
+        return None if rpm is None else max(rpm - self.requests_used, 0)
+
+    @property
+    def tokens_left(self) -> int | None:
+        tpm = self.limit.tokens_per_minute
+        return None if tpm is None else max(tpm - self.tokens_used, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.limit.to_dict(),
+            "defined_in": self.defined_in,
+            "updated_at": self.updated_at,
+            "requests_used": self.requests_used,
+            "tokens_used": self.tokens_used,
+            "requests_left": self.requests_left,
+            "tokens_left": self.tokens_left,
+            "waiting": self.waiting,
+        }
+
+
+def usage_of(
+    conn: Connection, *, now: datetime | None = None, name: str | None = None
+) -> list[Usage]:
+    """Every stored limit (or the one named) with what its window holds now and how many runs
+    wait for it."""
+    s = math.floor((now or utc_now()).timestamp())
+    used = {
+        r.limit_name: (r.requests, r.tokens)
+        for r in conn.execute(
+            select(
+                rates.usage.c.limit_name,
+                func.sum(rates.usage.c.requests).label("requests"),
+                func.sum(rates.usage.c.tokens).label("tokens"),
+            )
+            .where(rates.usage.c.second > s - rates.WINDOW_S)
+            .group_by(rates.usage.c.limit_name)
+        )
+    }
+    waiting: dict[str, int] = dict(
+        conn.execute(
+            select(runs.c.wait_reason, func.count())
+            .where(
+                runs.c.status.in_((Status.WAITING, Status.RUNNING)),
+                runs.c.wait_reason.like(rates.PREFIX + "%"),
+            )
+            .group_by(runs.c.wait_reason)
+        ).all()
+    )
+    out = []
+    stored = select(rates.limits).order_by(rates.limits.c.name)
+    if name is not None:
+        stored = stored.where(rates.limits.c.name == name)
+    for row in conn.execute(stored):
+        r, k = used.get(row.name, (0, 0))
+        out.append(
+            Usage(
+                rates.as_limit(row),
+                row.defined_in,
+                row.updated_at,
+                int(r or 0),
+                int(k or 0),
+                int(waiting.get(rates.PREFIX + row.name, 0)),
+            )
+        )
+    return out
+
+
 def overview(uow: UnitOfWork, *, now: datetime) -> dict[str, Any]:
     """Every rate limit (its limits, what its window holds, what is left, runs waiting) and
     every concurrency key in use (running and waiting), as the CLI and API show them."""
     with uow:
         conn = uow.conn
         return {
-            "rate_limits": [u.to_dict() for u in rates.usage_of(conn, now=now)],
+            "rate_limits": [u.to_dict() for u in usage_of(conn, now=now)],
             "concurrency": keys_in_use(conn, now=now),
         }
 
@@ -102,7 +188,7 @@ def define(
             details=limit.to_dict(),
             ip=ip,
         )
-        (shown,) = (u for u in rates.usage_of(uow.conn, now=now) if u.limit.name == limit.name)
+        (shown,) = usage_of(uow.conn, now=now, name=limit.name)
         uow.commit()
     return shown.to_dict()
 

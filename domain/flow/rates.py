@@ -189,14 +189,14 @@ def sync(conn: Connection, *, now: datetime) -> list[str]:
     written = []
     for limit in defined_in_code():
         row = conn.execute(select(limits).where(limits.c.name == limit.name)).first()
-        if row is not None and _as_limit(row) == limit:
+        if row is not None and as_limit(row) == limit:
             continue
         if row is not None and row.defined_in != "code":
             log.warning(
                 "rate_limit.kept",
                 name=limit.name,
                 code=limit.to_dict(),
-                stored=_as_limit(row).to_dict(),
+                stored=as_limit(row).to_dict(),
                 defined_in=row.defined_in,
                 hint="set by the operator; `conveyor limits define` changes it",
             )
@@ -206,13 +206,13 @@ def sync(conn: Connection, *, now: datetime) -> list[str]:
     return written
 
 
-def _as_limit(row: Any) -> RateLimit:
+def as_limit(row: Any) -> RateLimit:
     return RateLimit(row.name, row.requests_per_minute, row.tokens_per_minute)
 
 
 def get(conn: Connection, name: str) -> RateLimit | None:
     row = conn.execute(select(limits).where(limits.c.name == name)).first()
-    return None if row is None else _as_limit(row)
+    return None if row is None else as_limit(row)
 
 
 def check_known(conn: Connection, names: Iterable[str | None]) -> None:
@@ -306,7 +306,7 @@ def _take_here(
     row = conn.execute(sql.for_update(conn, select(limits).where(limits.c.name == name))).first()
     if row is None:
         return Taken(False, 0, 0.0, None)
-    limit = _as_limit(row)
+    limit = as_limit(row)
     t = (now or utc_now()).timestamp()
     s = math.floor(t)
     buckets = conn.execute(
@@ -341,27 +341,20 @@ def settle(
     name: str,
     second: int,
     *,
-    tokens: int = 0,
-    requests: int = 0,
+    tokens: int,
     now: datetime | None = None,
 ) -> None:
-    """Correct a grant taken in `second` by `tokens` (and `requests`): the actual minus the
-    estimate. Less is given back in that second (while it is in the window); more is charged
-    in the current one, so that later takes see it."""
-    if tokens < 0 or requests < 0:
+    """Correct a grant taken in `second` by `tokens`: the actual minus the estimate. Less is
+    given back in that second (while it is in the window); more is charged in the current
+    one, so that later takes see it."""
+    if tokens < 0:
         conn.execute(
             update(usage)
             .where(usage.c.limit_name == name, usage.c.second == second)
-            .values(
-                tokens=sql.greatest(conn, usage.c.tokens + min(tokens, 0), 0),
-                requests=sql.greatest(conn, usage.c.requests + min(requests, 0), 0),
-            )
+            .values(tokens=sql.greatest(conn, usage.c.tokens + tokens, 0))
         )
-    more_t, more_r = max(tokens, 0), max(requests, 0)
-    if not (more_t or more_r):
-        return
-    if conn.execute(select(limits.c.name).where(limits.c.name == name)).first() is not None:
-        _count(conn, name, math.floor((now or utc_now()).timestamp()), more_r, more_t)
+    elif tokens > 0 and get(conn, name) is not None:
+        _count(conn, name, math.floor((now or utc_now()).timestamp()), 0, tokens)
 
 
 def _count(conn: Connection, name: str, second: int, requests: int, tokens: int) -> None:
@@ -390,18 +383,17 @@ def gate(conn: Connection, run_id: Any, claimable: Any, *, now: datetime) -> Wai
     """For a claimable run: None if it names no rate limit, PASSED once it took its one
     request; otherwise the run is written waiting for the limit, here, and the Wait says so.
     A limit that no longer exists lets the run start, with a warning."""
-    # The run's row is locked first: a second delivery of the same run, claiming at the same
-    # moment, waits here and then finds it no longer claimable, instead of taking a request
-    # for a claim that cannot happen.
-    row = conn.execute(
-        sql.for_update(
-            conn,
-            select(runs.c.rate_limit, runs.c.status, runs.c.created_at).where(
-                runs.c.id == run_id, claimable
-            ),
-        )
-    ).first()
+    query = select(runs.c.rate_limit, runs.c.status, runs.c.created_at).where(
+        runs.c.id == run_id, claimable
+    )
+    row = conn.execute(query).first()
     if row is None or row.rate_limit is None:
+        return None
+    # Its row is locked before the take: a second delivery of the same run, claiming at the
+    # same moment, waits here and then finds it no longer claimable, instead of taking a
+    # request for a claim that cannot happen.
+    row = conn.execute(sql.for_update(conn, query)).first()
+    if row is None:
         return None
     name = row.rate_limit
     taken = take(conn, name)
@@ -436,83 +428,3 @@ def gate(conn: Connection, run_id: Any, claimable: Any, *, now: datetime) -> Wai
         f"{ahead} waiting ahead, next look at {wake_at:%H:%M:%S} UTC"
     )
     return Wait(PREFIX + name, wake_at, detail, turn_queue=turn)
-
-
-# -- what it looks like -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """A limit as `conveyor limits list` and GET /api/v1/limits show it."""
-
-    limit: RateLimit
-    defined_in: str
-    updated_at: datetime
-    requests_used: int
-    tokens_used: int
-    #: Runs waiting to start for it (reason rate:<name>), and running runs waiting in
-    #: ctx.acquire for it.
-    waiting: int
-
-    @property
-    def requests_left(self) -> int | None:
-        rpm = self.limit.requests_per_minute
-        return None if rpm is None else max(rpm - self.requests_used, 0)
-
-    @property
-    def tokens_left(self) -> int | None:
-        tpm = self.limit.tokens_per_minute
-        return None if tpm is None else max(tpm - self.tokens_used, 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **self.limit.to_dict(),
-            "defined_in": self.defined_in,
-            "updated_at": self.updated_at,
-            "requests_used": self.requests_used,
-            "tokens_used": self.tokens_used,
-            "requests_left": self.requests_left,
-            "tokens_left": self.tokens_left,
-            "waiting": self.waiting,
-        }
-
-
-def usage_of(conn: Connection, *, now: datetime | None = None) -> list[Usage]:
-    """Every stored limit with what its window holds now and how many runs wait for it."""
-    s = math.floor((now or utc_now()).timestamp())
-    used = {
-        r.limit_name: (r.requests, r.tokens)
-        for r in conn.execute(
-            select(
-                usage.c.limit_name,
-                func.sum(usage.c.requests).label("requests"),
-                func.sum(usage.c.tokens).label("tokens"),
-            )
-            .where(usage.c.second > s - WINDOW_S)
-            .group_by(usage.c.limit_name)
-        )
-    }
-    waiting: dict[str, int] = dict(
-        conn.execute(
-            select(runs.c.wait_reason, func.count())
-            .where(
-                runs.c.status.in_((Status.WAITING, Status.RUNNING)),
-                runs.c.wait_reason.like(PREFIX + "%"),
-            )
-            .group_by(runs.c.wait_reason)
-        ).all()
-    )
-    out = []
-    for row in conn.execute(select(limits).order_by(limits.c.name)):
-        r, k = used.get(row.name, (0, 0))
-        out.append(
-            Usage(
-                _as_limit(row),
-                row.defined_in,
-                row.updated_at,
-                int(r or 0),
-                int(k or 0),
-                int(waiting.get(PREFIX + row.name, 0)),
-            )
-        )
-    return out

@@ -18,7 +18,7 @@ from domain.clock import utc_now
 from domain.db.models import runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import ConfigurationError, InvalidInput
-from domain.flow import rates
+from domain.flow import manage, rates
 from domain.flow.rates import RateLimit
 from domain.runs import control
 from domain.tasks.registry import Registry
@@ -107,7 +107,7 @@ def test_settle_gives_back_an_overestimate_and_charges_an_underestimate(engine: 
         int(at(2).timestamp()): 250,
     }
     with engine.connect() as conn:
-        (shown,) = rates.usage_of(conn, now=at(2))
+        (shown,) = manage.usage_of(conn, now=at(2))
     assert (shown.tokens_used, shown.tokens_left, shown.requests_left) == (750, 250, None)
 
 
@@ -216,7 +216,7 @@ def test_a_run_with_no_room_waits_without_a_worker_and_says_for_what(h: Harness)
     assert before + timedelta(seconds=55) < row["not_before"] < before + timedelta(seconds=63)
     assert h.get(second).wait_reason == "rate:slow-api"
     with h.engine.connect() as conn:
-        (shown,) = rates.usage_of(conn)
+        (shown,) = manage.usage_of(conn)
     assert (shown.requests_used, shown.requests_left, shown.waiting) == (1, 0, 1)
 
     with h.engine.begin() as conn:  # a minute later, the relay delivers it again
@@ -262,7 +262,7 @@ def test_acquire_takes_settles_with_cost_and_explains_what_never_fits(h: Harness
     assert seen["grant"] == (600, 1) and seen["settled"] is True
     assert "can never fit" in seen["never"] and "no rate limit named 'nope'" in seen["unknown"]
     with h.engine.connect() as conn:
-        (shown,) = rates.usage_of(conn)
+        (shown,) = manage.usage_of(conn)
     assert (shown.requests_used, shown.tokens_used) == (1, 150)  # the estimate settled to 150
 
 
