@@ -228,6 +228,19 @@ def pipeline_harness(
 
 
 @contextmanager
+def tmp_pipeline_harness(
+    engine: Engine, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, **options: Any
+) -> Iterator[PipelineHarness]:
+    """`pipeline_harness` with its pipelines and artifacts under `tmp_path` and the session's
+    shared environment cache (what each test file's fixture wants)."""
+    cache = shared_env_cache(tmp_path_factory)
+    with pipeline_harness(
+        engine, tmp_path / "pipelines", cache, tmp_path / "artifacts", **options
+    ) as harness:
+        yield harness
+
+
+@contextmanager
 def sqlite_pipeline_harness(
     sqlite_url: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PipelineHarness]:
@@ -236,11 +249,8 @@ def sqlite_pipeline_harness(
     from domain.db.engine import create_db_engine
 
     engine = create_db_engine(sqlite_url)
-    cache = shared_env_cache(tmp_path_factory)
     try:
-        with pipeline_harness(
-            engine, tmp_path / "pipelines", cache, tmp_path / "artifacts"
-        ) as harness:
+        with tmp_pipeline_harness(engine, tmp_path, tmp_path_factory) as harness:
             yield harness
     finally:
         engine.dispose()

@@ -23,8 +23,7 @@ from tests.leaks import stored_leaks
 from tests.pipeline_support import (
     PipelineHarness,
     make_pipeline,
-    pipeline_harness,
-    shared_env_cache,
+    tmp_pipeline_harness,
 )
 
 KEY = Fernet.generate_key().decode()
@@ -59,13 +58,8 @@ MAIN = textwrap.dedent(
 def h(
     engine: Engine, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PipelineHarness]:
-    cache = shared_env_cache(tmp_path_factory)
-    with pipeline_harness(
-        engine,
-        tmp_path / "pipelines",
-        cache,
-        tmp_path / "artifacts",
-        secret_key=f"{KEY},{OLD_KEY}",
+    with tmp_pipeline_harness(
+        engine, tmp_path, tmp_path_factory, secret_key=f"{KEY},{OLD_KEY}"
     ) as harness:
         yield harness
 

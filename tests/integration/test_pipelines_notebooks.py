@@ -19,9 +19,9 @@ from tests.pipeline_support import (
     ROOT,
     PipelineHarness,
     make_notebook,
-    pipeline_harness,
     shared_env_cache,
     sqlite_pipeline_harness,
+    tmp_pipeline_harness,
 )
 from tests.polling import eventually
 from worker.pipelines.envs import EnvManager, PipelineEnvError
@@ -56,8 +56,7 @@ def h(
     engine: Engine, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, notebook_env: None
 ) -> Iterator[PipelineHarness]:
     """On SQLite and PostgreSQL."""
-    cache = shared_env_cache(tmp_path_factory)
-    with pipeline_harness(engine, tmp_path / "pipelines", cache, tmp_path / "artifacts") as harness:
+    with tmp_pipeline_harness(engine, tmp_path, tmp_path_factory) as harness:
         yield harness
 
 

@@ -21,8 +21,7 @@ from tests.pipeline_support import (
     ROOT,
     PipelineHarness,
     make_pipeline,
-    pipeline_harness,
-    shared_env_cache,
+    tmp_pipeline_harness,
 )
 
 KEY = Fernet.generate_key().decode()
@@ -77,10 +76,7 @@ def test_rotation_and_wrong_or_missing_keys(engine: Engine) -> None:
 def h(
     engine: Engine, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PipelineHarness]:
-    cache = shared_env_cache(tmp_path_factory)
-    with pipeline_harness(
-        engine, tmp_path / "pipelines", cache, tmp_path / "artifacts", secret_key=KEY
-    ) as harness:
+    with tmp_pipeline_harness(engine, tmp_path, tmp_path_factory, secret_key=KEY) as harness:
         yield harness
 
 
