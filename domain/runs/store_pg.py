@@ -18,20 +18,16 @@ else goes through domain/runs/store.py and SQLAlchemy.
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
 from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
 
 from domain.costs.admission import Refused
-from domain.db.engine import libpq_conninfo
+from domain.db.driver import ThreadConnections
 from domain.runs import steps
 from domain.runs import store as runstore
 from domain.runs.states import Status
@@ -122,50 +118,18 @@ class PgRunStore:
     """Claim and finish for one worker process.
 
     Each thread that calls it (one in a prefork child, one per pool thread with `-P threads`)
-    gets a connection of its own, kept open in autocommit mode and outside the engine's pool:
-    the pool's checkout, reset and check-in cost more than the statements. A connection that
-    breaks is dropped and the next call opens a new one; the error reaches the caller as
-    SQLAlchemy's (OperationalError: retry later), as from any other database call.
+    gets a connection of its own (domain/db/driver.py).
     """
 
     max_inline_lines = MAX_INLINE_LINES
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._conninfo = libpq_conninfo(engine.url)
-        self._local = threading.local()
-        self._opened: list[psycopg.Connection[Any]] = []
-        self._lock = threading.Lock()
+        self._connections = ThreadConnections(engine)
+        self._connection = self._connections.connection
 
     def close(self) -> None:
-        with self._lock:
-            for conn in self._opened:
-                conn.close()
-            self._opened.clear()
-
-    @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        raw: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        try:
-            if raw is None or raw.closed:
-                raw = psycopg.connect(self._conninfo, autocommit=True)
-                self._local.conn = raw
-                with self._lock:
-                    self._opened.append(raw)
-            yield raw
-        except psycopg.Error as exc:
-            if raw is not None and (raw.closed or raw.broken):
-                self._drop(raw)
-            raise DBAPIError.instance(
-                "", None, exc, psycopg.Error, dialect=self.engine.dialect
-            ) from exc
-
-    def _drop(self, raw: psycopg.Connection[Any]) -> None:
-        raw.close()
-        self._local.conn = None
-        with self._lock:
-            if raw in self._opened:
-                self._opened.remove(raw)
+        self._connections.close()
 
     def claim(
         self, run_id: uuid.UUID, *, owner: str, now: datetime, lease_s: float

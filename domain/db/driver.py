@@ -1,0 +1,69 @@
+"""A psycopg connection per thread, in autocommit mode and outside the engine's pool, for the
+hot paths that run one prepared statement per call (the worker's claim and finish, a single
+enqueue): the pool's checkout, reset and check-in, and an explicit BEGIN and COMMIT, cost more
+than the statement itself. A single statement is its own transaction, so nothing is weakened.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from domain.db.engine import libpq_conninfo
+
+
+class ThreadConnections:
+    """Each thread that asks gets a connection of its own, opened on first use. One that
+    breaks is dropped and the next call opens a new one; the error reaches the caller as
+    SQLAlchemy's (OperationalError: retry later), as from any other database call. A process
+    forked after a connection was opened never uses its parent's: it opens its own."""
+
+    def __init__(self, engine: Engine) -> None:
+        # Not the engine itself: what holds these may be kept per engine, weakly keyed.
+        self._dialect = engine.dialect
+        self._conninfo = libpq_conninfo(engine.url)
+        self._local = threading.local()
+        self._opened: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():  # a forked child must not end its parent's sessions
+                for conn in self._opened:
+                    conn.close()
+            self._opened.clear()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        if self._pid != os.getpid():  # forked: the parent's connections are not ours
+            self._pid = os.getpid()
+            self._local = threading.local()
+            with self._lock:
+                self._opened.clear()
+        raw: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        try:
+            if raw is None or raw.closed:
+                raw = psycopg.connect(self._conninfo, autocommit=True)
+                self._local.conn = raw
+                with self._lock:
+                    self._opened.append(raw)
+            yield raw
+        except psycopg.Error as exc:
+            if raw is not None and (raw.closed or raw.broken):
+                self._drop(raw)
+            raise DBAPIError.instance("", None, exc, psycopg.Error, dialect=self._dialect) from exc
+
+    def _drop(self, raw: psycopg.Connection[Any]) -> None:
+        raw.close()
+        self._local.conn = None
+        with self._lock:
+            if raw in self._opened:
+                self._opened.remove(raw)
