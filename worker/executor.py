@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -86,8 +87,9 @@ class Executor:
         self.pipelines = pipelines
         self.prices = prices
         self.duplicates_dropped = 0
-        #: Claims of runs that waited for a turn (every few, the next turns go out).
-        self.paced_claims = 0
+        #: Claims per queue: each frees a place in it, and every few the queue's next turns
+        #: go out (domain/flow/fair.py).
+        self.claims_by_queue: Counter[str] = Counter()
         #: Claim, and finish with the last lines (domain/storage.py picks it for the database).
         self.store = store if store is not None else run_store(engine)
         #: Sends the runs a finishing keyed run hands its slot to (else the relay does).
@@ -107,8 +109,7 @@ class Executor:
             return Outcome(run_id, "dropped")
         self.writer.begin_run(run_id, claim.attempt, first_seq)
         log.debug("run.claimed", run_id=str(run_id), name=claim.name, attempt=claim.attempt)
-        if claim.paced:
-            self._next_turns(claim.queue)
+        self._next_turns(claim.queue)
         try:
             return self._run(claim)
         finally:
@@ -292,14 +293,15 @@ class Executor:
         self._publish(woken, now)
 
     def _next_turns(self, queue: str) -> None:
-        """A run that waited for its project's turn was claimed: a place in its queue is free.
-        Every `limit // 4`-th such claim publishes the next turns (domain/flow/fair.py), so
-        one top-up serves several claims; should this fail, the relay's sweep gives them."""
+        """A run of `queue` was claimed (or parked at its claim): a place in the queue is free.
+        Every `limit // 4`-th such claim publishes the queue's next turns, if runs wait for
+        one (domain/flow/fair.py), so one top-up serves several claims; should this fail, the
+        relay's sweep gives them."""
         limit = in_flight_limit(self.publisher) if self.publisher is not None else 0
         if not limit or self.publisher is None:
             return
-        self.paced_claims += 1
-        if self.paced_claims % max(1, limit // 4):
+        self.claims_by_queue[queue] += 1
+        if self.claims_by_queue[queue] % max(1, limit // 4):
             return
         try:
             publish_turns(

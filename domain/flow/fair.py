@@ -13,10 +13,10 @@ runs oldest first (priorities order runs once they are published, as without pac
 project with nothing in flight goes first, so B's 10 go out before A's next ones; with both
 busy, places alternate in the ratio of the weights.
 
-Who calls it: the enqueue that made paced runs (after its commit), a worker claiming paced
-runs (each of its claims frees a place: every `limit // 4`-th of them it tops the queue up, so
-one top-up serves several claims and most claims pay nothing), and the relay on each sweep as
-the net for a top-up lost with its worker.
+Who calls it: the enqueue that made paced runs while their queue had free places (after its
+commit), a worker claiming runs (each claim frees a place: every `limit // 4`-th claim of a
+queue it tops the queue up, so one top-up serves several claims and most claims pay nothing),
+and the relay on each sweep as the net for a top-up lost with its worker.
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ from domain.runs.states import Status
 
 #: The lock (per queue) under which turns are given.
 LOCK = "pace:"
+
+
+#: The two conditions below as SQL text, for the single enqueue's prepared statement
+#: (domain/runs/insert_pg.py); they are the predicates of ix_runs_in_flight and ix_runs_paced.
+IN_FLIGHT_SQL = f"status = '{Status.PENDING}' AND dispatched_at IS NOT NULL"
+WAITING_TURN_SQL = f"paced AND dispatched_at IS NULL AND status = '{Status.PENDING}'"
 
 
 def _in_flight(queue: str) -> Any:
@@ -59,9 +65,10 @@ def in_flight(conn: Connection, queue: str, *, most: int) -> dict[str, int]:
 def pace(conn: Connection, rows: list[dict[str, Any]], *, limit: int) -> set[str]:
     """At enqueue, in its transaction: the rows about to be published whose queue is busy (its
     in-flight runs and these past `limit`, or runs already waiting for a turn there) are made
-    paced instead, to go out in turns. Returns those queues (to top up after commit)."""
+    paced instead, to go out in turns. Returns those of them with a free place (to top up
+    after commit: a full queue is topped up by the claims that free its places)."""
     adding = Counter(row["queue"] for row in rows if row["dispatched_at"] is not None)
-    busy = set()
+    busy, free = set(), set()
     for queue, n in adding.items():
         flying = (
             select(func.count())
@@ -72,10 +79,12 @@ def pace(conn: Connection, rows: list[dict[str, Any]], *, limit: int) -> set[str
         count, queued = conn.execute(select(flying, waiting)).one()
         if queued or count + n > limit:
             busy.add(queue)
+            if count < limit:
+                free.add(queue)
     for row in rows:
         if row["queue"] in busy and row["dispatched_at"] is not None:
             row.update(paced=True, dispatched_at=None, dispatch_attempts=0)
-    return busy
+    return free
 
 
 def top_up(
@@ -84,6 +93,8 @@ def top_up(
     """Give the queue's free places (`limit` minus its runs in flight) to the runs waiting for
     a turn, in turns between projects; marks them published (the caller publishes them after
     commit) and returns them. Nothing when fewer than `at_least` places are free."""
+    if not conn.execute(select(select(runs.c.id).where(_waiting_turn(queue)).exists())).scalar():
+        return []  # the common case for a claim on a queue nobody paces: one index probe
     sql.lock_key(conn, LOCK + queue)
     flying = in_flight(conn, queue, most=limit)
     free = limit - sum(flying.values())

@@ -11,12 +11,13 @@ from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from domain.clock import uuid7_many
 from domain.costs import ledger as costs
+from domain.db.engine import describe_db_error
 from domain.db.unit_of_work import UnitOfWork
-from domain.errors import Conflict, InvalidInput
+from domain.errors import Conflict, DatabaseUnavailable, InvalidInput
 from domain.flow import fair, rates
 from domain.ports import (
     Catalog,
@@ -31,6 +32,7 @@ from domain.runs.requests import EnqueueRequest
 from domain.runs.rows import run_row
 from domain.runs.views import RunView
 from domain.security import audit
+from domain.storage import run_intake
 
 log = structlog.get_logger("conveyor.runs")
 
@@ -146,11 +148,15 @@ def enqueue_many(
         from domain.runs.chains import hold_after
 
         rows = [hold_after(row, after) for row in rows]
+    elif record is None and len(rows) == 1 and rows[0]["rate_limit"] is None:
+        quick = _enqueue_one(uow, rows[0], publisher, inline, now)
+        if quick is not None:
+            return [quick]
     with uow:
         costs.check_can_enqueue(uow.conn, {row["project"] for row in rows}, now)
         rates.check_known(uow.conn, {row["rate_limit"] for row in rows})
         in_flight = 0 if publisher is None or inline else in_flight_limit(publisher)
-        busy = fair.pace(uow.conn, rows, limit=in_flight) if in_flight else set()
+        with_room = fair.pace(uow.conn, rows, limit=in_flight) if in_flight else set()
         if after is not None:
             uow.runs.get(after)  # RunNotFound: a run cannot wait for one that does not exist
         try:
@@ -165,9 +171,9 @@ def enqueue_many(
             record(uow.conn, results)
         if send is not None:
             uow.after_commit(send)
-        if busy:
+        if with_room:
             assert publisher is not None
-            turns = sorted(busy)
+            turns = sorted(with_room)
 
             def take_turns() -> None:
                 publish_turns(uow.engine, publisher, limit=in_flight, now=uow.clock(), queues=turns)
@@ -180,6 +186,36 @@ def enqueue_many(
     elif created:
         log.debug("runs.enqueued", count=len(created))
     return results
+
+
+def _enqueue_one(
+    uow: UnitOfWork, row: dict[str, Any], publisher: Publisher | None, inline: bool, now: datetime
+) -> Enqueued | None:
+    """The plain single enqueue in one round trip where the database offers it (PostgreSQL:
+    domain/runs/insert_pg.py `PgIntake`): the same checks and pacing as `enqueue_many`'s
+    transaction, in one statement. None: the general path answers (a project at its limit,
+    an idempotency key in use, a missing project: each explained there)."""
+    intake = run_intake(uow.engine)
+    if intake is None:
+        return None
+    in_flight = 0 if publisher is None or inline else in_flight_limit(publisher)
+    try:
+        inserted = intake.insert_one(row, month=costs.month_of(now), in_flight=in_flight)
+    except IntegrityError:
+        return None
+    except OperationalError as exc:
+        raise DatabaseUnavailable(describe_db_error(str(uow.engine.url), exc)) from None
+    if not inserted.made:
+        return None
+    made = Enqueued(_view(row), True)
+    send = _prepare_publish(uow.engine, publisher, [made], now)
+    if send is not None:
+        send()
+    if inserted.turns:
+        assert publisher is not None
+        publish_turns(uow.engine, publisher, limit=in_flight, now=now, queues=[row["queue"]])
+    log.debug("run.enqueued", run_id=str(row["id"]), name=row["name"])
+    return made
 
 
 def _prepare_publish(

@@ -1,17 +1,24 @@
-"""Inserting a batch of runs that carry idempotency keys, on PostgreSQL through psycopg: one
-single-row INSERT prepared once per connection, executed for every row in one pipeline."""
+"""Inserting runs on PostgreSQL through psycopg: a batch that carries idempotency keys (one
+single-row INSERT prepared once per connection, executed for every row in one pipeline), and a
+single run in one round trip (`PgIntake`)."""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import sqltypes
 
 from domain.db.copy import driver_values
+from domain.db.driver import ThreadConnections
 from domain.db.models import runs
+from domain.flow import fair
 
 _KEYED_SQL: dict[tuple[str, ...], str] = {}
 
@@ -47,3 +54,101 @@ def insert_keyed(conn: Connection, rows: list[dict[str, Any]]) -> set[uuid.UUID]
     finally:
         cursor.close()
     return inserted
+
+
+# -- one run, one round trip ------------------------------------------------------------------
+_PG = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+def _cast(name: str) -> str:
+    """The type a parameter of column `name` is read as (lengths are left to the column, so a
+    value too long is an error rather than cut short by the cast)."""
+    kind = runs.c[name].type
+    affinity = kind._type_affinity
+    if affinity is sqltypes.String:
+        return "text"
+    if affinity is sqltypes.Numeric and not isinstance(kind, sqltypes.Float):
+        return "numeric"
+    return str(kind.compile(dialect=_PG))
+
+
+#: Decided in the statement: whether the run waits for its project's turn (domain/flow/fair.py).
+_DECIDED = ("paced", "dispatched_at", "dispatch_attempts")
+
+
+def _one_sql(names: tuple[str, ...]) -> str:
+    """INSERT of one run that, in the same statement, refuses it when its project is at its
+    monthly limit (domain/costs/ledger.py `check_can_enqueue`) and paces it when its queue is
+    busy (`fair.pace`); see `PgIntake.insert_one`."""
+    given = [n for n in names if n not in _DECIDED]
+    values = ", ".join(f"%({n})s::{_cast(n)}" for n in given)
+    return f"""
+WITH over_limit AS (
+  SELECT 1 FROM projects p
+  LEFT JOIN project_usage u ON u.project = p.name AND u.month = %(month)s
+  WHERE p.name = %(project)s AND (
+    (p.monthly_cost_limit_usd IS NOT NULL AND coalesce(u.cost_usd, 0) >= p.monthly_cost_limit_usd)
+    OR (p.monthly_token_limit IS NOT NULL AND coalesce(u.tokens, 0) >= p.monthly_token_limit))
+), queue AS (
+  SELECT
+    %(may_pace)s AND EXISTS (
+      SELECT 1 FROM runs WHERE queue = %(queue)s AND {fair.WAITING_TURN_SQL}) AS waiting,
+    %(may_pace)s AND (SELECT count(*) FROM (
+      SELECT 1 FROM runs WHERE queue = %(queue)s AND {fair.IN_FLIGHT_SQL} LIMIT %(in_flight)s
+    ) flying) >= %(in_flight)s AS full
+), made AS (
+  INSERT INTO runs ({", ".join(given)}, {", ".join(_DECIDED)})
+  SELECT {values}, q.waiting OR q.full,
+    CASE WHEN q.waiting OR q.full THEN NULL ELSE %(dispatched_at)s::timestamptz END,
+    CASE WHEN q.waiting OR q.full THEN 0 ELSE %(dispatch_attempts)s::int4 END
+  FROM queue q WHERE NOT EXISTS (SELECT 1 FROM over_limit)
+  ON CONFLICT (project, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+  RETURNING paced
+)
+SELECT EXISTS (SELECT 1 FROM over_limit), (SELECT paced FROM made), q.full FROM queue q
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Inserted:
+    """What the single insert did: `made` the run (else: its project is at its monthly limit,
+    or its idempotency key names another run: the general path says which); `paced` it waits
+    for a turn; `turns` the queue had free places, so turns may go out now."""
+
+    made: bool
+    paced: bool
+    turns: bool
+
+
+class PgIntake:
+    """`enqueue` of one run as one prepared statement on a connection of the caller's thread
+    (domain/db/driver.py): the project-limit check, the pacing decision and the INSERT in one
+    round trip, its own transaction (autocommit), instead of BEGIN, two reads, the INSERT and
+    COMMIT. domain/runs/enqueue.py sends only the plain case here (one run, no rate limit to
+    check, no rows to write beside it) and everything this cannot answer to the general path."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._connections = ThreadConnections(engine)
+        self._sql: dict[tuple[str, ...], str] = {}
+
+    def close(self) -> None:
+        self._connections.close()
+
+    def insert_one(self, row: dict[str, Any], *, month: date, in_flight: int) -> Inserted:
+        names = tuple(row)
+        sql = self._sql.get(names)
+        if sql is None:
+            sql = self._sql[names] = _one_sql(names)
+        params = dict(zip(names, next(driver_values(runs, [row], wrap_json=True)), strict=True))
+        params.update(
+            month=month,
+            may_pace=in_flight > 0 and row["dispatched_at"] is not None,
+            in_flight=max(in_flight, 1),
+        )
+        with self._connections.connection() as raw:
+            over, paced, full = raw.execute(sql, params, prepare=True).fetchone() or (0, 0, 0)
+        if over or paced is None:
+            return Inserted(made=False, paced=False, turns=False)
+        if paced:
+            row.update(paced=True, dispatched_at=None, dispatch_attempts=0)
+        return Inserted(made=True, paced=bool(paced), turns=bool(paced) and not full)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, event, func, select
 
 from domain.db.engine import create_db_engine
 from domain.db.models import runs
@@ -206,6 +207,59 @@ def test_messages_are_prepared_before_commit_and_sent_after(pg_url: str, size: i
         publisher = PreparingPublisher(engine)
         requests = [build_request(name="t", params={"i": i}) for i in range(size)]
         enqueue.enqueue_many(UnitOfWork(engine), requests, publisher=publisher)
-        assert publisher.seen == [("prepare", size, 0), ("send", size, size)]
+        # A batch's messages are built while the database ends its insert; a single run's
+        # insert is one statement (domain/runs/insert_pg.py), its message built after it.
+        prepared = 0 if size > 1 else size
+        assert publisher.seen == [("prepare", size, prepared), ("send", size, size)]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_single_enqueue_is_one_statement_on_the_driver(pg_url: str) -> None:
+    """No BEGIN, no limit read, no COMMIT through SQLAlchemy: the project-limit check, the
+    pacing decision and the insert are one prepared statement in autocommit."""
+    engine = create_db_engine(pg_url)
+    seen: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _count(_conn, _cursor, statement, *_args):  # type: ignore[no-untyped-def]
+        seen.append(statement)
+
+    try:
+        publisher = FakePublisher()
+        made = enqueue.enqueue(UnitOfWork(engine), build_request(name="t"), publisher=publisher)
+        assert made.created and seen == []
+        assert [d.run_id for d in publisher.published] == [made.run.id]
+        assert count_runs(engine) == 1
+        # What the one statement cannot answer goes the general way, with its explanation.
+        with pytest.raises(InvalidInput, match="no project named 'ghost'"):
+            enqueue.enqueue(UnitOfWork(engine), build_request(name="t", project="ghost"))
+        assert seen and count_runs(engine) == 1
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_forked_process_enqueues_on_a_connection_of_its_own(pg_url: str) -> None:
+    engine = create_db_engine(pg_url)
+    try:
+        enqueue.enqueue(UnitOfWork(engine), build_request(name="t", params={"who": "parent"}))
+        child = os.fork()
+        if child == 0:  # the parent's connection must not be used (nor closed) from here
+            code = 1
+            try:
+                enqueue.enqueue(
+                    UnitOfWork(engine), build_request(name="t", params={"who": "child"})
+                )
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        enqueue.enqueue(UnitOfWork(engine), build_request(name="t", params={"who": "again"}))
+        with engine.connect() as conn:
+            who = sorted(p["who"] for p in conn.execute(select(runs.c.params)).scalars())
+        assert who == ["again", "child", "parent"]
     finally:
         engine.dispose()

@@ -178,3 +178,28 @@ def test_a_paced_run_parked_at_its_claim_frees_its_place(h: Harness) -> None:
     assert h.run(a[0]) == "succeeded"
     assert h.run(a[1]) == "waiting"  # no room in the minute: parked, out of the broker
     assert [d.run_id for d in publisher.published][LIMIT:] == [a[5], a[6]]
+
+
+def test_runs_enqueued_one_at_a_time_are_paced_as_a_batch_is(engine: Engine) -> None:
+    """The single enqueue decides in its one statement on PostgreSQL (domain/runs/insert_pg.py)
+    and in its transaction elsewhere: the same runs wait, and turns go out only when the queue
+    has a free place (a full one is topped up by the claims that free its places)."""
+    _project(engine, "a")
+    _project(engine, "b")
+    publisher = LimitedPublisher()
+    a = [_enqueue(engine, publisher, "a", 1)[0] for _ in range(8)]
+    assert [d.run_id for d in publisher.published] == a[:LIMIT]
+    assert _waiting(engine) == 3
+    b = _enqueue(engine, publisher, "b", 1)
+    assert len(publisher.published) == LIMIT and _waiting(engine) == 4  # full: B waits
+    _claim(engine, a[:2])
+    late = _enqueue(engine, publisher, "b", 1)  # room, and runs waiting: turns go out
+    # Two places, A with 3 in flight and B none: both go to B, its older run first.
+    assert [d.run_id for d in publisher.published][LIMIT:] == [b[0], late[0]]
+    assert _waiting(engine) == 3  # A's three
+    assert control.get_run(UnitOfWork(engine), late[0]).waits_for() is None
+
+
+def test_topping_up_a_queue_nobody_paces_gives_nothing(engine: Engine) -> None:
+    with engine.begin() as conn:
+        assert fair.top_up(conn, "default", limit=LIMIT, now=utc_now()) == []
