@@ -307,8 +307,8 @@ class Executor:
             publish_turns(
                 self.engine, self.publisher, limit=limit, now=self.clock(), queues=[queue]
             )
-        except SQLAlchemyError as exc:
-            log.warning("run.turns_failed", queue=queue, reason=str(exc), next="the relay")
+        except Exception as exc:
+            log.warning("run.turns_failed", queue=queue, reason=safe_str(exc), next="the relay")
 
     def _hand_on_slot(self, conn: Connection, claim: Claim, now: datetime) -> list[Dispatch]:
         """This attempt stops holding its key's slot (in its final transaction): the oldest

@@ -105,7 +105,7 @@ def top_up(
     for project in projects_waiting(
         conn, queue
     ):  # each project's oldest, by the index: never the whole backlog
-        by_project[project] = list(
+        oldest = list(
             conn.execute(
                 select(
                     runs.c.id,
@@ -119,6 +119,8 @@ def top_up(
                 .limit(free)
             )
         )
+        if oldest:  # none may be due yet (a run created a moment after `now`)
+            by_project[project] = oldest
     if not by_project:
         return []
     weights = dict(
@@ -166,7 +168,7 @@ def turns(
     """Up to `places` of the waiting runs (per project, in the order they go), each place to
     the project with the fewest in flight for its weight; ties to the oldest waiting run."""
     given: Counter[str] = Counter()
-    heads = {project: 0 for project in waiting}
+    heads = {project: 0 for project, oldest in waiting.items() if oldest}
     chosen: list[Any] = []
     while len(chosen) < places and heads:
         project = min(

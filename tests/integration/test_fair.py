@@ -203,3 +203,21 @@ def test_runs_enqueued_one_at_a_time_are_paced_as_a_batch_is(engine: Engine) -> 
 def test_topping_up_a_queue_nobody_paces_gives_nothing(engine: Engine) -> None:
     with engine.begin() as conn:
         assert fair.top_up(conn, "default", limit=LIMIT, now=utc_now()) == []
+
+
+def test_a_project_whose_waiting_runs_are_not_due_yet_gets_no_turn(engine: Engine) -> None:
+    """Found by bench/throughput.py --producer single: a run created a moment after the
+    top-up's clock is waiting but not due; its project must be passed over, not break the
+    top-up (and with it the claim that gave the turn)."""
+    _project(engine, "a")
+    _project(engine, "b")
+    a = _enqueue(engine, LimitedPublisher(), "a", LIMIT + 2)
+    reqs = [build_request(name="job", project="b", delay_s=60)]
+    enqueue.enqueue_many(UnitOfWork(engine), reqs, publisher=LimitedPublisher())
+    with engine.begin() as conn:  # B's run: not due, so not sent
+        conn.execute(update(runs).where(runs.c.project == "b").values(paced=True))
+    _claim(engine, a[:1])
+    with engine.begin() as conn:
+        given = fair.top_up(conn, "default", limit=LIMIT, now=utc_now())
+    assert [d.run_id for d in given] == [a[LIMIT]]
+    assert fair.turns({"a": [], "b": []}, {}, {}, 3) == []
