@@ -32,7 +32,7 @@ from domain.runs import dispatch, lines, signals
 from domain.runs import store as runstore
 from domain.runs.chains import chain_follow_up, chain_possible
 from domain.runs.recovery import publish_turns, send_or_hand_back
-from domain.runs.store import Claim, RunStore
+from domain.runs.store import Claim, Finished, RunStore, Slot
 from domain.storage import run_store
 from domain.tasks.catalog import permissive
 from domain.tasks.registry import Registry, RegistryCatalog, RetryPolicy
@@ -234,7 +234,7 @@ class Executor:
         self,
         claim: Claim,
         write: Callable[[Connection], None],
-        fast: Callable[[list[dict[str, Any]]], bool] | None = None,
+        fast: Callable[[list[dict[str, Any]], Slot | None, datetime], Finished] | None = None,
     ) -> str | None:
         """Write the attempt's last lines and its final state in one transaction.
 
@@ -246,13 +246,16 @@ class Executor:
         gives the run to another attempt. Returns None on success, else why it did not commit.
         """
         logs, metrics = self.writer.take_run(claim.run_id)
-        if metrics or len(logs) > self.store.max_inline_lines or claim.concurrency_key:
+        if metrics or len(logs) > self.store.max_inline_lines:
             fast = None
         delay, deadline = 0.1, time.monotonic() + self.lease_s
         while True:
             try:
                 if fast is not None:
-                    if not fast(logs):  # the lines are written all the same
+                    handed_at = self.clock()
+                    finished = fast(logs, self._slot(claim), handed_at)
+                    self._publish(list(finished.woken), handed_at)
+                    if not finished.owned:  # the lines are written all the same
                         raise LeaseLost(f"run {claim.run_id} attempt {claim.attempt}")
                     return None
                 with self.engine.begin() as conn:
@@ -310,6 +313,12 @@ class Executor:
         except Exception as exc:
             log.warning("run.turns_failed", queue=queue, reason=safe_str(exc), next="the relay")
 
+    def _slot(self, claim: Claim) -> Slot | None:
+        """The key's slot this attempt holds, to hand on as it finishes (None: no key)."""
+        if claim.concurrency_key is None:
+            return None
+        return Slot(claim.concurrency_key, claim.concurrency_max or 1, self.publisher is not None)
+
     def _hand_on_slot(self, conn: Connection, claim: Claim, now: datetime) -> list[Dispatch]:
         """This attempt stops holding its key's slot (in its final transaction): the oldest
         waiters of the key are due now, to be published once it commits."""
@@ -365,12 +374,13 @@ class Executor:
                 now=now,
             )
 
-        def fast(lines: list[dict[str, Any]]) -> bool:
+        def fast(lines: list[dict[str, Any]], slot: Slot | None, now: datetime) -> Finished:
             return self.store.finish(
                 claim.run_id,
                 claim.attempt,
                 status=status,
-                now=self.clock(),
+                now=now,
+                slot=slot,
                 result=result,
                 error_type=error_type,
                 error=error,

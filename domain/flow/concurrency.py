@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, select, tuple_, update
+from sqlalchemy import Connection, DateTime, and_, bindparam, func, select, text, tuple_, update
 
 from domain.db import sql
+from domain.db.capabilities import capabilities
 from domain.db.models import runs
 from domain.errors import ConfigurationError, InvalidInput
 from domain.flow.parking import Wait, park
@@ -200,7 +201,13 @@ def refill(
 ) -> list[Dispatch]:
     """Make the oldest waiters of `key` due, as many as there are free slots, in the caller's
     transaction (after it stopped holding a slot); their dispatches. `publishing`: the caller
-    publishes them after commit (marked dispatched); otherwise the relay will."""
+    publishes them after commit (marked dispatched); otherwise the relay will. On PostgreSQL
+    these steps are one call of `conveyor_key_refill` (migration 0018)."""
+    if capabilities(conn).stored_functions:
+        woken = conn.execute(
+            REFILL_CALL, {"key": key, "most": most, "now": now, "publishing": publishing}
+        ).all()
+        return handed_on(woken)
     sql.lock_key(conn, PREFIX + key)
     holders = conn.execute(select(func.count()).where(_holding(key, now))).scalar_one()
     due = conn.execute(
@@ -224,9 +231,24 @@ def refill(
         .values(not_before=now, **sent)
         .returning(runs.c.id, runs.c.name, runs.c.queue, runs.c.priority, runs.c.params)
     ).all()
-    # Sent at the top priority: the slot is kept for this run, and a message behind the
-    # queue's other work (up to a fair-share window of it) would leave the key idle meanwhile.
-    return [Dispatch(r.id, r.name, r.queue, HANDED_ON_PRIORITY, r.params) for r in woken]
+    return handed_on(woken)
+
+
+#: `refill` on PostgreSQL (migration 0018); domain/runs/store_pg.py sends it on the driver.
+REFILL_SQL = (
+    "SELECT id, name, queue, params "
+    "FROM conveyor_key_refill(%(key)s, %(most)s, %(now)s, %(publishing)s)"
+)
+REFILL_CALL = text(
+    "SELECT id, name, queue, params FROM conveyor_key_refill(:key, :most, :now, :publishing)"
+).bindparams(bindparam("now", type_=DateTime(timezone=True)))
+
+
+def handed_on(woken: Iterable[Any]) -> list[Dispatch]:
+    """The dispatches of runs a refill made due (rows of id, name, queue, params). Sent at
+    the top priority: the slot is kept for the run, and a message behind the queue's other
+    work (up to a fair-share window of it) would leave the key idle meanwhile."""
+    return [Dispatch(r[0], r[1], r[2], HANDED_ON_PRIORITY, r[3]) for r in woken]
 
 
 def hand_on(

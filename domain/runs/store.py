@@ -21,6 +21,7 @@ from domain.db.models import run_logs, runs
 from domain.errors import LeaseLost
 from domain.flow import concurrency, rates
 from domain.flow.parking import Wait
+from domain.ports import Dispatch
 from domain.runs import fence, steps
 from domain.runs.lines import lock_for_lines
 from domain.runs.states import TERMINAL, Status
@@ -78,9 +79,27 @@ class Claim:
 NOTHING_TO_CHECK = and_(
     admission.NOTHING_TO_CHECK, runs.c.concurrency_key.is_(None), runs.c.rate_limit.is_(None)
 )
-NOTHING_TO_CHECK_SQL = (
-    f"{admission.NOTHING_TO_CHECK_SQL}\n  AND concurrency_key IS NULL AND rate_limit IS NULL"
-)
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """The concurrency key's slot a finishing attempt held: handed on in the finish's own
+    transaction (domain/flow/concurrency.py `refill`); `publishing`: the caller publishes the
+    runs it makes due (else the relay)."""
+
+    key: str
+    most: int
+    publishing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """What a store's finish did: `owned` the attempt still owned the run (its state is
+    written); `woken` the runs the slot was handed to, to publish now (even when not owned:
+    they are marked published)."""
+
+    owned: bool
+    woken: tuple[Dispatch, ...] = ()
 
 
 def _claimable(now: datetime) -> Any:
@@ -347,9 +366,11 @@ class RunStore(Protocol):
         error: str | None,
         exit_code: int | None,
         lines: Sequence[dict[str, Any]],
-    ) -> bool:
-        """Write the final state and `lines` at once; False when `attempt` no longer owns the
-        run (the lines are written all the same, labelled with their attempt)."""
+        slot: Slot | None = None,
+    ) -> Finished:
+        """Write the final state and `lines` at once, and hand on the `slot` it held; not
+        `owned` when `attempt` no longer owns the run (the lines are written all the same,
+        labelled with their attempt)."""
         ...
 
     def record_step(
@@ -390,7 +411,8 @@ class SqlRunStore:
         error: str | None,
         exit_code: int | None,
         lines: Sequence[dict[str, Any]],
-    ) -> bool:
+        slot: Slot | None = None,
+    ) -> Finished:
         with self.engine.begin() as conn:
             if lines and lock_for_lines(conn, [run_id]):
                 conn.execute(run_logs.insert(), list(lines))
@@ -408,8 +430,13 @@ class SqlRunStore:
                         exit_code=exit_code,
                     )
             except LeaseLost:
-                return False
-        return True
+                return Finished(False)
+            if slot is None:
+                return Finished(True)
+            woken = concurrency.refill(
+                conn, slot.key, slot.most, now=now, publishing=slot.publishing
+            )
+        return Finished(True, tuple(woken))
 
     def record_step(
         self, run_id: uuid.UUID, attempt: int, outcome: steps.Outcome, *, reuse: bool

@@ -26,30 +26,44 @@ from typing import Any
 from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
 
+from domain.costs import admission
 from domain.costs.admission import Refused
 from domain.db.driver import ThreadConnections
+from domain.flow import concurrency
 from domain.runs import steps
 from domain.runs import store as runstore
 from domain.runs.states import Status
-from domain.runs.store import NOTHING_TO_CHECK_SQL, Claim
+from domain.runs.store import Claim, Finished, Slot
 
 #: Above this many lines the finish writes them with COPY (the runstore path) instead.
 MAX_INLINE_LINES = 500
 
 _CLAIM_FIELDS = (
     "id, name, kind, project, params, attempt, max_attempts, timeout_s, budget_usd, "
-    "max_requests, max_minutes, started_at, queue, priority, triggered_by, paced"
+    "max_requests, max_minutes, started_at, queue, priority, triggered_by, paced, "
+    "concurrency_key, concurrency_max"
 )
+
+#: Runs the prepared claim takes: nothing to admit (domain/costs/admission.py), no rate limit
+#: to take from, and no concurrency key or one with room for the run (the gate of
+#: domain/flow/concurrency.py as the function of migration 0018, which holds the key's lock
+#: until the claim commits). A run it leaves takes the general path, which says why it waits.
+_TAKES_AT_ONCE_SQL = f"""{admission.NOTHING_TO_CHECK_SQL}
+  AND rate_limit IS NULL AND (concurrency_key IS NULL OR conveyor_key_has_room(
+    id, concurrency_key, concurrency_max, created_at, %(now)s))"""
 
 _CLAIM_SQL = f"""
 UPDATE runs SET status = '{Status.RUNNING}',
   attempt = CASE WHEN status = '{Status.WAITING}' THEN attempt ELSE attempt + 1 END,
   wait_reason = NULL, lease_owner = %(owner)s, lease_expires_at = %(lease)s,
-  started_at = coalesce(started_at, %(now)s)
+  -- A keyed run may have waited for its key's lock: it starts when it got it, not before
+  -- the end of the run that held the slot (as runstore.claim_checked does).
+  started_at = coalesce(started_at, CASE WHEN concurrency_key IS NULL THEN %(now)s
+                                    ELSE greatest(%(now)s, clock_timestamp()) END)
 WHERE id = %(id)s AND (
   (status IN ('{Status.PENDING}', '{Status.WAITING}') AND not_before <= %(now)s)
   OR (status = '{Status.RUNNING}' AND lease_expires_at < %(now)s AND attempt < max_attempts)
-) AND {NOTHING_TO_CHECK_SQL}
+) AND {_TAKES_AT_ONCE_SQL}
 RETURNING {_CLAIM_FIELDS}
 """
 
@@ -164,6 +178,8 @@ class PgRunStore:
             priority=row[13],
             triggered_by=row[14],
             paced=row[15],
+            concurrency_key=row[16],
+            concurrency_max=row[17],
         )
 
     def record_step(
@@ -200,9 +216,14 @@ class PgRunStore:
         error: str | None,
         exit_code: int | None,
         lines: Sequence[dict[str, Any]],
-    ) -> bool:
-        """Write the final state and the last lines; False when another attempt owns the run
-        (the lines are written all the same)."""
+        slot: Slot | None = None,
+    ) -> Finished:
+        """Write the final state and the last lines; not `owned` when another attempt owns
+        the run (the lines are written all the same). With a `slot`, the key's refill
+        (`conveyor_key_refill`) follows in the same transaction, both statements and its
+        BEGIN and COMMIT sent at once (a pipeline): still one round trip. (It runs even when
+        the fence failed: it counts the key's holders, so it hands on only a slot that is
+        free.)"""
         params: dict[str, Any] = {
             "id": run_id,
             "attempt": attempt,
@@ -216,5 +237,18 @@ class PgRunStore:
             "lines": Jsonb([_json_line(line) for line in lines]),
         }
         with self._connection() as raw:
-            row = raw.execute(_FINISH_SQL, params, prepare=True).fetchone()
-        return bool(row and row[0] == 1)
+            if slot is None:
+                row = raw.execute(_FINISH_SQL, params, prepare=True).fetchone()
+                return Finished(bool(row and row[0] == 1))
+            refill = {
+                "key": slot.key,
+                "most": slot.most,
+                "now": now,
+                "publishing": slot.publishing,
+            }
+            with raw.pipeline(), raw.transaction():
+                done = raw.execute(_FINISH_SQL, params, prepare=True)
+                woken = raw.execute(concurrency.REFILL_SQL, refill, prepare=True)
+            row = done.fetchone()
+            handed = concurrency.handed_on(woken.fetchall())
+        return Finished(bool(row and row[0] == 1), tuple(handed))

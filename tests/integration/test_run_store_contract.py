@@ -12,12 +12,14 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, event, func, select, text
 from sqlalchemy.exc import OperationalError
 
 from domain.clock import utc_now
+from domain.costs.admission import Refused
 from domain.db.models import run_logs, run_steps, runs
 from domain.db.unit_of_work import UnitOfWork
+from domain.flow import concurrency
 from domain.runs import control, enqueue, steps
 from domain.runs import lines as run_lines
 from domain.runs import store as runstore
@@ -94,7 +96,7 @@ def test_finish_writes_state_and_lines_at_once(db: Engine, store: RunStore) -> N
         _line(run_id, 1, 1, "first", {"k": [1, "x"]}),
         _line(run_id, 2, 1, "naïve ünïcode ✓", None),
     ]
-    owned = store.finish(
+    finished = store.finish(
         run_id,
         1,
         status="failed",
@@ -105,7 +107,7 @@ def test_finish_writes_state_and_lines_at_once(db: Engine, store: RunStore) -> N
         exit_code=3,
         lines=lines,
     )
-    assert owned
+    assert finished.owned and finished.woken == ()
     with db.connect() as conn:
         run = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().one()
         stored = conn.execute(
@@ -140,7 +142,7 @@ def test_finish_with_no_lines_and_a_result(db: Engine, store: RunStore) -> None:
         error=None,
         exit_code=None,
         lines=[],
-    )
+    ).owned
     assert control.get_run(UnitOfWork(db), run_id).result == {"rows": [1, 2]}
 
 
@@ -153,7 +155,7 @@ def test_a_stale_attempt_cannot_finish_but_its_lines_are_kept(db: Engine, store:
         conn.execute(runs.update().where(runs.c.id == run_id).values(lease_expires_at=utc_now()))
     second = store.claim(run_id, owner="w2", now=utc_now() + timedelta(seconds=1), lease_s=30)
     assert second is not None and second.attempt == 2
-    owned = store.finish(
+    finished = store.finish(
         run_id,
         1,
         status="succeeded",
@@ -164,7 +166,7 @@ def test_a_stale_attempt_cannot_finish_but_its_lines_are_kept(db: Engine, store:
         exit_code=None,
         lines=[_line(run_id, 1, 1, "from attempt 1", None)],
     )
-    assert not owned
+    assert not finished.owned
     run = control.get_run(UnitOfWork(db), run_id)
     assert (run.status, run.attempt, run.lease_owner, run.result) == ("running", 2, "w2", None)
     with db.connect() as conn:
@@ -180,7 +182,7 @@ def test_finish_of_a_deleted_run_writes_no_lines(db: Engine, store: RunStore) ->
     assert store.claim(run_id, owner="w1", now=utc_now(), lease_s=30) is not None
     with db.begin() as conn:
         assert run_lines.delete_runs(conn, [run_id]) == 1
-    owned = store.finish(
+    finished = store.finish(
         run_id,
         1,
         status="succeeded",
@@ -191,7 +193,7 @@ def test_finish_of_a_deleted_run_writes_no_lines(db: Engine, store: RunStore) ->
         exit_code=None,
         lines=[_line(run_id, 1, 1, "too late", None)],
     )
-    assert not owned
+    assert not finished.owned
     with db.connect() as conn:
         lines = conn.execute(select(func.count()).where(run_logs.c.run_id == run_id)).scalar()
     assert lines == 0
@@ -255,3 +257,64 @@ def test_a_step_is_recorded_only_while_its_attempt_owns_the_run(
         (1, "completed", {"n": [1, "x"]}, 1),
         (2, "completed", "done", 2),
     ]
+
+
+def _finish_holding(store: RunStore, run_id: uuid.UUID, slot: runstore.Slot | None) -> Any:
+    return store.finish(
+        run_id,
+        1,
+        status="succeeded",
+        now=utc_now(),
+        result=None,
+        error_type=None,
+        error=None,
+        exit_code=None,
+        lines=[],
+        slot=slot,
+    )
+
+
+def test_a_keyed_run_holds_its_slot_and_hands_it_on_as_it_finishes(
+    kind: str, db: Engine, store: RunStore
+) -> None:
+    """The prepared claim takes a keyed run whose key has room, and the prepared finish hands
+    the slot to the oldest waiter, each without a statement through SQLAlchemy."""
+    first, second, third = (_enqueue(db, concurrency_key="repo:main") for _ in range(3))
+    seen: list[str] = []
+    event.listen(db, "before_cursor_execute", lambda *args: seen.append(args[2]))
+    claim = store.claim(first, owner="w1", now=utc_now(), lease_s=30)
+    assert isinstance(claim, runstore.Claim)
+    assert (claim.concurrency_key, claim.concurrency_max) == ("repo:main", 1)
+    if kind.startswith("pg"):
+        assert seen == []  # one prepared statement on the driver
+    for waiter in (second, third):
+        refused = store.claim(waiter, owner="w2", now=utc_now(), lease_s=30)
+        assert isinstance(refused, Refused) and refused.waits == "concurrency:repo:main"
+    seen.clear()
+    finished = _finish_holding(store, first, runstore.Slot("repo:main", 1, publishing=True))
+    if kind.startswith("pg"):
+        assert seen == []  # the finish and the refill: one pipelined transaction
+    assert finished.owned
+    assert [d.run_id for d in finished.woken] == [second]  # the oldest waiter, only
+    assert finished.woken[0].priority == concurrency.HANDED_ON_PRIORITY
+    handed = control.get_run(UnitOfWork(db), second)
+    assert handed.dispatched_at is not None and handed.not_before <= utc_now()
+    assert control.get_run(UnitOfWork(db), third).dispatched_at is None
+    again = store.claim(second, owner="w2", now=utc_now(), lease_s=30)
+    assert isinstance(again, runstore.Claim) and again.attempt == 1
+    assert again.started_at >= control.get_run(UnitOfWork(db), first).finished_at
+
+
+def test_a_finish_hands_on_no_slot_that_another_run_holds(db: Engine, store: RunStore) -> None:
+    first, second = (_enqueue(db, concurrency_key="k", concurrency_max=2) for _ in range(2))
+    waiter = _enqueue(db, concurrency_key="k", concurrency_max=2)
+    for run_id in (first, second):
+        assert isinstance(store.claim(run_id, owner="w", now=utc_now(), lease_s=30), runstore.Claim)
+    assert isinstance(store.claim(waiter, owner="w", now=utc_now(), lease_s=30), Refused)
+    slot = runstore.Slot("k", 2, publishing=False)
+    finished = _finish_holding(store, first, slot)
+    assert [d.run_id for d in finished.woken] == [waiter]
+    assert control.get_run(UnitOfWork(db), waiter).dispatched_at is None  # the relay sends it
+    # Its slot is kept for the woken run: a second finish of an unrelated holder frees one
+    # more, and there is no one left to hand it to.
+    assert _finish_holding(store, second, slot).woken == ()
