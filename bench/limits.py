@@ -127,15 +127,16 @@ REDIS_KEYS = ["bench:rate:r", "bench:rate:t"]
 
 def _other_ways(engine: Any, client: Any) -> dict[str, Any]:
     """The takes ctx.acquire is compared with, each a function of no arguments."""
-    from sqlalchemy import text
-
+    from domain.db.driver import shared_connections
     from domain.flow import rates
 
     take_in_redis = client.register_script(REDIS_TAKE)
 
-    def floor() -> None:
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("SELECT 1"))
+    connections = shared_connections(engine)
+
+    def floor() -> None:  # the same connection and driver as ctx.acquire's take
+        with connections.connection() as raw:
+            raw.execute("SELECT 1", prepare=True).fetchone()
 
     def transaction() -> None:
         with engine.begin() as conn:

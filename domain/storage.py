@@ -8,11 +8,9 @@ the same contract tests, so callers never ask which one they hold.
 
 from __future__ import annotations
 
-import threading
-import weakref
+from sqlalchemy import Engine
 
-from sqlalchemy import Engine, event
-
+from domain.db.driver import shared_connections
 from domain.db.engine import uses_psycopg
 from domain.runs.insert_pg import PgIntake
 from domain.runs.reads import RunReads, SqlRunReads
@@ -28,24 +26,12 @@ def run_store(engine: Engine) -> RunStore:
     return SqlRunStore(engine)
 
 
-_intakes: weakref.WeakKeyDictionary[Engine, PgIntake] = weakref.WeakKeyDictionary()
-_intakes_lock = threading.Lock()
-
-
 def run_intake(engine: Engine) -> PgIntake | None:
     """The single enqueue's one-statement path for `engine`'s database (None: the general
-    path serves every enqueue). One per engine; its connections close with the engine."""
+    path serves every enqueue), on the engine's shared driver connections."""
     if not uses_psycopg(engine):
         return None
-    intake = _intakes.get(engine)
-    if intake is None:
-        with _intakes_lock:
-            intake = _intakes.get(engine)
-            if intake is None:
-                intake = _intakes[engine] = PgIntake(engine)
-                event.listen(engine, "engine_disposed", lambda _engine: intake.close())
-                weakref.finalize(engine, intake.close)
-    return intake
+    return PgIntake(shared_connections(engine))
 
 
 def run_reads(engine: Engine, *, pool_size: int = 5) -> RunReads:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.exc import DBAPIError
 
 from domain.db.engine import libpq_conninfo
@@ -67,3 +68,22 @@ class ThreadConnections:
         with self._lock:
             if raw in self._opened:
                 self._opened.remove(raw)
+
+
+_shared: weakref.WeakKeyDictionary[Engine, ThreadConnections] = weakref.WeakKeyDictionary()
+_shared_lock = threading.Lock()
+
+
+def shared_connections(engine: Engine) -> ThreadConnections:
+    """One ThreadConnections per engine, for the callers in a process that share it (the
+    single enqueue, ctx.acquire); they close when the engine is disposed or collected."""
+    found = _shared.get(engine)
+    if found is None:
+        with _shared_lock:
+            found = _shared.get(engine)
+            if found is None:
+                found = _shared[engine] = ThreadConnections(engine)
+                made = found
+                event.listen(engine, "engine_disposed", lambda _engine: made.close())
+                weakref.finalize(engine, made.close)
+    return found

@@ -52,6 +52,7 @@ from sqlalchemy import (
 from domain.clock import utc_now
 from domain.db import sql
 from domain.db.capabilities import capabilities
+from domain.db.driver import shared_connections
 from domain.db.models import runs
 from domain.db.models_platform import RateLimitRow, RateUsage
 from domain.errors import ConfigurationError, InvalidInput
@@ -285,18 +286,24 @@ def take_alone(engine: Engine, name: str, *, requests: int = 1, tokens: int = 0)
     if not capabilities(engine).stored_functions:
         with engine.begin() as conn:
             return take(conn, name, requests=requests, tokens=tokens)
-    # The FROM runs first; set_config (local to this statement's transaction) is in effect
-    # when it commits.
-    call = text(
-        "SELECT t.found, t.granted, t.second, t.wait_s, t.rpm, t.tpm, "
-        "set_config('synchronous_commit', 'off', true) "
-        "FROM conveyor_rate_take(:name, :requests, :tokens, NULL) AS t"
-    )
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        row = conn.execute(call, {"name": name, "requests": requests, "tokens": tokens}).one()
-    if not row.found:
+    # Prepared, on a driver connection of this thread (domain/db/driver.py): no pool checkout
+    # and no statement building per take.
+    args = {"name": name, "requests": requests, "tokens": tokens}
+    with shared_connections(engine).connection() as raw:
+        row = raw.execute(_TAKE_ALONE_SQL, args, prepare=True).fetchone()
+    assert row is not None  # the function returns one row
+    found, granted, second, wait_s, rpm, tpm = row
+    if not found:
         return Taken(False, 0, 0.0, None)
-    return Taken(row.granted, row.second, row.wait_s, RateLimit(name, row.rpm, row.tpm))
+    return Taken(granted, second, wait_s, RateLimit(name, rpm, tpm))
+
+
+# set_config is local to this statement's transaction: in effect when it commits.
+_TAKE_ALONE_SQL = (
+    "SELECT t.found, t.granted, t.second, t.wait_s, t.rpm, t.tpm "
+    "FROM conveyor_rate_take(%(name)s, %(requests)s, %(tokens)s, NULL) AS t, "
+    "set_config('synchronous_commit', 'off', true)"
+)
 
 
 def _take_here(

@@ -10,7 +10,7 @@ from datetime import date
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import sqltypes
@@ -72,6 +72,8 @@ def _cast(name: str) -> str:
     return str(kind.compile(dialect=_PG))
 
 
+_ONE_SQL: dict[tuple[str, ...], str] = {}
+
 #: Decided in the statement: whether the run waits for its project's turn (domain/flow/fair.py).
 _DECIDED = ("paced", "dispatched_at", "dispatch_attempts")
 
@@ -127,18 +129,14 @@ class PgIntake:
     COMMIT. domain/runs/enqueue.py sends only the plain case here (one run, no rate limit to
     check, no rows to write beside it) and everything this cannot answer to the general path."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._connections = ThreadConnections(engine)
-        self._sql: dict[tuple[str, ...], str] = {}
-
-    def close(self) -> None:
-        self._connections.close()
+    def __init__(self, connections: ThreadConnections) -> None:
+        self._connections = connections
 
     def insert_one(self, row: dict[str, Any], *, month: date, in_flight: int) -> Inserted:
         names = tuple(row)
-        sql = self._sql.get(names)
+        sql = _ONE_SQL.get(names)
         if sql is None:
-            sql = self._sql[names] = _one_sql(names)
+            sql = _ONE_SQL[names] = _one_sql(names)
         params = dict(zip(names, next(driver_values(runs, [row], wrap_json=True)), strict=True))
         params.update(
             month=month,

@@ -92,6 +92,23 @@ SELECT count(*) FROM done
 """
 
 
+#: The finish of a run that held a concurrency key's slot: the same, and the key's refill
+#: (migration 0018) when the fence held, in the same statement. `done` has updated the row
+#: by the time the refill runs (the refill reads done's row), but the refill's own snapshot
+#: need not show that, so it is told the run ended (`p_ended`) rather than left to count it.
+_FINISH_HOLDING_SQL = _FINISH_SQL.replace(
+    "\nSELECT count(*) FROM done\n",
+    """, woken AS (
+  SELECT w.* FROM done, conveyor_key_refill(
+    %(key)s, %(most)s, %(now)s, %(publishing)s, %(id)s) AS w
+)
+SELECT (SELECT count(*) FROM done), w.id, w.name, w.queue, w.params
+FROM (SELECT 1) AS one LEFT JOIN woken AS w ON true
+""",
+)
+assert _FINISH_HOLDING_SQL != _FINISH_SQL
+
+
 _STEP_COLUMNS = (
     "run_id, seq, name, step_type, attempt, occurrence, status, result, detail, started_at, "
     "finished_at, tries"
@@ -219,11 +236,8 @@ class PgRunStore:
         slot: Slot | None = None,
     ) -> Finished:
         """Write the final state and the last lines; not `owned` when another attempt owns
-        the run (the lines are written all the same). With a `slot`, the key's refill
-        (`conveyor_key_refill`) follows in the same transaction, both statements and its
-        BEGIN and COMMIT sent at once (a pipeline): still one round trip. (It runs even when
-        the fence failed: it counts the key's holders, so it hands on only a slot that is
-        free.)"""
+        the run (the lines are written all the same). With a `slot`, the same statement hands
+        it on (`conveyor_key_refill`) if the fence held."""
         params: dict[str, Any] = {
             "id": run_id,
             "attempt": attempt,
@@ -240,15 +254,7 @@ class PgRunStore:
             if slot is None:
                 row = raw.execute(_FINISH_SQL, params, prepare=True).fetchone()
                 return Finished(bool(row and row[0] == 1))
-            refill = {
-                "key": slot.key,
-                "most": slot.most,
-                "now": now,
-                "publishing": slot.publishing,
-            }
-            with raw.pipeline(), raw.transaction():
-                done = raw.execute(_FINISH_SQL, params, prepare=True)
-                woken = raw.execute(concurrency.REFILL_SQL, refill, prepare=True)
-            row = done.fetchone()
-            handed = concurrency.handed_on(woken.fetchall())
-        return Finished(bool(row and row[0] == 1), tuple(handed))
+            params.update(key=slot.key, most=slot.most, publishing=slot.publishing)
+            rows = raw.execute(_FINISH_HOLDING_SQL, params, prepare=True).fetchall()
+        owned = bool(rows and rows[0][0] == 1)
+        return Finished(owned, tuple(concurrency.handed_on(r[1:] for r in rows if r[1])))

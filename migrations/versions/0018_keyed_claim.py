@@ -12,8 +12,10 @@ keyed run as they take any other:
 - `conveyor_key_has_room(run, key, max, created_at, now)`: with the key's lock held until the
   calling statement's transaction ends, whether fewer than `max` other runs hold the key or
   wait for it ahead of this one (`gate`);
-- `conveyor_key_refill(key, max, now, publishing)`: with the lock held, make the oldest
-  waiters due, as many as slots are free, and return them (`refill`).
+- `conveyor_key_refill(key, max, now, publishing, ended)`: with the lock held, make the
+  oldest waiters due, as many as slots are free, and return them (`refill`). `ended`: a run
+  that stops holding the key in the calling statement itself (the prepared finish), which the
+  function's own snapshot may not see yet, so it is not counted as a holder.
 Each statement inside a (volatile) function reads a fresh snapshot, so the counts taken after
 the lock see every claim and finish that committed before it was granted. SQLite keeps the
 portable path. Nothing else changes: no table, no data.
@@ -30,12 +32,13 @@ down_revision: str | None = "0017"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-#: The lock sql.lock_key takes for the key (domain/db/sql.py), and the waiters' reason.
+#: The lock sql.lock_key takes for the key (domain/db/sql.py).
 _LOCK = "PERFORM pg_advisory_xact_lock(hashtextextended('concurrency:' || p_key, 0));"
-_WAITING = (
-    "r.concurrency_key = p_key AND r.status = 'waiting' AND r.wait_reason = 'concurrency:' || p_key"
-)
-_HOLDING = "r.concurrency_key = p_key AND r.status = 'running' AND r.lease_expires_at >= p_now"
+#: The key's live rows, one scan of ix_runs_concurrency_key; within them, its holders and its
+#: waiters (the wait reason tells a waiter for the key from a run parked for something else).
+_KEYED = "r.concurrency_key = p_key AND r.status IN ('running', 'waiting')"
+_HOLDER = "r.status = 'running' AND r.lease_expires_at >= p_now"
+_WAITER = "r.status = 'waiting' AND r.wait_reason = 'concurrency:' || p_key"
 
 HAS_ROOM = f"""
 CREATE OR REPLACE FUNCTION conveyor_key_has_room(
@@ -47,9 +50,10 @@ DECLARE
     ahead bigint;
 BEGIN
     {_LOCK}
-    SELECT count(*) INTO holders FROM runs r WHERE {_HOLDING} AND r.id <> p_id;
-    SELECT count(*) INTO ahead FROM runs r
-     WHERE {_WAITING} AND r.id <> p_id AND (r.created_at, r.id) < (p_created, p_id);
+    SELECT count(*) FILTER (WHERE {_HOLDER}),
+           count(*) FILTER (WHERE {_WAITER} AND (r.created_at, r.id) < (p_created, p_id))
+      INTO holders, ahead
+      FROM runs r WHERE {_KEYED} AND r.id <> p_id;
     RETURN holders + ahead < coalesce(p_most, 1);
 END
 $$;
@@ -57,20 +61,22 @@ $$;
 
 REFILL = f"""
 CREATE OR REPLACE FUNCTION conveyor_key_refill(
-    p_key text, p_most integer, p_now timestamptz, p_publishing boolean
+    p_key text, p_most integer, p_now timestamptz, p_publishing boolean, p_ended uuid DEFAULT NULL
 ) RETURNS TABLE (id uuid, name varchar, queue varchar, params jsonb)
 LANGUAGE plpgsql VOLATILE AS $$
 #variable_conflict use_column
 DECLARE
     holders bigint;
     due bigint;
-    free bigint;
+    idle bigint;
 BEGIN
     {_LOCK}
-    SELECT count(*) INTO holders FROM runs r WHERE {_HOLDING};
-    SELECT count(*) INTO due FROM runs r WHERE {_WAITING} AND r.not_before <= p_now;
-    free := coalesce(p_most, 1) - holders - due;
-    IF free <= 0 THEN
+    SELECT count(*) FILTER (WHERE {_HOLDER} AND r.id IS DISTINCT FROM p_ended),
+           count(*) FILTER (WHERE {_WAITER} AND r.not_before <= p_now),
+           count(*) FILTER (WHERE {_WAITER} AND r.not_before > p_now)
+      INTO holders, due, idle
+      FROM runs r WHERE {_KEYED};
+    IF idle = 0 OR coalesce(p_most, 1) - holders - due <= 0 THEN
         RETURN;
     END IF;
     RETURN QUERY
@@ -78,8 +84,8 @@ BEGIN
         dispatched_at = CASE WHEN p_publishing THEN p_now END,
         dispatch_attempts = u.dispatch_attempts + CASE WHEN p_publishing THEN 1 ELSE 0 END
      WHERE u.id IN (
-        SELECT r.id FROM runs r WHERE {_WAITING} AND r.not_before > p_now
-         ORDER BY r.created_at, r.id LIMIT free)
+        SELECT r.id FROM runs r WHERE {_KEYED} AND {_WAITER} AND r.not_before > p_now
+         ORDER BY r.created_at, r.id LIMIT coalesce(p_most, 1) - holders - due)
     RETURNING u.id, u.name, u.queue, u.params;
 END
 $$;

@@ -318,3 +318,30 @@ def test_a_finish_hands_on_no_slot_that_another_run_holds(db: Engine, store: Run
     # Its slot is kept for the woken run: a second finish of an unrelated holder frees one
     # more, and there is no one left to hand it to.
     assert _finish_holding(store, second, slot).woken == ()
+
+
+def test_a_finish_that_lost_its_run_hands_on_nothing(db: Engine, store: RunStore) -> None:
+    """Attempt 1's lease expired and attempt 2 holds the key: attempt 1's late finish must
+    not free the slot (the key would run two at once)."""
+    held = _enqueue(db, concurrency_key="k", max_attempts=2)
+    waiter = _enqueue(db, concurrency_key="k")
+    t0 = utc_now()
+    assert isinstance(store.claim(held, owner="w1", now=t0, lease_s=1), runstore.Claim)
+    later = t0 + timedelta(seconds=5)
+    again = store.claim(held, owner="w2", now=later, lease_s=60)
+    assert isinstance(again, runstore.Claim) and again.attempt == 2
+    assert isinstance(store.claim(waiter, owner="w3", now=later, lease_s=60), Refused)
+    finished = store.finish(
+        held,
+        1,
+        status="succeeded",
+        now=later,
+        result=None,
+        error_type=None,
+        error=None,
+        exit_code=None,
+        lines=[],
+        slot=runstore.Slot("k", 1, publishing=True),
+    )
+    assert not finished.owned and finished.woken == ()
+    assert control.get_run(UnitOfWork(db), waiter).status == "waiting"
