@@ -29,6 +29,7 @@ class ThreadConnections:
     def __init__(self, engine: Engine) -> None:
         # Not the engine itself: what holds these may be kept per engine, weakly keyed.
         self._dialect = engine.dialect
+        self._engine = weakref.ref(engine)
         self._conninfo = libpq_conninfo(engine.url)
         self._local = threading.local()
         self._opened: list[psycopg.Connection[Any]] = []
@@ -60,7 +61,18 @@ class ThreadConnections:
         except psycopg.Error as exc:
             if raw is not None and (raw.closed or raw.broken):
                 self._drop(raw)
+                self._pool_is_stale()
             raise DBAPIError.instance("", None, exc, psycopg.Error, dialect=self._dialect) from exc
+
+    def _pool_is_stale(self) -> None:
+        """The server closed a connection of ours (most often: it restarted), so the engine's
+        idle pooled connections, opened before, are most likely dead too: they are recycled
+        at their next checkout, as SQLAlchemy does when one of its own connections finds the
+        server gone. (Workers run without pre-ping; without this, the first statement on
+        each stale pooled connection, a task's step read for one, would fail its run.)"""
+        engine = self._engine()
+        if engine is not None:
+            engine.pool._invalidate(None)  # type: ignore[arg-type]  # no record: all of them
 
     def _drop(self, raw: psycopg.Connection[Any]) -> None:
         raw.close()

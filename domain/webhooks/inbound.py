@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, select
+from sqlalchemy import Connection, Table, select
 from sqlalchemy.exc import IntegrityError
 
 from domain.db import sql
@@ -21,6 +21,7 @@ from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, InvalidInput, NotFound
 from domain.ports import Catalog, Publisher, require_known
 from domain.runs import enqueue
+from domain.runs.enqueue import Recorder
 from domain.runs.requests import build_request
 from domain.runs.views import _jsonable
 from domain.security import audit, crypto
@@ -241,30 +242,24 @@ def parse_payload(body: bytes) -> dict[str, Any]:
 
 
 # -- accepting a delivery ---------------------------------------------------------------------
-class _DeliveryUnitOfWork(UnitOfWork):
-    """enqueue.enqueue's unit of work, with the delivery row written just before its commit:
-    one transaction with the run."""
+def _record_delivery(hook: WebhookView, delivery_id: str, received: datetime) -> Recorder:
+    """Writes the delivery's row, pointing at its run (made now or found by the key), in the
+    run's transaction. The pipeline's webhook_runs moves with the run's outcome, in its final
+    transaction (pipeline_store.record_outcome), so it is not counted here."""
 
-    def __init__(self, uow: UnitOfWork, hook: WebhookView, delivery_id: str, key: str) -> None:
-        super().__init__(uow.engine, clock=uow.clock)
-        self.hook, self.delivery_id, self.key = hook, delivery_id, key
-
-    def commit(self) -> None:
-        found = self.runs.by_keys(self.hook.project, [self.key]).get(self.key)
-        if found is not None:
-            # The pipeline's webhook_runs moves with the run's outcome, in its final
-            # transaction (pipeline_store.record_outcome), so it is not counted here.
-            self.conn.execute(
-                sql.insert(self.conn, deliveries)
-                .values(
-                    webhook_id=self.hook.id,
-                    delivery_id=self.delivery_id,
-                    run_id=found.id,
-                    received_at=self.clock(),
-                )
-                .on_conflict_do_nothing(index_elements=["webhook_id", "delivery_id"])
+    def record(conn: Connection, results: list[enqueue.Enqueued]) -> None:
+        conn.execute(
+            sql.insert(conn, deliveries)
+            .values(
+                webhook_id=hook.id,
+                delivery_id=delivery_id,
+                run_id=results[0].run.id,
+                received_at=received,
             )
-        super().commit()
+            .on_conflict_do_nothing(index_elements=["webhook_id", "delivery_id"])
+        )
+
+    return record
 
 
 def idempotency_key(hook: WebhookView, delivery_id: str) -> str:
@@ -295,12 +290,13 @@ def accept(
         trigger_ref=f"{hook.name}:{delivery_id}"[:255],
     )
     try:
-        return enqueue.enqueue(
-            _DeliveryUnitOfWork(uow, hook, delivery_id, key),
-            request,
+        return enqueue.enqueue_many(
+            uow,
+            [request],
             publisher=publisher,
             catalog=catalog,
-        )
+            record=_record_delivery(hook, delivery_id, uow.clock()),
+        )[0]
     except Conflict as exc:
         raise Conflict(
             f"X-Conveyor-Delivery {delivery_id!r} was already used for a different body; "
