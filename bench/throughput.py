@@ -11,9 +11,9 @@ them is the same Celery code for all three):
   `ctx.log` line, final state; a run is done when its row says `succeeded`.
 Wall time runs from the first enqueue to the moment the benchmark sees the last task done
 (polled every 20 ms for all three). The Celery baselines publish with an `apply_async` loop
-(Celery has no batch enqueue); conveyor with `enqueue_many`. Celery runs with its defaults
-(prefetch multiplier 4, no task events); conveyor with its own (prefetch 1, task events on for
-Flower): conveyor pays for its choices. All workers log at WARNING.
+(Celery has no batch enqueue); conveyor with `enqueue_many` (or one at a time: `--producer`).
+Celery runs with its defaults (prefetch multiplier 4, no task events); conveyor with its own
+(prefetch 1, task events on for Flower): conveyor pays for its choices. All workers log at WARNING.
 
 Every worker group starts first and warms up; then the rounds interleave (bare, db, conveyor,
 bare, ...), so a burst from a neighbour on this machine hits all three alike; each system's
@@ -21,10 +21,13 @@ best round is reported. CPU columns: seconds of CPU per 1,000 tasks used by the 
 processes (consumer + children) and by the PostgreSQL backends serving that system, averaged
 over the rounds: unlike wall time, they hardly move when the machine is shared.
 
-Every enqueue here is past CONVEYOR_DISPATCH_IN_FLIGHT (100), so conveyor's runs go out in turns
+Every batch here is past CONVEYOR_DISPATCH_IN_FLIGHT (100), so conveyor's runs go out in turns
 (fair share, domain/flow/fair.py); `--in-flight 0` turns that off, for its cost.
+`--producer single` enqueues conveyor's runs one `Client.enqueue` at a time, as a web request
+or a webhook does, while the workers run them.
 
-Run: `python -m bench.throughput [--tasks 5000] [--rounds 3] [--in-flight 100]`.
+Run: `python -m bench.throughput [--tasks 5000] [--rounds 3] [--in-flight 100]
+[--producer batch|single]`.
 """
 
 from __future__ import annotations
@@ -152,7 +155,7 @@ def celery_system(label: str, backend_url: str, queue: str, done: Callable[[], i
 
 
 def build_systems(
-    url: str, celery_url: str, batch: int, in_flight: int
+    url: str, celery_url: str, batch: int, in_flight: int, producer: str = "batch"
 ) -> tuple[list[System], Client]:
     r = redis.Redis.from_url(broker_url())
     conveyor_db = create_engine(url, pool_size=1)
@@ -172,6 +175,10 @@ def build_systems(
     client = Client(settings)
 
     def conveyor_send(n: int) -> None:
+        if producer == "single":  # as a web request or a webhook enqueues: one at a time
+            for i in range(n):
+                client.enqueue("bench_noop", {"i": i})
+            return
         for start in range(0, n, batch):
             client.enqueue_many(
                 {"name": "bench_noop", "params": {"i": i}}
@@ -287,13 +294,20 @@ def main() -> None:
         default=100,
         help="CONVEYOR_DISPATCH_IN_FLIGHT: each batch past it goes out in turns (0: never)",
     )
+    parser.add_argument(
+        "--producer",
+        choices=["batch", "single"],
+        default="batch",
+        help="conveyor's producer: enqueue_many in batches, or Client.enqueue one at a time "
+        "(the Celery baselines always publish one at a time)",
+    )
     args = parser.parse_args()
     configure_logging(level="WARNING")
 
     url = fresh_database("conveyor_bench_throughput")
     celery_url = fresh_database("conveyor_bench_celery", migrate=False)
     flush_redis()
-    systems, client = build_systems(url, celery_url, args.batch, args.in_flight)
+    systems, client = build_systems(url, celery_url, args.batch, args.in_flight, args.producer)
     guard = RedisGuard()
     try:
         with Processes() as procs:
