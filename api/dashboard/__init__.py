@@ -6,9 +6,10 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from api.dashboard import pages, routes
+from api.dashboard import bulk, pages, routes
 
 
 def install(app: FastAPI) -> None:
     app.mount(pages.ASSETS, StaticFiles(directory=pages.STATIC), name="dashboard-assets")
+    app.include_router(bulk.router)  # before /runs/{run_id}, which would take /runs/bulk
     app.include_router(routes.router)

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from api import sse
 from api.auth import client_ip, principal_for
 from api.dashboard import pages, session
+from api.dashboard.filters import QueryFilter
 from api.dashboard.session import Form, Viewer
 from api.errors import RateLimited
 from api.state import State
@@ -20,7 +21,6 @@ from domain.clock import utc_now
 from domain.runs import control
 from domain.runs import reads as queries
 from domain.runs.overview import read_overview
-from domain.runs.repository import RunFilter
 from domain.runs.states import ALL_STATUSES, TERMINAL
 from domain.security import audit
 from domain.security.tokens import Forbidden, Principal, Unauthorized
@@ -40,35 +40,19 @@ def overview(request: Request, state: State, who: Viewer) -> Response:
 
 @router.get("/runs")
 def runs(
-    request: Request,
-    state: State,
-    who: Viewer,
-    status: Annotated[list[str], Query(max_length=len(ALL_STATUSES))] = [],  # noqa: B006
-    name: Text = "",
-    project: Text = "",
-    queue: Text = "",
-    cursor: Text = "",
+    request: Request, state: State, who: Viewer, chosen: QueryFilter, cursor: Text = ""
 ) -> Response:
     """Runs newest first, filtered; a page's `next` link carries its keyset cursor."""
-    chosen = [s for s in status if s]
-    filters = RunFilter(
-        status=chosen, name=name or None, project=project or None, queue=queue or None
-    )
-    page = state.reads.page(filters, limit=PAGE_SIZE, cursor=cursor or None)
-    kept = [("status", s) for s in chosen] + [
-        (key, value)
-        for key, value in (("name", name), ("project", project), ("queue", queue))
-        if value
-    ]
+    page = state.reads.page(chosen.filters, limit=PAGE_SIZE, cursor=cursor or None)
     return pages.render(
         request,
         "runs.html",
         who,
         page=page,
         statuses=ALL_STATUSES,
-        chosen=set(chosen),
-        filters={"name": name, "project": project, "queue": queue},
-        kept=kept,
+        chosen=chosen,
+        picked=set(chosen.statuses),
+        kept=chosen.kept,
         paged=bool(cursor),
     )
 
