@@ -10,6 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
 from fastapi import Request
@@ -66,6 +67,17 @@ def when(value: datetime | None) -> str:
     return NONE if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def in_zone(value: datetime | None, zone: str) -> str:
+    """A UTC time as the clock in `zone` shows it, with the zone's abbreviation."""
+    if value is None:
+        return NONE
+    try:
+        local = value.astimezone(ZoneInfo(zone))
+    except (ZoneInfoNotFoundError, ValueError):
+        return f"{when(value)} UTC"
+    return local.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
 def usd(value: Decimal | None) -> str:
     """Money as an exact decimal, without exponent or trailing zeros: 0, 0.00019, 12.5."""
     return NONE if value is None else format(value.normalize(), "f")
@@ -75,7 +87,7 @@ def as_json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False)
 
 
-templates.env.filters.update(age=age, when=when, usd=usd, as_json=as_json)
+templates.env.filters.update(age=age, when=when, in_zone=in_zone, usd=usd, as_json=as_json)
 
 
 def render(
