@@ -4,9 +4,12 @@ with the API's tokens and roles, and every asset served from this package (no CD
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
+from api import errors
 from api.dashboard import bulk, ops_pages, pages, routes
 
 
@@ -15,3 +18,11 @@ def install(app: FastAPI) -> None:
     app.include_router(bulk.router)  # before /runs/{run_id}, which would take /runs/bulk
     app.include_router(routes.router)
     app.include_router(ops_pages.router)
+    app.add_exception_handler(HTTPException, _not_found_page)
+
+
+async def _not_found_page(request: Request, exc: Exception) -> Response:
+    """No such page (or method) as a page for a browser; the API's JSON for everyone else."""
+    if isinstance(exc, HTTPException) and pages.wants_page(request):
+        return await pages.failure_page(request, exc)
+    return await errors.answer(request, exc)

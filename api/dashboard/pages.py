@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 
+from api import errors
 from api.dashboard import session
 from api.errors import status_for
 from api.state import get_state
@@ -125,6 +126,21 @@ def error_page(request: Request, status: int, message: str) -> HTMLResponse:
     return render(request, "error.html", None, status_code=status, status=status, message=message)
 
 
+async def failure_page(request: Request, exc: Exception) -> HTMLResponse:
+    """The API's status and message for `exc` (logged once, there, with no internals in the
+    message), as a page."""
+    answer = await errors.answer(request, exc)
+    message = json.loads(bytes(answer.body))["error"]["message"]
+    return error_page(request, answer.status_code, message)
+
+
+def wants_page(request: Request) -> bool:
+    """A browser navigating to a dashboard path (not a client of the API or the webhooks)."""
+    path = request.url.path
+    api_paths = ("/api/", "/hooks/", "/metrics", "/healthz", "/readyz", "/openapi.json")
+    return "text/html" in request.headers.get("accept", "") and not path.startswith(api_paths)
+
+
 class PageRoute(APIRoute):
     """A dashboard route: a person, not a client, reads its errors, so they come as pages
     (the login page when the session is missing or stale) instead of the API's JSON."""
@@ -154,9 +170,11 @@ class PageRoute(APIRoute):
                 return error_page(request, 422, f"{field}: {first.get('msg', 'invalid')}")
             except ConveyorError as exc:
                 status = status_for(exc)
-                if status >= 500:
-                    raise  # the API's handler logs it and answers once
-                return error_page(request, status, str(exc))
+                if status < 500:
+                    return error_page(request, status, str(exc))
+                return await failure_page(request, exc)
+            except Exception as exc:  # a crash, the database gone: a page, not JSON
+                return await failure_page(request, exc)
 
         return page
 

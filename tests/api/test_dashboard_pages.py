@@ -3,19 +3,24 @@ shows what the matching /api/v1 route answers, and the audit log only to admins.
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from fastapi import APIRouter
 from sqlalchemy import insert, select
 
+from api.dashboard.pages import PageRoute
+from api.dashboard.session import Viewer
 from domain.costs.ledger import add_usage, month_of
 from domain.costs.projects import add_project
 from domain.db.models import audit_logs
 from domain.db.unit_of_work import UnitOfWork
+from domain.errors import DatabaseUnavailable
 from domain.schedules.definitions import fires
 from domain.security import audit
-from tests.api.conftest import ApiClient
+from tests.api.conftest import ApiClient, running_api
 from tests.api.pages import table, urls_in
 from tests.api.test_dashboard import browser
 from tests.api.test_pipelines_api import discovered
@@ -185,3 +190,32 @@ def test_the_audit_log_pages_by_keyset_and_filters(pg_api: ApiClient) -> None:
     )
     assert len(first_ids) == 50 and first_ids + rest_ids == newest_first  # each once, in order
     assert "cvy_x" not in everyone + rest  # details are masked as recorded
+
+
+def test_a_crash_a_database_outage_and_a_missing_page_are_pages_not_json(pg_url: str) -> None:
+    boom = APIRouter(route_class=PageRoute)
+
+    @boom.get("/boom-page")
+    def crash(who: Viewer) -> None:
+        raise RuntimeError(f"secret detail from {pg_url}")
+
+    @boom.get("/down-page")
+    def down(who: Viewer) -> None:
+        raise DatabaseUnavailable("cannot reach the database postgresql://***@db/x: refused")
+
+    with running_api(pg_url) as api:
+        api.app.include_router(boom)
+        with browser(api, "readonly") as reader:
+            crashed = reader.get("/boom-page")
+            outage = reader.get("/down-page")
+            html = {"Accept": "text/html,application/xhtml+xml"}
+            missing = reader.get("/no-such-page", headers=html)
+            run = reader.get(f"/runs/{uuid.uuid4()}")
+            client = reader.get("/api/v1/no-such-endpoint", headers=html)
+    assert crashed.status_code == 500 and crashed.headers["content-type"].startswith("text/html")
+    assert "internal server error" in crashed.text and "secret" not in crashed.text
+    assert outage.status_code == 503 and "<html" in outage.text
+    assert missing.status_code == 404 and "<html" in missing.text
+    assert "no such endpoint: GET /no-such-page" in missing.text
+    assert run.status_code == 404 and "no run with id" in run.text and "<html" in run.text
+    assert client.status_code == 404 and client.json()["error"]["type"] == "not_found"
