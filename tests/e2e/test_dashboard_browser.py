@@ -17,9 +17,9 @@ from sqlalchemy import Engine, create_engine, select
 from domain.db.models import runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.security import tokens as auth
-from tests.api.conftest import add_logs
+from tests.api.conftest import add_logs, add_records
 from tests.conftest import _truncate_pg
-from tests.e2e.stack import Stack
+from tests.e2e.stack import ROOT, Stack
 from tests.polling import eventually
 from tests.runs_seed import insert_run
 
@@ -261,6 +261,65 @@ def test_readonly_sees_no_buttons_and_a_forged_post_is_refused(
     assert forged == 403
     assert status_of(engine, run_id) == "pending"
     problems(chrome)  # the refused fetch is reported there; read it away
+
+
+SCREENSHOTS = ROOT / ".ci" / "screenshots"
+
+
+def test_every_page_renders_from_this_server_only_with_a_screenshot(
+    api: str, engine: Engine, browser: Any
+) -> None:
+    """Each page in turn, drawn without a console problem and without a request to any other
+    host (the network log); a screenshot of each under .ci/screenshots/ for people to look at."""
+    admin = token(engine, "admin")
+    run_id = create(api, admin, "shot-report")
+    add_logs(engine, run_id, range(1, 8))
+    add_records(engine, run_id)
+    insert_run(engine, "shot-report", status="failed", error="upstream said 503")
+    made = httpx.post(
+        f"{api}/api/v1/schedules",
+        json={
+            "name": "shot-nightly",
+            "target": "shot-report",
+            "trigger": "cron",
+            "expression": "30 2 * * *",
+            "timezone": "Europe/Berlin",
+            "allow_unknown": True,
+        },
+        headers={"Authorization": f"Bearer {admin}"},
+        timeout=10,
+    )
+    assert made.status_code == 201, made.text
+    shots = {
+        "login": "/login",
+        "overview": "/",
+        "runs": "/runs",
+        "run": f"/runs/{run_id}",
+        "bulk-confirm": "/runs/bulk?name=shot-report&action=retry",
+        "schedules": "/schedules",
+        "schedule": "/schedules/shot-nightly",
+        "pipelines": "/pipelines",
+        "projects": "/projects",
+        "limits": "/limits",
+        "audit": "/audit",
+        "not-found": "/no-such-page",
+    }
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.get(f"{api}/login")
+    browser.save_screenshot(str(SCREENSHOTS / "login.png"))
+    log_in(browser, api, admin)
+    for name, path in shots.items():
+        if name == "login":
+            continue
+        browser.get(f"{api}{path}")
+        assert browser.find_elements("css selector", "main h1"), name
+        assert browser.save_screenshot(str(SCREENSHOTS / f"{name}.png")), name
+    for name in shots:
+        assert (SCREENSHOTS / f"{name}.png").stat().st_size > 1000, name
+    # The missing page is a 404 the console reports; nothing else may be.
+    seen = problems(browser)
+    assert [p for p in seen if "no-such-page" not in p] == [], seen
+    assert only_local(api, requested_urls(browser)) == []
 
 
 def test_swagger_ui_and_redoc_render_from_local_assets(api: str, browser: Any) -> None:
