@@ -102,7 +102,8 @@ def list_runs(state: State, _: Reader, query: Annotated[RunQuery, Query()]) -> J
     # A response, not a dict: FastAPI would validate the whole page against dict[str, Any]
     # before encoding it, a visible share of the API's CPU under the read benchmark; the
     # views go to orjson as they are (api/json_body.py).
-    return JSONBody({"items": page.items, "next_cursor": page.next_cursor})
+    items = [queries.masked(view) for view in page.items]
+    return JSONBody({"items": items, "next_cursor": page.next_cursor})
 
 
 @router.post("", status_code=201, responses={200: {"description": "Existing run (same key)"}})
@@ -140,7 +141,7 @@ def create_run(
     # JSONBody encodes any run the checks let through, so a committed run is never answered
     # with a 500 (which a client would retry into a duplicate).
     return JSONBody(
-        {**run.to_dict(), "warnings": warnings},
+        {**queries.masked(run).to_dict(), "warnings": warnings},
         status_code=201 if result.created else 200,
         headers={"Location": f"/api/v1/runs/{run.id}"},
     )
@@ -149,7 +150,7 @@ def create_run(
 @router.get("/{run_id}", response_class=JSONBody)
 def get_run(state: State, _: Reader, run_id: RunId) -> JSONBody:
     """The run with its steps, totals (tokens, requests, log lines) and cost per model."""
-    return JSONBody(state.reads.detail(run_id).to_dict())
+    return JSONBody(state.reads.detail(run_id).masked().to_dict())
 
 
 @router.get("/{run_id}/logs", response_class=JSONBody)

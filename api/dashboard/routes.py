@@ -22,7 +22,6 @@ from domain.runs import control
 from domain.runs import reads as queries
 from domain.runs.overview import read_overview
 from domain.runs.states import ALL_STATUSES, TERMINAL
-from domain.security import audit
 from domain.security.tokens import Forbidden, Principal, Unauthorized
 
 router = APIRouter(route_class=pages.PageRoute, include_in_schema=False)
@@ -59,7 +58,7 @@ def runs(
 
 @router.get("/runs/{run_id}")
 def run(request: Request, state: State, who: Viewer, run_id: uuid.UUID) -> Response:
-    detail = state.reads.detail(run_id)
+    detail = state.reads.detail(run_id).masked()
     lines = queries.last_logs(state.reader(), run_id, limit=LOG_LINES)
     children = queries.child_runs(state.reader(), run_id)
     return pages.render(
@@ -68,9 +67,8 @@ def run(request: Request, state: State, who: Viewer, run_id: uuid.UUID) -> Respo
         who,
         run=detail.run,
         detail=detail,
-        # Masked as the API masks what it shows of a caller's input (the audit log).
-        params=audit.mask(detail.run.params),
-        result=audit.mask(detail.run.result),
+        params=detail.run.params,
+        result=detail.run.result,
         lines=lines,
         last_seq=lines[-1].seq if lines else 0,
         children=children,

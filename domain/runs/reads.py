@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol, cast
@@ -17,6 +17,7 @@ from domain.errors import InvalidInput, RunNotFound
 from domain.runs.repository import LOG_LINE_COLUMNS, RunFilter
 from domain.runs.states import TERMINAL
 from domain.runs.views import LogLine, Page, RunView, StepView, _jsonable
+from domain.security import audit
 
 run_metrics = cast(Table, RunMetric.__table__)
 run_artifacts = cast(Table, RunArtifact.__table__)
@@ -47,12 +48,26 @@ class CostLine:
         return _as_dict(self)
 
 
+def masked(view: RunView) -> RunView:
+    """The run as people and clients are shown it (API, dashboard): its params and result with
+    every secret-looking entry as *** (DESIGN.md, guarantee 8: secrets never leak). The run
+    as stored, unmasked, is what a worker executes."""
+    params, result = audit.mask(view.params), audit.mask(view.result)
+    if params == view.params and result == view.result:
+        return view
+    return replace(view, params=params, result=result)
+
+
 @dataclass(frozen=True, slots=True)
 class RunDetail:
     run: RunView
     steps: list[StepView]
     log_lines: int
     costs: list[CostLine]
+
+    def masked(self) -> RunDetail:
+        """This detail with its run `masked`."""
+        return replace(self, run=masked(self.run))
 
     def to_dict(self) -> dict[str, Any]:
         run = self.run
