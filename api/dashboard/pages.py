@@ -4,7 +4,7 @@ geometry, and error pages in place of the API's JSON errors."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -223,3 +223,66 @@ def chart(minutes: list[Minute], *, width: int = 600, height: int = 120) -> Char
     first = f"{minutes[0].start:%H:%M}" if minutes else ""
     last = f"{minutes[-1].start:%H:%M}" if minutes else ""
     return Chart(width, height, peak, bars, first, last)
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One metric as an SVG polyline over the run's time, with its range for the legend."""
+
+    name: str
+    points: str
+    low: float
+    high: float
+
+
+def line(
+    name: str,
+    samples: list[tuple[datetime, float]],
+    start: datetime,
+    end: datetime,
+    *,
+    width: int = 600,
+    height: int = 100,
+) -> Line | None:
+    """`samples` scaled into a box of width by height: time across, value up from the floor."""
+    if not samples:
+        return None
+    span = max((end - start).total_seconds(), 1e-9)
+    values = [v for _, v in samples]
+    low, high = min(values), max(values)
+    rise = (high - low) or 1.0
+    coords = " ".join(
+        f"{round(width * (ts - start).total_seconds() / span, 1)},"
+        f"{round(height - height * (v - low) / rise, 1)}"
+        for ts, v in samples
+    )
+    return Line(name, coords, low, high)
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A bar on a timeline: a step or an attempt, placed by when it started and ended."""
+
+    label: str
+    x: float
+    width: float
+    cls: str
+
+
+def spans(
+    items: Sequence[tuple[str, datetime | None, datetime | None, str]],
+    start: datetime,
+    end: datetime,
+    *,
+    width: int = 600,
+) -> list[Span]:
+    """(label, started, finished, css class) → bars; one not finished runs to `end`."""
+    total = max((end - start).total_seconds(), 1e-9)
+    bars = []
+    for label, began, ended, cls in items:
+        if began is None:
+            continue
+        x = width * max(0.0, (began - start).total_seconds()) / total
+        right = width * max(0.0, ((ended or end) - start).total_seconds()) / total
+        bars.append(Span(label, round(x, 1), round(max(2.0, right - x), 1), cls))
+    return bars

@@ -3,6 +3,7 @@ retry. Each reads through the same domain reads and services as the API's routes
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Annotated
 
@@ -18,10 +19,12 @@ from api.dashboard.session import Form, Viewer
 from api.errors import RateLimited
 from api.state import State
 from domain.clock import utc_now
-from domain.runs import control
+from domain.errors import InvalidInput
+from domain.runs import control, signals
 from domain.runs import reads as queries
 from domain.runs.overview import read_overview
 from domain.runs.states import ALL_STATUSES, TERMINAL
+from domain.runs.views import RunView, StepView
 from domain.security.tokens import Forbidden, Principal, Unauthorized
 
 router = APIRouter(route_class=pages.PageRoute, include_in_schema=False)
@@ -59,21 +62,62 @@ def runs(
 @router.get("/runs/{run_id}")
 def run(request: Request, state: State, who: Viewer, run_id: uuid.UUID) -> Response:
     detail = state.reads.detail(run_id).masked()
+    view = detail.run
     lines = queries.last_logs(state.reader(), run_id, limit=LOG_LINES)
     children = queries.child_runs(state.reader(), run_id)
+    attempts = queries.attempt_spans(state.reader(), run_id)
+    start = view.started_at or view.created_at
+    end = view.finished_at or max(utc_now(), start)
+    metrics = [
+        pages.line(name, [(p.ts, p.value) for p in points], start, end)
+        for name in ("cpu_percent", "rss_bytes")
+        if (points := queries.run_metric_points(state.reader(), run_id, name=name, limit=1000))
+    ]
+    waiting_at = _waiting_at(view, detail.steps)
+    steps = [
+        (
+            f"{s.name} ({s.status})",
+            s.started_at,
+            s.finished_at,
+            _step_class(s, view.attempt, waiting_at),
+        )
+        for s in detail.steps
+    ]
+    tries = [(f"attempt {a.attempt}", a.first_ts, a.last_ts, "attempt") for a in attempts]
     return pages.render(
         request,
         "run.html",
         who,
-        run=detail.run,
+        run=view,
         detail=detail,
-        params=detail.run.params,
-        result=detail.run.result,
+        params=view.params,
+        result=view.result,
         lines=lines,
         last_seq=lines[-1].seq if lines else 0,
         children=children,
-        finished=detail.run.status in TERMINAL,
+        finished=view.status in TERMINAL,
+        attempts=attempts,
+        waiting_at=waiting_at,
+        attempt_bars=pages.spans(tries, start, end),
+        step_bars=pages.spans(steps, start, end),
+        metrics=[m for m in metrics if m is not None],
+        artifacts=queries.run_artifact_list(state.reader(), run_id),
+        span_s=(end - start).total_seconds(),
     )
+
+
+def _waiting_at(view: RunView, steps: list[StepView]) -> int | None:
+    """The step a waiting run waits in: its last, when that is a durable sleep or a wait for
+    a signal (each is recorded completed, with its deadline, before the run suspends)."""
+    if view.status == "waiting" and steps and steps[-1].step_type in ("sleep", "wait"):
+        return steps[-1].seq
+    return None
+
+
+def _step_class(step: StepView, attempt: int, waiting_at: int | None) -> str:
+    if step.seq == waiting_at:
+        return "waiting"
+    return "replayed" if step.replayed(attempt) else step.status
 
 
 @router.get("/runs/{run_id}/logs/stream")
@@ -112,6 +156,30 @@ def retry(request: Request, state: State, who: Viewer, _: Form, run_id: uuid.UUI
         state.uow(), run_id, actor=who.name, ip=client_ip(request), publisher=state.publisher
     )
     return pages.redirect(f"/runs/{again.id}")
+
+
+@router.post("/runs/{run_id}/signal")
+def signal(
+    request: Request, state: State, who: Viewer, fields: Form, run_id: uuid.UUID
+) -> Response:
+    """Send a signal, as POST /api/v1/runs/{id}/signals/{name} does; payload is JSON text."""
+    _may_write(who)
+    text = fields.get("payload", "").strip()
+    try:
+        payload = json.loads(text) if text else None
+    except ValueError:
+        raise InvalidInput(
+            "payload: not JSON (leave it empty to send none)", field="payload"
+        ) from None
+    signals.send(
+        state.uow(),
+        run_id,
+        fields.get("name", "").strip(),
+        payload,
+        actor=who.name,
+        ip=client_ip(request),
+    )
+    return pages.redirect(f"/runs/{run_id}")
 
 
 def _may_write(who: Principal) -> None:

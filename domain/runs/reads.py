@@ -240,6 +240,33 @@ def run_artifact_list(uow: UnitOfWork, run_id: uuid.UUID) -> list[ArtifactView]:
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptSpan:
+    """One attempt of a run as its log lines place it: first and last line, and how many."""
+
+    attempt: int
+    first_ts: datetime
+    last_ts: datetime
+    lines: int
+
+
+def attempt_spans(uow: UnitOfWork, run_id: uuid.UUID) -> list[AttemptSpan]:
+    """Each attempt that wrote a log line, in order (the run's lines are indexed by run)."""
+    stmt = (
+        select(
+            run_logs.c.attempt,
+            func.min(run_logs.c.ts),
+            func.max(run_logs.c.ts),
+            func.count(),
+        )
+        .where(run_logs.c.run_id == run_id)
+        .group_by(run_logs.c.attempt)
+        .order_by(run_logs.c.attempt)
+    )
+    with uow:
+        return [AttemptSpan(*row) for row in uow.conn.execute(stmt).all()]
+
+
+@dataclass(frozen=True, slots=True)
 class Tail:
     """One poll of a followed run: lines after a seq, and whether the run has ended."""
 
