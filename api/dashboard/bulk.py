@@ -45,10 +45,17 @@ def _bound(text: str) -> bulk.Bound:
 
 @router.get("/runs/bulk")
 def confirm(
-    request: Request, state: State, who: Viewer, chosen: QueryFilter, action: str = ""
+    request: Request,
+    state: State,
+    who: Viewer,
+    chosen: QueryFilter,
+    action: str = "",
+    selection: str = "",
 ) -> Response:
     """How many runs the action would change, and a form to change exactly those."""
     may_write(who)
+    if selection and not chosen.ids:  # the "selected runs" buttons with nothing ticked
+        raise InvalidInput("id: tick the runs to act on first", field="id")
     seen = bulk.preview(state.uow(), chosen.filters, action)
     bound = f"{seen.bound.created_at.isoformat()}|{seen.bound.run_id}" if seen.bound else ""
     return pages.render(

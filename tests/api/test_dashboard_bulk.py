@@ -116,6 +116,9 @@ def test_bulk_cancel_of_a_selection_cancels_only_the_selected(pg_api: ApiClient)
         assert 'data-count="2"' in confirm.text  # the finished one cannot be cancelled
         done = writer.post("/runs/bulk", data=hidden_fields(confirm.text))
         assert 'data-count="2"' in done.text
+        # The selection's buttons with nothing ticked ask for a tick, not for every run.
+        none = writer.get("/runs/bulk", params={"selection": "1", "action": "cancel"})
+        assert none.status_code == 422 and "tick the runs" in none.text
 
     assert [status_of(pg_api, r) for r in (first, second, third, ended)] == [
         "cancelled",
