@@ -46,6 +46,9 @@ class RunQuery(BaseModel):
     project: str | None = Field(None, min_length=1, max_length=100)
     created_after: AwareDatetime | None = None
     created_before: AwareDatetime | None = None
+    error: str | None = Field(
+        None, min_length=1, max_length=200, description="Text the run's error contains (any case)"
+    )
     limit: int = Field(50, ge=1, le=1000)
     cursor: str | None = Field(None, min_length=1, max_length=200)
 
@@ -97,6 +100,7 @@ def list_runs(state: State, _: Reader, query: Annotated[RunQuery, Query()]) -> J
         project=query.project,
         created_after=query.created_after,
         created_before=query.created_before,
+        error=query.error,
     )
     page = state.reads.page(filters, limit=query.limit, cursor=query.cursor)
     # A response, not a dict: FastAPI would validate the whole page against dict[str, Any]

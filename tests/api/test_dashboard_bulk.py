@@ -59,6 +59,8 @@ def test_runs_filter_by_error_text_and_time_range(pg_api: ApiClient) -> None:
         assert f'value="{since}"' in page.text  # the form keeps what was typed
         old = reader.get("/runs", params={"before": since, "error": "timeout"}).text
         assert len(table(old, "runs")) == 1
+        listed = pg_api.as_role("readonly", "GET", "/api/v1/runs", params={"error": "100%_"})
+        assert [item["id"] for item in listed.json()["items"]] == [str(wanted)]  # as the API
         bad = reader.get("/runs", params={"after": "yesterday"})
         assert bad.status_code == 422 and "after: not a time" in bad.text
         assert "<html" in bad.text
