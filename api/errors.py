@@ -184,11 +184,26 @@ def _path(request: Request) -> str:
     return request.url.path[:200]
 
 
+#: Each kind of error and its handler, most specific first (DataError is a DBAPIError).
+_HANDLERS: list[tuple[type[Exception], Any]] = [
+    (ConveyorError, _conveyor_error),
+    (RequestValidationError, _validation_error),
+    (HTTPException, _http_error),
+    (DataError, _data_error),
+    (DBAPIError, _database_error),
+    (Exception, _internal_error),
+]
+
+
+async def answer(request: Request, exc: Exception) -> JSONResponse:
+    """What the API answers for `exc`, logged as it logs it: for a caller (the dashboard) that
+    shows the same status and message in another form."""
+    handler = next(handler for cls, handler in _HANDLERS if isinstance(exc, cls))
+    response: JSONResponse = await handler(request, exc)
+    return response
+
+
 def install(app: FastAPI) -> None:
     """Route every error through the one shape."""
-    app.add_exception_handler(ConveyorError, _conveyor_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(DataError, _data_error)
-    app.add_exception_handler(DBAPIError, _database_error)
-    app.add_exception_handler(Exception, _internal_error)
+    for cls, handler in _HANDLERS:
+        app.add_exception_handler(cls, handler)

@@ -46,6 +46,9 @@ class RunQuery(BaseModel):
     project: str | None = Field(None, min_length=1, max_length=100)
     created_after: AwareDatetime | None = None
     created_before: AwareDatetime | None = None
+    error: str | None = Field(
+        None, min_length=1, max_length=200, description="Text the run's error contains (any case)"
+    )
     limit: int = Field(50, ge=1, le=1000)
     cursor: str | None = Field(None, min_length=1, max_length=200)
 
@@ -97,12 +100,14 @@ def list_runs(state: State, _: Reader, query: Annotated[RunQuery, Query()]) -> J
         project=query.project,
         created_after=query.created_after,
         created_before=query.created_before,
+        error=query.error,
     )
     page = state.reads.page(filters, limit=query.limit, cursor=query.cursor)
     # A response, not a dict: FastAPI would validate the whole page against dict[str, Any]
     # before encoding it, a visible share of the API's CPU under the read benchmark; the
     # views go to orjson as they are (api/json_body.py).
-    return JSONBody({"items": page.items, "next_cursor": page.next_cursor})
+    items = [queries.masked(view) for view in page.items]
+    return JSONBody({"items": items, "next_cursor": page.next_cursor})
 
 
 @router.post("", status_code=201, responses={200: {"description": "Existing run (same key)"}})
@@ -140,7 +145,7 @@ def create_run(
     # JSONBody encodes any run the checks let through, so a committed run is never answered
     # with a 500 (which a client would retry into a duplicate).
     return JSONBody(
-        {**run.to_dict(), "warnings": warnings},
+        {**queries.masked(run).to_dict(), "warnings": warnings},
         status_code=201 if result.created else 200,
         headers={"Location": f"/api/v1/runs/{run.id}"},
     )
@@ -149,7 +154,7 @@ def create_run(
 @router.get("/{run_id}", response_class=JSONBody)
 def get_run(state: State, _: Reader, run_id: RunId) -> JSONBody:
     """The run with its steps, totals (tokens, requests, log lines) and cost per model."""
-    return JSONBody(state.reads.detail(run_id).to_dict())
+    return JSONBody(state.reads.detail(run_id).masked().to_dict())
 
 
 @router.get("/{run_id}/logs", response_class=JSONBody)

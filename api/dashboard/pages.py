@@ -4,12 +4,13 @@ geometry, and error pages in place of the API's JSON errors."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
 from fastapi import Request
@@ -18,6 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 
+from api import errors
 from api.dashboard import session
 from api.errors import status_for
 from api.state import get_state
@@ -66,6 +68,17 @@ def when(value: datetime | None) -> str:
     return NONE if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def in_zone(value: datetime | None, zone: str) -> str:
+    """A UTC time as the clock in `zone` shows it, with the zone's abbreviation."""
+    if value is None:
+        return NONE
+    try:
+        local = value.astimezone(ZoneInfo(zone))
+    except (ZoneInfoNotFoundError, ValueError):
+        return f"{when(value)} UTC"
+    return local.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
 def usd(value: Decimal | None) -> str:
     """Money as an exact decimal, without exponent or trailing zeros: 0, 0.00019, 12.5."""
     return NONE if value is None else format(value.normalize(), "f")
@@ -75,7 +88,7 @@ def as_json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False)
 
 
-templates.env.filters.update(age=age, when=when, usd=usd, as_json=as_json)
+templates.env.filters.update(age=age, when=when, in_zone=in_zone, usd=usd, as_json=as_json)
 
 
 def render(
@@ -113,6 +126,21 @@ def error_page(request: Request, status: int, message: str) -> HTMLResponse:
     return render(request, "error.html", None, status_code=status, status=status, message=message)
 
 
+async def failure_page(request: Request, exc: Exception) -> HTMLResponse:
+    """The API's status and message for `exc` (logged once, there, with no internals in the
+    message), as a page."""
+    answer = await errors.answer(request, exc)
+    message = json.loads(bytes(answer.body))["error"]["message"]
+    return error_page(request, answer.status_code, message)
+
+
+def wants_page(request: Request) -> bool:
+    """A browser navigating to a dashboard path (not a client of the API or the webhooks)."""
+    path = request.url.path
+    api_paths = ("/api/", "/hooks/", "/metrics", "/healthz", "/readyz", "/openapi.json")
+    return "text/html" in request.headers.get("accept", "") and not path.startswith(api_paths)
+
+
 class PageRoute(APIRoute):
     """A dashboard route: a person, not a client, reads its errors, so they come as pages
     (the login page when the session is missing or stale) instead of the API's JSON."""
@@ -142,9 +170,11 @@ class PageRoute(APIRoute):
                 return error_page(request, 422, f"{field}: {first.get('msg', 'invalid')}")
             except ConveyorError as exc:
                 status = status_for(exc)
-                if status >= 500:
-                    raise  # the API's handler logs it and answers once
-                return error_page(request, status, str(exc))
+                if status < 500:
+                    return error_page(request, status, str(exc))
+                return await failure_page(request, exc)
+            except Exception as exc:  # a crash, the database gone: a page, not JSON
+                return await failure_page(request, exc)
 
         return page
 
@@ -193,3 +223,66 @@ def chart(minutes: list[Minute], *, width: int = 600, height: int = 120) -> Char
     first = f"{minutes[0].start:%H:%M}" if minutes else ""
     last = f"{minutes[-1].start:%H:%M}" if minutes else ""
     return Chart(width, height, peak, bars, first, last)
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One metric as an SVG polyline over the run's time, with its range for the legend."""
+
+    name: str
+    points: str
+    low: float
+    high: float
+
+
+def line(
+    name: str,
+    samples: list[tuple[datetime, float]],
+    start: datetime,
+    end: datetime,
+    *,
+    width: int = 600,
+    height: int = 100,
+) -> Line | None:
+    """`samples` scaled into a box of width by height: time across, value up from the floor."""
+    if not samples:
+        return None
+    span = max((end - start).total_seconds(), 1e-9)
+    values = [v for _, v in samples]
+    low, high = min(values), max(values)
+    rise = (high - low) or 1.0
+    coords = " ".join(
+        f"{round(width * (ts - start).total_seconds() / span, 1)},"
+        f"{round(height - height * (v - low) / rise, 1)}"
+        for ts, v in samples
+    )
+    return Line(name, coords, low, high)
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A bar on a timeline: a step or an attempt, placed by when it started and ended."""
+
+    label: str
+    x: float
+    width: float
+    cls: str
+
+
+def spans(
+    items: Sequence[tuple[str, datetime | None, datetime | None, str]],
+    start: datetime,
+    end: datetime,
+    *,
+    width: int = 600,
+) -> list[Span]:
+    """(label, started, finished, css class) → bars; one not finished runs to `end`."""
+    total = max((end - start).total_seconds(), 1e-9)
+    bars = []
+    for label, began, ended, cls in items:
+        if began is None:
+            continue
+        x = width * max(0.0, (began - start).total_seconds()) / total
+        right = width * max(0.0, ((ended or end) - start).total_seconds()) / total
+        bars.append(Span(label, round(x, 1), round(max(2.0, right - x), 1), cls))
+    return bars

@@ -3,6 +3,7 @@ retry. Each reads through the same domain reads and services as the API's routes
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Annotated
 
@@ -13,16 +14,17 @@ from starlette.concurrency import run_in_threadpool
 from api import sse
 from api.auth import client_ip, principal_for
 from api.dashboard import pages, session
+from api.dashboard.filters import QueryFilter
 from api.dashboard.session import Form, Viewer
 from api.errors import RateLimited
 from api.state import State
 from domain.clock import utc_now
-from domain.runs import control
+from domain.errors import InvalidInput
+from domain.runs import control, signals
 from domain.runs import reads as queries
 from domain.runs.overview import read_overview
-from domain.runs.repository import RunFilter
 from domain.runs.states import ALL_STATUSES, TERMINAL
-from domain.security import audit
+from domain.runs.views import RunView, StepView
 from domain.security.tokens import Forbidden, Principal, Unauthorized
 
 router = APIRouter(route_class=pages.PageRoute, include_in_schema=False)
@@ -40,58 +42,82 @@ def overview(request: Request, state: State, who: Viewer) -> Response:
 
 @router.get("/runs")
 def runs(
-    request: Request,
-    state: State,
-    who: Viewer,
-    status: Annotated[list[str], Query(max_length=len(ALL_STATUSES))] = [],  # noqa: B006
-    name: Text = "",
-    project: Text = "",
-    queue: Text = "",
-    cursor: Text = "",
+    request: Request, state: State, who: Viewer, chosen: QueryFilter, cursor: Text = ""
 ) -> Response:
     """Runs newest first, filtered; a page's `next` link carries its keyset cursor."""
-    chosen = [s for s in status if s]
-    filters = RunFilter(
-        status=chosen, name=name or None, project=project or None, queue=queue or None
-    )
-    page = state.reads.page(filters, limit=PAGE_SIZE, cursor=cursor or None)
-    kept = [("status", s) for s in chosen] + [
-        (key, value)
-        for key, value in (("name", name), ("project", project), ("queue", queue))
-        if value
-    ]
+    page = state.reads.page(chosen.filters, limit=PAGE_SIZE, cursor=cursor or None)
     return pages.render(
         request,
         "runs.html",
         who,
         page=page,
         statuses=ALL_STATUSES,
-        chosen=set(chosen),
-        filters={"name": name, "project": project, "queue": queue},
-        kept=kept,
+        chosen=chosen,
+        picked=set(chosen.statuses),
+        kept=chosen.kept,
         paged=bool(cursor),
     )
 
 
 @router.get("/runs/{run_id}")
 def run(request: Request, state: State, who: Viewer, run_id: uuid.UUID) -> Response:
-    detail = state.reads.detail(run_id)
+    detail = state.reads.detail(run_id).masked()
+    view = detail.run
     lines = queries.last_logs(state.reader(), run_id, limit=LOG_LINES)
     children = queries.child_runs(state.reader(), run_id)
+    attempts = queries.attempt_spans(state.reader(), run_id)
+    start = view.started_at or view.created_at
+    end = view.finished_at or max(utc_now(), start)
+    metrics = [
+        pages.line(name, [(p.ts, p.value) for p in points], start, end)
+        for name in ("cpu_percent", "rss_bytes")
+        if (points := queries.run_metric_points(state.reader(), run_id, name=name, limit=1000))
+    ]
+    waiting_at = _waiting_at(view, detail.steps)
+    steps = [
+        (
+            f"{s.name} ({s.status})",
+            s.started_at,
+            s.finished_at,
+            _step_class(s, view.attempt, waiting_at),
+        )
+        for s in detail.steps
+    ]
+    tries = [(f"attempt {a.attempt}", a.first_ts, a.last_ts, "attempt") for a in attempts]
     return pages.render(
         request,
         "run.html",
         who,
-        run=detail.run,
+        run=view,
         detail=detail,
-        # Masked as the API masks what it shows of a caller's input (the audit log).
-        params=audit.mask(detail.run.params),
-        result=audit.mask(detail.run.result),
+        params=view.params,
+        result=view.result,
         lines=lines,
         last_seq=lines[-1].seq if lines else 0,
         children=children,
-        finished=detail.run.status in TERMINAL,
+        finished=view.status in TERMINAL,
+        attempts=attempts,
+        waiting_at=waiting_at,
+        attempt_bars=pages.spans(tries, start, end),
+        step_bars=pages.spans(steps, start, end),
+        metrics=[m for m in metrics if m is not None],
+        artifacts=queries.run_artifact_list(state.reader(), run_id),
+        span_s=(end - start).total_seconds(),
     )
+
+
+def _waiting_at(view: RunView, steps: list[StepView]) -> int | None:
+    """The step a waiting run waits in: its last, when that is a durable sleep or a wait for
+    a signal (each is recorded completed, with its deadline, before the run suspends)."""
+    if view.status == "waiting" and steps and steps[-1].step_type in ("sleep", "wait"):
+        return steps[-1].seq
+    return None
+
+
+def _step_class(step: StepView, attempt: int, waiting_at: int | None) -> str:
+    if step.seq == waiting_at:
+        return "waiting"
+    return "replayed" if step.replayed(attempt) else step.status
 
 
 @router.get("/runs/{run_id}/logs/stream")
@@ -130,6 +156,30 @@ def retry(request: Request, state: State, who: Viewer, _: Form, run_id: uuid.UUI
         state.uow(), run_id, actor=who.name, ip=client_ip(request), publisher=state.publisher
     )
     return pages.redirect(f"/runs/{again.id}")
+
+
+@router.post("/runs/{run_id}/signal")
+def signal(
+    request: Request, state: State, who: Viewer, fields: Form, run_id: uuid.UUID
+) -> Response:
+    """Send a signal, as POST /api/v1/runs/{id}/signals/{name} does; payload is JSON text."""
+    _may_write(who)
+    text = fields.get("payload", "").strip()
+    try:
+        payload = json.loads(text) if text else None
+    except ValueError:
+        raise InvalidInput(
+            "payload: not JSON (leave it empty to send none)", field="payload"
+        ) from None
+    signals.send(
+        state.uow(),
+        run_id,
+        fields.get("name", "").strip(),
+        payload,
+        actor=who.name,
+        ip=client_ip(request),
+    )
+    return pages.redirect(f"/runs/{run_id}")
 
 
 def _may_write(who: Principal) -> None:

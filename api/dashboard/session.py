@@ -25,12 +25,14 @@ from fastapi.responses import Response
 
 from api.auth import principal_for
 from api.state import get_state
+from domain.errors import InvalidInput
 from domain.security.tokens import Principal, Unauthorized
 
 SESSION_COOKIE = "conveyor_session"
 CSRF_COOKIE = "conveyor_csrf"
 CSRF_FIELD = "csrf_token"
 MAX_FIELDS = 20
+MAX_LIST_FIELDS = 250  # a bulk form: the filter and up to 200 chosen runs
 
 
 class LoginRequired(Exception):
@@ -44,6 +46,10 @@ class LoginRequired(Exception):
 
 class CsrfRefused(Exception):
     """A POST without the CSRF token of this browser's session."""
+
+
+class TooManyFields(InvalidInput):
+    """A form with more fields than any of the dashboard's pages sends."""
 
 
 async def viewer(request: Request) -> Principal:
@@ -78,21 +84,32 @@ def session_of(request: Request) -> str:
     return request.cookies.get(SESSION_COOKIE, "")
 
 
-async def form(request: Request) -> dict[str, str]:
-    """A urlencoded form's fields (the first value of each), after checking its CSRF token."""
+async def _checked(request: Request, max_fields: int) -> dict[str, list[str]]:
+    """A urlencoded form's fields, every value of each, after checking its CSRF token."""
     body = (await request.body()).decode("utf-8", "replace")
-    fields = {
-        name: values[0]
-        for name, values in parse_qs(body, max_num_fields=MAX_FIELDS).items()
-        if values
-    }
+    try:
+        fields = parse_qs(body, max_num_fields=max_fields)
+    except ValueError:
+        raise TooManyFields(f"a form of this dashboard has at most {max_fields} fields") from None
     key = csrf_key(request)
-    sent = fields.pop(CSRF_FIELD, "")
+    sent = (fields.pop(CSRF_FIELD, None) or [""])[0]
     if not key or not hmac.compare_digest(sent, csrf_token(key, session_of(request))):
         raise CsrfRefused()
     return fields
 
 
+async def form(request: Request) -> dict[str, str]:
+    """A urlencoded form's fields (the first value of each), after checking its CSRF token."""
+    fields = await _checked(request, MAX_FIELDS)
+    return {name: values[0] for name, values in fields.items() if values}
+
+
+async def form_lists(request: Request) -> dict[str, list[str]]:
+    """A form whose fields repeat (the runs chosen for a bulk action), CSRF checked."""
+    return await _checked(request, MAX_LIST_FIELDS)
+
+
+FormLists = Annotated[dict[str, list[str]], Depends(form_lists)]
 Form = Annotated[dict[str, str], Depends(form)]
 
 

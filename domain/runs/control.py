@@ -64,7 +64,7 @@ def cancel_run(
                 f"run {run_id} already ended as {run.status}; there is nothing to cancel",
                 status=run.status,
             )
-        _cancel_descendants(uow, run_id, now, f"its parent run {run_id} was cancelled")
+        cancel_descendants(uow, run_id, now, f"its parent run {run_id} was cancelled")
         # A cancelled waiter may have been handed a slot it will not take now.
         concurrency.hand_on(uow.conn, [run_id], now=now, publishing=False)
         # Through audit.record, like every other audited change: details are masked and bounded.
@@ -100,22 +100,7 @@ def retry_run(
                 f"run {run_id} is {old.status}; only a finished run can be retried",
                 status=old.status,
             )
-    req = EnqueueRequest(
-        name=old.name,
-        params=old.params,
-        project=old.project,
-        queue=old.queue,
-        priority=old.priority,
-        max_attempts=old.max_attempts,
-        timeout_s=old.timeout_s,
-        budget_usd=old.budget_usd,
-        max_requests=old.max_requests,
-        max_minutes=old.max_minutes,
-        kind=old.kind,
-        triggered_by="retry",
-        trigger_ref=actor,
-        parent_run_id=old.id,
-    )
+    req = retry_request(old, actor)
 
     def audit_retry(conn: Connection, results: list[Enqueued]) -> None:
         audit.add(
@@ -134,7 +119,27 @@ def retry_run(
     return new
 
 
-def _cancel_descendants(uow: UnitOfWork, run_id: uuid.UUID, now: datetime, why: str) -> None:
+def retry_request(old: RunView, actor: str) -> EnqueueRequest:
+    """A new run of `old`'s target and params, as its retry (`parent_run_id`)."""
+    return EnqueueRequest(
+        name=old.name,
+        params=old.params,
+        project=old.project,
+        queue=old.queue,
+        priority=old.priority,
+        max_attempts=old.max_attempts,
+        timeout_s=old.timeout_s,
+        budget_usd=old.budget_usd,
+        max_requests=old.max_requests,
+        max_minutes=old.max_minutes,
+        kind=old.kind,
+        triggered_by="retry",
+        trigger_ref=actor,
+        parent_run_id=old.id,
+    )
+
+
+def cancel_descendants(uow: UnitOfWork, run_id: uuid.UUID, now: datetime, why: str) -> None:
     """Cancel the unfinished runs spawned by `run_id`, and theirs, in the caller's transaction."""
     frontier = [run_id]
     while frontier:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol, cast
@@ -17,6 +17,7 @@ from domain.errors import InvalidInput, RunNotFound
 from domain.runs.repository import LOG_LINE_COLUMNS, RunFilter
 from domain.runs.states import TERMINAL
 from domain.runs.views import LogLine, Page, RunView, StepView, _jsonable
+from domain.security import audit
 
 run_metrics = cast(Table, RunMetric.__table__)
 run_artifacts = cast(Table, RunArtifact.__table__)
@@ -47,12 +48,26 @@ class CostLine:
         return _as_dict(self)
 
 
+def masked(view: RunView) -> RunView:
+    """The run as people and clients are shown it (API, dashboard): its params and result with
+    every secret-looking entry as *** (DESIGN.md, guarantee 8: secrets never leak). The run
+    as stored, unmasked, is what a worker executes."""
+    params, result = audit.mask(view.params), audit.mask(view.result)
+    if params == view.params and result == view.result:
+        return view
+    return replace(view, params=params, result=result)
+
+
 @dataclass(frozen=True, slots=True)
 class RunDetail:
     run: RunView
     steps: list[StepView]
     log_lines: int
     costs: list[CostLine]
+
+    def masked(self) -> RunDetail:
+        """This detail with its run `masked`."""
+        return replace(self, run=masked(self.run))
 
     def to_dict(self) -> dict[str, Any]:
         run = self.run
@@ -222,6 +237,33 @@ def run_artifact_list(uow: UnitOfWork, run_id: uuid.UUID) -> list[ArtifactView]:
     with uow:
         uow.runs.get(run_id)
         return [ArtifactView(**row) for row in uow.conn.execute(stmt).mappings()]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptSpan:
+    """One attempt of a run as its log lines place it: first and last line, and how many."""
+
+    attempt: int
+    first_ts: datetime
+    last_ts: datetime
+    lines: int
+
+
+def attempt_spans(uow: UnitOfWork, run_id: uuid.UUID) -> list[AttemptSpan]:
+    """Each attempt that wrote a log line, in order (the run's lines are indexed by run)."""
+    stmt = (
+        select(
+            run_logs.c.attempt,
+            func.min(run_logs.c.ts),
+            func.max(run_logs.c.ts),
+            func.count(),
+        )
+        .where(run_logs.c.run_id == run_id)
+        .group_by(run_logs.c.attempt)
+        .order_by(run_logs.c.attempt)
+    )
+    with uow:
+        return [AttemptSpan(*row) for row in uow.conn.execute(stmt).all()]
 
 
 @dataclass(frozen=True, slots=True)

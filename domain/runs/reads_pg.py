@@ -33,7 +33,13 @@ from sqlalchemy.pool import QueuePool
 from domain.db.engine import describe_db_error, libpq_conninfo
 from domain.errors import DatabaseUnavailable, RunNotFound
 from domain.runs.reads import CostLine, RunDetail
-from domain.runs.repository import RunFilter, check_page_limit, decode_cursor, page_of
+from domain.runs.repository import (
+    RunFilter,
+    check_page_limit,
+    decode_cursor,
+    like_pattern,
+    page_of,
+)
 from domain.runs.views import Page, RunView, StepView
 
 T = TypeVar("T")
@@ -83,6 +89,8 @@ def page_query(filters: RunFilter, limit: int, cursor: str | None) -> tuple[str,
         ("queue", filters.queue, "queue = %(queue)s"),
         ("after", filters.created_after, "created_at >= %(after)s"),
         ("before", filters.created_before, "created_at < %(before)s"),
+        ("error", filters.error and like_pattern(filters.error), "error ILIKE %(error)s"),
+        ("ids", list(filters.ids), "id = ANY(%(ids)s)"),
     ):
         if value:
             where.append(condition)

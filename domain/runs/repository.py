@@ -61,6 +61,10 @@ class RunFilter:
     queue: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+    #: Text the run's error contains (any case).
+    error: str | None = None
+    #: Only these runs (a selection made on a page).
+    ids: Sequence[uuid.UUID] = ()
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.status if s not in ALL_STATUSES]
@@ -69,6 +73,34 @@ class RunFilter:
                 f"status: unknown status {unknown[0]!r}; expected one of {', '.join(ALL_STATUSES)}",
                 field="status",
             )
+
+
+def like_pattern(text: str) -> str:
+    """A LIKE pattern for runs whose column contains `text` literally (escape character \\)."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def matching(filters: RunFilter) -> list[ColumnElement[bool]]:
+    """The WHERE conditions of `filters`, for a page of runs or a bulk action on them."""
+    conditions: list[ColumnElement[bool]] = []
+    if filters.status:
+        conditions.append(runs.c.status.in_(list(filters.status)))
+    if filters.name:
+        conditions.append(runs.c.name == filters.name)
+    if filters.project:
+        conditions.append(runs.c.project == filters.project)
+    if filters.queue:
+        conditions.append(runs.c.queue == filters.queue)
+    if filters.created_after:
+        conditions.append(runs.c.created_at >= filters.created_after)
+    if filters.created_before:
+        conditions.append(runs.c.created_at < filters.created_before)
+    if filters.error:
+        conditions.append(runs.c.error.ilike(like_pattern(filters.error), escape="\\"))
+    if filters.ids:
+        conditions.append(runs.c.id.in_(list(filters.ids)))
+    return conditions
 
 
 def check_page_limit(limit: int) -> None:
@@ -212,19 +244,7 @@ class RunRepository:
     def page(self, filters: RunFilter, *, limit: int = 50, cursor: str | None = None) -> Page:
         """Newest first, keyset-paginated on (created_at, id)."""
         check_page_limit(limit)
-        conditions: list[ColumnElement[bool]] = []
-        if filters.status:
-            conditions.append(runs.c.status.in_(list(filters.status)))
-        if filters.name:
-            conditions.append(runs.c.name == filters.name)
-        if filters.project:
-            conditions.append(runs.c.project == filters.project)
-        if filters.queue:
-            conditions.append(runs.c.queue == filters.queue)
-        if filters.created_after:
-            conditions.append(runs.c.created_at >= filters.created_after)
-        if filters.created_before:
-            conditions.append(runs.c.created_at < filters.created_before)
+        conditions = matching(filters)
         if cursor:
             created, last_id = decode_cursor(cursor)
             conditions.append(

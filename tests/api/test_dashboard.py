@@ -3,6 +3,8 @@ overview, the runs list and a run, cancel and retry through forms that carry a C
 
 from __future__ import annotations
 
+import html
+import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -280,6 +282,27 @@ def test_run_detail_masks_secrets_and_shows_the_last_log_lines(pg_api: ApiClient
         assert "id: 250" not in stream.text
     with browser(pg_api) as anonymous:
         assert anonymous.get(f"/runs/{run_id}/logs/stream").status_code == 303
+
+
+def test_the_api_shows_a_runs_params_masked_as_the_page_does(pg_api: ApiClient) -> None:
+    secret = {"api_key": "sk-live-123", "nested": {"password": "hunter2"}, "n": 7}
+    created = create_run(pg_api, params=secret)
+    run_id = created["id"]
+    set_status(pg_api.state.engine, run_id, "succeeded", result={"token": "t0k", "rows": 3})
+    expected = {"api_key": "***", "nested": {"password": "***"}, "n": 7}
+    assert created["params"] == expected  # the create answer too
+    detail = pg_api.as_role("readonly", "GET", f"/api/v1/runs/{run_id}").json()
+    [listed] = pg_api.as_role("readonly", "GET", "/api/v1/runs").json()["items"]
+    assert detail["params"] == listed["params"] == expected
+    assert detail["result"] == listed["result"] == {"token": "***", "rows": 3}
+    with browser(pg_api, "readonly") as reader:
+        page = reader.get(f"/runs/{run_id}").text
+    shown = html.unescape(page.split('<pre id="params">')[1].split("</pre>")[0])
+    assert json.loads(shown) == detail["params"]
+    # Stored as sent: the worker gets the real values.
+    with pg_api.state.engine.connect() as conn:
+        stored = conn.execute(select(runs.c.params).where(runs.c.id == uuid.UUID(run_id)))
+        assert stored.scalar_one() == secret
 
 
 def test_no_page_references_a_url_off_this_server(pg_api: ApiClient) -> None:

@@ -115,6 +115,7 @@ def all_pages(read: Any, filters: RunFilter, limit: int) -> list[tuple[list[dict
         RunFilter(project="research", status=["running"]),
         RunFilter(queue="gpu", status=["pending", "running"]),
         RunFilter(created_after=T0 + timedelta(seconds=3), created_before=T0 + timedelta(hours=1)),
+        RunFilter(error="BAD\nTh", project="default"),
     ],
 )
 def test_pages_are_the_same_as_the_repositorys(
