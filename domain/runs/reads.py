@@ -93,7 +93,9 @@ def run_detail(uow: UnitOfWork, run_id: uuid.UUID) -> RunDetail:
     lines = (
         select(func.count())
         .select_from(run_logs)
-        .where(run_logs.c.run_id == runs.c.id)
+        # The id itself, not the outer row's: run_logs is partitioned by run id on PostgreSQL,
+        # and only a value the planner knows prunes the count to one partition.
+        .where(run_logs.c.run_id == run_id)
         .scalar_subquery()
         .label("log_lines")
     )

@@ -43,9 +43,12 @@ CHECKOUT_TIMEOUT_S = 10
 
 _RUN_COLUMNS = ", ".join(f"r.{name}" for name in RunView.field_names())
 
+# The log count names the id itself, not r.id: run_logs is partitioned by run id (migration
+# 0018), and a parameter prunes the count to the run's one partition where a correlated column
+# would plan (and lock) every partition on every read.
 _DETAIL_RUN_SQL = f"""
-SELECT {_RUN_COLUMNS}, (SELECT count(*) FROM run_logs l WHERE l.run_id = r.id)
-FROM runs r WHERE r.id = %s
+SELECT {_RUN_COLUMNS}, (SELECT count(*) FROM run_logs l WHERE l.run_id = %(id)s)
+FROM runs r WHERE r.id = %(id)s
 """
 
 _DETAIL_STEPS_SQL = """
@@ -135,7 +138,7 @@ class PgReads:
     def detail(self, run_id: uuid.UUID) -> RunDetail:
         def read(conn: psycopg.Connection[Any]) -> tuple[Any, list[Any], list[Any]]:
             with conn.pipeline():
-                run = conn.execute(_DETAIL_RUN_SQL, (run_id,), prepare=True)
+                run = conn.execute(_DETAIL_RUN_SQL, {"id": run_id}, prepare=True)
                 steps = conn.execute(_DETAIL_STEPS_SQL, (run_id,), prepare=True)
                 costs = conn.execute(_DETAIL_COSTS_SQL, (run_id,), prepare=True)
             return run.fetchone(), steps.fetchall(), costs.fetchall()
