@@ -76,7 +76,7 @@ def runs(
 @router.get("/runs/{run_id}")
 def run(request: Request, state: State, who: Viewer, run_id: uuid.UUID) -> Response:
     detail = state.reads.detail(run_id)
-    lines = queries.last_logs(state.reader(), run_id, limit=LOG_LINES)
+    lines = state.reads.last_lines(run_id, limit=LOG_LINES)
     children = queries.child_runs(state.reader(), run_id)
     return pages.render(
         request,

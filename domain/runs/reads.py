@@ -334,6 +334,10 @@ class RunReads(Protocol):
         """The run with its steps, log line count and cost per model; RunNotFound if none."""
         ...
 
+    def last_lines(self, run_id: uuid.UUID, *, limit: int = 200) -> list[LogLine]:
+        """The run's last `limit` log lines, oldest first; RunNotFound if there is no run."""
+        ...
+
     def webhook_rows(self, names: list[str]) -> list[dict[str, Any]]:
         """The enabled webhooks among `names`, each row by column name, secret still encrypted
         (`domain.webhooks.inbound.endpoints_of` makes them endpoints)."""
@@ -356,6 +360,9 @@ class SqlRunReads:
 
     def detail(self, run_id: uuid.UUID) -> RunDetail:
         return run_detail(UnitOfWork(self.engine, read_only=True), run_id)
+
+    def last_lines(self, run_id: uuid.UUID, *, limit: int = 200) -> list[LogLine]:
+        return last_logs(UnitOfWork(self.engine, read_only=True), run_id, limit=limit)
 
     def webhook_rows(self, names: list[str]) -> list[dict[str, Any]]:
         with UnitOfWork(self.engine, read_only=True) as uow:

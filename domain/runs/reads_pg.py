@@ -1,5 +1,5 @@
-"""RunReads on PostgreSQL, on the driver directly: the runs page, a run's detail, and the
-webhook intake's endpoint lookup.
+"""RunReads on PostgreSQL, on the driver directly: the runs page, a run's detail and its last
+log lines, and the webhook intake's endpoint lookup.
 
 Dashboards poll these. Through SQLAlchemy most of a page's CPU goes to a pool checkout with its
 pre-ping round trip, a statement cache lookup, and a result processor for each column of each
@@ -34,7 +34,7 @@ from domain.db.engine import describe_db_error, libpq_conninfo
 from domain.errors import DatabaseUnavailable, RunNotFound
 from domain.runs.reads import CostLine, RunDetail
 from domain.runs.repository import RunFilter, check_page_limit, decode_cursor, page_of
-from domain.runs.views import Page, RunView, StepView
+from domain.runs.views import LogLine, Page, RunView, StepView
 
 T = TypeVar("T")
 
@@ -67,6 +67,14 @@ FROM cost_entries WHERE run_id = %s
 GROUP BY provider, model ORDER BY provider COLLATE "C", model COLLATE "C"
 """
 
+
+_EXISTS_SQL = "SELECT 1 FROM runs WHERE id = %s"
+
+# The run id as a parameter: one partition of run_logs, its key read backwards.
+_LAST_LINES_SQL = """
+SELECT seq, attempt, ts, stream, level, message, fields FROM run_logs
+WHERE run_id = %s ORDER BY seq DESC LIMIT %s
+"""
 
 # The webhook intake's lookup, once per batch of deliveries.
 _WEBHOOKS_SQL = """
@@ -152,6 +160,18 @@ class PgReads:
             log_lines=row[-1],
             costs=[CostLine(*cost) for cost in costs],
         )
+
+    def last_lines(self, run_id: uuid.UUID, *, limit: int = 200) -> list[LogLine]:
+        def read(conn: psycopg.Connection[Any]) -> tuple[Any, list[Any]]:
+            with conn.pipeline():
+                run = conn.execute(_EXISTS_SQL, (run_id,), prepare=True)
+                lines = conn.execute(_LAST_LINES_SQL, (run_id, limit), prepare=True)
+            return run.fetchone(), lines.fetchall()
+
+        found, rows = self._read(read)
+        if found is None:
+            raise RunNotFound(f"no run with id {run_id}", run_id=str(run_id))
+        return [LogLine(*row) for row in reversed(rows)]
 
     def webhook_rows(self, names: list[str]) -> list[dict[str, Any]]:
         """The enabled webhooks among `names`, each a row by column name, secret still
