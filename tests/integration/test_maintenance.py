@@ -7,9 +7,10 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, insert, select, text
+from sqlalchemy import Engine, event, func, insert, select, text
 
 from domain.db import partitions
 from domain.db.models import run_logs, runs
@@ -230,3 +231,30 @@ def test_making_partitions_moves_rows_waiting_in_default_into_their_day(
     week = now + timedelta(days=partitions.AHEAD_DAYS)
     assert _partition_of(pg_engine, "run_logs", week) == f"run_logs_p{week:%Y%m%d}"
     assert make_coming_days(pg_engine, now=now) == 0  # all there already
+
+
+@pytest.mark.postgres
+def test_a_run_made_in_a_day_while_it_is_deleted_keeps_the_day(pg_engine: Engine) -> None:
+    """Retention checked that every run of the day may go; a run with an id of that day is made
+    before the delete commits: nothing of the day goes, the new run's line included."""
+    day = datetime(2025, 4, 1, tzinfo=UTC)
+    with pg_engine.begin() as conn:
+        partitions.ensure(conn, today=day.date(), ahead_days=0)
+    old = _old_run(pg_engine, day + timedelta(hours=1), "succeeded", day + timedelta(hours=2))
+    bounds = {partitions.day_floor(day.date()), partitions.day_floor(day.date() + timedelta(1))}
+    late: list[uuid.UUID] = []
+
+    @event.listens_for(pg_engine, "before_cursor_execute")
+    def make_late_run(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        deleting = statement.lstrip().upper().startswith("DELETE FROM RUNS")
+        if deleting and bounds <= set(params.values()) and not late:  # this day's delete
+            late.append(_old_run(pg_engine, day + timedelta(hours=3), "running", None))
+
+    now = day + timedelta(days=31, hours=12)
+    assert apply_retention(pg_engine, now=now, default_days=30) == 0
+    assert late
+    with pg_engine.connect() as conn:
+        left = set(conn.execute(select(runs.c.id)).scalars())
+        lined = set(conn.execute(select(run_logs.c.run_id)).scalars())
+    assert left == lined == {old, late[0]}
+    assert _partition_of(pg_engine, "run_logs", day) == f"run_logs_p{day:%Y%m%d}"
