@@ -40,7 +40,7 @@ class Capabilities:
     #: conveyor's own SQL functions (migration 0016's conveyor_rate_take): a rate limit's take
     #: in one round trip; else the same steps one statement at a time.
     stored_functions: bool
-    #: run_logs and run_metrics are partitioned by day of run id (migration 0018): retention
+    #: run_logs and run_metrics are partitioned by day of run id (migration 0019): retention
     #: drops a day's partitions once all its runs may go; else it deletes lines by run.
     partitioned_history: bool
 

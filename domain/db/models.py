@@ -264,7 +264,7 @@ class RunLog(Base):
     goes through `domain.runs.lines.delete_runs`, which takes their lines along.
 
     On PostgreSQL the table is partitioned by range of run_id, a day of uuid7 ids per
-    partition (migration 0018, domain/db/partitions.py): a run's lines are all in one partition,
+    partition (migration 0019, domain/db/partitions.py): a run's lines are all in one partition,
     and retention drops a day's partition once every run of that day is gone.
     """
 
@@ -281,7 +281,7 @@ class RunLog(Base):
 
 
 class RunMetric(Base):
-    """A metric sample. Partitioned on PostgreSQL as run_logs is (migration 0018); there the key
+    """A metric sample. Partitioned on PostgreSQL as run_logs is (migration 0019); there the key
     is (id, run_id), since a partitioned table's keys must hold its partition key (id alone
     stays unique: its sequence hands it out)."""
 

@@ -1,7 +1,7 @@
 """run_logs and run_metrics by day on PostgreSQL: which partitions exist, making the coming
 days' ones, and dropping a day's.
 
-Migration 0018 partitions both tables by range of `run_id`, one range per UTC day: a run id
+Migration 0019 partitions both tables by range of `run_id`, one range per UTC day: a run id
 is a uuid7, whose first 48 bits are the millisecond it was made, so a day's runs are one range
 of ids and every line and metric of a run lives in its creation day's partition. A DEFAULT
 partition takes rows no day partition covers; `ensure` moves them out when it makes their day.

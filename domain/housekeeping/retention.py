@@ -6,7 +6,7 @@ status, `retention_cutoffs`). Unfinished runs are never touched.
 
 How they go differs by storage (`capabilities(...).partitioned_history`):
 - Where run_logs and run_metrics are partitioned by day of run id (PostgreSQL, migration
-  0018), a day whose every run may go goes whole: its runs are deleted and its partitions
+  0019), a day whose every run may go goes whole: its runs are deleted and its partitions
   dropped, in one transaction, instead of deleting its lines one by one. A day that still has a
   run to keep (unfinished, or finished after its cutoff) keeps its partitions, and every line
   in them: nothing of a kept run is lost. So that days can go whole, a run that may go waits for

@@ -44,7 +44,7 @@ CHECKOUT_TIMEOUT_S = 10
 _RUN_COLUMNS = ", ".join(f"r.{name}" for name in RunView.field_names())
 
 # The log count names the id itself, not r.id: run_logs is partitioned by run id (migration
-# 0018), and a parameter prunes the count to the run's one partition where a correlated column
+# 0019), and a parameter prunes the count to the run's one partition where a correlated column
 # would plan (and lock) every partition on every read.
 _DETAIL_RUN_SQL = f"""
 SELECT {_RUN_COLUMNS}, (SELECT count(*) FROM run_logs l WHERE l.run_id = %(id)s)

@@ -164,8 +164,8 @@ def _uuid7_at(when: datetime) -> uuid.UUID:
 
 
 @pytest.mark.postgres
-def test_0018_partitions_logs_and_metrics_with_their_rows_and_back() -> None:
-    """Lines and metrics written before 0018 are all there after it, each in its run's day
+def test_0019_partitions_logs_and_metrics_with_their_rows_and_back() -> None:
+    """Lines and metrics written before 0019 are all there after it, each in its run's day
     partition (a run id that is not a uuid7 in DEFAULT); downgrading puts them back in plain
     tables, every row kept, and the metric ids go on from where they were."""
     now = datetime.now(UTC)
@@ -177,7 +177,7 @@ def test_0018_partitions_logs_and_metrics_with_their_rows_and_back() -> None:
     )
     metric = "INSERT INTO run_metrics (run_id, ts, name, value) VALUES (:id, :now, :name, 1)"
     with fresh_database("conveyor_migrations") as url:
-        upgrade(url, revision="0017")
+        upgrade(url, revision="0018")
         engine = create_db_engine(url, null_pool=True)
         with engine.begin() as conn:
             for rid in (old, today, foreign):
@@ -191,7 +191,7 @@ def test_0018_partitions_logs_and_metrics_with_their_rows_and_back() -> None:
             before = _rows(conn)
         engine.dispose()
 
-        upgrade(url, revision="0018")
+        upgrade(url, revision="0019")
         engine = create_db_engine(url, null_pool=True)
         with engine.begin() as conn:
             assert _rows(conn) == before
@@ -220,7 +220,7 @@ def test_0018_partitions_logs_and_metrics_with_their_rows_and_back() -> None:
         engine.dispose()
         assert after["metrics"][-1][0] > before["metrics"][-1][0]
 
-        downgrade(url, revision="0017")
+        downgrade(url, revision="0018")
         engine = create_db_engine(url, null_pool=True)
         with engine.begin() as conn:
             assert _rows(conn) == after

@@ -1,7 +1,7 @@
 """run_logs and run_metrics partitioned by day of their run's id, on PostgreSQL
 
-Revision ID: 0018
-Revises: 0017
+Revision ID: 0019
+Revises: 0018
 Create Date: 2026-12-03 09:00:00
 
 Both tables become `PARTITION BY RANGE (run_id)`, one partition per UTC day, and a DEFAULT
@@ -35,8 +35,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0018"
-down_revision: str | None = "0017"
+revision: str = "0019"
+down_revision: str | None = "0018"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,7 +1,7 @@
 """schedule_fires.run_id and webhook_deliveries.run_id indexed
 
-Revision ID: 0019
-Revises: 0018
+Revision ID: 0020
+Revises: 0019
 Create Date: 2026-12-03 09:20:00
 
 Both reference runs ON DELETE SET NULL, and neither had an index on run_id: every run deleted
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0019"
-down_revision: str | None = "0018"
+revision: str = "0020"
+down_revision: str | None = "0019"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
