@@ -9,6 +9,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from domain.db.engine import create_db_engine
+from domain.db.partitions import compared_by_autogenerate
 from domain.db.schema import metadata
 from domain.settings import get_settings
 
@@ -20,6 +21,7 @@ def _configure(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
+        include_name=compared_by_autogenerate,
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite cannot ALTER most things
         compare_type=True,
     )

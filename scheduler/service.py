@@ -11,7 +11,8 @@ from sqlalchemy import Engine
 from domain.clock import Clock, utc_now
 from domain.db.capabilities import capabilities
 from domain.gc_pause import freeze_startup_heap
-from domain.housekeeping.rollups import apply_retention, roll_up
+from domain.housekeeping.retention import apply_retention, make_coming_days
+from domain.housekeeping.rollups import roll_up
 from domain.pipelines.discovery import pipeline_directory_for
 from domain.ports import Catalog, Publisher
 from domain.runs.chains import release_after
@@ -157,6 +158,7 @@ class SchedulerService:
                     roll_up(self.engine, now=self.clock())
                     next_housekeeping = now_m + self.settings.rollup_interval_s
                 if now_m >= next_retention:
+                    make_coming_days(self.engine, now=self.clock())
                     apply_retention(
                         self.engine,
                         now=self.clock(),

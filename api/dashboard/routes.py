@@ -63,7 +63,7 @@ def runs(
 def run(request: Request, state: State, who: Viewer, run_id: uuid.UUID) -> Response:
     detail = state.reads.detail(run_id).masked()
     view = detail.run
-    lines = queries.last_logs(state.reader(), run_id, limit=LOG_LINES)
+    lines = state.reads.last_lines(run_id, limit=LOG_LINES)
     children = queries.child_runs(state.reader(), run_id)
     attempts = queries.attempt_spans(state.reader(), run_id)
     start = view.started_at or view.created_at

@@ -40,6 +40,9 @@ class Capabilities:
     #: conveyor's own SQL functions (migration 0016's conveyor_rate_take): a rate limit's take
     #: in one round trip; else the same steps one statement at a time.
     stored_functions: bool
+    #: run_logs and run_metrics are partitioned by day of run id (migration 0019): retention
+    #: drops a day's partitions once all its runs may go; else it deletes lines by run.
+    partitioned_history: bool
 
 
 POSTGRESQL = Capabilities(
@@ -54,6 +57,7 @@ POSTGRESQL = Capabilities(
     read_committed=True,
     server_stats=True,
     stored_functions=True,
+    partitioned_history=True,
 )
 SQLITE = Capabilities(
     row_locks=False,
@@ -67,6 +71,7 @@ SQLITE = Capabilities(
     read_committed=False,
     server_stats=False,
     stored_functions=False,
+    partitioned_history=False,
 )
 
 

@@ -262,6 +262,10 @@ class RunLog(Base):
     Every writer instead locks the lines' runs once per batch (`FOR KEY SHARE`, the lock the
     key's check took per row) and drops lines of a run that no longer exists; deleting runs
     goes through `domain.runs.lines.delete_runs`, which takes their lines along.
+
+    On PostgreSQL the table is partitioned by range of run_id, a day of uuid7 ids per
+    partition (migration 0019, domain/db/partitions.py): a run's lines are all in one partition,
+    and retention drops a day's partition once every run of that day is gone.
     """
 
     __tablename__ = "run_logs"
@@ -277,6 +281,10 @@ class RunLog(Base):
 
 
 class RunMetric(Base):
+    """A metric sample. Partitioned on PostgreSQL as run_logs is (migration 0019); there the key
+    is (id, run_id), since a partitioned table's keys must hold its partition key (id alone
+    stays unique: its sequence hands it out)."""
+
     __tablename__ = "run_metrics"
 
     id: Mapped[int] = mapped_column(

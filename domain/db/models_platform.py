@@ -86,6 +86,13 @@ class ScheduleFire(Base):
         CheckConstraint(
             "outcome IN ('enqueued', 'skipped_misfire', 'skipped_overlap')", name="outcome"
         ),
+        # Deleting a run sets its fire's run_id to NULL: without this, a scan of every fire.
+        Index(
+            "ix_schedule_fires_run_id",
+            "run_id",
+            postgresql_where=text("run_id IS NOT NULL"),
+            sqlite_where=text("run_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = _id()
@@ -184,6 +191,13 @@ class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
     __table_args__ = (
         UniqueConstraint("webhook_id", "delivery_id", name="uq_webhook_deliveries_delivery"),
+        # As for schedule_fires: retention's run deletes find a delivery by its run.
+        Index(
+            "ix_webhook_deliveries_run_id",
+            "run_id",
+            postgresql_where=text("run_id IS NOT NULL"),
+            sqlite_where=text("run_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = _id()

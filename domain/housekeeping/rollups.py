@@ -1,28 +1,21 @@
-"""Housekeeping the scheduler leader does: hourly/daily rollups into run_stats, and retention
-(delete old finished runs with everything hanging off them, optionally archived first)."""
+"""Housekeeping the scheduler leader does: hourly/daily rollups into run_stats (retention is
+domain/housekeeping/retention.py)."""
 
 from __future__ import annotations
 
-import gzip
-import json
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import Connection, Engine, Table, and_, select
+from sqlalchemy import Connection, Engine, Table, select
 
 from domain.db import sql
-from domain.db.capabilities import capabilities
-from domain.db.models import run_logs, runs
+from domain.db.models import runs
 from domain.db.models_platform import RunStat, SweepCursor
-from domain.runs import lines
 from domain.runs.states import ALL_STATUSES, TERMINAL
-from domain.runs.views import _jsonable
 
 log = structlog.get_logger("conveyor.maintenance")
 
@@ -138,93 +131,3 @@ def stats_for(
         query = query.where(stats.c.period_start >= since)
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(query).mappings()]
-
-
-# -- retention --------------------------------------------------------------------------------
-def retention_cutoffs(
-    default_days: float, rules: dict[str, float], projects: Iterable[str], now: datetime
-) -> dict[tuple[str, str], datetime]:
-    """Cutoff per (project, status): "project:status" beats "project" beats "*:status" beats
-    the default."""
-    out = {}
-    for project in projects:
-        for status in TERMINAL:
-            days = rules.get(
-                f"{project}:{status}", rules.get(project, rules.get(f"*:{status}", default_days))
-            )
-            out[(project, status)] = now - timedelta(days=days)
-    return out
-
-
-def apply_retention(
-    engine: Engine,
-    *,
-    now: datetime,
-    default_days: float,
-    rules: dict[str, float] | None = None,
-    archive_dir: Path | None = None,
-    batch: int = 500,
-    max_batches: int = 20,
-) -> int:
-    """Delete finished runs past their age, `batch` per short transaction (their logs with
-    them, and steps, metrics, costs and artifact rows by cascade). Returns how many went."""
-    with engine.connect() as conn:
-        projects = {p for (p,) in conn.execute(select(runs.c.project).distinct())}
-    cutoffs = retention_cutoffs(default_days, rules or {}, projects, now)
-    deleted = 0
-    for (project, status), cutoff in sorted(cutoffs.items()):
-        for _ in range(max_batches):
-            with _read_committed(engine) as conn, conn.begin():
-                ids = (
-                    conn.execute(
-                        select(runs.c.id)
-                        .where(
-                            and_(
-                                runs.c.project == project,
-                                runs.c.status == status,
-                                runs.c.finished_at < cutoff,
-                            )
-                        )
-                        .limit(batch)
-                    )
-                    .scalars()
-                    .all()
-                )
-                if not ids:
-                    break
-                if archive_dir is not None:
-                    _archive(conn, list(ids), archive_dir, now)
-                # Children of a deleted run keep their history; their link is cleared.
-                conn.execute(
-                    runs.update().where(runs.c.parent_run_id.in_(ids)).values(parent_run_id=None)
-                )
-                deleted += lines.delete_runs(conn, list(ids))
-    if deleted:
-        log.info("retention.deleted", runs=deleted)
-    return deleted
-
-
-def _read_committed(engine: Engine) -> Connection:
-    """A connection whose transactions are READ COMMITTED whatever the defaults (server or
-    engine): `lines.delete_runs` relies on a snapshot per statement."""
-    conn = engine.connect()
-    if capabilities(engine).read_committed:
-        conn.execution_options(isolation_level="READ COMMITTED")
-    return conn
-
-
-def _archive(conn: Connection, ids: list[Any], directory: Path, now: datetime) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"runs-{now:%Y%m%d}.jsonl.gz"
-    logs_by_run: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for line in conn.execute(
-        select(run_logs).where(run_logs.c.run_id.in_(ids)).order_by(run_logs.c.seq)
-    ).mappings():
-        logs_by_run[line["run_id"]].append(
-            {k: _jsonable(v) for k, v in line.items() if k != "run_id"}
-        )
-    with gzip.open(path, "at", encoding="utf-8") as out:
-        for run in conn.execute(select(runs).where(runs.c.id.in_(ids))).mappings():
-            record = {k: _jsonable(v) for k, v in run.items()}
-            record["logs"] = logs_by_run.get(run["id"], [])
-            out.write(json.dumps(record, default=str) + "\n")

@@ -32,7 +32,7 @@ def delete_runs(conn: Connection, run_ids: Sequence[uuid.UUID]) -> int:
     a writer that comes later finds no run and writes nothing. "Sees" needs READ COMMITTED
     (a snapshot per statement): under REPEATABLE READ the lines delete would miss lines
     committed since the transaction began, so callers that may find a stricter server
-    default set READ COMMITTED for the transaction (`maintenance.apply_retention` does).
+    default set READ COMMITTED for the transaction (`retention.apply_retention` does).
     """
     if not run_ids:
         return 0

@@ -108,7 +108,9 @@ def run_detail(uow: UnitOfWork, run_id: uuid.UUID) -> RunDetail:
     lines = (
         select(func.count())
         .select_from(run_logs)
-        .where(run_logs.c.run_id == runs.c.id)
+        # The id itself, not the outer row's: run_logs is partitioned by run id on PostgreSQL,
+        # and only a value the planner knows prunes the count to one partition.
+        .where(run_logs.c.run_id == run_id)
         .scalar_subquery()
         .label("log_lines")
     )
@@ -374,6 +376,10 @@ class RunReads(Protocol):
         """The run with its steps, log line count and cost per model; RunNotFound if none."""
         ...
 
+    def last_lines(self, run_id: uuid.UUID, *, limit: int = 200) -> list[LogLine]:
+        """The run's last `limit` log lines, oldest first; RunNotFound if there is no run."""
+        ...
+
     def webhook_rows(self, names: list[str]) -> list[dict[str, Any]]:
         """The enabled webhooks among `names`, each row by column name, secret still encrypted
         (`domain.webhooks.inbound.endpoints_of` makes them endpoints)."""
@@ -396,6 +402,9 @@ class SqlRunReads:
 
     def detail(self, run_id: uuid.UUID) -> RunDetail:
         return run_detail(UnitOfWork(self.engine, read_only=True), run_id)
+
+    def last_lines(self, run_id: uuid.UUID, *, limit: int = 200) -> list[LogLine]:
+        return last_logs(UnitOfWork(self.engine, read_only=True), run_id, limit=limit)
 
     def webhook_rows(self, names: list[str]) -> list[dict[str, Any]]:
         with UnitOfWork(self.engine, read_only=True) as uow:

@@ -1,5 +1,5 @@
-"""RunReads on PostgreSQL, on the driver directly: the runs page, a run's detail, and the
-webhook intake's endpoint lookup.
+"""RunReads on PostgreSQL, on the driver directly: the runs page, a run's detail and its last
+log lines, and the webhook intake's endpoint lookup.
 
 Dashboards poll these. Through SQLAlchemy most of a page's CPU goes to a pool checkout with its
 pre-ping round trip, a statement cache lookup, and a result processor for each column of each
@@ -40,7 +40,7 @@ from domain.runs.repository import (
     like_pattern,
     page_of,
 )
-from domain.runs.views import Page, RunView, StepView
+from domain.runs.views import LogLine, Page, RunView, StepView
 
 T = TypeVar("T")
 
@@ -49,9 +49,12 @@ CHECKOUT_TIMEOUT_S = 10
 
 _RUN_COLUMNS = ", ".join(f"r.{name}" for name in RunView.field_names())
 
+# The log count names the id itself, not r.id: run_logs is partitioned by run id (migration
+# 0019), and a parameter prunes the count to the run's one partition where a correlated column
+# would plan (and lock) every partition on every read.
 _DETAIL_RUN_SQL = f"""
-SELECT {_RUN_COLUMNS}, (SELECT count(*) FROM run_logs l WHERE l.run_id = r.id)
-FROM runs r WHERE r.id = %s
+SELECT {_RUN_COLUMNS}, (SELECT count(*) FROM run_logs l WHERE l.run_id = %(id)s)
+FROM runs r WHERE r.id = %(id)s
 """
 
 _DETAIL_STEPS_SQL = """
@@ -70,6 +73,14 @@ FROM cost_entries WHERE run_id = %s
 GROUP BY provider, model ORDER BY provider COLLATE "C", model COLLATE "C"
 """
 
+
+_EXISTS_SQL = "SELECT 1 FROM runs WHERE id = %s"
+
+# The run id as a parameter: one partition of run_logs, its key read backwards.
+_LAST_LINES_SQL = """
+SELECT seq, attempt, ts, stream, level, message, fields FROM run_logs
+WHERE run_id = %s ORDER BY seq DESC LIMIT %s
+"""
 
 # The webhook intake's lookup, once per batch of deliveries.
 _WEBHOOKS_SQL = """
@@ -143,7 +154,7 @@ class PgReads:
     def detail(self, run_id: uuid.UUID) -> RunDetail:
         def read(conn: psycopg.Connection[Any]) -> tuple[Any, list[Any], list[Any]]:
             with conn.pipeline():
-                run = conn.execute(_DETAIL_RUN_SQL, (run_id,), prepare=True)
+                run = conn.execute(_DETAIL_RUN_SQL, {"id": run_id}, prepare=True)
                 steps = conn.execute(_DETAIL_STEPS_SQL, (run_id,), prepare=True)
                 costs = conn.execute(_DETAIL_COSTS_SQL, (run_id,), prepare=True)
             return run.fetchone(), steps.fetchall(), costs.fetchall()
@@ -157,6 +168,18 @@ class PgReads:
             log_lines=row[-1],
             costs=[CostLine(*cost) for cost in costs],
         )
+
+    def last_lines(self, run_id: uuid.UUID, *, limit: int = 200) -> list[LogLine]:
+        def read(conn: psycopg.Connection[Any]) -> tuple[Any, list[Any]]:
+            with conn.pipeline():
+                run = conn.execute(_EXISTS_SQL, (run_id,), prepare=True)
+                lines = conn.execute(_LAST_LINES_SQL, (run_id, limit), prepare=True)
+            return run.fetchone(), lines.fetchall()
+
+        found, rows = self._read(read)
+        if found is None:
+            raise RunNotFound(f"no run with id {run_id}", run_id=str(run_id))
+        return [LogLine(*row) for row in reversed(rows)]
 
     def webhook_rows(self, names: list[str]) -> list[dict[str, Any]]:
         """The enabled webhooks among `names`, each a row by column name, secret still

@@ -13,7 +13,8 @@ import pytest
 from conveyor import Client
 from domain.clock import utc_now
 from domain.db.unit_of_work import UnitOfWork
-from domain.housekeeping.rollups import apply_retention, roll_up, stats_for
+from domain.housekeeping.retention import apply_retention
+from domain.housekeeping.rollups import roll_up, stats_for
 from domain.schedules import manage
 from tests.e2e.stack import ROOT, Stack
 from tests.polling import eventually

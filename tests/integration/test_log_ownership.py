@@ -20,7 +20,7 @@ from domain.clock import utc_now
 from domain.db.engine import create_db_engine
 from domain.db.models import run_logs, runs
 from domain.db.unit_of_work import UnitOfWork
-from domain.housekeeping.rollups import apply_retention
+from domain.housekeeping.retention import apply_retention
 from domain.runs import enqueue, lines
 from domain.runs.requests import build_request
 from tests.polling import eventually
@@ -140,7 +140,13 @@ def test_retention_under_a_repeatable_read_default_leaves_no_line_behind(
         conn.execute(
             runs.update()
             .where(runs.c.id == run_id)
-            .values(status="succeeded", finished_at=now - timedelta(days=40))
+            # Made and finished 40 days ago (a run made today would wait for its day's
+            # partitions to go whole, retention's rule on PostgreSQL).
+            .values(
+                status="succeeded",
+                created_at=now - timedelta(days=41),
+                finished_at=now - timedelta(days=40),
+            )
         )
     late: list[Written] = []
 

@@ -7,16 +7,21 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, func, insert, select
+import pytest
+from sqlalchemy import Engine, event, func, insert, select, text
 
+from domain.db import partitions
 from domain.db.models import run_logs, runs
 from domain.db.unit_of_work import UnitOfWork
-from domain.housekeeping.rollups import apply_retention, roll_up, stats_for
+from domain.housekeeping.retention import apply_retention, make_coming_days
+from domain.housekeeping.rollups import roll_up, stats_for
 from domain.runs import enqueue
 from domain.runs import store as runstore
 from domain.runs.requests import build_request
 from tests.fakes import FakeClock
+from worker.batches import run_metrics
 
 T0 = datetime(2026, 5, 4, 10, 0, tzinfo=UTC)
 
@@ -102,3 +107,154 @@ def test_retention_deletes_in_batches_with_rules_and_archives(
         records = [json.loads(line) for line in f]
     assert sorted(r["id"] for r in records) == sorted(str(r) for r in old)
     assert records[0]["logs"][0]["message"] == "job log"
+
+
+def _uuid7_at(when: datetime) -> uuid.UUID:
+    ms = int(when.timestamp() * 1000)
+    return uuid.UUID(int=ms << 80 | 0x7 << 76 | 0b10 << 62 | uuid.uuid4().int & ((1 << 62) - 1))
+
+
+def _old_run(
+    engine: Engine, created: datetime, status: str, finished: datetime | None
+) -> uuid.UUID:
+    """A run made at `created` (its id too, as uuid7 made it then), with a line and a metric."""
+    run_id = _uuid7_at(created)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(runs).values(
+                id=run_id,
+                name="old",
+                status=status,
+                attempt=1,
+                created_at=created,
+                started_at=created,
+                finished_at=finished,
+            )
+        )
+        conn.execute(
+            insert(run_logs).values(
+                run_id=run_id, seq=1, attempt=1, ts=created, message=f"{status} line"
+            )
+        )
+        conn.execute(insert(run_metrics).values(run_id=run_id, ts=created, name="m", value=1))
+    return run_id
+
+
+def _partition_of(engine: Engine, table: str, day: datetime) -> str | None:
+    with engine.connect() as conn:
+        name = f"{table}_p{day:%Y%m%d}"
+        return conn.execute(select(func.to_regclass(name))).scalar()
+
+
+@pytest.mark.postgres
+def test_retention_drops_a_day_whose_runs_all_may_go_and_keeps_a_day_with_a_run_to_keep(
+    pg_engine: Engine, tmp_path: Path
+) -> None:
+    """Day 1's runs all finished past their cutoff: they go with day 1's partitions (archived
+    first). Day 2 has a run still running: its partitions and its lines stay; its finished run
+    waits for the day, then goes row by row once the day cannot go whole."""
+    day1, day2 = datetime(2025, 3, 1, tzinfo=UTC), datetime(2025, 3, 2, tzinfo=UTC)
+    with pg_engine.begin() as conn:
+        for day in (day1, day2):
+            partitions.ensure(conn, today=day.date(), ahead_days=0)
+    gone = [
+        _old_run(pg_engine, day1 + timedelta(hours=h), s, day1 + timedelta(hours=h + 1))
+        for h, s in [(1, "succeeded"), (5, "failed"), (9, "cancelled")]
+    ]
+    finished_day2 = _old_run(
+        pg_engine, day2 + timedelta(hours=1), "succeeded", day2 + timedelta(hours=2)
+    )
+    running = _old_run(pg_engine, day2 + timedelta(hours=3), "running", None)
+    child = enqueue.enqueue(UnitOfWork(pg_engine), build_request(name="child")).run.id
+    with pg_engine.begin() as conn:
+        conn.execute(runs.update().where(runs.c.id == child).values(parent_run_id=gone[0]))
+
+    now = day2 + timedelta(days=31, hours=12)  # cutoff: day 2, 12:00
+    assert apply_retention(pg_engine, now=now, default_days=30, archive_dir=tmp_path) == 3
+    assert _partition_of(pg_engine, "run_logs", day1) is None
+    assert _partition_of(pg_engine, "run_metrics", day1) is None
+    assert _partition_of(pg_engine, "run_logs", day2) == f"run_logs_p{day2:%Y%m%d}"
+    with pg_engine.connect() as conn:
+        left = set(conn.execute(select(runs.c.id)).scalars())
+        lines = dict(conn.execute(select(run_logs.c.run_id, run_logs.c.message)).all())
+        parent = conn.execute(select(runs.c.parent_run_id).where(runs.c.id == child)).scalar()
+    assert left == {finished_day2, running, child}
+    assert lines == {finished_day2: "succeeded line", running: "running line"}
+    assert parent is None
+    [archive] = list(tmp_path.glob("runs-*.jsonl.gz"))
+    with gzip.open(archive, "rt") as f:
+        records = [json.loads(line) for line in f]
+    assert sorted(r["id"] for r in records) == sorted(str(r) for r in gone)
+    assert {r["logs"][0]["message"] for r in records} == {
+        "succeeded line",
+        "failed line",
+        "cancelled line",
+    }
+
+    # A day later day 2 still cannot go whole (a run is running): its finished run goes alone.
+    assert apply_retention(pg_engine, now=now + timedelta(days=1), default_days=30) == 1
+    with pg_engine.connect() as conn:
+        left = set(conn.execute(select(runs.c.id)).scalars())
+        lines = dict(conn.execute(select(run_logs.c.run_id, run_logs.c.message)).all())
+        metrics = set(conn.execute(select(run_metrics.c.run_id)).scalars())
+    assert left == {running, child}
+    assert lines == {running: "running line"}
+    assert metrics == {running}
+    assert _partition_of(pg_engine, "run_logs", day2) == f"run_logs_p{day2:%Y%m%d}"
+
+
+@pytest.mark.postgres
+def test_making_partitions_moves_rows_waiting_in_default_into_their_day(
+    pg_engine: Engine,
+) -> None:
+    """Lines of a day nobody made a partition for land in DEFAULT; making the coming days'
+    partitions makes that day's too and moves them into it, and makes a week ahead."""
+    lost = datetime(2024, 7, 9, 12, tzinfo=UTC)
+    with pg_engine.begin() as conn:
+        for table in partitions.TABLES:
+            conn.execute(text(f"DROP TABLE IF EXISTS {table}_p{lost:%Y%m%d}"))
+    run_id = _old_run(pg_engine, lost, "running", None)
+    with pg_engine.connect() as conn:
+        home = "SELECT DISTINCT tableoid::regclass::text FROM {} WHERE run_id = :id"
+        assert conn.execute(text(home.format("run_logs")), {"id": run_id}).scalar() == (
+            "run_logs_default"
+        )
+    now = datetime.now(UTC)
+    assert make_coming_days(pg_engine, now=now) >= 2
+    with pg_engine.connect() as conn:
+        assert conn.execute(text(home.format("run_logs")), {"id": run_id}).scalar() == (
+            f"run_logs_p{lost:%Y%m%d}"
+        )
+        assert conn.execute(text(home.format("run_metrics")), {"id": run_id}).scalar() == (
+            f"run_metrics_p{lost:%Y%m%d}"
+        )
+    week = now + timedelta(days=partitions.AHEAD_DAYS)
+    assert _partition_of(pg_engine, "run_logs", week) == f"run_logs_p{week:%Y%m%d}"
+    assert make_coming_days(pg_engine, now=now) == 0  # all there already
+
+
+@pytest.mark.postgres
+def test_a_run_made_in_a_day_while_it_is_deleted_keeps_the_day(pg_engine: Engine) -> None:
+    """Retention checked that every run of the day may go; a run with an id of that day is made
+    before the delete commits: nothing of the day goes, the new run's line included."""
+    day = datetime(2025, 4, 1, tzinfo=UTC)
+    with pg_engine.begin() as conn:
+        partitions.ensure(conn, today=day.date(), ahead_days=0)
+    old = _old_run(pg_engine, day + timedelta(hours=1), "succeeded", day + timedelta(hours=2))
+    bounds = {partitions.day_floor(day.date()), partitions.day_floor(day.date() + timedelta(1))}
+    late: list[uuid.UUID] = []
+
+    @event.listens_for(pg_engine, "before_cursor_execute")
+    def make_late_run(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        deleting = statement.lstrip().upper().startswith("DELETE FROM RUNS")
+        if deleting and bounds <= set(params.values()) and not late:  # this day's delete
+            late.append(_old_run(pg_engine, day + timedelta(hours=3), "running", None))
+
+    now = day + timedelta(days=31, hours=12)
+    assert apply_retention(pg_engine, now=now, default_days=30) == 0
+    assert late
+    with pg_engine.connect() as conn:
+        left = set(conn.execute(select(runs.c.id)).scalars())
+        lined = set(conn.execute(select(run_logs.c.run_id)).scalars())
+    assert left == lined == {old, late[0]}
+    assert _partition_of(pg_engine, "run_logs", day) == f"run_logs_p{day:%Y%m%d}"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -13,6 +14,7 @@ from sqlalchemy import Uuid, bindparam, inspect, text
 
 from domain.db.engine import create_db_engine
 from domain.db.migrate import downgrade, head_revision, upgrade
+from domain.db.partitions import compared_by_autogenerate, is_partition
 from domain.db.schema import metadata
 from domain.db.types import UTCDateTime
 from tests.services import fresh_database
@@ -39,7 +41,8 @@ _RUN = (
 def tables(url: str) -> set[str]:
     engine = create_db_engine(url, null_pool=True)
     try:
-        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+        names = set(inspect(engine).get_table_names()) - {"alembic_version"}
+        return {name for name in names if not is_partition(name)}
     finally:
         engine.dispose()
 
@@ -65,7 +68,8 @@ def test_models_match_the_migrations(empty_db: str) -> None:
     upgrade(empty_db)
     engine = create_db_engine(empty_db, null_pool=True)
     with engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        opts = {"compare_type": True, "include_name": compared_by_autogenerate}
+        context = MigrationContext.configure(conn, opts=opts)
         diff = compare_metadata(context, metadata)
     engine.dispose()
     assert diff == []
@@ -151,3 +155,110 @@ def test_0009_drops_the_log_key_and_downgrading_restores_it_without_orphans(
     assert messages == ["kept"]
     assert (key["referred_table"], key["options"].get("ondelete")) == ("runs", "CASCADE")
     upgrade(empty_db)
+
+
+def _uuid7_at(when: datetime) -> uuid.UUID:
+    """A uuid7 made at `when` (as domain.clock.uuid7 would have made it then)."""
+    ms = int(when.timestamp() * 1000)
+    return uuid.UUID(int=ms << 80 | 0x7 << 76 | 0b10 << 62 | uuid.uuid4().int & ((1 << 62) - 1))
+
+
+@pytest.mark.postgres
+def test_0019_partitions_logs_and_metrics_with_their_rows_and_back() -> None:
+    """Lines and metrics written before 0019 are all there after it, each in its run's day
+    partition (a run id that is not a uuid7 in DEFAULT); downgrading puts them back in plain
+    tables, every row kept, and the metric ids go on from where they were."""
+    now = datetime.now(UTC)
+    old, today, foreign = _uuid7_at(now - timedelta(days=40)), _uuid7_at(now), uuid.uuid4()
+    typed = [bindparam("id", type_=Uuid()), bindparam("now", type_=UTCDateTime())]
+    line = (
+        "INSERT INTO run_logs (run_id, seq, attempt, ts, stream, level, message)"
+        " VALUES (:id, :seq, 1, :now, 'log', 'info', :message)"
+    )
+    metric = "INSERT INTO run_metrics (run_id, ts, name, value) VALUES (:id, :now, :name, 1)"
+    with fresh_database("conveyor_migrations") as url:
+        upgrade(url, revision="0018")
+        engine = create_db_engine(url, null_pool=True)
+        with engine.begin() as conn:
+            for rid in (old, today, foreign):
+                conn.execute(text(_RUN).bindparams(*typed), {"id": rid, "now": now})
+                for seq in (1, 2):
+                    conn.execute(
+                        text(line).bindparams(*typed),
+                        {"id": rid, "now": now, "seq": seq, "message": f"{rid} {seq}"},
+                    )
+                conn.execute(text(metric).bindparams(*typed), {"id": rid, "now": now, "name": "m"})
+            before = _rows(conn)
+        engine.dispose()
+
+        upgrade(url, revision="0019")
+        engine = create_db_engine(url, null_pool=True)
+        with engine.begin() as conn:
+            assert _rows(conn) == before
+            homes = dict(
+                conn.execute(
+                    text("SELECT DISTINCT run_id, tableoid::regclass::text FROM run_logs")
+                ).all()
+            )
+            assert homes == {
+                old: f"run_logs_p{now - timedelta(days=40):%Y%m%d}",
+                today: f"run_logs_p{now:%Y%m%d}",
+                foreign: "run_logs_default",
+            }
+            kinds = dict(
+                conn.execute(
+                    text(
+                        "SELECT relname, relkind FROM pg_class"
+                        " WHERE relname IN ('run_logs', 'run_metrics')"
+                    )
+                ).all()
+            )
+            assert kinds == {"run_logs": "p", "run_metrics": "p"}
+            # Written after the migration: routed by run id, the metric id sequence goes on.
+            conn.execute(text(metric).bindparams(*typed), {"id": today, "now": now, "name": "n"})
+            after = _rows(conn)
+        engine.dispose()
+        assert after["metrics"][-1][0] > before["metrics"][-1][0]
+
+        downgrade(url, revision="0018")
+        engine = create_db_engine(url, null_pool=True)
+        with engine.begin() as conn:
+            assert _rows(conn) == after
+            assert (
+                conn.execute(
+                    text("SELECT count(*) FROM pg_class WHERE relname LIKE 'run\\_%\\_p2%'")
+                ).scalar_one()
+                == 0
+            )
+            [[logs_kind], [metrics_kind]] = conn.execute(
+                text(
+                    "SELECT relkind FROM pg_class WHERE relname IN ('run_logs', 'run_metrics')"
+                    " ORDER BY relname"
+                )
+            ).all()
+            assert (logs_kind, metrics_kind) == ("r", "r")
+            conn.execute(text(metric).bindparams(*typed), {"id": old, "now": now, "name": "o"})
+            assert _rows(conn)["metrics"][-1][0] > after["metrics"][-1][0]
+            # The key is back: a metric of a run that does not exist is refused.
+            with pytest.raises(Exception, match="foreign key"), conn.begin_nested():
+                conn.execute(
+                    text(metric).bindparams(*typed),
+                    {"id": uuid.uuid4(), "now": now, "name": "x"},
+                )
+        engine.dispose()
+        upgrade(url)
+
+
+def _rows(conn: Any) -> dict[str, list[Any]]:
+    return {
+        "logs": [
+            tuple(r)
+            for r in conn.execute(
+                text("SELECT run_id, seq, message FROM run_logs ORDER BY run_id, seq")
+            )
+        ],
+        "metrics": [
+            tuple(r)
+            for r in conn.execute(text("SELECT id, run_id, name FROM run_metrics ORDER BY id"))
+        ],
+    }

@@ -204,6 +204,37 @@ def test_webhook_endpoints_are_the_same_as_the_unit_of_works(db: Engine, reads: 
 def test_an_unknown_run_is_not_found(reads: RunReads) -> None:
     with pytest.raises(RunNotFound):
         reads.detail(uuid.uuid4())
+    with pytest.raises(RunNotFound):
+        reads.last_lines(uuid.uuid4())
+
+
+def test_last_lines_are_the_same_as_the_querys(db: Engine, reads: RunReads) -> None:
+    """The last lines oldest first, every field as the query reads it (fields JSON or none)."""
+    run_id, other = seed(db, 2)
+    with db.begin() as conn:
+        conn.execute(
+            insert(run_logs),
+            [
+                {
+                    "run_id": rid,
+                    "seq": seq,
+                    "attempt": 1 + seq // 4,
+                    "ts": T0 + timedelta(seconds=seq, microseconds=seq * 7),
+                    "stream": "stdout" if seq % 2 else "log",
+                    "level": "warning" if seq % 3 else "info",
+                    "message": f"{rid} line {seq}",
+                    "fields": {"n": seq, "nested": [seq]} if seq % 2 else None,
+                }
+                for rid in (run_id, other)
+                for seq in range(1, 11)
+            ],
+        )
+    expected = queries.last_logs(UnitOfWork(db), run_id, limit=4)
+    got = reads.last_lines(run_id, limit=4)
+    assert [line.to_dict() for line in got] == [line.to_dict() for line in expected]
+    assert [line.seq for line in got] == [7, 8, 9, 10]
+    assert {line.message.split()[0] for line in got} == {str(run_id)}
+    assert all(line.ts.utcoffset() == timedelta(0) for line in got)
 
 
 @pytest.mark.postgres
