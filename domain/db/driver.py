@@ -59,17 +59,20 @@ class ThreadConnections:
                     self._opened.append(raw)
             yield raw
         except psycopg.Error as exc:
-            if raw is not None and (raw.closed or raw.broken):
+            if raw is None:  # the server could not be reached at all
+                self._pool_is_stale()
+            elif raw.closed or raw.broken:
                 self._drop(raw)
                 self._pool_is_stale()
             raise DBAPIError.instance("", None, exc, psycopg.Error, dialect=self._dialect) from exc
 
     def _pool_is_stale(self) -> None:
-        """The server closed a connection of ours (most often: it restarted), so the engine's
-        idle pooled connections, opened before, are most likely dead too: they are recycled
-        at their next checkout, as SQLAlchemy does when one of its own connections finds the
-        server gone. (Workers run without pre-ping; without this, the first statement on
-        each stale pooled connection, a task's step read for one, would fail its run.)"""
+        """The server closed a connection of ours, or could not be reached (most often: it
+        restarted), so the engine's idle pooled connections, opened before, are most likely
+        dead too: they are recycled at their next checkout, as SQLAlchemy does when one of its
+        own connections finds the server gone. (Workers run without pre-ping; without this,
+        the first statement on each stale pooled connection, a task's step read for one,
+        would fail its run.)"""
         engine = self._engine()
         if engine is not None:
             engine.pool._invalidate(None)  # type: ignore[arg-type]  # no record: all of them
