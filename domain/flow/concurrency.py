@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, and_, bindparam, func, select, text, tuple_, update
+from sqlalchemy import Connection, and_, func, select, tuple_, update
 
 from domain.db import sql
 from domain.db.capabilities import capabilities
@@ -204,10 +204,8 @@ def refill(
     publishes them after commit (marked dispatched); otherwise the relay will. On PostgreSQL
     these steps are one call of `conveyor_key_refill` (migration 0018)."""
     if capabilities(conn).stored_functions:
-        woken = conn.execute(
-            REFILL_CALL, {"key": key, "most": most, "now": now, "publishing": publishing}
-        ).all()
-        return handed_on(woken)
+        args = {"key": key, "most": most, "now": now, "publishing": publishing}
+        return handed_on(conn.exec_driver_sql(REFILL_SQL, args).all())
     sql.lock_key(conn, PREFIX + key)
     holders = conn.execute(select(func.count()).where(_holding(key, now))).scalar_one()
     due = conn.execute(
@@ -234,14 +232,12 @@ def refill(
     return handed_on(woken)
 
 
-#: `refill` on PostgreSQL (migration 0018); domain/runs/store_pg.py sends it on the driver.
+#: `refill` on PostgreSQL (migration 0018), in the driver's (psycopg's) parameter style:
+#: sent as is here and by domain/runs/store_pg.py.
 REFILL_SQL = (
     "SELECT id, name, queue, params "
     "FROM conveyor_key_refill(%(key)s, %(most)s, %(now)s, %(publishing)s)"
 )
-REFILL_CALL = text(
-    "SELECT id, name, queue, params FROM conveyor_key_refill(:key, :most, :now, :publishing)"
-).bindparams(bindparam("now", type_=DateTime(timezone=True)))
 
 
 def handed_on(woken: Iterable[Any]) -> list[Dispatch]:

@@ -142,19 +142,8 @@ def cancel_matching(
         now = uow.clock()
         why = f"cancelled in bulk by {actor}"
         ids = _targets(uow.conn, filters, "cancel", bound)
-        for run_id in ids:
-            if not uow.runs.set_cancelled(run_id, now, why):
-                uow.runs.request_cancel(run_id, now)
-            control.cancel_descendants(uow, run_id, now, f"its parent run {run_id} was cancelled")
-            audit.record(
-                uow,
-                actor=actor,
-                action="run.cancel",
-                target_type="run",
-                target_id=str(run_id),
-                details={"reason": why, "bulk": True},
-                ip=ip,
-            )
+        for run_id in ids:  # all unfinished (`_targets`), so each is cancelled or asked to stop
+            control.cancel_one(uow, run_id, now, why, actor=actor, ip=ip, details={"bulk": True})
         concurrency.hand_on(uow.conn, ids, now=now, publishing=False)
         _audit_bulk(uow.conn, "runs.bulk_cancel", actor, ip, now, filters, bound, len(ids))
         uow.commit()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 import structlog
 from sqlalchemy import Connection, select
@@ -45,6 +46,36 @@ def run_logs(
         return uow.runs.logs(run_id, after_seq=after_seq, limit=limit)
 
 
+def cancel_one(
+    uow: UnitOfWork,
+    run_id: uuid.UUID,
+    now: datetime,
+    why: str,
+    *,
+    actor: str,
+    ip: str | None,
+    details: dict[str, Any] | None = None,
+) -> bool:
+    """In the caller's transaction: end the run `cancelled` (pending or waiting) or ask it to
+    stop (running), cancel its unfinished children, and audit `run.cancel` with `details`.
+    False, and nothing written, when the run has already ended. The caller hands on any key
+    slots the cancelled runs held (`concurrency.hand_on`), once for all of them."""
+    if not uow.runs.set_cancelled(run_id, now, why) and not uow.runs.request_cancel(run_id, now):
+        return False
+    cancel_descendants(uow, run_id, now, f"its parent run {run_id} was cancelled")
+    # Through audit.record, like every other audited change: details are masked and bounded.
+    audit.record(
+        uow,
+        actor=actor,
+        action="run.cancel",
+        target_type="run",
+        target_id=str(run_id),
+        details={"reason": why, **(details or {})},
+        ip=ip,
+    )
+    return True
+
+
 def cancel_run(
     uow: UnitOfWork, run_id: uuid.UUID, *, actor: str, reason: str = "", ip: str | None = None
 ) -> RunView:
@@ -55,28 +86,14 @@ def cancel_run(
     """
     with uow:
         now = uow.clock()
-        why = reason or f"cancelled by {actor}"
-        if not uow.runs.set_cancelled(run_id, now, why) and not uow.runs.request_cancel(
-            run_id, now
-        ):
+        if not cancel_one(uow, run_id, now, reason or f"cancelled by {actor}", actor=actor, ip=ip):
             run = uow.runs.get(run_id)  # RunNotFound if it never existed
             raise InvalidTransition(
                 f"run {run_id} already ended as {run.status}; there is nothing to cancel",
                 status=run.status,
             )
-        cancel_descendants(uow, run_id, now, f"its parent run {run_id} was cancelled")
         # A cancelled waiter may have been handed a slot it will not take now.
         concurrency.hand_on(uow.conn, [run_id], now=now, publishing=False)
-        # Through audit.record, like every other audited change: details are masked and bounded.
-        audit.record(
-            uow,
-            actor=actor,
-            action="run.cancel",
-            target_type="run",
-            target_id=str(run_id),
-            details={"reason": why},
-            ip=ip,
-        )
         run = uow.runs.get(run_id)
         uow.commit()
     log.info("run.cancel_requested", run_id=str(run_id), status=run.status, actor=actor)

@@ -148,14 +148,14 @@ def enqueue_many(
         from domain.runs.chains import hold_after
 
         rows = [hold_after(row, after) for row in rows]
-    elif record is None and len(rows) == 1 and rows[0]["rate_limit"] is None:
-        quick = _enqueue_one(uow, rows[0], publisher, inline, now)
+    in_flight = 0 if publisher is None or inline else in_flight_limit(publisher)
+    if after is None and record is None and len(rows) == 1 and rows[0]["rate_limit"] is None:
+        quick = _enqueue_one(uow, rows[0], publisher, in_flight, now)
         if quick is not None:
             return [quick]
     with uow:
         costs.check_can_enqueue(uow.conn, {row["project"] for row in rows}, now)
         rates.check_known(uow.conn, {row["rate_limit"] for row in rows})
-        in_flight = 0 if publisher is None or inline else in_flight_limit(publisher)
         with_room = fair.pace(uow.conn, rows, limit=in_flight) if in_flight else set()
         if after is not None:
             uow.runs.get(after)  # RunNotFound: a run cannot wait for one that does not exist
@@ -189,7 +189,7 @@ def enqueue_many(
 
 
 def _enqueue_one(
-    uow: UnitOfWork, row: dict[str, Any], publisher: Publisher | None, inline: bool, now: datetime
+    uow: UnitOfWork, row: dict[str, Any], publisher: Publisher | None, in_flight: int, now: datetime
 ) -> Enqueued | None:
     """The plain single enqueue in one round trip where the database offers it (PostgreSQL:
     domain/runs/insert_pg.py `PgIntake`): the same checks and pacing as `enqueue_many`'s
@@ -198,7 +198,6 @@ def _enqueue_one(
     intake = run_intake(uow.engine)
     if intake is None:
         return None
-    in_flight = 0 if publisher is None or inline else in_flight_limit(publisher)
     try:
         inserted = intake.insert_one(row, month=costs.month_of(now), in_flight=in_flight)
     except IntegrityError:

@@ -73,7 +73,7 @@ RETURNING {_CLAIM_FIELDS}
 # run locked when the fence held; otherwise `owner` locks it as lines.lock_for_lines does.
 # (When `done` updated the row, `owner` finds it changed by this very statement and returns
 # nothing; `done` answers for it then.)
-_FINISH_SQL = f"""
+_FINISH_CTES = f"""
 WITH done AS (
   UPDATE runs SET status = %(status)s, result = %(result)s, error_type = %(error_type)s,
     error = %(error)s, exit_code = %(exit_code)s, finished_at = %(now)s,
@@ -87,26 +87,21 @@ WITH done AS (
   SELECT %(id)s, * FROM jsonb_to_recordset(%(lines)s) AS l(
     seq int8, attempt int4, ts timestamptz, stream text, level text, message text, fields jsonb)
   WHERE EXISTS (SELECT 1 FROM done) OR EXISTS (SELECT 1 FROM owner)
-)
-SELECT count(*) FROM done
-"""
+)"""
 
+_FINISH_SQL = f"{_FINISH_CTES}\nSELECT count(*) FROM done\n"
 
 #: The finish of a run that held a concurrency key's slot: the same, and the key's refill
 #: (migration 0018) when the fence held, in the same statement. `done` has updated the row
 #: by the time the refill runs (the refill reads done's row), but the refill's own snapshot
 #: need not show that, so it is told the run ended (`p_ended`) rather than left to count it.
-_FINISH_HOLDING_SQL = _FINISH_SQL.replace(
-    "\nSELECT count(*) FROM done\n",
-    """, woken AS (
+_FINISH_HOLDING_SQL = f"""{_FINISH_CTES}, woken AS (
   SELECT w.* FROM done, conveyor_key_refill(
     %(key)s, %(most)s, %(now)s, %(publishing)s, %(id)s) AS w
 )
 SELECT (SELECT count(*) FROM done), w.id, w.name, w.queue, w.params
 FROM (SELECT 1) AS one LEFT JOIN woken AS w ON true
-""",
-)
-assert _FINISH_HOLDING_SQL != _FINISH_SQL
+"""
 
 
 _STEP_COLUMNS = (

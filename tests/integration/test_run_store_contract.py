@@ -259,12 +259,15 @@ def test_a_step_is_recorded_only_while_its_attempt_owns_the_run(
     ]
 
 
-def _finish_holding(store: RunStore, run_id: uuid.UUID, slot: runstore.Slot | None) -> Any:
+def _finish_holding(
+    store: RunStore, run_id: uuid.UUID, slot: runstore.Slot | None, now: Any = None
+) -> Any:
+    """Attempt 1 of the run finishes (succeeded, no lines), handing on `slot`."""
     return store.finish(
         run_id,
         1,
         status="succeeded",
-        now=utc_now(),
+        now=now or utc_now(),
         result=None,
         error_type=None,
         error=None,
@@ -331,17 +334,6 @@ def test_a_finish_that_lost_its_run_hands_on_nothing(db: Engine, store: RunStore
     again = store.claim(held, owner="w2", now=later, lease_s=60)
     assert isinstance(again, runstore.Claim) and again.attempt == 2
     assert isinstance(store.claim(waiter, owner="w3", now=later, lease_s=60), Refused)
-    finished = store.finish(
-        held,
-        1,
-        status="succeeded",
-        now=later,
-        result=None,
-        error_type=None,
-        error=None,
-        exit_code=None,
-        lines=[],
-        slot=runstore.Slot("k", 1, publishing=True),
-    )
+    finished = _finish_holding(store, held, runstore.Slot("k", 1, publishing=True), now=later)
     assert not finished.owned and finished.woken == ()
     assert control.get_run(UnitOfWork(db), waiter).status == "waiting"
