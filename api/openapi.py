@@ -21,7 +21,8 @@ from sqlalchemy import Table
 
 from domain.db.models_platform import Schedule
 from domain.housekeeping.stats import Bucket, Stats
-from domain.runs.reads import ArtifactView, CostLine, MetricPoint, WorkerView
+from domain.runs.artifacts import ArtifactView
+from domain.runs.reads import CostLine, MetricPoint, WorkerView
 from domain.runs.signals import SignalView
 from domain.runs.views import LogLine, RunView, StepView
 from domain.security.audit import AuditEntry

@@ -1,4 +1,5 @@
-"""/api/v1/runs: list, detail, logs, metrics, costs, artifacts; create, cancel, retry."""
+"""/api/v1/runs: list, detail, logs, metrics, costs, artifacts (and their files); create,
+cancel, retry."""
 
 from __future__ import annotations
 
@@ -6,15 +7,16 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.auth import Reader, Writer, client_ip
+from api.downloads import attachment
 from api.json_body import JSONBody
 from api.state import State
 from domain.clock import utc_now
 from domain.errors import InvalidInput
-from domain.runs import control, enqueue, signals
+from domain.runs import artifacts, control, enqueue, signals
 from domain.runs import reads as queries
 from domain.runs.repository import RunFilter
 from domain.runs.requests import (
@@ -192,7 +194,25 @@ def get_costs(state: State, _: Reader, run_id: RunId) -> dict[str, Any]:
 
 @router.get("/{run_id}/artifacts")
 def get_artifacts(state: State, _: Reader, run_id: RunId) -> dict[str, Any]:
-    return {"items": [a.to_dict() for a in queries.run_artifact_list(state.reader(), run_id)]}
+    """The run's artifacts by name: where the worker wrote each, its size and sha256."""
+    return {"items": [a.to_dict() for a in artifacts.run_artifact_list(state.reader(), run_id)]}
+
+
+@router.get(
+    "/{run_id}/artifacts/{name:path}",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        409: {"description": "The file on disk is not the one the run recorded"},
+    },
+)
+def download_artifact(
+    state: State, _: Reader, run_id: RunId, name: Annotated[str, Path(max_length=500)]
+) -> FileResponse:
+    """The artifact's bytes, as an attachment. Served from this server's artifacts root
+    (CONVEYOR_ARTIFACTS_ROOT, shared with the workers); `ETag` is the recorded sha256."""
+    found = artifacts.artifact_file(state.reader(), run_id, name, state.artifacts_root)
+    return attachment(found)
 
 
 @router.post("/{run_id}/cancel")

@@ -4,6 +4,7 @@ limits. Built without I/O in create_api; started and stopped by the app's lifesp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any
 
 import structlog
@@ -15,6 +16,7 @@ from api.options import ApiOptions
 from conveyor import bootstrap
 from domain.clock import utc_now
 from domain.db.unit_of_work import UnitOfWork
+from domain.pipelines.discovery import pipeline_settings
 from domain.ports import Catalog, Publisher
 from domain.runs.delivery_checks import DeliveryCheck
 from domain.runs.reads import RunReads
@@ -76,6 +78,11 @@ class ApiState:
         if self._reads is None:
             raise RuntimeError("the API has not started (its lifespan opens the reads)")
         return self._reads
+
+    @property
+    def artifacts_root(self) -> Path:
+        """Where the workers write runs' artifacts, as this server sees it (for downloads)."""
+        return pipeline_settings(self.settings).artifacts_root
 
     def uow(self) -> UnitOfWork:
         return UnitOfWork(self.engine)

@@ -17,8 +17,8 @@ from sqlalchemy import Engine, select
 from domain.db.models import RunMetric, run_logs, run_steps
 from domain.db.unit_of_work import UnitOfWork
 from domain.pipelines.discovery import PipelineCatalog, PipelineDirectory
-from domain.pipelines.store import artifacts_of
 from domain.runs import control, enqueue
+from domain.runs.artifacts import listed
 from domain.runs.requests import build_request
 from domain.runs.views import RunView
 from domain.tasks.catalog import CompositeCatalog
@@ -175,7 +175,7 @@ class PipelineHarness:
 
     def artifacts(self, run_id: uuid.UUID) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
-            return artifacts_of(conn, run_id)
+            return [a.to_dict() for a in listed(conn, run_id)]
 
 
 @contextmanager

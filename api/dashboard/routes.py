@@ -7,7 +7,7 @@ import json
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -16,11 +16,12 @@ from api.auth import client_ip, principal_for
 from api.dashboard import pages, session
 from api.dashboard.filters import QueryFilter
 from api.dashboard.session import Form, Viewer
+from api.downloads import attachment
 from api.errors import RateLimited
 from api.state import State
 from domain.clock import utc_now
 from domain.errors import InvalidInput
-from domain.runs import control, signals
+from domain.runs import artifacts, control, signals
 from domain.runs import reads as queries
 from domain.runs.overview import read_overview
 from domain.runs.states import ALL_STATUSES, TERMINAL
@@ -101,7 +102,7 @@ def run(request: Request, state: State, who: Viewer, run_id: uuid.UUID) -> Respo
         attempt_bars=pages.spans(tries, start, end),
         step_bars=pages.spans(steps, start, end),
         metrics=[m for m in metrics if m is not None],
-        artifacts=queries.run_artifact_list(state.reader(), run_id),
+        artifacts=artifacts.run_artifact_list(state.reader(), run_id),
         span_s=(end - start).total_seconds(),
     )
 
@@ -118,6 +119,14 @@ def _step_class(step: StepView, attempt: int, waiting_at: int | None) -> str:
     if step.seq == waiting_at:
         return "waiting"
     return "replayed" if step.replayed(attempt) else step.status
+
+
+@router.get("/runs/{run_id}/artifacts/{name:path}")
+def artifact(
+    state: State, _: Viewer, run_id: uuid.UUID, name: Annotated[str, Path(max_length=500)]
+) -> Response:
+    """An artifact's file for a browser with a session cookie (the API's download)."""
+    return attachment(artifacts.artifact_file(state.reader(), run_id, name, state.artifacts_root))
 
 
 @router.get("/runs/{run_id}/logs/stream")

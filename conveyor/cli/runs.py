@@ -138,14 +138,14 @@ def show(run_id: RunId, verbose: Verbose = False, json_out: JsonFlag = False) ->
     """Show one run: its state, params, result or error, steps and latest log lines.
 
     A failure shows its one-line reason; --verbose adds the traceback the worker recorded."""
-    from domain.pipelines.store import artifacts_of
+    from domain.runs.artifacts import listed
 
     with _client() as c:
         run = c.get(run_id)
         steps = c.steps(run.id)
         lines = c.logs(run.id)
         with c.engine.connect() as conn:
-            artifacts = artifacts_of(conn, run.id)
+            artifacts = [a.to_dict() for a in listed(conn, run.id)]
     if json_out:
         data = run.to_dict()
         data["steps"] = [

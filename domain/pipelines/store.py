@@ -178,19 +178,3 @@ def record_artifacts(
             )
             count += 1
     return count
-
-
-def artifacts_of(conn: Connection, run_id: uuid.UUID) -> list[dict[str, Any]]:
-    """A run's artifacts by name, for `conveyor runs show` and the API."""
-    rows = conn.execute(
-        select(
-            artifacts_table.c.name,
-            artifacts_table.c.path,
-            artifacts_table.c.size_bytes,
-            artifacts_table.c.sha256,
-            artifacts_table.c.created_at,
-        )
-        .where(artifacts_table.c.run_id == run_id)
-        .order_by(artifacts_table.c.name)
-    ).mappings()
-    return [dict(r) for r in rows]

@@ -1,4 +1,5 @@
-"""Read-side queries for the status API: a run's detail, metrics, costs, artifacts; workers."""
+"""Read-side queries for the status API: a run's detail, metrics, costs; workers.
+(A run's artifacts are read in domain/runs/artifacts.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Protocol, cast
 
 from sqlalchemy import Engine, Table, func, select
 
-from domain.db.models import RunArtifact, RunMetric, Worker, cost_entries, run_logs, runs
+from domain.db.models import RunMetric, Worker, cost_entries, run_logs, runs
 from domain.db.models_platform import Webhook
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, RunNotFound
@@ -20,7 +21,6 @@ from domain.runs.views import LogLine, Page, RunView, StepView, _jsonable
 from domain.security import audit
 
 run_metrics = cast(Table, RunMetric.__table__)
-run_artifacts = cast(Table, RunArtifact.__table__)
 webhooks = cast(Table, Webhook.__table__)
 workers = cast(Table, Worker.__table__)
 
@@ -210,35 +210,6 @@ def run_metric_points(
     with uow:
         uow.runs.get(run_id)
         return [MetricPoint(**row) for row in uow.conn.execute(stmt).mappings()]
-
-
-@dataclass(frozen=True, slots=True)
-class ArtifactView:
-    name: str
-    path: str
-    size_bytes: int
-    sha256: str
-    created_at: datetime
-
-    def to_dict(self) -> dict[str, Any]:
-        return _as_dict(self)
-
-
-def run_artifact_list(uow: UnitOfWork, run_id: uuid.UUID) -> list[ArtifactView]:
-    stmt = (
-        select(
-            run_artifacts.c.name,
-            run_artifacts.c.path,
-            run_artifacts.c.size_bytes,
-            run_artifacts.c.sha256,
-            run_artifacts.c.created_at,
-        )
-        .where(run_artifacts.c.run_id == run_id)
-        .order_by(run_artifacts.c.name)
-    )
-    with uow:
-        uow.runs.get(run_id)
-        return [ArtifactView(**row) for row in uow.conn.execute(stmt).mappings()]
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,7 +88,11 @@ class ApiClient:
 @contextmanager
 def running_api(url: str, *, catalog: Catalog | None = None, **create: Any) -> Iterator[ApiClient]:
     """An app on `url` with an admin, a write and a readonly token (client.tokens[role])."""
-    settings = load_settings(database_url=url, broker_url=create.pop("broker_url", "memory://"))
+    settings = load_settings(
+        database_url=url,
+        broker_url=create.pop("broker_url", "memory://"),
+        **create.pop("settings", {}),
+    )
     engine = create_db_engine(url)
     app = create_api(
         settings,
