@@ -9,8 +9,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from domain.db.engine import create_db_engine
-from domain.db.partitions import compared_by_autogenerate
-from domain.db.schema import metadata
+from domain.db.schema import compared_by_autogenerate, metadata
 from domain.settings import get_settings
 
 config = context.config

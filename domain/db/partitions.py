@@ -29,12 +29,6 @@ def is_partition(name: str) -> bool:
     return _NAME.match(name) is not None
 
 
-def compared_by_autogenerate(name: str | None, type_: str, parent_names: object) -> bool:
-    """Alembic's `include_name`: autogenerate compares the models' tables, and the day
-    partitions are storage of two of them, not tables of their own."""
-    return not (type_ == "table" and name is not None and is_partition(name))
-
-
 def day_floor(day: date) -> uuid.UUID:
     """The smallest uuid7 made on `day` (UTC): the lower bound of that day's partition."""
     ms = int(datetime.combine(day, time(), tzinfo=UTC).timestamp() * 1000)

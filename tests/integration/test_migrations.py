@@ -14,8 +14,8 @@ from sqlalchemy import Uuid, bindparam, inspect, text
 
 from domain.db.engine import create_db_engine
 from domain.db.migrate import downgrade, head_revision, upgrade
-from domain.db.partitions import compared_by_autogenerate, is_partition
-from domain.db.schema import metadata
+from domain.db.partitions import is_partition
+from domain.db.schema import compared_by_autogenerate, metadata
 from domain.db.types import UTCDateTime
 from tests.services import fresh_database
 
@@ -262,3 +262,33 @@ def _rows(conn: Any) -> dict[str, list[Any]]:
             for r in conn.execute(text("SELECT id, run_id, name FROM run_metrics ORDER BY id"))
         ],
     }
+
+
+@pytest.mark.postgres
+def test_0021_indexes_run_errors_by_trigram_on_postgresql() -> None:
+    """The error search's index is there after upgrading (pg_trgm is in this server's contrib)
+    and gone after downgrading; the runs list's ILIKE is answered from it."""
+    with fresh_database("conveyor_trgm") as url:
+        upgrade(url)
+        engine = create_db_engine(url, null_pool=True)
+        try:
+            with engine.connect() as conn:
+                found = conn.execute(
+                    text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_runs_error_trgm'")
+                ).scalar_one()
+                assert "gin_trgm_ops" in found and "error IS NOT NULL" in found
+                conn.execute(text("SET enable_seqscan = off"))
+                plan = "\n".join(
+                    conn.execute(
+                        text("EXPLAIN SELECT id FROM runs WHERE error ILIKE '%quota exh%'")
+                    ).scalars()
+                )
+                assert "ix_runs_error_trgm" in plan, plan
+            downgrade(url, revision="0020")
+            with engine.connect() as conn:
+                gone = conn.execute(
+                    text("SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_runs_error_trgm'")
+                ).scalar_one()
+            assert gone == 0
+        finally:
+            engine.dispose()
