@@ -17,7 +17,7 @@ import psycopg
 from sqlalchemy import Engine, event
 from sqlalchemy.exc import DBAPIError
 
-from domain.db.engine import libpq_conninfo
+from domain.db.engine import hung_up, libpq_conninfo
 
 
 class ThreadConnections:
@@ -51,6 +51,12 @@ class ThreadConnections:
             with self._lock:
                 self._opened.clear()
         raw: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if raw is not None and not raw.closed and hung_up(raw.fileno()):
+            # The server ended the session while it sat idle (most often: it restarted), so
+            # the pool's idle connections are likely gone too; this one is replaced unused.
+            self._drop(raw)
+            self._pool_is_stale()
+            raw = None
         try:
             if raw is None or raw.closed:
                 raw = psycopg.connect(self._conninfo, autocommit=True)

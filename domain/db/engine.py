@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -30,6 +31,28 @@ PG_CONNECT_ARGS: dict[str, str | int] = {"connect_timeout": 5, "application_name
 def uses_psycopg(bind: Engine | Connection) -> bool:
     """PostgreSQL through psycopg: where the hot paths may use the driver directly."""
     return bind.dialect.name == "postgresql" and bind.dialect.driver == "psycopg"
+
+
+def hung_up(fileno: int) -> bool:
+    """Whether the server has spoken on an idle connection's socket: between statements it
+    says nothing unless it ends the session (its restart, a backend killed, an idle timeout),
+    so readable means closed. One poll, no round trip; a connection dead without a word (a lost
+    network) is not seen, and its next statement fails as before."""
+    poller = select.poll()
+    poller.register(fileno, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
+def _refuse_hung_up(engine: Engine) -> None:
+    """Without pre-ping, a pooled connection the server closed while it sat idle (a worker
+    idle through a restart) would fail the first statement given to it, a run's step read for
+    one. Checked at checkout instead: a hung-up connection is replaced by a new one."""
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        fileno = getattr(dbapi_conn, "fileno", None)
+        if fileno is not None and hung_up(fileno()):
+            raise DisconnectionError("the server closed this idle connection")
 
 
 def libpq_conninfo(url: str | URL, **extra: str | int) -> str:
@@ -71,9 +94,12 @@ def create_db_engine(
         kwargs["poolclass"] = NullPool
     else:
         # pre_ping costs a round trip per checkout; hot paths (workers, the scheduler) turn it
-        # off and recover from a stale connection by retrying instead.
+        # off: a connection the server closed is seen at checkout without one (hung_up).
         kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=pre_ping)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if not pre_ping:
+        _refuse_hung_up(engine)
+    return engine
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -117,6 +117,25 @@ def test_submits_and_poison_wait_out_a_database_outage(
     stack.kill(worker, signal.SIGTERM)
 
 
+def test_a_worker_idle_through_an_outage_runs_its_next_runs(
+    stack: Stack, postgres: PrivatePostgres
+) -> None:
+    """Nothing arrives while the database is down, so no child notices: after the restart the
+    connections every child opened before it (pooled and its own) are dead, and the first
+    runs must not fail on them."""
+    worker = stack.worker("default", name="idle", concurrency=2)
+    with stack.client() as client:
+        assert client.wait(client.enqueue("noop").id, timeout=60).status == "succeeded"
+    postgres.stop()
+    postgres.start()
+    with stack.client() as client:
+        ids = [client.enqueue("noop", params={"i": i}).id for i in range(8)]
+        done = [client.wait(run_id, timeout=60) for run_id in ids]
+    assert [(r.status, r.attempt) for r in done] == [("succeeded", 1)] * 8, [r.error for r in done]
+    assert worker.poll() is None
+    stack.kill(worker, signal.SIGTERM)
+
+
 def test_a_poison_held_by_a_killed_worker_is_dead_lettered_by_the_next(
     stack: Stack, postgres: PrivatePostgres
 ) -> None:

@@ -9,7 +9,8 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
 from domain.db.driver import ThreadConnections
-from domain.db.engine import create_db_engine, libpq_conninfo
+from domain.db.engine import create_db_engine, hung_up, libpq_conninfo
+from tests.polling import eventually
 
 pytestmark = pytest.mark.postgres
 
@@ -26,16 +27,30 @@ def test_a_dropped_connection_is_replaced_and_the_pool_recycled(pg_url: str) -> 
         pooled = _pool_pid(pg_engine)  # one idle connection in the pool now
         with connections.connection() as raw:
             ours = raw.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+            fileno = raw.fileno()
         # As a server restart would: both are cut (from a third session, outside the pool).
         with psycopg.connect(libpq_conninfo(pg_engine.url), autocommit=True) as admin:
             for pid in (ours, pooled):
                 admin.execute("SELECT pg_terminate_backend(%s)", [pid])
-        with pytest.raises(OperationalError), connections.connection() as raw:
-            raw.execute("SELECT 1")
-        with connections.connection() as raw:  # a new one
+        eventually(lambda: hung_up(fileno), timeout=10)
+        # Seen before use: a new connection, and no statement failed on the dead one.
+        with connections.connection() as raw:
             assert raw.execute("SELECT pg_backend_pid()").fetchone()[0] != ours  # type: ignore[index]
         # The pool's connection was as dead: it is replaced at checkout, not used and failed.
         assert _pool_pid(pg_engine) != pooled
+    finally:
+        connections.close()
+
+
+def test_a_connection_that_breaks_in_use_fails_that_call_and_is_replaced(pg_url: str) -> None:
+    pg_engine = create_db_engine(pg_url, pool_size=1, pre_ping=False)
+    connections = ThreadConnections(pg_engine)
+    try:
+        with pytest.raises(OperationalError), connections.connection() as raw:
+            ours = raw.info.backend_pid
+            raw.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        with connections.connection() as raw:
+            assert raw.execute("SELECT pg_backend_pid()").fetchone()[0] != ours  # type: ignore[index]
     finally:
         connections.close()
         pg_engine.dispose()
