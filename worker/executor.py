@@ -11,13 +11,14 @@ from typing import Any, Protocol
 
 import structlog
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from domain.clock import Clock, utc_now
 from domain.costs.admission import Refused
 from domain.costs.prices import Prices
 from domain.db.models import run_logs
 from domain.errors import (
+    DatabaseUnavailable,
     InvalidInput,
     LeaseLost,
     NonDeterministicStep,
@@ -96,7 +97,15 @@ class Executor:
         self.publisher = publisher
 
     def execute(self, run_id: uuid.UUID) -> Outcome:
-        claim = self.store.claim(run_id, owner=self.owner, now=self.clock(), lease_s=self.lease_s)
+        try:
+            claim = self.store.claim(
+                run_id, owner=self.owner, now=self.clock(), lease_s=self.lease_s
+            )
+        except (OperationalError, InterfaceError) as exc:
+            # Nothing started: the message is tried again (worker/tasks.py), and the run is
+            # committed, so the relay re-sends it too should this worker go.
+            reason = str(exc.orig or exc).strip().splitlines()[0]
+            raise DatabaseUnavailable(f"cannot claim run {run_id}: {reason}") from None
         if isinstance(claim, Refused):
             return self._refused(claim)
         first_seq = 1  # a later attempt's lines follow the earlier attempts' lines

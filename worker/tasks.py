@@ -18,7 +18,7 @@ from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 
 from domain import storable
 from domain.db.unit_of_work import UnitOfWork
-from domain.errors import ConveyorError, InvalidInput, TransientError
+from domain.errors import ConveyorError, DatabaseUnavailable, InvalidInput, TransientError
 from domain.runs import enqueue
 from domain.runs.requests import build_request
 from domain.settings import Settings
@@ -48,8 +48,19 @@ SUBMIT_FIELDS = {
     "concurrency_key",
     "concurrency_max",
 }
-#: Between attempts of a submit while the database cannot be reached (Celery retries it).
+#: Between attempts of a submit, or of a run's claim, while the database cannot be reached
+#: (Celery sends the message again).
 SUBMIT_BACKOFF = RetryPolicy(base_s=1.0, max_s=30.0)
+
+
+def _deferred(task: Task, event: str, exc: Exception, **fields: Any) -> Exception:
+    """One warning line, and the task's message sent again after a backoff: what a task does
+    when the database cannot be reached (Celery's Retry, to raise)."""
+    countdown = backoff_s(SUBMIT_BACKOFF, task.request.retries + 1)
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    log.warning(event, reason=reason, retry_in_s=round(countdown, 1), **fields)
+    retry: Exception = task.retry(countdown=countdown)
+    return retry
 
 
 def register(app: Celery, settings: Settings) -> None:
@@ -67,7 +78,14 @@ def register(app: Celery, settings: Settings) -> None:
     # app made later in the process, bound to this one's settings).
     # The task's state is the run's (worker/task_states.py): a run that did not succeed ends
     # the task with RunFailed, an expected outcome Celery logs in one line, no traceback.
-    @app.task(name=EXECUTE, bind=True, ignore_result=True, shared=False, throws=(RunFailed,))
+    @app.task(
+        name=EXECUTE,
+        bind=True,
+        ignore_result=True,
+        max_retries=None,  # sent again only while the database cannot be reached
+        shared=False,
+        throws=(RunFailed,),
+    )
     def execute(self: Task, run_id: Any = None, *args: Any, **kwargs: Any) -> str:
         try:
             rid = uuid.UUID(str(run_id))
@@ -77,7 +95,12 @@ def register(app: Celery, settings: Settings) -> None:
             reason = f"malformed conveyor.execute message: {exc}"
             dead_letter(get_runtime(settings).engine, EXECUTE, self.request, reason)
             raise RunFailed(reason) from None
-        return task_result(runtime().executor.execute(rid))
+        try:
+            return task_result(runtime().executor.execute(rid))
+        except DatabaseUnavailable as exc:
+            # The claim could not reach the database: the same message again after a backoff
+            # (the claim runs it at most once, however many copies arrive).
+            raise _deferred(self, "run.claim_deferred", exc, run_id=str(rid)) from None
 
     @app.task(
         name=SUBMIT,
@@ -100,14 +123,7 @@ def register(app: Celery, settings: Settings) -> None:
                 raise RunFailed("conveyor.submit refused: see its dead letter")
             return task_result(current.executor.execute(run_id))
         except (TransientError, OperationalError, InterfaceError) as exc:
-            countdown = backoff_s(SUBMIT_BACKOFF, self.request.retries + 1)
-            log.warning(
-                "submit.deferred",
-                message_id=self.request.id,
-                reason=str(exc).splitlines()[0],
-                retry_in_s=round(countdown, 1),
-            )
-            raise self.retry(countdown=countdown) from None
+            raise _deferred(self, "submit.deferred", exc, message_id=self.request.id) from None
 
     in_process = {"pool": False}
 

@@ -136,6 +136,35 @@ def test_a_worker_idle_through_an_outage_runs_its_next_runs(
     stack.kill(worker, signal.SIGTERM)
 
 
+def test_a_run_delivered_while_the_database_is_down_runs_once_it_is_back(
+    stack: Stack, postgres: PrivatePostgres
+) -> None:
+    """Its claim cannot reach the database: the message is tried again after a backoff (one
+    warning line, no traceback), not spent, so the run starts when the database returns
+    without waiting for the relay (no scheduler runs here)."""
+    worker = stack.worker("default", name="claims", concurrency=1)
+    with stack.client() as client:
+        assert client.wait(client.enqueue("noop").id, timeout=60).status == "succeeded"
+        run_id = client.enqueue("noop", params={"i": 1}, delay_s=3600).id  # not published
+        with client.engine.begin() as conn:  # due now, as the scheduler would find it
+            conn.execute(runs.update().where(runs.c.id == run_id).values(not_before=func.now()))
+    postgres.stop()
+    Celery(broker=stack.broker_url).send_task("conveyor.execute", args=[str(run_id)])
+    eventually(lambda: "run.claim_deferred" in events(stack, "claims"), timeout=30)
+    postgres.start()
+    with stack.client() as client:
+        run = client.wait(run_id, timeout=60)
+    assert (run.status, run.attempt) == ("succeeded", 1)
+    assert "raised unexpected" not in (stack.logs / "claims.log").read_text(errors="replace")
+    assert worker.poll() is None
+    stack.kill(worker, signal.SIGTERM)
+
+
+def events(stack: Stack, name: str) -> list[str]:
+    lines = (stack.logs / f"{name}.log").read_text(errors="replace").splitlines()
+    return [json.loads(line).get("event", "") for line in lines if line.startswith("{")]
+
+
 def test_a_poison_held_by_a_killed_worker_is_dead_lettered_by_the_next(
     stack: Stack, postgres: PrivatePostgres
 ) -> None:
