@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import psycopg
@@ -234,7 +235,14 @@ def pages(detail: uuid.UUID) -> list[tuple[str, str, str]]:
         ("overview", "/", "/api/v1/workers"),
         ("runs, newest", "/runs", "/api/v1/runs"),
         ("runs, failed embed", f"/runs?{failed}", f"/api/v1/runs?{failed}"),
-        ("runs, error text (rare)", f"/runs?error={RARE_ERROR[:15]}", "/api/v1/runs"),
+        *[
+            (f"runs, error text ({which})", f"/runs?error={q}", f"/api/v1/runs?error={q}")
+            for which, q in [
+                ("rare", quote(RARE_ERROR[:15])),
+                ("common", quote("timeout after")),
+                ("absent", quote("no such failure")),
+            ]
+        ],
         ("a run", f"/runs/{detail}", f"/api/v1/runs/{detail}"),
         (
             "bulk retry, one day of failures",
