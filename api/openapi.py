@@ -309,7 +309,7 @@ def _describe(
         codes.append("404")
     if method in {"POST", "PUT", "DELETE"}:
         codes.append("409")
-    for code in sorted(set(codes) | ({"422", "503"} & set(responses))):
+    for code in sorted(set(codes) | ({"409", "422", "503"} & set(responses))):
         responses[code] = {
             "description": _ERRORS[code],
             "content": {"application/json": {"schema": error_ref}},
