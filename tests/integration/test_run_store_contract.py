@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, func, select, text
-from sqlalchemy.exc import OperationalError
 
 from domain.clock import utc_now
 from domain.costs.admission import Refused
@@ -27,6 +26,7 @@ from domain.runs.requests import build_request
 from domain.runs.store import RunStore, SqlRunStore
 from domain.runs.store_pg import PgRunStore
 from domain.storage import run_store
+from tests.polling import eventually
 
 
 @pytest.fixture
@@ -199,25 +199,42 @@ def test_finish_of_a_deleted_run_writes_no_lines(db: Engine, store: RunStore) ->
     assert lines == 0
 
 
-def test_a_broken_connection_is_an_operational_error_then_replaced(
+def test_a_connection_the_server_dropped_is_replaced_before_the_next_claim(
     db: Engine, store: RunStore
 ) -> None:
-    """The hot path keeps its own connection; when the server drops it, the caller sees the
-    OperationalError it retries on, and the next call works on a new connection."""
+    """The hot path keeps its own connection; once the server has dropped it (a restart, a
+    killed backend), the next call sees that before using it and works on a new one, rather
+    than failing on the dead one. (A connection that breaks during a call fails that call with
+    the OperationalError callers retry on: tests/integration/test_driver_connections.py.)"""
     if not isinstance(store, PgRunStore):
         pytest.skip("only the prepared-statement store keeps connections of its own")
     first, second = _enqueue(db), _enqueue(db)
     assert store.claim(first, owner="w1", now=utc_now(), lease_s=30) is not None
     with db.begin() as conn:
-        conn.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "AND application_name = 'conveyor' AND query LIKE '%UPDATE runs%'"
+        pids = (
+            conn.execute(
+                text(
+                    "SELECT pid FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND application_name = 'conveyor' AND query LIKE '%UPDATE runs%'"
+                )
             )
+            .scalars()
+            .all()
         )
-    with pytest.raises(OperationalError):
-        store.claim(second, owner="w1", now=utc_now(), lease_s=30)
+        assert pids
+        for pid in pids:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+    def gone() -> bool:
+        with db.connect() as conn:
+            left = conn.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:pids)"),
+                {"pids": list(pids)},
+            ).scalar_one()
+        return left == 0
+
+    eventually(gone, timeout=10)
     claim = store.claim(second, owner="w1", now=utc_now(), lease_s=30)
     assert claim is not None and claim.run_id == second
 
