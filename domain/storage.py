@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from domain.db.driver import shared_connections
 from domain.db.engine import uses_psycopg
+from domain.flow.fair import SqlTurns, Turns
 from domain.runs.insert_pg import PgIntake
 from domain.runs.reads import RunReads, SqlRunReads
 from domain.runs.reads_pg import PgReads
@@ -32,6 +33,11 @@ def run_intake(engine: Engine) -> PgIntake | None:
     if not uses_psycopg(engine):
         return None
     return PgIntake(shared_connections(engine))
+
+
+def turn_giver(engine: Engine) -> Turns:
+    """Fair-share top-ups for `engine`'s database (domain/flow/fair.py)."""
+    return SqlTurns(engine)
 
 
 def run_reads(engine: Engine, *, pool_size: int = 5) -> RunReads:

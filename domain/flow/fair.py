@@ -16,7 +16,8 @@ busy, places alternate in the ratio of the weights.
 Who calls it: the enqueue that made paced runs while their queue had free places (after its
 commit), a worker claiming runs (each claim frees a place: every `limit // 4`-th claim of a
 queue it tops the queue up, so one top-up serves several claims and most claims pay nothing),
-and the relay on each sweep as the net for a top-up lost with its worker.
+and the relay on each sweep as the net for a top-up lost with its worker. They take their
+turns from a `Turns` (domain/storage.py `turn_giver`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import Connection, and_, func, select, text, update
+from sqlalchemy import Connection, Engine, and_, func, select, text, update
 
 from domain.db import sql
 from domain.db.models import projects, runs
@@ -204,3 +205,30 @@ def top_up_all(
     for queue in sorted(set(queues)):
         sent.extend(top_up(conn, queue, limit=limit, now=now, at_least=at_least))
     return sent
+
+
+class Turns(Protocol):
+    """Gives queues their turns: each queue's free places to its waiting runs, marked
+    published in the transaction that chose them (committed on return: the caller publishes
+    them, or hands them back to the relay)."""
+
+    def give(
+        self, queues: Iterable[str] | None, *, limit: int, now: datetime, at_least: int = 1
+    ) -> list[Dispatch]:
+        """`top_up_all` of `queues` (None: every queue with due runs waiting for a turn)."""
+        ...
+
+
+class SqlTurns:
+    """`Turns` on any database, through SQLAlchemy: `top_up_all` in one transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def give(
+        self, queues: Iterable[str] | None, *, limit: int, now: datetime, at_least: int = 1
+    ) -> list[Dispatch]:
+        with self.engine.begin() as conn:
+            if queues is None:
+                queues = queues_waiting(conn, now=now)
+            return top_up_all(conn, queues, limit=limit, now=now, at_least=at_least)

@@ -27,10 +27,11 @@ from domain.costs import reservations
 from domain.db import sql
 from domain.db.models import runs, workers
 from domain.errors import BrokerUnavailable
-from domain.flow import concurrency, fair
+from domain.flow import concurrency
 from domain.ports import Dispatch, Publisher
 from domain.runs import dispatch
 from domain.runs.states import Status
+from domain.storage import turn_giver
 
 log = structlog.get_logger("conveyor.recovery")
 
@@ -115,12 +116,7 @@ def publish_turns(
 ) -> int:
     """Top up `queues` (None: every queue with runs waiting for a turn) in turns between
     projects (domain/flow/fair.py) and publish what got a place; how many were published."""
-    with engine.begin() as conn:
-        if queues is None:
-            queues = fair.queues_waiting(conn, now=now)
-        sent = (
-            fair.top_up_all(conn, queues, limit=limit, now=now, at_least=at_least) if queues else []
-        )
+    sent = turn_giver(engine).give(queues, limit=limit, now=now, at_least=at_least)
     if sent:
         send_or_hand_back(
             lambda: publisher.publish(sent), engine, [d.run_id for d in sent], marked_at=now
