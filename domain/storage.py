@@ -1,9 +1,10 @@
 """Which implementation of each storage seam runs on a database: chosen here, once per engine.
 
 PostgreSQL through psycopg gets the hot paths on the driver directly (domain/runs/store_pg.py,
-domain/runs/reads_pg.py: prepared statements, no pool checkout per call); any other database
-the portable SQLAlchemy ones (domain/runs/store.py, domain/runs/reads.py). Both kinds answer
-the same contract tests, so callers never ask which one they hold.
+domain/runs/reads_pg.py, domain/flow/fair_pg.py: prepared statements, no pool checkout per
+call); any other database the portable SQLAlchemy ones (domain/runs/store.py,
+domain/runs/reads.py, domain/flow/fair.py). Both kinds answer the same contract tests, so
+callers never ask which one they hold.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from sqlalchemy import Engine
 from domain.db.driver import shared_connections
 from domain.db.engine import uses_psycopg
 from domain.flow.fair import SqlTurns, Turns
+from domain.flow.fair_pg import PgTurns
 from domain.runs.insert_pg import PgIntake
 from domain.runs.reads import RunReads, SqlRunReads
 from domain.runs.reads_pg import PgReads
@@ -36,7 +38,10 @@ def run_intake(engine: Engine) -> PgIntake | None:
 
 
 def turn_giver(engine: Engine) -> Turns:
-    """Fair-share top-ups for `engine`'s database (domain/flow/fair.py)."""
+    """Fair-share top-ups for `engine`'s database (domain/flow/fair.py): on PostgreSQL one
+    round trip per top-up, on the engine's shared driver connections."""
+    if uses_psycopg(engine):
+        return PgTurns(shared_connections(engine))
     return SqlTurns(engine)
 
 

@@ -17,7 +17,8 @@ Who calls it: the enqueue that made paced runs while their queue had free places
 commit), a worker claiming runs (each claim frees a place: every `limit // 4`-th claim of a
 queue it tops the queue up, so one top-up serves several claims and most claims pay nothing),
 and the relay on each sweep as the net for a top-up lost with its worker. They take their
-turns from a `Turns` (domain/storage.py `turn_giver`).
+turns from a `Turns` (domain/storage.py `turn_giver`): `SqlTurns` here, or on PostgreSQL the
+same top-up in one round trip (domain/flow/fair_pg.py).
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from domain.runs.states import Status
 LOCK = "pace:"
 
 
-#: The two conditions below as SQL text, for the single enqueue's prepared statement
-#: (domain/runs/insert_pg.py); they are the predicates of ix_runs_in_flight and ix_runs_paced.
+#: The two conditions below as SQL text, for the prepared statements of the single enqueue
+#: (domain/runs/insert_pg.py) and of the top-up (domain/flow/fair_pg.py); they are the
+#: predicates of ix_runs_in_flight and ix_runs_paced, written out (not bound) so that a
+#: prepared statement's generic plan can still use those partial indexes.
 IN_FLIGHT_SQL = f"status = '{Status.PENDING}' AND dispatched_at IS NOT NULL"
 WAITING_TURN_SQL = f"paced AND dispatched_at IS NULL AND status = '{Status.PENDING}'"
 
