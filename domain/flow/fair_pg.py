@@ -44,11 +44,15 @@ WITH RECURSIVE waiting(queue) AS (
           ORDER BY queue LIMIT 1)
   FROM waiting WHERE waiting.queue IS NOT NULL
 )
-SELECT queue FROM waiting w WHERE queue IS NOT NULL AND EXISTS (
+SELECT queue FROM waiting w WHERE queue IS NOT NULL AND (
   SELECT 1 FROM runs WHERE runs.queue = w.queue AND {fair.WAITING_TURN_SQL}
-    AND not_before <= %(now)s::timestamptz)
+    AND not_before <= %(now)s::timestamptz
+  ORDER BY project, created_at LIMIT 1) IS NOT NULL
 """
 
+# Every read is ordered as its index is (ix_runs_in_flight, ix_runs_paced), though only the
+# waiting runs' order matters: with a LIMIT and no order, the planner may guess that a seq scan
+# of all runs soon finds enough rows (it finds the few in flight only at the end of the table).
 # `flying` counts at most `limit` + 1 runs, as fair.in_flight does: past the limit the number
 # does not matter. `project COLLATE "C"` orders names as Python compares them (fair.turns).
 # The UPDATE checks again that each run still waits (a cancel may have come in between), so
@@ -57,7 +61,7 @@ _TOP_UP_SQL = f"""
 WITH RECURSIVE flying AS (
   SELECT project, count(*) AS n FROM (
     SELECT project FROM runs WHERE queue = %(queue)s::text AND {fair.IN_FLIGHT_SQL}
-    LIMIT %(limit)s::int8 + 1
+    ORDER BY project LIMIT %(limit)s::int8 + 1
   ) f GROUP BY project
 ), free AS (
   SELECT greatest(%(limit)s::int8 - coalesce(sum(n), 0), 0)::int8 AS n FROM flying
