@@ -12,7 +12,7 @@ from typing import Any
 
 from domain.errors import ConfigurationError
 from domain.runs.states import Status
-from domain.runs.views import RunView, _jsonable
+from domain.runs.views import RunView, jsonable
 from domain.security import crypto
 
 SIGNING_CONTEXT = b"conveyor outbound signing key v1"
@@ -52,9 +52,9 @@ def summary(run: RunView) -> dict[str, Any]:
         "attempt": run.attempt,
         "max_attempts": run.max_attempts,
         "triggered_by": run.triggered_by,
-        "created_at": _jsonable(run.created_at),
-        "started_at": _jsonable(run.started_at),
-        "finished_at": _jsonable(run.finished_at),
+        "created_at": jsonable(run.created_at),
+        "started_at": jsonable(run.started_at),
+        "finished_at": jsonable(run.finished_at),
         "duration_s": run.duration_s,
         "cost": {
             "usd": f"{Decimal(run.cost_usd or 0).normalize():f}",

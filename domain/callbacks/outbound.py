@@ -27,7 +27,7 @@ from domain.db.models_platform import OutboundDelivery, SweepCursor, Webhook, We
 from domain.errors import ConfigurationError
 from domain.runs.lines import next_seq
 from domain.runs.states import TERMINAL
-from domain.runs.views import RunView, _jsonable
+from domain.runs.views import RunView, jsonable
 from domain.security import crypto
 
 deliveries = cast(Table, OutboundDelivery.__table__)
@@ -316,7 +316,7 @@ def record(
         else:
             outcome, level = "retry", "warning"
             values["next_attempt_at"] = next_at
-            fields["next_attempt_at"] = _jsonable(next_at)
+            fields["next_attempt_at"] = jsonable(next_at)
             message = f"{where} failed: {error} (attempt {attempts}); next try in {delay:g}s"
     fields["event"] = f"outbound.{outcome}"
     with engine.begin() as conn:
@@ -374,7 +374,7 @@ class DeliveryView:
     created_at: datetime
 
     def to_dict(self) -> dict[str, Any]:
-        data = {name: _jsonable(getattr(self, name)) for name in self.__slots__}
+        data = {name: jsonable(getattr(self, name)) for name in self.__slots__}
         data["url"] = shown_url(self.url)
         return data
 

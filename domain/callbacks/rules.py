@@ -16,7 +16,7 @@ from domain.db.models_platform import NotificationRule
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, NotFound
 from domain.runs.states import Status
-from domain.runs.views import _jsonable
+from domain.runs.views import jsonable
 from domain.security import audit
 
 rules = cast(Table, NotificationRule.__table__)
@@ -104,7 +104,7 @@ class Rule:
             "url": self.url if full_url else shown_url(self.url),
             "format": self.format,
             "enabled": self.enabled,
-            "created_at": _jsonable(self.created_at),
+            "created_at": jsonable(self.created_at),
         }
 
 

@@ -36,7 +36,7 @@ from domain.db.models import run_logs, runs
 from domain.db.types import UTCDateTime
 from domain.runs import lines
 from domain.runs.states import TERMINAL
-from domain.runs.views import _jsonable
+from domain.runs.views import jsonable
 
 log = structlog.get_logger("conveyor.maintenance")
 
@@ -216,10 +216,10 @@ def _archive(conn: Connection, ids: list[Any], directory: Path, now: datetime) -
         select(run_logs).where(run_logs.c.run_id.in_(ids)).order_by(run_logs.c.seq)
     ).mappings():
         logs_by_run[line["run_id"]].append(
-            {k: _jsonable(v) for k, v in line.items() if k != "run_id"}
+            {k: jsonable(v) for k, v in line.items() if k != "run_id"}
         )
     with gzip.open(path, "at", encoding="utf-8") as out:
         for run in conn.execute(select(runs).where(runs.c.id.in_(ids))).mappings():
-            record = {k: _jsonable(v) for k, v in run.items()}
+            record = {k: jsonable(v) for k, v in run.items()}
             record["logs"] = logs_by_run.get(run["id"], [])
             out.write(json.dumps(record, default=str) + "\n")

@@ -18,7 +18,7 @@ from domain.db.models_platform import RunStat
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput
 from domain.runs.states import ALL_STATUSES
-from domain.runs.views import _jsonable
+from domain.runs.views import jsonable
 
 run_stats = cast(Table, RunStat.__table__)
 
@@ -45,7 +45,7 @@ class Bucket:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "period_start": _jsonable(self.period_start),
+            "period_start": jsonable(self.period_start),
             "project": self.project,
             "name": self.name,
             "counts": {s: int(self.counts.get(s, 0)) for s in ALL_STATUSES},
@@ -71,8 +71,8 @@ class Stats:
     def to_dict(self) -> dict[str, Any]:
         return {
             "period": self.period,
-            "since": _jsonable(self.since),
-            "until": _jsonable(self.until),
+            "since": jsonable(self.since),
+            "until": jsonable(self.until),
             "source": self.source,
             "items": [item.to_dict() for item in self.items],
             "truncated": self.truncated,

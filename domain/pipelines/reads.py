@@ -15,7 +15,7 @@ from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, NotFound, UnknownTask
 from domain.ports import Catalog, OpenCatalog, TargetDefaults
 from domain.runs.states import Status
-from domain.runs.views import _jsonable
+from domain.runs.views import jsonable
 
 pipelines = cast(Table, Pipeline.__table__)
 
@@ -57,7 +57,7 @@ class PipelineView:
         return cast(str | None, self.row["error"])
 
     def to_dict(self, *, detail: bool = False) -> dict[str, Any]:
-        data = {key: _jsonable(self.row[key]) for key in _LISTED}
+        data = {key: jsonable(self.row[key]) for key in _LISTED}
         data["counters"] = {key.removesuffix("_runs"): int(self.row[key] or 0) for key in _COUNTERS}
         if detail:
             data["path"] = self.row["path"]
@@ -122,7 +122,7 @@ def pipeline_detail(uow: UnitOfWork, name: str) -> dict[str, Any]:
 def _run(row: Any) -> dict[str, Any] | None:
     if row is None:
         return None
-    return {key: _jsonable(value) for key, value in dict(row).items()}
+    return {key: jsonable(value) for key, value in dict(row).items()}
 
 
 class PipelineNotRunnable(Conflict):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Table, select
 from domain.db.models import RunArtifact
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, NotFound
-from domain.runs.views import _jsonable
+from domain.runs.views import jsonable_fields
 
 run_artifacts = cast(Table, RunArtifact.__table__)
 
@@ -56,7 +56,7 @@ class ArtifactView:
     created_at: datetime
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: _jsonable(item) for key, item in asdict(self).items()}
+        return jsonable_fields(self)
 
 
 def listed(conn: Connection, run_id: uuid.UUID) -> list[ArtifactView]:

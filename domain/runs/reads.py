@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol, cast
@@ -17,7 +17,7 @@ from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput, RunNotFound
 from domain.runs.repository import LOG_LINE_COLUMNS, RunFilter
 from domain.runs.states import TERMINAL
-from domain.runs.views import LogLine, Page, RunView, StepView, _jsonable
+from domain.runs.views import LogLine, Page, RunView, StepView, jsonable_fields
 from domain.security import audit
 
 run_metrics = cast(Table, RunMetric.__table__)
@@ -25,10 +25,6 @@ webhooks = cast(Table, Webhook.__table__)
 workers = cast(Table, Worker.__table__)
 
 MAX_POINTS = 10_000
-
-
-def _as_dict(value: Any) -> dict[str, Any]:
-    return {key: _jsonable(item) for key, item in asdict(value).items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +41,7 @@ class CostLine:
     step_seq: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _as_dict(self)
+        return jsonable_fields(self)
 
 
 def masked(view: RunView) -> RunView:
@@ -190,7 +186,7 @@ class MetricPoint:
     labels: dict[str, Any] | None
 
     def to_dict(self) -> dict[str, Any]:
-        return _as_dict(self)
+        return jsonable_fields(self)
 
 
 def run_metric_points(
@@ -313,7 +309,7 @@ class WorkerView:
     state: str
 
     def to_dict(self) -> dict[str, Any]:
-        return _as_dict(self)
+        return jsonable_fields(self)
 
 
 def list_workers(

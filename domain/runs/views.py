@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -185,12 +185,18 @@ def _plain(view: Any, names: tuple[str, ...]) -> dict[str, Any]:
         kind = type(value)
         if kind not in _AS_IS:
             convert = _CONVERT.get(kind)
-            value = convert(value) if convert is not None else _jsonable(value)
+            value = convert(value) if convert is not None else jsonable(value)
         out[name] = value
     return out
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable_fields(value: Any) -> dict[str, Any]:
+    """A dataclass view's fields as JSON values (ids and times as text, money exact)."""
+    return {key: jsonable(item) for key, item in asdict(value).items()}
+
+
+def jsonable(value: Any) -> Any:
+    """One value as JSON takes it: a UUID or Decimal as text, a time in ISO 8601."""
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, datetime):

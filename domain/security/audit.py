@@ -13,7 +13,7 @@ from sqlalchemy import Connection, select
 from domain.db.models import audit_logs
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import InvalidInput
-from domain.runs.views import _jsonable
+from domain.runs.views import jsonable
 
 MASK = "***"
 MAX_PAGE = 500
@@ -138,7 +138,7 @@ class AuditEntry:
     ip: str | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: _jsonable(value) for key, value in asdict(self).items()}
+        return {key: jsonable(value) for key, value in asdict(self).items()}
 
 
 @dataclass(frozen=True, slots=True)

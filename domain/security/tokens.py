@@ -16,7 +16,7 @@ from domain.db.models_platform import ApiToken
 from domain.db.unit_of_work import UnitOfWork
 from domain.errors import Conflict, ConveyorError, InvalidInput, NotFound
 from domain.runs.requests import NAME_PATTERN
-from domain.runs.views import _jsonable
+from domain.runs.views import jsonable
 from domain.security import audit
 
 api_tokens = cast(Table, ApiToken.__table__)
@@ -60,7 +60,7 @@ class TokenView:
     revoked_at: datetime | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: _jsonable(value) for key, value in asdict(self).items()}
+        return {key: jsonable(value) for key, value in asdict(self).items()}
 
 
 def hash_token(token: str) -> str:

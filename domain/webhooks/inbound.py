@@ -23,7 +23,7 @@ from domain.ports import Catalog, Publisher, require_known
 from domain.runs import enqueue
 from domain.runs.enqueue import Recorder
 from domain.runs.requests import build_request
-from domain.runs.views import _jsonable
+from domain.runs.views import jsonable
 from domain.security import audit, crypto
 from domain.security.tokens import Unauthorized, check_name
 
@@ -67,7 +67,7 @@ class WebhookView:
     created_at: datetime
 
     def to_dict(self) -> dict[str, Any]:
-        data = {key: _jsonable(value) for key, value in asdict(self).items()}
+        data = {key: jsonable(value) for key, value in asdict(self).items()}
         data["path"] = f"/hooks/{self.name}"
         return data
 
