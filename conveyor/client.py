@@ -84,6 +84,9 @@ class Client:
         return UnitOfWork(self.engine)
 
     def close(self) -> None:
+        flush = getattr(self.publisher, "flush", None)
+        if flush is not None:  # hear from the broker about runs enqueued (domain/ports.py)
+            flush()
         if self._engine is not None and self._owns_engine:
             self._engine.dispose()
             self._engine = None

@@ -30,8 +30,11 @@ class Publisher(Protocol):
     A publisher may also offer `prepare(dispatches) -> send`: it builds the messages (sending
     nothing), and calling `send()` after commit sends them, raising as `publish` would. Batch
     enqueues prepare while the database is still busy with their transaction (`send_later`).
-    And `in_flight_limit`: how many published runs a queue may have unclaimed before new runs
-    go out in turns between projects (domain/flow/fair.py); absent or 0, they never wait.
+    And `send_unconfirmed(dispatches, lost)`: publish without waiting for the broker to
+    confirm, calling `lost()` later should it turn out the broker did not take them (with
+    `flush()` to hear about every such send now). And `in_flight_limit`: how many published
+    runs a queue may have unclaimed before new runs go out in turns between projects
+    (domain/flow/fair.py); absent or 0, they never wait.
     """
 
     def publish(self, dispatches: Sequence[Dispatch]) -> None: ...

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
 import threading
-from collections import defaultdict
+import weakref
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 import structlog
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
+from domain.db.engine import hung_up
 from domain.errors import BrokerUnavailable
 from domain.ports import Dispatch
 from domain.security.masking import NO_SECRETS, Masker
@@ -43,6 +46,9 @@ class CeleryPublisher:
 
     A broker that cannot be reached raises BrokerUnavailable: the runs are already committed,
     and the relay publishes them later.
+
+    `send_unconfirmed` publishes without waiting for Redis's reply (Redis pipelining across
+    calls): a producer enqueueing one run at a time then waits for PostgreSQL only.
     """
 
     def __init__(self, app: Celery, *, batch_size: int = 1000, masker: Masker = NO_SECRETS) -> None:
@@ -59,6 +65,8 @@ class CeleryPublisher:
         # Delivery tags only need to be unique per message; a random start keeps two
         # publishers re-sending the same run apart.
         self._tags = itertools.count(int.from_bytes(os.urandom(6), "big"))
+        self._unconfirmed = _UnconfirmedLines()
+        _publishers.add(self)
 
     def publish(self, dispatches: Sequence[Dispatch]) -> None:
         if dispatches:
@@ -71,6 +79,30 @@ class CeleryPublisher:
             return lambda: self._guarded(lambda: self._publish_kombu(dispatches))
         by_key = self._guarded(lambda: self._messages(dispatches))
         return lambda: self._guarded(lambda: self._push(by_key))
+
+    def send_unconfirmed(self, dispatches: Sequence[Dispatch], lost: Callable[[], None]) -> None:
+        """Publish `dispatches` without waiting for the broker to confirm them: the commands are
+        written on this thread's own Redis connection, and their replies read just before its
+        next write there, or at `flush()`. Should those replies show that Redis did not take
+        them (an error, or the connection gone), `lost()` is called then, in that thread.
+        BrokerUnavailable when the commands cannot be written at all (nothing is pending
+        then). Other brokers publish and confirm at once (`publish`)."""
+        if not self._broker.startswith(("redis://", "rediss://", "unix://")):
+            self.publish(dispatches)
+            return
+        by_key = self._guarded(lambda: self._messages(dispatches))
+        commands = [
+            ("LPUSH", key, *messages[start : start + self.batch_size])
+            for key, messages in by_key.items()
+            for start in range(0, len(messages), self.batch_size)
+        ]
+        client = self._redis or self._connect()
+        self._guarded(lambda: self._unconfirmed.write(client, commands, lost))
+
+    def flush(self) -> None:
+        """Read the replies of every unconfirmed send (`lost()` for those Redis did not take).
+        `Client.close()` calls it, and interpreter exit."""
+        self._unconfirmed.settle_all()
 
     def _guarded(self, action: Callable[[], T]) -> T:
         try:
@@ -173,3 +205,112 @@ class CeleryPublisher:
                     retry=False,
                     **display_headers(d, self.masker),
                 )
+
+
+class _Line:
+    """One thread's Redis connection for unconfirmed sends, and what its replies will say."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection  # a redis-py Connection of the publisher's client's kind
+        self.lock = threading.Lock()  # its thread, or a flush from another
+        #: Per earlier write: how many replies it awaits, and whom to tell if it was lost.
+        self.pending: deque[tuple[int, Callable[[], None]]] = deque()
+
+    def settle(self) -> None:
+        """(Under the lock.) Read the replies of the earlier writes; tell each lost one. Each
+        reply is read, an error among them included, so the next write's replies stay in
+        step; a connection that fails loses everything it still awaited."""
+        while self.pending:
+            count, lost = self.pending[0]
+            failed = False
+            try:
+                for _ in range(count):
+                    try:
+                        self.connection.read_response()
+                    except ResponseError:  # an error reply (say WRONGTYPE): the next is read
+                        failed = True
+            except (RedisError, ConnectionError, OSError):
+                self.connection.disconnect()
+                gone = list(self.pending)
+                self.pending.clear()
+                for _, told in gone:
+                    _tell(told)
+                return
+            self.pending.popleft()
+            if failed:
+                _tell(lost)
+
+
+def _tell(lost: Callable[[], None]) -> None:
+    try:
+        lost()
+    except Exception:  # a failing hand-back must not stop the replies being read
+        log.exception("publisher.lost_callback_failed")
+
+
+class _UnconfirmedLines:
+    """The unconfirmed-send connections of one publisher: one per thread (a connection cannot
+    interleave two threads' commands), each flushed on demand; a forked child opens its own.
+    A thread's line goes with the thread (its last replies unread: those runs, if Redis did
+    not take them, the relay sends after its grace)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lines: weakref.WeakSet[_Line] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def write(
+        self, client: redis.Redis, commands: list[tuple[str, ...]], lost: Callable[[], None]
+    ) -> None:
+        line = self._line(client)
+        with line.lock:
+            line.settle()
+            sock = getattr(line.connection, "_sock", None)
+            if sock is not None and hung_up(sock.fileno()):
+                # Nothing is awaited, so Redis has closed it (a restart, its idle `timeout`):
+                # a write now would be lost unseen until the next send. Open a new one.
+                line.connection.disconnect()
+            try:
+                line.connection.send_packed_command(line.connection.pack_commands(commands))
+            except BaseException:
+                line.connection.disconnect()  # some commands may have gone out: none await
+                raise
+            line.pending.append((len(commands), lost))
+
+    def settle_all(self) -> None:
+        if self._pid != os.getpid():
+            return
+        with self._lock:
+            lines = list(self._lines)
+        for line in lines:
+            with line.lock:
+                line.settle()
+
+    def _line(self, client: redis.Redis) -> _Line:
+        if self._pid != os.getpid():  # forked: the parent's connections and replies are its own
+            self._pid = os.getpid()
+            self._local = threading.local()
+            with self._lock:
+                self._lines = weakref.WeakSet()
+        line: _Line | None = getattr(self._local, "line", None)
+        if line is None:
+            pool = client.connection_pool
+            line = _Line(pool.connection_class(**pool.connection_kwargs))
+            self._local.line = line
+            with self._lock:
+                self._lines.add(line)
+        return line
+
+
+_publishers: weakref.WeakSet[CeleryPublisher] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """Replies unread at exit are read, so a run Redis refused goes back to the relay now."""
+    for publisher in list(_publishers):
+        try:
+            publisher.flush()
+        except Exception:  # exiting: the relay's grace still covers them
+            log.exception("publisher.flush_at_exit_failed")

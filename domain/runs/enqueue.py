@@ -27,7 +27,7 @@ from domain.ports import (
     in_flight_limit,
     send_later,
 )
-from domain.runs.recovery import publish_turns, send_or_hand_back
+from domain.runs.recovery import publish_turns, send_or_hand_back, send_unconfirmed_or_hand_back
 from domain.runs.requests import EnqueueRequest
 from domain.runs.rows import run_row
 from domain.runs.views import RunView
@@ -207,9 +207,10 @@ def _enqueue_one(
     if not inserted.made:
         return None
     made = Enqueued(_view(row), True)
-    send = _prepare_publish(uow.engine, publisher, [made], now)
-    if send is not None:
-        send()
+    if publisher is not None and row["dispatched_at"] is not None:
+        # The caller waits for PostgreSQL only: the broker's reply is read at the next publish.
+        dispatch = Dispatch(row["id"], row["name"], row["queue"], row["priority"], row["params"])
+        send_unconfirmed_or_hand_back(publisher, uow.engine, [dispatch], marked_at=now)
     if inserted.turns:
         assert publisher is not None
         publish_turns(uow.engine, publisher, limit=in_flight, now=now, queues=[row["queue"]])

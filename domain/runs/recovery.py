@@ -28,7 +28,7 @@ from domain.db import sql
 from domain.db.models import runs, workers
 from domain.errors import BrokerUnavailable
 from domain.flow import concurrency
-from domain.ports import Dispatch, Publisher
+from domain.ports import Dispatch, Publisher, send_later
 from domain.runs import dispatch
 from domain.runs.states import Status
 from domain.storage import turn_giver
@@ -135,6 +135,26 @@ def send_or_hand_back(
         # The runs are committed: the relay publishes them as soon as it reaches the broker.
         log.warning("run.publish_deferred", count=len(run_ids), reason=str(exc))
         hand_back(engine, run_ids, marked_at=marked_at)
+
+
+def send_unconfirmed_or_hand_back(
+    publisher: Publisher, engine: Engine, dispatches: list[Dispatch], *, marked_at: datetime
+) -> None:
+    """`send_or_hand_back`, without waiting for the broker's confirmation where the publisher
+    can (its `send_unconfirmed`): the runs go back to the relay as soon as it is known the
+    broker did not take them, or now if it cannot be reached. (A process that dies before it
+    hears leaves them to the relay's grace, as any publish lost with its process.)"""
+    run_ids = [d.run_id for d in dispatches]
+    unconfirmed = getattr(publisher, "send_unconfirmed", None)
+    if unconfirmed is None:
+        send_or_hand_back(send_later(publisher, dispatches), engine, run_ids, marked_at=marked_at)
+        return
+
+    def lost() -> None:
+        log.warning("run.publish_lost", count=len(run_ids), hint="the relay publishes them")
+        hand_back(engine, run_ids, marked_at=marked_at)
+
+    send_or_hand_back(lambda: unconfirmed(dispatches, lost), engine, run_ids, marked_at=marked_at)
 
 
 def hand_back(engine: Engine, run_ids: list[uuid.UUID], *, marked_at: datetime) -> None:
