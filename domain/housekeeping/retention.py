@@ -14,6 +14,9 @@ How they go differs by storage (`capabilities(...).partitioned_history`):
   was created more than a day before its cutoff's day, i.e. at most about two days after its
   cutoff (a run left unfinished for long, or the DEFAULT partition's runs).
 - Elsewhere (SQLite) runs are deleted `batch` at a time, their lines with them.
+
+Each delete is a short transaction, and retention rests after each one (`rest` times as long as
+it took): the database's writes go on meanwhile, so a worker beside it keeps its share.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from __future__ import annotations
 import gzip
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
+from time import perf_counter
+from time import sleep as wait
 from typing import Any
 
 import structlog
@@ -32,7 +37,7 @@ from sqlalchemy.exc import OperationalError
 
 from domain.db import partitions
 from domain.db.capabilities import capabilities
-from domain.db.models import run_logs, runs
+from domain.db.models import projects, run_logs, runs
 from domain.db.types import UTCDateTime
 from domain.runs import lines
 from domain.runs.states import TERMINAL
@@ -69,15 +74,21 @@ def apply_retention(
     archive_dir: Path | None = None,
     batch: int = 500,
     max_batches: int = 20,
+    rest: float = 1.0,
+    sleep: Callable[[float], None] = wait,
 ) -> int:
     """Delete finished runs past their age (the module docstring says which and how); returns
     how many went. Row by row, `batch` per short transaction and at most `max_batches` per
-    cutoff per call; a day's partitions go whole, as many days as may go."""
+    cutoff per call; a day's partitions go whole, as many days as may go. After each
+    transaction it sleeps `rest` times as long as the transaction took."""
     with engine.connect() as conn:
-        projects = {p for (p,) in conn.execute(select(runs.c.project).distinct())}
-    cutoffs = retention_cutoffs(default_days, rules or {}, projects, now)
+        # Every run's project is one of these (runs.project is a key to projects): reading
+        # the few projects is cheaper than finding the distinct ones among millions of runs.
+        names = list(conn.execute(select(projects.c.name)).scalars())
+    cutoffs = retention_cutoffs(default_days, rules or {}, names, now)
     by_day = capabilities(engine).partitioned_history
-    deleted = _drop_days(engine, cutoffs, archive_dir, now) if by_day and cutoffs else 0
+    pause = _Rest(rest, sleep)
+    deleted = _drop_days(engine, cutoffs, archive_dir, now, pause) if by_day and cutoffs else 0
     for (project, status), cutoff in sorted(cutoffs.items()):
         which = and_(
             runs.c.project == project, runs.c.status == status, runs.c.finished_at < cutoff
@@ -85,7 +96,7 @@ def apply_retention(
         if by_day:  # while its day can still go whole, a run waits for it
             which = and_(which, runs.c.created_at < _day_start(cutoff) - timedelta(days=1))
         for _ in range(max_batches):
-            with _read_committed(engine) as conn, conn.begin():
+            with pause, _read_committed(engine) as conn, conn.begin():
                 ids = list(conn.execute(select(runs.c.id).where(which).limit(batch)).scalars())
                 if not ids:
                     break
@@ -114,11 +125,32 @@ def make_coming_days(engine: Engine, *, now: datetime) -> int:
     return made
 
 
+class _Rest:
+    """A context manager that sleeps, when its block ends, `rest` times as long as the block
+    took: a pause after each transaction, so the other writers' transactions get the database
+    (and the locks retention's rows share with them) that long."""
+
+    def __init__(self, rest: float, sleep: Callable[[float], None]) -> None:
+        self.rest = rest
+        self.sleep = sleep
+        self.started = 0.0
+
+    def __enter__(self) -> None:
+        self.started = perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        took = perf_counter() - self.started
+        if self.rest > 0 and exc[0] is None:
+            self.sleep(took * self.rest)
+
+
 def _day_start(when: datetime) -> datetime:
     return datetime.combine(when.astimezone(UTC).date(), time(), tzinfo=UTC)
 
 
-def _drop_days(engine: Engine, cutoffs: Cutoffs, archive_dir: Path | None, now: datetime) -> int:
+def _drop_days(
+    engine: Engine, cutoffs: Cutoffs, archive_dir: Path | None, now: datetime, pause: _Rest
+) -> int:
     """Each day all of whose runs may go: its runs deleted, its partitions dropped. A day can
     only be whole once its end is behind the newest cutoff."""
     newest = max(cutoffs.values())
@@ -135,7 +167,8 @@ def _drop_days(engine: Engine, cutoffs: Cutoffs, archive_dir: Path | None, now: 
         if datetime.combine(day.day + timedelta(days=1), time(), tzinfo=UTC) > newest:
             break
         try:
-            deleted += _drop_day(engine, day, cut, archive_dir, now)
+            with pause:
+                deleted += _drop_day(engine, day, cut, archive_dir, now)
         except OperationalError as exc:
             if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
                 raise
