@@ -9,7 +9,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from domain.db.engine import create_db_engine
-from domain.db.schema import compared_by_autogenerate, metadata
+from domain.db.schema import compared_by_autogenerate, compared_objects, metadata
 from domain.settings import get_settings
 
 config = context.config
@@ -21,6 +21,7 @@ def _configure(connection: Connection) -> None:
         connection=connection,
         target_metadata=target_metadata,
         include_name=compared_by_autogenerate,
+        include_object=compared_objects(connection),
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite cannot ALTER most things
         compare_type=True,
     )

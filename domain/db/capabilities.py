@@ -43,6 +43,10 @@ class Capabilities:
     #: run_logs and run_metrics are partitioned by day of run id (migration 0019): retention
     #: drops a day's partitions once all its runs may go; else it deletes lines by run.
     partitioned_history: bool
+    #: The keys to runs are triggers (migration 0022): a delete removes its runs' records in
+    #: one statement per table, not one per run; TRUNCATE runs must name the tables that refer
+    #: to it (CASCADE does not reach them); autogenerate expects those keys not to be there.
+    run_key_triggers: bool
 
 
 POSTGRESQL = Capabilities(
@@ -58,6 +62,7 @@ POSTGRESQL = Capabilities(
     server_stats=True,
     stored_functions=True,
     partitioned_history=True,
+    run_key_triggers=True,
 )
 SQLITE = Capabilities(
     row_locks=False,
@@ -72,6 +77,7 @@ SQLITE = Capabilities(
     server_stats=False,
     stored_functions=False,
     partitioned_history=False,
+    run_key_triggers=False,
 )
 
 

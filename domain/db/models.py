@@ -76,7 +76,11 @@ def _partial_index(name: str, *columns: str, where: str, unique: bool = False) -
 
 
 class Run(Base):
-    """One execution of a task or pipeline; the pending row is also its delivery intent."""
+    """One execution of a task or pipeline; the pending row is also its delivery intent.
+
+    The keys that other tables declare to runs (ON DELETE CASCADE or SET NULL) are foreign keys
+    on SQLite and triggers on PostgreSQL (migration 0022), which do a delete's cascade in one
+    statement per table instead of one per run; they mean the same on both."""
 
     __tablename__ = "runs"
     __table_args__ = (

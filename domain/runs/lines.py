@@ -25,14 +25,16 @@ def lock_for_lines(conn: Connection, run_ids: Sequence[uuid.UUID]) -> set[uuid.U
 
 
 def delete_runs(conn: Connection, run_ids: Sequence[uuid.UUID]) -> int:
-    """Delete runs and their log lines (their other records go by cascade); how many runs.
+    """Delete runs and their log lines; how many runs. Their other records go by the keys to
+    runs (foreign keys on SQLite; on PostgreSQL one statement trigger per delete, 0022).
 
     The runs first: deleting a row waits for every writer holding it `FOR KEY SHARE`
     (`lock_for_lines`) to commit, so the lines delete that follows sees all their lines, and
     a writer that comes later finds no run and writes nothing. "Sees" needs READ COMMITTED
-    (a snapshot per statement): under REPEATABLE READ the lines delete would miss lines
-    committed since the transaction began, so callers that may find a stricter server
-    default set READ COMMITTED for the transaction (`retention.apply_retention` does).
+    (a snapshot per statement): under REPEATABLE READ the lines delete (and 0022's trigger,
+    for the other records) would miss rows committed since the transaction began, so callers
+    that may find a stricter server default set READ COMMITTED for the transaction
+    (`retention.apply_retention` does).
     """
     if not run_ids:
         return 0

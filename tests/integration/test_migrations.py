@@ -15,7 +15,7 @@ from sqlalchemy import Uuid, bindparam, inspect, text
 from domain.db.engine import create_db_engine
 from domain.db.migrate import downgrade, head_revision, upgrade
 from domain.db.partitions import is_partition
-from domain.db.schema import compared_by_autogenerate, metadata
+from domain.db.schema import compared_by_autogenerate, compared_objects, metadata
 from domain.db.types import UTCDateTime
 from tests.services import fresh_database
 
@@ -68,7 +68,11 @@ def test_models_match_the_migrations(empty_db: str) -> None:
     upgrade(empty_db)
     engine = create_db_engine(empty_db, null_pool=True)
     with engine.connect() as conn:
-        opts = {"compare_type": True, "include_name": compared_by_autogenerate}
+        opts = {
+            "compare_type": True,
+            "include_name": compared_by_autogenerate,
+            "include_object": compared_objects(conn),
+        }
         context = MigrationContext.configure(conn, opts=opts)
         diff = compare_metadata(context, metadata)
     engine.dispose()
