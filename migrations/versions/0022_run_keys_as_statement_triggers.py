@@ -106,6 +106,10 @@ def _deleted_function() -> str:
     return f"""
 CREATE FUNCTION conveyor_runs_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+  -- A statement trigger fires for a delete that matched nothing too.
+  IF NOT EXISTS (SELECT FROM gone) THEN
+    RETURN NULL;
+  END IF;
 {body}
   RETURN NULL;
 END
