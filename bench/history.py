@@ -20,9 +20,10 @@ HTTP layer). Target: each p99 <= 50 ms.
 Retention (a day whose runs all may go goes with its partitions): first alone, deleting the
 older half of what is past `--keep-days`; then a worker (its executor in a process of its own,
 on no-op runs with one log line) runs `--window` seconds alone (the baseline) and on while
-retention deletes the rest. Printed: runs deleted per minute, alone and beside the worker
-(target >= 1,000,000), and the worker's throughput beside retention against its baseline
-(target >= 0.9x).
+retention deletes the rest, resting after each transaction `--rest` times as long as it took
+(1 by default, as the scheduler's retention does; alone it does not rest). Printed: runs
+deleted per minute, alone and beside the worker (target >= 1,000,000), and the worker's
+throughput beside retention against its baseline (target >= 0.9x).
 
 Disk: about 1.9 kB per run with its 10 lines, indexes included (0.35 GiB for 200,000 runs and
 2 million lines; the database size is printed): the default 10 M runs and 100 M lines need
@@ -229,22 +230,30 @@ def _worker(url: str, stop_at: float, counts: Any) -> None:
     engine.dispose()
 
 
-def _retain(url: str, keep_days: float) -> tuple[int, float]:
+def _retain(url: str, keep_days: float, rest: float) -> tuple[int, float]:
     """Retention of everything older than `keep_days`, all in one call: (runs, seconds)."""
     engine = create_db_engine(url, pre_ping=False)
     started = time.perf_counter()
     deleted = apply_retention(
-        engine, now=datetime.now(UTC), default_days=keep_days, max_batches=10**6, batch=5_000
+        engine,
+        now=datetime.now(UTC),
+        default_days=keep_days,
+        max_batches=10**6,
+        batch=5_000,
+        rest=rest,
     )
     seconds = time.perf_counter() - started
     engine.dispose()
     return deleted, seconds
 
 
-def measure_retention(url: str, *, days: int, keep_days: float, window: float) -> dict[str, float]:
+def measure_retention(
+    url: str, *, days: int, keep_days: float, window: float, rest: float
+) -> dict[str, float]:
     """The older half of what is past `keep_days` deleted alone, then the worker alone for
-    `window` s (its baseline), then the rest deleted beside the worker."""
-    alone_runs, alone_s = _retain(url, (days + keep_days) / 2)
+    `window` s (its baseline), then the rest deleted beside the worker (resting `rest` times
+    each transaction's time after it, as the scheduler's retention does)."""
+    alone_runs, alone_s = _retain(url, (days + keep_days) / 2, rest=0.0)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         done = manager.list()
@@ -254,7 +263,7 @@ def measure_retention(url: str, *, days: int, keep_days: float, window: float) -
         proc.start()
         time.sleep(max(0.0, begin + window - time.time()))  # the baseline window
         started = time.time()
-        deleted, retention_s = _retain(url, keep_days)
+        deleted, retention_s = _retain(url, keep_days, rest=rest)
         stamps = list(done)
         proc.terminate()
         proc.join()
@@ -287,6 +296,12 @@ def main() -> None:
     parser.add_argument("--big-runs", type=int, default=200, help="runs of 2,000 lines")
     parser.add_argument("--seconds", type=float, default=15.0, help="per kind of read")
     parser.add_argument("--window", type=float, default=20.0, help="worker baseline seconds")
+    parser.add_argument(
+        "--rest",
+        type=float,
+        default=1.0,
+        help="beside the worker, retention sleeps this many times each transaction's time",
+    )
     args = parser.parse_args()
     if args.small:
         args.runs, args.lines, args.days, args.keep_days = 200_000, 2_000_000, 20, 10.0
@@ -309,14 +324,17 @@ def main() -> None:
         ],
     )
 
-    result = measure_retention(url, days=args.days, keep_days=args.keep_days, window=args.window)
+    result = measure_retention(
+        url, days=args.days, keep_days=args.keep_days, window=args.window, rest=args.rest
+    )
     ratio = result["beside"] / result["alone"] if result["alone"] else float("nan")
     print(
         f"\nretention alone: {result['alone_runs']:,} runs"
         f" = {result['alone_per_minute']:,.0f} runs/min"
     )
     print(
-        f"retention beside the worker: {result['deleted']:,} runs (all left older than"
+        f"retention beside the worker, resting {args.rest:g}x each transaction's time:"
+        f" {result['deleted']:,} runs (all left older than"
         f" {args.keep_days:g} days) in {result['retention_s']:.1f} s"
         f" = {result['per_minute']:,.0f} runs/min"
         f" (target >= 1,000,000: {'met' if result['per_minute'] >= 1e6 else 'MISSED'})"
