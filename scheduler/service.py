@@ -36,6 +36,9 @@ STANDBY_RETRY_S = 1.0
 #: With LISTEN in place (PostgreSQL) edits arrive as notifications; this poll is only the net
 #: for one lost while the listener reconnected. Without it the schedules are polled each check.
 POLL_WHILE_LISTENING_S = 30.0
+#: How long one retention pass may hold the leader's loop (its rests included): it stops
+#: starting transactions then, and the loop's next pass, after the relay's, goes on.
+RETENTION_SLICE_S = 2.0
 
 
 class SchedulerService:
@@ -159,14 +162,20 @@ class SchedulerService:
                     next_housekeeping = now_m + self.settings.rollup_interval_s
                 if now_m >= next_retention:
                     make_coming_days(self.engine, now=self.clock())
+                    # A slice at a time: a long backlog (a year of history on first start)
+                    # must not hold the relay and the reaper for minutes. A slice used up
+                    # means more is left: the next pass of this loop goes on.
+                    until = time.perf_counter() + RETENTION_SLICE_S
                     apply_retention(
                         self.engine,
                         now=self.clock(),
                         default_days=self.settings.retention_days,
                         rules=self.settings.retention_rules,
                         archive_dir=self.settings.archive_dir,
+                        until=until,
                     )
-                    next_retention = now_m + self.settings.retention_interval_s
+                    more = time.perf_counter() >= until
+                    next_retention = now_m + (0 if more else self.settings.retention_interval_s)
                 if now_m >= next_relay:
                     next_relay = time.monotonic() + self._relay()
             except Exception as exc:  # a sweep failing must not end the process

@@ -76,26 +76,32 @@ def apply_retention(
     max_batches: int = 20,
     rest: float = 1.0,
     sleep: Callable[[float], None] = wait,
+    until: float | None = None,
 ) -> int:
     """Delete finished runs past their age (the module docstring says which and how); returns
     how many went. Row by row, `batch` per short transaction and at most `max_batches` per
     cutoff per call; a day's partitions go whole, as many days as may go. After each
-    transaction it sleeps `rest` times as long as the transaction took."""
+    transaction it sleeps `rest` times as long as the transaction took; past `until` (a
+    `time.perf_counter()` value) it starts no more transactions, and the next call goes on."""
     with engine.connect() as conn:
         # Every run's project is one of these (runs.project is a key to projects): reading
         # the few projects is cheaper than finding the distinct ones among millions of runs.
         names = list(conn.execute(select(projects.c.name)).scalars())
     cutoffs = retention_cutoffs(default_days, rules or {}, names, now)
     by_day = capabilities(engine).partitioned_history
-    pause = _Rest(rest, sleep)
+    pause = _Rest(rest, sleep, until)
     deleted = _drop_days(engine, cutoffs, archive_dir, now, pause) if by_day and cutoffs else 0
     for (project, status), cutoff in sorted(cutoffs.items()):
+        if pause.over():
+            break
         which = and_(
             runs.c.project == project, runs.c.status == status, runs.c.finished_at < cutoff
         )
         if by_day:  # while its day can still go whole, a run waits for it
             which = and_(which, runs.c.created_at < _day_start(cutoff) - timedelta(days=1))
         for _ in range(max_batches):
+            if pause.over():
+                break
             with pause, _read_committed(engine) as conn, conn.begin():
                 ids = list(conn.execute(select(runs.c.id).where(which).limit(batch)).scalars())
                 if not ids:
@@ -128,12 +134,16 @@ def make_coming_days(engine: Engine, *, now: datetime) -> int:
 class _Rest:
     """A context manager that sleeps, when its block ends, `rest` times as long as the block
     took: a pause after each transaction, so the other writers' transactions get the database
-    (and the locks retention's rows share with them) that long."""
+    (and the locks retention's rows share with them) that long. `over()`: past `until`."""
 
-    def __init__(self, rest: float, sleep: Callable[[float], None]) -> None:
+    def __init__(self, rest: float, sleep: Callable[[float], None], until: float | None) -> None:
         self.rest = rest
         self.sleep = sleep
+        self.until = until
         self.started = 0.0
+
+    def over(self) -> bool:
+        return self.until is not None and perf_counter() >= self.until
 
     def __enter__(self) -> None:
         self.started = perf_counter()
@@ -165,6 +175,8 @@ def _drop_days(
     deleted = 0
     for day in days:
         if datetime.combine(day.day + timedelta(days=1), time(), tzinfo=UTC) > newest:
+            break
+        if pause.over():
             break
         try:
             with pause:

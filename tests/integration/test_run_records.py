@@ -8,6 +8,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
+from time import perf_counter, sleep
 from typing import Any
 
 import pytest
@@ -305,6 +306,40 @@ def test_retention_deletes_the_runs_past_their_age_with_their_records(engine: En
             assert _records_of(conn, run_id) == dict.fromkeys(TABLES, 1)
         left = set(conn.execute(select(runs.c.id).where(runs.c.parent_run_id.is_(None))).scalars())
     assert not left & set(gone)
+
+
+def test_retention_past_its_slice_starts_no_transaction_and_the_next_call_goes_on(
+    engine: Engine,
+) -> None:
+    """The scheduler gives retention a slice of its loop (`until`): past it, no transaction
+    starts, and what is left goes at the following calls."""
+    now = datetime.now(UTC)
+    old = {"created_at": now - timedelta(days=41), "finished_at": now - timedelta(days=40)}
+    with engine.begin() as conn:
+        gone = {_run(conn, status="succeeded", **old) for _ in range(3)}
+    assert apply_retention(engine, now=now, default_days=30, until=perf_counter() - 1) == 0
+    with engine.connect() as conn:
+        assert gone <= set(conn.execute(select(runs.c.id)).scalars())
+    left = [3]
+
+    def rest_long_after_a_delete(_took: float) -> None:
+        """A rest that outlasts the slice after each transaction that deleted a run."""
+        with engine.connect() as conn:
+            now_left = len(gone & set(conn.execute(select(runs.c.id)).scalars()))
+        if now_left < left[0]:
+            left[0] = now_left
+            sleep(0.4)
+
+    calls = deleted = 0
+    while deleted < 3 and calls < 10:
+        until = perf_counter() + 0.3
+        deleted += apply_retention(
+            engine, now=now, default_days=30, batch=1, sleep=rest_long_after_a_delete, until=until
+        )
+        calls += 1
+    assert deleted == 3
+    if not capabilities(engine).partitioned_history:  # row by row: a call per run
+        assert calls == 3
 
 
 # The migration, up and down, with rows in the tables.
