@@ -7,14 +7,13 @@ both orders, then checks that no line of the deleted run is left.
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, func, select, text
+from sqlalchemy import Engine, event, func, select
 
 from domain.clock import utc_now
 from domain.db.engine import create_db_engine
@@ -23,6 +22,7 @@ from domain.db.unit_of_work import UnitOfWork
 from domain.housekeeping.retention import apply_retention
 from domain.runs import enqueue, lines
 from domain.runs.requests import build_request
+from tests.concurrent import in_thread, waits_on_a_lock
 from tests.polling import eventually
 from worker.batches import Batch, Written, write
 
@@ -50,34 +50,6 @@ def _left(engine: Engine, run_id: uuid.UUID) -> tuple[int, int]:
     return found, lines
 
 
-def _waits_on_a_lock(engine: Engine) -> Callable[[], bool]:
-    def check() -> bool:
-        with engine.connect() as conn:
-            waiting = conn.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            ).scalar_one()
-        return bool(waiting)
-
-    return check
-
-
-def _in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = target()
-        except BaseException as exc:  # reported by the test
-            out["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
-
-
 def test_a_run_deleted_while_its_lines_are_written_takes_them_along(pg_engine: Engine) -> None:
     run_id, other = _run(pg_engine), _run(pg_engine)
     with pg_engine.connect() as writer:
@@ -89,8 +61,8 @@ def test_a_run_deleted_while_its_lines_are_written_takes_them_along(pg_engine: E
             with pg_engine.begin() as conn:
                 return lines.delete_runs(conn, [run_id])
 
-        deleter, out = _in_thread(delete)
-        eventually(_waits_on_a_lock(pg_engine), timeout=10, every=0.02)  # the writer's lock
+        deleter, out = in_thread(delete)
+        eventually(waits_on_a_lock(pg_engine), timeout=10, every=0.02)  # the writer's lock
         writer.commit()
     deleter.join(timeout=10)
     assert out == {"value": 1}
@@ -110,8 +82,8 @@ def test_lines_of_a_run_being_deleted_wait_then_are_dropped(pg_engine: Engine) -
             with pg_engine.begin() as conn:
                 return write(conn, batch)
 
-        writer, out = _in_thread(write_lines)
-        eventually(_waits_on_a_lock(pg_engine), timeout=10, every=0.02)  # the delete's lock
+        writer, out = in_thread(write_lines)
+        eventually(waits_on_a_lock(pg_engine), timeout=10, every=0.02)  # the delete's lock
         deleter.commit()
     writer.join(timeout=10)
     written = out["value"]

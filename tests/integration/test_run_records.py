@@ -4,7 +4,6 @@ triggers on PostgreSQL (migration 0022). Each key behaves as its foreign key did
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -21,6 +20,7 @@ from domain.db.migrate import downgrade, upgrade
 from domain.db.models import projects, runs
 from domain.db.schema import RUN_KEYS_AS_TRIGGERS, metadata
 from domain.housekeeping.retention import apply_retention
+from tests.concurrent import in_thread, waits_on_a_lock
 from tests.polling import eventually
 from tests.services import fresh_database
 
@@ -192,35 +192,6 @@ def test_truncating_runs_alone_is_refused_while_records_point_at_them(pg_engine:
 # Two connections: a writer adding a step while a deleter deletes its run.
 
 
-def _in_thread(call: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            out["value"] = call()
-        except Exception as exc:  # handed to the test
-            out["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    return thread, out
-
-
-def _waiting_on_a_lock(engine: Engine) -> Any:
-    def waiting() -> bool:
-        with engine.connect() as conn:
-            return bool(
-                conn.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    )
-                ).scalar()
-            )
-
-    return waiting
-
-
 @pytest.fixture
 def two(pg_engine: Engine) -> Iterator[tuple[Engine, uuid.UUID]]:
     with pg_engine.begin() as conn:
@@ -244,8 +215,8 @@ def test_a_step_written_while_its_run_is_deleted_is_refused(two: tuple[Engine, u
                     )
                 )
 
-        writer, out = _in_thread(write)
-        eventually(_waiting_on_a_lock(engine), timeout=10, every=0.02)
+        writer, out = in_thread(write)
+        eventually(waits_on_a_lock(engine), timeout=10, every=0.02)
         deleter.commit()
     writer.join(timeout=10)
     assert isinstance(out.get("error"), IntegrityError), out
@@ -272,8 +243,8 @@ def test_a_run_deleted_while_a_step_is_written_takes_the_step(
                 with conn.begin():
                     return int(conn.execute(delete(runs).where(runs.c.id == run_id)).rowcount)
 
-        deleter, out = _in_thread(remove)
-        eventually(_waiting_on_a_lock(engine), timeout=10, every=0.02)
+        deleter, out = in_thread(remove)
+        eventually(waits_on_a_lock(engine), timeout=10, every=0.02)
         writer.commit()
     deleter.join(timeout=10)
     assert out == {"value": 1}
