@@ -21,9 +21,9 @@ Retention (a day whose runs all may go goes with its partitions): first alone, d
 older half of what is past `--keep-days`; then a worker (its executor in a process of its own,
 on no-op runs with one log line) runs `--window` seconds alone (the baseline) and on while
 retention deletes the rest, resting after each transaction `--rest` times as long as it took
-(1 by default, as the scheduler's retention does; alone it does not rest). Printed: runs
-deleted per minute, alone and beside the worker (target >= 1,000,000), and the worker's
-throughput beside retention against its baseline (target >= 0.9x).
+(5 by default, as the scheduler's retention does: `retention.REST`; alone it does not rest).
+Printed: runs deleted per minute, alone and beside the worker (target >= 1,000,000), and the
+worker's throughput beside retention against its baseline (target >= 0.9x).
 
 Disk: about 1.9 kB per run with its 10 lines, indexes included (0.35 GiB for 200,000 runs and
 2 million lines; the database size is printed): the default 10 M runs and 100 M lines need
@@ -52,7 +52,7 @@ from bench.common import fresh_database, libpq_dsn, percentile, settle_database,
 from domain.db import partitions
 from domain.db.engine import create_db_engine
 from domain.db.unit_of_work import UnitOfWork
-from domain.housekeeping.retention import apply_retention
+from domain.housekeeping.retention import REST, apply_retention
 from domain.housekeeping.rollups import roll_up
 from domain.housekeeping.stats import run_stats_for
 from domain.runs import overview
@@ -299,7 +299,7 @@ def main() -> None:
     parser.add_argument(
         "--rest",
         type=float,
-        default=1.0,
+        default=REST,
         help="beside the worker, retention sleeps this many times each transaction's time",
     )
     args = parser.parse_args()
