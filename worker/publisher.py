@@ -9,7 +9,7 @@ import os
 import threading
 import weakref
 from collections import defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -59,6 +59,8 @@ class CeleryPublisher:
         #: Fair share (domain/flow/fair.py): the published, unclaimed runs a queue may have.
         self.in_flight_limit: int = settings.dispatch_in_flight if settings is not None else 0
         self._broker = str(app.conf.broker_url or "")
+        #: Redis gets the templated messages and one pipeline; other brokers kombu's API.
+        self._on_redis = self._broker.startswith(("redis://", "rediss://", "unix://"))
         self._redis: redis.Redis | None = None
         self._setup_lock = threading.Lock()
         self._template: str | None = None
@@ -75,7 +77,7 @@ class CeleryPublisher:
     def prepare(self, dispatches: Sequence[Dispatch]) -> Callable[[], None]:
         """Build the messages now; the returned function sends them (BrokerUnavailable when the
         broker cannot be reached). Batch enqueues build them while PostgreSQL is still busy."""
-        if not self._broker.startswith(("redis://", "rediss://", "unix://")):
+        if not self._on_redis:
             return lambda: self._guarded(lambda: self._publish_kombu(dispatches))
         by_key = self._guarded(lambda: self._messages(dispatches))
         return lambda: self._guarded(lambda: self._push(by_key))
@@ -87,15 +89,11 @@ class CeleryPublisher:
         them (an error, or the connection gone), `lost()` is called then, in that thread.
         BrokerUnavailable when the commands cannot be written at all (nothing is pending
         then). Other brokers publish and confirm at once (`publish`)."""
-        if not self._broker.startswith(("redis://", "rediss://", "unix://")):
+        if not self._on_redis:
             self.publish(dispatches)
             return
         by_key = self._guarded(lambda: self._messages(dispatches))
-        commands = [
-            ("LPUSH", key, *messages[start : start + self.batch_size])
-            for key, messages in by_key.items()
-            for start in range(0, len(messages), self.batch_size)
-        ]
+        commands = [("LPUSH", key, *chunk) for key, chunk in self._lpushes(by_key)]
         client = self._redis or self._connect()
         self._guarded(lambda: self._unconfirmed.write(client, commands, lost))
 
@@ -127,10 +125,15 @@ class CeleryPublisher:
     def _push(self, by_key: dict[str, list[str]]) -> None:
         client = self._redis or self._connect()
         with client.pipeline(transaction=False) as pipe:
-            for key, messages in by_key.items():
-                for start in range(0, len(messages), self.batch_size):
-                    pipe.lpush(key, *messages[start : start + self.batch_size])
+            for key, chunk in self._lpushes(by_key):
+                pipe.lpush(key, *chunk)
             pipe.execute()
+
+    def _lpushes(self, by_key: dict[str, list[str]]) -> Iterator[tuple[str, list[str]]]:
+        """Each LPUSH a send makes: a key and at most `batch_size` of its messages."""
+        for key, messages in by_key.items():
+            for start in range(0, len(messages), self.batch_size):
+                yield key, messages[start : start + self.batch_size]
 
     def _connect(self) -> redis.Redis:
         """The client, made on first use. Threads may publish at once (the API serves requests
