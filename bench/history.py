@@ -32,7 +32,8 @@ Building 200,000 runs took 20-30 s here, so the default takes about half an hour
 as long again to roll up; `--small` (200,000 runs, 2 million lines, 20 days, keep 10) runs in
 about four minutes.
 
-Run: `python -m bench.history [--small] [--runs N] [--lines N] [--days N] [--keep-days N]`.
+Run: `python -m bench.history [--small] [--runs N] [--lines N] [--days N] [--keep-days N]
+[--no-reads]` (`--no-reads`: build, then retention only).
 """
 
 from __future__ import annotations
@@ -196,9 +197,9 @@ def measure_reads(url: str, big: list[uuid.UUID], *, days: int, seconds: float) 
     return results
 
 
-def _worker(url: str, stop_at: float, counts: Any) -> None:
-    """A worker's executor on no-op runs with one log line, until `stop_at`: runs per second
-    in each of the two windows (alone, beside retention) into `counts`."""
+def _worker(url: str, stop: Any, counts: Any) -> None:
+    """A worker's executor on no-op runs with one log line, until `stop` is set: the time
+    each run ended into `counts` (for the two windows: alone, beside retention)."""
     from bench.common import close_executor, in_process_executor
     from domain.runs import enqueue
     from domain.runs.requests import build_request
@@ -218,7 +219,7 @@ def _worker(url: str, stop_at: float, counts: Any) -> None:
 
     executor = in_process_executor(engine, writer, registry)
     catalog = RegistryCatalog(registry)
-    while time.time() < stop_at:
+    while not stop.is_set():
         batch = enqueue.enqueue_many(
             UnitOfWork(engine), [build_request(name="noop") for _ in range(100)], catalog=catalog
         )
@@ -257,16 +258,20 @@ def measure_retention(
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         done = manager.list()
+        stop = manager.Event()
         warm = 5.0
         begin = time.time() + warm
-        proc = ctx.Process(target=_worker, args=(url, begin + 2 * window + 60, done))
+        proc = ctx.Process(target=_worker, args=(url, stop, done))
         proc.start()
         time.sleep(max(0.0, begin + window - time.time()))  # the baseline window
         started = time.time()
-        deleted, retention_s = _retain(url, keep_days, rest=rest)
+        deleted, retention_s = _retain(url, keep_days, rest=rest)  # the worker on throughout
+        stop.set()
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
         stamps = list(done)
-        proc.terminate()
-        proc.join()
     alone = sum(begin <= t < begin + window for t in stamps) / window
     beside = sum(started <= t < started + retention_s for t in stamps) / max(retention_s, 1e-9)
     return {
@@ -295,6 +300,9 @@ def main() -> None:
     parser.add_argument("--keep-days", type=float, default=30.0, help="retention's age")
     parser.add_argument("--big-runs", type=int, default=200, help="runs of 2,000 lines")
     parser.add_argument("--seconds", type=float, default=15.0, help="per kind of read")
+    parser.add_argument(
+        "--no-reads", action="store_true", help="retention only: skip the reads and the rollup"
+    )
     parser.add_argument("--window", type=float, default=20.0, help="worker baseline seconds")
     parser.add_argument(
         "--rest",
@@ -314,15 +322,16 @@ def main() -> None:
     size = database_size(url)
     print(f"built in {time.perf_counter() - started:,.0f} s; database {size / 2**30:.2f} GiB")
 
-    reads = measure_reads(url, big, days=args.days, seconds=args.seconds)
-    print(f"\nreads at {RATE:g} requests/s each, {args.seconds:g} s each, PostgreSQL\n")
-    table(
-        ["read", "p50 ms", "p99 ms", "p99 <= 50 ms"],
-        [
-            (kind, f"{p50:.1f}", f"{p99:.1f}", "met" if p99 <= TARGET_P99_MS else "MISSED")
-            for kind, p50, p99 in reads
-        ],
-    )
+    if not args.no_reads:
+        reads = measure_reads(url, big, days=args.days, seconds=args.seconds)
+        print(f"\nreads at {RATE:g} requests/s each, {args.seconds:g} s each, PostgreSQL\n")
+        table(
+            ["read", "p50 ms", "p99 ms", "p99 <= 50 ms"],
+            [
+                (kind, f"{p50:.1f}", f"{p99:.1f}", "met" if p99 <= TARGET_P99_MS else "MISSED")
+                for kind, p50, p99 in reads
+            ],
+        )
 
     result = measure_retention(
         url, days=args.days, keep_days=args.keep_days, window=args.window, rest=args.rest
