@@ -12,6 +12,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import hiredis
 import redis
 import structlog
 from celery import Celery
@@ -180,8 +181,8 @@ class CeleryPublisher:
     def _message(self, d: Dispatch, priority: int) -> str:
         assert self._template is not None
         run_id = str(d.run_id)
-        shown = {
-            header: json.dumps(value)[1:-1]  # inside a JSON string of the template
+        shown = {  # inside a JSON string of the template: escaped as json.dumps escapes text
+            header: _json_text(value)[1:-1]
             for header, value in display_headers(d, self.masker).items()
         }
         return self._template % {
@@ -208,6 +209,9 @@ class CeleryPublisher:
                     retry=False,
                     **display_headers(d, self.masker),
                 )
+
+
+_json_text: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
 class _Line:
@@ -275,7 +279,11 @@ class _UnconfirmedLines:
                 # a write now would be lost unseen until the next send. Open a new one.
                 line.connection.disconnect()
             try:
-                line.connection.send_packed_command(line.connection.pack_commands(commands))
+                # hiredis packs as redis-py's own packer does (UTF-8), without its per-argument
+                # checks, which cost more than the rest of a single enqueue's send. (Its stub
+                # types the command as a tuple of one element.)
+                packed = [hiredis.pack_command(c) for c in commands]  # type: ignore[arg-type]
+                line.connection.send_packed_command(packed)
             except BaseException:
                 line.connection.disconnect()  # some commands may have gone out: none await
                 raise

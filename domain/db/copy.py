@@ -58,9 +58,7 @@ def driver_values(
     """Each row's values (every row has the first one's keys, in that order) as psycopg takes
     them for `table`: money as an exact Decimal, and JSON as jsonb when `wrap_json` (a
     statement's parameters; a COPY declares its column types instead)."""
-    affinity = [table.c[name].type._type_affinity for name in rows[0]]
-    as_money = [i for i, kind in enumerate(affinity) if kind is sqltypes.Numeric]
-    as_json = [i for i, kind in enumerate(affinity) if kind is sqltypes.JSON] if wrap_json else []
+    as_money, as_json = _converted(table, tuple(rows[0]), wrap_json)
     for row in rows:
         values = list(row.values())
         for i in as_money:
@@ -70,6 +68,26 @@ def driver_values(
             if values[i] is not None:
                 values[i] = Jsonb(values[i])
         yield values
+
+
+_CONVERTED: dict[tuple[Table, tuple[str, ...], bool], tuple[list[int], list[int]]] = {}
+
+
+def _converted(
+    table: Table, names: tuple[str, ...], wrap_json: bool
+) -> tuple[list[int], list[int]]:
+    """Which of `names` are money and which JSON to wrap, found once per set of columns (a
+    single enqueue asks for every run: thirty lookups by name each time cost more than
+    converting the values)."""
+    found = _CONVERTED.get((table, names, wrap_json))
+    if found is None:
+        affinity = [table.c[name].type._type_affinity for name in names]
+        as_money = [i for i, kind in enumerate(affinity) if kind is sqltypes.Numeric]
+        as_json = (
+            [i for i, kind in enumerate(affinity) if kind is sqltypes.JSON] if wrap_json else []
+        )
+        found = _CONVERTED[(table, names, wrap_json)] = (as_money, as_json)
+    return found
 
 
 class _FinishMeanwhile(LibpqWriter, Generic[T]):

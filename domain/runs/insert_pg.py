@@ -78,6 +78,15 @@ _ONE_SQL: dict[tuple[str, ...], str] = {}
 _DECIDED = ("paced", "dispatched_at", "dispatch_attempts")
 
 
+#: Sent even when None: the decided columns (the statement reads them), and those a NULL would
+#: not leave as they are (a server default) or that refuse one (the error says which). The
+#: other empty columns are left out of the statement: most of a run's are (no idempotency key,
+#: budget, parent, ...), and each parameter costs its conversion on both sides.
+_KEPT = frozenset(_DECIDED) | {
+    c.name for c in runs.c if c.server_default is not None or not c.nullable
+}
+
+
 def _one_sql(names: tuple[str, ...]) -> str:
     """INSERT of one run that, in the same statement, refuses it when its project is at its
     monthly limit (domain/costs/ledger.py `check_can_enqueue`) and paces it when its queue is
@@ -133,11 +142,12 @@ class PgIntake:
         self._connections = connections
 
     def insert_one(self, row: dict[str, Any], *, month: date, in_flight: int) -> Inserted:
-        names = tuple(row)
+        given = {name: value for name, value in row.items() if value is not None or name in _KEPT}
+        names = tuple(given)
         sql = _ONE_SQL.get(names)
         if sql is None:
             sql = _ONE_SQL[names] = _one_sql(names)
-        params = dict(zip(names, next(driver_values(runs, [row], wrap_json=True)), strict=True))
+        params = dict(zip(names, next(driver_values(runs, [given], wrap_json=True)), strict=True))
         params.update(
             month=month,
             may_pace=in_flight > 0 and row["dispatched_at"] is not None,

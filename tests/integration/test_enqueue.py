@@ -263,3 +263,57 @@ def test_a_forked_process_enqueues_on_a_connection_of_its_own(pg_url: str) -> No
         assert who == ["again", "child", "parent"]
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("optional", ["unset", "set"])
+def test_the_single_statement_stores_what_the_general_path_stores(
+    pg_url: str, optional: str
+) -> None:
+    """The one-statement insert leaves out the columns a run leaves empty (fewer parameters):
+    each run it stores, with every optional field set or none, equals the general path's."""
+    engine = create_db_engine(pg_url)
+    clock = FakeClock()
+    fields: dict[str, object] = {"name": "t", "params": {"n": 1, "text": "é"}}
+    if optional == "set":
+        fields.update(
+            queue="q",
+            priority=7,
+            max_attempts=3,
+            timeout_s=12.5,
+            budget_usd="0.25",
+            max_requests=9,
+            max_minutes=1.5,
+            trigger_ref="ref-1",
+            concurrency_key="k",
+            concurrency_max=2,
+        )
+    try:
+        publisher = FakePublisher()
+        single = enqueue.enqueue(
+            UnitOfWork(engine, clock=clock),
+            build_request(**fields, idempotency_key="one" if optional == "set" else None),
+            publisher=publisher,
+        ).run
+        general = enqueue.enqueue_many(  # a batch: never the single statement
+            UnitOfWork(engine, clock=clock),
+            [
+                build_request(**fields, idempotency_key="two" if optional == "set" else None),
+                build_request(name="t"),
+            ],
+            publisher=publisher,
+        )[0].run
+        with engine.connect() as conn:
+            stored = {
+                row["id"]: dict(row)
+                for row in conn.execute(
+                    select(runs).where(runs.c.id.in_([single.id, general.id]))
+                ).mappings()
+            }
+        ours, theirs = stored[single.id], stored[general.id]
+        for differs in ("id", "idempotency_key"):
+            ours.pop(differs), theirs.pop(differs)
+        assert ours == theirs
+        assert (ours["budget_usd"] is None) == (optional == "unset")
+    finally:
+        engine.dispose()
