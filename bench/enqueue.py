@@ -7,7 +7,9 @@ it to the same Redis; Celery only publishes. Nothing consumes, so the queue's ba
 - "one by one, fair share": the default; past 100 runs in flight the queue is full and each
   new run is written to wait for its project's turn, unpublished;
 - "8 threads": eight producers enqueueing one at a time on one Client (PostgreSQL commits
-  their transactions together), against one thread in the same run.
+  their transactions together), against one thread in the same run; the threads are kept
+  from one measurement to the next and warmed first (their connections open), as the one
+  thread is.
 Per-call latencies (p50/p99) are printed for the one-by-one loops.
 Run: `python -m bench.enqueue [--runs N]`.
 """
@@ -18,6 +20,7 @@ import argparse
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from celery import Celery
 
@@ -51,21 +54,38 @@ def latencies(n: int, call: Callable[[int], object]) -> list[float]:
     return took
 
 
-def threaded(threads: int, n: int, call: Callable[[int], object]) -> Callable[[], None]:
-    """`n` calls shared by `threads` threads, each one call at a time."""
+class Producers:
+    """`threads` producer threads kept for the whole benchmark, as a web server's pool keeps
+    its threads: each has made its first call (opened its connections) before any is timed,
+    as the one-thread loop has."""
 
-    def run() -> None:
-        share = n // threads
-        workers = [
-            threading.Thread(target=lambda k=k: [call(k * share + i) for i in range(share)])
-            for k in range(threads)
-        ]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+    def __init__(self, threads: int, call: Callable[[int], object]) -> None:
+        self.threads = threads
+        self.call = call
+        self.pool = ThreadPoolExecutor(max_workers=threads)
+        ready = threading.Barrier(threads)  # so that each warm-up call has a thread of its own
 
-    return run
+        def warm(k: int) -> None:
+            ready.wait()
+            call(k)
+
+        list(self.pool.map(warm, range(threads)))
+
+    def run(self, n: int) -> Callable[[], None]:
+        """`n` calls shared by the threads, each one call at a time."""
+        share = n // self.threads
+
+        def chunk(k: int) -> None:
+            for i in range(share):
+                self.call(k * share + i)
+
+        def run() -> None:
+            list(self.pool.map(chunk, range(self.threads)))
+
+        return run
+
+    def close(self) -> None:
+        self.pool.shutdown()
 
 
 def main() -> None:
@@ -112,6 +132,7 @@ def main() -> None:
                 {"name": "bench_noop", "params": {"i": i}} for i in range(start, start + args.batch)
             )
 
+    producers = Producers(args.threads, published_call)
     baseline = timed("celery apply_async loop (publish only)", n, loop(celery_call))
     one = timed("conveyor enqueue, one by one, published (PG + publish)", n, loop(published_call))
     results: list[Result] = [
@@ -121,7 +142,7 @@ def main() -> None:
         timed(
             f"conveyor enqueue, {args.threads} threads one by one, published",
             n,
-            threaded(args.threads, n, published_call),
+            producers.run(n),
         ),
         timed(f"conveyor enqueue_many, batches of {args.batch} (PG + publish)", n * 4, batched),
     ]
@@ -130,6 +151,7 @@ def main() -> None:
         "conveyor enqueue, published": latencies(n, published_call),
         "conveyor enqueue, fair share": latencies(n, paced_call),
     }
+    producers.close()
     flush_redis()
     published.close()
     paced.close()
