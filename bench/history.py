@@ -21,16 +21,15 @@ Retention (a day whose runs all may go goes with its partitions): first alone, d
 older half of what is past `--keep-days`; then a worker (its executor in a process of its own,
 on no-op runs with one log line) runs `--window` seconds alone (the baseline) and on while
 retention deletes the rest, resting after each transaction `--rest` times as long as it took
-(5 by default, as the scheduler's retention does: `retention.REST`; alone it does not rest).
+(7 by default, as the scheduler's retention does: `retention.REST`; alone it does not rest).
 Printed: runs deleted per minute, alone and beside the worker (target >= 1,000,000), and the
 worker's throughput beside retention against its baseline (target >= 0.9x).
 
-Disk: about 1.9 kB per run with its 10 lines, indexes included (0.35 GiB for 200,000 runs and
-2 million lines; the database size is printed): the default 10 M runs and 100 M lines need
-about 18 GiB, plus WAL while loading (have 25 GB free). The database is dropped at exit.
-Building 200,000 runs took 20-30 s here, so the default takes about half an hour to build and
-as long again to roll up; `--small` (200,000 runs, 2 million lines, 20 days, keep 10) runs in
-about four minutes.
+Disk: about 1.7 kB per run with its 10 lines, indexes included: the default 10 M runs and
+100 M lines made a 15.6 GiB database (have 25 GB free, for WAL while loading). The database is
+dropped at exit. Here the default took 10-11 minutes to build and 7 to roll up, the reads and
+retention 10 more; `--small` (200,000 runs, 2 million lines, 20 days, keep 10) runs in about
+four minutes.
 
 Run: `python -m bench.history [--small] [--runs N] [--lines N] [--days N] [--keep-days N]
 [--no-reads]` (`--no-reads`: build, then retention only).

@@ -67,10 +67,11 @@ def retention_cutoffs(
 
 
 #: How many times as long as each transaction took retention sleeps after it. Deleting runs
-#: takes database CPU a busy worker beside it needs: resting 5x gives retention about a sixth of
-#: the time, and measured on 2 cores (bench/history.py, 2 M runs) it still deleted 1.1 M runs a
-#: minute while the worker kept 0.91x of its throughput (0.77x resting 1x, 0.86x resting 3x).
-REST = 5.0
+#: takes database CPU a busy worker beside it needs: resting 7x gives retention about an eighth
+#: of the time. Measured on 2 cores (bench/history.py, a year of 10 M runs and 100 M lines),
+#: resting 7x it deleted 1.26 M runs a minute while the worker kept its throughput (1.06x, within
+#: the worker's own noise); resting 5x, 1.60 M a minute but the worker kept 0.88x.
+REST = 7.0
 
 
 def apply_retention(
