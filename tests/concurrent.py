@@ -1,10 +1,15 @@
-"""Two sessions at once in a test: a call in a thread of its own, and whether a session of the
-test's PostgreSQL database is waiting for a lock another holds."""
+"""Two things at once in a test: a call in a thread of its own, whether a session of the test's
+PostgreSQL database is waiting for a lock another holds, a lock held by another thread, and a
+forked child's exit code (or that it hung)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from sqlalchemy import Engine, text
@@ -40,3 +45,41 @@ def waits_on_a_lock(engine: Engine) -> Callable[[], bool]:
         return bool(waiting)
 
     return check
+
+
+def held_by_a_thread(lock: AbstractContextManager[Any]) -> tuple[threading.Event, threading.Thread]:
+    """A thread that holds `lock` (entered as a `with` block) until the returned event is set;
+    join the thread after setting it."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert holding.wait(5)
+    return release, thread
+
+
+def exit_code_of_child(body: Callable[[], object], *, timeout: float = 10.0) -> int | None:
+    """Fork; the child runs `body()` and exits 0 (1 if it raised). The child's exit code, or
+    None if it was still running after `timeout` (it is killed then)."""
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            body()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    return None

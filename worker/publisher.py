@@ -21,6 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from domain.db.engine import hung_up
 from domain.errors import BrokerUnavailable
+from domain.forks import ForkSafeLock
 from domain.ports import Dispatch
 from domain.security.masking import NO_SECRETS, Masker
 from domain.settings import redact_url
@@ -264,7 +265,7 @@ class _UnconfirmedLines:
     def __init__(self) -> None:
         self._local = threading.local()
         self._lines: weakref.WeakSet[_Line] = weakref.WeakSet()
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()  # a child forked while a thread held it starts with it free
         self._pid = os.getpid()
 
     def write(

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.exc import DBAPIError
 
 from domain.db.engine import hung_up, libpq_conninfo
+from domain.forks import ForkSafeLock
 
 
 class ThreadConnections:
@@ -33,7 +34,7 @@ class ThreadConnections:
         self._conninfo = libpq_conninfo(engine.url)
         self._local = threading.local()
         self._opened: list[psycopg.Connection[Any]] = []
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()  # a child forked while a thread held it starts with it free
         self._pid = os.getpid()
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ from sqlalchemy.exc import OperationalError
 
 from domain.db.driver import ThreadConnections
 from domain.db.engine import create_db_engine, hung_up, libpq_conninfo
+from tests.concurrent import exit_code_of_child, held_by_a_thread
 from tests.polling import eventually
 
 pytestmark = pytest.mark.postgres
@@ -54,3 +55,24 @@ def test_a_connection_that_breaks_in_use_fails_that_call_and_is_replaced(pg_url:
     finally:
         connections.close()
         pg_engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_child_forked_while_a_thread_opens_a_connection_does_not_hang(pg_url: str) -> None:
+    """A fork while another thread holds the connections' lock (opening or dropping one): the
+    child opens its own connection and answers (it used to wait on the copied lock forever)."""
+    engine = create_db_engine(pg_url)
+    connections = ThreadConnections(engine)
+    release, thread = held_by_a_thread(connections._lock)
+    try:
+
+        def query() -> None:
+            with connections.connection() as raw:
+                assert raw.execute("SELECT 1").fetchone() == (1,)
+
+        assert exit_code_of_child(query) == 0
+    finally:
+        release.set()
+        thread.join()
+        connections.close()
+        engine.dispose()
