@@ -26,7 +26,7 @@ from domain.errors import (
     UnknownTask,
     safe_str,
 )
-from domain.flow import concurrency
+from domain.flow import concurrency, fair
 from domain.pipelines import store as pipeline_store
 from domain.ports import Dispatch, Publisher, in_flight_limit
 from domain.runs import dispatch, lines, signals
@@ -306,14 +306,14 @@ class Executor:
 
     def _next_turns(self, queue: str) -> None:
         """A run of `queue` was claimed (or parked at its claim): a place in the queue is free.
-        Every `limit // 4`-th such claim publishes the queue's next turns, if runs wait for
-        one (domain/flow/fair.py), so one top-up serves several claims; should this fail, the
-        relay's sweep gives them."""
+        Every `fair.top_up_at(limit)`-th such claim publishes the queue's next turns, if runs
+        wait for one (domain/flow/fair.py), so one top-up serves several claims; should this
+        fail, the relay's sweep gives them."""
         limit = in_flight_limit(self.publisher) if self.publisher is not None else 0
         if not limit or self.publisher is None:
             return
         self.claims_by_queue[queue] += 1
-        if self.claims_by_queue[queue] % max(1, limit // 4):
+        if self.claims_by_queue[queue] % fair.top_up_at(limit):
             return
         try:
             publish_turns(

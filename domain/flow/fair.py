@@ -13,12 +13,14 @@ runs oldest first (priorities order runs once they are published, as without pac
 project with nothing in flight goes first, so B's 10 go out before A's next ones; with both
 busy, places alternate in the ratio of the weights.
 
-Who calls it: the enqueue that made paced runs while their queue had free places (after its
-commit), a worker claiming runs (each claim frees a place: every `limit // 4`-th claim of a
-queue it tops the queue up, so one top-up serves several claims and most claims pay nothing),
-and the relay on each sweep as the net for a top-up lost with its worker. They take their
-turns from a `Turns` (domain/storage.py `turn_giver`): `SqlTurns` here, or on PostgreSQL the
-same top-up in one round trip (domain/flow/fair_pg.py).
+Who calls it: the enqueue that made paced runs while a quarter of their queue's places were
+free (after its commit), a worker claiming runs (each claim frees a place: every
+`top_up_at(limit)`-th claim of a queue it tops the queue up), and the relay on each sweep as
+the net for a top-up lost with its worker. A top-up waits for a quarter of the places
+(`top_up_at`) so that one serves several runs: a producer that outruns the workers would
+otherwise top up at nearly every enqueue, one place at a time, as each claim frees one. They
+take their turns from a `Turns` (domain/storage.py `turn_giver`): `SqlTurns` here, or on
+PostgreSQL the same top-up in one round trip (domain/flow/fair_pg.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ from domain.runs.states import Status
 
 #: The lock (per queue) under which turns are given.
 LOCK = "pace:"
+
+
+def top_up_at(limit: int) -> int:
+    """How many free places of a queue's `limit` are worth a top-up: a quarter of them."""
+    return max(1, limit // 4)
 
 
 #: The two conditions below as SQL text, for the prepared statements of the single enqueue
@@ -69,8 +76,9 @@ def in_flight(conn: Connection, queue: str, *, most: int) -> dict[str, int]:
 def pace(conn: Connection, rows: list[dict[str, Any]], *, limit: int) -> set[str]:
     """At enqueue, in its transaction: the rows about to be published whose queue is busy (its
     in-flight runs and these past `limit`, or runs already waiting for a turn there) are made
-    paced instead, to go out in turns. Returns those of them with a free place (to top up
-    after commit: a full queue is topped up by the claims that free its places)."""
+    paced instead, to go out in turns. Returns those of them with a quarter of their places
+    free (`top_up_at`: to top up after commit; the others are topped up by the claims that
+    free their places)."""
     adding = Counter(row["queue"] for row in rows if row["dispatched_at"] is not None)
     busy, free = set(), set()
     for queue, n in adding.items():
@@ -83,7 +91,7 @@ def pace(conn: Connection, rows: list[dict[str, Any]], *, limit: int) -> set[str
         count, queued = conn.execute(select(flying, waiting)).one()
         if queued or count + n > limit:
             busy.add(queue)
-            if count < limit:
+            if limit - count >= top_up_at(limit):
                 free.add(queue)
     for row in rows:
         if row["queue"] in busy and row["dispatched_at"] is not None:

@@ -176,7 +176,14 @@ def enqueue_many(
             turns = sorted(with_room)
 
             def take_turns() -> None:
-                publish_turns(uow.engine, publisher, limit=in_flight, now=uow.clock(), queues=turns)
+                publish_turns(
+                    uow.engine,
+                    publisher,
+                    limit=in_flight,
+                    now=uow.clock(),
+                    queues=turns,
+                    at_least=fair.top_up_at(in_flight),
+                )
 
             uow.after_commit(take_turns)
         uow.commit()
@@ -213,7 +220,14 @@ def _enqueue_one(
         send_unconfirmed_or_hand_back(publisher, uow.engine, [dispatch], marked_at=now)
     if inserted.turns:
         assert publisher is not None
-        publish_turns(uow.engine, publisher, limit=in_flight, now=now, queues=[row["queue"]])
+        publish_turns(
+            uow.engine,
+            publisher,
+            limit=in_flight,
+            now=now,
+            queues=[row["queue"]],
+            at_least=fair.top_up_at(in_flight),
+        )
     log.debug("run.enqueued", run_id=str(row["id"]), name=row["name"])
     return made
 

@@ -90,7 +90,8 @@ _KEPT = frozenset(_DECIDED) | {
 def _one_sql(names: tuple[str, ...]) -> str:
     """INSERT of one run that, in the same statement, refuses it when its project is at its
     monthly limit (domain/costs/ledger.py `check_can_enqueue`) and paces it when its queue is
-    busy (`fair.pace`); see `PgIntake.insert_one`."""
+    busy (`fair.pace`), and says whether a quarter of the queue's places are free (a top-up is
+    due: `fair.top_up_at`); see `PgIntake.insert_one`."""
     given = [n for n in names if n not in _DECIDED]
     values = ", ".join(f"%({n})s::{_cast(n)}" for n in given)
     return f"""
@@ -100,13 +101,15 @@ WITH over_limit AS (
   WHERE p.name = %(project)s AND (
     (p.monthly_cost_limit_usd IS NOT NULL AND coalesce(u.cost_usd, 0) >= p.monthly_cost_limit_usd)
     OR (p.monthly_token_limit IS NOT NULL AND coalesce(u.tokens, 0) >= p.monthly_token_limit))
-), queue AS (
+), counted AS (
   SELECT
     %(may_pace)s AND EXISTS (
       SELECT 1 FROM runs WHERE queue = %(queue)s AND {fair.WAITING_TURN_SQL}) AS waiting,
-    %(may_pace)s AND (SELECT count(*) FROM (
+    CASE WHEN %(may_pace)s THEN (SELECT count(*) FROM (
       SELECT 1 FROM runs WHERE queue = %(queue)s AND {fair.IN_FLIGHT_SQL} LIMIT %(in_flight)s
-    ) flying) >= %(in_flight)s AS full
+    ) f) ELSE 0 END AS flying
+), queue AS (
+  SELECT waiting, flying >= %(in_flight)s AS full, flying FROM counted
 ), made AS (
   INSERT INTO runs ({", ".join(given)}, {", ".join(_DECIDED)})
   SELECT {values}, q.waiting OR q.full,
@@ -116,7 +119,8 @@ WITH over_limit AS (
   ON CONFLICT (project, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
   RETURNING paced
 )
-SELECT EXISTS (SELECT 1 FROM over_limit), (SELECT paced FROM made), q.full FROM queue q
+SELECT EXISTS (SELECT 1 FROM over_limit), (SELECT paced FROM made),
+  %(in_flight)s - q.flying >= %(top_up_at)s FROM queue q
 """
 
 
@@ -124,7 +128,7 @@ SELECT EXISTS (SELECT 1 FROM over_limit), (SELECT paced FROM made), q.full FROM 
 class Inserted:
     """What the single insert did: `made` the run (else: its project is at its monthly limit,
     or its idempotency key names another run: the general path says which); `paced` it waits
-    for a turn; `turns` the queue had free places, so turns may go out now."""
+    for a turn; `turns` a quarter of the queue's places were free, so turns may go out now."""
 
     made: bool
     paced: bool
@@ -152,11 +156,12 @@ class PgIntake:
             month=month,
             may_pace=in_flight > 0 and row["dispatched_at"] is not None,
             in_flight=max(in_flight, 1),
+            top_up_at=fair.top_up_at(max(in_flight, 1)),
         )
         with self._connections.connection() as raw:
-            over, paced, full = raw.execute(sql, params, prepare=True).fetchone() or (0, 0, 0)
+            over, paced, roomy = raw.execute(sql, params, prepare=True).fetchone() or (0, 0, 0)
         if over or paced is None:
             return Inserted(made=False, paced=False, turns=False)
         if paced:
             row.update(paced=True, dispatched_at=None, dispatch_attempts=0)
-        return Inserted(made=True, paced=bool(paced), turns=bool(paced) and not full)
+        return Inserted(made=True, paced=bool(paced), turns=bool(paced) and bool(roomy))

@@ -107,6 +107,34 @@ def test_a_busy_queue_keeps_its_limit_in_flight_and_a_late_project_goes_first(
         assert fair.top_up(conn, "default", limit=LIMIT, now=utc_now()) == []  # full again
 
 
+def test_an_enqueue_tops_up_once_a_quarter_of_the_places_are_free(engine: Engine) -> None:
+    """A producer that outruns the workers does not top up at each enqueue, one freed place at
+    a time: only once a quarter of the window is free (fair.top_up_at), as claims do. One run
+    at a time (on PostgreSQL the single statement decides; on SQLite fair.pace)."""
+
+    class EightPlaces(FakePublisher):
+        in_flight_limit = 8  # a quarter: 2
+
+    _project(engine, "a")
+    publisher = EightPlaces()
+
+    def one() -> uuid.UUID:
+        made = enqueue.enqueue(
+            UnitOfWork(engine), build_request(name="job", project="a"), publisher=publisher
+        )
+        return made.run.id
+
+    runs_ = [one() for _ in range(11)]
+    assert [d.run_id for d in publisher.published] == runs_[:8] and _waiting(engine) == 3
+    _claim(engine, runs_[:1])  # one place free: not worth a top-up
+    runs_.append(one())
+    assert len(publisher.published) == 8 and _waiting(engine) == 4
+    _claim(engine, runs_[1:2])  # two free: this enqueue gives both (the oldest waiting)
+    runs_.append(one())
+    assert [d.run_id for d in publisher.published[8:]] == runs_[8:10]
+    assert _waiting(engine) == 3
+
+
 def test_the_relay_gives_turns_and_leaves_waiting_runs_to_them(engine: Engine) -> None:
     _project(engine, "a")
     a = _enqueue(engine, LimitedPublisher(), "a", 12)
