@@ -174,18 +174,9 @@ def enqueue_many(
         if with_room:
             assert publisher is not None
             turns = sorted(with_room)
-
-            def take_turns() -> None:
-                publish_turns(
-                    uow.engine,
-                    publisher,
-                    limit=in_flight,
-                    now=uow.clock(),
-                    queues=turns,
-                    at_least=fair.top_up_at(in_flight),
-                )
-
-            uow.after_commit(take_turns)
+            uow.after_commit(
+                lambda: _take_turns(uow.engine, publisher, in_flight, uow.clock(), turns)
+            )
         uow.commit()
     created = [r.run for r in results if r.created]
     if len(created) == 1:
@@ -220,16 +211,24 @@ def _enqueue_one(
         send_unconfirmed_or_hand_back(publisher, uow.engine, [dispatch], marked_at=now)
     if inserted.turns:
         assert publisher is not None
-        publish_turns(
-            uow.engine,
-            publisher,
-            limit=in_flight,
-            now=now,
-            queues=[row["queue"]],
-            at_least=fair.top_up_at(in_flight),
-        )
+        _take_turns(uow.engine, publisher, in_flight, now, [row["queue"]])
     log.debug("run.enqueued", run_id=str(row["id"]), name=row["name"])
     return made
+
+
+def _take_turns(
+    engine: Engine, publisher: Publisher, in_flight: int, now: datetime, queues: list[str]
+) -> None:
+    """After an enqueue that paced runs in `queues` while a quarter of their places were free:
+    their turns, given only if a quarter still is (`fair.top_up_at`, as the claims do)."""
+    publish_turns(
+        engine,
+        publisher,
+        limit=in_flight,
+        now=now,
+        queues=queues,
+        at_least=fair.top_up_at(in_flight),
+    )
 
 
 def _prepare_publish(
