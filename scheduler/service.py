@@ -36,9 +36,10 @@ STANDBY_RETRY_S = 1.0
 #: With LISTEN in place (PostgreSQL) edits arrive as notifications; this poll is only the net
 #: for one lost while the listener reconnected. Without it the schedules are polled each check.
 POLL_WHILE_LISTENING_S = 30.0
-#: How long one retention pass may hold the leader's loop (its rests included): it stops
-#: starting transactions then, and the loop's next pass, after the relay's, goes on.
-RETENTION_SLICE_S = 2.0
+#: How long one retention or rollup pass may hold the leader's loop (retention's rests
+#: included): it stops starting transactions then, and the loop's next pass, after the
+#: relay's, goes on. A first start over a year of history is many such slices.
+HOUSEKEEPING_SLICE_S = 2.0
 
 
 class SchedulerService:
@@ -158,24 +159,9 @@ class SchedulerService:
                     forget_dead_workers(self.engine, clock=self.clock)
                     next_reap = now_m + self.settings.reaper_interval_s
                 if now_m >= next_housekeeping:
-                    roll_up(self.engine, now=self.clock())
-                    next_housekeeping = now_m + self.settings.rollup_interval_s
+                    next_housekeeping = now_m + self._roll_up()
                 if now_m >= next_retention:
-                    make_coming_days(self.engine, now=self.clock())
-                    # A slice at a time: a long backlog (a year of history on first start)
-                    # must not hold the relay and the reaper for minutes. A slice used up
-                    # means more is left: the next pass of this loop goes on.
-                    until = time.perf_counter() + RETENTION_SLICE_S
-                    apply_retention(
-                        self.engine,
-                        now=self.clock(),
-                        default_days=self.settings.retention_days,
-                        rules=self.settings.retention_rules,
-                        archive_dir=self.settings.archive_dir,
-                        until=until,
-                    )
-                    more = time.perf_counter() >= until
-                    next_retention = now_m + (0 if more else self.settings.retention_interval_s)
+                    next_retention = now_m + self._retain()
                 if now_m >= next_relay:
                     next_relay = time.monotonic() + self._relay()
             except Exception as exc:  # a sweep failing must not end the process
@@ -183,6 +169,28 @@ class SchedulerService:
                 self.stop_event.wait(STANDBY_RETRY_S)
             self._wake.wait(max(0.0, min(next_relay, next_reap, next_check) - time.monotonic()))
             self._wake.clear()
+
+    def _roll_up(self) -> float:
+        """A slice of the rollups; the seconds until the next (none while a backlog is left)."""
+        until = time.perf_counter() + HOUSEKEEPING_SLICE_S
+        rolled = roll_up(self.engine, now=self.clock(), until=until)
+        return self.settings.rollup_interval_s if rolled.caught_up else 0.0
+
+    def _retain(self) -> float:
+        """A slice of retention; the seconds until the next (none while a backlog is left).
+        A year of history on first start must not hold the relay and the reaper for minutes."""
+        make_coming_days(self.engine, now=self.clock())
+        until = time.perf_counter() + HOUSEKEEPING_SLICE_S
+        apply_retention(
+            self.engine,
+            now=self.clock(),
+            default_days=self.settings.retention_days,
+            rules=self.settings.retention_rules,
+            archive_dir=self.settings.archive_dir,
+            until=until,
+        )
+        more = time.perf_counter() >= until  # the slice used up: more is left
+        return 0.0 if more else self.settings.retention_interval_s
 
     def _relay(self) -> float:
         """Release held and chained runs, wake gatherers whose children ended, publish what is

@@ -21,9 +21,9 @@ from sqlalchemy import ColumnElement, Connection, Engine, Table, and_, or_, sele
 
 from domain.callbacks.messages import MAX_ERROR, encode, signing_key, slack_message, summary
 from domain.callbacks.rules import Rule, rules, shown_url
-from domain.db import sql
+from domain.db import cursors, sql
 from domain.db.models import run_logs, runs
-from domain.db.models_platform import OutboundDelivery, SweepCursor, Webhook, WebhookDelivery
+from domain.db.models_platform import OutboundDelivery, Webhook, WebhookDelivery
 from domain.errors import ConfigurationError
 from domain.runs.lines import next_seq
 from domain.runs.states import TERMINAL
@@ -31,7 +31,6 @@ from domain.runs.views import RunView, jsonable
 from domain.security import crypto
 
 deliveries = cast(Table, OutboundDelivery.__table__)
-cursors = cast(Table, SweepCursor.__table__)
 webhooks = cast(Table, Webhook.__table__)
 webhook_deliveries = cast(Table, WebhookDelivery.__table__)
 
@@ -91,9 +90,7 @@ def discover(
 ) -> int:
     """Queue deliveries for runs finished since the cursor; returns how many rows were new."""
     with engine.begin() as conn:
-        position = conn.execute(
-            select(cursors.c.position).where(cursors.c.name == CURSOR)
-        ).scalar_one_or_none()
+        position = cursors.read(conn, CURSOR)
         if position is None:  # first sweep ever: runs that ended within the deadline still count
             position = now - timedelta(seconds=policy.deadline_s)
         owed: ColumnElement[bool] = runs.c.callback_url.is_not(None)
@@ -141,7 +138,7 @@ def discover(
                 newest = max(newest, after[0])
             if len(page) < PAGE:
                 break
-        _move_cursor(conn, newest, now)
+        cursors.move(conn, CURSOR, newest, now)
     return added
 
 
@@ -155,15 +152,6 @@ def _insert_new(conn: Connection, rows: list[dict[str, Any]]) -> int:
         .returning(deliveries.c.id)
     )
     return len(conn.execute(stmt).all())
-
-
-def _move_cursor(conn: Connection, position: datetime, now: datetime) -> None:
-    stmt = sql.insert(conn, cursors).values(name=CURSOR, position=position, updated_at=now)
-    conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["name"], set_={"position": position, "updated_at": now}
-        )
-    )
 
 
 # -- handing out what is due -------------------------------------------------------------------

@@ -1,117 +1,118 @@
 """Housekeeping the scheduler leader does: hourly/daily rollups into run_stats (retention is
-domain/housekeeping/retention.py)."""
+domain/housekeeping/retention.py).
+
+A pass rewrites, whole, each hour and day bucket that runs finished in since the last pass
+(from the rollup cursor, less `ROLLUP_OVERLAP` when it was moved that recently), a day at a
+time: each day's hours and the day in one transaction that also moves the cursor past it.
+The buckets are computed as the stats API computes them from runs (`buckets_from_runs`: by
+PostgreSQL itself, or in Python on SQLite), so both give the same numbers. The first pass
+over a long history (a year of it, on first start) goes a slice at a time when given a
+deadline: the cursor says how far it got, the stats API answers the days it has not reached
+from runs, and the next pass goes on.
+"""
 
 from __future__ import annotations
 
-import statistics
-from collections import defaultdict
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import Connection, Engine, Table, select
+from sqlalchemy import Connection, Engine, Table, func, select
 
-from domain.db import sql
+from domain.db import cursors, sql
 from domain.db.models import runs
-from domain.db.models_platform import RunStat, SweepCursor
+from domain.db.models_platform import RunStat
+from domain.housekeeping.stats import PERIODS, ROLLUPS, Bucket, buckets_from_runs, floor
 from domain.runs.states import ALL_STATUSES, TERMINAL
 
 log = structlog.get_logger("conveyor.maintenance")
 
 stats = cast(Table, RunStat.__table__)
-cursors = cast(Table, SweepCursor.__table__)
 #: Rollups look back this far behind the cursor, so runs finishing out of order are counted.
 ROLLUP_OVERLAP = timedelta(minutes=5)
+_DAY = PERIODS["day"]
 
 
-def read_cursor(conn: Connection, name: str) -> datetime | None:
-    """Where the sweep `name` stopped last time (a `sweep_cursors` row), if it ever ran."""
-    return conn.execute(select(cursors.c.position).where(cursors.c.name == name)).scalar()
+@dataclass(frozen=True, slots=True)
+class Rolled:
+    buckets: int  # hour and day buckets written
+    caught_up: bool  # False: the deadline came first; the next pass goes on from the cursor
 
 
-def set_cursor(conn: Connection, name: str, position: datetime, now: datetime) -> None:
-    """Record where the sweep `name` stopped."""
-    conn.execute(
-        sql.insert(conn, cursors)
-        .values(name=name, position=position, updated_at=now)
-        .on_conflict_do_update(
-            index_elements=["name"], set_={"position": position, "updated_at": now}
-        )
-    )
+def roll_up(engine: Engine, *, now: datetime, until: float | None = None) -> Rolled:
+    """Rewrite the hour and day buckets touched by runs finished since the last pass, a day
+    at a time, up to `now`; with `until` (a `time.perf_counter()` deadline) stop after the day
+    that passes it. Each bucket is recomputed whole from `runs`, so running it twice changes
+    nothing."""
+    with engine.connect() as conn:
+        cursor = cursors.read_at(conn, ROLLUPS)
+        if cursor is None:  # the first pass: from the first run that ever finished
+            position = conn.execute(select(func.min(runs.c.finished_at))).scalar() or now
+        else:  # a run may commit after the pass that read past its end: look back for it
+            reached, written_at = cursor
+            position = min(reached, written_at - ROLLUP_OVERLAP)
+    written = 0
+    day = floor(min(position, now), "day")
+    first_hour = floor(min(position, now), "hour")
+    while True:
+        reached = min(day + _DAY, now)
+        with engine.begin() as conn:
+            written += _rewrite(conn, "hour", first_hour, day + _DAY, now)
+            written += _rewrite(conn, "day", day, day + _DAY, now)
+            cursors.move(conn, ROLLUPS, reached, now)
+        if reached >= now:
+            return Rolled(written, True)
+        if until is not None and time.perf_counter() >= until:
+            log.info("rollups.slice", reached=reached.isoformat(), buckets=written)
+            return Rolled(written, False)
+        day = first_hour = day + _DAY
 
 
-def _bucket(when: datetime, period: str) -> datetime:
-    when = when.astimezone(UTC)
-    if period == "hour":
-        return when.replace(minute=0, second=0, microsecond=0)
-    return when.replace(hour=0, minute=0, second=0, microsecond=0)
-
-
-def roll_up(engine: Engine, *, now: datetime) -> int:
-    """Recompute the hour and day buckets touched by runs finished since the last pass.
-    Each bucket is recomputed whole from `runs`, so running it twice changes nothing."""
-    with engine.begin() as conn:
-        since = read_cursor(conn, "rollups")
-        query = select(runs.c.finished_at).where(runs.c.finished_at.is_not(None))
-        if since is not None:
-            query = query.where(runs.c.finished_at >= since - ROLLUP_OVERLAP)
-        touched = {(p, _bucket(t, p)) for (t,) in conn.execute(query) for p in ("hour", "day")}
-        for period, start in sorted(touched):
-            _recompute(conn, period, start, now)
-        set_cursor(conn, "rollups", now, now)
-    return len(touched)
-
-
-def _recompute(conn: Connection, period: str, start: datetime, now: datetime) -> None:
-    end = start + (timedelta(hours=1) if period == "hour" else timedelta(days=1))
-    rows = conn.execute(
-        select(
-            runs.c.project,
-            runs.c.name,
-            runs.c.status,
-            runs.c.started_at,
-            runs.c.finished_at,
-            runs.c.cost_usd,
-            runs.c.tokens_in,
-            runs.c.tokens_out,
-        ).where(runs.c.finished_at >= start, runs.c.finished_at < end)
-    ).all()
-    groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
-    for row in rows:
-        groups[(row.project, row.name)].append(row)
-    for (project, name), members in groups.items():
-        durations = sorted(
-            (r.finished_at - r.started_at).total_seconds() for r in members if r.started_at
-        )
-        counts = {s: 0 for s in ALL_STATUSES if s in TERMINAL}
-        for r in members:
-            counts[r.status] = counts.get(r.status, 0) + 1
-        values = {
-            "counts": counts,
-            "duration_p50_s": _pct(durations, 50),
-            "duration_p95_s": _pct(durations, 95),
-            "duration_max_s": durations[-1] if durations else None,
-            "cost_usd": sum((Decimal(r.cost_usd) for r in members), Decimal(0)),
-            "tokens_in": sum(r.tokens_in for r in members),
-            "tokens_out": sum(r.tokens_out for r in members),
-            "updated_at": now,
-        }
+def _rewrite(conn: Connection, period: str, start: datetime, end: datetime, now: datetime) -> int:
+    """Recompute the `period` buckets of [start, end) (`start` on a bucket's start) from runs."""
+    buckets = buckets_from_runs(conn, period, start, end, max_rows=None)
+    if buckets:
+        upsert = sql.insert(conn, stats)
         conn.execute(
-            sql.insert(conn, stats)
-            .values(period=period, period_start=start, project=project, name=name, **values)
-            .on_conflict_do_update(
-                index_elements=["period", "period_start", "project", "name"], set_=values
-            )
+            upsert.on_conflict_do_update(
+                index_elements=["period", "period_start", "project", "name"],
+                set_={c: upsert.excluded[c] for c in _VALUES},
+            ),
+            [_row(period, b, now) for b in buckets],
         )
+    return len(buckets)
 
 
-def _pct(values: list[float], p: int) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
+_VALUES = (
+    "counts",
+    "duration_p50_s",
+    "duration_p95_s",
+    "duration_max_s",
+    "cost_usd",
+    "tokens_in",
+    "tokens_out",
+    "updated_at",
+)
+
+
+def _row(period: str, bucket: Bucket, now: datetime) -> dict[str, Any]:
+    counts = {s: 0 for s in ALL_STATUSES if s in TERMINAL}
+    return {
+        "period": period,
+        "period_start": bucket.period_start,
+        "project": bucket.project,
+        "name": bucket.name,
+        "counts": counts | {s: int(n) for s, n in bucket.counts.items()},
+        "duration_p50_s": bucket.duration_p50_s,
+        "duration_p95_s": bucket.duration_p95_s,
+        "duration_max_s": bucket.duration_max_s,
+        "cost_usd": bucket.cost_usd,
+        "tokens_in": int(bucket.tokens_in or 0),
+        "tokens_out": int(bucket.tokens_out or 0),
+        "updated_at": now,
+    }
 
 
 def stats_for(

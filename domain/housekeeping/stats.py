@@ -1,6 +1,7 @@
 """Run statistics per project, name and hour or day of the runs' end: from the `run_stats`
-rollups where the scheduler has written them (domain/housekeeping/rollups.py), else computed
-from `runs` for the window asked for, the same way (finished runs, bucketed by finished_at)."""
+rollups as far as the scheduler has written them (domain/housekeeping/rollups.py), computed
+from `runs` past that, the same way (finished runs, bucketed by finished_at). The rollups
+compute their buckets with `buckets_from_runs` too."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select, Table, extract, func, select
+from sqlalchemy import ColumnElement, Connection, Select, Table, extract, func, select
 
+from domain.db import cursors
 from domain.db.capabilities import capabilities
 from domain.db.models import runs
 from domain.db.models_platform import RunStat
@@ -21,6 +23,9 @@ from domain.runs.states import ALL_STATUSES
 from domain.runs.views import jsonable
 
 run_stats = cast(Table, RunStat.__table__)
+#: the sweep cursor of the rollups (domain/housekeeping/rollups.py): the buckets that began
+#: before it are in `run_stats`
+ROLLUPS = "rollups"
 
 PERIODS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 #: the longest window per period (a month of hours, a year of days)
@@ -64,7 +69,7 @@ class Stats:
     period: str
     since: datetime
     until: datetime
-    source: str  # rollups | runs
+    source: str  # rollups | runs | mixed (the rollups' buckets, then the newest from runs)
     items: list[Bucket]
     truncated: bool
 
@@ -80,8 +85,15 @@ class Stats:
 
 
 def floor(instant: datetime, period: str) -> datetime:
+    """The start of the hour or day (UTC) `instant` falls in."""
     value = instant.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
     return value.replace(hour=0) if period == "day" else value
+
+
+def ceil(instant: datetime, period: str) -> datetime:
+    """The start of the first hour or day (UTC) that begins at or after `instant`."""
+    start = floor(instant, period)
+    return start if start == instant else start + PERIODS[period]
 
 
 def window(
@@ -115,18 +127,40 @@ def run_stats_for(
     name: str | None = None,
     limit: int = 1000,
 ) -> Stats:
+    """The buckets of [since, until): those the scheduler's rollups have reached (a bucket
+    that began before the rollup cursor) from `run_stats`, the rest computed from `runs`."""
     start, end = window(period, since, until, now=uow.clock())
     with uow:
-        items = _from_rollups(uow, period, start, end, project, name, limit + 1)
-        source = "rollups"
-        if not items:
-            source = "runs"
-            if capabilities(uow.conn).server_stats:
-                items = _from_runs_pg(uow, period, start, end, project, name, limit + 1)
-            else:
-                items = _from_runs_py(uow, period, start, end, project, name)
+        rolled = cursors.read(uow.conn, ROLLUPS)
+        boundary = min(max(ceil(rolled, period), start), end) if rolled is not None else start
+        items = []
+        if boundary > start:
+            items += _from_rollups(uow, period, start, boundary, project, name, limit + 1)
+        if boundary < end:
+            items += buckets_from_runs(
+                uow.conn, period, boundary, end, project=project, name=name, limit=limit + 1
+            )
+    source = "runs" if boundary <= start else "rollups" if boundary >= end else "mixed"
     items.sort(key=lambda b: (b.period_start, b.project, b.name))
     return Stats(period, start, end, source, items[:limit], len(items) > limit)
+
+
+def buckets_from_runs(
+    conn: Connection,
+    period: str,
+    start: datetime,
+    end: datetime,
+    *,
+    project: str | None = None,
+    name: str | None = None,
+    limit: int | None = None,
+    max_rows: int | None = MAX_SQLITE_ROWS,
+) -> list[Bucket]:
+    """The buckets of the runs that finished in [start, end), computed from `runs` (by the
+    database on PostgreSQL; on SQLite in Python, refusing more than `max_rows` runs)."""
+    if capabilities(conn).server_stats:
+        return _from_runs_pg(conn, period, start, end, project, name, limit)
+    return _from_runs_py(conn, period, start, end, project, name, max_rows)[:limit]
 
 
 def _filtered(stmt: Select[Any], table: Table, project: str | None, name: str | None) -> Any:
@@ -175,13 +209,13 @@ def _from_rollups(
 
 
 def _from_runs_pg(
-    uow: UnitOfWork,
+    conn: Connection,
     period: str,
     start: datetime,
     end: datetime,
     project: str | None,
     name: str | None,
-    limit: int,
+    limit: int | None,
 ) -> list[Bucket]:
     bucket = func.date_trunc(period, runs.c.finished_at, "UTC").label("bucket")
     duration: ColumnElement[Any] = extract("epoch", runs.c.finished_at - runs.c.started_at)
@@ -219,17 +253,18 @@ def _from_runs_pg(
             tokens_in=row["tokens_in"],
             tokens_out=row["tokens_out"],
         )
-        for row in uow.conn.execute(stmt.limit(limit)).mappings()
+        for row in conn.execute(stmt.limit(limit)).mappings()
     ]
 
 
 def _from_runs_py(
-    uow: UnitOfWork,
+    conn: Connection,
     period: str,
     start: datetime,
     end: datetime,
     project: str | None,
     name: str | None,
+    max_rows: int | None,
 ) -> list[Bucket]:
     stmt = _filtered(
         select(
@@ -246,10 +281,10 @@ def _from_runs_py(
         project,
         name,
     )
-    rows = uow.conn.execute(stmt.limit(MAX_SQLITE_ROWS + 1)).all()
-    if len(rows) > MAX_SQLITE_ROWS:
+    rows = conn.execute(stmt if max_rows is None else stmt.limit(max_rows + 1)).all()
+    if max_rows is not None and len(rows) > max_rows:
         raise InvalidInput(
-            f"since: more than {MAX_SQLITE_ROWS} runs in this window; ask for a shorter one",
+            f"since: more than {max_rows} runs in this window; ask for a shorter one",
             field="since",
         )
     groups: dict[tuple[datetime, str, str], list[Any]] = {}

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from sqlalchemy import Engine
 
-from domain.housekeeping.rollups import read_cursor, set_cursor
+from domain.db import cursors
 
 CURSOR = "scheduler.leader"
 
@@ -28,12 +28,12 @@ def beat_every(silence_s: float) -> float:
 def beat(engine: Engine, *, now: datetime) -> None:
     """The leader is alive and sweeping, as of `now`."""
     with engine.begin() as conn:
-        set_cursor(conn, CURSOR, now, now)
+        cursors.move(conn, CURSOR, now, now)
 
 
 def last_beat(engine: Engine) -> datetime | None:
     with engine.connect() as conn:
-        return read_cursor(conn, CURSOR)
+        return cursors.read(conn, CURSOR)
 
 
 def absence(engine: Engine, *, now: datetime, since: datetime, silence_s: float) -> str | None:

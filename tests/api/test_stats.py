@@ -1,5 +1,5 @@
-"""/api/v1/stats: per project, name and day or hour; from run_stats rollups when the scheduler
-wrote them, computed from runs before that. Both databases give the same numbers."""
+"""/api/v1/stats: per project, name and day or hour; from run_stats rollups as far as the
+scheduler wrote them, computed from runs past that. Both databases give the same numbers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from decimal import Decimal
 
 from sqlalchemy import insert
 
-from domain.housekeeping.stats import run_stats
+from domain.db import cursors
+from domain.housekeeping.stats import ROLLUPS, run_stats
 from tests.api.conftest import ApiClient, create_run, error_of, set_status
 
 BASE = "/api/v1/stats"
@@ -61,7 +62,7 @@ def test_computed_from_runs_before_any_rollup(api: ApiClient) -> None:
     assert len(limited["items"]) == 1 and limited["truncated"] is True
 
 
-def test_rollups_answer_once_written(api: ApiClient) -> None:
+def test_rollups_answer_as_far_as_their_cursor_and_runs_past_it(api: ApiClient) -> None:
     day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     with api.state.engine.begin() as conn:
         conn.execute(
@@ -83,12 +84,26 @@ def test_rollups_answer_once_written(api: ApiClient) -> None:
                 }
             ],
         )
+        cursors.move(conn, ROLLUPS, day, day)  # the pass that wrote it reached today's start
+    engine = api.state.engine
+    finished = create_run(api, "report")
+    set_status(engine, finished["id"], "succeeded", started_at=day, finished_at=day)
     body = api.as_role("readonly", "GET", BASE).json()
-    assert body["source"] == "rollups"
-    [bucket] = body["items"]
-    assert (bucket["total"], bucket["counts"]["failed"], bucket["cost_usd"]) == (42, 2, "3.5")
+    assert body["source"] == "mixed"  # yesterday rolled up, today from the runs
+    [yesterday, today] = body["items"]
+    assert (yesterday["total"], yesterday["counts"]["failed"], yesterday["cost_usd"]) == (
+        42,
+        2,
+        "3.5",
+    )
+    assert (today["period_start"], today["total"]) == (day.isoformat(), 1)
+    with engine.begin() as conn:
+        cursors.move(conn, ROLLUPS, datetime.now(UTC), datetime.now(UTC))
+    body = api.as_role("readonly", "GET", BASE).json()
+    assert body["source"] == "rollups"  # today too: the rollups have not written it
+    assert [b["total"] for b in body["items"]] == [42]
     other = api.as_role("readonly", "GET", BASE, params={"project": "acme"}).json()
-    assert other["items"] == [] and other["source"] == "runs"
+    assert other["items"] == [] and other["source"] == "rollups"
 
 
 def test_bad_windows_are_422(api: ApiClient) -> None:

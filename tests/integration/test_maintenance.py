@@ -17,6 +17,7 @@ from domain.db.models import run_logs, runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.housekeeping.retention import apply_retention, make_coming_days
 from domain.housekeeping.rollups import roll_up, stats_for
+from domain.housekeeping.stats import run_stats, run_stats_for
 from domain.runs import enqueue
 from domain.runs import store as runstore
 from domain.runs.requests import build_request
@@ -63,7 +64,7 @@ def test_rollups_per_hour_and_day_are_idempotent(engine: Engine, clock: FakeCloc
         finished(engine, clock, "report", status, secs, usd="0.25")
     clock.now = T0 + timedelta(hours=1, minutes=5)
     finished(engine, clock, "report", "succeeded", 2, usd="0.25")
-    assert roll_up(engine, now=T0 + timedelta(hours=2)) == 3  # two hours, one day
+    assert roll_up(engine, now=T0 + timedelta(hours=2)).buckets == 3  # two hours, one day
     hours = stats_for(engine, period="hour", name="report")
     assert [h["period_start"] for h in hours] == [T0, T0 + timedelta(hours=1)]
     first = hours[0]
@@ -76,6 +77,68 @@ def test_rollups_per_hour_and_day_are_idempotent(engine: Engine, clock: FakeCloc
     assert stats_for(engine, period="hour", name="report") == [
         {**h, "updated_at": stats_for(engine, period="hour", name="report")[i]["updated_at"]}
         for i, h in enumerate(hours)
+    ]
+
+
+def _rows(engine: Engine) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(run_stats).order_by(run_stats.c.period, run_stats.c.period_start)
+        )
+        return [tuple(r)[1:-1] for r in rows]  # without the id and updated_at
+
+
+def test_a_first_pass_over_a_history_goes_a_day_at_a_time_and_the_stats_read_on(
+    engine: Engine, clock: FakeClock
+) -> None:
+    for day, secs in ((0, (1, 3)), (1, (2,)), (2, (4, 8, 9))):
+        for i, s in enumerate(secs):
+            clock.now = T0 + timedelta(days=day, minutes=i * 70)  # an hour apart and more
+            finished(engine, clock, "report", "failed" if s == 9 else "succeeded", s, usd="0.5")
+    clock.now = now = T0 + timedelta(days=2, hours=5)
+    days = (T0.replace(hour=0), T0.replace(hour=0) + timedelta(days=3))
+
+    def day_stats() -> list[tuple[Any, ...]]:
+        got = run_stats_for(UnitOfWork(engine, clock=clock), since=days[0], until=days[1])
+        return [(b.period_start.day, sum(b.counts.values()), b.duration_max_s) for b in got.items]
+
+    expected = [(4, 2, 3.0), (5, 1, 2.0), (6, 3, 9.0)]
+    assert run_stats_for(UnitOfWork(engine, clock=clock), since=days[0]).source == "runs"
+    passes = []
+    while not passes or not passes[-1].caught_up:  # a deadline already past: a day a pass
+        passes.append(roll_up(engine, now=now, until=0.0))
+        assert day_stats() == expected  # rolled up or not yet, the same numbers
+        mid = run_stats_for(UnitOfWork(engine, clock=clock), since=days[0], until=days[1])
+        assert mid.source == ("rollups" if passes[-1].caught_up else "mixed")
+    assert [p.buckets for p in passes] == [2 + 1, 1 + 1, 3 + 1]  # each day's hours and itself
+    rolled = _rows(engine)
+    assert len(rolled) == 9
+    with engine.begin() as conn:  # the same history in one pass: the same rows
+        conn.execute(run_stats.delete())
+        conn.execute(text("DELETE FROM sweep_cursors WHERE name = 'rollups'"))
+    assert roll_up(engine, now=now).caught_up
+    assert _rows(engine) == rolled
+
+
+def test_a_pass_reads_back_only_as_far_as_a_run_may_commit_late(
+    engine: Engine, clock: FakeClock
+) -> None:
+    clock.now = T0
+    finished(engine, clock, "report", "succeeded", 1)
+    clock.now = T0 + timedelta(hours=3)
+    assert roll_up(engine, now=clock.now).buckets == 2  # hour 10 and its day
+    late = T0 + timedelta(hours=3, minutes=-2)  # ended before that pass, committed after it
+    clock.now = late
+    finished(engine, clock, "report", "failed", 60)
+    clock.now = T0 + timedelta(hours=3, minutes=1)
+    again = roll_up(engine, now=clock.now)
+    assert again.buckets == 2  # the one hour the late run ended in, and its day
+    [day] = stats_for(engine, period="day")
+    assert (day["counts"]["succeeded"], day["counts"]["failed"]) == (1, 1)
+    hours = stats_for(engine, period="hour")
+    assert [(h["period_start"], sum(h["counts"].values())) for h in hours] == [
+        (T0, 1),
+        (T0 + timedelta(hours=2), 1),  # it started at 12:58 and ended at 12:59
     ]
 
 
