@@ -28,6 +28,7 @@ class StatsQuery(BaseModel):
 @router.get("")
 def stats(state: State, _: Reader, query: Annotated[StatsQuery, Query()]) -> dict[str, Any]:
     """One item per period, project and name in [since, until) (default: the last 7 days, or
-    24 hours by hour). `source` says whether the scheduler's rollups answered, or the runs
-    themselves (before the first rollup). Runs count in the period they ended in."""
+    24 hours by hour). `source` says who answered: the scheduler's rollups (`rollups`), the
+    runs themselves (`runs`: periods the rollups have not reached yet), or both (`mixed`).
+    Runs count in the period they ended in."""
     return run_stats_for(state.reader(), **query.model_dump()).to_dict()
