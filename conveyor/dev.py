@@ -64,8 +64,9 @@ def require_free_ports(ports: dict[str, int], host: str = "127.0.0.1") -> None:
 
 def _start_api(
     settings: Settings, app: Any, port: int, *, verbose: bool = False
-) -> threading.Thread | None:
-    """The status API in a thread, on loopback only: dev mode serves it without tokens."""
+) -> tuple[threading.Thread, Any] | None:
+    """The status API in a thread, on loopback only: dev mode serves it without tokens. The
+    thread and its uvicorn server (`should_exit` stops it), or None for no API."""
     if port <= 0:
         return None
     import uvicorn
@@ -93,7 +94,7 @@ def _start_api(
     if not server.started:
         require_free_ports({"the status API": port})  # lost a race for the port?
         raise ConveyorError(f"the status API did not start on 127.0.0.1:{port}")
-    return thread
+    return thread, server
 
 
 def banner(url: str, port: int, *, pipelines: list[str]) -> list[str]:
@@ -185,6 +186,11 @@ def run_dev(settings: Settings, *, port: int = 8000, verbose: bool = False) -> N
             ]
         )
     finally:
+        # Each thread stopped and joined: a daemon thread still serving or sweeping while the
+        # interpreter finalises can crash it (a SIGSEGV at exit, seen once with --verbose).
+        if api is not None:
+            api[1].should_exit = True
+            api[0].join(timeout=5)
         service.stop()
         sweeper.join(timeout=5)
         engine.dispose()
