@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,16 +13,22 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, func, insert, select, text
 
+from domain.clock import utc_now
 from domain.db import partitions
 from domain.db.models import run_logs, runs
 from domain.db.unit_of_work import UnitOfWork
 from domain.housekeeping.retention import apply_retention, make_coming_days
-from domain.housekeeping.rollups import roll_up, stats_for
+from domain.housekeeping.rollups import Rolled, roll_up, stats_for
 from domain.housekeeping.stats import run_stats, run_stats_for
 from domain.runs import enqueue
 from domain.runs import store as runstore
 from domain.runs.requests import build_request
-from tests.fakes import FakeClock
+from domain.schedules.leader import last_beat
+from domain.settings import Settings
+from scheduler import service as service_module
+from scheduler.service import SchedulerService
+from tests.fakes import FakeClock, FakePublisher
+from tests.polling import eventually
 from worker.batches import run_metrics
 
 T0 = datetime(2026, 5, 4, 10, 0, tzinfo=UTC)
@@ -104,7 +111,7 @@ def test_a_first_pass_over_a_history_goes_a_day_at_a_time_and_the_stats_read_on(
 
     expected = [(4, 2, 3.0), (5, 1, 2.0), (6, 3, 9.0)]
     assert run_stats_for(UnitOfWork(engine, clock=clock), since=days[0]).source == "runs"
-    passes = []
+    passes: list[Rolled] = []
     while not passes or not passes[-1].caught_up:  # a deadline already past: a day a pass
         passes.append(roll_up(engine, now=now, until=0.0))
         assert day_stats() == expected  # rolled up or not yet, the same numbers
@@ -140,6 +147,39 @@ def test_a_pass_reads_back_only_as_far_as_a_run_may_commit_late(
         (T0, 1),
         (T0 + timedelta(hours=2), 1),  # it started at 12:58 and ended at 12:59
     ]
+
+
+def test_the_scheduler_rolls_a_backlog_up_in_slices_without_waiting_its_interval(
+    db_url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a slice too short for more than a day, the leader's loop comes straight back for
+    the next day (the rollup interval, 60 s, is for a caught-up pass), beating meanwhile."""
+    clock = FakeClock()
+    for back in (4, 3, 2, 1):
+        clock.now = utc_now() - timedelta(days=back)
+        finished(engine, clock, "report", "succeeded", 1)
+    monkeypatch.setattr(service_module, "HOUSEKEEPING_SLICE_S", 0.0)
+    passes: list[Rolled] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        passes.append(roll_up(*args, **kwargs))
+        return passes[-1]
+
+    monkeypatch.setattr(service_module, "roll_up", counted)
+    settings = Settings(database_url=db_url, home=tmp_path, pipelines_dir=tmp_path / "none")
+    assert settings.rollup_interval_s == 60
+    service = SchedulerService(settings, engine, FakePublisher())
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: len(stats_for(engine, period="day")) == 4, timeout=30)
+        eventually(lambda: passes and passes[-1].caught_up, timeout=30)
+    finally:
+        service.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert len(passes) >= 5 and not any(p.caught_up for p in passes[:4])  # a day a pass
+    assert last_beat(engine) is not None
 
 
 def test_retention_deletes_in_batches_with_rules_and_archives(
