@@ -28,9 +28,9 @@ worker's throughput beside retention against its baseline (target >= 0.9x).
 
 Disk: about 1.7 kB per run with its 10 lines, indexes included: the default 10 M runs and
 100 M lines made a 15.6 GiB database (have 25 GB free, for WAL while loading). The database is
-dropped at exit. Here the default took 10-11 minutes to build and 7 to roll up, the reads and
-retention 10 more; `--small` (200,000 runs, 2 million lines, 20 days, keep 10) runs in about
-four minutes.
+dropped at exit. Here the default took 9-11 minutes to build and under one to roll up, the
+reads and retention 10 more; `--small` (200,000 runs, 2 million lines, 20 days, keep 10)
+runs in about four minutes.
 
 Run: `python -m bench.history [--small] [--runs N] [--lines N] [--days N] [--keep-days N]
 [--no-reads]` (`--no-reads`: build, then retention only).
