@@ -14,10 +14,18 @@ from domain.db.engine import create_db_engine
 from domain.db.migrate import upgrade
 from domain.db.schema import metadata
 from domain.db.unit_of_work import UnitOfWork
+from tests.collector import collect_and_report
 from tests.fakes import FakeClock, FakePublisher
 from tests.services import PrivateRedis, fresh_database
 
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _sockets_left_to_the_collector() -> Iterator[None]:
+    """After each test file, a full collection that names it if it left a socket unclosed."""
+    yield
+    collect_and_report()
 
 
 @pytest.fixture(scope="session")
