@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 def publisher(redis_url: str) -> Iterator[CeleryPublisher]:
     made = CeleryPublisher(create_app(load_settings(broker_url=redis_url)))
     yield made
-    made.flush()
+    made.close()
 
 
 @pytest.fixture
