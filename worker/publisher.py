@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import json
 import os
@@ -233,6 +234,12 @@ class _Line:
         #: Per earlier write: how many replies it awaits, and whom to tell if it was lost.
         self.pending: deque[tuple[int, Callable[[], None]]] = deque()
 
+    def __del__(self) -> None:
+        # Its thread has ended: close the socket now. redis-py's connections sit in reference
+        # cycles, so left alone it waits for the garbage collector (which warns).
+        with contextlib.suppress(Exception):
+            self.connection.disconnect()
+
     def settle(self) -> None:
         """(Under the lock.) Read the replies of the earlier writes; tell each lost one. Each
         reply is read, an error among them included, so the next write's replies stay in
@@ -300,23 +307,21 @@ class _UnconfirmedLines:
             line.pending.append((len(commands), lost))
 
     def settle_all(self) -> None:
-        if self._pid != os.getpid():
-            return
-        with self._lock:
-            lines = list(self._lines)
-        for line in lines:
-            with line.lock:
-                line.settle()
+        self._each_line(_Line.settle)
 
     def close(self) -> None:
         """Disconnect every thread's line (a line's next write connects again)."""
+        self._each_line(lambda line: line.connection.disconnect())
+
+    def _each_line(self, action: Callable[[_Line], object]) -> None:
+        """`action` on each thread's line of this process, under that line's lock."""
         if self._pid != os.getpid():
             return
         with self._lock:
             lines = list(self._lines)
         for line in lines:
             with line.lock:
-                line.connection.disconnect()
+                action(line)
 
     def _line(self, client: redis.Redis) -> _Line:
         if self._pid != os.getpid():  # forked: the parent's connections and replies are its own

@@ -32,9 +32,11 @@ pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
 @pytest.fixture
 def publisher(redis_url: str) -> Iterator[CeleryPublisher]:
-    made = CeleryPublisher(create_app(load_settings(broker_url=redis_url)))
+    app = create_app(load_settings(broker_url=redis_url))
+    made = CeleryPublisher(app)
     yield made
     made.close()
+    app.close()  # its kombu pool's connections too, not left to the garbage collector
 
 
 @pytest.fixture
