@@ -189,8 +189,9 @@ def run_dev(settings: Settings, *, port: int = 8000, verbose: bool = False) -> N
         # Each thread stopped and joined: a daemon thread still serving or sweeping while the
         # interpreter finalises can crash it (a SIGSEGV at exit, seen once with --verbose).
         if api is not None:
-            api[1].should_exit = True
-            api[0].join(timeout=5)
+            thread, server = api
+            server.should_exit = True
+            thread.join(timeout=5)
         service.stop()
         sweeper.join(timeout=5)
         engine.dispose()

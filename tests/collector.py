@@ -1,8 +1,8 @@
 """Sockets left to the garbage collector: a full collection after each test file, so the
 warning names the file that left one, instead of surfacing as a failure in whichever later
-test happens to run when the collector does (it did in tests/unit/test_layering.py, twice;
-the opener was not found). Reported, not failed: each one shows in pytest's warnings summary
-under the last test of its file."""
+test happens to run when the collector does (it did in tests/unit/test_layering.py, twice,
+for the publisher's per-thread Redis lines; worker/publisher.py now closes them). Reported,
+not failed: each one shows in pytest's warnings summary under the last test of its file."""
 
 from __future__ import annotations
 

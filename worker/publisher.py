@@ -105,15 +105,6 @@ class CeleryPublisher:
         `Client.close()` calls it, and interpreter exit."""
         self._unconfirmed.settle_all()
 
-    def close(self) -> None:
-        """Flush, then close this publisher's Redis connections (each thread's line, and the
-        client's pool), rather than leave their sockets to the garbage collector. A send
-        after it opens them again."""
-        self.flush()
-        self._unconfirmed.close()
-        if self._redis is not None:
-            self._redis.close()
-
     def _guarded(self, action: Callable[[], T]) -> T:
         try:
             return action()
@@ -307,21 +298,13 @@ class _UnconfirmedLines:
             line.pending.append((len(commands), lost))
 
     def settle_all(self) -> None:
-        self._each_line(_Line.settle)
-
-    def close(self) -> None:
-        """Disconnect every thread's line (a line's next write connects again)."""
-        self._each_line(lambda line: line.connection.disconnect())
-
-    def _each_line(self, action: Callable[[_Line], object]) -> None:
-        """`action` on each thread's line of this process, under that line's lock."""
         if self._pid != os.getpid():
             return
         with self._lock:
             lines = list(self._lines)
         for line in lines:
             with line.lock:
-                action(line)
+                line.settle()
 
     def _line(self, client: redis.Redis) -> _Line:
         if self._pid != os.getpid():  # forked: the parent's connections and replies are its own

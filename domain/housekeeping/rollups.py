@@ -53,9 +53,8 @@ def roll_up(engine: Engine, *, now: datetime, until: float | None = None) -> Rol
         else:  # a run may commit after the pass that read past its end: look back for it
             reached, written_at = cursor
             position = min(reached, written_at - ROLLUP_OVERLAP)
-    written = 0
-    day = floor(min(position, now), "day")
-    first_hour = floor(min(position, now), "hour")
+    written, start = 0, min(position, now)
+    day, first_hour = floor(start, "day"), floor(start, "hour")
     while True:
         reached = min(day + _DAY, now)
         with engine.begin() as conn:

@@ -32,11 +32,9 @@ pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
 @pytest.fixture
 def publisher(redis_url: str) -> Iterator[CeleryPublisher]:
-    app = create_app(load_settings(broker_url=redis_url))
-    made = CeleryPublisher(app)
+    made = CeleryPublisher(create_app(load_settings(broker_url=redis_url)))
     yield made
-    made.close()
-    app.close()  # its kombu pool's connections too, not left to the garbage collector
+    made.flush()
 
 
 @pytest.fixture
